@@ -1,0 +1,391 @@
+//! Configuration: embedded defaults → TOML file → `ECHOD_*` environment → CLI overrides.
+//!
+//! Loading is a pure function of its inputs, so the same code validates at start-up,
+//! in `echod check-config` and on reload: a config that one accepts, all accept.
+//! Every error names where the bad value came from (the file or the environment), the
+//! dotted key and what is wrong, because an operator reading a journal has nothing else.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The documented defaults file, kept in the repository as `config/echod.toml`; a test
+/// proves it matches [`Config::default`] so the documentation cannot drift.
+pub const DOCUMENTED_DEFAULTS: &str = include_str!("../config/echod.toml");
+
+/// Source ports whose services answer any datagram (echo, daytime, qotd, chargen, time,
+/// DNS, NTP, NetBIOS, SNMP, LDAP, SSDP, mDNS, memcached …): echoing to them would start
+/// a reflection loop, so UDP echo refuses them by default (as BSD inetd did).
+pub const DEFAULT_DENY_SOURCE_PORTS: &[u16] = &[
+    0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 11211,
+];
+
+/// The whole effective configuration of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP echo listeners and their per-connection limits.
+    pub tcp: TcpConfig,
+    /// UDP echo sockets and their anti-reflection rules.
+    pub udp: UdpConfig,
+    /// The HTTP endpoint for Prometheus and health probes.
+    pub metrics: MetricsConfig,
+    /// How a stop drains open connections.
+    pub shutdown: ShutdownConfig,
+    /// Log verbosity and format.
+    pub log: LogConfig,
+}
+
+/// TCP echo settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Addresses to listen on; empty disables TCP echo.
+    pub listen: Vec<SocketAddr>,
+    /// Kernel accept queue length.
+    pub backlog: u32,
+    /// Concurrent connections over all listeners; one more is closed at once.
+    pub max_connections: usize,
+    /// Concurrent connections from one source address.
+    pub max_connections_per_ip: usize,
+    /// A connection with no traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Bytes read (and so held) per connection at most; bounds memory per busy client.
+    pub buffer_size: usize,
+    /// Disable Nagle, so small echoes return without delay.
+    pub nodelay: bool,
+    /// Idle time before TCP keepalive probes start; "0s" turns keepalive off.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
+            backlog: 1024,
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
+            idle_timeout: Duration::from_secs(300),
+            buffer_size: 16 * 1024,
+            nodelay: true,
+            keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
+/// UDP echo settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UdpConfig {
+    /// Addresses to listen on; empty disables UDP echo.
+    pub listen: Vec<SocketAddr>,
+    /// Largest datagram echoed; a larger one is dropped, never echoed truncated.
+    pub max_datagram_size: usize,
+    /// Source ports never answered (reflection-loop protection).
+    pub deny_source_ports: Vec<u16>,
+    /// Per-source reply rate limit.
+    pub rate_limit: RateLimitConfig,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
+            max_datagram_size: 65_507,
+            deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
+            rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+/// A token bucket per source address, in a table of bounded size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained replies per second to one source address; 0 turns the limit off.
+    pub packets_per_second: u32,
+    /// Replies one source may get in a burst above the sustained rate.
+    pub burst: u32,
+    /// Source addresses tracked at most; beyond it new sources are not answered.
+    pub max_sources: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            packets_per_second: 1_000,
+            burst: 2_000,
+            max_sources: 65_536,
+        }
+    }
+}
+
+/// The HTTP endpoint (metrics and health).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Addresses to serve `/metrics`, `/healthz` and `/readyz` on; empty disables.
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9107))],
+        }
+    }
+}
+
+/// Graceful shutdown settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long open connections may finish after a stop before they are cut.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// trace, debug, info, warn or error (or a full `RUST_LOG`-style filter).
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines for a terminal or the journal.
+    #[default]
+    Text,
+    /// One JSON object per line for log shippers.
+    Json,
+}
+
+/// Where the configuration comes from; kept so a reload reads the same sources again.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The TOML file, if any; without one the embedded defaults apply.
+    pub file: Option<PathBuf>,
+    /// `key = value` overrides from the command line, applied last.
+    pub overrides: Vec<(String, String)>,
+}
+
+/// A configuration that cannot be used, with enough context to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by the operator.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("invalid config file {path}: {message}")]
+    File {
+        /// The file named by the operator.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// An `ECHOD_*` variable or CLI override does not fit the schema.
+    #[error("invalid configuration from environment (ECHOD_*) or command line: {0}")]
+    Layer(String),
+    /// A value is well-typed but out of range or inconsistent.
+    #[error("invalid configuration ({origin}): key `{key}`: {message}")]
+    Value {
+        /// The file, or "environment" when no file is used.
+        origin: String,
+        /// The dotted key.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigSource {
+    /// Reads every layer and validates the result.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        self.load_with_env(&env)
+    }
+
+    /// Like [`ConfigSource::load`], with the environment passed in (for tests).
+    pub fn load_with_env(&self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            // The toml crate points at the exact line, column and key; the config crate
+            // would not name the file.
+            toml::from_str::<Config>(&text).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                message: e.to_string().trim_end().to_string(),
+            })?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        }
+        builder = builder.add_source(environment_layer(env));
+        for (key, value) in &self.overrides {
+            builder = builder
+                .set_override(key.as_str(), value.as_str())
+                .map_err(|e| ConfigError::Layer(e.to_string()))?;
+        }
+        let merged = builder
+            .build()
+            .map_err(|e| ConfigError::Layer(e.to_string()))?;
+        let config: Config = merged
+            .try_deserialize()
+            .map_err(|e| ConfigError::Layer(e.to_string()))?;
+        let origin = match &self.file {
+            Some(path) => path.display().to_string(),
+            None => "defaults and environment".to_string(),
+        };
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Value {
+                origin,
+                key: key.to_string(),
+                message,
+            })?;
+        Ok(config)
+    }
+}
+
+/// Only `ECHOD_SECTION__KEY` variables are configuration; single-segment ones such as
+/// `ECHOD_CONFIG` or Kubernetes' injected `ECHOD_SERVICE_HOST` are not, and must not
+/// trip unknown-key detection.
+fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
+    let filtered: config::Map<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("ECHOD_") && k.contains("__"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    config::Environment::with_prefix("ECHOD")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("tcp.listen")
+        .with_list_parse_key("udp.listen")
+        .with_list_parse_key("metrics.listen")
+        .with_list_parse_key("udp.deny_source_ports")
+        .source(Some(filtered))
+}
+
+type Invalid = (&'static str, String);
+
+fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
+    if ok { Ok(()) } else { Err((key, message())) }
+}
+
+fn no_duplicates(key: &'static str, addrs: &[SocketAddr]) -> Result<(), Invalid> {
+    let mut seen = BTreeSet::new();
+    for addr in addrs {
+        check(seen.insert(addr), key, || {
+            format!("address {addr} is listed twice")
+        })?;
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Range and consistency checks that types alone cannot express.
+    fn validate(&self) -> Result<(), Invalid> {
+        let tcp = &self.tcp;
+        no_duplicates("tcp.listen", &tcp.listen)?;
+        check((1..=65_535).contains(&tcp.backlog), "tcp.backlog", || {
+            format!("must be between 1 and 65535, got {}", tcp.backlog)
+        })?;
+        check(tcp.max_connections >= 1, "tcp.max_connections", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            (1..=tcp.max_connections).contains(&tcp.max_connections_per_ip),
+            "tcp.max_connections_per_ip",
+            || {
+                format!(
+                    "must be between 1 and tcp.max_connections ({}), got {}",
+                    tcp.max_connections, tcp.max_connections_per_ip
+                )
+            },
+        )?;
+        check(!tcp.idle_timeout.is_zero(), "tcp.idle_timeout", || {
+            "must be longer than 0s".into()
+        })?;
+        check(
+            (512..=16 * 1024 * 1024).contains(&tcp.buffer_size),
+            "tcp.buffer_size",
+            || format!("must be between 512 and 16777216, got {}", tcp.buffer_size),
+        )?;
+        let udp = &self.udp;
+        no_duplicates("udp.listen", &udp.listen)?;
+        check(
+            (1..=65_535).contains(&udp.max_datagram_size),
+            "udp.max_datagram_size",
+            || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
+        )?;
+        let rl = &udp.rate_limit;
+        check(
+            rl.packets_per_second == 0 || rl.burst >= 1,
+            "udp.rate_limit.burst",
+            || "must be at least 1 when packets_per_second is set".into(),
+        )?;
+        check(rl.max_sources >= 1, "udp.rate_limit.max_sources", || {
+            "must be at least 1".into()
+        })?;
+        no_duplicates("metrics.listen", &self.metrics.listen)?;
+        check(
+            !self.shutdown.drain_timeout.is_zero(),
+            "shutdown.drain_timeout",
+            || "must be longer than 0s".into(),
+        )?;
+        if let Err(message) = crate::logging::parse_filter(&self.log.level) {
+            return Err(("log.level", message));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config` and the logs.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Names the configuration source for log lines; echod reads only a file it is told
+/// about, so a stray file on disk cannot change its behaviour.
+pub fn describe_source(file: Option<&Path>) -> String {
+    file.map_or_else(
+        || "embedded defaults".to_string(),
+        |p| p.display().to_string(),
+    )
+}

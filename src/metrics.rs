@@ -1,0 +1,440 @@
+//! Prometheus metrics: what happened, counted exactly, in base units.
+//!
+//! Labels are bounded: `listener` is a configured address, `reason` and `kind` are
+//! fixed sets; a client address never becomes a label. Handlers get pre-resolved
+//! children per listener ([`TcpListenerMetrics`], [`UdpListenerMetrics`]) so the hot
+//! path never hashes label values, and byte counts are added once per burst, not per read.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The version baked in at build time.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision baked in at build time (see `build.rs`).
+pub const REVISION: &str = env!("ECHOD_REVISION");
+
+/// Why a TCP connection was refused right after accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `tcp.max_connections` reached.
+    GlobalLimit,
+    /// `tcp.max_connections_per_ip` reached for the source address.
+    PerIpLimit,
+    /// Accepted while the daemon was draining.
+    Shutdown,
+}
+
+impl RejectReason {
+    /// Every reason, so each label exists (at 0) from the start.
+    pub const ALL: [Self; 3] = [Self::GlobalLimit, Self::PerIpLimit, Self::Shutdown];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GlobalLimit => "global_limit",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a UDP datagram was not echoed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Larger than `udp.max_datagram_size`.
+    Oversize,
+    /// From a source port in `udp.deny_source_ports`, or a non-unicast source address.
+    DeniedPort,
+    /// The source exceeded its token bucket (or the table of sources is full).
+    RateLimited,
+    /// The reply could not be sent.
+    SendError,
+}
+
+impl DropReason {
+    /// Every reason, so each label exists (at 0) from the start.
+    pub const ALL: [Self; 4] = [
+        Self::Oversize,
+        Self::DeniedPort,
+        Self::RateLimited,
+        Self::SendError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Oversize => "oversize",
+            Self::DeniedPort => "denied_port",
+            Self::RateLimited => "rate_limited",
+            Self::SendError => "send_error",
+        }
+    }
+}
+
+/// Accept error kinds worth telling apart on a dashboard.
+pub const ACCEPT_ERROR_KINDS: [&str; 4] = ["fd_limit", "no_memory", "aborted", "other"];
+
+/// All of echod's metric families, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    tcp_accepted: IntCounterVec,
+    tcp_closed: IntCounterVec,
+    tcp_rejected: IntCounterVec,
+    tcp_idle_timeouts: IntCounterVec,
+    tcp_active: IntGaugeVec,
+    tcp_rx_bytes: IntCounterVec,
+    tcp_tx_bytes: IntCounterVec,
+    tcp_duration: HistogramVec,
+    tcp_accept_errors: IntCounterVec,
+    udp_rx: IntCounterVec,
+    udp_tx: IntCounterVec,
+    udp_rx_bytes: IntCounterVec,
+    udp_tx_bytes: IntCounterVec,
+    udp_dropped: IntCounterVec,
+    /// Source addresses in the UDP rate-limit table.
+    pub udp_rate_limit_sources: IntGauge,
+    /// Successful configuration reloads.
+    pub config_reloads: IntCounter,
+    /// Rejected configuration reloads (the old configuration kept serving).
+    pub config_reload_failures: IntCounter,
+    /// 1 when the last reload attempt succeeded (or none was made).
+    pub config_last_reload_success: IntGauge,
+    /// 1 while draining after a stop request.
+    pub draining: IntGauge,
+    /// 1 while every configured listener is bound and serving.
+    pub ready: IntGauge,
+    /// Connections cut at the end of a drain.
+    pub shutdown_cut: IntCounter,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("unique metric");
+    vec
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+impl Metrics {
+    /// Builds and registers every family (names are static, so registration cannot fail).
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let l = &["listener"];
+        let tcp_active = IntGaugeVec::new(
+            Opts::new("echod_tcp_connections_active", "Open TCP echo connections."),
+            l,
+        )
+        .expect("valid metric");
+        r.register(Box::new(tcp_active.clone()))
+            .expect("unique metric");
+        let tcp_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "echod_tcp_connection_duration_seconds",
+                "How long TCP echo connections stayed open.",
+            )
+            .buckets(vec![
+                0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
+            ]),
+            l,
+        )
+        .expect("valid metric");
+        r.register(Box::new(tcp_duration.clone()))
+            .expect("unique metric");
+
+        let build_info = IntGaugeVec::new(
+            Opts::new("echod_build_info", "Build information; always 1."),
+            &["version", "revision"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info.with_label_values(&[VERSION, REVISION]).set(1);
+        let start = Gauge::new(
+            "echod_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(start.clone())).expect("unique metric");
+        start.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+
+        let m = Self {
+            tcp_accepted: counter_vec(
+                &r,
+                "echod_tcp_connections_accepted_total",
+                "TCP connections accepted and served.",
+                l,
+            ),
+            tcp_closed: counter_vec(
+                &r,
+                "echod_tcp_connections_closed_total",
+                "TCP connections that were served and have closed.",
+                l,
+            ),
+            tcp_rejected: counter_vec(
+                &r,
+                "echod_tcp_connections_rejected_total",
+                "TCP connections closed right after accept, by reason.",
+                &["listener", "reason"],
+            ),
+            tcp_idle_timeouts: counter_vec(
+                &r,
+                "echod_tcp_idle_timeouts_total",
+                "TCP connections closed for having no traffic for tcp.idle_timeout.",
+                l,
+            ),
+            tcp_active,
+            tcp_rx_bytes: counter_vec(
+                &r,
+                "echod_tcp_received_bytes_total",
+                "Bytes received from TCP clients.",
+                l,
+            ),
+            tcp_tx_bytes: counter_vec(
+                &r,
+                "echod_tcp_sent_bytes_total",
+                "Bytes echoed back to TCP clients.",
+                l,
+            ),
+            tcp_duration,
+            tcp_accept_errors: counter_vec(
+                &r,
+                "echod_tcp_accept_errors_total",
+                "Errors from accept(), by kind.",
+                &["listener", "kind"],
+            ),
+            udp_rx: counter_vec(
+                &r,
+                "echod_udp_received_datagrams_total",
+                "UDP datagrams received.",
+                l,
+            ),
+            udp_tx: counter_vec(
+                &r,
+                "echod_udp_sent_datagrams_total",
+                "UDP datagrams echoed.",
+                l,
+            ),
+            udp_rx_bytes: counter_vec(
+                &r,
+                "echod_udp_received_bytes_total",
+                "UDP payload bytes received.",
+                l,
+            ),
+            udp_tx_bytes: counter_vec(
+                &r,
+                "echod_udp_sent_bytes_total",
+                "UDP payload bytes echoed.",
+                l,
+            ),
+            udp_dropped: counter_vec(
+                &r,
+                "echod_udp_dropped_datagrams_total",
+                "UDP datagrams not echoed, by reason.",
+                &["listener", "reason"],
+            ),
+            udp_rate_limit_sources: gauge(
+                &r,
+                "echod_udp_rate_limit_sources",
+                "Source addresses tracked by the UDP rate limiter.",
+            ),
+            config_reloads: counter(
+                &r,
+                "echod_config_reloads_total",
+                "Configuration reloads applied.",
+            ),
+            config_reload_failures: counter(
+                &r,
+                "echod_config_reload_failures_total",
+                "Configuration reloads rejected; the previous configuration kept serving.",
+            ),
+            config_last_reload_success: gauge(
+                &r,
+                "echod_config_last_reload_successful",
+                "1 if the last configuration reload succeeded or none was attempted.",
+            ),
+            draining: gauge(
+                &r,
+                "echod_draining",
+                "1 while draining connections after a stop request.",
+            ),
+            ready: gauge(
+                &r,
+                "echod_ready",
+                "1 while every configured listener is bound and serving.",
+            ),
+            shutdown_cut: counter(
+                &r,
+                "echod_shutdown_cut_connections_total",
+                "Connections closed because the drain timeout expired.",
+            ),
+            registry: r,
+        };
+        m.config_last_reload_success.set(1);
+        m
+    }
+
+    /// The text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Children for one TCP listener, created at zero so every series exists at once.
+    pub fn tcp_listener(&self, listener: &str) -> TcpListenerMetrics {
+        let rejected =
+            RejectReason::ALL.map(|r| self.tcp_rejected.with_label_values(&[listener, r.as_str()]));
+        let accept_errors =
+            ACCEPT_ERROR_KINDS.map(|k| self.tcp_accept_errors.with_label_values(&[listener, k]));
+        TcpListenerMetrics {
+            accepted: self.tcp_accepted.with_label_values(&[listener]),
+            closed: self.tcp_closed.with_label_values(&[listener]),
+            rejected,
+            idle_timeouts: self.tcp_idle_timeouts.with_label_values(&[listener]),
+            active: self.tcp_active.with_label_values(&[listener]),
+            rx_bytes: self.tcp_rx_bytes.with_label_values(&[listener]),
+            tx_bytes: self.tcp_tx_bytes.with_label_values(&[listener]),
+            duration: self.tcp_duration.with_label_values(&[listener]),
+            accept_errors,
+        }
+    }
+
+    /// Children for one UDP socket, created at zero so every series exists at once.
+    pub fn udp_listener(&self, listener: &str) -> UdpListenerMetrics {
+        UdpListenerMetrics {
+            rx: self.udp_rx.with_label_values(&[listener]),
+            tx: self.udp_tx.with_label_values(&[listener]),
+            rx_bytes: self.udp_rx_bytes.with_label_values(&[listener]),
+            tx_bytes: self.udp_tx_bytes.with_label_values(&[listener]),
+            dropped: DropReason::ALL
+                .map(|r| self.udp_dropped.with_label_values(&[listener, r.as_str()])),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One TCP listener's series.
+#[derive(Clone)]
+pub struct TcpListenerMetrics {
+    /// Connections accepted and served.
+    pub accepted: IntCounter,
+    /// Served connections that ended.
+    pub closed: IntCounter,
+    rejected: [IntCounter; 3],
+    /// Connections closed by the idle timeout.
+    pub idle_timeouts: IntCounter,
+    /// Open connections.
+    pub active: IntGauge,
+    /// Bytes received.
+    pub rx_bytes: IntCounter,
+    /// Bytes echoed.
+    pub tx_bytes: IntCounter,
+    /// Connection lifetimes.
+    pub duration: Histogram,
+    accept_errors: [IntCounter; 4],
+}
+
+impl TcpListenerMetrics {
+    /// Counts a connection refused after accept.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected[reason as usize].inc();
+    }
+
+    /// Counts an accept error of one of [`ACCEPT_ERROR_KINDS`].
+    pub fn accept_error(&self, kind: &str) {
+        let i = ACCEPT_ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(ACCEPT_ERROR_KINDS.len() - 1);
+        self.accept_errors[i].inc();
+    }
+}
+
+/// One UDP socket's series.
+#[derive(Clone)]
+pub struct UdpListenerMetrics {
+    rx: IntCounter,
+    tx: IntCounter,
+    rx_bytes: IntCounter,
+    tx_bytes: IntCounter,
+    dropped: [IntCounter; 4],
+}
+
+/// Counts gathered locally over a batch of datagrams and added to the shared counters
+/// at once, so a datagram costs no atomic operations.
+#[derive(Default)]
+pub struct UdpBatch {
+    rx: u64,
+    tx: u64,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    dropped: [u64; 4],
+}
+
+impl UdpBatch {
+    /// A datagram arrived.
+    pub fn received(&mut self, len: usize) {
+        self.rx += 1;
+        self.rx_bytes += len as u64;
+    }
+
+    /// A datagram was echoed.
+    pub fn sent(&mut self, len: usize) {
+        self.tx += 1;
+        self.tx_bytes += len as u64;
+    }
+
+    /// A datagram was dropped.
+    pub fn dropped(&mut self, reason: DropReason) {
+        self.dropped[reason as usize] += 1;
+    }
+
+    /// Adds the batch to the shared counters and starts a new one.
+    pub fn flush(&mut self, into: &UdpListenerMetrics) {
+        let b = std::mem::take(self);
+        into.rx.inc_by(b.rx);
+        into.tx.inc_by(b.tx);
+        into.rx_bytes.inc_by(b.rx_bytes);
+        into.tx_bytes.inc_by(b.tx_bytes);
+        for (counter, n) in into.dropped.iter().zip(b.dropped) {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! TCP echo: a listener per configured address and a handler per connection.
+//!
+//! The handler reads at most one buffer, writes all of it back, and only then reads
+//! again: a client that sends but never reads costs one buffer, not a growing queue.
+//! The buffer exists only while bytes are in flight, so an idle connection holds no
+//! buffer at all. When the client half-closes, everything it sent has already been
+//! echoed, so the handler just closes its side: nothing is dropped at close.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::config::TcpConfig;
+use crate::limits::{ConnectionLimiter, Permit};
+use crate::logging::RateLimitedLog;
+use crate::metrics::{RejectReason, TcpListenerMetrics};
+use crate::shutdown::Shutdown;
+
+/// Binds a listening socket the way the config asks (backlog, SO_REUSEADDR, IPv6-only
+/// for `[::]` so an IPv4 wildcard can be listed beside it).
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// Everything a TCP listener task needs, passed down from the server.
+pub struct Listener {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// The configured address, used as the metrics label and in logs.
+    pub name: String,
+    /// Live TCP settings; each new connection takes the current snapshot.
+    pub config: watch::Receiver<Arc<TcpConfig>>,
+    /// Global and per-IP connection limits shared by all listeners.
+    pub limiter: Arc<ConnectionLimiter>,
+    /// This listener's metric series.
+    pub metrics: TcpListenerMetrics,
+    /// Drain/cut broadcast for the connections.
+    pub shutdown: Shutdown,
+    /// Stops this listener alone (reload) or with all (drain).
+    pub stop: CancellationToken,
+    /// Tracks connection tasks so a drain can wait for them.
+    pub connections: TaskTracker,
+}
+
+static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
+static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
+
+/// Sorts accept errors into the metric's kinds and says whether to back off: running
+/// out of descriptors or memory does not fix itself in a microsecond, so retrying at
+/// once would only spin.
+fn classify_accept_error(e: &io::Error) -> (&'static str, bool) {
+    match e.raw_os_error() {
+        Some(libc_errno::EMFILE | libc_errno::ENFILE) => ("fd_limit", true),
+        Some(libc_errno::ENOBUFS | libc_errno::ENOMEM) => ("no_memory", true),
+        Some(libc_errno::ECONNABORTED | libc_errno::EPROTO | libc_errno::ECONNRESET) => {
+            ("aborted", false)
+        }
+        _ => ("other", true),
+    }
+}
+
+/// The few errno values needed here (Linux numbering), to avoid a libc dependency.
+mod libc_errno {
+    pub const ECONNRESET: i32 = 104;
+    pub const ECONNABORTED: i32 = 103;
+    pub const EMFILE: i32 = 24;
+    pub const ENFILE: i32 = 23;
+    pub const ENOBUFS: i32 = 105;
+    pub const ENOMEM: i32 = 12;
+    pub const EPROTO: i32 = 71;
+}
+
+impl Listener {
+    /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
+    /// backed off from, never fatal.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    self.admit(stream, peer);
+                }
+                Err(e) => {
+                    let (kind, back_off) = classify_accept_error(&e);
+                    self.metrics.accept_error(kind);
+                    if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+                        warn!(listener = %self.name, error = %e, kind, suppressed, "accept failed");
+                    }
+                    if back_off {
+                        tokio::select! {
+                            _ = self.stop.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        debug!(listener = %self.name, "TCP listener closed");
+    }
+
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let permit = if self.shutdown.is_draining() {
+            Err(RejectReason::Shutdown)
+        } else {
+            self.limiter.try_acquire(peer.ip())
+        };
+        let permit = match permit {
+            Ok(permit) => permit,
+            Err(reason) => {
+                self.metrics.rejected(reason);
+                if let Some(suppressed) = REJECT_LOG.allow() {
+                    warn!(listener = %self.name, %peer, reason = reason.as_str(), suppressed,
+                        "connection rejected");
+                }
+                // Dropping the stream closes it: the client sees EOF at once.
+                return;
+            }
+        };
+        self.metrics.accepted.inc();
+        let config = Arc::clone(&self.config.borrow());
+        let connection = Connection {
+            stream,
+            config,
+            shutdown: self.shutdown.clone(),
+            metrics: self.metrics.clone(),
+            unflushed: (0, 0),
+            _permit: permit,
+        };
+        self.connections.spawn(connection.run());
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed (after everything was echoed).
+    Finished,
+    /// No traffic for `tcp.idle_timeout`.
+    Idle,
+    /// The drain timeout expired.
+    Cut,
+    /// A socket error (reset by the peer and the like).
+    Error,
+}
+
+/// One client connection and the settings it was accepted under.
+struct Connection {
+    stream: TcpStream,
+    config: Arc<TcpConfig>,
+    shutdown: Shutdown,
+    metrics: TcpListenerMetrics,
+    /// Bytes received and echoed since the last flush to the shared counters.
+    unflushed: (u64, u64),
+    _permit: Permit,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let started = Instant::now();
+        self.metrics.active.inc();
+        self.apply_socket_options();
+        let end = self.echo().await;
+        self.flush_bytes();
+        if end == End::Idle {
+            self.metrics.idle_timeouts.inc();
+        }
+        self.metrics.active.dec();
+        self.metrics.closed.inc();
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn flush_bytes(&mut self) {
+        let (rx, tx) = std::mem::take(&mut self.unflushed);
+        self.metrics.rx_bytes.inc_by(rx);
+        self.metrics.tx_bytes.inc_by(tx);
+    }
+
+    fn apply_socket_options(&self) {
+        let _ = self.stream.set_nodelay(self.config.nodelay);
+        if !self.config.keepalive.is_zero() {
+            let keepalive = TcpKeepalive::new()
+                .with_time(self.config.keepalive)
+                .with_interval(Duration::from_secs(10))
+                .with_retries(3);
+            let _ = SockRef::from(&self.stream).set_tcp_keepalive(&keepalive);
+        }
+    }
+
+    /// The echo loop: wait for data (or idle timeout, or cut), then echo one burst.
+    async fn echo(&mut self) -> End {
+        let idle = self.config.idle_timeout;
+        let shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cutting() => return End::Cut,
+                ready = timeout(idle, self.stream.readable()) => match ready {
+                    Err(_) => return End::Idle,
+                    Ok(Err(_)) => return End::Error,
+                    Ok(Ok(())) => {}
+                },
+            }
+            let burst = tokio::select! {
+                biased;
+                _ = shutdown.cutting() => return End::Cut,
+                b = self.echo_burst(idle) => b,
+            };
+            self.flush_bytes();
+            if let Some(end) = burst {
+                return end;
+            }
+        }
+    }
+
+    /// Echoes what is readable now. Returns `None` when the socket has no more to read.
+    async fn echo_burst(&mut self, idle: Duration) -> Option<End> {
+        let mut buf = Vec::with_capacity(self.config.buffer_size);
+        loop {
+            buf.clear();
+            match self.stream.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    let _ = timeout(idle, self.stream.shutdown()).await;
+                    break Some(End::Finished);
+                }
+                Ok(n) => {
+                    self.unflushed.0 += n as u64;
+                    match timeout(idle, self.stream.write_all(&buf)).await {
+                        Ok(Ok(())) => self.unflushed.1 += n as u64,
+                        Ok(Err(_)) => break Some(End::Error),
+                        Err(_) => break Some(End::Idle),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(_) => break Some(End::Error),
+            }
+        }
+    }
+}
