@@ -4,6 +4,7 @@
 //! so an operator can always turn up verbosity, and under journald (`JOURNAL_STREAM`)
 //! text lines carry no timestamp because the journal adds its own.
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -55,6 +56,7 @@ pub fn init(config: &LogConfig) -> LogHandle {
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
     };

@@ -1,0 +1,197 @@
+//! Connection limits and timeouts as an operator relies on them: the limit holds, the
+//! clients beyond it learn at once, everyone else is unaffected.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+
+/// Connects from a chosen loopback source address.
+fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&src.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
+/// True when the connection echoes; false when the daemon closed it (EOF or reset).
+/// Panics if neither happens within 5 s: a rejected client must never hang.
+fn is_served(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    if stream.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    match stream.read_exact(&mut buf) {
+        Ok(()) => {
+            assert_eq!(&buf, b"ping");
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("connection neither served nor closed within 5 s")
+        }
+        Err(_) => false,
+    }
+}
+
+fn wait_for(daemon: &Daemon, family: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.metric(family, labels) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(daemon.metric(family, labels), want, "{family}{labels:?}");
+}
+
+#[test]
+fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        max_connections = 10
+        max_connections_per_ip = 10
+        "#,
+    );
+    let mut clients: Vec<TcpStream> = (0..30)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    wait_for(
+        &daemon,
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "global_limit")],
+        20.0,
+    );
+    let started = Instant::now();
+    let served = clients
+        .iter_mut()
+        .map(is_served)
+        .filter(|served| *served)
+        .count();
+    assert_eq!(served, 10);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "rejected clients were not closed promptly"
+    );
+    assert_eq!(daemon.metric("echod_tcp_connections_active", &[]), 10.0);
+    // Freeing slots lets new clients in.
+    clients.clear();
+    wait_for(&daemon, "echod_tcp_connections_closed_total", &[], 10.0);
+    let mut again = TcpStream::connect(daemon.tcp).unwrap();
+    assert!(is_served(&mut again));
+}
+
+#[test]
+fn per_ip_limit_applies_to_each_source_address_separately() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        max_connections = 100
+        max_connections_per_ip = 3
+        "#,
+    );
+    let mut first: Vec<TcpStream> = (0..5)
+        .map(|_| connect_from("127.0.0.1", daemon.tcp))
+        .collect();
+    let mut second: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from("127.0.0.2", daemon.tcp))
+        .collect();
+    wait_for(
+        &daemon,
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "per_ip_limit")],
+        2.0,
+    );
+    assert_eq!(
+        first
+            .iter_mut()
+            .map(is_served)
+            .filter(|served| *served)
+            .count(),
+        3
+    );
+    assert_eq!(
+        second
+            .iter_mut()
+            .map(is_served)
+            .filter(|served| *served)
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        idle_timeout = "1s"
+        "#,
+    );
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    assert!(is_served(&mut s));
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1];
+    let n = s.read(&mut buf).expect("EOF, not an error");
+    assert_eq!(n, 0, "expected EOF");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    wait_for(&daemon, "echod_tcp_idle_timeouts_total", &[], 1.0);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_client_that_never_reads_costs_bounded_memory() {
+    let daemon = Daemon::start("");
+    // Warm up so allocator arenas exist before the baseline.
+    assert!(common::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
+    let before = rss_kib(daemon.pid());
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut written = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stalled_since: Option<Instant> = None;
+    while written < 100 << 20 && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // Backpressure reached us: the daemon stopped reading.
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    let after = rss_kib(daemon.pid());
+    assert!(
+        written < 100 << 20,
+        "the daemon kept reading from a client that never reads ({written} bytes)"
+    );
+    assert!(
+        after.saturating_sub(before) < 4 * 1024,
+        "RSS grew from {before} KiB to {after} KiB after {written} unread bytes"
+    );
+}
