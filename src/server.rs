@@ -129,10 +129,27 @@ pub async fn run(
     // Signals first: a stop that arrives while binding must not be lost.
     let mut signals = Signals::install().map_err(ServeError::Signals)?;
     let inherited = systemd::inherited_sockets().map_err(ServeError::Inherited)?;
+    check_open_files_limit(config.tcp.max_connections);
     let mut server = Server::new(source, config, log);
     server.start(inherited)?;
     let signal = server.serve_until_stop(&mut signals).await;
     Ok(server.drain(signal).await)
+}
+
+/// Descriptors echod needs besides one per connection (listeners, HTTP, runtime).
+const RESERVED_FDS: u64 = 128;
+
+fn check_open_files_limit(max_connections: usize) {
+    match crate::limits::raise_open_files_limit() {
+        Ok(limit) if limit < max_connections as u64 + RESERVED_FDS => warn!(
+            limit,
+            max_connections,
+            "open-files limit is below tcp.max_connections; accept will fail with EMFILE \
+             before the connection limit is reached (raise LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
 }
 
 impl Server {
@@ -241,7 +258,7 @@ impl Server {
         .unwrap_or(addr);
         let spawned = match (kind, bound) {
             (Kind::Tcp, Bound::Stream(l)) => tokio::net::TcpListener::from_std(l).map(|listener| {
-                let metrics = self.metrics.tcp_listener(&name);
+                let metrics = Arc::new(self.metrics.tcp_listener(&name));
                 tokio::spawn(
                     tcp::Listener {
                         listener,

@@ -50,8 +50,8 @@ pub struct Listener {
     pub config: watch::Receiver<Arc<TcpConfig>>,
     /// Global and per-IP connection limits shared by all listeners.
     pub limiter: Arc<ConnectionLimiter>,
-    /// This listener's metric series.
-    pub metrics: TcpListenerMetrics,
+    /// This listener's metric series, shared with its connections.
+    pub metrics: Arc<TcpListenerMetrics>,
     /// Drain/cut broadcast for the connections.
     pub shutdown: Shutdown,
     /// Stops this listener alone (reload) or with all (drain).
@@ -68,24 +68,11 @@ static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_sec
 /// once would only spin.
 fn classify_accept_error(e: &io::Error) -> (&'static str, bool) {
     match e.raw_os_error() {
-        Some(libc_errno::EMFILE | libc_errno::ENFILE) => ("fd_limit", true),
-        Some(libc_errno::ENOBUFS | libc_errno::ENOMEM) => ("no_memory", true),
-        Some(libc_errno::ECONNABORTED | libc_errno::EPROTO | libc_errno::ECONNRESET) => {
-            ("aborted", false)
-        }
+        Some(libc::EMFILE | libc::ENFILE) => ("fd_limit", true),
+        Some(libc::ENOBUFS | libc::ENOMEM) => ("no_memory", true),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET) => ("aborted", false),
         _ => ("other", true),
     }
-}
-
-/// The few errno values needed here (Linux numbering), to avoid a libc dependency.
-mod libc_errno {
-    pub const ECONNRESET: i32 = 104;
-    pub const ECONNABORTED: i32 = 103;
-    pub const EMFILE: i32 = 24;
-    pub const ENFILE: i32 = 23;
-    pub const ENOBUFS: i32 = 105;
-    pub const ENOMEM: i32 = 12;
-    pub const EPROTO: i32 = 71;
 }
 
 impl Listener {
@@ -147,7 +134,7 @@ impl Listener {
             stream,
             config,
             shutdown: self.shutdown.clone(),
-            metrics: self.metrics.clone(),
+            metrics: Arc::clone(&self.metrics),
             unflushed: (0, 0),
             _permit: permit,
         };
@@ -173,7 +160,7 @@ struct Connection {
     stream: TcpStream,
     config: Arc<TcpConfig>,
     shutdown: Shutdown,
-    metrics: TcpListenerMetrics,
+    metrics: Arc<TcpListenerMetrics>,
     /// Bytes received and echoed since the last flush to the shared counters.
     unflushed: (u64, u64),
     _permit: Permit,
@@ -214,24 +201,27 @@ impl Connection {
     }
 
     /// The echo loop: wait for data (or idle timeout, or cut), then echo one burst.
+    ///
+    /// The cut future lives as long as the connection, so the shared broadcast is
+    /// subscribed to once, not once per message. A burst is not raced against the cut:
+    /// a write stuck on a client that stopped reading ends at the idle timeout or when
+    /// the process exits after the drain.
     async fn echo(&mut self) -> End {
         let idle = self.config.idle_timeout;
         let shutdown = self.shutdown.clone();
+        let cut = shutdown.cutting();
+        tokio::pin!(cut);
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cutting() => return End::Cut,
                 ready = timeout(idle, self.stream.readable()) => match ready {
                     Err(_) => return End::Idle,
                     Ok(Err(_)) => return End::Error,
                     Ok(Ok(())) => {}
                 },
+                _ = &mut cut => return End::Cut,
             }
-            let burst = tokio::select! {
-                biased;
-                _ = shutdown.cutting() => return End::Cut,
-                b = self.echo_burst(idle) => b,
-            };
+            let burst = self.echo_burst(idle).await;
             self.flush_bytes();
             if let Some(end) = burst {
                 return end;

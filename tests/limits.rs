@@ -195,3 +195,63 @@ fn a_client_that_never_reads_costs_bounded_memory() {
         "RSS grew from {before} KiB to {after} KiB after {written} unread bytes"
     );
 }
+
+#[test]
+fn running_out_of_file_descriptors_is_survived_without_spinning() {
+    let daemon = Daemon::start_with(common::Options {
+        max_open_files: Some(40),
+        ..common::Options::default()
+    });
+    // More clients than descriptors: the kernel completes the handshakes, accept()
+    // fails with EMFILE for the ones beyond the limit.
+    let mut clients: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    // The HTTP endpoint is out of descriptors too, so watch the process, not metrics.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("accept failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no accept error logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ticks_before = common::cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = common::cpu_ticks(daemon.pid()) - ticks_before;
+    // 100 ticks = one core-second; backing off keeps the daemon near idle.
+    assert!(
+        ticks < 40,
+        "daemon used {ticks} ticks in 2 s while out of descriptors"
+    );
+    // Descriptors come back: the daemon serves again and counted what happened.
+    clients.truncate(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = TcpStream::connect(daemon.tcp).unwrap();
+        if is_served(&mut c) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_at_least(
+        &daemon,
+        "echod_tcp_accept_errors_total",
+        &[("kind", "fd_limit")],
+        1.0,
+    );
+    assert!(daemon.log().contains("EMFILE") || daemon.log().contains("Too many open files"));
+}
+
+fn wait_for_at_least(daemon: &Daemon, family: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.metric(family, labels) < want {
+        assert!(
+            Instant::now() < deadline,
+            "{family}{labels:?} never reached {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -87,6 +87,8 @@ pub struct Options<'a> {
     pub env: Vec<(&'a str, String)>,
     /// Do not wait for readiness (for tests of start-up failures).
     pub no_wait: bool,
+    /// RLIMIT_NOFILE for the daemon (fd-exhaustion tests).
+    pub max_open_files: Option<u64>,
 }
 
 impl Daemon {
@@ -139,6 +141,22 @@ impl Daemon {
             .stderr(log);
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = opts.max_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child yet.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().expect("start echod");
         let daemon = Daemon {
@@ -232,6 +250,14 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Sums the samples of `family` whose labels include every pair in `labels`.
