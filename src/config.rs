@@ -255,6 +255,16 @@ impl ConfigSource {
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder = builder.add_source(environment_layer(env));
+        // `ECHOD_UDP__LISTEN=` means "no addresses": the list parser would read one
+        // empty address instead.
+        for key in LIST_KEYS {
+            let var = format!("ECHOD_{}", key.to_uppercase().replace('.', "__"));
+            if env.get(&var).is_some_and(|v| v.trim().is_empty()) {
+                builder = builder
+                    .set_override(key, Vec::<String>::new())
+                    .map_err(|e| ConfigError::Layer(e.to_string()))?;
+            }
+        }
         for (key, value) in &self.overrides {
             builder = builder
                 .set_override(key.as_str(), value.as_str())
@@ -281,25 +291,32 @@ impl ConfigSource {
     }
 }
 
+/// Keys whose environment values are comma-separated lists.
+const LIST_KEYS: [&str; 4] = [
+    "tcp.listen",
+    "udp.listen",
+    "metrics.listen",
+    "udp.deny_source_ports",
+];
+
 /// Only `ECHOD_SECTION__KEY` variables are configuration; single-segment ones such as
 /// `ECHOD_CONFIG` or Kubernetes' injected `ECHOD_SERVICE_HOST` are not, and must not
 /// trip unknown-key detection.
 fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
     let filtered: config::Map<String, String> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("ECHOD_") && k.contains("__"))
+        .filter(|(k, v)| k.starts_with("ECHOD_") && k.contains("__") && !v.trim().is_empty())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    config::Environment::with_prefix("ECHOD")
-        .prefix_separator("_")
-        .separator("__")
-        .try_parsing(true)
-        .list_separator(",")
-        .with_list_parse_key("tcp.listen")
-        .with_list_parse_key("udp.listen")
-        .with_list_parse_key("metrics.listen")
-        .with_list_parse_key("udp.deny_source_ports")
-        .source(Some(filtered))
+    LIST_KEYS.iter().fold(
+        config::Environment::with_prefix("ECHOD")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(filtered)),
+        |env, key| env.with_list_parse_key(key),
+    )
 }
 
 type Invalid = (&'static str, String);

@@ -202,23 +202,32 @@ impl Connection {
 
     /// The echo loop: wait for data (or idle timeout, or cut), then echo one burst.
     ///
-    /// The cut future lives as long as the connection, so the shared broadcast is
-    /// subscribed to once, not once per message. A burst is not raced against the cut:
-    /// a write stuck on a client that stopped reading ends at the idle timeout or when
-    /// the process exits after the drain.
+    /// The idle timer and the cut subscription live as long as the connection: the
+    /// timer is re-armed only when it fires early (traffic moved the deadline), not
+    /// once per message, and the shared cut broadcast is subscribed to once. A burst is
+    /// not raced against the cut: a write stuck on a client that stopped reading ends
+    /// at the idle timeout or when the process exits after the drain.
     async fn echo(&mut self) -> End {
         let idle = self.config.idle_timeout;
         let shutdown = self.shutdown.clone();
         let cut = shutdown.cutting();
-        tokio::pin!(cut);
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(cut, idle_timer);
+        let mut last_traffic = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
-                ready = timeout(idle, self.stream.readable()) => match ready {
-                    Err(_) => return End::Idle,
-                    Ok(Err(_)) => return End::Error,
-                    Ok(Ok(())) => {}
+                ready = self.stream.readable() => if ready.is_err() {
+                    return End::Error;
                 },
+                _ = &mut idle_timer => {
+                    let deadline = last_traffic + idle;
+                    if deadline <= tokio::time::Instant::now() {
+                        return End::Idle;
+                    }
+                    idle_timer.as_mut().reset(deadline);
+                    continue;
+                }
                 _ = &mut cut => return End::Cut,
             }
             let burst = self.echo_burst(idle).await;
@@ -226,6 +235,7 @@ impl Connection {
             if let Some(end) = burst {
                 return end;
             }
+            last_traffic = tokio::time::Instant::now();
         }
     }
 

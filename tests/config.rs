@@ -115,6 +115,7 @@ fn layers_apply_in_order_and_check_config_prints_the_result() {
         &[
             ("ECHOD_TCP__MAX_CONNECTIONS", "1500"),
             ("ECHOD_TCP__LISTEN", "127.0.0.1:7,[::1]:7"),
+            ("ECHOD_METRICS__LISTEN", ""),
             // Not configuration: must be ignored, not rejected as unknown keys.
             ("ECHOD_SERVICE_HOST", "10.0.0.1"),
             ("ECHOD_PORT_7_TCP", "tcp://10.0.0.1:7"),
@@ -141,6 +142,10 @@ fn layers_apply_in_order_and_check_config_prints_the_result() {
     assert_eq!(effective.tcp.backlog, 64, "file beats defaults");
     assert_eq!(effective.tcp.listen.len(), 2);
     assert!(effective.udp.listen.is_empty(), "empty list disables UDP");
+    assert!(
+        effective.metrics.listen.is_empty(),
+        "empty variable means no addresses"
+    );
     assert_eq!(effective.log.level, "debug", "flag beats everything");
     assert_eq!(
         effective.tcp.idle_timeout.as_secs(),
