@@ -86,4 +86,7 @@ pub enum Command {
     /// Validate the configuration exactly as start-up and reload do, and print the
     /// effective result.
     CheckConfig,
+    /// Health check: send a nonce over TCP/UDP and expect it back, or GET an HTTP URL;
+    /// without targets, probe the local configuration. Exit 0 healthy, 1 unhealthy.
+    Probe(crate::probe::ProbeArgs),
 }

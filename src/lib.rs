@@ -12,6 +12,7 @@ pub mod http;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 pub mod server;
 pub mod shutdown;
 pub mod systemd;

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Probe(args) => echod::probe::run(&args, &source),
         Command::Serve => match load(&source) {
             Ok(config) => serve(source, config),
             Err(code) => code,

@@ -1,0 +1,452 @@
+//! `echod probe`: a health check that exercises the real echo path, not just a port.
+//!
+//! A TCP or UDP probe sends a fresh random nonce and demands exactly it back, so a port
+//! held open by a wedged process, or a proxy answering for a dead backend, fails. An
+//! HTTP probe demands a 2xx (`/readyz`). With no targets the local configuration says
+//! what to check, so a container HEALTHCHECK or a Kubernetes exec probe is one word.
+//! Blocking sockets with deadlines keep a healthy probe in the millisecond range: no
+//! runtime to start, no threads.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::config::{Config, ConfigSource};
+
+/// UDP is lossy: a probe sends its datagram this many times before it gives up.
+const UDP_ATTEMPTS: u32 = 3;
+
+/// `echod probe` flags.
+#[derive(Debug, Args, Clone)]
+pub struct ProbeArgs {
+    /// TCP echo address (HOST:PORT) to send a nonce to and expect it back; repeatable.
+    #[arg(long = "tcp", value_name = "ADDR")]
+    pub tcp: Vec<String>,
+    /// UDP echo address (HOST:PORT), probed with retries; repeatable.
+    #[arg(long = "udp", value_name = "ADDR")]
+    pub udp: Vec<String>,
+    /// HTTP URL that must answer 2xx, e.g. http://127.0.0.1:9107/readyz; repeatable.
+    #[arg(long = "http", value_name = "URL")]
+    pub http: Vec<String>,
+    /// Time allowed for each check (e.g. 500ms, 2s).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// One thing to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A TCP echo service.
+    Tcp(String),
+    /// A UDP echo service.
+    Udp(String),
+    /// An HTTP endpoint that must answer 2xx.
+    Http(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Tcp(a) => write!(f, "tcp {a}"),
+            Target::Udp(a) => write!(f, "udp {a}"),
+            Target::Http(u) => write!(f, "http {u}"),
+        }
+    }
+}
+
+/// Why a check failed, in the words an operator reads in a health-check log.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The address did not resolve.
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, String),
+    /// Nothing to connect to, or the connection failed.
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    /// No (complete) answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered something other than the nonce.
+    #[error("wrong reply: sent {sent} bytes, got {got:?}")]
+    WrongReply {
+        /// Nonce length.
+        sent: usize,
+        /// What came back (lossy text, truncated).
+        got: String,
+    },
+    /// The HTTP endpoint answered, but not 2xx.
+    #[error("HTTP status {0}")]
+    Status(u16),
+    /// The URL is not `http://host:port/path`.
+    #[error("unsupported URL {0:?} (expected http://HOST:PORT/PATH)")]
+    Url(String),
+    /// Some other socket error.
+    #[error("{0}")]
+    Io(io::Error),
+    /// Nothing to probe (no targets and none in the configuration).
+    #[error("nothing to probe: no --tcp/--udp/--http given and no listeners configured")]
+    Nothing,
+}
+
+impl ProbeError {
+    fn from_io(e: io::Error, timeout: Duration) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProbeError::Timeout(timeout),
+            io::ErrorKind::UnexpectedEof => ProbeError::WrongReply {
+                sent: 0,
+                got: "connection closed before the whole echo".into(),
+            },
+            _ => ProbeError::Io(e),
+        }
+    }
+}
+
+/// Runs `echod probe` and maps the outcome to the exit code: 0 healthy, 1 unhealthy.
+pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
+    let targets = match targets(args, source) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("echod probe: unhealthy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut passed = Vec::with_capacity(targets.len());
+    for target in &targets {
+        let started = Instant::now();
+        match check(target, args.timeout) {
+            Ok(()) => passed.push(format!(
+                "{target} ({:.1} ms)",
+                started.elapsed().as_secs_f64() * 1e3
+            )),
+            Err(e) => {
+                eprintln!("echod probe: unhealthy: {target}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("ok {}", passed.join(", "));
+    ExitCode::SUCCESS
+}
+
+/// The targets given on the command line, or those of the local configuration.
+fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, String> {
+    let given: Vec<Target> = args
+        .tcp
+        .iter()
+        .cloned()
+        .map(Target::Tcp)
+        .chain(args.udp.iter().cloned().map(Target::Udp))
+        .chain(args.http.iter().cloned().map(Target::Http))
+        .collect();
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    let config = source
+        .load()
+        .map_err(|e| format!("cannot load the configuration: {e}"))?;
+    let local = config_targets(&config);
+    if local.is_empty() {
+        return Err(ProbeError::Nothing.to_string());
+    }
+    Ok(local)
+}
+
+/// What a probe without arguments checks: readiness on the first metrics address and
+/// the first TCP echo listener (the first UDP one when TCP is off).
+pub fn config_targets(config: &Config) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if let Some(addr) = config.metrics.listen.first() {
+        targets.push(Target::Http(format!("http://{}/readyz", reachable(*addr))));
+    }
+    if let Some(addr) = config.tcp.listen.first() {
+        targets.push(Target::Tcp(reachable(*addr).to_string()));
+    } else if let Some(addr) = config.udp.listen.first() {
+        targets.push(Target::Udp(reachable(*addr).to_string()));
+    }
+    targets
+}
+
+/// A listen address as a local client reaches it: a wildcard means loopback.
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// Runs one check within `timeout`.
+pub fn check(target: &Target, timeout: Duration) -> Result<(), ProbeError> {
+    let deadline = Deadline::new(timeout);
+    match target {
+        Target::Tcp(addr) => check_tcp(addr, &deadline),
+        Target::Udp(addr) => check_udp(addr, &deadline),
+        Target::Http(url) => check_http(url, &deadline),
+    }
+}
+
+/// One time budget shared by the steps of a check (resolve, connect, send, receive).
+struct Deadline {
+    at: Instant,
+    total: Duration,
+}
+
+impl Deadline {
+    fn new(total: Duration) -> Self {
+        Self {
+            at: Instant::now() + total,
+            total,
+        }
+    }
+
+    /// Time left; an exhausted budget is a timeout.
+    fn remaining(&self) -> Result<Duration, ProbeError> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(ProbeError::Timeout(self.total))
+        } else {
+            Ok(left)
+        }
+    }
+
+    fn io_error(&self, e: io::Error) -> ProbeError {
+        ProbeError::from_io(e, self.total)
+    }
+}
+
+fn resolve(addr: &str) -> Result<Vec<SocketAddr>, ProbeError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ProbeError::Resolve(addr.to_string(), e.to_string()))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ProbeError::Resolve(addr.to_string(), "no addresses".into()));
+    }
+    Ok(addrs)
+}
+
+/// Connects to the first address of `addr` that accepts within the deadline.
+fn connect(addr: &str, deadline: &Deadline) -> Result<TcpStream, ProbeError> {
+    let mut last = None;
+    for candidate in resolve(addr)? {
+        match TcpStream::connect_timeout(&candidate, deadline.remaining()?) {
+            Ok(stream) => {
+                let left = deadline.remaining()?;
+                stream
+                    .set_read_timeout(Some(left))
+                    .map_err(ProbeError::Io)?;
+                stream
+                    .set_write_timeout(Some(left))
+                    .map_err(ProbeError::Io)?;
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(ProbeError::Timeout(deadline.total));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ProbeError::Connect(
+        last.unwrap_or_else(|| io::Error::other("no address")),
+    ))
+}
+
+/// A nonce no earlier probe or stray packet can match.
+fn nonce() -> Vec<u8> {
+    let mut rng = fastrand::Rng::new();
+    format!("echod-probe {:032x}\n", rng.u128(..)).into_bytes()
+}
+
+fn expect_echo(sent: &[u8], got: &[u8]) -> Result<(), ProbeError> {
+    if sent == got {
+        Ok(())
+    } else {
+        let shown = String::from_utf8_lossy(&got[..got.len().min(64)]).into_owned();
+        Err(ProbeError::WrongReply {
+            sent: sent.len(),
+            got: shown,
+        })
+    }
+}
+
+fn check_tcp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
+    let mut stream = connect(addr, deadline)?;
+    let nonce = nonce();
+    stream.write_all(&nonce).map_err(|e| deadline.io_error(e))?;
+    let mut got = vec![0u8; nonce.len()];
+    let mut filled = 0;
+    while filled < got.len() {
+        stream
+            .set_read_timeout(Some(deadline.remaining()?))
+            .map_err(ProbeError::Io)?;
+        match stream.read(&mut got[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(deadline.io_error(e)),
+        }
+        // A wrong prefix fails at once instead of waiting for the rest.
+        expect_echo(&nonce[..filled], &got[..filled])?;
+    }
+    expect_echo(&nonce, &got[..filled])
+}
+
+fn check_udp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
+    let target = resolve(addr)?[0];
+    let local: SocketAddr = if target.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local).map_err(ProbeError::Io)?;
+    socket.connect(target).map_err(ProbeError::Connect)?;
+    let nonce = nonce();
+    let per_attempt = deadline.total / UDP_ATTEMPTS;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        socket.send(&nonce).map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionRefused => ProbeError::Connect(e),
+            _ => ProbeError::Io(e),
+        })?;
+        let wait = per_attempt.min(deadline.remaining()?);
+        socket
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .map_err(ProbeError::Io)?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return expect_echo(&nonce, &buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                deadline.remaining()?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Err(ProbeError::Connect(e));
+            }
+            Err(e) => return Err(ProbeError::Io(e)),
+        }
+    }
+}
+
+/// Splits `http://host:port/path` into the authority and the path.
+fn parse_url(url: &str) -> Result<(String, String), ProbeError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ProbeError::Url(url.to_string()))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(ProbeError::Url(url.to_string()));
+    }
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && !port.contains(']'));
+    let authority = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok((authority, path.to_string()))
+}
+
+fn check_http(url: &str, deadline: &Deadline) -> Result<(), ProbeError> {
+    let (authority, path) = parse_url(url)?;
+    let mut stream = connect(&authority, deadline)?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: echod-probe\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| deadline.io_error(e))?;
+    // Only the status line matters; read until its end.
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+        stream
+            .set_read_timeout(Some(deadline.remaining()?))
+            .map_err(ProbeError::Io)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(deadline.io_error(e)),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("HTTP/1."))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| ProbeError::WrongReply {
+            sent: request.len(),
+            got: line.chars().take(64).collect(),
+        })?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_map_to_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:7".parse().unwrap()),
+            "127.0.0.1:7".parse().unwrap()
+        );
+        assert_eq!(
+            reachable("[::]:7".parse().unwrap()),
+            "[::1]:7".parse().unwrap()
+        );
+        assert_eq!(
+            reachable("10.1.2.3:7".parse().unwrap()),
+            "10.1.2.3:7".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        assert_eq!(
+            parse_url("http://127.0.0.1:9107/readyz").unwrap(),
+            ("127.0.0.1:9107".into(), "/readyz".into())
+        );
+        assert_eq!(
+            parse_url("http://[::1]:9107").unwrap(),
+            ("[::1]:9107".into(), "/".into())
+        );
+        assert_eq!(
+            parse_url("http://localhost/x").unwrap(),
+            ("localhost:80".into(), "/x".into())
+        );
+        assert!(parse_url("https://x/").is_err());
+        assert!(parse_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn default_config_probes_readiness_and_tcp() {
+        let targets = config_targets(&Config::default());
+        assert_eq!(
+            targets,
+            vec![
+                Target::Http("http://127.0.0.1:9107/readyz".into()),
+                Target::Tcp("127.0.0.1:7007".into()),
+            ]
+        );
+    }
+}
