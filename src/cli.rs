@@ -89,4 +89,6 @@ pub enum Command {
     /// Health check: send a nonce over TCP/UDP and expect it back, or GET an HTTP URL;
     /// without targets, probe the local configuration. Exit 0 healthy, 1 unhealthy.
     Probe(crate::probe::ProbeArgs),
+    /// Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise.
+    Client(crate::client::ClientArgs),
 }

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod limits;
