@@ -91,4 +91,6 @@ pub enum Command {
     Probe(crate::probe::ProbeArgs),
     /// Talk to an echo server: a prompt on a terminal, a byte-exact pipe otherwise.
     Client(crate::client::ClientArgs),
+    /// Load an echo server and verify every echoed byte; report throughput and latency.
+    Bench(crate::bench::BenchArgs),
 }

@@ -6,6 +6,7 @@
 //! the daemon's edges to its service manager and its operator.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

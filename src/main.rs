@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Bench(args) => echod::bench::run(&args),
         Command::Client(args) => echod::client::run(&args),
         Command::Probe(args) => echod::probe::run(&args, &source),
         Command::Serve => match load(&source) {

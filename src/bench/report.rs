@@ -1,0 +1,205 @@
+//! The outcome of a run: throughput, latency percentiles and every problem seen, for
+//! people (a short table) and machines (`--json`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::{BenchArgs, Mode, Tally};
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Slowest echo.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Load pattern.
+    pub mode: Mode,
+    /// The address loaded.
+    pub target: String,
+    /// Connections (UDP: sockets) used.
+    pub connections: usize,
+    /// Message (bulk: write) size in bytes.
+    pub size: usize,
+    /// Closed-loop pipelining depth.
+    pub pipeline: usize,
+    /// Open-loop target rate, if any.
+    pub rate: Option<f64>,
+    /// Wall time from the first send to the last echo.
+    pub elapsed_s: f64,
+    /// Messages echoed (verified, including mismatched ones).
+    pub messages: u64,
+    /// Bytes written to the server.
+    pub bytes_sent: u64,
+    /// Bytes echoed back.
+    pub bytes_received: u64,
+    /// Echoes per second.
+    pub messages_per_s: f64,
+    /// Echoed megabytes (10^6) per second, one direction.
+    pub mb_per_s: f64,
+    /// Round-trip latency (open-loop: from the intended send time).
+    pub latency_us: Latency,
+    /// Messages whose echo differed from what was sent.
+    pub mismatches: u64,
+    /// UDP datagrams with no echo within the timeout.
+    pub lost: u64,
+    /// Connections that failed or stalled.
+    pub errors: u64,
+    /// The first mismatch or error, for the operator to start from.
+    pub first_problem: Option<String>,
+    #[serde(skip)]
+    pub(super) histogram: Histogram<u64>,
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1e3
+}
+
+impl Report {
+    pub(super) fn new(
+        args: &BenchArgs,
+        target: SocketAddr,
+        size: usize,
+        connections: usize,
+        elapsed: Duration,
+        tally: Tally,
+        histogram: Histogram<u64>,
+    ) -> Self {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let empty = histogram.is_empty();
+        let at = |q: f64| {
+            if empty {
+                0.0
+            } else {
+                us(histogram.value_at_quantile(q))
+            }
+        };
+        let latency_us = Latency {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: if empty { 0.0 } else { us(histogram.max()) },
+            mean: if empty { 0.0 } else { histogram.mean() / 1e3 },
+        };
+        Report {
+            mode: args.mode,
+            target: target.to_string(),
+            connections,
+            size,
+            pipeline: args.pipeline,
+            rate: args.rate,
+            elapsed_s: secs,
+            messages: tally.messages,
+            bytes_sent: tally.bytes_sent,
+            bytes_received: tally.bytes_received,
+            messages_per_s: tally.messages as f64 / secs,
+            mb_per_s: tally.bytes_received as f64 / secs / 1e6,
+            latency_us,
+            mismatches: tally.mismatches,
+            lost: tally.lost,
+            errors: tally.errors,
+            first_problem: tally.first_problem,
+            histogram,
+        }
+    }
+
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// Ok when every echo came back intact; otherwise why the run failed.
+    pub fn verdict(&self) -> Result<(), String> {
+        let first = self.first_problem.as_deref().unwrap_or("no detail");
+        if self.mismatches > 0 {
+            return Err(format!(
+                "{} mismatched echoes; first: {first}",
+                self.mismatches
+            ));
+        }
+        if self.errors > 0 {
+            return Err(format!("{} connection errors; first: {first}", self.errors));
+        }
+        if self.messages == 0 {
+            return Err("no echo came back".into());
+        }
+        Ok(())
+    }
+}
+
+/// Microseconds as a short human figure.
+fn human_us(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} s", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.2} ms", v / 1e3)
+    } else {
+        format!("{v:.0} µs")
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.mode {
+            Mode::PingPong => "tcp ping-pong",
+            Mode::Bulk => "tcp bulk",
+            Mode::Udp => "udp ping-pong",
+        };
+        let load = match self.rate {
+            Some(r) => format!("open loop at {r:.0} msg/s"),
+            None if self.mode == Mode::PingPong => format!("pipeline {}", self.pipeline),
+            None if self.mode == Mode::Bulk => "streaming".into(),
+            None => "closed loop".into(),
+        };
+        writeln!(
+            f,
+            "{mode} → {}: {} connections, {} B messages, {load}, {:.2} s",
+            self.target, self.connections, self.size, self.elapsed_s
+        )?;
+        writeln!(
+            f,
+            "  throughput  {:.0} msg/s, {:.2} MB/s echoed ({} messages, {} bytes)",
+            self.messages_per_s, self.mb_per_s, self.messages, self.bytes_received
+        )?;
+        let l = &self.latency_us;
+        writeln!(
+            f,
+            "  latency     p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            human_us(l.p50),
+            human_us(l.p90),
+            human_us(l.p99),
+            human_us(l.p999),
+            human_us(l.max)
+        )?;
+        writeln!(
+            f,
+            "  verified    {} bytes: {} mismatches, {} errors{}",
+            self.bytes_received,
+            self.mismatches,
+            self.errors,
+            if self.mode == Mode::Udp {
+                format!(", {} lost", self.lost)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
