@@ -116,6 +116,7 @@ run() {
         "$scenario" "$server" "$repeat" "$rate" "$mbs" "$p99" "$cpu"
 }
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== throughput and latency ($REPEATS × $DURATION per scenario; output in $OUT)"
 start_echod; start_naive; start_socat
 for server in echod naive socat; do # warm-up
@@ -199,4 +200,5 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a / b; el
     failed=$(awk -F'\t' 'NR > 1 && $9 != 0 { n++ } END { print n + 0 }' "$OUT/results.tsv")
     echo
     echo "Runs with errors or mismatches: $failed (see $OUT/raw.jsonl)."
+    echo "Load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)."
 } | tee "$OUT/table.md"
