@@ -49,6 +49,17 @@ pub enum Mode {
     Udp,
 }
 
+impl Mode {
+    /// How reports and plots name the mode.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::PingPong => "tcp ping-pong",
+            Mode::Bulk => "tcp bulk",
+            Mode::Udp => "udp ping-pong",
+        }
+    }
+}
+
 /// `echod bench` flags.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {

@@ -56,10 +56,10 @@ pub fn svg(report: &Report) -> String {
     let _ = writeln!(
         out,
         "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">echod bench: {:?} → {}, \
+         <text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">echod bench: {} → {}, \
          {} connections, {} B, {} echoes</text>",
         WIDTH / 2.0,
-        report.mode,
+        report.mode.label(),
         report.target,
         report.connections,
         report.size,

@@ -158,11 +158,7 @@ fn human_us(v: f64) -> String {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match self.mode {
-            Mode::PingPong => "tcp ping-pong",
-            Mode::Bulk => "tcp bulk",
-            Mode::Udp => "udp ping-pong",
-        };
+        let mode = self.mode.label();
         let load = match self.rate {
             Some(r) => format!("open loop at {r:.0} msg/s"),
             None if self.mode == Mode::PingPong => format!("pipeline {}", self.pipeline),
