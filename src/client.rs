@@ -387,8 +387,8 @@ fn pipe_udp(
     }
 }
 
-/// Reads one line from the terminal after a prompt; `None` on Ctrl-D or `q`.
-fn prompt(stdin: &mut impl BufRead, line: &mut String) -> Result<Option<()>, ClientError> {
+/// Reads one line (any bytes) from the terminal after a prompt; `None` on Ctrl-D or `q`.
+fn prompt(stdin: &mut impl BufRead, line: &mut Vec<u8>) -> Result<Option<()>, ClientError> {
     let mut stdout = io::stdout().lock();
     stdout
         .write_all(b"> ")
@@ -396,9 +396,9 @@ fn prompt(stdin: &mut impl BufRead, line: &mut String) -> Result<Option<()>, Cli
         .map_err(io_err("cannot write stdout"))?;
     line.clear();
     let n = stdin
-        .read_line(line)
+        .read_until(b'\n', line)
         .map_err(io_err("cannot read the terminal"))?;
-    if n == 0 || line.trim_end() == "q" {
+    if n == 0 || line.trim_ascii_end() == b"q" {
         if n == 0 {
             let _ = stdout.write_all(b"\n");
         }
@@ -426,11 +426,9 @@ fn interactive_tcp(mut socket: TcpStream, args: &ClientArgs) -> Result<(), Clien
         .map_err(io_err("cannot set a timeout"))?;
     greet(addr, "tcp");
     let mut stdin = io::stdin().lock();
-    let mut line = String::new();
+    let mut line = Vec::new();
     while prompt(&mut stdin, &mut line)?.is_some() {
-        socket
-            .write_all(line.as_bytes())
-            .map_err(io_err("cannot send"))?;
+        socket.write_all(&line).map_err(io_err("cannot send"))?;
         let mut echo = vec![0u8; line.len()];
         socket.read_exact(&mut echo).map_err(|e| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
@@ -455,10 +453,10 @@ fn interactive_udp(
 ) -> Result<(), ClientError> {
     greet(*addr, "udp");
     let mut stdin = io::stdin().lock();
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut reply = vec![0u8; MAX_DATAGRAM + 1];
     while prompt(&mut stdin, &mut line)?.is_some() {
-        let n = udp_roundtrip(socket, *addr, line.as_bytes(), args.timeout, &mut reply)?;
+        let n = udp_roundtrip(socket, *addr, &line, args.timeout, &mut reply)?;
         print_echo(&reply[..n])?;
     }
     Ok(())

@@ -78,6 +78,14 @@ pub enum ProbeError {
         /// What came back (lossy text, truncated).
         got: String,
     },
+    /// The peer closed the connection before the whole nonce came back.
+    #[error("connection closed after {got} of {sent} bytes of the echo")]
+    Closed {
+        /// Bytes echoed before the close.
+        got: usize,
+        /// Nonce length.
+        sent: usize,
+    },
     /// The HTTP endpoint answered, but not 2xx.
     #[error("HTTP status {0}")]
     Status(u16),
@@ -96,10 +104,6 @@ impl ProbeError {
     fn from_io(e: io::Error, timeout: Duration) -> Self {
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProbeError::Timeout(timeout),
-            io::ErrorKind::UnexpectedEof => ProbeError::WrongReply {
-                sent: 0,
-                got: "connection closed before the whole echo".into(),
-            },
             _ => ProbeError::Io(e),
         }
     }
@@ -286,7 +290,12 @@ fn check_tcp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
             .set_read_timeout(Some(deadline.remaining()?))
             .map_err(ProbeError::Io)?;
         match stream.read(&mut got[filled..]) {
-            Ok(0) => break,
+            Ok(0) => {
+                return Err(ProbeError::Closed {
+                    got: filled,
+                    sent: nonce.len(),
+                });
+            }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(deadline.io_error(e)),

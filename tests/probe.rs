@@ -210,3 +210,14 @@ fn a_healthy_probe_takes_milliseconds() {
     // Process start included; generous for a loaded 2-core CI machine.
     assert!(run.elapsed < Duration::from_secs(2), "{:?}", run.elapsed);
 }
+
+#[test]
+fn a_server_that_hangs_up_is_unhealthy() {
+    let addr = tcp_server(|mut s| {
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+        // Dropping the stream closes it without an answer.
+    });
+    let run = probe(&["--tcp", &addr.to_string()]);
+    assert_unhealthy(&run, "connection closed after 0 of");
+}
