@@ -214,9 +214,16 @@ fn a_healthy_probe_takes_milliseconds() {
 #[test]
 fn a_server_that_hangs_up_is_unhealthy() {
     let addr = tcp_server(|mut s| {
+        // Read the whole nonce line (so the close is a clean FIN, not a reset), then
+        // drop the stream without an answer.
         let mut buf = [0u8; 256];
-        let _ = s.read(&mut buf);
-        // Dropping the stream closes it without an answer.
+        let mut seen = Vec::new();
+        while !seen.contains(&b'\n') {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
     });
     let run = probe(&["--tcp", &addr.to_string()]);
     assert_unhealthy(&run, "connection closed after 0 of");
