@@ -57,6 +57,12 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
         })
         .collect();
     started.wait();
+    // Every client must be accepted (not just queued by the kernel) before the stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.metric("echod_tcp_connections_active", &[]) < clients as f64 {
+        assert!(Instant::now() < deadline, "clients were never all accepted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stop_sent = Instant::now();
     daemon.signal(libc::SIGTERM);
     // Listeners close at once: a new client is refused while the others drain.
