@@ -2,6 +2,8 @@
 //! loopback ports, talk to it, read its metrics, and always clean it up.
 #![allow(dead_code)]
 
+pub mod prom;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
