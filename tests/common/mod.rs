@@ -235,6 +235,35 @@ impl Daemon {
         metric_value(&self.scrape(), family, labels)
     }
 
+    /// Waits (5 s at most) until a counter reaches `want`, then asserts it is exactly
+    /// `want`: counts are flushed per burst, so they may lag the traffic briefly.
+    pub fn wait_metric(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        self.wait_metric_at_least(family, labels, want);
+        assert_eq!(self.metric(family, labels), want, "{family}{labels:?}");
+    }
+
+    /// Waits (10 s at most) until a counter reaches at least `want`.
+    pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric(family, labels) < want {
+            assert!(
+                Instant::now() < deadline,
+                "{family}{labels:?} never reached {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A connection that has echoed one byte, so the daemon has surely accepted it.
+    pub fn open_connection(&self) -> TcpStream {
+        let mut s = TcpStream::connect(self.tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo of one byte");
+        s
+    }
+
     /// Rewrites the config file (for reload tests).
     pub fn rewrite_config(&self, extra: &str) {
         let mut config: toml::Table = std::fs::read_to_string(&self.config_path)
