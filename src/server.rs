@@ -154,6 +154,8 @@ fn check_open_files_limit(max_connections: usize) {
 
 impl Server {
     fn new(source: ConfigSource, config: Config, log: LogHandle) -> Self {
+        let metrics = Metrics::new();
+        metrics.set_limits(&config);
         Self {
             limiter: ConnectionLimiter::new(&config.tcp),
             rate_limiter: RateLimiter::new(&config.udp.rate_limit),
@@ -162,7 +164,7 @@ impl Server {
             source,
             config,
             log,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             health: Arc::new(Health::default()),
             shutdown: Shutdown::new(),
             connections: TaskTracker::new(),
@@ -381,6 +383,7 @@ impl Server {
         self.rate_limiter.update(&config.udp.rate_limit);
         self.tcp_config.send_replace(Arc::new(config.tcp.clone()));
         self.udp_config.send_replace(Arc::new(config.udp.clone()));
+        self.metrics.set_limits(&config);
         self.config = config;
         let removed: Vec<_> = self
             .listeners
