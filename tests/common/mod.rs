@@ -2,6 +2,7 @@
 //! loopback ports, talk to it, read its metrics, and always clean it up.
 #![allow(dead_code)]
 
+pub mod prom;
 pub mod tools;
 
 use std::io::{Read, Write};
