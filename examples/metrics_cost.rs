@@ -11,9 +11,8 @@
 //!
 //! Run: `cargo run --release --example metrics_cost`
 
-use std::cell::Cell;
 use std::hint::black_box;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -38,27 +37,41 @@ fn per_iteration(n: u32, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_nanos() as f64 / f64::from(n)
 }
 
-/// Sums the server-side time of `ECHOES` echoes; `server_burst` returns false when the
-/// datagram or segment had not arrived yet, and such rounds are not counted.
+/// Server-side nanoseconds per echo, over `ECHOES` echoes. `server_burst` handles one
+/// message and fails with `WouldBlock` if it has not arrived yet; such a round is
+/// retried without sending again and is not counted.
 fn timed_echoes(
     mut client_send: impl FnMut(),
-    mut server_burst: impl FnMut() -> bool,
+    mut server_burst: impl FnMut() -> io::Result<()>,
     mut client_recv: impl FnMut(),
 ) -> f64 {
     let mut total = Duration::ZERO;
     let mut counted = 0u32;
+    let mut pending = false;
     while counted < ECHOES {
-        client_send();
-        let t = Instant::now();
-        let ok = server_burst();
-        let elapsed = t.elapsed();
-        if ok {
-            total += elapsed;
-            counted += 1;
+        if !pending {
+            client_send();
         }
-        client_recv();
+        let t = Instant::now();
+        let result = server_burst();
+        let elapsed = t.elapsed();
+        match result {
+            Ok(()) => {
+                total += elapsed;
+                counted += 1;
+                pending = false;
+                client_recv();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => pending = true,
+            Err(e) => panic!("echo failed: {e}"),
+        }
     }
     total.as_nanos() as f64 / f64::from(ECHOES)
+}
+
+/// The read that ends a burst must find the socket empty.
+fn expect_empty<T>(r: io::Result<T>) {
+    assert!(matches!(r, Err(ref e) if e.kind() == ErrorKind::WouldBlock));
 }
 
 fn tcp_syscalls_ns() -> f64 {
@@ -70,32 +83,15 @@ fn tcp_syscalls_ns() -> f64 {
     server.set_nonblocking(true).unwrap();
     let mut sbuf = [0u8; 16 * 1024];
     let mut cbuf = [0u8; 64];
-    let pending = Cell::new(false);
     timed_echoes(
+        || (&client).write_all(&PAYLOAD).unwrap(),
         || {
-            if !pending.get() {
-                (&client).write_all(&PAYLOAD).unwrap();
-            }
+            let n = server.read(&mut sbuf)?;
+            server.write_all(&sbuf[..n])?;
+            expect_empty(server.read(&mut sbuf));
+            Ok(())
         },
-        || match server.read(&mut sbuf) {
-            Ok(n) => {
-                server.write_all(&sbuf[..n]).unwrap();
-                let again = server.read(&mut sbuf);
-                assert!(matches!(again, Err(ref e) if e.kind() == ErrorKind::WouldBlock));
-                pending.set(false);
-                true
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                pending.set(true);
-                false
-            }
-            Err(e) => panic!("read: {e}"),
-        },
-        || {
-            if !pending.get() {
-                (&client).read_exact(&mut cbuf).unwrap();
-            }
-        },
+        || (&client).read_exact(&mut cbuf).unwrap(),
     )
 }
 
@@ -106,32 +102,15 @@ fn udp_syscalls_ns() -> f64 {
     let target = server.local_addr().unwrap();
     let mut sbuf = vec![0u8; 65_536];
     let mut cbuf = [0u8; 64];
-    let pending = Cell::new(false);
     timed_echoes(
+        || assert_eq!(client.send_to(&PAYLOAD, target).unwrap(), PAYLOAD.len()),
         || {
-            if !pending.get() {
-                client.send_to(&PAYLOAD, target).unwrap();
-            }
+            let (n, peer) = server.recv_from(&mut sbuf)?;
+            server.send_to(&sbuf[..n], peer)?;
+            expect_empty(server.recv_from(&mut sbuf));
+            Ok(())
         },
-        || match server.recv_from(&mut sbuf) {
-            Ok((n, peer)) => {
-                server.send_to(&sbuf[..n], peer).unwrap();
-                let again = server.recv_from(&mut sbuf);
-                assert!(matches!(again, Err(ref e) if e.kind() == ErrorKind::WouldBlock));
-                pending.set(false);
-                true
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                pending.set(true);
-                false
-            }
-            Err(e) => panic!("recv: {e}"),
-        },
-        || {
-            if !pending.get() {
-                client.recv(&mut cbuf).unwrap();
-            }
-        },
+        || assert_eq!(client.recv(&mut cbuf).unwrap(), PAYLOAD.len()),
     )
 }
 

@@ -4,58 +4,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::prom::{Expected, expect_metrics, families, is_exported};
+use common::prom::{Expected, LOCAL, admitted, expect_metrics, families, is_exported, refused};
 use common::{Daemon, http_get, http_request, random_bytes, tcp_roundtrip};
-use socket2::{Domain, Protocol, Socket, Type};
 
 const SETTLE: Duration = Duration::from_secs(10);
-
-/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
-fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    socket
-        .bind(&SocketAddr::from((from, 0)).into())
-        .expect("bind client to a loopback address");
-    socket
-        .connect_timeout(&addr.into(), Duration::from_secs(5))
-        .expect("connect");
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
-
-/// A connection the daemon admitted: one byte is echoed on it.
-fn admitted(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let mut s = connect_from(from, addr);
-    s.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).expect("admitted connection echoes");
-    assert_eq!(&b, b"x");
-    s
-}
-
-/// A connection the daemon refused: the kernel completed the handshake, then echod
-/// closed it without reading (EOF or reset — never an echo, never a timeout).
-fn refused(from: Ipv4Addr, addr: SocketAddr) {
-    let mut s = connect_from(from, addr);
-    let mut b = [0u8; 16];
-    match s.read(&mut b) {
-        Ok(0) => {}
-        Ok(n) => panic!("refused connection delivered {n} bytes"),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("connection was not refused: still open after the read timeout")
-        }
-        Err(_) => {}
-    }
-}
-
-const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 
 #[test]
 fn every_route_answers_with_its_status() {
@@ -403,45 +359,54 @@ fn limit_gauges_follow_the_config_across_reloads() {
         max_sources = 77
         "#,
     );
-    let gauges = |max: f64, per_ip: f64, sources: f64| -> Vec<Expected<'static>> {
-        vec![
-            ("echod_tcp_max_connections", &[], max),
-            ("echod_tcp_max_connections_per_ip", &[], per_ip),
-            ("echod_udp_rate_limit_max_sources", &[], sources),
-        ]
-    };
-    let mut expected = gauges(50.0, 5.0, 77.0);
-    expected.push(("echod_config_last_reload_successful", &[], 1.0));
-    expect_metrics(&daemon, &expected, SETTLE);
-
-    daemon.rewrite_config(
-        r#"
-        [tcp]
-        max_connections = 60
-        max_connections_per_ip = 6
-        [udp.rate_limit]
-        max_sources = 88
-        "#,
-    );
-    daemon.signal(libc::SIGHUP);
-    let mut expected = gauges(60.0, 6.0, 88.0);
-    expected.push(("echod_config_reloads_total", &[], 1.0));
-    expect_metrics(&daemon, &expected, SETTLE);
-
-    // Invalid: per-IP above the global limit. The old limits stay, the failure shows.
-    daemon.rewrite_config(
-        r#"
-        [tcp]
-        max_connections = 10
-        max_connections_per_ip = 20
-        "#,
-    );
-    daemon.signal(libc::SIGHUP);
-    let mut expected = gauges(60.0, 6.0, 88.0);
-    expected.push(("echod_config_reload_failures_total", &[], 1.0));
-    expected.push(("echod_config_last_reload_successful", &[], 0.0));
-    expected.push(("echod_config_reloads_total", &[], 1.0));
-    expect_metrics(&daemon, &expected, SETTLE);
+    // Each step: a config to reload (or none), then the limit gauges
+    // [max, per-IP, UDP sources] and [reloads, failures, last successful].
+    let steps = [
+        (None, [50.0, 5.0, 77.0], [0.0, 0.0, 1.0]),
+        (
+            Some(
+                r#"
+                [tcp]
+                max_connections = 60
+                max_connections_per_ip = 6
+                [udp.rate_limit]
+                max_sources = 88
+                "#,
+            ),
+            [60.0, 6.0, 88.0],
+            [1.0, 0.0, 1.0],
+        ),
+        // Invalid: per-IP above the global limit. The old limits stay, the failure shows.
+        (
+            Some(
+                r#"
+                [tcp]
+                max_connections = 10
+                max_connections_per_ip = 20
+                "#,
+            ),
+            [60.0, 6.0, 88.0],
+            [1.0, 1.0, 0.0],
+        ),
+    ];
+    for (config, [max, per_ip, sources], [reloads, failures, last_ok]) in steps {
+        if let Some(config) = config {
+            daemon.rewrite_config(config);
+            daemon.signal(libc::SIGHUP);
+        }
+        expect_metrics(
+            &daemon,
+            &[
+                ("echod_tcp_max_connections", &[], max),
+                ("echod_tcp_max_connections_per_ip", &[], per_ip),
+                ("echod_udp_rate_limit_max_sources", &[], sources),
+                ("echod_config_reloads_total", &[], reloads),
+                ("echod_config_reload_failures_total", &[], failures),
+                ("echod_config_last_reload_successful", &[], last_ok),
+            ],
+            SETTLE,
+        );
+    }
 }
 
 /// Every echod family of a live scrape, after some traffic.

@@ -5,11 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::prom::{Blackbox, Prometheus, deploy_dir, expect_metrics, families, promtool};
+use common::prom::{
+    Blackbox, LOCAL, Prometheus, admitted, deploy_dir, expect_metrics, families, promtool, refused,
+};
 use common::{Daemon, metric_value, random_bytes, require_tool, tcp_roundtrip};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -27,34 +28,6 @@ fn udp_echo(target: SocketAddr, len: usize) {
     assert!(buf[..n] == data[..]);
 }
 
-/// A TCP connection echod admitted (one byte echoed).
-fn admitted(addr: SocketAddr) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).expect("echo");
-    s
-}
-
-/// A TCP connection echod closes at once (limit reached): EOF or reset, no echo.
-fn refused(addr: SocketAddr) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut b = [0u8; 8];
-    match s.read(&mut b) {
-        Ok(0) => {}
-        Ok(n) => panic!("refused connection delivered {n} bytes"),
-        Err(e) => assert!(
-            !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
-            "connection was not refused"
-        ),
-    }
-}
-
 #[test]
 fn promtool_accepts_a_live_scrape_after_traffic() {
     if !require_tool("promtool") {
@@ -69,8 +42,8 @@ fn promtool_accepts_a_live_scrape_after_traffic() {
     );
     let data = random_bytes(10_000, 3);
     assert!(tcp_roundtrip(daemon.tcp, &data, 3) == data);
-    let held = admitted(daemon.tcp);
-    refused(daemon.tcp);
+    let held = admitted(LOCAL, daemon.tcp);
+    refused(LOCAL, daemon.tcp);
     drop(held);
     udp_echo(daemon.udp, 100);
     let scrape = expect_metrics(
@@ -203,10 +176,10 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         let data = random_bytes(size, i as u64);
         assert!(tcp_roundtrip(counted.tcp, &data, i as u64) == data);
     }
-    let held = [admitted(counted.tcp), admitted(counted.tcp)];
+    let held = [admitted(LOCAL, counted.tcp), admitted(LOCAL, counted.tcp)];
     let rejects = 3;
     for _ in 0..rejects {
-        refused(counted.tcp);
+        refused(LOCAL, counted.tcp);
     }
     drop(held);
     let udp_sizes = [10usize, 2000];
@@ -311,7 +284,7 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
     assert_eq!(success("echod_tcp_echo", &closed).0, 0.0);
 
     // Draining: readiness probe fails (503) while the open connection is still served.
-    let held = admitted(daemon.tcp);
+    let held = admitted(LOCAL, daemon.tcp);
     daemon.signal(libc::SIGTERM);
     expect_metrics(&daemon, &[("echod_draining", &[], 1.0)], SETTLE);
     let (ok, body) = success("echod_http_ready", &readyz);

@@ -1,15 +1,18 @@
-//! Prometheus-side test helpers: wait for exact counter values in echod's exposition,
+//! Prometheus-side test helpers: make known TCP traffic (admitted and refused
+//! connections), wait for exact counter values in echod's exposition,
 //! run the real Prometheus server, blackbox_exporter and promtool as child processes
 //! (killed by PID on drop), and ask them questions over HTTP.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Daemon, free_port, metric_value};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::{Daemon, free_port, http_exchange, metric_value};
 
 /// One expected sample: family, label pairs it must carry, value (summed over matches).
 pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
@@ -38,6 +41,50 @@ pub fn expect_metrics(daemon: &Daemon, expected: &[Expected<'_>], limit: Duratio
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The usual client source address.
+pub const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
+pub fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket
+        .bind(&SocketAddr::from((from, 0)).into())
+        .expect("bind client to a loopback address");
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .expect("connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// A connection the daemon admitted: one byte is echoed on it.
+pub fn admitted(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let mut s = connect_from(from, addr);
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("admitted connection echoes");
+    assert_eq!(&b, b"x");
+    s
+}
+
+/// A connection the daemon refused: the kernel completed the handshake, then echod
+/// closed it without reading (EOF or reset — never an echo, never a timeout).
+pub fn refused(from: Ipv4Addr, addr: SocketAddr) {
+    let mut s = connect_from(from, addr);
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Ok(n) => panic!("refused connection delivered {n} bytes"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("connection was not refused: still open after the read timeout")
+        }
+        Err(_) => {}
     }
 }
 
@@ -100,21 +147,10 @@ pub fn url_encode(s: &str) -> String {
 
 /// A GET over HTTP/1.0, so Go servers answer with a plain body (never chunked).
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {resp:?}")))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    http_exchange(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
 }
 
 /// A tool run as a child process with its output in a log file; killed by PID on drop.
