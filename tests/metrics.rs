@@ -295,6 +295,21 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
     assert_eq!(queued_replies(&echo), 0, "oversize datagrams were echoed");
     assert_eq!(queued_replies(&denied), 0, "denied port was answered");
     assert_eq!(queued_replies(&flooder), burst, "rate limit let through");
+
+    // Both sources are in the rate-limit table until their buckets refill (4–5 s at
+    // 1/s); the table is swept every second, so the gauge shows them, then empties.
+    let sources = |d: &Daemon| d.metric("echod_udp_rate_limit_sources", &[]);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while sources(&daemon) < 1.0 {
+        assert!(Instant::now() < deadline, "rate-limit table gauge stayed 0");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(sources(&daemon) <= 2.0);
+    expect_metrics(
+        &daemon,
+        &[("echod_udp_rate_limit_sources", &[], 0.0)],
+        Duration::from_secs(20),
+    );
 }
 
 #[test]
@@ -550,5 +565,76 @@ fn source_addresses_never_become_labels() {
     assert!(
         !scrape.contains(&IpAddr::V4(peer).to_string()),
         "a client address appears in the exposition"
+    );
+}
+
+#[test]
+fn probes_and_scrapes_keep_answering_while_echo_ports_are_flooded() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        max_connections = 20
+        max_connections_per_ip = 20
+        "#,
+    );
+    let flood_for = Duration::from_secs(3);
+    let (tcp, udp) = (daemon.tcp, daemon.udp);
+    // Bounded in time and count: at most 5 000 connections and 200 000 datagrams.
+    let tcp_flood = std::thread::spawn(move || {
+        let end = Instant::now() + flood_for;
+        let mut open = std::collections::VecDeque::new();
+        for _ in 0..5_000 {
+            if Instant::now() > end {
+                break;
+            }
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&tcp, Duration::from_secs(1)) {
+                open.push_back(s);
+            }
+            if open.len() > 100 {
+                open.pop_front();
+            }
+        }
+    });
+    let udp_flood = std::thread::spawn(move || {
+        let end = Instant::now() + flood_for;
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let payload = [0u8; 1000];
+        for i in 0..200_000u32 {
+            if i % 256 == 0 && Instant::now() > end {
+                break;
+            }
+            let _ = socket.send_to(&payload, udp);
+        }
+    });
+    let mut slowest = Duration::ZERO;
+    let mut requests = 0;
+    while !(tcp_flood.is_finished() && udp_flood.is_finished()) {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let t = Instant::now();
+            let (status, _) = http_get(daemon.http, path)
+                .unwrap_or_else(|e| panic!("{path} failed during the flood: {e}"));
+            assert_eq!(status, 200, "{path} during the flood");
+            slowest = slowest.max(t.elapsed());
+            requests += 1;
+        }
+    }
+    tcp_flood.join().unwrap();
+    udp_flood.join().unwrap();
+    assert!(requests >= 3, "no request made during the flood");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "slowest answer during the flood took {slowest:?}"
+    );
+    let scrape = daemon.scrape();
+    let rejected = common::metric_value(
+        &scrape,
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "global_limit")],
+    );
+    let datagrams = common::metric_value(&scrape, "echod_udp_received_datagrams_total", &[]);
+    assert!(rejected > 0.0, "the TCP flood never reached the limit");
+    assert!(datagrams > 1000.0, "the UDP flood never arrived");
+    eprintln!(
+        "flood: {rejected} TCP rejects, {datagrams} datagrams; {requests} HTTP answers, slowest {slowest:?}"
     );
 }
