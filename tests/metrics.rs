@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::prom::{Expected, LOCAL, admitted, expect_metrics, families, is_exported, refused};
+use common::prom::{
+    Expected, LOCAL, admitted, daemon_with_limits, expect_metrics, families, is_exported, refused,
+};
 use common::{Daemon, http_get, http_request, random_bytes, tcp_roundtrip};
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -70,15 +72,19 @@ fn scrape_revision(scrape: &str) -> String {
         .to_string()
 }
 
+/// The rejected-connection counts by reason (none at shutdown: nothing is stopping).
+fn rejected(global_limit: f64, per_ip_limit: f64) -> [Expected<'static>; 3] {
+    let family = "echod_tcp_connections_rejected_total";
+    [
+        (family, &[("reason", "global_limit")], global_limit),
+        (family, &[("reason", "per_ip_limit")], per_ip_limit),
+        (family, &[("reason", "shutdown")], 0.0),
+    ]
+}
+
 #[test]
 fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 3
-        max_connections_per_ip = 3
-        "#,
-    );
+    let daemon = daemon_with_limits(3, 3);
     let l = daemon.tcp.to_string();
     let sizes = [0usize, 1, 100, 4096, 1 << 20];
     for (i, &size) in sizes.iter().enumerate() {
@@ -106,7 +112,7 @@ fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     drop(held);
     let bytes = (sizes.iter().sum::<usize>() + 3) as f64;
     let accepted = (sizes.len() + 3) as f64;
-    let expected: &[Expected<'_>] = &[
+    let mut expected: Vec<Expected<'_>> = vec![
         ("echod_tcp_connections_accepted_total", listener, accepted),
         ("echod_tcp_connections_closed_total", listener, accepted),
         ("echod_tcp_connections_active", listener, 0.0),
@@ -117,36 +123,16 @@ fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
         ),
         ("echod_tcp_received_bytes_total", listener, bytes),
         ("echod_tcp_sent_bytes_total", listener, bytes),
-        (
-            "echod_tcp_connections_rejected_total",
-            &[("reason", "global_limit")],
-            rejects as f64,
-        ),
-        (
-            "echod_tcp_connections_rejected_total",
-            &[("reason", "per_ip_limit")],
-            0.0,
-        ),
-        (
-            "echod_tcp_connections_rejected_total",
-            &[("reason", "shutdown")],
-            0.0,
-        ),
         ("echod_tcp_idle_timeouts_total", listener, 0.0),
         ("echod_tcp_accept_errors_total", listener, 0.0),
     ];
-    expect_metrics(&daemon, expected, SETTLE);
+    expected.extend(rejected(rejects as f64, 0.0));
+    expect_metrics(&daemon, &expected, SETTLE);
 }
 
 #[test]
 fn per_ip_limit_rejects_only_the_crowded_source() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 10
-        max_connections_per_ip = 2
-        "#,
-    );
+    let daemon = daemon_with_limits(10, 2);
     let other = Ipv4Addr::new(127, 0, 0, 2);
     let mut held = vec![admitted(LOCAL, daemon.tcp), admitted(LOCAL, daemon.tcp)];
     refused(LOCAL, daemon.tcp);
@@ -154,24 +140,12 @@ fn per_ip_limit_rejects_only_the_crowded_source() {
     held.push(admitted(other, daemon.tcp));
     refused(other, daemon.tcp);
     refused(LOCAL, daemon.tcp);
-    expect_metrics(
-        &daemon,
-        &[
-            ("echod_tcp_connections_accepted_total", &[], 4.0),
-            ("echod_tcp_connections_active", &[], 4.0),
-            (
-                "echod_tcp_connections_rejected_total",
-                &[("reason", "per_ip_limit")],
-                3.0,
-            ),
-            (
-                "echod_tcp_connections_rejected_total",
-                &[("reason", "global_limit")],
-                0.0,
-            ),
-        ],
-        SETTLE,
-    );
+    let mut expected: Vec<Expected<'_>> = vec![
+        ("echod_tcp_connections_accepted_total", &[], 4.0),
+        ("echod_tcp_connections_active", &[], 4.0),
+    ];
+    expected.extend(rejected(0.0, 3.0));
+    expect_metrics(&daemon, &expected, SETTLE);
     drop(held);
     expect_metrics(
         &daemon,
@@ -570,13 +544,7 @@ fn source_addresses_never_become_labels() {
 
 #[test]
 fn probes_and_scrapes_keep_answering_while_echo_ports_are_flooded() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 20
-        max_connections_per_ip = 20
-        "#,
-    );
+    let daemon = daemon_with_limits(20, 20);
     let flood_for = Duration::from_secs(3);
     let (tcp, udp) = (daemon.tcp, daemon.udp);
     // Bounded in time and count: at most 5 000 connections and 200 000 datagrams.

@@ -9,7 +9,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::prom::{
-    Blackbox, LOCAL, Prometheus, admitted, deploy_dir, expect_metrics, families, promtool, refused,
+    Blackbox, LOCAL, Prometheus, admitted, daemon_with_limits, deploy_dir, expect_metrics,
+    families, promtool, refused,
 };
 use common::{Daemon, metric_value, random_bytes, require_tool, tcp_roundtrip};
 
@@ -33,13 +34,7 @@ fn promtool_accepts_a_live_scrape_after_traffic() {
     if !require_tool("promtool") {
         return;
     }
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 1
-        max_connections_per_ip = 1
-        "#,
-    );
+    let daemon = daemon_with_limits(1, 1);
     let data = random_bytes(10_000, 3);
     assert!(tcp_roundtrip(daemon.tcp, &data, 3) == data);
     let held = admitted(LOCAL, daemon.tcp);
@@ -156,13 +151,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     }
     // `counted` gets only this test's traffic; the blackbox TCP probe (a connection
     // every second) goes to `probed`, so it cannot disturb the exact counts.
-    let counted = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 2
-        max_connections_per_ip = 2
-        "#,
-    );
+    let counted = daemon_with_limits(2, 2);
     let probed = Daemon::start("");
     let blackbox = Blackbox::start(&deploy_dir().join("prometheus/blackbox.yml"));
     let rules = std::fs::read_to_string(deploy_dir().join("prometheus/echod-alerts.yml")).unwrap();

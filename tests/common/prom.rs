@@ -44,6 +44,13 @@ pub fn expect_metrics(daemon: &Daemon, expected: &[Expected<'_>], limit: Duratio
     }
 }
 
+/// echod with these TCP connection limits (global, per source address).
+pub fn daemon_with_limits(max_connections: usize, per_ip: usize) -> Daemon {
+    Daemon::start(&format!(
+        "[tcp]\nmax_connections = {max_connections}\nmax_connections_per_ip = {per_ip}\n"
+    ))
+}
+
 /// The usual client source address.
 pub const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 
