@@ -9,7 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::prom::{
-    Expected, LOCAL, admitted, daemon_with_limits, expect_metrics, families, is_exported, refused,
+    Dashboard, Expected, LOCAL, admitted, daemon_with_limits, expect_metrics, families,
+    is_exported, refused,
 };
 use common::{Daemon, http_get, http_request, random_bytes, tcp_roundtrip};
 
@@ -418,54 +419,40 @@ fn metric_names(expr: &str) -> Vec<String> {
         .collect()
 }
 
-/// Collects the string values of `keys` anywhere in `v`.
-fn strings_under(v: &serde_json::Value, keys: &[&str], out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                match v {
-                    serde_json::Value::String(s) if keys.contains(&k.as_str()) => {
-                        out.push(s.clone())
-                    }
-                    _ => strings_under(v, keys, out),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|i| strings_under(i, keys, out)),
-        _ => {}
-    }
-}
-
 #[test]
 fn grafana_dashboard_queries_only_metrics_echod_exports() {
-    let path = common::prom::deploy_dir().join("grafana/echod-dashboard.json");
-    let text = std::fs::read_to_string(&path).expect("dashboard file");
-    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let dashboard = Dashboard::load();
     let exported = live_echod_families();
-
-    let panels = dashboard["panels"].as_array().expect("panels");
-    let mut used = std::collections::BTreeSet::new();
-    let mut queries = 0;
-    for panel in panels.iter().filter(|p| p["type"] != "row") {
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in &dashboard.panels {
         let title = panel["title"].as_str().unwrap_or("?");
-        let targets = panel["targets"].as_array().expect("panel has targets");
-        assert!(!targets.is_empty(), "panel {title} has no query");
-        for target in targets {
-            let expr = target["expr"].as_str().unwrap_or_default();
-            let names = metric_names(expr);
-            assert!(!names.is_empty(), "panel {title}: no metric in `{expr}`");
-            queries += 1;
-            used.extend(names);
-        }
+        assert!(
+            ids.insert(panel["id"].as_u64()),
+            "duplicate panel id in {title}"
+        );
+        let (x, w) = (&panel["gridPos"]["x"], &panel["gridPos"]["w"]);
+        let right = x.as_u64().unwrap_or(99) + w.as_u64().unwrap_or(99);
+        assert!(right <= 24, "panel {title} leaves the 24-column grid");
     }
-    let mut variables = Vec::new();
-    strings_under(
-        &dashboard["templating"],
-        &["query", "definition"],
-        &mut variables,
+    let mut used = std::collections::BTreeSet::new();
+    for (title, expr) in &dashboard.queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "panel {title}: no metric in `{expr}`");
+        used.extend(names);
+    }
+    for panel in dashboard.panels.iter().filter(|p| p["type"] != "row") {
+        let title = panel["title"].as_str().unwrap_or("?");
+        assert!(
+            dashboard.queries.iter().any(|(t, _)| t == title),
+            "panel {title} has no query"
+        );
+    }
+    used.extend(dashboard.variables.iter().flat_map(|q| metric_names(q)));
+    assert!(
+        dashboard.queries.len() >= 20,
+        "only {} queries",
+        dashboard.queries.len()
     );
-    used.extend(variables.iter().flat_map(|q| metric_names(q)));
-    assert!(queries >= 20, "only {queries} queries");
 
     let unknown: Vec<_> = used
         .iter()

@@ -9,8 +9,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::prom::{
-    Blackbox, LOCAL, Prometheus, admitted, daemon_with_limits, deploy_dir, expect_metrics,
-    families, promtool, refused,
+    Blackbox, Dashboard, LOCAL, Prometheus, admitted, daemon_with_limits, deploy_dir,
+    expect_metrics, families, promtool, refused,
 };
 use common::{Daemon, metric_value, random_bytes, require_tool, tcp_roundtrip};
 
@@ -226,6 +226,22 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     ] {
         prometheus.wait_value(&query, want, PROMETHEUS_WAIT);
     }
+    // Every dashboard query is valid PromQL and finds data in a real Prometheus.
+    for (title, expr) in Dashboard::load().queries {
+        let promql = expr
+            .replace("$__rate_interval", "1m")
+            .replace("\"$job\"", "\".+\"")
+            .replace("\"$instance\"", "\".+\"");
+        let deadline = std::time::Instant::now() + PROMETHEUS_WAIT;
+        while prometheus.query(&promql).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dashboard panel {title}: `{promql}` found no data"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     // The probes really reached `probed`.
     assert!(probed.metric("echod_tcp_connections_accepted_total", &[]) >= 1.0);
 

@@ -160,6 +160,48 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     )
 }
 
+/// The Grafana dashboard in `deploy/grafana/`, with its queries pulled out.
+pub struct Dashboard {
+    /// Every panel (rows included), as JSON.
+    pub panels: Vec<serde_json::Value>,
+    /// (panel title, PromQL expression) of every panel target.
+    pub queries: Vec<(String, String)>,
+    /// Template variable queries.
+    pub variables: Vec<String>,
+}
+
+impl Dashboard {
+    /// Reads and parses `deploy/grafana/echod-dashboard.json`.
+    pub fn load() -> Self {
+        let path = deploy_dir().join("grafana/echod-dashboard.json");
+        let text = std::fs::read_to_string(&path).expect("dashboard file");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+        let panels = json["panels"].as_array().cloned().expect("panels");
+        let queries = panels
+            .iter()
+            .flat_map(|p| {
+                let title = p["title"].as_str().unwrap_or("?").to_string();
+                let targets = p["targets"].as_array().cloned().unwrap_or_default();
+                targets.into_iter().map(move |t| {
+                    let expr = t["expr"].as_str().unwrap_or_default().to_string();
+                    (title.clone(), expr)
+                })
+            })
+            .collect();
+        let variables = json["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["definition"].as_str().map(str::to_string))
+            .collect();
+        Self {
+            panels,
+            queries,
+            variables,
+        }
+    }
+}
+
 /// A tool run as a child process with its output in a log file; killed by PID on drop.
 pub struct Service {
     name: &'static str,
