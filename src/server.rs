@@ -177,7 +177,6 @@ impl Server {
 
     /// Binds (or adopts) every listener, then starts them all and announces readiness.
     fn start(&mut self, inherited: Vec<InheritedSocket>) -> Result<(), BindError> {
-        let mut bound = Vec::new();
         self.socket_activated = !inherited.is_empty();
         for socket in inherited {
             let kind = match (socket.stream, socket.name.as_str()) {
@@ -192,11 +191,13 @@ impl Server {
             } else {
                 Bound::Datagram(socket.socket.into())
             };
-            bound.push((kind, socket.addr, b));
+            self.spawn_listener(kind, socket.addr, b);
         }
-        let wanted = self.wanted(&self.config);
-        for (kind, addr) in wanted {
-            if !bound.iter().any(|(k, a, _)| (*k, *a) == (kind, addr)) {
+        // Only after the inherited sockets are registered does `wanted` know whether
+        // systemd passed the HTTP endpoint too (then the config's is not bound).
+        let mut bound = Vec::new();
+        for (kind, addr) in self.wanted(&self.config) {
+            if !self.listeners.contains_key(&(kind, addr)) {
                 bound.push((kind, addr, self.bind(kind, addr)?));
             }
         }

@@ -68,12 +68,10 @@ pub struct InheritedSocket {
 /// Takes the sockets passed by socket activation (`LISTEN_FDS`), checking each one's
 /// type, because the protocol passes bare descriptors. Empty when not socket-activated.
 pub fn inherited_sockets() -> io::Result<Vec<InheritedSocket>> {
+    // The variables stay set: removing them would race with the runtime's threads
+    // (`remove_var` is unsafe once threads exist), and a child could not misuse them
+    // anyway, because `LISTEN_PID` names this process only.
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()?.collect();
-    // Children (none today) must not think the sockets are theirs.
-    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        // SAFETY: called once at start-up before the runtime's threads read the environment.
-        unsafe { std::env::remove_var(var) };
-    }
     let mut sockets = Vec::with_capacity(fds.len());
     for (fd, name) in fds {
         // SAFETY: systemd passed us ownership of this descriptor; nothing else uses it.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod prom;
+pub mod systemd;
 pub mod tools;
 
 use std::io::{Read, Write};
