@@ -51,6 +51,18 @@ fn hint(e: &io::Error) -> &'static str {
     }
 }
 
+/// Shortens a multi-line error (TOML errors quote the offending line with a caret) to
+/// its first and last lines: a newline inside `STATUS=` would end the status and be
+/// read by systemd as a key of its own.
+fn one_line(error: &str) -> String {
+    let mut lines = error.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match lines.next_back() {
+        Some(last) if last != first => format!("{first}: {last}"),
+        _ => first.to_string(),
+    }
+}
+
 /// Which kind of endpoint a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -360,7 +372,7 @@ impl Server {
             }
             Err(e) => {
                 error!(error = %e, "reload failed; keeping the previous configuration");
-                self.last_reload_error = Some(e);
+                self.last_reload_error = Some(one_line(&e));
                 self.metrics.config_reload_failures.inc();
                 self.metrics.config_last_reload_success.set(0);
             }

@@ -4,77 +4,11 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::systemd::NotifySocket;
+use common::systemd::{Chatter, NotifySocket, refused_after_accept};
 use common::{Daemon, Options, random_bytes};
-
-/// A client that holds one connection and echoes round after round until told to stop
-/// (at most 2 minutes); returns how many rounds came back byte-exact.
-struct Chatter {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    thread: JoinHandle<u64>,
-}
-
-impl Chatter {
-    fn start(addr: SocketAddr) -> Chatter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let rounds = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&rounds);
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let thread = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut rounds = 0u64;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let data = random_bytes(1000 + (rounds % 7000) as usize, rounds);
-                stream.write_all(&data).expect("write on the held connection");
-                let mut got = vec![0u8; data.len()];
-                stream
-                    .read_exact(&mut got)
-                    .expect("echo on the held connection");
-                assert!(got == data, "round {rounds}: bytes differ");
-                rounds += 1;
-                counter.store(rounds, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            rounds
-        });
-        Chatter {
-            stop,
-            rounds,
-            thread,
-        }
-    }
-
-    /// Waits until a few more rounds came back, proving the connection still echoes now.
-    fn still_echoing(&self) {
-        let start = self.rounds.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.rounds.load(Ordering::Relaxed) < start + 3 {
-            assert!(
-                Instant::now() < deadline && !self.thread.is_finished(),
-                "the held connection stopped echoing after {start} rounds"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Stops and returns the byte-exact rounds.
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("the held connection kept echoing")
-    }
-}
 
 /// Reloads and waits until the daemon counted the outcome.
 fn reload(daemon: &Daemon, expect_failure: bool) {
@@ -93,20 +27,6 @@ fn reload(daemon: &Daemon, expect_failure: bool) {
             daemon.log()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// True when the server closes a fresh connection at once instead of echoing on it.
-fn refused_after_accept(addr: SocketAddr) -> bool {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(b"x");
-    let mut buf = [0u8; 1];
-    match s.read(&mut buf) {
-        Ok(0) => true,
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
-        Ok(_) => false,
-        Err(e) => panic!("neither echoed nor closed: {e}"),
     }
 }
 
@@ -196,7 +116,9 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
         ..Options::default()
     });
     let mut seen = Vec::new();
-    notify.until(&mut seen, Duration::from_secs(10), |n| n.get("READY").is_some());
+    notify.until(&mut seen, Duration::from_secs(10), |n| {
+        n.get("READY").is_some()
+    });
     let chatter = Chatter::start(daemon.tcp);
     let good = std::fs::read_to_string(&daemon.config_path).unwrap();
 
@@ -216,8 +138,14 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
             daemon.metric("echod_config_reload_failures_total", &[]),
             (i + 1) as f64
         );
-        assert_eq!(daemon.metric("echod_config_last_reload_successful", &[]), 0.0);
-        assert!(echoes(daemon.tcp), "old config stopped serving after {text:?}");
+        assert_eq!(
+            daemon.metric("echod_config_last_reload_successful", &[]),
+            0.0
+        );
+        assert!(
+            echoes(daemon.tcp),
+            "old config stopped serving after {text:?}"
+        );
         chatter.still_echoing();
         // What `systemctl status` shows: the reason, until a reload succeeds.
         let ready = notify.until(&mut seen, Duration::from_secs(10), |n| {
@@ -225,6 +153,14 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
         });
         let status = ready.get("STATUS").unwrap_or_default();
         assert!(status.contains("; last reload FAILED: "), "{status}");
+        // A multi-line error must not spill lines that systemd would parse as keys.
+        assert!(
+            ready.text.lines().all(|l| l
+                .split_once('=')
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))),
+            "{:?}",
+            ready.text
+        );
     }
     assert!(
         seen.last()
@@ -233,15 +169,23 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
         "{seen:#?}"
     );
     let log = daemon.log();
-    assert!(log.contains("reload failed; keeping the previous configuration"), "{log}");
+    assert!(
+        log.contains("reload failed; keeping the previous configuration"),
+        "{log}"
+    );
     assert!(log.contains("tcp.max_connections"), "{log}");
     assert!(log.contains(&busy_addr.to_string()), "{log}");
 
     // Fixing the file recovers.
     std::fs::write(&daemon.config_path, good).unwrap();
     reload(&daemon, false);
-    assert_eq!(daemon.metric("echod_config_last_reload_successful", &[]), 1.0);
-    let ready = notify.until(&mut seen, Duration::from_secs(10), |n| n.get("READY").is_some());
+    assert_eq!(
+        daemon.metric("echod_config_last_reload_successful", &[]),
+        1.0
+    );
+    let ready = notify.until(&mut seen, Duration::from_secs(10), |n| {
+        n.get("READY").is_some()
+    });
     assert!(!ready.text.contains("FAILED"), "{ready:?}");
     chatter.still_echoing();
     assert!(chatter.finish() > 0);

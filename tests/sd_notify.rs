@@ -19,7 +19,10 @@ fn monotonic_usec() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into the timespec we own.
-    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
@@ -54,7 +57,11 @@ fn lifecycle_messages_arrive_in_protocol_order() {
 
     // READY=1 comes with a STATUS naming every listener, and only once they serve.
     let ready = notify.until(&mut seen, WAIT, |n| n.get("READY").is_some());
-    assert_eq!(seen.len(), 1, "READY=1 must be the first message: {seen:#?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "READY=1 must be the first message: {seen:#?}"
+    );
     let status = ready.get("STATUS").expect("READY carries a STATUS");
     for addr in [daemon.tcp, daemon.http] {
         assert!(status.contains(&addr.to_string()), "{status}");
@@ -69,7 +76,8 @@ fn lifecycle_messages_arrive_in_protocol_order() {
     let mut buf = [0u8; 4];
     held.read_exact(&mut buf).unwrap();
     notify.until(&mut seen, WAIT, |n| {
-        n.get("STATUS").is_some_and(|s| s.contains("; 1 connections"))
+        n.get("STATUS")
+            .is_some_and(|s| s.contains("; 1 connections"))
     });
 
     // SIGHUP: RELOADING=1 with a current CLOCK_MONOTONIC stamp, then READY=1.
@@ -96,7 +104,12 @@ fn lifecycle_messages_arrive_in_protocol_order() {
     drop(held);
     daemon.signal(libc::SIGTERM);
     let stopping = notify.until(&mut seen, WAIT, |n| n.get("STOPPING").is_some());
-    assert!(stopping.get("STATUS").unwrap_or("").starts_with("draining "));
+    assert!(
+        stopping
+            .get("STATUS")
+            .unwrap_or("")
+            .starts_with("draining ")
+    );
     assert!(daemon.wait_exit(WAIT).success());
     while let Some(n) = notify.recv(Duration::from_millis(200)) {
         seen.push(n);
@@ -104,7 +117,11 @@ fn lifecycle_messages_arrive_in_protocol_order() {
 
     let kinds = kinds(&seen);
     let stopping_at = kinds.iter().position(|k| *k == "STOPPING").unwrap();
-    assert_eq!(stopping_at, kinds.len() - 1, "STOPPING=1 must be last: {kinds:?}");
+    assert_eq!(
+        stopping_at,
+        kinds.len() - 1,
+        "STOPPING=1 must be last: {kinds:?}"
+    );
     let lifecycle: Vec<_> = kinds.iter().filter(|k| **k != "STATUS").collect();
     assert_eq!(
         lifecycle,

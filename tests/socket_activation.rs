@@ -43,7 +43,11 @@ impl Activated {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("echod exited ({status}); log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "no {needle:?} in log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -92,7 +96,10 @@ fn inherited_tcp_udp_and_metrics_sockets_serve() {
     daemon.wait_log("echod ready");
 
     let data = random_bytes(300_000, 5);
-    assert!(tcp_roundtrip(addr, &data, 6) == data, "TCP echo on the inherited socket");
+    assert!(
+        tcp_roundtrip(addr, &data, 6) == data,
+        "TCP echo on the inherited socket"
+    );
     assert_eq!(udp_echo(addr), b"activated datagram");
     let (status, body) = http_get(metrics_addr, "/metrics").expect("inherited metrics socket");
     assert_eq!(status, 200);
@@ -102,7 +109,11 @@ fn inherited_tcp_udp_and_metrics_sockets_serve() {
         "echod bound the config's address although systemd passed sockets"
     );
     let log = daemon.log();
-    assert_eq!(log.matches("using socket passed by systemd").count(), 3, "{log}");
+    assert_eq!(
+        log.matches("using socket passed by systemd").count(),
+        3,
+        "{log}"
+    );
 }
 
 #[test]
@@ -120,7 +131,10 @@ fn a_unix_socket_passed_in_is_refused_with_a_clear_error() {
     };
     assert!(!status.success());
     let log = daemon.log();
-    assert!(log.contains("LISTEN_FDS") && log.contains("not an IP socket"), "{log}");
+    assert!(
+        log.contains("LISTEN_FDS") && log.contains("not an IP socket"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -132,7 +146,11 @@ fn systemd_socket_activate_starts_echod_on_first_connection() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("echod.toml");
     let http = free_port();
-    std::fs::write(&config, format!("[metrics]\nlisten = [\"127.0.0.1:{http}\"]\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("[metrics]\nlisten = [\"127.0.0.1:{http}\"]\n"),
+    )
+    .unwrap();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
     let child = std::process::Command::new("systemd-socket-activate")
         .arg(format!("--listen=127.0.0.1:{port}"))
@@ -156,7 +174,10 @@ fn systemd_socket_activate_starts_echod_on_first_connection() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "systemd-socket-activate never listened");
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never listened"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let data = random_bytes(50_000, 8);

@@ -1,11 +1,17 @@
-//! A fake service manager for host-side tests: the `NOTIFY_SOCKET` echod reports to,
-//! and the inherited-socket hand-over of socket activation (`LISTEN_FDS`).
+//! A fake service manager for host-side tests — the `NOTIFY_SOCKET` echod reports to,
+//! the inherited-socket hand-over of socket activation (`LISTEN_FDS`) — and a client
+//! that keeps one connection busy across reloads and restarts.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// One datagram echod sent, with when it arrived.
@@ -135,4 +141,85 @@ pub fn spawn_activated(
     // The parent's copies close here; the child holds its own.
     drop(fds);
     child
+}
+
+/// A client that holds one connection and echoes round after round until told to stop
+/// (at most 2 minutes); returns how many rounds came back byte-exact.
+pub struct Chatter {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    thread: JoinHandle<u64>,
+}
+
+impl Chatter {
+    pub fn start(addr: SocketAddr) -> Chatter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let rounds = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&rounds);
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut rounds = 0u64;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let data = super::random_bytes(1000 + (rounds % 7000) as usize, rounds);
+                stream
+                    .write_all(&data)
+                    .expect("write on the held connection");
+                let mut got = vec![0u8; data.len()];
+                stream
+                    .read_exact(&mut got)
+                    .expect("echo on the held connection");
+                assert!(got == data, "round {rounds}: bytes differ");
+                rounds += 1;
+                counter.store(rounds, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rounds
+        });
+        Chatter {
+            stop,
+            rounds,
+            thread,
+        }
+    }
+
+    /// Waits until a few more rounds came back, proving the connection still echoes now.
+    pub fn still_echoing(&self) {
+        let start = self.rounds.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.rounds.load(Ordering::Relaxed) < start + 3 {
+            assert!(
+                Instant::now() < deadline && !self.thread.is_finished(),
+                "the held connection stopped echoing after {start} rounds"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops and returns the byte-exact rounds.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("the held connection kept echoing")
+    }
+}
+
+/// True when the server closes a fresh connection at once (a limit refused it) instead
+/// of echoing on it; panics when it does neither within a few seconds.
+pub fn refused_after_accept(addr: SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"x");
+    let mut buf = [0u8; 1];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Ok(_) => false,
+        Err(e) => panic!("neither echoed nor closed: {e}"),
+    }
 }
