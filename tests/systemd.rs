@@ -54,13 +54,17 @@ impl Container {
             _dir: dir,
         };
         let pid = container.nspawn.id();
+        // nspawn's first child is a short-lived helper; the container's PID 1 is the
+        // child that has exec'd systemd.
         container.leader = wait_for(Duration::from_secs(30), "the container's PID 1", || {
             std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .ok()?
                 .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .find(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .is_ok_and(|comm| comm.trim() == "systemd")
+                })
         });
         wait_for(Duration::from_secs(60), "systemd's private socket", || {
             container
