@@ -5,11 +5,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::systemd::{Notification, NotifySocket};
-use common::{Daemon, Options};
+use common::{Daemon, Options, http_get};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -49,14 +49,28 @@ fn kinds(seen: &[Notification]) -> Vec<&'static str> {
 #[test]
 fn lifecycle_messages_arrive_in_protocol_order() {
     let notify = NotifySocket::bind();
+    // Not waiting for /readyz: READY=1 alone must mean "serving".
     let mut daemon = Daemon::start_with(Options {
         env: vec![("NOTIFY_SOCKET", notify.path.display().to_string())],
+        no_wait: true,
         ..Options::default()
     });
     let mut seen = Vec::new();
 
     // READY=1 comes with a STATUS naming every listener, and only once they serve.
     let ready = notify.until(&mut seen, WAIT, |n| n.get("READY").is_some());
+    TcpStream::connect(daemon.tcp).expect("TCP serves once READY=1 was sent");
+    let (code, _) = http_get(daemon.http, "/readyz").expect("HTTP serves once READY=1 was sent");
+    assert_eq!(code, 200);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    udp.send_to(b"ready?", daemon.udp).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        udp.recv(&mut buf)
+            .expect("UDP serves once READY=1 was sent"),
+        6
+    );
     assert_eq!(
         seen.len(),
         1,
@@ -67,7 +81,6 @@ fn lifecycle_messages_arrive_in_protocol_order() {
         assert!(status.contains(&addr.to_string()), "{status}");
     }
     assert!(status.contains("0 connections"), "{status}");
-    TcpStream::connect(daemon.tcp).expect("TCP serves once READY=1 was sent");
 
     // STATUS is refreshed: a held connection shows up in a later one (every 5 s).
     let mut held = TcpStream::connect(daemon.tcp).unwrap();

@@ -370,6 +370,14 @@ fn packaged_service_under_real_systemd() {
         status.contains("TCP 0.0.0.0:7,[::]:7 UDP 0.0.0.0:7,[::]:7"),
         "{status}"
     );
+    // The sandbox hides nothing echod needs: no warning at start, process metrics work.
+    let journal = c.ok("journalctl -u echod --no-pager");
+    assert!(
+        !journal.contains(" WARN ") && !journal.contains(" ERROR "),
+        "{journal}"
+    );
+    assert!(metric("process_start_time_seconds").is_some_and(|t| t > 1e9));
+    assert!(metric("process_open_fds").is_some_and(|n| n > 0.0));
 
     // Reload while a client keeps echoing; a lowered per-source limit takes effect.
     let packaged = c.ok("cat /etc/echod/echod.toml");
