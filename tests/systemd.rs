@@ -241,7 +241,7 @@ fn udp_echo(payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
 fn build_deb(out_dir: &Path) -> PathBuf {
     let bin = common::echod_bin();
     let target_dir = bin.parent().and_then(Path::parent).expect("target dir");
-    let out = Command::new("cargo")
+    let out = Command::new(env!("CARGO"))
         .args([
             "deb",
             "--no-build",
