@@ -47,7 +47,6 @@ fn render_man_page() -> String {
         .version(env!("CARGO_PKG_VERSION"))
         .about("a production-grade TCP and UDP echo daemon (RFC 862)");
     let man = clap_mangen::Man::new(cmd.clone())
-        .date("")
         .source(concat!("echod ", env!("CARGO_PKG_VERSION")))
         .manual("echod manual");
     let mut page = Vec::new();
@@ -56,7 +55,11 @@ fn render_man_page() -> String {
     man.render_synopsis_section(&mut page).unwrap();
     man.render_description_section(&mut page).unwrap();
     man.render_options_section(&mut page).unwrap();
-    let mut page = String::from_utf8(page).expect("man page is UTF-8");
+    // No date (it would make the page stale every day); clap_mangen then leaves the
+    // .TH field out instead of quoting it empty, which shifts source and manual.
+    let mut page = String::from_utf8(page)
+        .expect("man page is UTF-8")
+        .replacen(".TH echod 1  ", ".TH echod 1 \"\" ", 1);
     page.push_str(".SH COMMANDS\n");
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
