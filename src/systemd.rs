@@ -36,8 +36,11 @@ pub fn stopping(status: &str) {
 }
 
 /// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled.
+/// `WATCHDOG_USEC=0` means disabled (and a zero period would panic the ping task).
 pub fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled().map(|d| d / 2)
+    sd_notify::watchdog_enabled()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
 }
 
 /// Pings the watchdog; call it from the runtime that serves traffic, so that a stalled

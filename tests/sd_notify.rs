@@ -157,16 +157,24 @@ fn watchdog_pings_at_half_the_interval() {
         ],
         ..Options::default()
     });
-    // A watchdog meant for another process (WATCHDOG_PID) is not ours to feed.
-    let other = NotifySocket::bind();
-    let _other = Daemon::start_with(Options {
-        env: vec![
-            ("NOTIFY_SOCKET", other.path.display().to_string()),
-            ("WATCHDOG_USEC", "1000000".to_string()),
-            ("WATCHDOG_PID", "1".to_string()),
-        ],
-        ..Options::default()
-    });
+    // No pings for a watchdog meant for another process (WATCHDOG_PID), nor for a
+    // disabled one (WATCHDOG_USEC=0).
+    let unfed: Vec<_> = [("1000000", Some("1")), ("0", None)]
+        .into_iter()
+        .map(|(usec, pid)| {
+            let notify = NotifySocket::bind();
+            let mut env = vec![
+                ("NOTIFY_SOCKET", notify.path.display().to_string()),
+                ("WATCHDOG_USEC", usec.to_string()),
+            ];
+            env.extend(pid.map(|p| ("WATCHDOG_PID", p.to_string())));
+            let daemon = Daemon::start_with(Options {
+                env,
+                ..Options::default()
+            });
+            (notify, daemon)
+        })
+        .collect();
 
     let mut pings = Vec::new();
     let mut seen = Vec::new();
@@ -187,19 +195,20 @@ fn watchdog_pings_at_half_the_interval() {
     );
     drop(daemon);
 
-    let mut other_seen = Vec::new();
-    while let Some(n) = other.recv(Duration::from_millis(1500)) {
-        other_seen.push(n);
-        if other_seen.len() > 20 {
-            break;
+    for (notify, daemon) in &unfed {
+        let mut seen = Vec::new();
+        while let Some(n) = notify.recv(Duration::from_millis(1500)) {
+            seen.push(n);
+            if seen.len() > 20 {
+                break;
+            }
         }
+        assert!(seen.iter().any(|n| n.get("READY").is_some()), "{seen:?}");
+        assert!(
+            !seen.iter().any(Notification::is_watchdog),
+            "pinged a watchdog that is not ours or disabled: {seen:?}"
+        );
+        assert!(common::tcp_roundtrip(daemon.tcp, b"alive", 1) == b"alive");
+        assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
     }
-    assert!(
-        other_seen.iter().any(|n| n.get("READY").is_some()),
-        "{other_seen:?}"
-    );
-    assert!(
-        !other_seen.iter().any(Notification::is_watchdog),
-        "pinged a watchdog whose WATCHDOG_PID is another process"
-    );
 }
