@@ -101,6 +101,8 @@ pub fn spawn_activated(
     fds: Vec<(OwnedFd, &str)>,
     log: &Path,
 ) -> Child {
+    // pre_exec must not allocate, so the copies go into a fixed array.
+    assert!(fds.len() <= 16, "at most 16 sockets can be handed over");
     let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
     let raw: Vec<i32> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     let log = std::fs::File::create(log).unwrap();
