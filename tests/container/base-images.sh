@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Makes the local base images the container test builds deploy/Dockerfile with, because
 # no registry can be pulled from here: a Debian 12 builder with the machine's own Rust
-# toolchain and the crates of Cargo.lock vendored into it (so the build runs offline).
+# toolchain, and the crates of Cargo.lock vendored beside it (so the build runs offline).
 # Everything is cached under CACHE (default /var/cache/echod-tests/podman), keyed by its
 # inputs, so only the first run pays (debootstrap ≈ 1 min).
 #
-# Usage: base-images.sh [CACHE]   — prints the builder image name on its last line.
+# Usage: base-images.sh [CACHE]   — prints the builder image and the vendor directory,
+# one a line: podman build --build-arg BUILDER_IMAGE=IMAGE --volume VENDOR:/opt/echod-vendor:ro
 set -euo pipefail
 cache=${1:-/var/cache/echod-tests/podman}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -44,25 +45,22 @@ if [ ! -e "$rootfs/.complete" ]; then
     touch "$rootfs/.complete"
 fi
 
-# 2. The builder image: that rootfs + the machine's Rust toolchain + vendored crates.
+# 2. The builder image: that rootfs + the machine's Rust toolchain, with cargo pointed at
+#    vendored crates in /opt/echod-vendor (mounted at build time: podman build --volume).
 sysroot=$(rustc --print sysroot)
 rust_version=$(rustc --version | cut -d' ' -f2)
-lock_key=$(sha256sum "$repo/Cargo.lock" | cut -c1-12)
-image="localhost/echod-test-builder:rust-$rust_version-$(basename "$rootfs" | cut -d- -f3)-$lock_key"
+image="localhost/echod-test-builder:rust-$rust_version-$(basename "$rootfs" | cut -d- -f3)"
 if ! podman image exists "$image"; then
     ctx=$(mktemp -d "$cache/builder-ctx.XXXXXX")
     trap 'rm -rf "$ctx"' EXIT
     cp -a "$rootfs" "$ctx/root"
     # rustc, cargo and the host's std only (laid out as rustc expects its sysroot):
     # no docs, sources or extra tools.
-    mkdir -p "$ctx/root/usr/local/rust/bin" "$ctx/root/usr/local/rust/lib/rustlib" "$ctx/root/usr/local/cargo"
+    mkdir -p "$ctx/root/usr/local/rust/bin" "$ctx/root/usr/local/rust/lib/rustlib" \
+        "$ctx/root/usr/local/cargo" "$ctx/root/opt/echod-vendor"
     cp -a "$sysroot/bin/rustc" "$sysroot/bin/cargo" "$ctx/root/usr/local/rust/bin/"
     cp -a "$sysroot/lib/"lib* "$ctx/root/usr/local/rust/lib/"
     cp -a "$sysroot/lib/rustlib/x86_64-unknown-linux-gnu" "$ctx/root/usr/local/rust/lib/rustlib/"
-    # From the local crate cache when it has every crate of Cargo.lock (all platforms'),
-    # else fetched once (CI reaches the crates registry; the build inside cannot).
-    vendor() { (cd "$repo" && cargo vendor --quiet --locked --versioned-dirs "$@" "$ctx/root/opt/echod-vendor" >/dev/null); }
-    vendor --offline 2>/dev/null || vendor
     # Source replacement lives in CARGO_HOME's config, which the Dockerfile's cache
     # mount on $CARGO_HOME/registry does not hide.
     cat >"$ctx/root/usr/local/cargo/config.toml" <<CONF
@@ -77,5 +75,21 @@ CONF
         --change 'ENV CARGO_HOME=/usr/local/cargo' \
         --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["/bin/bash"]' - "$image" >/dev/null
+    # Builders for other toolchains are dead weight now.
+    podman images --format '{{.Repository}}:{{.Tag}}' localhost/echod-test-builder \
+        | grep -vxF "$image" | xargs -r podman rmi >/dev/null 2>&1 || true
+fi
+
+# 3. The crates of Cargo.lock, vendored (keyed by the lock file).
+vendor="$cache/vendor-$(sha256sum "$repo/Cargo.lock" | cut -c1-12)"
+if [ ! -e "$vendor/.complete" ]; then
+    rm -rf "$vendor"
+    # From the local crate cache when it has every crate of Cargo.lock (all platforms'),
+    # else fetched once (CI reaches the crates registry; the build inside cannot).
+    vendor() { (cd "$repo" && cargo vendor --quiet --locked --versioned-dirs "$@" "$vendor" >/dev/null); }
+    vendor --offline 2>/dev/null || vendor
+    find "$cache" -maxdepth 1 -name 'vendor-*' ! -path "$vendor" -exec rm -rf {} +
+    touch "$vendor/.complete"
 fi
 echo "$image"
+echo "$vendor"
