@@ -2,6 +2,7 @@
 //! loopback ports, talk to it, read its metrics, and always clean it up.
 #![allow(dead_code)]
 
+pub mod deploy;
 pub mod prom;
 pub mod systemd;
 pub mod tools;
