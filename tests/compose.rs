@@ -144,7 +144,10 @@ fn compose_services_are_wired_to_echod_and_to_each_other() {
             .unwrap(),
     );
     let targets = &prom_config["scrape_configs"][0]["static_configs"][0]["targets"];
-    assert_eq!(targets, &serde_json::json!([format!("echod:{metrics_port}")]));
+    assert_eq!(
+        targets,
+        &serde_json::json!([format!("echod:{metrics_port}")])
+    );
     assert_eq!(prom_config["scrape_configs"][0]["job_name"], "echod");
     assert!(!prom_config["rule_files"].as_array().unwrap().is_empty());
 
@@ -212,5 +215,8 @@ fn prometheus_accepts_the_compose_config_and_rules_as_mounted() {
             .arg(root.path().join(config.trim_start_matches('/'))),
     );
     // promtool names each rule file it loaded; an empty rules list would pass silently.
-    assert!(out.contains("SUCCESS") && out.contains("rules found"), "{out}");
+    assert!(
+        out.contains("SUCCESS") && out.contains("rules found"),
+        "{out}"
+    );
 }
