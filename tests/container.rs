@@ -10,15 +10,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{free_port, http_get, metric_value, random_bytes, tcp_roundtrip};
+use common::{
+    free_port, http_get, metric_value, paced_roundtrip, random_bytes, tcp_roundtrip, wait_http_ok,
+};
 
 /// Base images, podman storage and vendored crates persist here between runs.
 const CACHE: &str = "/var/cache/echod-tests/podman";
@@ -178,14 +179,9 @@ impl Container {
 
     /// Waits until `/readyz` answers 200 through the published port.
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if http_get(self.http, "/readyz").is_ok_and(|(status, _)| status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if !wait_http_ok(self.http, "/readyz", Duration::from_secs(30)) {
+            panic!("container did not become ready; logs:\n{}", self.logs());
         }
-        panic!("container did not become ready; logs:\n{}", self.logs());
     }
 
     fn logs(&self) -> String {
@@ -369,29 +365,15 @@ fn environment_variables_override_the_image_config() {
     );
 }
 
-/// One client of the stop test: streams `chunks` × 32 KiB with pauses, then half-closes
-/// and returns whether every byte came back in order.
+/// One client of the stop test: streams `chunks` × 32 KiB at a steady pace, counting
+/// each chunk in `sent`; true when every byte came back in order.
 fn streaming_client(addr: SocketAddr, seed: u64, chunks: usize, sent: Arc<AtomicUsize>) -> bool {
     let data = random_bytes(chunks * 32 * 1024, seed);
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let payload = data.clone();
-    let sender = std::thread::spawn(move || {
-        for chunk in payload.chunks(32 * 1024) {
-            writer.write_all(chunk).expect("send during drain");
-            sent.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        writer.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::with_capacity(data.len());
-    let mut reader = stream;
-    let read = reader.read_to_end(&mut got);
-    sender.join().expect("sender");
-    read.is_ok() && got == data
+    let count = move |_| {
+        sent.fetch_add(1, Ordering::SeqCst);
+    };
+    paced_roundtrip(addr, &data, 32 * 1024, Duration::from_millis(50), count)
+        .is_ok_and(|got| got == data)
 }
 
 #[test]

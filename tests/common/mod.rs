@@ -186,14 +186,9 @@ impl Daemon {
 
     /// Waits until `/readyz` answers 200 (10 s at most).
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if http_get(self.http, "/readyz").is_ok_and(|(status, _)| status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !wait_http_ok(self.http, "/readyz", Duration::from_secs(10)) {
+            panic!("echod did not become ready; log:\n{}", self.log());
         }
-        panic!("echod did not become ready; log:\n{}", self.log());
     }
 
     /// Everything the daemon logged so far.
@@ -380,6 +375,47 @@ pub fn tcp_roundtrip(addr: SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
     reader.read_to_end(&mut got).expect("read echo");
     sender.join().unwrap();
     got
+}
+
+/// Waits until `GET path` on `addr` answers 200; false when `limit` passes first.
+pub fn wait_http_ok(addr: SocketAddr, path: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if http_get(addr, path).is_ok_and(|(status, _)| status == 200) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Streams `data` over TCP in `chunk`-byte writes with `pause` after each (so a stop or
+/// reload lands mid-transfer), calling `on_chunk(n)` after write n, while reading the
+/// echo concurrently; half-closes and returns everything received until EOF.
+pub fn paced_roundtrip(
+    addr: SocketAddr,
+    data: &[u8],
+    chunk: usize,
+    pause: Duration,
+    mut on_chunk: impl FnMut(usize) + Send + 'static,
+) -> std::io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let payload = data.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        for (n, piece) in payload.chunks(chunk).enumerate() {
+            writer.write_all(piece)?;
+            on_chunk(n);
+            std::thread::sleep(pause);
+        }
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut reader = stream;
+    let mut got = Vec::with_capacity(data.len());
+    let read = reader.read_to_end(&mut got);
+    sender.join().expect("sender thread")?;
+    read.map(|_| got)
 }
 
 /// Path helper for fixtures under `tests/`.

@@ -15,7 +15,7 @@ exec 9>"$cache/.lock"
 flock 9
 
 # Podman's own configuration: runc (crun fails on hybrid cgroups), rlimits the sandbox
-# allows, overlay storage kept between runs.
+# allows, overlay storage kept between runs (run state on tmpfs, so a reboot clears it).
 cat >"$cache/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=16384:16384", "nproc=8192:8192"]
@@ -26,7 +26,7 @@ cat >"$cache/storage.conf" <<CONF
 [storage]
 driver = "overlay"
 graphroot = "$cache/storage"
-runroot = "$cache/run"
+runroot = "/run/echod-tests/podman"
 CONF
 export CONTAINERS_CONF="$cache/containers.conf" CONTAINERS_STORAGE_CONF="$cache/storage.conf"
 
