@@ -215,6 +215,11 @@ impl Drop for Container {
     }
 }
 
+/// podman, and debootstrap for the local builder base image.
+fn require_podman() -> bool {
+    common::require_tool("podman") && common::require_tool("debootstrap")
+}
+
 #[test]
 fn hadolint_passes_on_the_dockerfile() {
     if !common::require_tool("hadolint") {
@@ -233,7 +238,7 @@ fn hadolint_passes_on_the_dockerfile() {
 
 #[test]
 fn image_is_small_non_root_and_declares_ports_healthcheck_and_stop_signal() {
-    if !common::require_tool("podman") {
+    if !require_podman() {
         return;
     }
     let image = image();
@@ -259,7 +264,7 @@ fn image_is_small_non_root_and_declares_ports_healthcheck_and_stop_signal() {
 
 #[test]
 fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilities() {
-    if !common::require_tool("podman") {
+    if !require_podman() {
         return;
     }
     let c = Container::start(&[]);
@@ -320,7 +325,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
 
 #[test]
 fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
-    if !common::require_tool("podman") {
+    if !require_podman() {
         return;
     }
     let c = Container::start(&[]);
@@ -336,7 +341,7 @@ fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
 
 #[test]
 fn environment_variables_override_the_image_config() {
-    if !common::require_tool("podman") {
+    if !require_podman() {
         return;
     }
     let out = run(podman()
@@ -378,7 +383,7 @@ fn streaming_client(addr: SocketAddr, seed: u64, chunks: usize, sent: Arc<Atomic
 
 #[test]
 fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
-    if !common::require_tool("podman") {
+    if !require_podman() {
         return;
     }
     let c = Container::start(&[]);
