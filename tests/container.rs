@@ -11,7 +11,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,8 +21,14 @@ use common::{
     free_port, http_get, metric_value, paced_roundtrip, random_bytes, tcp_roundtrip, wait_http_ok,
 };
 
-/// Base images, podman storage and vendored crates persist here between runs.
-const CACHE: &str = "/var/cache/echod-tests/podman";
+/// Base images, podman storage and vendored crates persist here between runs
+/// (`$ECHOD_TEST_CACHE/podman`, as the other tests' caches, default /var/cache/echod-tests).
+fn cache() -> PathBuf {
+    let root = std::env::var_os("ECHOD_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/echod-tests"));
+    root.join("podman")
+}
 /// The image the tests build and run.
 const IMAGE: &str = "localhost/echod:container-test";
 /// Every container a test creates is named with this prefix, the test process's PID and
@@ -39,11 +45,8 @@ fn repo() -> &'static Path {
 /// A podman command that uses the tests' own configuration (runc, rlimits, storage).
 fn podman() -> Command {
     let mut cmd = Command::new("podman");
-    cmd.env("CONTAINERS_CONF", Path::new(CACHE).join("containers.conf"))
-        .env(
-            "CONTAINERS_STORAGE_CONF",
-            Path::new(CACHE).join("storage.conf"),
-        )
+    cmd.env("CONTAINERS_CONF", cache().join("containers.conf"))
+        .env("CONTAINERS_STORAGE_CONF", cache().join("storage.conf"))
         .stdin(Stdio::null());
     cmd
 }
@@ -89,7 +92,7 @@ fn image() -> &'static str {
     let built = BUILT.get_or_init(|| {
         let started = Instant::now();
         let script = repo().join("tests/container/base-images.sh");
-        let out = run(Command::new("bash").arg(&script).arg(CACHE));
+        let out = run(Command::new("bash").arg(&script).arg(cache()));
         if !out.status.success() {
             return Err(format!(
                 "base images: {}",

@@ -2,13 +2,14 @@
 # Makes the local base images the container test builds deploy/Dockerfile with, because
 # no registry can be pulled from here: a Debian 12 builder with the machine's own Rust
 # toolchain, and the crates of Cargo.lock vendored beside it (so the build runs offline).
-# Everything is cached under CACHE (default /var/cache/echod-tests/podman), keyed by its
-# inputs, so only the first run pays (debootstrap ≈ 1 min).
+# Everything is cached under CACHE (default $ECHOD_TEST_CACHE/podman, ECHOD_TEST_CACHE
+# defaulting to /var/cache/echod-tests), keyed by its inputs, so only the first run pays
+# (debootstrap and import ≈ 2 min).
 #
 # Usage: base-images.sh [CACHE]   — prints the builder image and the vendor directory,
 # one a line: podman build --build-arg BUILDER_IMAGE=IMAGE --volume VENDOR:/opt/echod-vendor:ro
 set -euo pipefail
-cache=${1:-/var/cache/echod-tests/podman}
+cache=${1:-${ECHOD_TEST_CACHE:-/var/cache/echod-tests}/podman}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
@@ -26,7 +27,7 @@ cat >"$cache/storage.conf" <<CONF
 [storage]
 driver = "overlay"
 graphroot = "$cache/storage"
-runroot = "/run/echod-tests/podman"
+runroot = "/run/echod-tests/podman-$(echo "$cache" | sha256sum | cut -c1-8)"
 CONF
 export CONTAINERS_CONF="$cache/containers.conf" CONTAINERS_STORAGE_CONF="$cache/storage.conf"
 
