@@ -147,8 +147,8 @@ struct Container {
 
 impl Container {
     /// Runs the image detached, with the ports published on 127.0.0.1 only, a
-    /// read-only root filesystem and every capability dropped, plus `extra` flags.
-    fn start(extra: &[&str]) -> Container {
+    /// read-only root filesystem and every capability dropped.
+    fn start() -> Container {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let image = image();
         let name = format!(
@@ -168,7 +168,6 @@ impl Container {
             .args(["--read-only", "--cap-drop=ALL"])
             .args(["--security-opt", "no-new-privileges"])
             .args(&publish)
-            .args(extra)
             .arg(image));
         let container = Container { name, echo, http };
         assert!(
@@ -270,7 +269,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
     if !require_podman() {
         return;
     }
-    let c = Container::start(&[]);
+    let c = Container::start();
 
     // The process really runs as the image's user, with no capabilities at all.
     let pid = c.inspect("{{.State.Pid}}");
@@ -331,7 +330,7 @@ fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
     if !require_podman() {
         return;
     }
-    let c = Container::start(&[]);
+    let c = Container::start();
     assert!(c.healthy(), "healthy while serving; logs:\n{}", c.logs());
     // A wedged daemon: the kernel still accepts connections, but nothing answers, so
     // the probe's nonce round trip (and /readyz) time out.
@@ -389,7 +388,7 @@ fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
     if !require_podman() {
         return;
     }
-    let c = Container::start(&[]);
+    let c = Container::start();
     const CLIENTS: usize = 6;
     const CHUNKS: usize = 40; // ≈ 2 s per client, well inside the 8 s drain.
     let sent = Arc::new(AtomicUsize::new(0));
