@@ -12,6 +12,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::Config;
+
 /// The version baked in at build time.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git revision baked in at build time (see `build.rs`).
@@ -109,6 +111,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Connections cut at the end of a drain.
     pub shutdown_cut: IntCounter,
+    tcp_max_connections: IntGauge,
+    tcp_max_connections_per_ip: IntGauge,
+    udp_rate_limit_max_sources: IntGauge,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -297,10 +302,38 @@ impl Metrics {
                 "echod_shutdown_cut_connections_total",
                 "Connections closed because the drain timeout expired.",
             ),
+            tcp_max_connections: gauge(
+                &r,
+                "echod_tcp_max_connections",
+                "Configured tcp.max_connections: open TCP connections allowed over all listeners.",
+            ),
+            tcp_max_connections_per_ip: gauge(
+                &r,
+                "echod_tcp_max_connections_per_ip",
+                "Configured tcp.max_connections_per_ip: open TCP connections allowed per source address.",
+            ),
+            udp_rate_limit_max_sources: gauge(
+                &r,
+                "echod_udp_rate_limit_max_sources",
+                "Configured udp.rate_limit.max_sources: size bound of the UDP rate-limit table.",
+            ),
             registry: r,
         };
         m.config_last_reload_success.set(1);
         m
+    }
+
+    /// Publishes the configured limits, so alerts and dashboards can compare usage
+    /// with them (`active / max`) without knowing the config file. Called at start and
+    /// after every successful reload.
+    pub fn set_limits(&self, config: &Config) {
+        let as_gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.tcp_max_connections
+            .set(as_gauge(config.tcp.max_connections));
+        self.tcp_max_connections_per_ip
+            .set(as_gauge(config.tcp.max_connections_per_ip));
+        self.udp_rate_limit_max_sources
+            .set(as_gauge(config.udp.rate_limit.max_sources));
     }
 
     /// The text exposition of every family.

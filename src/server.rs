@@ -51,6 +51,18 @@ fn hint(e: &io::Error) -> &'static str {
     }
 }
 
+/// Shortens a multi-line error (TOML errors quote the offending line with a caret) to
+/// its first and last lines: a newline inside `STATUS=` would end the status and be
+/// read by systemd as a key of its own.
+fn one_line(error: &str) -> String {
+    let mut lines = error.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    match lines.next_back() {
+        Some(last) if last != first => format!("{first}: {last}"),
+        _ => first.to_string(),
+    }
+}
+
 /// Which kind of endpoint a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -154,6 +166,8 @@ fn check_open_files_limit(max_connections: usize) {
 
 impl Server {
     fn new(source: ConfigSource, config: Config, log: LogHandle) -> Self {
+        let metrics = Metrics::new();
+        metrics.set_limits(&config);
         Self {
             limiter: ConnectionLimiter::new(&config.tcp),
             rate_limiter: RateLimiter::new(&config.udp.rate_limit),
@@ -162,7 +176,7 @@ impl Server {
             source,
             config,
             log,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             health: Arc::new(Health::default()),
             shutdown: Shutdown::new(),
             connections: TaskTracker::new(),
@@ -175,7 +189,6 @@ impl Server {
 
     /// Binds (or adopts) every listener, then starts them all and announces readiness.
     fn start(&mut self, inherited: Vec<InheritedSocket>) -> Result<(), BindError> {
-        let mut bound = Vec::new();
         self.socket_activated = !inherited.is_empty();
         for socket in inherited {
             let kind = match (socket.stream, socket.name.as_str()) {
@@ -190,11 +203,13 @@ impl Server {
             } else {
                 Bound::Datagram(socket.socket.into())
             };
-            bound.push((kind, socket.addr, b));
+            self.spawn_listener(kind, socket.addr, b);
         }
-        let wanted = self.wanted(&self.config);
-        for (kind, addr) in wanted {
-            if !bound.iter().any(|(k, a, _)| (*k, *a) == (kind, addr)) {
+        // Only after the inherited sockets are registered does `wanted` know whether
+        // systemd passed the HTTP endpoint too (then the config's is not bound).
+        let mut bound = Vec::new();
+        for (kind, addr) in self.wanted(&self.config) {
+            if !self.listeners.contains_key(&(kind, addr)) {
                 bound.push((kind, addr, self.bind(kind, addr)?));
             }
         }
@@ -357,7 +372,7 @@ impl Server {
             }
             Err(e) => {
                 error!(error = %e, "reload failed; keeping the previous configuration");
-                self.last_reload_error = Some(e);
+                self.last_reload_error = Some(one_line(&e));
                 self.metrics.config_reload_failures.inc();
                 self.metrics.config_last_reload_success.set(0);
             }
@@ -381,6 +396,7 @@ impl Server {
         self.rate_limiter.update(&config.udp.rate_limit);
         self.tcp_config.send_replace(Arc::new(config.tcp.clone()));
         self.udp_config.send_replace(Arc::new(config.udp.clone()));
+        self.metrics.set_limits(&config);
         self.config = config;
         let removed: Vec<_> = self
             .listeners

@@ -36,8 +36,11 @@ pub fn stopping(status: &str) {
 }
 
 /// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled.
+/// `WATCHDOG_USEC=0` means disabled (and a zero period would panic the ping task).
 pub fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled().map(|d| d / 2)
+    sd_notify::watchdog_enabled()
+        .filter(|d| !d.is_zero())
+        .map(|d| d / 2)
 }
 
 /// Pings the watchdog; call it from the runtime that serves traffic, so that a stalled
@@ -68,12 +71,10 @@ pub struct InheritedSocket {
 /// Takes the sockets passed by socket activation (`LISTEN_FDS`), checking each one's
 /// type, because the protocol passes bare descriptors. Empty when not socket-activated.
 pub fn inherited_sockets() -> io::Result<Vec<InheritedSocket>> {
+    // The variables stay set: removing them would race with the runtime's threads
+    // (`remove_var` is unsafe once threads exist), and a child could not misuse them
+    // anyway, because `LISTEN_PID` names this process only.
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()?.collect();
-    // Children (none today) must not think the sockets are theirs.
-    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
-        // SAFETY: called once at start-up before the runtime's threads read the environment.
-        unsafe { std::env::remove_var(var) };
-    }
     let mut sockets = Vec::with_capacity(fds.len());
     for (fd, name) in fds {
         // SAFETY: systemd passed us ownership of this descriptor; nothing else uses it.

@@ -9,6 +9,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -107,7 +108,23 @@ impl Listener {
                 }
             }
         }
+        if self.shutdown.is_draining() {
+            self.reject_backlog().await;
+        }
         debug!(listener = %self.name, "TCP listener closed");
+    }
+
+    /// Closes connections the kernel completed before the stop but echod had not yet
+    /// accepted: cleanly (EOF) and counted as `shutdown`, rather than reset unseen when
+    /// the listening socket closes.
+    async fn reject_backlog(&self) {
+        loop {
+            let next = std::future::poll_fn(|cx| Poll::Ready(self.listener.poll_accept(cx))).await;
+            match next {
+                Poll::Ready(Ok(_)) => self.metrics.rejected(RejectReason::Shutdown),
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
     }
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {

@@ -4,19 +4,11 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-
-/// Connects from a chosen loopback source address.
-fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let src: SocketAddr = format!("{source}:0").parse().unwrap();
-    socket.bind(&src.into()).unwrap();
-    socket.connect(&to.into()).unwrap();
-    socket.into()
-}
+use common::prom::{LOCAL, connect_from};
 
 /// True when the connection echoes; false when the daemon closed it (EOF or reset).
 /// Panics if neither happens within 5 s: a rejected client must never hang.
@@ -40,14 +32,6 @@ fn is_served(stream: &mut TcpStream) -> bool {
     }
 }
 
-fn wait_for(daemon: &Daemon, family: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.metric(family, labels) < want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(daemon.metric(family, labels), want, "{family}{labels:?}");
-}
-
 #[test]
 fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     let daemon = Daemon::start(
@@ -60,8 +44,7 @@ fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     let mut clients: Vec<TcpStream> = (0..30)
         .map(|_| TcpStream::connect(daemon.tcp).unwrap())
         .collect();
-    wait_for(
-        &daemon,
+    daemon.wait_metric(
         "echod_tcp_connections_rejected_total",
         &[("reason", "global_limit")],
         20.0,
@@ -80,7 +63,7 @@ fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     assert_eq!(daemon.metric("echod_tcp_connections_active", &[]), 10.0);
     // Freeing slots lets new clients in.
     clients.clear();
-    wait_for(&daemon, "echod_tcp_connections_closed_total", &[], 10.0);
+    daemon.wait_metric("echod_tcp_connections_closed_total", &[], 10.0);
     let mut again = TcpStream::connect(daemon.tcp).unwrap();
     assert!(is_served(&mut again));
 }
@@ -94,14 +77,11 @@ fn per_ip_limit_applies_to_each_source_address_separately() {
         max_connections_per_ip = 3
         "#,
     );
-    let mut first: Vec<TcpStream> = (0..5)
-        .map(|_| connect_from("127.0.0.1", daemon.tcp))
-        .collect();
+    let mut first: Vec<TcpStream> = (0..5).map(|_| connect_from(LOCAL, daemon.tcp)).collect();
     let mut second: Vec<TcpStream> = (0..3)
-        .map(|_| connect_from("127.0.0.2", daemon.tcp))
+        .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.tcp))
         .collect();
-    wait_for(
-        &daemon,
+    daemon.wait_metric(
         "echod_tcp_connections_rejected_total",
         &[("reason", "per_ip_limit")],
         2.0,
@@ -144,7 +124,7 @@ fn idle_connection_is_closed_after_the_idle_timeout() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "closed after {waited:?}"
     );
-    wait_for(&daemon, "echod_tcp_idle_timeouts_total", &[], 1.0);
+    daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -236,22 +216,10 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
         assert!(Instant::now() < deadline, "daemon never recovered");
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_for_at_least(
-        &daemon,
+    daemon.wait_metric_at_least(
         "echod_tcp_accept_errors_total",
         &[("kind", "fd_limit")],
         1.0,
     );
     assert!(daemon.log().contains("EMFILE") || daemon.log().contains("Too many open files"));
-}
-
-fn wait_for_at_least(daemon: &Daemon, family: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.metric(family, labels) < want {
-        assert!(
-            Instant::now() < deadline,
-            "{family}{labels:?} never reached {want}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -57,6 +57,12 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
         })
         .collect();
     started.wait();
+    // Every client must be accepted (not just queued by the kernel) before the stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.metric("echod_tcp_connections_active", &[]) < clients as f64 {
+        assert!(Instant::now() < deadline, "clients were never all accepted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let stop_sent = Instant::now();
     daemon.signal(libc::SIGTERM);
     // Listeners close at once: a new client is refused while the others drain.
@@ -87,10 +93,8 @@ fn drain_timeout_cuts_connections_that_do_not_finish() {
         drain_timeout = "1s"
         "#,
     );
-    let mut idle = TcpStream::connect(daemon.tcp).unwrap();
-    idle.write_all(b"x").unwrap();
+    let mut idle = daemon.open_connection();
     let mut b = [0u8; 1];
-    idle.read_exact(&mut b).unwrap();
     let t = Instant::now();
     daemon.signal(libc::SIGINT);
     let status = daemon.wait_exit(Duration::from_secs(10));
@@ -116,10 +120,7 @@ fn a_second_signal_exits_at_once() {
         drain_timeout = "60s"
         "#,
     );
-    let mut held = TcpStream::connect(daemon.tcp).unwrap();
-    held.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    held.read_exact(&mut b).unwrap();
+    let _held = daemon.open_connection();
     daemon.signal(libc::SIGTERM);
     // Wait until the drain has begun (readiness fails), then signal again.
     let deadline = Instant::now() + Duration::from_secs(5);

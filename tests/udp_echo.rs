@@ -3,7 +3,7 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Daemon, random_bytes};
 
@@ -12,18 +12,6 @@ fn client(bind: &str) -> UdpSocket {
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     s
-}
-
-/// Polls a counter until it reaches `want` (counts are flushed per burst), then
-/// asserts it is exactly `want`.
-fn wait_metric(daemon: &Daemon, family: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut got = daemon.metric(family, labels);
-    while got < want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        got = daemon.metric(family, labels);
-    }
-    assert_eq!(got, want, "{family}{labels:?}");
 }
 
 #[test]
@@ -48,12 +36,7 @@ fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
         assert_eq!(n, size, "datagram of {size} came back as {n}");
         assert!(buf[..n] == data[..], "datagram of {size} changed");
     }
-    wait_metric(
-        &daemon,
-        "echod_udp_sent_datagrams_total",
-        &[],
-        sizes.len() as f64,
-    );
+    daemon.wait_metric("echod_udp_sent_datagrams_total", &[], sizes.len() as f64);
 }
 
 #[test]
@@ -74,8 +57,7 @@ fn oversize_datagram_is_dropped_not_truncated() {
         b"after",
         "the oversize one must not be echoed at all"
     );
-    wait_metric(
-        &daemon,
+    daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "oversize")],
         1.0,
@@ -104,8 +86,7 @@ fn denied_source_port_gets_no_reply() {
         bad.recv_from(&mut buf).is_err(),
         "denied source port was answered"
     );
-    wait_metric(
-        &daemon,
+    daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "denied_port")],
         1.0,

@@ -2,6 +2,9 @@
 //! loopback ports, talk to it, read its metrics, and always clean it up.
 #![allow(dead_code)]
 
+pub mod deploy;
+pub mod prom;
+pub mod systemd;
 pub mod tools;
 
 use std::io::{Read, Write};
@@ -183,14 +186,9 @@ impl Daemon {
 
     /// Waits until `/readyz` answers 200 (10 s at most).
     pub fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if http_get(self.http, "/readyz").is_ok_and(|(status, _)| status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !wait_http_ok(self.http, "/readyz", Duration::from_secs(10)) {
+            panic!("echod did not become ready; log:\n{}", self.log());
         }
-        panic!("echod did not become ready; log:\n{}", self.log());
     }
 
     /// Everything the daemon logged so far.
@@ -232,6 +230,35 @@ impl Daemon {
     /// sums every series of the family whose labels include the given ones.
     pub fn metric(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.scrape(), family, labels)
+    }
+
+    /// Waits (5 s at most) until a counter reaches `want`, then asserts it is exactly
+    /// `want`: counts are flushed per burst, so they may lag the traffic briefly.
+    pub fn wait_metric(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        self.wait_metric_at_least(family, labels, want);
+        assert_eq!(self.metric(family, labels), want, "{family}{labels:?}");
+    }
+
+    /// Waits (10 s at most) until a counter reaches at least `want`.
+    pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric(family, labels) < want {
+            assert!(
+                Instant::now() < deadline,
+                "{family}{labels:?} never reached {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A connection that has echoed one byte, so the daemon has surely accepted it.
+    pub fn open_connection(&self) -> TcpStream {
+        let mut s = TcpStream::connect(self.tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo of one byte");
+        s
     }
 
     /// Rewrites the config file (for reload tests).
@@ -291,12 +318,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
 
 /// A minimal HTTP/1.1 request with `Connection: close`.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_exchange(
+        addr,
+        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Sends a raw HTTP request and reads the status and body until the server closes.
+pub fn http_exchange(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    s.write_all(request.as_bytes())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp
@@ -343,6 +375,47 @@ pub fn tcp_roundtrip(addr: SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
     reader.read_to_end(&mut got).expect("read echo");
     sender.join().unwrap();
     got
+}
+
+/// Waits until `GET path` on `addr` answers 200; false when `limit` passes first.
+pub fn wait_http_ok(addr: SocketAddr, path: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if http_get(addr, path).is_ok_and(|(status, _)| status == 200) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Streams `data` over TCP in `chunk`-byte writes with `pause` after each (so a stop or
+/// reload lands mid-transfer), calling `on_chunk(n)` after write n, while reading the
+/// echo concurrently; half-closes and returns everything received until EOF.
+pub fn paced_roundtrip(
+    addr: SocketAddr,
+    data: &[u8],
+    chunk: usize,
+    pause: Duration,
+    mut on_chunk: impl FnMut(usize) + Send + 'static,
+) -> std::io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let payload = data.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        for (n, piece) in payload.chunks(chunk).enumerate() {
+            writer.write_all(piece)?;
+            on_chunk(n);
+            std::thread::sleep(pause);
+        }
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut reader = stream;
+    let mut got = Vec::with_capacity(data.len());
+    let read = reader.read_to_end(&mut got);
+    sender.join().expect("sender thread")?;
+    read.map(|_| got)
 }
 
 /// Path helper for fixtures under `tests/`.
