@@ -212,6 +212,22 @@ impl Tally {
             self.first_problem.clone_from(&other.first_problem);
         }
     }
+
+    /// Waits for every worker and adds up what they did; a worker that panicked is an
+    /// error of the run, not a crash of the tool.
+    async fn join(mut workers: tokio::task::JoinSet<Tally>) -> Tally {
+        let mut tally = Tally::default();
+        while let Some(joined) = workers.join_next().await {
+            match joined {
+                Ok(t) => tally.add(&t),
+                Err(e) => {
+                    tally.errors += 1;
+                    tally.problem(format!("worker failed: {e}"));
+                }
+            }
+        }
+        tally
+    }
 }
 
 /// A connection's latency samples, batched to keep the shared histogram lock cold.

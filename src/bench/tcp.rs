@@ -71,17 +71,7 @@ pub(super) async fn run_all(
     for (id, stream) in streams.into_iter().enumerate() {
         set.spawn(connection(id, total, stream, Arc::clone(&plan), credits));
     }
-    let mut tally = Tally::default();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(t) => tally.add(&t),
-            Err(e) => {
-                tally.errors += 1;
-                tally.problem(format!("worker failed: {e}"));
-            }
-        }
-    }
-    tally
+    Tally::join(set).await
 }
 
 async fn connection(

@@ -54,17 +54,7 @@ pub(super) async fn run_all(sockets: Vec<UdpSocket>, plan: Arc<Plan>) -> Tally {
         let plan = Arc::clone(&plan);
         set.spawn(async move { exchange(id, total, &socket, &plan).await });
     }
-    let mut tally = Tally::default();
-    while let Some(joined) = set.join_next().await {
-        match joined {
-            Ok(t) => tally.add(&t),
-            Err(e) => {
-                tally.errors += 1;
-                tally.problem(format!("worker failed: {e}"));
-            }
-        }
-    }
-    tally
+    Tally::join(set).await
 }
 
 async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> Tally {
