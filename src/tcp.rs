@@ -6,17 +6,19 @@
 //! buffer at all. When the client half-closes, everything it sent has already been
 //! echoed, so the handler just closes its side: nothing is dropped at close.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::timeout;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -217,66 +219,94 @@ impl Connection {
         }
     }
 
-    /// The echo loop: wait for data (or idle timeout, or cut), then echo one burst.
+    /// The echo loop: wait for data, echo what is readable, repeat.
     ///
-    /// The idle timer and the cut subscription live as long as the connection: the
-    /// timer is re-armed only when it fires early (traffic moved the deadline), not
-    /// once per message, and the shared cut broadcast is subscribed to once. A burst is
-    /// not raced against the cut: a write stuck on a client that stopped reading ends
-    /// at the idle timeout or when the process exits after the drain.
+    /// One idle timer and one cut subscription serve the whole connection, while it
+    /// waits to read and while it waits to write: the timer is re-armed only when it
+    /// fires early (traffic moved the deadline), not once per message, and the shared
+    /// cut broadcast is subscribed to once. Readiness is awaited through the stream's
+    /// own per-direction waker slots (`poll_read_ready`), not a `readable()` future.
+    /// All of this keeps an idle connection small.
     async fn echo(&mut self) -> End {
         let idle = self.config.idle_timeout;
         let shutdown = self.shutdown.clone();
         let cut = shutdown.cutting();
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(cut, idle_timer);
-        let mut last_traffic = tokio::time::Instant::now();
+        let mut last_traffic = Instant::now();
         loop {
             tokio::select! {
                 biased;
-                ready = self.stream.readable() => if ready.is_err() {
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => if ready.is_err() {
                     return End::Error;
                 },
                 _ = &mut idle_timer => {
-                    let deadline = last_traffic + idle;
-                    if deadline <= tokio::time::Instant::now() {
+                    if idle_expired(idle_timer.as_mut(), last_traffic, idle) {
                         return End::Idle;
                     }
-                    idle_timer.as_mut().reset(deadline);
                     continue;
                 }
                 _ = &mut cut => return End::Cut,
             }
-            let burst = self.echo_burst(idle).await;
-            self.flush_bytes();
-            if let Some(end) = burst {
-                return end;
-            }
-            last_traffic = tokio::time::Instant::now();
-        }
-    }
-
-    /// Echoes what is readable now. Returns `None` when the socket has no more to read.
-    async fn echo_burst(&mut self, idle: Duration) -> Option<End> {
-        let mut buf = Vec::with_capacity(self.config.buffer_size);
-        loop {
-            buf.clear();
-            match self.stream.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    let _ = timeout(idle, self.stream.shutdown()).await;
-                    break Some(End::Finished);
-                }
-                Ok(n) => {
-                    self.unflushed.0 += n as u64;
-                    match timeout(idle, self.stream.write_all(&buf)).await {
-                        Ok(Ok(())) => self.unflushed.1 += n as u64,
-                        Ok(Err(_)) => break Some(End::Error),
-                        Err(_) => break Some(End::Idle),
+            // Echo one burst: at most one buffer is read before all of it is written.
+            let mut buf = Vec::with_capacity(self.config.buffer_size);
+            let mut blocked_at = None;
+            loop {
+                buf.clear();
+                let n = match self.stream.try_read_buf(&mut buf) {
+                    Ok(0) => {
+                        let _ = self.stream.shutdown().await;
+                        return End::Finished;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return End::Error,
+                };
+                self.unflushed.0 += n as u64;
+                let mut written = 0;
+                while written < n {
+                    match self.stream.try_write(&buf[written..]) {
+                        Ok(w) => {
+                            written += w;
+                            self.unflushed.1 += w as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // The client is not reading: wait for room, but not longer
+                            // than the idle timeout without progress. Only progress
+                            // (bytes written since the last wait) restarts the clock.
+                            if blocked_at != Some(self.unflushed.1) {
+                                blocked_at = Some(self.unflushed.1);
+                                last_traffic = Instant::now();
+                            }
+                            tokio::select! {
+                                biased;
+                                ready = poll_fn(|cx| self.stream.poll_write_ready(cx)) => if ready.is_err() {
+                                    return End::Error;
+                                },
+                                _ = &mut idle_timer => {
+                                    if idle_expired(idle_timer.as_mut(), last_traffic, idle) {
+                                        return End::Idle;
+                                    }
+                                }
+                                _ = &mut cut => return End::Cut,
+                            }
+                        }
+                        Err(_) => return End::Error,
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
-                Err(_) => break Some(End::Error),
             }
+            self.flush_bytes();
+            last_traffic = Instant::now();
         }
     }
+}
+
+/// Re-arms `timer` for `last_traffic + idle`; true when that deadline has already passed.
+fn idle_expired(timer: Pin<&mut Sleep>, last_traffic: Instant, idle: Duration) -> bool {
+    let deadline = last_traffic + idle;
+    if deadline <= Instant::now() {
+        return true;
+    }
+    timer.reset(deadline);
+    false
 }

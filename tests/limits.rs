@@ -223,3 +223,55 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
     );
     assert!(daemon.log().contains("EMFILE") || daemon.log().contains("Too many open files"));
 }
+
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        idle_timeout = "1s"
+        "#,
+    );
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x33u8; 64 * 1024];
+    // Write without ever reading until backpressure has stopped us for 300 ms, i.e. the
+    // daemon is stuck writing its echo to us (bounded: 64 MiB, 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    while written < 64 << 20 && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed before the daemon stalled: {e}"),
+        }
+    }
+    assert!(written < 64 << 20, "the daemon never stopped reading");
+    // The daemon is now blocked writing to us; with no progress it must give up after
+    // the idle timeout (1 s), not later.
+    let stalled = Instant::now();
+    daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
+    assert!(
+        stalled.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the stall, idle_timeout is 1 s",
+        stalled.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.metric("echod_tcp_connections_active", &[]) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "connection still counted as open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
