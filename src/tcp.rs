@@ -261,6 +261,9 @@ impl Connection {
             let mut buf = Vec::with_capacity(config.buffer_size);
             let mut progressed = true;
             loop {
+                // A client that keeps sending must not keep the worker thread to itself:
+                // each read spends tokio's cooperative budget, which yields when spent.
+                tokio::task::coop::consume_budget().await;
                 buf.clear();
                 let n = match stream.try_read_buf(&mut buf) {
                     Ok(0) => {
