@@ -127,6 +127,34 @@ fn idle_connection_is_closed_after_the_idle_timeout() {
     daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
 }
 
+/// Writes without ever reading until `limit` bytes are sent or backpressure has stopped
+/// the writes for `stall` (the daemon stopped reading); bounded by 10 s. Returns the
+/// bytes written.
+fn write_until_stalled(s: &mut TcpStream, limit: usize, stall: Duration) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    while written < limit && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stall {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed before the daemon stalled: {e}"),
+        }
+    }
+    written
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -143,28 +171,7 @@ fn a_client_that_never_reads_costs_bounded_memory() {
     assert!(common::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
     let before = rss_kib(daemon.pid());
     let mut s = TcpStream::connect(daemon.tcp).unwrap();
-    s.set_nonblocking(true).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    let mut written = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut stalled_since: Option<Instant> = None;
-    while written < 100 << 20 && Instant::now() < deadline {
-        match s.write(&chunk) {
-            Ok(n) => {
-                written += n;
-                stalled_since = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                // Backpressure reached us: the daemon stopped reading.
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_secs(1) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("write failed: {e}"),
-        }
-    }
+    let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1));
     let after = rss_kib(daemon.pid());
     assert!(
         written < 100 << 20,
@@ -233,29 +240,8 @@ fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
         "#,
     );
     let mut s = TcpStream::connect(daemon.tcp).unwrap();
-    s.set_nonblocking(true).unwrap();
-    let chunk = vec![0x33u8; 64 * 1024];
-    // Write without ever reading until backpressure has stopped us for 300 ms, i.e. the
-    // daemon is stuck writing its echo to us (bounded: 64 MiB, 10 s).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut written = 0usize;
-    let mut stalled_since: Option<Instant> = None;
-    while written < 64 << 20 && Instant::now() < deadline {
-        match s.write(&chunk) {
-            Ok(n) => {
-                written += n;
-                stalled_since = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_millis(300) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("write failed before the daemon stalled: {e}"),
-        }
-    }
+    // Stalled for 300 ms means the daemon is stuck writing its echo to us.
+    let written = write_until_stalled(&mut s, 64 << 20, Duration::from_millis(300));
     assert!(written < 64 << 20, "the daemon never stopped reading");
     // The daemon is now blocked writing to us; with no progress it must give up after
     // the idle timeout (1 s), not later.

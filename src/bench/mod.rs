@@ -174,6 +174,23 @@ impl Plan {
         })
     }
 
+    /// Waits until connection `id`'s message `seq` is due and returns the time its
+    /// latency counts from (the intended send time when open-loop, now otherwise), or
+    /// `None` once the run is over.
+    async fn next_send(&self, id: usize, connections: usize, seq: u64) -> Option<Instant> {
+        let intended = self.intended(id, connections, seq);
+        if !self.claim(intended) {
+            return None;
+        }
+        Some(match intended {
+            Some(at) => {
+                tokio::time::sleep_until(at).await;
+                at
+            }
+            None => Instant::now(),
+        })
+    }
+
     fn merge(&self, samples: &mut Vec<u64>) {
         if let Ok(mut h) = self.latency.lock() {
             for &s in samples.iter() {

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 
 use super::pattern::Pattern;
 use super::{BenchError, Plan, Samples, Tally};
@@ -132,16 +132,8 @@ impl Sender<'_> {
                     Err(_) => break,
                 }
             }
-            let intended = plan.intended(self.id, self.total, seq);
-            if !plan.claim(intended) {
+            let Some(stamp) = plan.next_send(self.id, self.total, seq).await else {
                 break;
-            }
-            let stamp = match intended {
-                Some(at) => {
-                    sleep_until(at).await;
-                    at
-                }
-                None => Instant::now(),
             };
             if stamps.send(stamp).is_err() {
                 break;

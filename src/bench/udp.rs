@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio::time::{Instant, timeout_at};
 
 use super::pattern::Pattern;
 use super::{BenchError, Plan, Samples, Tally};
@@ -66,16 +66,8 @@ async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> T
     let mut reply = vec![0u8; MAX_PAYLOAD + 1];
     let mut seq: u64 = 0;
     loop {
-        let intended = plan.intended(id, total, seq);
-        if !plan.claim(intended) {
+        let Some(stamp) = plan.next_send(id, total, seq).await else {
             break;
-        }
-        let stamp = match intended {
-            Some(at) => {
-                sleep_until(at).await;
-                at
-            }
-            None => Instant::now(),
         };
         let offset = seq * size as u64;
         message[..HEADER].copy_from_slice(&seq.to_le_bytes());
