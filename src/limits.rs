@@ -201,25 +201,12 @@ impl RateLimiter {
     }
 
     /// Forgets sources whose buckets have refilled: they behave exactly like new ones,
-    /// so dropping them loses nothing. Called periodically and when the table is full.
+    /// so dropping them loses nothing. Called periodically; returns the sources still
+    /// tracked (for the table-size gauge).
     pub fn sweep(&self, now: Instant) -> usize {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.evict_full(now);
         t.buckets.len()
-    }
-
-    /// Sources tracked right now.
-    pub fn len(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .buckets
-            .len()
-    }
-
-    /// True when no source is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -47,11 +47,6 @@ impl Shutdown {
         self.drain.is_cancelled()
     }
 
-    /// Completes when draining starts (listeners wait on this).
-    pub async fn draining(&self) {
-        self.drain.cancelled().await;
-    }
-
     /// Completes when open connections must be closed (connections wait on this).
     pub async fn cutting(&self) {
         self.cut.cancelled().await;
