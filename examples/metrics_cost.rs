@@ -16,7 +16,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use echod::metrics::{Metrics, TcpListenerMetrics, UdpBatch, UdpListenerMetrics};
+use echod::daemon::metrics::{Metrics, TcpListenerMetrics, UdpBatch, UdpListenerMetrics};
 
 const REPEATS: usize = 5;
 const ECHOES: u32 = 20_000;

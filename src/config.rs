@@ -4,6 +4,9 @@
 //! in `echod check-config` and on reload: a config that one accepts, all accept.
 //! Every error names where the bad value came from (the file or the environment), the
 //! dotted key and what is wrong, because an operator reading a journal has nothing else.
+//!
+//! This module depends on nothing else in the crate: the daemon, the tools and the
+//! command line all read it, so it sits at the bottom of the house.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -177,8 +180,8 @@ impl Default for LogConfig {
     }
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// How log lines are written; also the `--log-format` flag's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines for a terminal or the journal.
@@ -386,7 +389,7 @@ impl Config {
             "shutdown.drain_timeout",
             || "must be longer than 0s".into(),
         )?;
-        if let Err(message) = crate::logging::parse_filter(&self.log.level) {
+        if let Err(message) = parse_log_filter(&self.log.level) {
             return Err(("log.level", message));
         }
         Ok(())
@@ -396,6 +399,19 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// Parses a level (`info`) or a full filter (`info,echod=debug`) the way the daemon will
+/// use it, so validation and logging can never disagree. A bare word that is not a level
+/// is refused: `EnvFilter` would read `loud` as a target name and silently log nothing.
+pub fn parse_log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+    let level = level.trim();
+    let is_directive = level.contains('=') || level.contains(',');
+    if !is_directive && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+        return Err(format!("`{level}` is not one of {}", LEVELS.join(", ")));
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())
 }
 
 /// Names the configuration source for log lines; echod reads only a file it is told

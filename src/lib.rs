@@ -1,22 +1,12 @@
 //! echod: a TCP and UDP echo daemon (RFC 862) built to be left running.
 //!
-//! The modules follow the data: [`config`] becomes [`server`] listeners ([`tcp`],
-//! [`udp`], [`http`]), whose handlers count into [`metrics`] and respect [`limits`];
-//! [`shutdown`] and reload travel down the same path; [`systemd`] and [`logging`] are
-//! the daemon's edges to its service manager and its operator.
-#![warn(missing_docs)]
+//! Three rooms, and the arrows run one way: [`config`] depends on nothing else; the
+//! [`daemon`] turns a config into listeners, connection handlers and metrics; the
+//! [`tools`] (client, probe, load generator) talk to any echo server over the network
+//! and share only the config with the daemon (the probe reads it to know what to check).
+//! [`cli`] is the one binary's command line over all of them.
 
-pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod http;
-pub mod limits;
-pub mod logging;
-pub mod metrics;
-pub mod probe;
-pub mod server;
-pub mod shutdown;
-pub mod systemd;
-pub mod tcp;
-pub mod udp;
+pub mod daemon;
+pub mod tools;

@@ -1,11 +1,12 @@
-//! The `echod` binary: parse the command line, load the configuration, hand over to
-//! the library. Exit codes follow sysexits: 78 (EX_CONFIG) for a bad configuration.
+//! The `echod` binary: parse the command line and hand over to the library. Exit codes
+//! follow sysexits: 78 (EX_CONFIG) for a bad configuration.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use echod::cli::{Cli, Command};
-use echod::config::{Config, ConfigSource};
+use echod::cli::{Cli, Command, ConfigArgs};
+use echod::config::{Config, ConfigSource, describe_source};
+use echod::{daemon, tools};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; nothing was bound.
 const EX_CONFIG: u8 = 78;
@@ -19,49 +20,35 @@ fn load(source: &ConfigSource) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let source = cli.config.source();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig => match load(&source) {
-            Ok(config) => {
-                println!(
-                    "# effective configuration ({} + environment)\n{}",
-                    echod::config::describe_source(source.file.as_deref()),
-                    config.to_toml()
-                );
-                eprintln!("echod: configuration OK");
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Bench(args) => echod::bench::run(&args),
-        Command::Client(args) => echod::client::run(&args),
-        Command::Probe(args) => echod::probe::run(&args, &source),
-        Command::Serve => match load(&source) {
-            Ok(config) => serve(source, config),
-            Err(code) => code,
-        },
-    }
-}
-
-fn serve(source: ConfigSource, config: Config) -> ExitCode {
-    let log = echod::logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("echod-worker")
-        .build()
+    let outer = cli.config;
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ConfigArgs::default()))
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
+        Command::Serve(args) => {
+            let source = args.or(&outer).source();
+            match load(&source) {
+                Ok(config) => daemon::run(source, config),
+                Err(code) => code,
+            }
         }
-    };
-    match runtime.block_on(echod::server::run(source, config, log)) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("echod: {e}");
-            ExitCode::FAILURE
+        Command::CheckConfig(args) => {
+            let source = args.or(&outer).source();
+            match load(&source) {
+                Ok(config) => {
+                    println!(
+                        "# effective configuration ({} + environment)\n{}",
+                        describe_source(source.file.as_deref()),
+                        config.to_toml()
+                    );
+                    eprintln!("echod: configuration OK");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
         }
+        Command::Probe { config, args } => tools::probe::run(&args, &config.or(&outer).source()),
+        Command::Client(args) => tools::client::run(&args),
+        Command::Bench(args) => tools::bench::run(&args),
     }
 }

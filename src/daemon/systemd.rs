@@ -4,26 +4,27 @@
 //! the daemon runs the same under a terminal, a container or a service manager.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use socket2::{Socket, Type};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+use super::listeners::BoundSocket;
 
 /// Tells systemd that every listener is bound and echod serves (`READY=1`).
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// Replaces the one-line status `systemctl status` shows.
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
 /// Announces a reload (`RELOADING=1` with the monotonic timestamp Type=notify-reload wants).
-pub fn reloading() {
+pub(crate) fn reloading() {
     match sd_notify::NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(_) => send(&[NotifyState::Reloading]),
@@ -31,22 +32,33 @@ pub fn reloading() {
 }
 
 /// Announces that shutdown started (`STOPPING=1`).
-pub fn stopping(status: &str) {
+pub(crate) fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
 /// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled.
 /// `WATCHDOG_USEC=0` means disabled (and a zero period would panic the ping task).
-pub fn watchdog_interval() -> Option<Duration> {
+fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
         .filter(|d| !d.is_zero())
         .map(|d| d / 2)
 }
 
-/// Pings the watchdog; call it from the runtime that serves traffic, so that a stalled
-/// runtime stops the pings and systemd restarts the service.
-pub fn watchdog_ping() {
-    send(&[NotifyState::Watchdog]);
+/// Starts pinging the watchdog when systemd asks for it. The task runs on the runtime
+/// that serves traffic, so a stalled runtime stops the pings and systemd restarts the
+/// service; a separate thread would keep pinging for a wedged daemon.
+pub(crate) fn spawn_watchdog() {
+    let Some(interval) = watchdog_interval() else {
+        return;
+    };
+    info!(?interval, "systemd watchdog enabled");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            send(&[NotifyState::Watchdog]);
+        }
+    });
 }
 
 fn send(states: &[NotifyState<'_>]) {
@@ -55,22 +67,11 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
-/// A socket handed over by the service manager.
-#[derive(Debug)]
-pub struct InheritedSocket {
-    /// `FileDescriptorName=` from the socket unit (`LISTEN_FDNAMES`), or "unknown".
-    pub name: String,
-    /// The local address it is bound to.
-    pub addr: SocketAddr,
-    /// The socket, type already checked.
-    pub socket: Socket,
-    /// True for a stream (TCP) socket, false for a datagram (UDP) one.
-    pub stream: bool,
-}
-
 /// Takes the sockets passed by socket activation (`LISTEN_FDS`), checking each one's
-/// type, because the protocol passes bare descriptors. Empty when not socket-activated.
-pub fn inherited_sockets() -> io::Result<Vec<InheritedSocket>> {
+/// type, because the protocol passes bare descriptors. A stream socket named `metrics`
+/// or `http` (`FileDescriptorName=`) serves HTTP; other stream sockets TCP echo and
+/// datagram sockets UDP echo. Empty when not socket-activated.
+pub(crate) fn inherited_sockets() -> io::Result<Vec<BoundSocket>> {
     // The variables stay set: removing them would race with the runtime's threads
     // (`remove_var` is unsafe once threads exist), and a child could not misuse them
     // anyway, because `LISTEN_PID` names this process only.
@@ -80,14 +81,10 @@ pub fn inherited_sockets() -> io::Result<Vec<InheritedSocket>> {
         // SAFETY: systemd passed us ownership of this descriptor; nothing else uses it.
         let socket = unsafe { Socket::from_raw_fd(fd) };
         let ty = socket.r#type()?;
-        let stream = if ty == Type::STREAM {
-            true
-        } else if ty == Type::DGRAM {
-            false
-        } else {
+        if ty != Type::STREAM && ty != Type::DGRAM {
             warn!(fd, name, "ignoring inherited socket of unsupported type");
             continue;
-        };
+        }
         let addr = socket.local_addr()?.as_socket().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -95,12 +92,13 @@ pub fn inherited_sockets() -> io::Result<Vec<InheritedSocket>> {
             )
         })?;
         socket.set_nonblocking(true)?;
-        sockets.push(InheritedSocket {
-            name,
-            addr,
-            socket,
-            stream,
-        });
+        let bound = match (ty == Type::STREAM, name.as_str()) {
+            (true, "metrics" | "http") => BoundSocket::Http(socket.into()),
+            (true, _) => BoundSocket::Tcp(socket.into()),
+            (false, _) => BoundSocket::Udp(socket.into()),
+        };
+        info!(%name, proto = bound.kind().proto(), %addr, "using socket passed by systemd");
+        sockets.push(bound);
     }
     Ok(sockets)
 }

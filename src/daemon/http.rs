@@ -7,69 +7,80 @@
 //! port cannot take the probes down.
 
 use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::warn;
 
-use crate::metrics::{Metrics, REVISION, VERSION};
+use super::accept::Acceptor;
+use super::logging::RateLimitedLog;
+use super::metrics::{Metrics, REVISION, VERSION};
+use super::reasons::AcceptErrorKind;
+
+static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
 /// HTTP connections served at once; more wait in the accept queue.
 const MAX_CONNECTIONS: usize = 64;
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Readiness as the server sees it; written by the server, read by probes.
-#[derive(Debug, Default)]
-pub struct Health {
-    ready: AtomicBool,
-    draining: AtomicBool,
+/// Readiness, stored once: in the `echod_ready` and `echod_draining` gauges that
+/// Prometheus scrapes, so `/readyz` and the metrics can never disagree.
+pub(crate) struct Health {
+    ready: IntGauge,
+    draining: IntGauge,
 }
 
 impl Health {
+    pub(crate) fn new(metrics: &Metrics) -> Self {
+        Self {
+            ready: metrics.ready.clone(),
+            draining: metrics.draining.clone(),
+        }
+    }
+
     /// Every listener is bound and serving.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
+    pub(crate) fn set_ready(&self) {
+        self.ready.set(1);
     }
 
     /// A stop has begun: readiness fails from now on.
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+    pub(crate) fn set_draining(&self) {
+        self.ready.set(0);
+        self.draining.set(1);
     }
 
-    /// What `/readyz` answers.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    fn is_ready(&self) -> bool {
+        self.ready.get() == 1 && !self.is_draining()
     }
 
     fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.get() == 1
     }
 }
 
 /// What the endpoint serves from.
-pub struct State {
-    /// The registry to expose.
-    pub metrics: Arc<Metrics>,
-    /// Readiness.
-    pub health: Arc<Health>,
+pub(crate) struct State {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: Arc<Health>,
 }
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
+    let mut acceptor = Acceptor::new(&listener, &stop);
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
@@ -78,16 +89,13 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
                 Err(_) => break,
             },
         };
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let on_error = |kind: AcceptErrorKind, e: &io::Error| {
+            if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+                warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
+            }
+        };
+        let Some((stream, _)) = acceptor.next(on_error).await else {
+            break;
         };
         let state = Arc::clone(&state);
         let service = hyper::service::service_fn(move |req| {
@@ -118,7 +126,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     resp
 }
 
-fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if !matches!(path, "/" | "/metrics" | "/healthz" | "/readyz") {
         return text(StatusCode::NOT_FOUND, "not found\n");

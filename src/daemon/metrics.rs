@@ -7,78 +7,19 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::reasons::{AcceptErrorKind, DropReason, RejectReason};
 use crate::config::Config;
 
 /// The version baked in at build time.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git revision baked in at build time (see `build.rs`).
 pub const REVISION: &str = env!("ECHOD_REVISION");
-
-/// Why a TCP connection was refused right after accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// `tcp.max_connections` reached.
-    GlobalLimit,
-    /// `tcp.max_connections_per_ip` reached for the source address.
-    PerIpLimit,
-    /// Accepted while the daemon was draining.
-    Shutdown,
-}
-
-impl RejectReason {
-    /// Every reason, so each label exists (at 0) from the start.
-    pub const ALL: [Self; 3] = [Self::GlobalLimit, Self::PerIpLimit, Self::Shutdown];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::GlobalLimit => "global_limit",
-            Self::PerIpLimit => "per_ip_limit",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Why a UDP datagram was not echoed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// Larger than `udp.max_datagram_size`.
-    Oversize,
-    /// From a source port in `udp.deny_source_ports`, or a non-unicast source address.
-    DeniedPort,
-    /// The source exceeded its token bucket (or the table of sources is full).
-    RateLimited,
-    /// The reply could not be sent.
-    SendError,
-}
-
-impl DropReason {
-    /// Every reason, so each label exists (at 0) from the start.
-    pub const ALL: [Self; 4] = [
-        Self::Oversize,
-        Self::DeniedPort,
-        Self::RateLimited,
-        Self::SendError,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Oversize => "oversize",
-            Self::DeniedPort => "denied_port",
-            Self::RateLimited => "rate_limited",
-            Self::SendError => "send_error",
-        }
-    }
-}
-
-/// Accept error kinds worth telling apart on a dashboard.
-pub const ACCEPT_ERROR_KINDS: [&str; 4] = ["fd_limit", "no_memory", "aborted", "other"];
 
 /// All of echod's metric families, registered in one registry.
 pub struct Metrics {
@@ -116,28 +57,29 @@ pub struct Metrics {
     udp_rate_limit_max_sources: IntGauge,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+/// Registers a metric and hands it back. Names and labels are static, so a failure is
+/// a programming error caught by every test that builds [`Metrics`].
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<C>,
+) -> C {
+    let metric = metric.expect("valid metric definition");
     registry
-        .register(Box::new(vec.clone()))
-        .expect("unique metric");
-    vec
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("unique metric");
-    g
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("unique metric");
-    c
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help))
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help))
 }
 
 impl Metrics {
@@ -145,41 +87,21 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let l = &["listener"];
-        let tcp_active = IntGaugeVec::new(
-            Opts::new("echod_tcp_connections_active", "Open TCP echo connections."),
-            l,
-        )
-        .expect("valid metric");
-        r.register(Box::new(tcp_active.clone()))
-            .expect("unique metric");
-        let tcp_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "echod_tcp_connection_duration_seconds",
-                "How long TCP echo connections stayed open.",
-            )
-            .buckets(vec![
-                0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
-            ]),
-            l,
-        )
-        .expect("valid metric");
-        r.register(Box::new(tcp_duration.clone()))
-            .expect("unique metric");
-
-        let build_info = IntGaugeVec::new(
-            Opts::new("echod_build_info", "Build information; always 1."),
-            &["version", "revision"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(build_info.clone()))
-            .expect("unique metric");
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("echod_build_info", "Build information; always 1."),
+                &["version", "revision"],
+            ),
+        );
         build_info.with_label_values(&[VERSION, REVISION]).set(1);
-        let start = Gauge::new(
-            "echod_start_time_seconds",
-            "Start time of the process since the Unix epoch, in seconds.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(start.clone())).expect("unique metric");
+        let start = register(
+            &r,
+            Gauge::new(
+                "echod_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds.",
+            ),
+        );
         start.set(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -217,7 +139,13 @@ impl Metrics {
                 "TCP connections closed for having no traffic for tcp.idle_timeout.",
                 l,
             ),
-            tcp_active,
+            tcp_active: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("echod_tcp_connections_active", "Open TCP echo connections."),
+                    l,
+                ),
+            ),
             tcp_rx_bytes: counter_vec(
                 &r,
                 "echod_tcp_received_bytes_total",
@@ -230,7 +158,19 @@ impl Metrics {
                 "Bytes echoed back to TCP clients.",
                 l,
             ),
-            tcp_duration,
+            tcp_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "echod_tcp_connection_duration_seconds",
+                        "How long TCP echo connections stayed open.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0,
+                    ]),
+                    l,
+                ),
+            ),
             tcp_accept_errors: counter_vec(
                 &r,
                 "echod_tcp_accept_errors_total",
@@ -346,9 +286,11 @@ impl Metrics {
     /// Children for one TCP listener, created at zero so every series exists at once.
     pub fn tcp_listener(&self, listener: &str) -> TcpListenerMetrics {
         let rejected =
-            RejectReason::ALL.map(|r| self.tcp_rejected.with_label_values(&[listener, r.as_str()]));
-        let accept_errors =
-            ACCEPT_ERROR_KINDS.map(|k| self.tcp_accept_errors.with_label_values(&[listener, k]));
+            RejectReason::ALL.map(|r| self.tcp_rejected.with_label_values(&[listener, r.label()]));
+        let accept_errors = AcceptErrorKind::ALL.map(|k| {
+            self.tcp_accept_errors
+                .with_label_values(&[listener, k.label()])
+        });
         TcpListenerMetrics {
             accepted: self.tcp_accepted.with_label_values(&[listener]),
             closed: self.tcp_closed.with_label_values(&[listener]),
@@ -370,7 +312,7 @@ impl Metrics {
             rx_bytes: self.udp_rx_bytes.with_label_values(&[listener]),
             tx_bytes: self.udp_tx_bytes.with_label_values(&[listener]),
             dropped: DropReason::ALL
-                .map(|r| self.udp_dropped.with_label_values(&[listener, r.as_str()])),
+                .map(|r| self.udp_dropped.with_label_values(&[listener, r.label()])),
         }
     }
 }
@@ -408,13 +350,9 @@ impl TcpListenerMetrics {
         self.rejected[reason as usize].inc();
     }
 
-    /// Counts an accept error of one of [`ACCEPT_ERROR_KINDS`].
-    pub fn accept_error(&self, kind: &str) {
-        let i = ACCEPT_ERROR_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(ACCEPT_ERROR_KINDS.len() - 1);
-        self.accept_errors[i].inc();
+    /// Counts an accept error.
+    pub fn accept_error(&self, kind: AcceptErrorKind) {
+        self.accept_errors[kind as usize].inc();
     }
 }
 

@@ -10,7 +10,7 @@
 //! Plain threads and blocking sockets: one stream, one reader, one writer.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::net::{self, MAX_DATAGRAM, ResolveError, UdpFailure};
+
 /// Bytes read from stdin (and sent) at a time.
 const CHUNK: usize = 64 * 1024;
-/// The largest UDP payload over IPv4.
-const MAX_DATAGRAM: usize = 65_507;
 /// Chunks of input kept for `--verify` until their echo arrives (bounds memory).
 const VERIFY_QUEUE: usize = 64;
 /// UDP sends per datagram before the client gives up.
@@ -49,13 +49,8 @@ pub struct ClientArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// DNS failed or returned nothing.
-    #[error("cannot resolve {addr}: {reason}")]
-    Resolve {
-        /// What the user typed.
-        addr: String,
-        /// The resolver's words.
-        reason: String,
-    },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// The connection could not be made.
     #[error("cannot connect to {addr}: {source}")]
     Connect {
@@ -120,24 +115,9 @@ pub fn run(args: &ClientArgs) -> ExitCode {
     }
 }
 
-fn resolve(addr: &str) -> Result<Vec<SocketAddr>, ClientError> {
-    let resolve_error = |reason: String| ClientError::Resolve {
-        addr: addr.to_string(),
-        reason,
-    };
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| resolve_error(e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(resolve_error("no addresses".into()));
-    }
-    Ok(addrs)
-}
-
 fn connect_tcp(args: &ClientArgs) -> Result<TcpStream, ClientError> {
     let mut last = None;
-    for addr in resolve(&args.addr)? {
+    for addr in net::resolve(&args.addr)? {
         match TcpStream::connect_timeout(&addr, args.timeout) {
             Ok(stream) => {
                 let _ = stream.set_nodelay(true);
@@ -150,16 +130,9 @@ fn connect_tcp(args: &ClientArgs) -> Result<TcpStream, ClientError> {
 }
 
 fn connect_udp(args: &ClientArgs) -> Result<(UdpSocket, SocketAddr), ClientError> {
-    let addr = resolve(&args.addr)?[0];
-    let local: SocketAddr = if addr.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local).map_err(io_err("cannot open a UDP socket"))?;
-    socket
-        .connect(addr)
-        .map_err(|source| ClientError::Connect { addr, source })?;
+    let addr = net::resolve(&args.addr)?[0];
+    let socket =
+        net::connected_udp(addr).map_err(|source| ClientError::Connect { addr, source })?;
     Ok((socket, addr))
 }
 
@@ -326,31 +299,14 @@ fn udp_roundtrip(
     timeout: Duration,
     reply: &mut [u8],
 ) -> Result<usize, ClientError> {
-    let per_attempt = (timeout / UDP_ATTEMPTS).max(Duration::from_millis(1));
-    socket
-        .set_read_timeout(Some(per_attempt))
-        .map_err(io_err("cannot set a timeout"))?;
-    let refused = |source| ClientError::Connect { addr, source };
-    for _ in 0..UDP_ATTEMPTS {
-        socket.send(payload).map_err(|e| match e.kind() {
-            io::ErrorKind::ConnectionRefused => refused(e),
-            _ => io_err("cannot send")(e),
-        })?;
-        match socket.recv(reply) {
-            Ok(n) => return Ok(n),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Err(refused(e)),
-            Err(e) => return Err(io_err("cannot receive")(e)),
-        }
-    }
-    Err(ClientError::Timeout {
-        addr,
-        timeout,
-        outstanding: payload.len() as u64,
+    net::udp_exchange(socket, payload, reply, UDP_ATTEMPTS, timeout).map_err(|f| match f {
+        UdpFailure::Refused(source) => ClientError::Connect { addr, source },
+        UdpFailure::Silence => ClientError::Timeout {
+            addr,
+            timeout,
+            outstanding: payload.len() as u64,
+        },
+        UdpFailure::Io(context, source) => ClientError::Io { context, source },
     })
 }
 

@@ -23,15 +23,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::accept::Acceptor;
+use super::limits::{ConnectionLimiter, Permit};
+use super::logging::RateLimitedLog;
+use super::metrics::TcpListenerMetrics;
+use super::reasons::RejectReason;
+use super::shutdown::Shutdown;
 use crate::config::TcpConfig;
-use crate::limits::{ConnectionLimiter, Permit};
-use crate::logging::RateLimitedLog;
-use crate::metrics::{RejectReason, TcpListenerMetrics};
-use crate::shutdown::Shutdown;
 
 /// Binds a listening socket the way the config asks (backlog, SO_REUSEADDR, IPv6-only
 /// for `[::]` so an IPv4 wildcard can be listed beside it).
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -44,76 +46,46 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener>
 }
 
 /// Everything a TCP listener task needs, passed down from the server.
-pub struct Listener {
-    /// The bound socket.
-    pub listener: TcpListener,
-    /// The configured address, used as the metrics label and in logs.
-    pub name: String,
+pub(crate) struct Listener {
+    pub(crate) listener: TcpListener,
+    /// The configured address: the metrics label and the name in logs.
+    pub(crate) label: String,
     /// Live TCP settings; each new connection takes the current snapshot.
-    pub config: watch::Receiver<Arc<TcpConfig>>,
-    /// Global and per-IP connection limits shared by all listeners.
-    pub limiter: Arc<ConnectionLimiter>,
-    /// This listener's metric series, shared with its connections.
-    pub metrics: Arc<TcpListenerMetrics>,
+    pub(crate) config: watch::Receiver<Arc<TcpConfig>>,
+    /// Global and per-IP limits shared by all listeners.
+    pub(crate) limiter: Arc<ConnectionLimiter>,
+    /// This listener's series, shared with its connections.
+    pub(crate) metrics: Arc<TcpListenerMetrics>,
     /// Drain/cut broadcast for the connections.
-    pub shutdown: Shutdown,
+    pub(crate) shutdown: Shutdown,
     /// Stops this listener alone (reload) or with all (drain).
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
     /// Tracks connection tasks so a drain can wait for them.
-    pub connections: TaskTracker,
+    pub(crate) connections: TaskTracker,
 }
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
-/// Sorts accept errors into the metric's kinds and says whether to back off: running
-/// out of descriptors or memory does not fix itself in a microsecond, so retrying at
-/// once would only spin.
-fn classify_accept_error(e: &io::Error) -> (&'static str, bool) {
-    match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE) => ("fd_limit", true),
-        Some(libc::ENOBUFS | libc::ENOMEM) => ("no_memory", true),
-        Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET) => ("aborted", false),
-        _ => ("other", true),
-    }
-}
-
 impl Listener {
     /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
     /// backed off from, never fatal.
-    pub async fn run(self) {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                r = self.listener.accept() => r,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(5);
-                    self.admit(stream, peer);
-                }
-                Err(e) => {
-                    let (kind, back_off) = classify_accept_error(&e);
-                    self.metrics.accept_error(kind);
-                    if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
-                        warn!(listener = %self.name, error = %e, kind, suppressed, "accept failed");
-                    }
-                    if back_off {
-                        tokio::select! {
-                            _ = self.stop.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                }
+    pub(crate) async fn run(self) {
+        let mut acceptor = Acceptor::new(&self.listener, &self.stop);
+        let on_error = |kind, e: &io::Error| {
+            self.metrics.accept_error(kind);
+            if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+                warn!(listener = %self.label, error = %e, kind = kind.label(), suppressed,
+                    "accept failed");
             }
+        };
+        while let Some((stream, peer)) = acceptor.next(on_error).await {
+            self.admit(stream, peer);
         }
         if self.shutdown.is_draining() {
             self.reject_backlog().await;
         }
-        debug!(listener = %self.name, "TCP listener closed");
+        debug!(listener = %self.label, "TCP listener closed");
     }
 
     /// Closes connections the kernel completed before the stop but echod had not yet
@@ -140,7 +112,7 @@ impl Listener {
             Err(reason) => {
                 self.metrics.rejected(reason);
                 if let Some(suppressed) = REJECT_LOG.allow() {
-                    warn!(listener = %self.name, %peer, reason = reason.as_str(), suppressed,
+                    warn!(listener = %self.label, %peer, reason = reason.label(), suppressed,
                         "connection rejected");
                 }
                 // Dropping the stream closes it: the client sees EOF at once.
@@ -154,7 +126,7 @@ impl Listener {
             config,
             shutdown: self.shutdown.clone(),
             metrics: Arc::clone(&self.metrics),
-            unflushed: (0, 0),
+            unflushed: ByteCounts::default(),
             _permit: permit,
         };
         self.connections.spawn(connection.run());
@@ -174,6 +146,13 @@ enum End {
     Error,
 }
 
+/// Bytes a connection moved since its counts were last added to its listener's series.
+#[derive(Debug, Default)]
+struct ByteCounts {
+    received: u64,
+    echoed: u64,
+}
+
 /// One client connection and the settings it was accepted under.
 struct Connection {
     stream: TcpStream,
@@ -181,7 +160,7 @@ struct Connection {
     shutdown: Shutdown,
     metrics: Arc<TcpListenerMetrics>,
     /// Bytes received and echoed since the last flush to the shared counters.
-    unflushed: (u64, u64),
+    unflushed: ByteCounts,
     _permit: Permit,
 }
 
@@ -274,13 +253,13 @@ impl Connection {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => return End::Error,
                 };
-                unflushed.0 += n as u64;
+                unflushed.received += n as u64;
                 let mut written = 0;
                 while written < n {
                     match stream.try_write(&buf[written..]) {
                         Ok(w) => {
                             written += w;
-                            unflushed.1 += w as u64;
+                            unflushed.echoed += w as u64;
                             progressed = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -315,10 +294,10 @@ impl Connection {
 }
 
 /// Adds a connection's unflushed byte counts to its listener's counters.
-fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut (u64, u64)) {
-    let (rx, tx) = std::mem::take(unflushed);
-    metrics.rx_bytes.inc_by(rx);
-    metrics.tx_bytes.inc_by(tx);
+fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) {
+    let counts = std::mem::take(unflushed);
+    metrics.rx_bytes.inc_by(counts.received);
+    metrics.tx_bytes.inc_by(counts.echoed);
 }
 
 /// Re-arms `timer` for `last_traffic + idle`; true when that deadline has already passed.

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::reasons::RejectReason;
 use crate::config::{RateLimitConfig, TcpConfig};
-use crate::metrics::RejectReason;
 
 /// Canonical form of a peer address: a v4-mapped IPv6 address counts as its IPv4 self,
 /// so a dual-stack listener cannot double a client's allowance.
@@ -21,29 +21,6 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
-}
-
-/// Raises the soft open-files limit to the hard one: every connection costs a
-/// descriptor, and the default soft limit (often 1024) is far below what
-/// `tcp.max_connections` allows. Returns the limit now in force.
-pub fn raise_open_files_limit() -> std::io::Result<u64> {
-    let mut rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if rlim.rlim_cur < rlim.rlim_max {
-            rlim.rlim_cur = rlim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(rlim.rlim_cur)
 }
 
 /// Counts open TCP connections over every listener.

@@ -6,7 +6,7 @@
 //! match is a mismatch.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
@@ -15,22 +15,17 @@ use tokio::time::{Instant, timeout_at};
 
 use super::pattern::Pattern;
 use super::{BenchError, Plan, Samples, Tally};
+use crate::tools::net::{self, MAX_DATAGRAM};
 
 /// Bytes of sequence number at the start of each datagram.
 pub(super) const HEADER: usize = 8;
-/// The largest UDP payload over IPv4.
-pub(super) const MAX_PAYLOAD: usize = 65_507;
 
 /// Opens one connected socket per simulated client.
 pub(super) async fn open_all(
     target: SocketAddr,
     count: usize,
 ) -> Result<Vec<UdpSocket>, BenchError> {
-    let local: SocketAddr = if target.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let local = net::any_local(target);
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count {
         let socket = UdpSocket::bind(local).await?;
@@ -63,7 +58,7 @@ async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> T
     let mut samples = Samples::new(plan);
     let mut tally = Tally::default();
     let mut message = vec![0u8; size];
-    let mut reply = vec![0u8; MAX_PAYLOAD + 1];
+    let mut reply = vec![0u8; MAX_DATAGRAM + 1];
     let mut seq: u64 = 0;
     loop {
         let Some(stamp) = plan.next_send(id, total, seq).await else {

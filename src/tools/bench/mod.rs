@@ -15,7 +15,7 @@ mod tcp;
 mod udp;
 
 use std::io::IsTerminal;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,8 @@ use tokio::time::Instant;
 
 use pattern::Pattern;
 pub use report::Report;
+
+use super::net::{self, MAX_DATAGRAM, ResolveError};
 
 /// Largest message or chunk size accepted.
 const MAX_SIZE: usize = 16 * 1024 * 1024;
@@ -106,8 +108,8 @@ pub enum BenchError {
     #[error("{0}")]
     Usage(String),
     /// The target did not resolve.
-    #[error("cannot resolve {0}: {1}")]
-    Resolve(String, String),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// Not a single connection could be made.
     #[error("cannot connect to {addr}: {reason}")]
     Connect {
@@ -291,7 +293,7 @@ fn validate(args: &BenchArgs) -> Result<usize, BenchError> {
     if !(1..=MAX_SIZE).contains(&size) {
         return usage("--size must be between 1 and 16777216");
     }
-    if args.mode == Mode::Udp && !(udp::HEADER..=udp::MAX_PAYLOAD).contains(&size) {
+    if args.mode == Mode::Udp && !(udp::HEADER..=MAX_DATAGRAM).contains(&size) {
         return usage("UDP --size must be between 8 and 65507 (8 bytes carry the sequence)");
     }
     if !(1..=100_000).contains(&args.connections) {
@@ -343,12 +345,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 /// Runs the benchmark and returns its report (also used by tests and scripts).
 pub fn execute(args: &BenchArgs) -> Result<Report, BenchError> {
     let size = validate(args)?;
-    let target = args
-        .addr
-        .to_socket_addrs()
-        .map_err(|e| BenchError::Resolve(args.addr.clone(), e.to_string()))?
-        .next()
-        .ok_or_else(|| BenchError::Resolve(args.addr.clone(), "no addresses".into()))?;
+    let target = net::resolve(&args.addr)?[0];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("echod-bench")

@@ -13,34 +13,21 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, parse_log_filter};
 
 /// Changes the log level of a running daemon (on reload).
-pub struct LogHandle {
+pub(crate) struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
     env_override: bool,
 }
 
-/// Parses a level (`info`) or a full filter (`info,echod=debug`) the way the daemon will
-/// use it. A bare word that is not a level is refused: `EnvFilter` would read `loud` as a
-/// target name and silently log nothing.
-pub fn parse_filter(level: &str) -> Result<EnvFilter, String> {
-    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
-    let level = level.trim();
-    let is_directive = level.contains('=') || level.contains(',');
-    if !is_directive && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-        return Err(format!("`{level}` is not one of {}", LEVELS.join(", ")));
-    }
-    EnvFilter::try_new(level).map_err(|e| e.to_string())
-}
-
 /// Installs the global subscriber; call once, early, before anything logs.
-pub fn init(config: &LogConfig) -> LogHandle {
+pub(crate) fn init(config: &LogConfig) -> LogHandle {
     let env_override = std::env::var("RUST_LOG").is_ok_and(|v| !v.is_empty());
     let filter = if env_override {
         EnvFilter::from_default_env()
     } else {
-        parse_filter(&config.level).unwrap_or_else(|_| EnvFilter::new("info"))
+        parse_log_filter(&config.level).unwrap_or_else(|_| EnvFilter::new("info"))
     };
     let (filter, handle) = reload::Layer::new(filter);
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
@@ -72,11 +59,11 @@ pub fn init(config: &LogConfig) -> LogHandle {
 
 impl LogHandle {
     /// Applies a new level from a reloaded config (unless `RUST_LOG` pins it).
-    pub fn set_level(&self, level: &str) {
+    pub(crate) fn set_level(&self, level: &str) {
         if self.env_override {
             return;
         }
-        if let Ok(filter) = parse_filter(level) {
+        if let Ok(filter) = parse_log_filter(level) {
             let _ = self.filter.reload(filter);
         }
     }
@@ -84,7 +71,7 @@ impl LogHandle {
 
 /// Lets a warning through at most once per interval and counts what it held back, so a
 /// flood (EMFILE, rejected connections) cannot flood the journal too.
-pub struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     interval: Duration,
     last: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
@@ -92,7 +79,7 @@ pub struct RateLimitedLog {
 
 impl RateLimitedLog {
     /// A limiter letting one line through per `interval`.
-    pub const fn new(interval: Duration) -> Self {
+    pub(crate) const fn new(interval: Duration) -> Self {
         Self {
             interval,
             last: Mutex::new(None),
@@ -101,7 +88,7 @@ impl RateLimitedLog {
     }
 
     /// Returns `Some(suppressed_since_last)` when a line may be written now.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let now = Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match *last {

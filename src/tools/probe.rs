@@ -9,12 +9,13 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::net::{self, ResolveError, UdpFailure};
 use crate::config::{Config, ConfigSource};
 
 /// UDP is lossy: a probe sends its datagram this many times before it gives up.
@@ -62,8 +63,8 @@ impl fmt::Display for Target {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The address did not resolve.
-    #[error("cannot resolve {0}: {1}")]
-    Resolve(String, String),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// Nothing to connect to, or the connection failed.
     #[error("connect failed: {0}")]
     Connect(io::Error),
@@ -223,21 +224,10 @@ impl Deadline {
     }
 }
 
-fn resolve(addr: &str) -> Result<Vec<SocketAddr>, ProbeError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ProbeError::Resolve(addr.to_string(), e.to_string()))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(ProbeError::Resolve(addr.to_string(), "no addresses".into()));
-    }
-    Ok(addrs)
-}
-
 /// Connects to the first address of `addr` that accepts within the deadline.
 fn connect(addr: &str, deadline: &Deadline) -> Result<TcpStream, ProbeError> {
     let mut last = None;
-    for candidate in resolve(addr)? {
+    for candidate in net::resolve(addr)? {
         match TcpStream::connect_timeout(&candidate, deadline.remaining()?) {
             Ok(stream) => {
                 let left = deadline.remaining()?;
@@ -307,42 +297,23 @@ fn check_tcp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
 }
 
 fn check_udp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
-    let target = resolve(addr)?[0];
-    let local: SocketAddr = if target.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local).map_err(ProbeError::Io)?;
-    socket.connect(target).map_err(ProbeError::Connect)?;
+    let target = net::resolve(addr)?[0];
+    let socket = net::connected_udp(target).map_err(ProbeError::Connect)?;
     let nonce = nonce();
-    let per_attempt = deadline.total / UDP_ATTEMPTS;
     let mut buf = vec![0u8; 2048];
-    loop {
-        socket.send(&nonce).map_err(|e| match e.kind() {
-            io::ErrorKind::ConnectionRefused => ProbeError::Connect(e),
-            _ => ProbeError::Io(e),
-        })?;
-        let wait = per_attempt.min(deadline.remaining()?);
-        socket
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-            .map_err(ProbeError::Io)?;
-        match socket.recv(&mut buf) {
-            Ok(n) => return expect_echo(&nonce, &buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                deadline.remaining()?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                return Err(ProbeError::Connect(e));
-            }
-            Err(e) => return Err(ProbeError::Io(e)),
-        }
-    }
+    let n = net::udp_exchange(
+        &socket,
+        &nonce,
+        &mut buf,
+        UDP_ATTEMPTS,
+        deadline.remaining()?,
+    )
+    .map_err(|f| match f {
+        UdpFailure::Refused(e) => ProbeError::Connect(e),
+        UdpFailure::Silence => ProbeError::Timeout(deadline.total),
+        UdpFailure::Io(_, e) => ProbeError::Io(e),
+    })?;
+    expect_echo(&nonce, &buf[..n])
 }
 
 /// Splits `http://host:port/path` into the authority and the path.

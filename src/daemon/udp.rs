@@ -18,10 +18,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::limits::{RateLimiter, canonical_ip};
+use super::logging::RateLimitedLog;
+use super::metrics::{UdpBatch, UdpListenerMetrics};
+use super::reasons::DropReason;
 use crate::config::UdpConfig;
-use crate::limits::{RateLimiter, canonical_ip};
-use crate::logging::RateLimitedLog;
-use crate::metrics::{DropReason, UdpBatch, UdpListenerMetrics};
 
 /// Larger than any UDP payload, so the kernel never truncates what it hands us and an
 /// oversize datagram is recognised by its true length.
@@ -31,7 +32,7 @@ const RECV_BUFFER: usize = 65_536;
 const MAX_BATCH: usize = 256;
 
 /// Binds a UDP socket (SO_REUSEADDR; IPv6-only for `[::]`).
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -43,19 +44,17 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 }
 
 /// Everything a UDP socket task needs, passed down from the server.
-pub struct Listener {
-    /// The bound socket.
-    pub socket: UdpSocket,
-    /// The configured address, used as the metrics label and in logs.
-    pub name: String,
+pub(crate) struct Listener {
+    pub(crate) socket: UdpSocket,
+    /// The configured address: the metrics label and the name in logs.
+    pub(crate) label: String,
     /// Live UDP settings.
-    pub config: watch::Receiver<Arc<UdpConfig>>,
+    pub(crate) config: watch::Receiver<Arc<UdpConfig>>,
     /// Per-source token buckets shared by all UDP sockets.
-    pub limiter: Arc<RateLimiter>,
-    /// This socket's metric series.
-    pub metrics: UdpListenerMetrics,
+    pub(crate) limiter: Arc<RateLimiter>,
+    pub(crate) metrics: UdpListenerMetrics,
     /// Stops this socket alone (reload) or with all (drain).
-    pub stop: CancellationToken,
+    pub(crate) stop: CancellationToken,
 }
 
 /// The current filtering rules in a form cheap to test per datagram.
@@ -96,7 +95,7 @@ static SEND_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(
 
 impl Listener {
     /// Echoes until stopped.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut buf = vec![0u8; RECV_BUFFER];
         let mut rules = Rules::new(&self.config.borrow_and_update());
         let mut batch = UdpBatch::default();
@@ -105,7 +104,7 @@ impl Listener {
                 biased;
                 _ = self.stop.cancelled() => break,
                 r = self.socket.readable() => if let Err(e) = r {
-                    warn!(listener = %self.name, error = %e, "UDP socket failed");
+                    warn!(listener = %self.label, error = %e, "UDP socket failed");
                     break;
                 },
             }
@@ -117,7 +116,7 @@ impl Listener {
                     Ok((n, peer)) => self.handle(&buf[..n], peer, &rules, &mut batch),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        debug!(listener = %self.name, error = %e, "UDP receive error");
+                        debug!(listener = %self.label, error = %e, "UDP receive error");
                         break;
                     }
                 }
@@ -125,7 +124,7 @@ impl Listener {
             batch.flush(&self.metrics);
         }
         batch.flush(&self.metrics);
-        debug!(listener = %self.name, "UDP socket closed");
+        debug!(listener = %self.label, "UDP socket closed");
     }
 
     fn handle(&self, datagram: &[u8], peer: SocketAddr, rules: &Rules, batch: &mut UdpBatch) {
@@ -143,7 +142,7 @@ impl Listener {
                 .try_send_to(datagram, peer)
                 .map_err(|e| {
                     if let Some(suppressed) = SEND_ERROR_LOG.allow() {
-                        warn!(listener = %self.name, %peer, error = %e, suppressed,
+                        warn!(listener = %self.label, %peer, error = %e, suppressed,
                             "UDP reply not sent");
                     }
                     DropReason::SendError

@@ -1,0 +1,177 @@
+//! The process around the server: the one owner of what belongs to a whole process —
+//! the global logger, the async runtime, signal handlers, the open-files limit and the
+//! sockets systemd passed (`LISTEN_FDS`). It turns signals into [`Control`] messages,
+//! so the server itself never touches process state and runs the same inside a test.
+
+use std::io;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::listeners::Sockets;
+use super::server::{Control, ServeError, serve_with_log};
+use super::{logging, systemd};
+use crate::config::{Config, ConfigSource, describe_source};
+
+/// Exit code of the immediate exit on a second stop signal.
+const SECOND_SIGNAL_EXIT_CODE: i32 = 1;
+
+/// Descriptors echod needs besides one per connection (listeners, HTTP, runtime).
+const RESERVED_FDS: u64 = 128;
+
+/// Why the process could not serve.
+#[derive(Debug, thiserror::Error)]
+enum ProcessError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot use the sockets passed by systemd (LISTEN_FDS): {0}")]
+    Inherited(io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Runs the daemon as this process until a stop signal has been handled and
+/// connections are drained; `config` was loaded from `source`, which a reload reads again.
+pub fn run(source: ConfigSource, config: Config) -> ExitCode {
+    let log = logging::init(&config.log);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("echod-worker")
+        .build()
+        .map_err(ProcessError::Runtime)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                // Signals first: a stop that arrives while binding must not be lost.
+                let signals = Signals::install().map_err(ProcessError::Signals)?;
+                let inherited = systemd::inherited_sockets().map_err(ProcessError::Inherited)?;
+                check_open_files_limit(config.tcp.max_connections);
+                let (control, requests) = mpsc::channel(4);
+                tokio::spawn(forward_signals(signals, source, control));
+                let sockets = Sockets::activated(inherited);
+                Ok(serve_with_log(config, sockets, requests, Some(log)).await?)
+            })
+        });
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Turns signals into control messages: TERM/INT stop, HUP reloads from `source`.
+async fn forward_signals(
+    mut signals: Signals,
+    source: ConfigSource,
+    control: mpsc::Sender<Control>,
+) {
+    loop {
+        let message = match signals.recv().await {
+            Request::Stop(signal) => Control::Stop(signal),
+            Request::Reload => {
+                info!(source = %describe_source(source.file.as_deref()), "reloading configuration");
+                let source = source.clone();
+                // Loading reads a file and validates: keep it off the serving threads.
+                let loaded = tokio::task::spawn_blocking(move || source.load())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                Control::Reload(Box::new(loaded))
+            }
+        };
+        if control.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What the operator asked for through a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop(&'static str),
+    /// SIGHUP: re-read the configuration.
+    Reload,
+}
+
+/// The process's signal handlers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. Must run inside the runtime, before listeners are bound,
+    /// so that a stop arriving during start-up is not lost. A second TERM/INT exits at
+    /// once, from the signal handler itself, so it works even if the runtime is busy.
+    fn install() -> io::Result<Self> {
+        // The conditional handler fires only when the flag is already set, and the
+        // flag is set by the first signal.
+        let stopping = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register_conditional_shutdown(
+                sig,
+                SECOND_SIGNAL_EXIT_CODE,
+                Arc::clone(&stopping),
+            )?;
+            signal_hook::flag::register(sig, Arc::clone(&stopping))?;
+        }
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> Request {
+        tokio::select! {
+            _ = self.term.recv() => Request::Stop("SIGTERM"),
+            _ = self.int.recv() => Request::Stop("SIGINT"),
+            _ = self.hup.recv() => Request::Reload,
+        }
+    }
+}
+
+fn check_open_files_limit(max_connections: usize) {
+    match raise_open_files_limit() {
+        Ok(limit) if limit < max_connections as u64 + RESERVED_FDS => warn!(
+            limit,
+            max_connections,
+            "open-files limit is below tcp.max_connections; accept will fail with EMFILE \
+             before the connection limit is reached (raise LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: every connection costs a
+/// descriptor, and the default soft limit (often 1024) is far below what
+/// `tcp.max_connections` allows. Returns the limit now in force.
+fn raise_open_files_limit() -> io::Result<u64> {
+    let mut rlim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if rlim.rlim_cur < rlim.rlim_max {
+            rlim.rlim_cur = rlim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(rlim.rlim_cur)
+}

@@ -1,0 +1,154 @@
+//! Why something was refused or failed, as closed sets: the limits, the listeners and
+//! the metrics all name these, so each is defined once and every label value exists
+//! (at 0) from the start.
+
+use std::io;
+
+/// Why a TCP connection was refused right after accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `tcp.max_connections` reached.
+    GlobalLimit,
+    /// `tcp.max_connections_per_ip` reached for the source address.
+    PerIpLimit,
+    /// Accepted while the daemon was draining.
+    Shutdown,
+}
+
+impl RejectReason {
+    /// Every reason, in label order.
+    pub const ALL: [Self; 3] = [Self::GlobalLimit, Self::PerIpLimit, Self::Shutdown];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::GlobalLimit => "global_limit",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a UDP datagram was not echoed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Larger than `udp.max_datagram_size`.
+    Oversize,
+    /// From a source port in `udp.deny_source_ports`, or a non-unicast source address.
+    DeniedPort,
+    /// The source exceeded its token bucket (or the table of sources is full).
+    RateLimited,
+    /// The reply could not be sent.
+    SendError,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [Self; 4] = [
+        Self::Oversize,
+        Self::DeniedPort,
+        Self::RateLimited,
+        Self::SendError,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Oversize => "oversize",
+            Self::DeniedPort => "denied_port",
+            Self::RateLimited => "rate_limited",
+            Self::SendError => "send_error",
+        }
+    }
+}
+
+/// Accept errors worth telling apart on a dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptErrorKind {
+    /// Out of file descriptors (EMFILE, ENFILE).
+    FdLimit,
+    /// The kernel is out of memory for sockets (ENOBUFS, ENOMEM).
+    NoMemory,
+    /// The client gave up before accept (ECONNABORTED and the like).
+    Aborted,
+    /// Anything else.
+    Other,
+}
+
+impl AcceptErrorKind {
+    /// Every kind, in label order.
+    pub const ALL: [Self; 4] = [Self::FdLimit, Self::NoMemory, Self::Aborted, Self::Other];
+
+    /// Sorts an accept error into its kind.
+    pub fn of(e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => Self::FdLimit,
+            Some(libc::ENOBUFS | libc::ENOMEM) => Self::NoMemory,
+            Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET) => Self::Aborted,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether to wait before the next accept: running out of descriptors or memory
+    /// does not fix itself in a microsecond, so retrying at once would only spin; a
+    /// client that gave up says nothing about the next one.
+    pub fn backs_off(self) -> bool {
+        self != Self::Aborted
+    }
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FdLimit => "fd_limit",
+            Self::NoMemory => "no_memory",
+            Self::Aborted => "aborted",
+            Self::Other => "other",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_are_classified_and_only_transient_ones_retry_at_once() {
+        let cases = [
+            (libc::EMFILE, AcceptErrorKind::FdLimit, true),
+            (libc::ENFILE, AcceptErrorKind::FdLimit, true),
+            (libc::ENOBUFS, AcceptErrorKind::NoMemory, true),
+            (libc::ENOMEM, AcceptErrorKind::NoMemory, true),
+            (libc::ECONNABORTED, AcceptErrorKind::Aborted, false),
+            (libc::EPROTO, AcceptErrorKind::Aborted, false),
+            (libc::ECONNRESET, AcceptErrorKind::Aborted, false),
+            (libc::EINVAL, AcceptErrorKind::Other, true),
+        ];
+        for (errno, kind, backs_off) in cases {
+            let got = AcceptErrorKind::of(&io::Error::from_raw_os_error(errno));
+            assert_eq!(got, kind, "errno {errno}");
+            assert_eq!(got.backs_off(), backs_off, "errno {errno}");
+        }
+    }
+
+    #[test]
+    fn label_values_are_distinct_and_in_index_order() {
+        let labels = |v: Vec<&'static str>| {
+            let mut sorted = v.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), v.len(), "duplicate label in {v:?}");
+        };
+        labels(RejectReason::ALL.map(RejectReason::label).to_vec());
+        labels(DropReason::ALL.map(DropReason::label).to_vec());
+        labels(AcceptErrorKind::ALL.map(AcceptErrorKind::label).to_vec());
+        for (i, r) in RejectReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, k) in AcceptErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+    }
+}
