@@ -26,6 +26,11 @@ pub const DEFAULT_DENY_SOURCE_PORTS: &[u16] = &[
     0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 11211,
 ];
 
+/// Connections from one source address when `tcp.max_connections_per_ip` is unset (and
+/// `tcp.max_connections` is not lower): one address may use a tenth of the default
+/// global limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+
 /// The whole effective configuration of the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -52,8 +57,12 @@ pub struct TcpConfig {
     pub backlog: u32,
     /// Concurrent connections over all listeners; one more is closed at once.
     pub max_connections: usize,
-    /// Concurrent connections from one source address.
-    pub max_connections_per_ip: usize,
+    /// Concurrent connections from one source address; unset, the smaller of
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_IP`] and `max_connections` (as systemd's
+    /// `MaxConnectionsPerSource=` follows `MaxConnections=`), so lowering the global
+    /// limit alone is always a valid config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<usize>,
     /// A connection with no traffic for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -72,12 +81,21 @@ impl Default for TcpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             backlog: 1024,
             max_connections: 10_000,
-            max_connections_per_ip: 1_000,
+            max_connections_per_ip: None,
             idle_timeout: Duration::from_secs(300),
             buffer_size: 16 * 1024,
             nodelay: true,
             keepalive: Duration::from_secs(60),
         }
+    }
+}
+
+impl TcpConfig {
+    /// The per-source limit in force: the configured one, or the default that follows
+    /// the global limit.
+    pub fn per_ip_limit(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP.min(self.max_connections))
     }
 }
 
@@ -349,16 +367,18 @@ impl Config {
         check(tcp.max_connections >= 1, "tcp.max_connections", || {
             "must be at least 1".into()
         })?;
-        check(
-            (1..=tcp.max_connections).contains(&tcp.max_connections_per_ip),
-            "tcp.max_connections_per_ip",
-            || {
-                format!(
-                    "must be between 1 and tcp.max_connections ({}), got {}",
-                    tcp.max_connections, tcp.max_connections_per_ip
-                )
-            },
-        )?;
+        if let Some(per_ip) = tcp.max_connections_per_ip {
+            check(
+                (1..=tcp.max_connections).contains(&per_ip),
+                "tcp.max_connections_per_ip",
+                || {
+                    format!(
+                        "must be between 1 and tcp.max_connections ({}), got {per_ip}",
+                        tcp.max_connections
+                    )
+                },
+            )?;
+        }
         check(!tcp.idle_timeout.is_zero(), "tcp.idle_timeout", || {
             "must be longer than 0s".into()
         })?;
@@ -422,3 +442,6 @@ pub fn describe_source(file: Option<&Path>) -> String {
         |p| p.display().to_string(),
     )
 }
+
+#[cfg(test)]
+mod tests;

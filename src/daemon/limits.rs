@@ -44,7 +44,7 @@ impl ConnectionLimiter {
     pub fn new(config: &TcpConfig) -> Arc<Self> {
         Arc::new(Self {
             max: AtomicUsize::new(config.max_connections),
-            max_per_ip: AtomicUsize::new(config.max_connections_per_ip),
+            max_per_ip: AtomicUsize::new(config.per_ip_limit()),
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         })
@@ -54,7 +54,7 @@ impl ConnectionLimiter {
     pub fn update(&self, config: &TcpConfig) {
         self.max.store(config.max_connections, Ordering::Relaxed);
         self.max_per_ip
-            .store(config.max_connections_per_ip, Ordering::Relaxed);
+            .store(config.per_ip_limit(), Ordering::Relaxed);
     }
 
     /// Open connections right now.
@@ -210,7 +210,7 @@ mod tests {
     fn tcp(max: usize, per_ip: usize) -> TcpConfig {
         TcpConfig {
             max_connections: max,
-            max_connections_per_ip: per_ip,
+            max_connections_per_ip: Some(per_ip),
             ..TcpConfig::default()
         }
     }

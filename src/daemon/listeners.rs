@@ -270,3 +270,139 @@ impl ListenerSet {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, UdpSocket};
+
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    fn config(tcp: &[SocketAddr], udp: &[SocketAddr], http: &[SocketAddr]) -> Config {
+        let mut config = Config::default();
+        config.tcp.listen = tcp.to_vec();
+        config.udp.listen = udp.to_vec();
+        config.metrics.listen = http.to_vec();
+        config
+    }
+
+    /// Runs reconcile with a `start` that records what it was given.
+    fn reconcile(
+        set: &mut ListenerSet,
+        config: &Config,
+    ) -> Result<Vec<(ListenerKind, String)>, BindError> {
+        let mut started = Vec::new();
+        set.reconcile(config, |bound, label| {
+            started.push((bound.kind(), label));
+            Ok(CancellationToken::new())
+        })?;
+        Ok(started)
+    }
+
+    fn running(set: &ListenerSet) -> Vec<Key> {
+        set.running.keys().copied().collect()
+    }
+
+    #[test]
+    fn provided_sockets_are_adopted_by_address_and_the_rest_is_bound() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (t, u) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
+        let mut set = ListenerSet::new(Sockets::new().tcp(tcp).udp(udp));
+        let started = reconcile(&mut set, &config(&[t], &[u], &[addr("127.0.0.1:0")])).unwrap();
+        assert_eq!(started.len(), 3);
+        assert!(started.contains(&(ListenerKind::Tcp, t.to_string())));
+        assert!(started.contains(&(ListenerKind::Udp, u.to_string())));
+        // The HTTP socket was bound fresh: its real port is known, its key is the config's.
+        let http = set.addresses(ListenerKind::Http);
+        assert_eq!(http.len(), 1);
+        assert_ne!(http[0].port(), 0);
+        assert!(set.spare.is_empty());
+    }
+
+    #[test]
+    fn reload_binds_new_first_and_a_failure_changes_nothing() {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = first.local_addr().unwrap();
+        let mut set = ListenerSet::new(Sockets::new().tcp(first));
+        reconcile(&mut set, &config(&[a], &[], &[])).unwrap();
+        // A port another socket holds cannot be bound: the reload fails as a whole.
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let started = std::cell::Cell::new(0);
+        let before = running(&set);
+        let err = set
+            .reconcile(&config(&[busy, addr("127.0.0.1:0")], &[], &[]), |_, _| {
+                started.set(started.get() + 1);
+                Ok(CancellationToken::new())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("already uses this port"), "{err}");
+        assert_eq!(started.get(), 0, "nothing started on a failed reload");
+        assert_eq!(running(&set), before, "nothing stopped on a failed reload");
+        // A good reload stops the removed listener's token and starts the new one.
+        let old_stop = set.running[&(ListenerKind::Tcp, a)].stop.clone();
+        let started = reconcile(&mut set, &config(&[addr("127.0.0.1:0")], &[], &[])).unwrap();
+        assert_eq!(
+            started,
+            vec![(ListenerKind::Tcp, "127.0.0.1:0".to_string())]
+        );
+        assert!(old_stop.is_cancelled());
+        assert_eq!(
+            running(&set),
+            vec![(ListenerKind::Tcp, addr("127.0.0.1:0"))]
+        );
+    }
+
+    #[test]
+    fn activated_sockets_replace_the_config_echo_addresses_and_survive_reloads() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = tcp.local_addr().unwrap();
+        let mut set = ListenerSet::new(Sockets::activated(vec![BoundSocket::Tcp(tcp)]));
+        let defaults = Config::default();
+        let started = reconcile(
+            &mut set,
+            &config(
+                &defaults.tcp.listen,
+                &defaults.udp.listen,
+                &[addr("127.0.0.1:0")],
+            ),
+        )
+        .unwrap();
+        // systemd's TCP socket serves; the config's TCP and UDP addresses do not bind;
+        // HTTP was not passed, so it follows the config.
+        assert_eq!(started.len(), 2);
+        assert!(started.contains(&(ListenerKind::Tcp, t.to_string())));
+        assert!(started.contains(&(ListenerKind::Http, "127.0.0.1:0".to_string())));
+        // A reload that drops every echo address leaves the activated socket alone.
+        let started = reconcile(&mut set, &config(&[], &[], &[addr("127.0.0.1:0")])).unwrap();
+        assert!(started.is_empty());
+        assert_eq!(set.addresses(ListenerKind::Tcp), vec![t]);
+    }
+
+    #[test]
+    fn an_activated_http_socket_replaces_metrics_listen() {
+        let http = TcpListener::bind("127.0.0.1:0").unwrap();
+        let h = http.local_addr().unwrap();
+        let mut set = ListenerSet::new(Sockets::activated(vec![BoundSocket::Http(http)]));
+        let started = reconcile(&mut set, &Config::default()).unwrap();
+        assert_eq!(started, vec![(ListenerKind::Http, h.to_string())]);
+        assert!(set.addresses(ListenerKind::Tcp).is_empty());
+    }
+
+    #[test]
+    fn provided_sockets_the_config_does_not_list_are_closed() {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = tcp.local_addr().unwrap();
+        let mut set = ListenerSet::new(Sockets::new().tcp(tcp));
+        reconcile(&mut set, &config(&[], &[], &[])).unwrap();
+        assert!(set.spare.is_empty());
+        assert!(
+            std::net::TcpStream::connect(t).is_err(),
+            "the unlisted socket was closed"
+        );
+    }
+}

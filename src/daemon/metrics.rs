@@ -271,7 +271,7 @@ impl Metrics {
         self.tcp_max_connections
             .set(as_gauge(config.tcp.max_connections));
         self.tcp_max_connections_per_ip
-            .set(as_gauge(config.tcp.max_connections_per_ip));
+            .set(as_gauge(config.tcp.per_ip_limit()));
         self.udp_rate_limit_max_sources
             .set(as_gauge(config.udp.rate_limit.max_sources));
     }

@@ -127,6 +127,11 @@ impl Shared {
             BoundSocket::Http(_) => self.http_stop.child_token(),
             BoundSocket::Tcp(_) | BoundSocket::Udp(_) => self.shutdown.listener_token(),
         };
+        // Sockets a caller bound itself may still block; tokio needs them non-blocking.
+        match &bound {
+            BoundSocket::Tcp(l) | BoundSocket::Http(l) => l.set_nonblocking(true)?,
+            BoundSocket::Udp(s) => s.set_nonblocking(true)?,
+        }
         match bound {
             BoundSocket::Tcp(l) => {
                 let listener = tcp::Listener {

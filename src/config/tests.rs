@@ -1,0 +1,152 @@
+//! Validation and layering as pure functions: the same checks the black-box tests run
+//! through `echod check-config`, here case by case and in microseconds.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use super::*;
+
+fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn with_file(text: &str) -> (tempfile::NamedTempFile, ConfigSource) {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(text.as_bytes()).expect("write config");
+    let source = ConfigSource {
+        file: Some(file.path().to_path_buf()),
+        overrides: Vec::new(),
+    };
+    (file, source)
+}
+
+#[test]
+fn every_invalid_value_names_its_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[tcp]\nbacklog = 0", "tcp.backlog"),
+        ("[tcp]\nbacklog = 70000", "tcp.backlog"),
+        ("[tcp]\nmax_connections = 0", "tcp.max_connections"),
+        (
+            "[tcp]\nmax_connections = 10\nmax_connections_per_ip = 11",
+            "tcp.max_connections_per_ip",
+        ),
+        (
+            "[tcp]\nmax_connections_per_ip = 0",
+            "tcp.max_connections_per_ip",
+        ),
+        ("[tcp]\nidle_timeout = \"0s\"", "tcp.idle_timeout"),
+        ("[tcp]\nbuffer_size = 511", "tcp.buffer_size"),
+        ("[tcp]\nbuffer_size = 16777217", "tcp.buffer_size"),
+        (
+            "[tcp]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+            "tcp.listen",
+        ),
+        ("[udp]\nmax_datagram_size = 0", "udp.max_datagram_size"),
+        ("[udp]\nmax_datagram_size = 65536", "udp.max_datagram_size"),
+        ("[udp.rate_limit]\nburst = 0", "udp.rate_limit.burst"),
+        (
+            "[udp.rate_limit]\nmax_sources = 0",
+            "udp.rate_limit.max_sources",
+        ),
+        (
+            "[metrics]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+            "metrics.listen",
+        ),
+        (
+            "[shutdown]\ndrain_timeout = \"0s\"",
+            "shutdown.drain_timeout",
+        ),
+        ("[log]\nlevel = \"loud\"", "log.level"),
+    ];
+    for (text, key) in cases {
+        let (_file, source) = with_file(text);
+        match source.load_with_env(&HashMap::new()) {
+            Err(ConfigError::Value {
+                key: got, origin, ..
+            }) => {
+                assert_eq!(&got, key, "for {text:?}");
+                assert_eq!(origin, source.file.as_ref().unwrap().display().to_string());
+            }
+            other => panic!("{text:?} gave {other:?}, expected an error naming {key}"),
+        }
+    }
+}
+
+#[test]
+fn lowering_the_global_limit_alone_is_valid_and_the_per_ip_limit_follows() {
+    // README's example: the per-IP default must not make it fail.
+    let config = ConfigSource::default()
+        .load_with_env(&env(&[("ECHOD_TCP__MAX_CONNECTIONS", "500")]))
+        .expect("ECHOD_TCP__MAX_CONNECTIONS=500 is valid");
+    assert_eq!(config.tcp.max_connections, 500);
+    assert_eq!(config.tcp.per_ip_limit(), 500);
+    let (_file, source) = with_file("[tcp]\nmax_connections = 5\n");
+    let config = source.load_with_env(&HashMap::new()).expect("valid");
+    assert_eq!(config.tcp.per_ip_limit(), 5);
+    assert_eq!(
+        Config::default().tcp.per_ip_limit(),
+        DEFAULT_MAX_CONNECTIONS_PER_IP
+    );
+    let (_file, source) = with_file("[tcp]\nmax_connections = 50\nmax_connections_per_ip = 7\n");
+    assert_eq!(
+        source
+            .load_with_env(&HashMap::new())
+            .unwrap()
+            .tcp
+            .per_ip_limit(),
+        7
+    );
+}
+
+#[test]
+fn layers_apply_defaults_then_file_then_environment_then_flags() {
+    let (_file, mut source) =
+        with_file("[tcp]\nbacklog = 10\nidle_timeout = \"1m\"\n[log]\nlevel = \"warn\"\n");
+    source.overrides.push(("log.level".into(), "debug".into()));
+    let config = source
+        .load_with_env(&env(&[
+            ("ECHOD_TCP__IDLE_TIMEOUT", "2m"),
+            ("ECHOD_UDP__LISTEN", ""),
+            ("ECHOD_CONFIG", "/ignored"),
+            ("ECHOD_SERVICE_HOST", "10.0.0.1"),
+        ]))
+        .expect("valid layers");
+    assert_eq!(config.tcp.backlog, 10, "file over defaults");
+    assert_eq!(
+        config.tcp.idle_timeout,
+        Duration::from_secs(120),
+        "environment over file"
+    );
+    assert_eq!(config.log.level, "debug", "flags over everything");
+    assert!(
+        config.udp.listen.is_empty(),
+        "an empty list variable is an empty list"
+    );
+    assert_eq!(config.tcp.buffer_size, TcpConfig::default().buffer_size);
+}
+
+#[test]
+fn log_filters_accept_levels_and_directives_and_refuse_bare_words() {
+    for ok in [
+        "info",
+        "DEBUG",
+        " warn ",
+        "off",
+        "info,echod=debug",
+        "echod=trace",
+    ] {
+        assert!(parse_log_filter(ok).is_ok(), "{ok:?} should parse");
+    }
+    for bad in ["loud", "verbose", ""] {
+        let err = parse_log_filter(bad).expect_err(bad);
+        assert!(err.contains("is not one of"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn documented_defaults_file_is_the_default_config() {
+    let documented: Config = toml::from_str(DOCUMENTED_DEFAULTS).expect("config/echod.toml parses");
+    assert_eq!(documented, Config::default());
+}
