@@ -1,6 +1,7 @@
 //! The `echod` binary: parse the command line and hand over to the library. Exit codes
 //! follow sysexits: 78 (EX_CONFIG) for a bad configuration.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -36,11 +37,19 @@ fn main() -> ExitCode {
             let source = args.or(&outer).source();
             match load(&source) {
                 Ok(config) => {
-                    println!(
-                        "# effective configuration ({} + environment)\n{}",
+                    let text = format!(
+                        "# effective configuration ({} + environment)\n{}\n",
                         describe_source(source.file.as_deref()),
                         config.to_toml()
                     );
+                    // A reader that stops early (`| head -1`) is not an error.
+                    match std::io::stdout().lock().write_all(text.as_bytes()) {
+                        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                            eprintln!("echod: cannot write the configuration: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                        _ => {}
+                    }
                     eprintln!("echod: configuration OK");
                     ExitCode::SUCCESS
                 }

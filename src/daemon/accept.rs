@@ -15,33 +15,35 @@ use super::reasons::AcceptErrorKind;
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Accepts from one listener until it is stopped.
-pub(crate) struct Acceptor<'a> {
-    listener: &'a TcpListener,
-    stop: &'a CancellationToken,
+/// The accept backoff of one listener, kept between calls.
+#[derive(Debug)]
+pub(crate) struct Acceptor {
     backoff: Duration,
 }
 
-impl<'a> Acceptor<'a> {
-    pub(crate) fn new(listener: &'a TcpListener, stop: &'a CancellationToken) -> Self {
+impl Default for Acceptor {
+    fn default() -> Self {
         Self {
-            listener,
-            stop,
             backoff: FIRST_BACKOFF,
         }
     }
+}
 
-    /// The next connection, or `None` once the listener is stopped. Errors go to
-    /// `on_error` and never end the loop.
+impl Acceptor {
+    /// The next connection on `listener`, or `None` once `stop` fires. Errors go to
+    /// `on_error` and never end the loop. Cancel-safe: dropping the future loses no
+    /// connection.
     pub(crate) async fn next(
         &mut self,
+        listener: &TcpListener,
+        stop: &CancellationToken,
         mut on_error: impl FnMut(AcceptErrorKind, &io::Error),
     ) -> Option<(TcpStream, SocketAddr)> {
         loop {
             let accepted = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return None,
-                r = self.listener.accept() => r,
+                _ = stop.cancelled() => return None,
+                r = listener.accept() => r,
             };
             match accepted {
                 Ok(conn) => {
@@ -53,7 +55,7 @@ impl<'a> Acceptor<'a> {
                     on_error(kind, &e);
                     if kind.backs_off() {
                         tokio::select! {
-                            _ = self.stop.cancelled() => return None,
+                            _ = stop.cancelled() => return None,
                             _ = tokio::time::sleep(self.backoff) => {}
                         }
                         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);

@@ -80,7 +80,7 @@ pub(crate) struct State {
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
-    let mut acceptor = Acceptor::new(&listener, &stop);
+    let mut acceptor = Acceptor::default();
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
@@ -94,7 +94,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
                 warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
             }
         };
-        let Some((stream, _)) = acceptor.next(on_error).await else {
+        let Some((stream, _)) = acceptor.next(&listener, &stop, on_error).await else {
             break;
         };
         let state = Arc::clone(&state);

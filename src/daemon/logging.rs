@@ -2,14 +2,21 @@
 //!
 //! The level can change on reload (a `reload` layer), `RUST_LOG` wins over the config
 //! so an operator can always turn up verbosity, and under journald (`JOURNAL_STREAM`)
-//! text lines carry no timestamp because the journal adds its own.
+//! text lines carry no timestamp (the journal adds its own) but a `<N>` priority prefix
+//! (sd-daemon levels), and each event stays one line, so `journalctl -p err` finds
+//! errors and a multi-line error is one entry with its level.
 
+use std::fmt;
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
@@ -38,8 +45,12 @@ pub(crate) fn init(config: &LogConfig) -> LogHandle {
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Text if journald => tracing_subscriber::fmt::layer()
-            .without_time()
             .with_ansi(false)
+            .event_format(Journal(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -55,6 +66,51 @@ pub(crate) fn init(config: &LogConfig) -> LogHandle {
         filter: handle,
         env_override,
     }
+}
+
+/// Wraps a text format for journald: a `<N>` priority prefix, and one line per event.
+struct Journal<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Journal<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        writeln!(
+            writer,
+            "<{}>{}",
+            journal_priority(*event.metadata().level()),
+            one_line(&line)
+        )
+    }
+}
+
+/// The sd-daemon priority of a level: err 3, warning 4, info 6, debug 7.
+fn journal_priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Joins the lines of a formatted event, so the journal stores it as one entry.
+fn one_line(text: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 impl LogHandle {
@@ -101,5 +157,24 @@ impl RateLimitedLog {
                 Some(self.suppressed.swap(0, Ordering::Relaxed))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_lines_carry_the_level_and_stay_one_entry() {
+        assert_eq!(journal_priority(Level::ERROR), 3);
+        assert_eq!(journal_priority(Level::WARN), 4);
+        assert_eq!(journal_priority(Level::INFO), 6);
+        assert_eq!(journal_priority(Level::DEBUG), 7);
+        assert_eq!(journal_priority(Level::TRACE), 7);
+        assert_eq!(
+            one_line("ERROR reload failed: TOML parse error\n  |\n3 | x\n"),
+            "ERROR reload failed: TOML parse error |   | | 3 | x"
+        );
+        assert_eq!(one_line("INFO ready\n"), "INFO ready");
     }
 }

@@ -50,8 +50,6 @@ pub struct Metrics {
     pub draining: IntGauge,
     /// 1 while every configured listener is bound and serving.
     pub ready: IntGauge,
-    /// Connections cut at the end of a drain.
-    pub shutdown_cut: IntCounter,
     tcp_max_connections: IntGauge,
     tcp_max_connections_per_ip: IntGauge,
     udp_rate_limit_max_sources: IntGauge,
@@ -236,11 +234,6 @@ impl Metrics {
                 &r,
                 "echod_ready",
                 "1 while every configured listener is bound and serving.",
-            ),
-            shutdown_cut: counter(
-                &r,
-                "echod_shutdown_cut_connections_total",
-                "Connections closed because the drain timeout expired.",
             ),
             tcp_max_connections: gauge(
                 &r,

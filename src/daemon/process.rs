@@ -6,7 +6,7 @@
 use std::io;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -92,6 +92,13 @@ async fn forward_signals(
     }
 }
 
+/// The log line of an exit on a second stop signal, prefixed with the journal's error
+/// priority under journald.
+fn second_signal_line(journald: bool) -> Vec<u8> {
+    let prefix = if journald { "<3>" } else { "" };
+    format!("{prefix}echod: second stop signal: exiting at once without draining (exit code {SECOND_SIGNAL_EXIT_CODE})\n").into_bytes()
+}
+
 /// What the operator asked for through a signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
@@ -113,15 +120,24 @@ impl Signals {
     /// so that a stop arriving during start-up is not lost. A second TERM/INT exits at
     /// once, from the signal handler itself, so it works even if the runtime is busy.
     fn install() -> io::Result<Self> {
-        // The conditional handler fires only when the flag is already set, and the
-        // flag is set by the first signal.
+        // The first handler acts only when the flag is already set, and the flag is
+        // set by the second handler, on the first signal. It may only make
+        // async-signal-safe calls: one write(2) of a prepared line, then _exit(2).
         let stopping = Arc::new(AtomicBool::new(false));
+        let line = second_signal_line(std::env::var_os("JOURNAL_STREAM").is_some());
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::flag::register_conditional_shutdown(
-                sig,
-                SECOND_SIGNAL_EXIT_CODE,
-                Arc::clone(&stopping),
-            )?;
+            let flag = Arc::clone(&stopping);
+            let line = line.clone();
+            // SAFETY: the closure only loads an atomic, writes a buffer prepared in
+            // advance and exits, all async-signal-safe.
+            unsafe {
+                signal_hook::low_level::register(sig, move || {
+                    if flag.load(Ordering::SeqCst) {
+                        libc::write(2, line.as_ptr().cast(), line.len());
+                        libc::_exit(SECOND_SIGNAL_EXIT_CODE);
+                    }
+                })?;
+            }
             signal_hook::flag::register(sig, Arc::clone(&stopping))?;
         }
         Ok(Self {

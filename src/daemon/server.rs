@@ -75,6 +75,7 @@ pub(crate) async fn serve_with_log(
         config,
         log,
         last_reload_error: None,
+        restart_needed: Vec::new(),
     };
     server.start()?;
     let reason = server.serve_until_stop(&mut control).await;
@@ -177,6 +178,9 @@ struct Server {
     listeners: ListenerSet,
     log: Option<LogHandle>,
     last_reload_error: Option<String>,
+    /// Keys changed by a reload that only a restart applies (the log format: the
+    /// global logger is installed once).
+    restart_needed: Vec<&'static str>,
 }
 
 impl Server {
@@ -245,6 +249,14 @@ impl Server {
         if let Some(log) = &self.log {
             log.set_level(&config.log.level);
         }
+        if config.log.format != self.config.log.format
+            && !self.restart_needed.contains(&"log.format")
+        {
+            warn!(
+                "log.format changed: the new format applies after a restart (systemctl restart echod)"
+            );
+            self.restart_needed.push("log.format");
+        }
         self.shared.apply(&config);
         self.config = config;
         Ok(())
@@ -265,12 +277,16 @@ impl Server {
             }
         };
         let mut line = format!(
-            "TCP {} UDP {} HTTP {}; {} connections",
+            "TCP {} UDP {} HTTP {}; {}",
             list(ListenerKind::Tcp),
             list(ListenerKind::Udp),
             list(ListenerKind::Http),
-            self.shared.limiter.active()
+            count_connections(self.shared.limiter.active())
         );
+        if !self.restart_needed.is_empty() {
+            line.push_str("; restart needed to apply ");
+            line.push_str(&self.restart_needed.join(", "));
+        }
         if let Some(e) = &self.last_reload_error {
             line.push_str("; last reload FAILED: ");
             line.push_str(e);
@@ -282,7 +298,6 @@ impl Server {
     /// then cuts the rest.
     async fn drain(self, reason: &'static str) -> Summary {
         let Shared {
-            metrics,
             health,
             shutdown,
             limiter,
@@ -294,11 +309,11 @@ impl Server {
         let timeout = self.config.shutdown.drain_timeout;
         let open = limiter.active();
         health.set_draining();
-        systemd::stopping(&format!("draining {open} connections"));
+        systemd::stopping(&format!("draining {}", count_connections(open)));
         info!(
             reason,
             open,
-            ?timeout,
+            timeout = %humantime::format_duration(timeout),
             "stop requested: listeners closed, draining connections"
         );
         shutdown.begin_drain();
@@ -312,7 +327,6 @@ impl Server {
             let cut = limiter.active();
             warn!(cut, "drain timeout expired; closing remaining connections");
             shutdown.cut();
-            metrics.shutdown_cut.inc_by(cut as u64);
             let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
             cut
         };
@@ -320,10 +334,23 @@ impl Server {
             drained: open.saturating_sub(cut),
             cut,
         };
-        info!(drained = summary.drained, cut = summary.cut, elapsed = ?started.elapsed(),
-            "shutdown complete");
+        info!(
+            drained = summary.drained,
+            cut = summary.cut,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "shutdown complete"
+        );
         http_stop.cancel();
         summary
+    }
+}
+
+/// "1 connection", "2 connections".
+fn count_connections(n: usize) -> String {
+    if n == 1 {
+        "1 connection".to_string()
+    } else {
+        format!("{n} connections")
     }
 }
 

@@ -51,7 +51,10 @@ pub(crate) fn spawn_watchdog() {
     let Some(interval) = watchdog_interval() else {
         return;
     };
-    info!(?interval, "systemd watchdog enabled");
+    info!(
+        interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+        "systemd watchdog enabled"
+    );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         loop {

@@ -21,12 +21,13 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::accept::Acceptor;
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
 use super::metrics::TcpListenerMetrics;
+use super::reasons::AcceptErrorKind;
 use super::reasons::RejectReason;
 use super::shutdown::Shutdown;
 use crate::config::TcpConfig;
@@ -70,17 +71,44 @@ static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_sec
 impl Listener {
     /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
     /// backed off from, never fatal.
-    pub(crate) async fn run(self) {
-        let mut acceptor = Acceptor::new(&self.listener, &self.stop);
-        let on_error = |kind, e: &io::Error| {
-            self.metrics.accept_error(kind);
-            if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
-                warn!(listener = %self.label, error = %e, kind = kind.label(), suppressed,
-                    "accept failed");
+    pub(crate) async fn run(mut self) {
+        let mut acceptor = Acceptor::default();
+        let mut backlog = self.config.borrow_and_update().backlog;
+        loop {
+            let metrics = &self.metrics;
+            let label = &self.label;
+            let on_error = |kind: AcceptErrorKind, e: &io::Error| {
+                metrics.accept_error(kind);
+                if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+                    warn!(listener = %label, error = %e, kind = kind.label(), suppressed,
+                        "accept failed");
+                }
+            };
+            let event = tokio::select! {
+                next = acceptor.next(&self.listener, &self.stop, on_error) => Event::Accepted(next),
+                Ok(()) = self.config.changed() => Event::Reloaded,
+            };
+            match event {
+                Event::Accepted(Some((stream, peer))) => self.admit(stream, peer),
+                Event::Accepted(None) => break,
+                Event::Reloaded => {
+                    // A listening socket takes a new backlog by listening again.
+                    let wanted = self.config.borrow_and_update().backlog;
+                    if wanted != backlog {
+                        match SockRef::from(&self.listener)
+                            .listen(i32::try_from(wanted).unwrap_or(i32::MAX))
+                        {
+                            Ok(()) => {
+                                info!(listener = %self.label, backlog = wanted, "accept queue length changed");
+                                backlog = wanted;
+                            }
+                            Err(e) => {
+                                warn!(listener = %self.label, error = %e, "cannot change the accept queue length")
+                            }
+                        }
+                    }
+                }
             }
-        };
-        while let Some((stream, peer)) = acceptor.next(on_error).await {
-            self.admit(stream, peer);
         }
         if self.shutdown.is_draining() {
             self.reject_backlog().await;
@@ -127,10 +155,18 @@ impl Listener {
             shutdown: self.shutdown.clone(),
             metrics: Arc::clone(&self.metrics),
             unflushed: ByteCounts::default(),
+            echoed_total: 0,
+            peer,
             _permit: permit,
         };
         self.connections.spawn(connection.run());
     }
+}
+
+/// What woke a listener.
+enum Event {
+    Accepted(Option<(TcpStream, SocketAddr)>),
+    Reloaded,
 }
 
 /// How a connection ended.
@@ -161,7 +197,22 @@ struct Connection {
     metrics: Arc<TcpListenerMetrics>,
     /// Bytes received and echoed since the last flush to the shared counters.
     unflushed: ByteCounts,
+    /// Bytes echoed over the connection's life, for the access log.
+    echoed_total: u64,
+    /// The client, for the access log (after a close the kernel no longer knows it).
+    peer: SocketAddr,
     _permit: Permit,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Finished => "finished",
+            End::Idle => "idle_timeout",
+            End::Cut => "drain_cut",
+            End::Error => "error",
+        }
+    }
 }
 
 impl Connection {
@@ -176,15 +227,20 @@ impl Connection {
             self.metrics.active.inc();
             self.apply_socket_options();
             let end = self.echo().await;
-            flush_bytes(&self.metrics, &mut self.unflushed);
+            self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
             if end == End::Idle {
                 self.metrics.idle_timeouts.inc();
             }
             self.metrics.active.dec();
             self.metrics.closed.inc();
-            self.metrics
-                .duration
-                .observe(started.elapsed().as_secs_f64());
+            let duration = started.elapsed();
+            self.metrics.duration.observe(duration.as_secs_f64());
+            // The access log (xinetd's log_on_success), at debug so it costs one level
+            // check per connection unless asked for.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                debug!(peer = %self.peer, end = %end.label(), duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                    echoed_bytes = self.echoed_total, "connection closed");
+            }
         }
     }
 
@@ -216,6 +272,7 @@ impl Connection {
             shutdown,
             metrics,
             unflushed,
+            echoed_total,
             ..
         } = self;
         let cut = shutdown.cutting();
@@ -287,17 +344,19 @@ impl Connection {
                     }
                 }
             }
-            flush_bytes(metrics, unflushed);
+            *echoed_total += flush_bytes(metrics, unflushed);
             last_traffic = Instant::now();
         }
     }
 }
 
-/// Adds a connection's unflushed byte counts to its listener's counters.
-fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) {
+/// Adds a connection's unflushed byte counts to its listener's counters; returns the
+/// bytes echoed.
+fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) -> u64 {
     let counts = std::mem::take(unflushed);
     metrics.rx_bytes.inc_by(counts.received);
     metrics.tx_bytes.inc_by(counts.echoed);
+    counts.echoed
 }
 
 /// Re-arms `timer` for `last_traffic + idle`; true when that deadline has already passed.
