@@ -16,7 +16,7 @@ use crate::config::{RateLimitConfig, TcpConfig};
 
 /// Canonical form of a peer address: a v4-mapped IPv6 address counts as its IPv4 self,
 /// so a dual-stack listener cannot double a client's allowance.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -25,7 +25,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// Counts open TCP connections over every listener.
 #[derive(Debug)]
-pub struct ConnectionLimiter {
+pub(crate) struct ConnectionLimiter {
     max: AtomicUsize,
     max_per_ip: AtomicUsize,
     active: AtomicUsize,
@@ -34,14 +34,14 @@ pub struct ConnectionLimiter {
 
 /// One admitted connection; dropping it frees its slots.
 #[derive(Debug)]
-pub struct Permit {
+pub(crate) struct Permit {
     limiter: Arc<ConnectionLimiter>,
     ip: IpAddr,
 }
 
 impl ConnectionLimiter {
     /// A limiter with the configured limits.
-    pub fn new(config: &TcpConfig) -> Arc<Self> {
+    pub(crate) fn new(config: &TcpConfig) -> Arc<Self> {
         Arc::new(Self {
             max: AtomicUsize::new(config.max_connections),
             max_per_ip: AtomicUsize::new(config.per_ip_limit()),
@@ -51,19 +51,19 @@ impl ConnectionLimiter {
     }
 
     /// Applies reloaded limits; open connections above a lowered limit are left alone.
-    pub fn update(&self, config: &TcpConfig) {
+    pub(crate) fn update(&self, config: &TcpConfig) {
         self.max.store(config.max_connections, Ordering::Relaxed);
         self.max_per_ip
             .store(config.per_ip_limit(), Ordering::Relaxed);
     }
 
     /// Open connections right now.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
 
     /// Admits a connection from `ip`, or says which limit refused it.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, RejectReason> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, RejectReason> {
         let ip = canonical_ip(ip);
         let max = self.max.load(Ordering::Relaxed);
         self.active
@@ -122,13 +122,13 @@ struct RateTable {
 
 /// Per-source token buckets for UDP replies, shared by every UDP socket.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     table: Mutex<RateTable>,
 }
 
 impl RateLimiter {
     /// A limiter with the configured rate.
-    pub fn new(config: &RateLimitConfig) -> Arc<Self> {
+    pub(crate) fn new(config: &RateLimitConfig) -> Arc<Self> {
         Arc::new(Self {
             table: Mutex::new(RateTable {
                 config: config.clone(),
@@ -138,7 +138,7 @@ impl RateLimiter {
     }
 
     /// Applies a reloaded rate; existing buckets keep their tokens (capped to the new burst).
-    pub fn update(&self, config: &RateLimitConfig) {
+    pub(crate) fn update(&self, config: &RateLimitConfig) {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.config = config.clone();
         let burst = f64::from(config.burst);
@@ -148,7 +148,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `ip`; false means "do not reply".
-    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let rate = f64::from(t.config.packets_per_second);
         if rate == 0.0 {
@@ -180,7 +180,7 @@ impl RateLimiter {
     /// Forgets sources whose buckets have refilled: they behave exactly like new ones,
     /// so dropping them loses nothing. Called periodically; returns the sources still
     /// tracked (for the table-size gauge).
-    pub fn sweep(&self, now: Instant) -> usize {
+    pub(crate) fn sweep(&self, now: Instant) -> usize {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.evict_full(now);
         t.buckets.len()

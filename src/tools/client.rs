@@ -33,21 +33,21 @@ const UDP_ATTEMPTS: u32 = 3;
 pub struct ClientArgs {
     /// Echo server, HOST:PORT.
     #[arg(default_value = "127.0.0.1:7007")]
-    pub addr: String,
+    pub(crate) addr: String,
     /// Use UDP (one datagram per line) instead of TCP.
     #[arg(long)]
-    pub udp: bool,
+    pub(crate) udp: bool,
     /// Compare the echo with the input and exit non-zero on the first difference.
     #[arg(long)]
-    pub verify: bool,
+    pub(crate) verify: bool,
     /// Time allowed to connect, and for an outstanding echo to make progress.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Why the client stopped early; each renders as the one line the user sees.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// DNS failed or returned nothing.
     #[error(transparent)]
     Resolve(#[from] ResolveError),

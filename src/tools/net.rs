@@ -11,7 +11,7 @@ pub(crate) const MAX_DATAGRAM: usize = 65_507;
 /// A target that did not resolve, in the words the user typed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot resolve {addr}: {reason}")]
-pub struct ResolveError {
+pub(crate) struct ResolveError {
     addr: String,
     reason: String,
 }

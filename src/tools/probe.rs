@@ -26,21 +26,21 @@ const UDP_ATTEMPTS: u32 = 3;
 pub struct ProbeArgs {
     /// TCP echo address (HOST:PORT) to send a nonce to and expect it back; repeatable.
     #[arg(long = "tcp", value_name = "ADDR")]
-    pub tcp: Vec<String>,
+    pub(crate) tcp: Vec<String>,
     /// UDP echo address (HOST:PORT), probed with retries; repeatable.
     #[arg(long = "udp", value_name = "ADDR")]
-    pub udp: Vec<String>,
+    pub(crate) udp: Vec<String>,
     /// HTTP URL that must answer 2xx, e.g. http://127.0.0.1:9107/readyz; repeatable.
     #[arg(long = "http", value_name = "URL")]
-    pub http: Vec<String>,
+    pub(crate) http: Vec<String>,
     /// Time allowed for each check (e.g. 500ms, 2s).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// One thing to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// A TCP echo service.
     Tcp(String),
     /// A UDP echo service.
@@ -61,7 +61,7 @@ impl fmt::Display for Target {
 
 /// Why a check failed, in the words an operator reads in a health-check log.
 #[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     /// The address did not resolve.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
@@ -162,7 +162,7 @@ fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, Strin
 
 /// What a probe without arguments checks: readiness on the first metrics address and
 /// the first TCP echo listener (the first UDP one when TCP is off).
-pub fn config_targets(config: &Config) -> Vec<Target> {
+pub(crate) fn config_targets(config: &Config) -> Vec<Target> {
     let mut targets = Vec::new();
     if let Some(addr) = config.metrics.listen.first() {
         targets.push(Target::Http(format!("http://{}/readyz", reachable(*addr))));
@@ -176,7 +176,7 @@ pub fn config_targets(config: &Config) -> Vec<Target> {
 }
 
 /// A listen address as a local client reaches it: a wildcard means loopback.
-pub fn reachable(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -186,7 +186,7 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Runs one check within `timeout`.
-pub fn check(target: &Target, timeout: Duration) -> Result<(), ProbeError> {
+pub(crate) fn check(target: &Target, timeout: Duration) -> Result<(), ProbeError> {
     let deadline = Deadline::new(timeout);
     match target {
         Target::Tcp(addr) => check_tcp(addr, &deadline),

@@ -28,7 +28,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
 use pattern::Pattern;
-pub use report::Report;
+use report::Report;
 
 use super::net::{self, MAX_DATAGRAM, ResolveError};
 
@@ -67,43 +67,43 @@ impl Mode {
 pub struct BenchArgs {
     /// Echo server to load, HOST:PORT (only this address is ever contacted).
     #[arg(default_value = "127.0.0.1:7007")]
-    pub addr: String,
+    pub(crate) addr: String,
     /// Load pattern.
     #[arg(long, short, value_enum, default_value = "ping-pong")]
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// Concurrent connections (UDP: sockets).
     #[arg(long, short = 'C', default_value_t = 10)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Message size in bytes (bulk: write size); default 64, bulk 65536.
     #[arg(long, short)]
-    pub size: Option<usize>,
+    pub(crate) size: Option<usize>,
     /// Messages in flight per TCP connection in closed-loop ping-pong.
     #[arg(long, short, default_value_t = 1)]
-    pub pipeline: usize,
+    pub(crate) pipeline: usize,
     /// How long to send (always bounded).
     #[arg(long, short, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Stop after this many messages in total (or when the duration is over).
     #[arg(long, short = 'n')]
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
     /// Open-loop target rate, messages per second over all connections.
     #[arg(long, short)]
-    pub rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     /// How long an echo may take before the connection counts as stalled (TCP) or the
     /// datagram as lost (UDP).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Print the result as one JSON object.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Draw the latency percentile plot into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
-    pub plot: Option<PathBuf>,
+    pub(crate) plot: Option<PathBuf>,
 }
 
 /// Why a benchmark could not run at all.
 #[derive(Debug, thiserror::Error)]
-pub enum BenchError {
+pub(crate) enum BenchError {
     /// A flag value is out of range.
     #[error("{0}")]
     Usage(String),
@@ -343,7 +343,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 }
 
 /// Runs the benchmark and returns its report (also used by tests and scripts).
-pub fn execute(args: &BenchArgs) -> Result<Report, BenchError> {
+pub(crate) fn execute(args: &BenchArgs) -> Result<Report, BenchError> {
     let size = validate(args)?;
     let target = net::resolve(&args.addr)?[0];
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -11,13 +11,13 @@ const CYCLE: usize = 65_521;
 
 /// The shared cycle, extended so any window of up to `max_len` bytes is contiguous.
 #[derive(Debug)]
-pub struct Pattern {
+pub(crate) struct Pattern {
     bytes: Vec<u8>,
 }
 
 impl Pattern {
     /// A pattern whose windows can be up to `max_len` bytes long.
-    pub fn new(max_len: usize) -> Self {
+    pub(crate) fn new(max_len: usize) -> Self {
         let mut rng = fastrand::Rng::with_seed(0x6563_686f_6421);
         let cycle: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(CYCLE).collect();
         let bytes = cycle
@@ -30,18 +30,18 @@ impl Pattern {
     }
 
     /// The starting phase of connection `id`'s stream.
-    pub fn phase(id: usize) -> u64 {
+    pub(crate) fn phase(id: usize) -> u64 {
         (id as u64).wrapping_mul(7_919) % CYCLE as u64
     }
 
     /// `len` bytes of the stream that starts at `phase`, from stream offset `offset`.
-    pub fn window(&self, phase: u64, offset: u64, len: usize) -> &[u8] {
+    pub(crate) fn window(&self, phase: u64, offset: u64, len: usize) -> &[u8] {
         let start = ((phase + offset) % CYCLE as u64) as usize;
         &self.bytes[start..start + len]
     }
 
     /// The index of the first byte of `got` that differs from the stream at `offset`.
-    pub fn first_difference(&self, phase: u64, offset: u64, got: &[u8]) -> Option<usize> {
+    pub(crate) fn first_difference(&self, phase: u64, offset: u64, got: &[u8]) -> Option<usize> {
         let mut checked = 0;
         // Check in pieces no longer than the extension, so each window is contiguous.
         while checked < got.len() {

@@ -16,7 +16,7 @@ const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 
 /// The plot of `report`'s latency histogram as an SVG document.
-pub fn svg(report: &Report) -> String {
+pub(crate) fn svg(report: &Report) -> String {
     let h = &report.histogram;
     // Decades of the x axis: as many nines as the sample count can resolve.
     let decades = if h.len() > 1 {

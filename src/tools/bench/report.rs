@@ -12,7 +12,7 @@ use super::{BenchArgs, Mode, Tally};
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Median.
     pub p50: f64,
     /// 90th percentile.
@@ -22,48 +22,48 @@ pub struct Latency {
     /// 99.9th percentile.
     pub p999: f64,
     /// Slowest echo.
-    pub max: f64,
+    pub(crate) max: f64,
     /// Arithmetic mean.
-    pub mean: f64,
+    pub(crate) mean: f64,
 }
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Load pattern.
-    pub mode: Mode,
+    pub(crate) mode: Mode,
     /// The address loaded.
-    pub target: String,
+    pub(crate) target: String,
     /// Connections (UDP: sockets) used.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Message (bulk: write) size in bytes.
-    pub size: usize,
+    pub(crate) size: usize,
     /// Closed-loop pipelining depth.
-    pub pipeline: usize,
+    pub(crate) pipeline: usize,
     /// Open-loop target rate, if any.
-    pub rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     /// Wall time from the first send to the last echo.
-    pub elapsed_s: f64,
+    pub(crate) elapsed_s: f64,
     /// Messages echoed (verified, including mismatched ones).
-    pub messages: u64,
+    pub(crate) messages: u64,
     /// Bytes written to the server.
-    pub bytes_sent: u64,
+    pub(crate) bytes_sent: u64,
     /// Bytes echoed back.
-    pub bytes_received: u64,
+    pub(crate) bytes_received: u64,
     /// Echoes per second.
-    pub messages_per_s: f64,
+    pub(crate) messages_per_s: f64,
     /// Echoed megabytes (10^6) per second, one direction.
-    pub mb_per_s: f64,
+    pub(crate) mb_per_s: f64,
     /// Round-trip latency (open-loop: from the intended send time).
-    pub latency_us: Latency,
+    pub(crate) latency_us: Latency,
     /// Messages whose echo differed from what was sent.
-    pub mismatches: u64,
+    pub(crate) mismatches: u64,
     /// UDP datagrams with no echo within the timeout.
-    pub lost: u64,
+    pub(crate) lost: u64,
     /// Connections that failed or stalled.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// The first mismatch or error, for the operator to start from.
-    pub first_problem: Option<String>,
+    pub(crate) first_problem: Option<String>,
     #[serde(skip)]
     pub(super) histogram: Histogram<u64>,
 }
@@ -122,12 +122,12 @@ impl Report {
     }
 
     /// The report as one line of JSON.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
     /// Ok when every echo came back intact; otherwise why the run failed.
-    pub fn verdict(&self) -> Result<(), String> {
+    pub(crate) fn verdict(&self) -> Result<(), String> {
         let first = self.first_problem.as_deref().unwrap_or("no detail");
         if self.mismatches > 0 {
             return Err(format!(
