@@ -73,6 +73,14 @@ pub struct TcpConfig {
     /// Idle time before TCP keepalive probes start; "0s" turns keepalive off.
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
+    /// Longest a connection may stay open, so one client cannot hold a slot forever;
+    /// unset (the default), no limit.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<Duration>,
+    /// Most bytes echoed on one connection, so one client cannot use the link without
+    /// end; unset (the default), no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_connection: Option<u64>,
 }
 
 impl Default for TcpConfig {
@@ -86,6 +94,8 @@ impl Default for TcpConfig {
             buffer_size: 16 * 1024,
             nodelay: true,
             keepalive: Duration::from_secs(60),
+            max_connection_duration: None,
+            max_bytes_per_connection: None,
         }
     }
 }
@@ -382,6 +392,16 @@ impl Config {
         check(!tcp.idle_timeout.is_zero(), "tcp.idle_timeout", || {
             "must be longer than 0s".into()
         })?;
+        check(
+            tcp.max_connection_duration.is_none_or(|d| !d.is_zero()),
+            "tcp.max_connection_duration",
+            || "must be longer than 0s (leave it unset for no limit)".into(),
+        )?;
+        check(
+            tcp.max_bytes_per_connection.is_none_or(|n| n >= 1),
+            "tcp.max_bytes_per_connection",
+            || "must be at least 1 (leave it unset for no limit)".into(),
+        )?;
         check(
             (512..=16 * 1024 * 1024).contains(&tcp.buffer_size),
             "tcp.buffer_size",

@@ -13,7 +13,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::reasons::{AcceptErrorKind, DropReason, RejectReason};
+use super::reasons::{AcceptErrorKind, ConnectionCap, DropReason, RejectReason};
 use crate::config::Config;
 
 /// The version baked in at build time.
@@ -28,6 +28,7 @@ pub struct Metrics {
     tcp_closed: IntCounterVec,
     tcp_rejected: IntCounterVec,
     tcp_idle_timeouts: IntCounterVec,
+    tcp_capped: IntCounterVec,
     tcp_active: IntGaugeVec,
     tcp_rx_bytes: IntCounterVec,
     tcp_tx_bytes: IntCounterVec,
@@ -143,6 +144,12 @@ impl Metrics {
                     Opts::new("echod_tcp_connections_active", "Open TCP echo connections."),
                     l,
                 ),
+            ),
+            tcp_capped: counter_vec(
+                &r,
+                "echod_tcp_connections_capped_total",
+                "TCP connections closed by a per-connection cap (tcp.max_connection_duration, tcp.max_bytes_per_connection).",
+                &["listener", "cap"],
             ),
             tcp_rx_bytes: counter_vec(
                 &r,
@@ -289,6 +296,8 @@ impl Metrics {
             closed: self.tcp_closed.with_label_values(&[listener]),
             rejected,
             idle_timeouts: self.tcp_idle_timeouts.with_label_values(&[listener]),
+            capped: ConnectionCap::ALL
+                .map(|c| self.tcp_capped.with_label_values(&[listener, c.label()])),
             active: self.tcp_active.with_label_values(&[listener]),
             rx_bytes: self.tcp_rx_bytes.with_label_values(&[listener]),
             tx_bytes: self.tcp_tx_bytes.with_label_values(&[listener]),
@@ -326,6 +335,7 @@ pub struct TcpListenerMetrics {
     rejected: [IntCounter; 3],
     /// Connections closed by the idle timeout.
     pub idle_timeouts: IntCounter,
+    capped: [IntCounter; 2],
     /// Open connections.
     pub active: IntGauge,
     /// Bytes received.
@@ -341,6 +351,11 @@ impl TcpListenerMetrics {
     /// Counts a connection refused after accept.
     pub fn rejected(&self, reason: RejectReason) {
         self.rejected[reason as usize].inc();
+    }
+
+    /// Counts a connection closed by a per-connection cap.
+    pub fn capped(&self, cap: ConnectionCap) {
+        self.capped[cap as usize].inc();
     }
 
     /// Counts an accept error.

@@ -62,6 +62,28 @@ impl DropReason {
     }
 }
 
+/// A per-connection cap that closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionCap {
+    /// `tcp.max_connection_duration` reached.
+    MaxDuration,
+    /// `tcp.max_bytes_per_connection` reached.
+    MaxBytes,
+}
+
+impl ConnectionCap {
+    /// Every cap, in label order.
+    pub const ALL: [Self; 2] = [Self::MaxDuration, Self::MaxBytes];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MaxDuration => "max_duration",
+            Self::MaxBytes => "max_bytes",
+        }
+    }
+}
+
 /// Accept errors worth telling apart on a dashboard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptErrorKind {
@@ -141,6 +163,10 @@ mod tests {
         labels(RejectReason::ALL.map(RejectReason::label).to_vec());
         labels(DropReason::ALL.map(DropReason::label).to_vec());
         labels(AcceptErrorKind::ALL.map(AcceptErrorKind::label).to_vec());
+        labels(ConnectionCap::ALL.map(ConnectionCap::label).to_vec());
+        for (i, c) in ConnectionCap::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
         for (i, r) in RejectReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
         }

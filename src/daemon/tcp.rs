@@ -27,8 +27,8 @@ use super::accept::Acceptor;
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
 use super::metrics::TcpListenerMetrics;
-use super::reasons::AcceptErrorKind;
 use super::reasons::RejectReason;
+use super::reasons::{AcceptErrorKind, ConnectionCap};
 use super::shutdown::Shutdown;
 use crate::config::TcpConfig;
 
@@ -180,6 +180,8 @@ enum End {
     Cut,
     /// A socket error (reset by the peer and the like).
     Error,
+    /// A per-connection cap was reached.
+    Capped(ConnectionCap),
 }
 
 /// Bytes a connection moved since its counts were last added to its listener's series.
@@ -211,6 +213,7 @@ impl End {
             End::Idle => "idle_timeout",
             End::Cut => "drain_cut",
             End::Error => "error",
+            End::Capped(cap) => cap.label(),
         }
     }
 }
@@ -226,10 +229,15 @@ impl Connection {
             let started = Instant::now();
             self.metrics.active.inc();
             self.apply_socket_options();
-            let end = self.echo().await;
+            let end = self.echo(started).await;
             self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
-            if end == End::Idle {
-                self.metrics.idle_timeouts.inc();
+            match end {
+                End::Idle => self.metrics.idle_timeouts.inc(),
+                End::Capped(cap) => {
+                    self.metrics.capped(cap);
+                    close_cleanly(&mut self.stream).await;
+                }
+                End::Finished | End::Cut | End::Error => {}
             }
             self.metrics.active.dec();
             self.metrics.closed.inc();
@@ -263,7 +271,7 @@ impl Connection {
     /// cut broadcast is subscribed to once. Readiness is awaited through the stream's
     /// own per-direction waker slots (`poll_read_ready`), not a `readable()` future.
     /// All of this keeps an idle connection small.
-    async fn echo(&mut self) -> End {
+    async fn echo(&mut self, started: Instant) -> End {
         // Borrowing the fields apart lets the cut future borrow `shutdown` while the
         // stream is used, without a clone living in every connection's state.
         let Self {
@@ -276,9 +284,14 @@ impl Connection {
             ..
         } = self;
         let cut = shutdown.cutting();
-        let idle_timer = tokio::time::sleep(config.idle_timeout);
-        tokio::pin!(cut, idle_timer);
+        let hard_deadline = config.max_connection_duration.map(|d| started + d);
         let mut last_traffic = Instant::now();
+        let idle_timer = tokio::time::sleep_until(next_deadline(
+            last_traffic,
+            config.idle_timeout,
+            hard_deadline,
+        ));
+        tokio::pin!(cut, idle_timer);
         loop {
             tokio::select! {
                 biased;
@@ -286,8 +299,8 @@ impl Connection {
                     return End::Error;
                 },
                 _ = &mut idle_timer => {
-                    if idle_expired(idle_timer.as_mut(), last_traffic, config.idle_timeout) {
-                        return End::Idle;
+                    if let Some(end) = expired(idle_timer.as_mut(), last_traffic, config.idle_timeout, hard_deadline) {
+                        return end;
                     }
                     continue;
                 }
@@ -333,8 +346,8 @@ impl Connection {
                                     return End::Error;
                                 },
                                 _ = &mut idle_timer => {
-                                    if idle_expired(idle_timer.as_mut(), last_traffic, config.idle_timeout) {
-                                        return End::Idle;
+                                    if let Some(end) = expired(idle_timer.as_mut(), last_traffic, config.idle_timeout, hard_deadline) {
+                                        return end;
                                     }
                                 }
                                 _ = &mut cut => return End::Cut,
@@ -342,6 +355,12 @@ impl Connection {
                         }
                         Err(_) => return End::Error,
                     }
+                }
+                // Caps act once the current echo is written, so nothing read is lost.
+                if let Some(cap) =
+                    cap_reached(config, *echoed_total + unflushed.echoed, hard_deadline)
+                {
+                    return End::Capped(cap);
                 }
             }
             *echoed_total += flush_bytes(metrics, unflushed);
@@ -359,12 +378,64 @@ fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) -> u64 
     counts.echoed
 }
 
-/// Re-arms `timer` for `last_traffic + idle`; true when that deadline has already passed.
-fn idle_expired(timer: Pin<&mut Sleep>, last_traffic: Instant, idle: Duration) -> bool {
-    let deadline = last_traffic + idle;
-    if deadline <= Instant::now() {
-        return true;
+/// When the connection's timer must fire next: at the idle deadline, or earlier at the
+/// `tcp.max_connection_duration` deadline.
+fn next_deadline(last_traffic: Instant, idle: Duration, hard: Option<Instant>) -> Instant {
+    let idle_deadline = last_traffic + idle;
+    hard.map_or(idle_deadline, |h| h.min(idle_deadline))
+}
+
+/// Re-arms `timer` for the next deadline; says how the connection ends when a deadline
+/// has already passed.
+fn expired(
+    timer: Pin<&mut Sleep>,
+    last_traffic: Instant,
+    idle: Duration,
+    hard: Option<Instant>,
+) -> Option<End> {
+    let now = Instant::now();
+    if hard.is_some_and(|h| h <= now) {
+        return Some(End::Capped(ConnectionCap::MaxDuration));
     }
-    timer.reset(deadline);
-    false
+    if last_traffic + idle <= now {
+        return Some(End::Idle);
+    }
+    timer.reset(next_deadline(last_traffic, idle, hard));
+    None
+}
+
+/// The cap a busy connection has reached, if any: checked after each echoed chunk,
+/// because a client that keeps sending never lets the timer run.
+fn cap_reached(config: &TcpConfig, echoed: u64, hard: Option<Instant>) -> Option<ConnectionCap> {
+    if config
+        .max_bytes_per_connection
+        .is_some_and(|max| echoed >= max)
+    {
+        return Some(ConnectionCap::MaxBytes);
+    }
+    if hard.is_some_and(|h| Instant::now() >= h) {
+        return Some(ConnectionCap::MaxDuration);
+    }
+    None
+}
+
+/// How long a capped connection's unread input is discarded after the FIN.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Ends a capped connection the way a client expects: FIN after the last echo, then its
+/// unread input is discarded for a moment, because closing a socket with unread data
+/// sends a reset that can destroy echoes still in flight to the client.
+async fn close_cleanly(stream: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let _ = stream.shutdown().await;
+    // On the heap: an array here would enlarge every connection's task.
+    let mut sink = vec![0u8; 4096];
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
