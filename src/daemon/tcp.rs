@@ -229,7 +229,8 @@ impl Connection {
             let started = Instant::now();
             self.metrics.active.inc();
             self.apply_socket_options();
-            let end = self.echo(started).await;
+            let hard_deadline = self.config.max_connection_duration.map(|d| started + d);
+            let end = self.echo(hard_deadline).await;
             self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
             match end {
                 End::Idle => self.metrics.idle_timeouts.inc(),
@@ -271,7 +272,7 @@ impl Connection {
     /// cut broadcast is subscribed to once. Readiness is awaited through the stream's
     /// own per-direction waker slots (`poll_read_ready`), not a `readable()` future.
     /// All of this keeps an idle connection small.
-    async fn echo(&mut self, started: Instant) -> End {
+    async fn echo(&mut self, hard_deadline: Option<Instant>) -> End {
         // Borrowing the fields apart lets the cut future borrow `shutdown` while the
         // stream is used, without a clone living in every connection's state.
         let Self {
@@ -284,7 +285,6 @@ impl Connection {
             ..
         } = self;
         let cut = shutdown.cutting();
-        let hard_deadline = config.max_connection_duration.map(|d| started + d);
         let mut last_traffic = Instant::now();
         let idle_timer = tokio::time::sleep_until(next_deadline(
             last_traffic,
@@ -438,4 +438,37 @@ async fn close_cleanly(stream: &mut TcpStream) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::metrics::Metrics;
+
+    /// The state every idle connection keeps in its task: measured, so growth is a
+    /// decision and not an accident (RSS per idle connection follows it).
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let limiter = ConnectionLimiter::new(&TcpConfig::default());
+        let connection = Connection {
+            stream,
+            config: Arc::new(TcpConfig::default()),
+            shutdown: Shutdown::new(),
+            metrics: Arc::new(Metrics::new().tcp_listener("test")),
+            unflushed: ByteCounts::default(),
+            echoed_total: 0,
+            peer,
+            _permit: limiter.try_acquire(peer.ip()).unwrap(),
+        };
+        let task = connection.run();
+        let size = std::mem::size_of_val(&task);
+        println!("connection task state: {size} bytes");
+        assert!(size <= 616, "connection task state grew to {size} bytes");
+        drop(client);
+    }
 }
