@@ -87,3 +87,65 @@ fn ipv6_listener_echoes() {
     assert!(tcp_roundtrip(addr, &data, 9) == data);
     assert!(daemon.log().contains(&format!("[::1]:{port}")));
 }
+
+/// README: "An IPv6 address listens for IPv6 only … for both, list both".
+#[test]
+fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        readme.contains("An IPv6 address listens for IPv6 only")
+            && readme.contains(r#"`listen = ["0.0.0.0:7", "[::]:7"]`"#),
+        "README no longer documents IPv6-only listeners"
+    );
+    let udp_echoes = |addr: std::net::SocketAddr| {
+        let bind = if addr.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let s = std::net::UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.send_to(b"family", addr).unwrap();
+        let mut buf = [0u8; 16];
+        // Unanswered, or refused (ICMP port unreachable) when nothing listens.
+        s.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"family")
+    };
+    let tcp_echoes = |addr: std::net::SocketAddr| {
+        TcpStream::connect(addr).is_ok() && tcp_roundtrip(addr, b"family", 1) == b"family"
+    };
+
+    let port = common::free_port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let only_v6 = Daemon::start(&format!(
+        "[tcp]\nlisten = [\"[::]:{port}\"]\n[udp]\nlisten = [\"[::]:{port}\"]\n"
+    ));
+    assert!(tcp_echoes(v6) && udp_echoes(v6), "[::]:{port} serves IPv6");
+    assert!(
+        TcpStream::connect(v4).is_err(),
+        "[::]:{port} alone accepted an IPv4 connection"
+    );
+    assert!(!udp_echoes(v4), "[::]:{port} alone answered IPv4 UDP");
+    drop(only_v6);
+
+    let port = common::free_port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let both = format!("[\"0.0.0.0:{port}\", \"[::]:{port}\"]");
+    let _daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
+    for addr in [v4, v6] {
+        assert!(
+            tcp_echoes(addr) && udp_echoes(addr),
+            "{addr} with both listed"
+        );
+    }
+}
