@@ -237,3 +237,82 @@ fn every_package_asset_exists() {
         );
     }
 }
+
+/// Every `key=` value of a unit file, in order.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `systemctl reload echod` must fail on a broken config (systemd 252 has no
+/// Type=notify-reload, so the unit validates in ExecReload before it signals), and a
+/// good config must reload without the effective configuration flooding the journal.
+#[test]
+fn reload_validates_the_config_before_signalling() {
+    let unit = read("packaging/systemd/echod.service");
+    let reload = unit_values(&unit, "ExecReload");
+    let config = unit_value(&unit, "ExecStart")
+        .split_whitespace()
+        .skip_while(|w| *w != "--config")
+        .nth(1)
+        .expect("ExecStart names its --config")
+        .to_string();
+    let (signal, checks) = reload.split_last().expect("ExecReload");
+    assert_eq!(
+        signal, "/bin/kill -HUP $MAINPID",
+        "the last step signals echod"
+    );
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.contains("/usr/bin/echod check-config") && c.contains(&config)),
+        "ExecReload does not run `echod check-config` on {config} before the signal: {reload:?}"
+    );
+    // No `-` prefix: a failed check must fail the reload (and skip the signal).
+    assert!(checks.iter().all(|c| !c.starts_with('-')), "{reload:?}");
+
+    // The check commands as systemd runs them (their quoting is the shell's here), with
+    // the binary under test and a bad, then a good file in place of the packaged one.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[tcp]\nmax_connections = \"many\"\n").unwrap();
+    let run_checks = |file: &Path| {
+        checks
+            .iter()
+            .map(|c| {
+                let c = c
+                    .replace("/usr/bin/echod", &common::echod_bin().display().to_string())
+                    .replace(&config, &file.display().to_string());
+                Command::new("sh")
+                    .args(["-c", &c])
+                    .env_remove("ECHOD_CONFIG")
+                    .output()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let failed = run_checks(&bad);
+    assert!(
+        failed.iter().any(|o| o.status.code() == Some(78)),
+        "a broken config passes ExecReload's checks"
+    );
+    let message = failed
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect::<String>();
+    assert!(message.contains("max_connections"), "{message}");
+    for out in run_checks(&repo("packaging/echod.toml")) {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "ExecReload would log the whole effective config on every reload:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -406,7 +406,8 @@ fn packaged_service_under_real_systemd() {
         "/etc/echod/echod.toml",
         "[tcp]\nmax_connections = \"many\"\n",
     );
-    c.ok("systemctl reload echod");
+    broken_reload_fails_and_the_old_config_serves(&c, &chatter);
+    c.ok("systemctl kill -s HUP --kill-who=main echod");
     wait_metric("echod_config_reload_failures_total", 1.0);
     chatter.still_echoing();
     let status = c.ok("systemctl status echod --no-pager");
@@ -539,4 +540,37 @@ fn packaged_service_under_real_systemd() {
         booted - built,
         started.elapsed()
     );
+}
+
+/// `systemctl reload` with a broken config: ExecReload's check fails, so the reload
+/// fails (non-zero exit, the reason in the journal) and echod is never signalled — it
+/// keeps serving the previous config (the per-source limit of 2 still holds).
+fn broken_reload_fails_and_the_old_config_serves(c: &Container, chatter: &Chatter) {
+    let (reloaded, output) = c.sh("systemctl reload echod");
+    assert!(
+        !reloaded,
+        "systemctl reload reported success for a broken config:\n{output}"
+    );
+    assert!(output.contains("echod.service"), "{output}");
+    assert_eq!(c.prop("echod", "ActiveState"), "active");
+    assert_eq!(c.prop("echod", "SubState"), "running");
+    chatter.still_echoing();
+    let second = TcpStream::connect(ECHO).unwrap();
+    wait_metric("echod_tcp_connections_active", 2.0);
+    assert!(
+        refused_after_accept(echo_addr()),
+        "the previous config (per-source limit 2) no longer applies"
+    );
+    drop(second);
+    assert_eq!(metric("echod_config_reloads_total"), Some(1.0));
+    assert_eq!(metric("echod_config_reload_failures_total"), Some(0.0));
+    assert_eq!(metric("echod_config_last_reload_successful"), Some(1.0));
+    let journal = c.ok("journalctl -u echod --no-pager");
+    assert!(
+        journal.contains("invalid config file /etc/echod/echod.toml")
+            && journal.contains("max_connections"),
+        "the journal does not say why the reload failed:\n{journal}"
+    );
+    // check-config's stdout (the whole effective config) stays out of the journal.
+    assert!(!journal.contains("[udp.rate_limit]"), "{journal}");
 }
