@@ -238,6 +238,51 @@ fn every_package_asset_exists() {
     }
 }
 
+/// The overall exposure `systemd-analyze security --offline=yes` gives the service unit.
+fn measured_exposure() -> String {
+    let dir = units_for_host();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(dir.path().join("echod.service"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("Overall exposure level for")?
+                .1
+                .split_once(':')
+        })
+        .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("no overall exposure:\n{stdout}"))
+}
+
+#[test]
+fn readme_hardening_figure_is_the_measured_one() {
+    if !common::require_tool("systemd-analyze") {
+        return;
+    }
+    let measured = measured_exposure();
+    let readme = read("README.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = "rates the unit file alone ";
+    let stated = readme
+        .split_once(claim)
+        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .1
+        .split([',', ' ', ';', ')'])
+        .next()
+        .unwrap()
+        .trim_end_matches('.');
+    assert_eq!(
+        stated, measured,
+        "README states exposure {stated}, systemd-analyze security --offline=yes measures {measured}"
+    );
+}
+
 /// Every `key=` value of a unit file, in order.
 fn unit_values(unit: &str, key: &str) -> Vec<String> {
     unit.lines()

@@ -378,6 +378,7 @@ fn packaged_service_under_real_systemd() {
     );
     assert!(metric("process_start_time_seconds").is_some_and(|t| t > 1e9));
     assert!(metric("process_open_fds").is_some_and(|n| n > 0.0));
+    readme_exposure_is_the_installed_services(&c);
 
     // Reload while a client keeps echoing; a lowered per-source limit takes effect.
     let packaged = c.ok("cat /etc/echod/echod.toml");
@@ -573,4 +574,32 @@ fn broken_reload_fails_and_the_old_config_serves(c: &Container, chatter: &Chatte
     );
     // check-config's stdout (the whole effective config) stays out of the journal.
     assert!(!journal.contains("[udp.rate_limit]"), "{journal}");
+}
+
+/// The README's hardening figure for the installed service is what
+/// `systemd-analyze security echod` says about it under systemd.
+fn readme_exposure_is_the_installed_services(c: &Container) {
+    let report = c.ok("systemd-analyze security echod --no-pager");
+    let measured = report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for echod.service:"))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no overall exposure:\n{report}"));
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = "`systemd-analyze security echod` rates the installed service ";
+    let stated = readme
+        .split_once(claim)
+        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .1
+        .split([' ', ',', ';'])
+        .next()
+        .unwrap();
+    assert_eq!(
+        stated, measured,
+        "README states exposure {stated}; systemd-analyze security echod measures {measured}"
+    );
 }
