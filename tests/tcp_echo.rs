@@ -149,3 +149,164 @@ fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
         );
     }
 }
+
+/// Runs `script` with `sh -c` in its own process group; its stdout, or `None` when it
+/// has not finished within `limit` (the whole group is then killed).
+fn run_bounded(script: &str, limit: Duration) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("sh");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group this test just created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every documented `… | nc …` command in `text`, up to its end (closing backtick,
+/// quote or `#` comment); roff escapes (`\-`) undone for the man page.
+fn nc_commands(text: &str) -> Vec<String> {
+    let text = text.replace("\\-", "-").replace("\\e", "\\");
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let mut rest = line;
+        while let Some(at) = rest.find("| nc ") {
+            let start = rest[..at].rfind("echo ").unwrap_or(at);
+            let tail = &rest[start..];
+            let end = tail.find(['`', '\'', '#']).unwrap_or(tail.len());
+            found.push(tail[..end].trim().to_string());
+            rest = &tail[end..];
+        }
+    }
+    found
+}
+
+/// Files whose nc examples users copy: the README, the man page and everything
+/// shipped under packaging/ and deploy/, and docs/.
+fn documented_files() -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    let mut dirs = vec![
+        root.join("packaging"),
+        root.join("deploy"),
+        root.join("docs"),
+    ];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// netcat-openbsd (Debian's `nc`) does not half-close the connection at the end of its
+/// input unless given `-N` (or `-q SECONDS`), so `echo hello | nc HOST 7` would wait for
+/// echod's idle timeout (5 minutes) before returning.
+#[test]
+fn every_documented_tcp_nc_example_ends_at_end_of_input() {
+    let mut checked = 0;
+    for file in documented_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for cmd in nc_commands(&text) {
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            let udp = words.contains(&"-u");
+            let closes = words.contains(&"-N") || words.contains(&"-q");
+            assert!(
+                udp || closes,
+                "{}: `{cmd}` hangs until the idle timeout with Debian's nc: add -N",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} nc examples found");
+}
+
+/// The README's smoke tests, run as written against a real echod (its address swapped
+/// for the test daemon's): each prints `hello` and returns at once.
+#[test]
+fn readme_smoke_commands_print_hello_and_return_at_once() {
+    if !common::require_tool("nc") {
+        return;
+    }
+    let daemon = Daemon::start("");
+    let target = format!("127.0.0.1 {}", daemon.tcp.port());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let commands = nc_commands(&readme);
+    assert!(commands.len() >= 4, "README smoke tests: {commands:?}");
+    let (mut tcp, mut udp) = (0, 0);
+    for documented in &commands {
+        let (host_port, rest) = documented
+            .rsplit_once(' ')
+            .and_then(|(head, port)| Some((head.rsplit_once(' ')?, port)))
+            .map(|((head, host), port)| ((host, port), head))
+            .expect("nc … HOST PORT");
+        assert!(
+            ["127.0.0.1", "localhost"].contains(&host_port.0),
+            "`{documented}` does not target this host"
+        );
+        let script = format!("{rest} {target}");
+        let started = std::time::Instant::now();
+        let out = run_bounded(&script, Duration::from_secs(10));
+        let took = started.elapsed();
+        let out = out.unwrap_or_else(|| {
+            panic!("`{documented}` did not return within 10 s (it waits for the idle timeout)")
+        });
+        assert_eq!(out, "hello\n", "`{documented}`");
+        // TCP returns as soon as the echo is back; UDP after nc's -w1 wait.
+        assert!(
+            took < Duration::from_secs(3),
+            "`{documented}` took {took:?}"
+        );
+        if rest.contains(" -u") {
+            udp += 1;
+        } else {
+            tcp += 1;
+        }
+    }
+    assert!(tcp >= 1 && udp >= 1, "{commands:?}");
+
+    // Kubernetes: the in-cluster check runs the image's own `echod probe` against the
+    // Service (`echod:7`), here against the test daemon.
+    let probe = readme
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("probe --tcp echod:7"))
+        .expect("README's kubectl run … probe example");
+    let args: Vec<String> = format!("probe --tcp echod:7{probe}")
+        .split('#')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|w| w.replace("echod:7", &daemon.tcp.to_string()))
+        .collect();
+    let out = std::process::Command::new(common::echod_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("ok tcp") && stdout.contains(", udp "),
+        "echod {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
