@@ -249,42 +249,11 @@ fn readme_smoke_commands_print_hello_and_return_at_once() {
         return;
     }
     let daemon = Daemon::start("");
-    let target = format!("127.0.0.1 {}", daemon.tcp.port());
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let commands = nc_commands(&readme);
     assert!(commands.len() >= 4, "README smoke tests: {commands:?}");
-    let (mut tcp, mut udp) = (0, 0);
-    for documented in &commands {
-        let (host_port, rest) = documented
-            .rsplit_once(' ')
-            .and_then(|(head, port)| Some((head.rsplit_once(' ')?, port)))
-            .map(|((head, host), port)| ((host, port), head))
-            .expect("nc … HOST PORT");
-        assert!(
-            ["127.0.0.1", "localhost"].contains(&host_port.0),
-            "`{documented}` does not target this host"
-        );
-        let script = format!("{rest} {target}");
-        let started = std::time::Instant::now();
-        let out = run_bounded(&script, Duration::from_secs(10));
-        let took = started.elapsed();
-        let out = out.unwrap_or_else(|| {
-            panic!("`{documented}` did not return within 10 s (it waits for the idle timeout)")
-        });
-        assert_eq!(out, "hello\n", "`{documented}`");
-        // TCP returns as soon as the echo is back; UDP after nc's -w1 wait.
-        assert!(
-            took < Duration::from_secs(3),
-            "`{documented}` took {took:?}"
-        );
-        if rest.contains(" -u") {
-            udp += 1;
-        } else {
-            tcp += 1;
-        }
-    }
-    assert!(tcp >= 1 && udp >= 1, "{commands:?}");
+    run_nc_examples(&commands, daemon.tcp.port());
 
     // Kubernetes: the in-cluster check runs the image's own `echod probe` against the
     // Service (`echod:7`), here against the test daemon.
@@ -309,4 +278,96 @@ fn readme_smoke_commands_print_hello_and_return_at_once() {
         "echod {args:?}: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs documented `echo hello | nc … HOST PORT` commands against 127.0.0.1:`port`:
+/// each prints `hello` and returns at once; at least one TCP and one UDP.
+fn run_nc_examples(commands: &[String], port: u16) {
+    let target = format!("127.0.0.1 {port}");
+    let (mut tcp, mut udp) = (0, 0);
+    for documented in commands {
+        let (host, rest) = documented
+            .rsplit_once(' ')
+            .and_then(|(head, _port)| head.rsplit_once(' '))
+            .map(|(head, host)| (host, head))
+            .expect("nc … HOST PORT");
+        assert!(
+            ["127.0.0.1", "localhost"].contains(&host),
+            "`{documented}` does not target this host"
+        );
+        let script = format!("{rest} {target}");
+        let started = std::time::Instant::now();
+        let out = run_bounded(&script, Duration::from_secs(10));
+        let took = started.elapsed();
+        let out = out.unwrap_or_else(|| {
+            panic!("`{documented}` did not return within 10 s (it waits for the idle timeout)")
+        });
+        assert_eq!(out, "hello\n", "`{documented}`");
+        // TCP returns as soon as the echo is back; UDP after nc's -w1 wait.
+        assert!(
+            took < Duration::from_secs(3),
+            "`{documented}` took {took:?}"
+        );
+        if rest.contains(" -u") {
+            udp += 1;
+        } else {
+            tcp += 1;
+        }
+    }
+    assert!(tcp >= 1 && udp >= 1, "{commands:?}");
+}
+
+/// The man page's EXAMPLES, run as written against a real echod: the nc smoke tests
+/// and `echod` commands (127.0.0.1:7 is the test daemon, /etc/echod/echod.toml the
+/// file the package installs there). `systemctl reload` is run by tests/systemd.rs.
+#[test]
+fn man_page_examples_run_against_a_real_echod() {
+    if !common::require_tool("nc") {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("packaging/echod.1")).unwrap();
+    let examples = page
+        .split_once(".SH EXAMPLES\n")
+        .expect("EXAMPLES section")
+        .1;
+    let examples = &examples[..examples.find("\n.SH ").unwrap_or(examples.len())];
+    let daemon = Daemon::start("");
+    run_nc_examples(&nc_commands(examples), daemon.tcp.port());
+    let lines: Vec<String> = examples
+        .split(".nf\n")
+        .skip(1)
+        .flat_map(|block| block.split(".fi\n").next().unwrap().lines())
+        .map(|l| l.replace("\\-", "-"))
+        .collect();
+    let mut ran = 0;
+    for line in &lines {
+        let line = line
+            .replace("127.0.0.1:7", &daemon.tcp.to_string())
+            .replace(
+                "/etc/echod/echod.toml",
+                &root.join("packaging/echod.toml").display().to_string(),
+            );
+        let mut words = line.split_whitespace().peekable();
+        let mut cmd = std::process::Command::new(common::echod_bin());
+        cmd.env_remove("ECHOD_CONFIG");
+        while let Some((key, value)) = words.peek().and_then(|w| w.split_once('=')) {
+            cmd.env(key, value);
+            words.next();
+        }
+        if words.next() != Some("echod") {
+            continue;
+        }
+        let out = cmd.args(words).output().unwrap();
+        assert!(
+            out.status.success(),
+            "`{line}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if line.starts_with("ECHOD_TCP__MAX_CONNECTIONS=20000") {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("max_connections = 20000"));
+        }
+        ran += 1;
+    }
+    assert!(ran >= 3, "echod examples run: {ran} of {lines:?}");
 }
