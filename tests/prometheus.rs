@@ -104,7 +104,7 @@ fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
     let config = run(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = run(&["check", "rules", "echod-alerts.yml"]);
-    assert!(rules.contains("SUCCESS: 6 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
     let tests = run(&["test", "rules", "rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
     let out = std::process::Command::new("prometheus-blackbox-exporter")
@@ -135,7 +135,7 @@ fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: Socke
             "evaluation_interval: 1s".to_string(),
         ),
         ("127.0.0.1:9107", echod_http.to_string()),
-        ("127.0.0.1:7007", probe_tcp.to_string()),
+        ("\"127.0.0.1:7\"", format!("\"{probe_tcp}\"")),
         ("127.0.0.1:9115", blackbox.to_string()),
     ] {
         assert!(config.contains(from), "example config lost `{from}`");
@@ -223,6 +223,11 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         (format!("sum(echod_tcp_connections_active{job})"), 0.0),
         (r#"probe_success{job="echod_tcp_probe"}"#.to_string(), 1.0),
         (r#"probe_success{job="echod_ready_probe"}"#.to_string(), 1.0),
+        (r#"probe_success{module="echod_tcp_echo"}"#.to_string(), 1.0),
+        (
+            r#"probe_success{module="echod_http_ready"}"#.to_string(),
+            1.0,
+        ),
     ] {
         prometheus.wait_value(&query, want, PROMETHEUS_WAIT);
     }
@@ -255,7 +260,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         .iter()
         .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
         .collect();
-    assert_eq!(rules.len(), 6, "{body}");
+    assert_eq!(rules.len(), 11, "{body}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "rule unhealthy: {rule}");
     }
@@ -298,4 +303,136 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
     drop(held);
     let status = daemon.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
+}
+
+/// The alert rules and their unit tests as JSON: (alerts, tests).
+fn alerts_and_tests() -> (Vec<serde_json::Value>, serde_json::Value) {
+    let rules = common::deploy::yaml_file("deploy/prometheus/echod-alerts.yml");
+    let alerts = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect();
+    (
+        alerts,
+        common::deploy::yaml_file("deploy/prometheus/rules.test.yml"),
+    )
+}
+
+#[test]
+fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
+    if !require_tool("yamllint") {
+        return;
+    }
+    let (alerts, tests) = alerts_and_tests();
+    let exprs: Vec<String> = alerts
+        .iter()
+        .map(|a| a["expr"].as_str().unwrap().to_string())
+        .collect();
+    // What the deploy material sets up or exports, and an operator must hear about.
+    for (what, needles) in [
+        ("a failing blackbox probe", &["probe_success", "== 0"][..]),
+        (
+            "accept() failing for lack of file descriptors",
+            &["echod_tcp_accept_errors_total", "kind=\"fd_limit\""],
+        ),
+        (
+            "file descriptors near the limit",
+            &["process_open_fds", "process_max_fds"],
+        ),
+        ("a restart", &["changes(echod_start_time_seconds"]),
+        ("a drain that does not end", &["echod_draining"]),
+    ] {
+        assert!(
+            exprs.iter().any(|e| needles.iter().all(|n| e.contains(n))),
+            "no alert for {what} (an expression with {needles:?})"
+        );
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README does not list {name}"
+        );
+    }
+    // Each alert has a unit test where it fires and one where it stays quiet.
+    let cases: Vec<&serde_json::Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        let mine: Vec<_> = cases.iter().filter(|c| c["alertname"] == name).collect();
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty())),
+            "{name}: no unit test where it fires"
+        );
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| a.is_empty())),
+            "{name}: no unit test where it stays quiet"
+        );
+        assert!(
+            alert["labels"]["severity"].is_string()
+                && alert["annotations"]["summary"].is_string()
+                && alert["annotations"]["description"].is_string(),
+            "{name}: severity, summary and description"
+        );
+    }
+}
+
+/// deploy/prometheus is the example for the Debian package's service on the same host:
+/// the blackbox TCP probe goes to the port the package serves, the scrape to its metrics
+/// address.
+#[test]
+fn example_prometheus_config_targets_the_packaged_service() {
+    if !require_tool("yamllint") {
+        return;
+    }
+    let packaged = common::deploy::shipped_config("packaging/echod.toml");
+    let echo_port = common::deploy::single_port(&packaged.tcp.listen);
+    let metrics = packaged.metrics.listen[0];
+    let text = std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
+    assert!(
+        text.contains("Debian package"),
+        "prometheus.yml should say which echod it is for"
+    );
+    let config = common::deploy::yaml_file("deploy/prometheus/prometheus.yml");
+    let jobs = config["scrape_configs"].as_array().unwrap();
+    let job = |name: &str| {
+        jobs.iter()
+            .find(|j| j["job_name"] == name)
+            .unwrap_or_else(|| panic!("no job {name}"))
+    };
+    assert_eq!(
+        job("echod")["static_configs"][0]["targets"],
+        serde_json::json!([metrics.to_string()])
+    );
+    assert_eq!(
+        job("echod_tcp_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("127.0.0.1:{echo_port}")]),
+        "the TCP echo probe must reach the packaged service's port"
+    );
+    assert_eq!(
+        job("echod_ready_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("http://{metrics}/readyz")])
+    );
+    // Probe results carry the blackbox module, which the probe alert matches (not the
+    // job name, which differs between setups).
+    for name in ["echod_tcp_probe", "echod_ready_probe"] {
+        let relabels = job(name)["relabel_configs"].as_array().unwrap();
+        assert!(
+            relabels.iter().any(
+                |r| r["source_labels"] == serde_json::json!(["__param_module"])
+                    && r["target_label"] == "module"
+            ),
+            "{name}: no `module` label"
+        );
+    }
 }
