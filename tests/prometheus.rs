@@ -436,3 +436,140 @@ fn example_prometheus_config_targets_the_packaged_service() {
         );
     }
 }
+
+/// The colour a stat panel shows for `value`: the last threshold step at or below it.
+fn threshold_colour(panel: &serde_json::Value, value: f64) -> String {
+    let steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stat panel {} has no thresholds", panel["title"]));
+    steps
+        .iter()
+        .rfind(|s| s["value"].is_null() || s["value"].as_f64().is_some_and(|v| v <= value))
+        .and_then(|s| s["color"].as_str())
+        .unwrap_or_else(|| panic!("{}: no base step", panel["title"]))
+        .to_string()
+}
+
+/// Every `datasource` object in the dashboard (panels, targets, variables, annotations).
+fn datasource_refs(value: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                if key == "datasource" && v.is_object() {
+                    found.push(v.clone());
+                }
+                datasource_refs(v, found);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| datasource_refs(v, found)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts() {
+    let text = std::fs::read_to_string(deploy_dir().join("grafana/echod-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    // Import asks for the Prometheus data source, and everything uses the answer.
+    let inputs = json["__inputs"].as_array().expect("__inputs");
+    assert!(
+        inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS"
+            && i["type"] == "datasource"
+            && i["pluginId"] == "prometheus"),
+        "no DS_PROMETHEUS data source input: {inputs:?}"
+    );
+    let mut refs = Vec::new();
+    datasource_refs(&json, &mut refs);
+    assert!(refs.len() > 20);
+    for r in &refs {
+        assert_eq!(
+            (&r["type"], &r["uid"]),
+            (&"prometheus".into(), &"${DS_PROMETHEUS}".into()),
+            "data source reference {r}"
+        );
+    }
+    // File provisioning ignores __inputs: a data source variable of the same name
+    // resolves ${DS_PROMETHEUS} there (to the default Prometheus).
+    let variables = json["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "DS_PROMETHEUS" && v["type"] == "datasource"),
+        "no DS_PROMETHEUS data source variable"
+    );
+
+    // Stat panels colour by thresholds: a 0 for "up", "ready" or a probe is red.
+    let dashboard = Dashboard::load();
+    let stats: Vec<_> = dashboard
+        .panels
+        .iter()
+        .filter(|p| p["type"] == "stat")
+        .collect();
+    assert!(stats.len() >= 5);
+    for panel in &stats {
+        let title = panel["title"].as_str().unwrap();
+        assert_eq!(
+            panel["fieldConfig"]["defaults"]["color"]["mode"], "thresholds",
+            "{title}"
+        );
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let health = ["up{", "echod_ready{", "probe_success{"]
+            .iter()
+            .any(|m| expr.starts_with(m));
+        if health {
+            assert_eq!(threshold_colour(panel, 0.0), "red", "{title} at 0");
+            assert_eq!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else if expr.starts_with("echod_draining{") {
+            assert_eq!(threshold_colour(panel, 0.0), "green", "{title} at 0");
+            assert_ne!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else {
+            threshold_colour(panel, 0.0);
+        }
+    }
+    assert!(
+        dashboard
+            .queries
+            .iter()
+            .any(|(_, e)| e.starts_with("probe_success{")),
+        "no panel shows the blackbox probes"
+    );
+
+    // Restarts and reloads are marked on every time series.
+    let annotations = json["annotations"]["list"].as_array().unwrap();
+    for metric in ["echod_start_time_seconds", "echod_config_reloads_total"] {
+        assert!(
+            annotations
+                .iter()
+                .any(|a| a["enable"] == true
+                    && a["expr"].as_str().is_some_and(|e| e.contains(metric))),
+            "no annotation on {metric}"
+        );
+    }
+}
+
+/// The annotation queries are PromQL a real Prometheus accepts (it answers 400 to a
+/// query it cannot parse).
+#[test]
+fn dashboard_annotation_queries_are_valid_promql() {
+    if !require_tool("prometheus") {
+        return;
+    }
+    let text = std::fs::read_to_string(deploy_dir().join("grafana/echod-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prometheus = Prometheus::start("global:\n  scrape_interval: 15s\n", &[]);
+    let mut checked = 0;
+    for annotation in json["annotations"]["list"].as_array().unwrap() {
+        let Some(expr) = annotation["expr"].as_str() else {
+            continue;
+        };
+        let promql = expr
+            .replace("$__interval", "1m")
+            .replace("$__rate_interval", "1m")
+            .replace("\"$job\"", "\".+\"")
+            .replace("\"$instance\"", "\".+\"");
+        prometheus.query(&promql);
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} annotation queries");
+}
