@@ -185,17 +185,57 @@ The configuration is a TOML file (\fB\-\-config\fR \fIFILE\fR or \fBECHOD_CONFIG
 An IPv6 listen address serves IPv6 only: for IPv4 and IPv6 list both, as the packaged configuration does (\fB["0.0.0.0:7", "[::]:7"]\fR).
 "#,
     );
-    let documented = read("config/echod.toml");
+    out.push_str(&configuration_entries(&read("config/echod.toml")));
+    out
+}
+
+/// A commented-out `# key = value` line: a key that is unset by default.
+fn optional_key(comment: &str) -> Option<(&str, &str)> {
+    let (key, value) = comment.split_once(" = ")?;
+    let is_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    is_key.then_some((key, value))
+}
+
+/// The `.SS`/`.TP` entries for a documented TOML file: each key with its default (or,
+/// commented out, as unset by default) and the comment lines above it.
+fn configuration_entries(documented: &str) -> String {
+    let mut out = String::new();
     let mut section = String::new();
     let mut comment: Vec<String> = Vec::new();
+    // Consecutive commented-out keys share the comment above the first.
+    let mut shared: Vec<String> = Vec::new();
     let mut in_header = true;
     for line in documented.lines() {
         let line = line.trim();
+        let optional = line
+            .strip_prefix('#')
+            .map(str::trim)
+            .and_then(optional_key)
+            .filter(|_| !in_header);
+        if optional.is_none() {
+            shared.clear();
+        }
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = name.to_string();
             in_header = false;
             comment.clear();
             out.push_str(&format!(".SS \"[{}]\"\n", roff(name)));
+        } else if let Some((key, example)) = optional {
+            if comment.is_empty() {
+                comment = shared.clone();
+            }
+            assert!(!comment.is_empty(), "{section}.{key} has no comment");
+            shared = comment.clone();
+            out.push_str(&format!(
+                ".TP\n\\fB{}\\fR (unset by default; e.g. {})\n{}\n",
+                roff(&format!("{section}.{key}")),
+                roff(example),
+                roff(&comment.join(" "))
+            ));
+            comment.clear();
         } else if let Some(text) = line.strip_prefix('#') {
             comment.push(text.trim().to_string());
         } else if let Some((key, value)) = line.split_once(" = ") {
@@ -528,7 +568,36 @@ fn man_page_documents_every_key_the_environment_and_renders_cleanly() {
             keys += 1;
         }
     }
+    // Keys documented commented out (unset by default) are listed too…
+    let mut section = String::new();
+    for line in read("config/echod.toml").lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+        } else if let Some((key, _)) = line
+            .strip_prefix('#')
+            .map(str::trim)
+            .and_then(optional_key)
+            .filter(|_| !section.is_empty())
+        {
+            let entry = format!("\\fB{section}.{key}\\fR (unset by default");
+            assert!(
+                config.contains(&entry),
+                "CONFIGURATION lacks {section}.{key}"
+            );
+            keys += 1;
+        }
+    }
     assert!(keys >= 18, "only {keys} keys");
+    // …the way the generator renders them.
+    let sample = configuration_entries(
+        "# Header: x = 1\n[tcp]\n# Caps, off by default.\n# max_x = \"1h\"\n# max_y = 2\n# Plain.\ny = 1\n",
+    );
+    assert_eq!(
+        sample,
+        ".SS \"[tcp]\"\n.TP\n\\fBtcp.max_x\\fR (unset by default; e.g. \"1h\")\nCaps, off by default.\n\
+         .TP\n\\fBtcp.max_y\\fR (unset by default; e.g. 2)\nCaps, off by default.\n\
+         .TP\n\\fBtcp.y\\fR = 1\nPlain.\n"
+    );
     let environment = man_section(&page, "ENVIRONMENT");
     for var in [
         "ECHOD_CONFIG",
