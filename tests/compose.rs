@@ -220,3 +220,111 @@ fn prometheus_accepts_the_compose_config_and_rules_as_mounted() {
         "{out}"
     );
 }
+
+/// Every data source the provisioned dashboard refers to resolves in the compose
+/// Grafana: file provisioning ignores `__inputs`, so a `${NAME}` reference needs a data
+/// source variable NAME (which picks the default data source of its type, provisioned
+/// here) or a provisioned data source with that uid.
+#[test]
+fn grafana_resolves_every_data_source_of_the_provisioned_dashboard() {
+    if !common::require_tool("yamllint") {
+        return;
+    }
+    let provisioned = yaml_file("deploy/compose/grafana/provisioning/datasources/prometheus.yml");
+    let sources = provisioned["datasources"].as_array().unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("deploy/grafana/echod-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let text = dashboard.to_string();
+    let mut refs: Vec<&str> = text
+        .match_indices("\"uid\":\"")
+        .map(|(at, m)| {
+            let rest = &text[at + m.len()..];
+            &rest[..rest.find('"').unwrap()]
+        })
+        .filter(|uid| *uid != "echod-overview")
+        .collect();
+    refs.sort();
+    refs.dedup();
+    assert!(!refs.is_empty());
+    for uid in refs {
+        if let Some(name) = uid.strip_prefix("${").and_then(|u| u.strip_suffix('}')) {
+            let variable = variables
+                .iter()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("{uid}: no dashboard variable {name}"));
+            assert_eq!(variable["type"], "datasource", "{uid}");
+            assert!(
+                sources
+                    .iter()
+                    .any(|s| s["type"] == variable["query"] && s["isDefault"] == true),
+                "{uid}: no default {} data source is provisioned",
+                variable["query"]
+            );
+        } else {
+            assert!(
+                sources.iter().any(|s| s["uid"] == uid),
+                "data source uid {uid} is not provisioned"
+            );
+        }
+    }
+}
+
+/// The compose stack probes echod through blackbox_exporter like deploy/prometheus
+/// does, so the dashboard's probe panel and EchodProbeFailed work there too.
+#[test]
+fn compose_prometheus_probes_echod_through_blackbox_exporter() {
+    if !common::require_tool("yamllint") {
+        return;
+    }
+    let compose = yaml_file(COMPOSE);
+    let services = &compose["services"];
+    let image_config = shipped_config("deploy/container/echod.toml");
+    let blackbox = &services["blackbox"];
+    assert!(blackbox.is_object(), "no blackbox service");
+    let mounts = bind_mounts(blackbox);
+    let (modules_file, target) = mounts.first().expect("blackbox.yml mounted");
+    assert_eq!(
+        modules_file.canonicalize().unwrap(),
+        repo_path("deploy/prometheus/blackbox.yml")
+            .canonicalize()
+            .unwrap()
+    );
+    assert!(
+        blackbox["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str() == Some(&format!("--config.file={target}"))),
+        "blackbox_exporter does not read the mounted modules"
+    );
+    let modules = yaml_file("deploy/prometheus/blackbox.yml");
+    let prom = yaml_file("deploy/compose/prometheus.yml");
+    let jobs = prom["scrape_configs"].as_array().unwrap();
+    let echo = format!("echod:{}", single_port(&image_config.tcp.listen));
+    let ready = format!(
+        "http://echod:{}/readyz",
+        single_port(&image_config.metrics.listen)
+    );
+    for (module, target) in [("echod_tcp_echo", &echo), ("echod_http_ready", &ready)] {
+        assert!(modules["modules"][module].is_object(), "{module}");
+        let job = jobs
+            .iter()
+            .find(|j| j["params"]["module"][0] == module)
+            .unwrap_or_else(|| panic!("no probe job with module {module}"));
+        assert_eq!(
+            job["static_configs"][0]["targets"],
+            serde_json::json!([target])
+        );
+        let relabels = job["relabel_configs"].as_array().unwrap();
+        assert!(relabels.iter().any(|r| r["target_label"] == "module"));
+        assert!(
+            relabels
+                .iter()
+                .any(|r| r["target_label"] == "__address__" && r["replacement"] == "blackbox:9115"),
+            "{module}: not sent to the blackbox service"
+        );
+    }
+}

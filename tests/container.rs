@@ -441,3 +441,109 @@ fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
         c.logs()
     );
 }
+
+/// True when `image` names its registry, so no short-name resolution is involved:
+/// the first path component is a host (has a `.` or a `:`) or `localhost`, as
+/// containers-registries.conf(5) defines it. podman on Debian 12 has no
+/// unqualified-search registries and refuses short names like `rust:1-bookworm`.
+fn fully_qualified(image: &str) -> bool {
+    image.split_once('/').is_some_and(|(first, _)| {
+        first == "localhost" || first.contains('.') || first.contains(':')
+    })
+}
+
+#[test]
+fn every_image_reference_in_deploy_is_fully_qualified() {
+    assert!(fully_qualified("docker.io/library/rust:1-bookworm"));
+    assert!(fully_qualified("localhost/echod:latest"));
+    assert!(fully_qualified("registry.example:5000/echod"));
+    for short in ["rust:1-bookworm", "prom/prometheus:v2.53.0", "echod"] {
+        assert!(!fully_qualified(short), "{short}");
+    }
+    let mut checked = Vec::new();
+    let mut bad = Vec::new();
+
+    // Dockerfile: every FROM, with build arguments replaced by their defaults; `scratch`
+    // (no image at all) and earlier stages are not image references.
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let mut args = std::collections::HashMap::new();
+    let mut stages = Vec::new();
+    for line in dockerfile.lines().map(str::trim) {
+        if let Some(arg) = line.strip_prefix("ARG ") {
+            if let Some((name, default)) = arg.split_once('=') {
+                args.insert(format!("${{{name}}}"), default.to_string());
+            }
+        } else if let Some(from) = line.strip_prefix("FROM ") {
+            let mut words = from.split_whitespace().filter(|w| !w.starts_with("--"));
+            let image = words.next().expect("FROM names an image");
+            let image = args.get(image).cloned().unwrap_or(image.to_string());
+            if let (Some(as_), Some(stage)) = (words.next(), words.next()) {
+                assert!(as_.eq_ignore_ascii_case("AS"));
+                stages.push(stage.to_string());
+            }
+            if image != "scratch" && !stages.contains(&image) {
+                checked.push(format!("Dockerfile: {image}"));
+                if !fully_qualified(&image) {
+                    bad.push(format!("deploy/Dockerfile: FROM {image}"));
+                }
+            }
+        }
+    }
+    assert!(
+        !checked.is_empty() && args.contains_key("${BUILDER_IMAGE}"),
+        "the builder image stays a build argument (the tests substitute a local one)"
+    );
+
+    // Compose and Kubernetes: every `image:`. A Kubernetes image is a name the
+    // kustomization's `images:` maps to the real one (`newName`).
+    let kustomization = common::deploy::yaml_file("deploy/kubernetes/kustomization.yaml");
+    let renames: std::collections::HashMap<String, String> = kustomization["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            let name = i["name"].as_str().unwrap().to_string();
+            let new = i["newName"].as_str().unwrap_or(&name).to_string();
+            (name, new)
+        })
+        .collect();
+    let mut files = vec![repo().join("deploy/compose.yaml")];
+    for entry in std::fs::read_dir(repo().join("deploy/kubernetes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(path);
+        }
+    }
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kubernetes = path.parent().unwrap().ends_with("kubernetes");
+        for line in text.lines() {
+            let line = line.trim_start().trim_start_matches("- ");
+            let Some(image) = line
+                .strip_prefix("image:")
+                .or(line.strip_prefix("newName:"))
+            else {
+                continue;
+            };
+            let image = image.trim().trim_matches('"').trim_matches('\'');
+            let effective = match renames.get(image) {
+                Some(new) if kubernetes => new.as_str(),
+                _ => image,
+            };
+            checked.push(format!("{}: {effective}", path.display()));
+            if !fully_qualified(effective) {
+                bad.push(format!("{}: {line}", path.display()));
+            }
+        }
+    }
+    eprintln!("checked:\n  {}", checked.join("\n  "));
+    assert!(
+        checked.len() >= 5,
+        "too few image references found: {checked:?}"
+    );
+    assert!(
+        bad.is_empty(),
+        "short image names (podman without unqualified-search registries cannot pull them):\n  {}",
+        bad.join("\n  ")
+    );
+}

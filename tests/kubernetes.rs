@@ -87,12 +87,16 @@ fn kustomize_build_output_is_valid_and_wires_the_generated_config_map() {
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "PodMonitor",
+        "PrometheusRule",
     ] {
         assert!(kinds.contains(&kind), "kustomize output lacks a {kind}");
     }
 
     // Everything but the CRD against Kubernetes' own schemas.
-    let core: Vec<&Value> = docs.iter().filter(|d| d["kind"] != "PodMonitor").collect();
+    let core: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] != "PodMonitor" && d["kind"] != "PrometheusRule")
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("built.yaml");
     // JSON documents are YAML documents.
@@ -277,4 +281,116 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .split(':')
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| p.is_file())
+}
+
+/// deploy/kubernetes/prometheusrule.yaml as generated from
+/// deploy/prometheus/echod-alerts.yml: the same groups under `spec:`, comments kept.
+fn render_prometheus_rule() -> String {
+    let alerts = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
+    let body = &alerts[alerts.find("\ngroups:").expect("groups:") + 1..];
+    let mut out = String::from(
+        "# GENERATED from deploy/prometheus/echod-alerts.yml by tests/kubernetes.rs; do not edit.\n\
+         # Regenerate: ECHOD_BLESS=1 cargo test --test kubernetes prometheus_rule\n\
+         # echod's alert rules for prometheus-operator. If your Prometheus selects rules by\n\
+         # label (ruleSelector, e.g. `release: kube-prometheus-stack`), add that label in\n\
+         # kustomization.yaml (`labels:`), not here.\n\
+         apiVersion: monitoring.coreos.com/v1\n\
+         kind: PrometheusRule\n\
+         metadata:\n  name: echod\n\
+         spec:\n",
+    );
+    for line in body.lines() {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out
+}
+
+#[test]
+fn prometheus_rule_carries_exactly_the_alert_rules() {
+    let path = repo_path("deploy/kubernetes/prometheusrule.yaml");
+    let fresh = render_prometheus_rule();
+    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/echod-alerts.yml: \
+         regenerate it with `ECHOD_BLESS=1 cargo test --test kubernetes prometheus_rule`"
+    );
+    let kustomization =
+        std::fs::read_to_string(repo_path("deploy/kubernetes/kustomization.yaml")).unwrap();
+    assert!(
+        kustomization.contains("\n  - prometheusrule.yaml\n"),
+        "the PrometheusRule is not in the kustomization"
+    );
+    if !common::require_tool("yamllint") {
+        return;
+    }
+    // kubernetes-validate has no schema for CRDs: check the object's shape, and that its
+    // rules are the alert file's, parsed.
+    let rule = yaml_file("deploy/kubernetes/prometheusrule.yaml");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["kind"], "PrometheusRule");
+    assert_eq!(rule["metadata"]["name"], "echod");
+    let keys: Vec<&String> = rule["spec"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["groups"]);
+    let alerts = yaml_file("deploy/prometheus/echod-alerts.yml");
+    assert_eq!(rule["spec"]["groups"], alerts["groups"]);
+    assert!(rule["spec"]["groups"][0]["rules"].as_array().unwrap().len() >= 11);
+    if !common::require_tool("promtool") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({ "groups": rule["spec"]["groups"] }).to_string(),
+    )
+    .unwrap();
+    let out = assert_passes(Command::new("promtool").args(["check", "rules"]).arg(&file));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+/// prometheus-operator names a PodMonitor's job `<namespace>/<name>` unless `jobLabel`
+/// names a pod label to take it from; the alerts match `job="echod"`, so the PodMonitor
+/// must produce exactly that.
+#[test]
+fn podmonitor_gives_the_job_name_the_alerts_match() {
+    if !common::require_tool("yamllint") {
+        return;
+    }
+    let alerts = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
+    let jobs: std::collections::BTreeSet<&str> = alerts
+        .match_indices("job=")
+        .map(|(at, _)| {
+            let value = alerts[at + 4..].trim_start_matches('~');
+            let value = value.strip_prefix('"').expect("quoted job value");
+            &value[..value.find('"').unwrap()]
+        })
+        .collect();
+    assert!(
+        jobs.iter().all(|j| *j == "echod"),
+        "alerts match job names {jobs:?}; only job=\"echod\" is produced everywhere"
+    );
+    let monitor = yaml_file("deploy/kubernetes/podmonitor.yaml");
+    let label = monitor["spec"]["jobLabel"]
+        .as_str()
+        .expect("PodMonitor spec.jobLabel (else job is \"<namespace>/echod\")");
+    let deployment = yaml_file("deploy/kubernetes/deployment.yaml");
+    let kustomization = yaml_file("deploy/kubernetes/kustomization.yaml");
+    let mut pod_labels = deployment["spec"]["template"]["metadata"]["labels"].clone();
+    for set in kustomization["labels"].as_array().unwrap() {
+        for (k, v) in set["pairs"].as_object().unwrap() {
+            pod_labels[k] = v.clone();
+        }
+    }
+    assert_eq!(
+        pod_labels[label], "echod",
+        "the pods' {label} label becomes the job"
+    );
 }

@@ -104,7 +104,7 @@ fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
     let config = run(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = run(&["check", "rules", "echod-alerts.yml"]);
-    assert!(rules.contains("SUCCESS: 6 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
     let tests = run(&["test", "rules", "rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
     let out = std::process::Command::new("prometheus-blackbox-exporter")
@@ -135,7 +135,7 @@ fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: Socke
             "evaluation_interval: 1s".to_string(),
         ),
         ("127.0.0.1:9107", echod_http.to_string()),
-        ("127.0.0.1:7007", probe_tcp.to_string()),
+        ("\"127.0.0.1:7\"", format!("\"{probe_tcp}\"")),
         ("127.0.0.1:9115", blackbox.to_string()),
     ] {
         assert!(config.contains(from), "example config lost `{from}`");
@@ -223,6 +223,11 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         (format!("sum(echod_tcp_connections_active{job})"), 0.0),
         (r#"probe_success{job="echod_tcp_probe"}"#.to_string(), 1.0),
         (r#"probe_success{job="echod_ready_probe"}"#.to_string(), 1.0),
+        (r#"probe_success{module="echod_tcp_echo"}"#.to_string(), 1.0),
+        (
+            r#"probe_success{module="echod_http_ready"}"#.to_string(),
+            1.0,
+        ),
     ] {
         prometheus.wait_value(&query, want, PROMETHEUS_WAIT);
     }
@@ -255,7 +260,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         .iter()
         .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
         .collect();
-    assert_eq!(rules.len(), 6, "{body}");
+    assert_eq!(rules.len(), 11, "{body}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "rule unhealthy: {rule}");
     }
@@ -298,4 +303,273 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
     drop(held);
     let status = daemon.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
+}
+
+/// The alert rules and their unit tests as JSON: (alerts, tests).
+fn alerts_and_tests() -> (Vec<serde_json::Value>, serde_json::Value) {
+    let rules = common::deploy::yaml_file("deploy/prometheus/echod-alerts.yml");
+    let alerts = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect();
+    (
+        alerts,
+        common::deploy::yaml_file("deploy/prometheus/rules.test.yml"),
+    )
+}
+
+#[test]
+fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
+    if !require_tool("yamllint") {
+        return;
+    }
+    let (alerts, tests) = alerts_and_tests();
+    let exprs: Vec<String> = alerts
+        .iter()
+        .map(|a| a["expr"].as_str().unwrap().to_string())
+        .collect();
+    // What the deploy material sets up or exports, and an operator must hear about.
+    for (what, needles) in [
+        ("a failing blackbox probe", &["probe_success", "== 0"][..]),
+        (
+            "accept() failing for lack of file descriptors",
+            &["echod_tcp_accept_errors_total", "kind=\"fd_limit\""],
+        ),
+        (
+            "file descriptors near the limit",
+            &["process_open_fds", "process_max_fds"],
+        ),
+        ("a restart", &["changes(echod_start_time_seconds"]),
+        ("a drain that does not end", &["echod_draining"]),
+    ] {
+        assert!(
+            exprs.iter().any(|e| needles.iter().all(|n| e.contains(n))),
+            "no alert for {what} (an expression with {needles:?})"
+        );
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README does not list {name}"
+        );
+    }
+    // Each alert has a unit test where it fires and one where it stays quiet.
+    let cases: Vec<&serde_json::Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        let mine: Vec<_> = cases.iter().filter(|c| c["alertname"] == name).collect();
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty())),
+            "{name}: no unit test where it fires"
+        );
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| a.is_empty())),
+            "{name}: no unit test where it stays quiet"
+        );
+        assert!(
+            alert["labels"]["severity"].is_string()
+                && alert["annotations"]["summary"].is_string()
+                && alert["annotations"]["description"].is_string(),
+            "{name}: severity, summary and description"
+        );
+    }
+}
+
+/// deploy/prometheus is the example for the Debian package's service on the same host:
+/// the blackbox TCP probe goes to the port the package serves, the scrape to its metrics
+/// address.
+#[test]
+fn example_prometheus_config_targets_the_packaged_service() {
+    if !require_tool("yamllint") {
+        return;
+    }
+    let packaged = common::deploy::shipped_config("packaging/echod.toml");
+    let echo_port = common::deploy::single_port(&packaged.tcp.listen);
+    let metrics = packaged.metrics.listen[0];
+    let text = std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
+    assert!(
+        text.contains("Debian package"),
+        "prometheus.yml should say which echod it is for"
+    );
+    let config = common::deploy::yaml_file("deploy/prometheus/prometheus.yml");
+    let jobs = config["scrape_configs"].as_array().unwrap();
+    let job = |name: &str| {
+        jobs.iter()
+            .find(|j| j["job_name"] == name)
+            .unwrap_or_else(|| panic!("no job {name}"))
+    };
+    assert_eq!(
+        job("echod")["static_configs"][0]["targets"],
+        serde_json::json!([metrics.to_string()])
+    );
+    assert_eq!(
+        job("echod_tcp_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("127.0.0.1:{echo_port}")]),
+        "the TCP echo probe must reach the packaged service's port"
+    );
+    assert_eq!(
+        job("echod_ready_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("http://{metrics}/readyz")])
+    );
+    // Probe results carry the blackbox module, which the probe alert matches (not the
+    // job name, which differs between setups).
+    for name in ["echod_tcp_probe", "echod_ready_probe"] {
+        let relabels = job(name)["relabel_configs"].as_array().unwrap();
+        assert!(
+            relabels.iter().any(
+                |r| r["source_labels"] == serde_json::json!(["__param_module"])
+                    && r["target_label"] == "module"
+            ),
+            "{name}: no `module` label"
+        );
+    }
+}
+
+/// The colour a stat panel shows for `value`: the last threshold step at or below it.
+fn threshold_colour(panel: &serde_json::Value, value: f64) -> String {
+    let steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stat panel {} has no thresholds", panel["title"]));
+    steps
+        .iter()
+        .rfind(|s| s["value"].is_null() || s["value"].as_f64().is_some_and(|v| v <= value))
+        .and_then(|s| s["color"].as_str())
+        .unwrap_or_else(|| panic!("{}: no base step", panel["title"]))
+        .to_string()
+}
+
+/// Every `datasource` object in the dashboard (panels, targets, variables, annotations).
+fn datasource_refs(value: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                if key == "datasource" && v.is_object() {
+                    found.push(v.clone());
+                }
+                datasource_refs(v, found);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| datasource_refs(v, found)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts() {
+    let text = std::fs::read_to_string(deploy_dir().join("grafana/echod-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    // Import asks for the Prometheus data source, and everything uses the answer.
+    let inputs = json["__inputs"].as_array().expect("__inputs");
+    assert!(
+        inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS"
+            && i["type"] == "datasource"
+            && i["pluginId"] == "prometheus"),
+        "no DS_PROMETHEUS data source input: {inputs:?}"
+    );
+    let mut refs = Vec::new();
+    datasource_refs(&json, &mut refs);
+    assert!(refs.len() > 20);
+    for r in &refs {
+        assert_eq!(
+            (&r["type"], &r["uid"]),
+            (&"prometheus".into(), &"${DS_PROMETHEUS}".into()),
+            "data source reference {r}"
+        );
+    }
+    // File provisioning ignores __inputs: a data source variable of the same name
+    // resolves ${DS_PROMETHEUS} there (to the default Prometheus).
+    let variables = json["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "DS_PROMETHEUS" && v["type"] == "datasource"),
+        "no DS_PROMETHEUS data source variable"
+    );
+
+    // Stat panels colour by thresholds: a 0 for "up", "ready" or a probe is red.
+    let dashboard = Dashboard::load();
+    let stats: Vec<_> = dashboard
+        .panels
+        .iter()
+        .filter(|p| p["type"] == "stat")
+        .collect();
+    assert!(stats.len() >= 5);
+    for panel in &stats {
+        let title = panel["title"].as_str().unwrap();
+        assert_eq!(
+            panel["fieldConfig"]["defaults"]["color"]["mode"], "thresholds",
+            "{title}"
+        );
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let health = ["up{", "echod_ready{", "probe_success{"]
+            .iter()
+            .any(|m| expr.starts_with(m));
+        if health {
+            assert_eq!(threshold_colour(panel, 0.0), "red", "{title} at 0");
+            assert_eq!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else if expr.starts_with("echod_draining{") {
+            assert_eq!(threshold_colour(panel, 0.0), "green", "{title} at 0");
+            assert_ne!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else {
+            threshold_colour(panel, 0.0);
+        }
+    }
+    assert!(
+        dashboard
+            .queries
+            .iter()
+            .any(|(_, e)| e.starts_with("probe_success{")),
+        "no panel shows the blackbox probes"
+    );
+
+    // Restarts and reloads are marked on every time series.
+    let annotations = json["annotations"]["list"].as_array().unwrap();
+    for metric in ["echod_start_time_seconds", "echod_config_reloads_total"] {
+        assert!(
+            annotations
+                .iter()
+                .any(|a| a["enable"] == true
+                    && a["expr"].as_str().is_some_and(|e| e.contains(metric))),
+            "no annotation on {metric}"
+        );
+    }
+}
+
+/// The annotation queries are PromQL a real Prometheus accepts (it answers 400 to a
+/// query it cannot parse).
+#[test]
+fn dashboard_annotation_queries_are_valid_promql() {
+    if !require_tool("prometheus") {
+        return;
+    }
+    let text = std::fs::read_to_string(deploy_dir().join("grafana/echod-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prometheus = Prometheus::start("global:\n  scrape_interval: 15s\n", &[]);
+    let mut checked = 0;
+    for annotation in json["annotations"]["list"].as_array().unwrap() {
+        let Some(expr) = annotation["expr"].as_str() else {
+            continue;
+        };
+        let promql = expr
+            .replace("$__interval", "1m")
+            .replace("$__rate_interval", "1m")
+            .replace("\"$job\"", "\".+\"")
+            .replace("\"$instance\"", "\".+\"");
+        prometheus.query(&promql);
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} annotation queries");
 }

@@ -378,6 +378,7 @@ fn packaged_service_under_real_systemd() {
     );
     assert!(metric("process_start_time_seconds").is_some_and(|t| t > 1e9));
     assert!(metric("process_open_fds").is_some_and(|n| n > 0.0));
+    readme_exposure_is_the_installed_services(&c);
 
     // Reload while a client keeps echoing; a lowered per-source limit takes effect.
     let packaged = c.ok("cat /etc/echod/echod.toml");
@@ -406,7 +407,8 @@ fn packaged_service_under_real_systemd() {
         "/etc/echod/echod.toml",
         "[tcp]\nmax_connections = \"many\"\n",
     );
-    c.ok("systemctl reload echod");
+    broken_reload_fails_and_the_old_config_serves(&c, &chatter);
+    c.ok("systemctl kill -s HUP --kill-who=main echod");
     wait_metric("echod_config_reload_failures_total", 1.0);
     chatter.still_echoing();
     let status = c.ok("systemctl status echod --no-pager");
@@ -538,5 +540,66 @@ fn packaged_service_under_real_systemd() {
         "systemd e2e: deb+rootfs {built:?}, boot {:?}, stop {stop_took:?}, watchdog restart {watchdog_took:?}, total {:?}",
         booted - built,
         started.elapsed()
+    );
+}
+
+/// `systemctl reload` with a broken config: ExecReload's check fails, so the reload
+/// fails (non-zero exit, the reason in the journal) and echod is never signalled — it
+/// keeps serving the previous config (the per-source limit of 2 still holds).
+fn broken_reload_fails_and_the_old_config_serves(c: &Container, chatter: &Chatter) {
+    let (reloaded, output) = c.sh("systemctl reload echod");
+    assert!(
+        !reloaded,
+        "systemctl reload reported success for a broken config:\n{output}"
+    );
+    assert!(output.contains("echod.service"), "{output}");
+    assert_eq!(c.prop("echod", "ActiveState"), "active");
+    assert_eq!(c.prop("echod", "SubState"), "running");
+    chatter.still_echoing();
+    let second = TcpStream::connect(ECHO).unwrap();
+    wait_metric("echod_tcp_connections_active", 2.0);
+    assert!(
+        refused_after_accept(echo_addr()),
+        "the previous config (per-source limit 2) no longer applies"
+    );
+    drop(second);
+    assert_eq!(metric("echod_config_reloads_total"), Some(1.0));
+    assert_eq!(metric("echod_config_reload_failures_total"), Some(0.0));
+    assert_eq!(metric("echod_config_last_reload_successful"), Some(1.0));
+    let journal = c.ok("journalctl -u echod --no-pager");
+    assert!(
+        journal.contains("invalid config file /etc/echod/echod.toml")
+            && journal.contains("max_connections"),
+        "the journal does not say why the reload failed:\n{journal}"
+    );
+    // check-config's stdout (the whole effective config) stays out of the journal.
+    assert!(!journal.contains("[udp.rate_limit]"), "{journal}");
+}
+
+/// The README's hardening figure for the installed service is what
+/// `systemd-analyze security echod` says about it under systemd.
+fn readme_exposure_is_the_installed_services(c: &Container) {
+    let report = c.ok("systemd-analyze security echod --no-pager");
+    let measured = report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for echod.service:"))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no overall exposure:\n{report}"));
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = "`systemd-analyze security echod` rates the installed service ";
+    let stated = readme
+        .split_once(claim)
+        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .1
+        .split([' ', ',', ';'])
+        .next()
+        .unwrap();
+    assert_eq!(
+        stated, measured,
+        "README states exposure {stated}; systemd-analyze security echod measures {measured}"
     );
 }
