@@ -27,7 +27,7 @@ pub struct Cli {
 /// Flags that select and override the configuration.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML config file; without it the embedded defaults apply (see config/echod.toml).
+    /// TOML config file; without it the embedded defaults apply (`echod check-config` prints them).
     #[arg(long, short = 'c', env = "ECHOD_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Overrides log.level (RUST_LOG overrides both).

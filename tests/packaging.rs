@@ -60,8 +60,7 @@ fn render_man_page() -> String {
     // .TH field out instead of quoting it empty, which shifts source and manual.
     let mut page = String::from_utf8(page)
         .expect("man page is UTF-8")
-        .replacen(".TH echod 1  ", ".TH echod 1 \"\" ", 1)
-        .replace("(see config/echod.toml)", "(see CONFIGURATION)");
+        .replacen(".TH echod 1  ", ".TH echod 1 \"\" ", 1);
     page.push_str(".SH COMMANDS\n");
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
