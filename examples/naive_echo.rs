@@ -1,11 +1,12 @@
 //! The naive tokio echo server: the baseline `benches/compare.sh` measures echod
-//! against. A task per connection, an 8 KiB buffer allocated up front and held for the
-//! connection's life, read then `write_all` — what most people write first.
+//! against. TCP: a task per connection, an 8 KiB buffer allocated up front and held for
+//! the connection's life, read then `write_all`. UDP: one socket, `recv_from` then
+//! `send_to`. What most people write first.
 //!
-//! Run: `cargo run --release --example naive_echo -- 7008` (listens on 127.0.0.1).
+//! Run: `cargo run --release --example naive_echo -- 7008` (TCP and UDP on 127.0.0.1).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -14,6 +15,16 @@ async fn main() -> std::io::Result<()> {
         .and_then(|p| p.parse().ok())
         .unwrap_or(7008);
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    let udp = UdpSocket::bind(("127.0.0.1", port)).await?;
+    tokio::spawn(async move {
+        let mut buf = vec![0; 65_536];
+        loop {
+            let Ok((n, peer)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
+            let _ = udp.send_to(&buf[..n], peer).await;
+        }
+    });
     loop {
         let (mut socket, _) = listener.accept().await?;
         tokio::spawn(async move {
