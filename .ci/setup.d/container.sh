@@ -10,4 +10,4 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
     'check-jsonschema==0.*'
 # pyenv (when present) only exposes new console scripts after a rehash.
 if command -v pyenv >/dev/null; then pyenv rehash; fi
-bash tests/container/base-images.sh >/dev/null
+bash tests/deployment/podman-base-images.sh >/dev/null

@@ -1,14 +1,12 @@
 //! Stopping the daemon as an operator does (SIGTERM, SIGINT, twice when impatient):
 //! nothing a client sent is lost, and the process ends on time with the right code.
 
-mod common;
-
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, random_bytes};
+use crate::support::{self, Daemon, paced_roundtrip, random_bytes};
 
 #[test]
 fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
@@ -26,27 +24,15 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
             let started = Arc::clone(&started);
             std::thread::spawn(move || {
                 let data = random_bytes(2 << 20, i as u64);
-                let stream = TcpStream::connect(addr).unwrap();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(30)))
-                    .unwrap();
-                let mut writer = stream.try_clone().unwrap();
-                let payload = data.clone();
-                let sender = std::thread::spawn(move || {
-                    // Spread the transfer over about a second so the stop lands mid-way.
-                    for (n, chunk) in payload.chunks(64 * 1024).enumerate() {
-                        writer.write_all(chunk).unwrap();
-                        if n == 0 {
-                            started.wait();
-                        }
-                        std::thread::sleep(Duration::from_millis(30));
+                let first_chunk_sent = move |n| {
+                    if n == 0 {
+                        started.wait();
                     }
-                    writer.shutdown(std::net::Shutdown::Write).unwrap();
-                });
-                let mut reader = stream;
-                let mut got = Vec::new();
-                reader.read_to_end(&mut got).expect("read until EOF");
-                sender.join().unwrap();
+                };
+                // Spread the transfer over about a second so the stop lands mid-way.
+                let pause = Duration::from_millis(30);
+                let got = paced_roundtrip(addr, &data, 64 * 1024, pause, first_chunk_sent)
+                    .expect("every chunk sent and the echo read until EOF");
                 assert!(
                     got == data,
                     "client {i}: got {} of {} bytes",
@@ -124,7 +110,7 @@ fn a_second_signal_exits_at_once() {
     daemon.signal(libc::SIGTERM);
     // Wait until the drain has begun (readiness fails), then signal again.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while common::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200) {
+    while support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200) {
         assert!(Instant::now() < deadline, "drain never started");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -2,7 +2,8 @@
 # Prints the path of a Debian 12 root filesystem that boots systemd in systemd-nspawn,
 # building it once with debootstrap (≈45 s, ≈280 MB) when it is not cached yet.
 # The cache lives outside the repository, keyed by the package list, so changing the
-# list builds a fresh one. Used by .ci/setup.d/systemd.sh and by tests/systemd.rs.
+# list builds a fresh one. Used by .ci/setup.d/systemd.sh and by
+# tests/deployment/systemd.rs.
 set -euo pipefail
 
 SUITE=bookworm

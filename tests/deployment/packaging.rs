@@ -3,18 +3,13 @@
 //! the packaged config is valid and agrees with the unit's timeouts and limits, and the
 //! man page is the one the CLI generates.
 
-mod common;
-
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
+use crate::support::{self, repo_path};
 
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 /// The value of `key=` in a unit file (the last one wins, as in systemd).
@@ -30,7 +25,7 @@ fn unit_value(unit: &str, key: &str) -> String {
 /// (verify fails when the binary does not exist on this machine).
 fn units_for_host() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let bin = common::echod_bin().display().to_string();
+    let bin = support::echod_bin().display().to_string();
     for name in ["echod.service", "echod.socket"] {
         let text = read(&format!("packaging/systemd/{name}")).replace("/usr/bin/echod", &bin);
         std::fs::write(dir.path().join(name), text).unwrap();
@@ -97,14 +92,14 @@ The service (enabled on install) and the optional socket activation unit.
 #[test]
 fn man_page_is_generated_from_the_cli() {
     let fresh = render_man_page();
-    let path = repo("packaging/echod.1");
+    let path = repo_path("packaging/echod.1");
     if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
         std::fs::write(&path, &fresh).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == fresh,
-        "packaging/echod.1 is stale: regenerate it with `ECHOD_BLESS=1 cargo test --test packaging`"
+        "packaging/echod.1 is stale: regenerate it with `ECHOD_BLESS=1 cargo test --test deployment man_page`"
     );
     for needle in [
         "check\\-config",
@@ -118,7 +113,7 @@ fn man_page_is_generated_from_the_cli() {
 
 #[test]
 fn units_pass_systemd_analyze_verify() {
-    if !common::require_tool("systemd-analyze") {
+    if !support::require_tool("systemd-analyze") {
         return;
     }
     let dir = units_for_host();
@@ -136,7 +131,7 @@ fn units_pass_systemd_analyze_verify() {
 
 #[test]
 fn service_hardening_exposure_is_at_most_2() {
-    if !common::require_tool("systemd-analyze") {
+    if !support::require_tool("systemd-analyze") {
         return;
     }
     let dir = units_for_host();
@@ -163,9 +158,9 @@ fn service_hardening_exposure_is_at_most_2() {
 
 #[test]
 fn packaged_config_is_valid_and_fits_the_unit() {
-    let out = Command::new(common::echod_bin())
+    let out = Command::new(support::echod_bin())
         .arg("--config")
-        .arg(repo("packaging/echod.toml"))
+        .arg(repo_path("packaging/echod.toml"))
         .arg("check-config")
         .env_remove("ECHOD_CONFIG")
         .output()
@@ -221,9 +216,9 @@ fn every_package_asset_exists() {
         if source.starts_with("target/") {
             continue;
         }
-        assert!(repo(source).is_file(), "asset {source} missing");
+        assert!(repo_path(source).is_file(), "asset {source} missing");
     }
-    let scripts = repo(deb["maintainer-scripts"].as_str().unwrap());
+    let scripts = repo_path(deb["maintainer-scripts"].as_str().unwrap());
     for script in ["postinst", "prerm", "postrm"] {
         let out = Command::new("sh")
             .arg("-n")

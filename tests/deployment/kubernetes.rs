@@ -3,15 +3,14 @@
 //! itself — probe paths it serves, ports it listens on, a grace period longer than its
 //! drain, the image's user. No cluster can run here, so this is validation only.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::deploy::{
-    assert_passes, repo_path, shipped_config, single_port, yaml_documents, yaml_file,
-};
 use serde_json::Value;
+
+use crate::support::{
+    self, assert_passes, repo_path, shipped_config, single_port, yaml_documents, yaml_file,
+};
 
 /// The oldest Kubernetes the manifests support (the preStop `sleep` action is on by
 /// default from 1.30) and the newest the validator knows.
@@ -43,7 +42,7 @@ fn validate_strictly(path: &std::path::Path) {
 
 /// yamllint (which brings PyYAML, used to read the manifests) and kubernetes-validate.
 fn require_validators() -> bool {
-    common::require_tool("yamllint") && common::require_tool("kubernetes-validate")
+    support::require_tool("yamllint") && support::require_tool("kubernetes-validate")
 }
 
 #[test]
@@ -142,7 +141,7 @@ fn container_ports(container: &Value) -> BTreeMap<String, (u64, String)> {
 
 #[test]
 fn probes_ports_security_and_grace_period_agree_with_echod() {
-    if !common::require_tool("yamllint") {
+    if !support::require_tool("yamllint") {
         return;
     }
     let config = shipped_config("deploy/kubernetes/echod.toml");
@@ -181,9 +180,9 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
         assert_eq!(get["port"], "metrics", "{probe}");
     }
     // …and echod really serves them.
-    let daemon = common::Daemon::start("");
+    let daemon = support::Daemon::start("");
     for path in ["/readyz", "/healthz", "/metrics"] {
-        let (status, _) = common::http_get(daemon.http, path).expect(path);
+        let (status, _) = support::http_get(daemon.http, path).expect(path);
         assert_eq!(status, 200, "echod answers {path}");
     }
     drop(daemon);

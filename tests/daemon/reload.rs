@@ -2,13 +2,12 @@
 //! limits and listeners take effect, and a broken config changes nothing but a counter,
 //! a log line and the status.
 
-mod common;
-
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::systemd::{Chatter, NotifySocket, refused_after_accept};
-use common::{Daemon, Options, random_bytes};
+use crate::support::{
+    self, Chatter, Daemon, NotifySocket, Options, random_bytes, refused_after_accept,
+};
 
 /// Reloads and waits until the daemon counted the outcome.
 fn reload(daemon: &Daemon, expect_failure: bool) {
@@ -32,7 +31,7 @@ fn reload(daemon: &Daemon, expect_failure: bool) {
 
 fn echoes(addr: SocketAddr) -> bool {
     let data = random_bytes(4096, 42);
-    common::tcp_roundtrip(addr, &data, 1) == data
+    support::tcp_roundtrip(addr, &data, 1) == data
 }
 
 #[test]
@@ -71,7 +70,7 @@ fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
 fn reload_adds_and_removes_listeners_without_touching_connections() {
     let daemon = Daemon::start("");
     let old = daemon.tcp;
-    let new_port = common::free_port();
+    let new_port = support::free_port();
     let new: SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
     let chatter = Chatter::start(old);
 
@@ -120,7 +119,7 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
         n.get("READY").is_some()
     });
     let chatter = Chatter::start(daemon.tcp);
-    let good = std::fs::read_to_string(&daemon.config_path).unwrap();
+    let good = std::fs::read_to_string(daemon.config_path()).unwrap();
 
     // A syntax error, then a well-formed file with a bad value, then an unbindable
     // listener: each refused, each counted.
@@ -132,7 +131,7 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
         format!("[tcp]\nlisten = [\"{busy_addr}\"]"),
     ];
     for (i, text) in broken.iter().enumerate() {
-        std::fs::write(&daemon.config_path, text).unwrap();
+        std::fs::write(daemon.config_path(), text).unwrap();
         reload(&daemon, true);
         assert_eq!(
             daemon.metric("echod_config_reload_failures_total", &[]),
@@ -177,7 +176,7 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert!(log.contains(&busy_addr.to_string()), "{log}");
 
     // Fixing the file recovers.
-    std::fs::write(&daemon.config_path, good).unwrap();
+    std::fs::write(daemon.config_path(), good).unwrap();
     reload(&daemon, false);
     assert_eq!(
         daemon.metric("echod_config_last_reload_successful", &[]),

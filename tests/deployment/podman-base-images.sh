@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Makes the local base images the container test builds deploy/Dockerfile with, because
-# no registry can be pulled from here: a Debian 12 builder with the machine's own Rust
-# toolchain, and the crates of Cargo.lock vendored beside it (so the build runs offline).
+# Makes the local base images the container test (tests/deployment/container.rs) builds
+# deploy/Dockerfile with, because no registry can be pulled from here: a Debian 12 builder
+# with the machine's own Rust toolchain, and the crates of Cargo.lock vendored beside it
+# (so the build runs offline).
 # Everything is cached under CACHE (default $ECHOD_TEST_CACHE/podman, ECHOD_TEST_CACHE
 # defaulting to /var/cache/echod-tests), keyed by its inputs, so only the first run pays
 # (debootstrap and import ≈ 2 min).

@@ -1,18 +1,84 @@
-//! A fake service manager for host-side tests — the `NOTIFY_SOCKET` echod reports to,
-//! the inherited-socket hand-over of socket activation (`LISTEN_FDS`) — and a client
-//! that keeps one connection busy across reloads and restarts.
+//! Helpers for the daemon tests: the shared daemon handle and end-to-end kit, plus what
+//! only these tests need — counters waited for one by one, a config rewritten for a
+//! reload, a fake service manager (the `NOTIFY_SOCKET` echod reports to and the
+//! `LISTEN_FDS` hand-over of socket activation), and the process's CPU time.
 
+#[path = "../support/daemon.rs"]
+mod daemon;
+#[path = "../support/e2e.rs"]
+mod e2e;
+
+pub use daemon::*;
+pub use e2e::*;
+
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+impl Daemon {
+    /// Waits (5 s at most) until a counter reaches `want`, then asserts it is exactly
+    /// `want`: counts are flushed per burst, so they may lag the traffic briefly.
+    pub fn wait_metric(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        self.wait_metric_at_least(family, labels, want);
+        assert_eq!(self.metric(family, labels), want, "{family}{labels:?}");
+    }
+
+    /// Waits (10 s at most) until a counter reaches at least `want`.
+    pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.metric(family, labels) < want {
+            assert!(
+                Instant::now() < deadline,
+                "{family}{labels:?} never reached {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A connection that has echoed one byte, so the daemon has surely accepted it.
+    pub fn open_connection(&self) -> TcpStream {
+        let mut s = TcpStream::connect(self.tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("echo of one byte");
+        s
+    }
+
+    /// Rewrites the config file (for reload tests).
+    pub fn rewrite_config(&self, extra: &str) {
+        let path = self.config_path();
+        let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        daemon::merge(&mut config, extra.parse().expect("test TOML parses"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    }
+}
+
+/// CPU time (user + system) the process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// True when `name` is a family of `families` or a histogram's `_bucket`/`_sum`/`_count`.
+pub fn is_exported(families: &BTreeMap<String, String>, name: &str) -> bool {
+    if families.contains_key(name) {
+        return true;
+    }
+    ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+        name.strip_suffix(suffix)
+            .and_then(|base| families.get(base))
+            .is_some_and(|kind| kind == "histogram")
+    })
+}
 
 /// One datagram echod sent, with when it arrived.
 #[derive(Debug, Clone)]
@@ -100,7 +166,7 @@ pub fn spawn_activated(
     args: &[&str],
     fds: Vec<(OwnedFd, &str)>,
     log: &Path,
-) -> Child {
+) -> ChildGuard {
     // pre_exec must not allocate, so the copies go into a fixed array.
     assert!(fds.len() <= 16, "at most 16 sockets can be handed over");
     let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
@@ -139,89 +205,8 @@ pub fn spawn_activated(
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("start echod");
+    let child = ChildGuard(cmd.spawn().expect("start echod"));
     // The parent's copies close here; the child holds its own.
     drop(fds);
     child
-}
-
-/// A client that holds one connection and echoes round after round until told to stop
-/// (at most 2 minutes); returns how many rounds came back byte-exact.
-pub struct Chatter {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    thread: JoinHandle<u64>,
-}
-
-impl Chatter {
-    pub fn start(addr: SocketAddr) -> Chatter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let rounds = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&rounds);
-        let mut stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let thread = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut rounds = 0u64;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let data = super::random_bytes(1000 + (rounds % 7000) as usize, rounds);
-                stream
-                    .write_all(&data)
-                    .expect("write on the held connection");
-                let mut got = vec![0u8; data.len()];
-                stream
-                    .read_exact(&mut got)
-                    .expect("echo on the held connection");
-                assert!(got == data, "round {rounds}: bytes differ");
-                rounds += 1;
-                counter.store(rounds, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            rounds
-        });
-        Chatter {
-            stop,
-            rounds,
-            thread,
-        }
-    }
-
-    /// Waits until a few more rounds came back, proving the connection still echoes now.
-    pub fn still_echoing(&self) {
-        let start = self.rounds.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.rounds.load(Ordering::Relaxed) < start + 3 {
-            assert!(
-                Instant::now() < deadline && !self.thread.is_finished(),
-                "the held connection stopped echoing after {start} rounds"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Stops and returns the byte-exact rounds.
-    pub fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .expect("the held connection kept echoing")
-    }
-}
-
-/// True when the server closes a fresh connection at once (a limit refused it) instead
-/// of echoing on it; panics when it does neither within a few seconds.
-pub fn refused_after_accept(addr: SocketAddr) -> bool {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(b"x");
-    let mut buf = [0u8; 1];
-    match s.read(&mut buf) {
-        Ok(0) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
-        Ok(_) => false,
-        Err(e) => panic!("neither echoed nor closed: {e}"),
-    }
 }

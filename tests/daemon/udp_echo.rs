@@ -1,11 +1,9 @@
 //! UDP echo as a client sees it: one datagram back per datagram, and never a reflector.
 
-mod common;
-
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{Daemon, random_bytes};
+use crate::support::{self, Daemon, random_bytes};
 
 fn client(bind: &str) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap();
@@ -66,7 +64,7 @@ fn oversize_datagram_is_dropped_not_truncated() {
 
 #[test]
 fn denied_source_port_gets_no_reply() {
-    let denied = common::free_port();
+    let denied = support::free_port();
     let daemon = Daemon::start(&format!(
         r#"
         [udp]

@@ -4,13 +4,12 @@
 //! files laid out as the containers see them), Grafana finds its data source and the
 //! dashboard, and a stop gives echod time to drain.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::deploy::{assert_passes, repo_path, shipped_config, single_port, yaml_file};
 use serde_json::Value;
+
+use crate::support::{self, assert_passes, repo_path, shipped_config, single_port, yaml_file};
 
 const COMPOSE: &str = "deploy/compose.yaml";
 
@@ -62,7 +61,7 @@ fn seconds(duration: &str) -> u64 {
 
 #[test]
 fn compose_file_is_valid_against_the_compose_spec_and_lint_clean() {
-    if !common::require_tool("check-jsonschema") || !common::require_tool("yamllint") {
+    if !support::require_tool("check-jsonschema") || !support::require_tool("yamllint") {
         return;
     }
     assert_passes(
@@ -80,7 +79,7 @@ fn compose_file_is_valid_against_the_compose_spec_and_lint_clean() {
 
 #[test]
 fn compose_services_are_wired_to_echod_and_to_each_other() {
-    if !common::require_tool("yamllint") {
+    if !support::require_tool("yamllint") {
         return;
     }
     let compose = yaml_file(COMPOSE);
@@ -201,7 +200,7 @@ fn compose_services_are_wired_to_echod_and_to_each_other() {
 
 #[test]
 fn prometheus_accepts_the_compose_config_and_rules_as_mounted() {
-    if !common::require_tool("promtool") || !common::require_tool("yamllint") {
+    if !support::require_tool("promtool") || !support::require_tool("yamllint") {
         return;
     }
     let compose = yaml_file(COMPOSE);

@@ -4,11 +4,9 @@
 //! filesystem and no capabilities.
 //!
 //! No registry is reachable here, so the builder base image is made locally
-//! (`tests/container/base-images.sh`: Debian + this machine's Rust toolchain + vendored
+//! (`tests/deployment/podman-base-images.sh`: Debian + this machine's Rust toolchain + vendored
 //! crates) and passed through the Dockerfile's `BUILDER_IMAGE` argument, exactly as a
 //! user with a private mirror would. The runtime base is `scratch`, which needs no image.
-
-mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -17,8 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{
-    free_port, http_get, metric_value, paced_roundtrip, random_bytes, tcp_roundtrip, wait_http_ok,
+use crate::support::{
+    self, assert_passes, free_port, http_get, metric_value, paced_roundtrip, random_bytes,
+    repo_path, tcp_roundtrip, wait_http_ok,
 };
 
 /// Base images, podman storage and vendored crates persist here between runs
@@ -37,10 +36,6 @@ const NAME_PREFIX: &str = "echod-test-";
 /// The echo and metrics ports the image exposes.
 const ECHO_PORT: u16 = 7007;
 const METRICS_PORT: u16 = 9107;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A podman command that uses the tests' own configuration (runc, rlimits, storage).
 fn podman() -> Command {
@@ -85,13 +80,21 @@ fn remove_orphans() {
     }
 }
 
+/// The revision the image is built with, as `build.rs` would name it.
+fn git_revision() -> String {
+    let out = run(Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo_path("")));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Builds the image once per test process: local base images first, then the real
 /// Dockerfile with `--format docker` (the OCI format drops HEALTHCHECK).
 fn image() -> &'static str {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let started = Instant::now();
-        let script = repo().join("tests/container/base-images.sh");
+        let script = repo_path("tests/deployment/podman-base-images.sh");
         let out = run(Command::new("bash").arg(&script).arg(cache()));
         if !out.status.success() {
             return Err(format!(
@@ -106,10 +109,7 @@ fn image() -> &'static str {
         };
         eprintln!("base images ready in {:?}", started.elapsed());
         remove_orphans();
-        let revision = run(Command::new("git")
-            .args(["rev-parse", "--short=12", "HEAD"])
-            .current_dir(repo()));
-        let revision = String::from_utf8_lossy(&revision.stdout).trim().to_string();
+        let revision = git_revision();
         let out = run(podman()
             .arg("build")
             .args(["--format", "docker", "--network", "none"])
@@ -117,7 +117,7 @@ fn image() -> &'static str {
             .arg(format!("--build-arg=ECHOD_REVISION={revision}"))
             .arg(format!("--volume={vendor}:/opt/echod-vendor:ro"))
             .args(["-f", "deploy/Dockerfile", "-t", IMAGE, "."])
-            .current_dir(repo()));
+            .current_dir(repo_path("")));
         if !out.status.success() {
             return Err(format!(
                 "podman build failed:\n{}\n{}",
@@ -137,7 +137,7 @@ fn image() -> &'static str {
 }
 
 /// A running container this test created; removed (by name) when dropped.
-struct Container {
+struct PodmanContainer {
     name: String,
     /// The host side of the published TCP and UDP echo port (127.0.0.1).
     echo: SocketAddr,
@@ -145,10 +145,10 @@ struct Container {
     http: SocketAddr,
 }
 
-impl Container {
+impl PodmanContainer {
     /// Runs the image detached, with the ports published on 127.0.0.1 only, a
     /// read-only root filesystem and every capability dropped.
-    fn start() -> Container {
+    fn start() -> PodmanContainer {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let image = image();
         let name = format!(
@@ -169,7 +169,7 @@ impl Container {
             .args(["--security-opt", "no-new-privileges"])
             .args(&publish)
             .arg(image));
-        let container = Container { name, echo, http };
+        let container = PodmanContainer { name, echo, http };
         assert!(
             out.status.success(),
             "podman run failed:\n{}",
@@ -211,7 +211,7 @@ impl Container {
     }
 }
 
-impl Drop for Container {
+impl Drop for PodmanContainer {
     fn drop(&mut self) {
         let _ = run(podman().args(["rm", "--force", "--time", "0", &self.name]));
     }
@@ -219,22 +219,18 @@ impl Drop for Container {
 
 /// podman, and debootstrap for the local builder base image.
 fn require_podman() -> bool {
-    common::require_tool("podman") && common::require_tool("debootstrap")
+    support::require_tool("podman") && support::require_tool("debootstrap")
 }
 
 #[test]
 fn hadolint_passes_on_the_dockerfile() {
-    if !common::require_tool("hadolint") {
+    if !support::require_tool("hadolint") {
         return;
     }
-    let out = run(Command::new("hadolint")
-        .arg(repo().join("deploy/Dockerfile"))
-        .current_dir(repo()));
-    assert!(
-        out.status.success(),
-        "hadolint:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_passes(
+        Command::new("hadolint")
+            .arg(repo_path("deploy/Dockerfile"))
+            .current_dir(repo_path("")),
     );
 }
 
@@ -269,7 +265,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
     if !require_podman() {
         return;
     }
-    let c = Container::start();
+    let c = PodmanContainer::start();
 
     // The process really runs as the image's user, with no capabilities at all.
     let pid = c.inspect("{{.State.Pid}}");
@@ -315,10 +311,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
     assert!(metric_value(&body, "echod_udp_sent_datagrams_total", &[]) >= 20.0);
     assert_eq!(metric_value(&body, "echod_ready", &[]), 1.0);
     // The revision passed as a build argument reached the binary.
-    let revision = run(Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(repo()));
-    let revision = String::from_utf8_lossy(&revision.stdout).trim().to_string();
+    let revision = git_revision();
     assert!(
         body.contains(&format!("revision=\"{revision}\"")),
         "build_info lacks revision {revision}"
@@ -330,7 +323,7 @@ fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
     if !require_podman() {
         return;
     }
-    let c = Container::start();
+    let c = PodmanContainer::start();
     assert!(c.healthy(), "healthy while serving; logs:\n{}", c.logs());
     // A wedged daemon: the kernel still accepts connections, but nothing answers, so
     // the probe's nonce round trip (and /readyz) time out.
@@ -388,7 +381,7 @@ fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
     if !require_podman() {
         return;
     }
-    let c = Container::start();
+    let c = PodmanContainer::start();
     const CLIENTS: usize = 6;
     const CHUNKS: usize = 40; // ≈ 2 s per client, well inside the 8 s drain.
     let sent = Arc::new(AtomicUsize::new(0));

@@ -2,13 +2,11 @@
 //! with what the daemon itself counted, and a server that corrupts data must fail the
 //! run rather than produce a pretty throughput figure.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::tools::{Run, corrupting_echo_server, run_echod};
-use common::{Daemon, free_port};
 use serde_json::Value;
+
+use crate::support::{Daemon, Run, corrupting_echo_server, free_port, run_echod};
 
 const LIMIT: Duration = Duration::from_secs(60);
 

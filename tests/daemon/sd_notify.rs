@@ -2,14 +2,11 @@
 //! `NOTIFY_SOCKET`: READY only once serving, STATUS refreshed, RELOADING/READY around
 //! a reload, STOPPING on stop, and watchdog pings at half `WATCHDOG_USEC`.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
-use common::systemd::{Notification, NotifySocket};
-use common::{Daemon, Options, http_get};
+use crate::support::{self, Daemon, Notification, NotifySocket, Options, http_get};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -208,7 +205,7 @@ fn watchdog_pings_at_half_the_interval() {
             !seen.iter().any(Notification::is_watchdog),
             "pinged a watchdog that is not ours or disabled: {seen:?}"
         );
-        assert!(common::tcp_roundtrip(daemon.tcp, b"alive", 1) == b"alive");
+        assert!(support::tcp_roundtrip(daemon.tcp, b"alive", 1) == b"alive");
         assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
     }
 }

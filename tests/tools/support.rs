@@ -1,12 +1,16 @@
-//! Helpers for the tool tests (probe, client, bench): run an `echod` subcommand with a
-//! deadline, and small misbehaving servers on loopback that the tools must catch.
+//! Helpers for the tool tests (client, probe, bench): the shared daemon handle, an
+//! `echod` subcommand run with a deadline, and small misbehaving servers on loopback that
+//! the tools must catch.
+
+#[path = "../support/daemon.rs"]
+mod daemon;
+
+pub use daemon::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-use super::echod_bin;
 
 /// What a finished tool run produced.
 #[derive(Debug)]
@@ -33,18 +37,6 @@ impl Run {
     }
 }
 
-/// A child killed (by PID) when dropped, so a panicking test leaves nothing behind.
-pub struct Guard(pub Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Runs `echod ARGS` with `stdin` piped in, and waits at most `limit`.
 pub fn run_echod(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     let started = Instant::now();
@@ -56,8 +48,8 @@ pub fn run_echod(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start echod");
-    let mut guard = Guard(Some(child));
-    let child = guard.0.as_mut().unwrap();
+    let mut guard = ChildGuard(child);
+    let child = &mut guard.0;
     let mut input = child.stdin.take().unwrap();
     let data = stdin.to_vec();
     let writer = std::thread::spawn(move || {
@@ -86,7 +78,6 @@ pub fn run_echod(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
         std::thread::sleep(Duration::from_millis(5));
     };
     let elapsed = started.elapsed();
-    guard.0 = None;
     writer.join().unwrap();
     Run {
         status,

@@ -3,30 +3,25 @@
 //! answers PromQL with the exact counts of known traffic, and a real blackbox_exporter
 //! probes the echo port and `/readyz`.
 
-mod common;
-
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
-use common::prom::{
-    Blackbox, Dashboard, LOCAL, Prometheus, admitted, daemon_with_limits, deploy_dir,
-    expect_metrics, families, promtool, refused,
+use crate::support::{
+    self, Blackbox, Daemon, LOCAL, Prometheus, admitted, assert_passes, daemon_with_limits,
+    dashboard, dashboard_queries, expect_metrics, families, get, metric_value, promtool,
+    random_bytes, refused, repo_path, require_tool, tcp_roundtrip, udp_echo,
 };
-use common::{Daemon, metric_value, random_bytes, require_tool, tcp_roundtrip};
 
 const SETTLE: Duration = Duration::from_secs(10);
 /// The first sample lands 5–6 s after Prometheus starts; a loaded machine needs more.
 const PROMETHEUS_WAIT: Duration = Duration::from_secs(40);
 
 /// One echoed UDP datagram of `len` bytes.
-fn udp_echo(target: SocketAddr, len: usize) {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+fn udp_roundtrip(target: SocketAddr, len: usize) {
     let data = random_bytes(len, len as u64);
-    s.send_to(&data, target).unwrap();
-    let mut buf = vec![0u8; 65_536];
-    let n = s.recv(&mut buf).expect("UDP echo");
-    assert!(buf[..n] == data[..]);
+    let echo = udp_echo(target, &data, Duration::from_secs(5)).expect("UDP echo");
+    assert!(echo == data);
 }
 
 #[test]
@@ -40,7 +35,7 @@ fn promtool_accepts_a_live_scrape_after_traffic() {
     let held = admitted(LOCAL, daemon.tcp);
     refused(LOCAL, daemon.tcp);
     drop(held);
-    udp_echo(daemon.udp, 100);
+    udp_roundtrip(daemon.udp, 100);
     let scrape = expect_metrics(
         &daemon,
         &[
@@ -86,28 +81,15 @@ fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
     if !require_tool("promtool") || !require_tool("prometheus-blackbox-exporter") {
         return;
     }
-    let dir = deploy_dir().join("prometheus");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("promtool")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("run promtool");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
-        text
-    };
+    let dir = repo_path("deploy/prometheus");
+    let run = |args: &[&str]| assert_passes(Command::new("promtool").args(args).current_dir(&dir));
     let config = run(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = run(&["check", "rules", "echod-alerts.yml"]);
     assert!(rules.contains("SUCCESS: 6 rules found"), "{rules}");
     let tests = run(&["test", "rules", "rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
-    let out = std::process::Command::new("prometheus-blackbox-exporter")
+    let out = Command::new("prometheus-blackbox-exporter")
         .arg("--config.check")
         .arg(format!(
             "--config.file={}",
@@ -127,7 +109,7 @@ fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
 /// sped up; each substitution must apply, so the example cannot drift from the test.
 fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: SocketAddr) -> String {
     let mut config =
-        std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
+        std::fs::read_to_string(repo_path("deploy/prometheus/prometheus.yml")).unwrap();
     for (from, to) in [
         ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
         (
@@ -153,8 +135,8 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     // every second) goes to `probed`, so it cannot disturb the exact counts.
     let counted = daemon_with_limits(2, 2);
     let probed = Daemon::start("");
-    let blackbox = Blackbox::start(&deploy_dir().join("prometheus/blackbox.yml"));
-    let rules = std::fs::read_to_string(deploy_dir().join("prometheus/echod-alerts.yml")).unwrap();
+    let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
+    let rules = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
     let prometheus = Prometheus::start(
         &example_config(counted.http, probed.tcp, blackbox.service.addr),
         &[("echod-alerts.yml", rules)],
@@ -173,7 +155,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     drop(held);
     let udp_sizes = [10usize, 2000];
     for &size in &udp_sizes {
-        udp_echo(counted.udp, size);
+        udp_roundtrip(counted.udp, size);
     }
     let tcp_bytes = (sizes.iter().sum::<usize>() + 2) as f64;
     let accepted = (sizes.len() + 2) as f64;
@@ -227,7 +209,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         prometheus.wait_value(&query, want, PROMETHEUS_WAIT);
     }
     // Every dashboard query is valid PromQL and finds data in a real Prometheus.
-    for (title, expr) in Dashboard::load().queries {
+    for (title, expr) in dashboard_queries(&dashboard()) {
         let promql = expr
             .replace("$__rate_interval", "1m")
             .replace("\"$job\"", "\".+\"")
@@ -246,7 +228,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     assert!(probed.metric("echod_tcp_connections_accepted_total", &[]) >= 1.0);
 
     // The alert rules load and evaluate against real series without errors.
-    let (status, body) = common::prom::get(prometheus.service.addr, "/api/v1/rules").unwrap();
+    let (status, body) = get(prometheus.service.addr, "/api/v1/rules").unwrap();
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     let rules: Vec<_> = json["data"]["groups"]
@@ -272,7 +254,7 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
         drain_timeout = "60s"
         "#,
     );
-    let blackbox = Blackbox::start(&deploy_dir().join("prometheus/blackbox.yml"));
+    let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
     let readyz = format!("http://{}/readyz", daemon.http);
     let success = |module: &str, target: &str| {
         let body = blackbox.probe(module, target);
@@ -285,7 +267,7 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
     let (ok, body) = success("echod_http_ready", &readyz);
     assert_eq!(ok, 1.0, "readyz probe failed:\n{body}");
     assert_eq!(metric_value(&body, "probe_http_status_code", &[]), 200.0);
-    let closed = format!("127.0.0.1:{}", common::free_port());
+    let closed = format!("127.0.0.1:{}", support::free_port());
     assert_eq!(success("echod_tcp_echo", &closed).0, 0.0);
 
     // Draining: readiness probe fails (503) while the open connection is still served.

@@ -4,16 +4,16 @@
 //! test drives it with systemctl — start, reload, broken reload, stop during traffic,
 //! watchdog restart, socket activation, purge. One boot, one test, sequential steps.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::systemd::{Chatter, refused_after_accept};
-use common::{http_get, metric_value, random_bytes, tcp_roundtrip};
+use crate::support::{
+    self, Chatter, http_get, metric_value, output_with_input, random_bytes, refused_after_accept,
+    repo_path, tcp_roundtrip, udp_echo,
+};
 
 const ECHO: &str = "127.0.0.1:7";
 const METRICS: &str = "127.0.0.1:9107";
@@ -23,16 +23,16 @@ fn echo_addr() -> SocketAddr {
 }
 
 /// systemd booted in a container; powered off (and killed if it will not stop) on drop.
-struct Container {
+struct Nspawn {
     nspawn: Child,
     leader: i32,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl Container {
+impl Nspawn {
     /// Boots `rootfs` (kept pristine by an overlay) with `pkg_dir` mounted at /mnt/pkg.
-    fn boot(rootfs: &Path, pkg_dir: &Path) -> Container {
+    fn boot(rootfs: &Path, pkg_dir: &Path) -> Nspawn {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("nspawn.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -47,7 +47,7 @@ impl Container {
             .stderr(out)
             .spawn()
             .expect("start systemd-nspawn");
-        let mut container = Container {
+        let mut container = Nspawn {
             leader: 0,
             nspawn,
             log,
@@ -83,14 +83,10 @@ impl Container {
         container
     }
 
-    /// Runs a command inside every namespace of the container, with a clean environment.
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with_input(args, None)
-    }
-
-    fn run_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
-        let mut child = Command::new("nsenter")
-            .arg("-t")
+    /// A command inside every namespace of the container, with a clean environment.
+    fn nsenter(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t")
             .arg(self.leader.to_string())
             .arg("-a")
             .args([
@@ -99,25 +95,16 @@ impl Container {
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
                 "SYSTEMD_PAGER=",
             ])
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nsenter");
-        if let Some(text) = input {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+            .args(args);
+        cmd
+    }
+
+    /// Runs a command inside (see [`Nspawn::nsenter`]).
+    fn run(&self, args: &[&str]) -> Output {
+        self.nsenter(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("nsenter")
     }
 
     /// A shell command inside; returns (success, stdout + stderr).
@@ -157,12 +144,13 @@ impl Container {
     }
 
     fn write_file(&self, path: &str, text: &str) {
-        let out = self.run_with_input(&["sh", "-c", &format!("cat > {path}")], Some(text));
+        let mut cat = self.nsenter(&["sh", "-c", &format!("cat > {path}")]);
+        let out = output_with_input(&mut cat, text.as_bytes());
         assert!(out.status.success(), "cannot write {path}");
     }
 }
 
-impl Drop for Container {
+impl Drop for Nspawn {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
@@ -227,19 +215,10 @@ fn tcp_echoes() -> bool {
     TcpStream::connect(echo_addr()).is_ok() && tcp_roundtrip(echo_addr(), &data, 12) == data
 }
 
-fn udp_echo(payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_read_timeout(Some(wait)).unwrap();
-    socket.send_to(payload, ECHO).unwrap();
-    let mut buf = [0u8; 2048];
-    let (n, _) = socket.recv_from(&mut buf).ok()?;
-    Some(buf[..n].to_vec())
-}
-
 /// Builds the .deb with cargo-deb from the binary `cargo test` just built (the dev
 /// profile: a release build would add minutes and changes nothing systemd sees).
 fn build_deb(out_dir: &Path) -> PathBuf {
-    let bin = common::echod_bin();
+    let bin = support::echod_bin();
     let target_dir = bin.parent().and_then(Path::parent).expect("target dir");
     let out = Command::new(env!("CARGO"))
         .args([
@@ -253,7 +232,7 @@ fn build_deb(out_dir: &Path) -> PathBuf {
         ])
         .arg(out_dir)
         .env("CARGO_TARGET_DIR", target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(repo_path(""))
         .output()
         .expect("run cargo deb");
     assert!(
@@ -273,7 +252,7 @@ fn build_deb(out_dir: &Path) -> PathBuf {
 
 /// The cached rootfs (built by .ci/setup.d/systemd.sh, or now if missing).
 fn rootfs() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/systemd/rootfs.sh");
+    let script = repo_path("tests/deployment/systemd-rootfs.sh");
     let out = Command::new("bash")
         .arg(script)
         .stderr(Stdio::inherit())
@@ -284,9 +263,9 @@ fn rootfs() -> PathBuf {
 }
 
 fn can_run() -> bool {
-    if !common::require_tool("systemd-nspawn")
-        || !common::require_tool("debootstrap")
-        || !common::require_tool("cargo-deb")
+    if !support::require_tool("systemd-nspawn")
+        || !support::require_tool("debootstrap")
+        || !support::require_tool("cargo-deb")
     {
         return false;
     }
@@ -320,7 +299,7 @@ fn packaged_service_under_real_systemd() {
     build_deb(pkg.path());
     let rootfs = rootfs();
     let built = started.elapsed();
-    let c = Container::boot(&rootfs, pkg.path());
+    let c = Nspawn::boot(&rootfs, pkg.path());
     let booted = started.elapsed();
 
     // Install: the service is enabled and started, the socket unit only shipped.
@@ -358,7 +337,7 @@ fn packaged_service_under_real_systemd() {
     // Port 7 from the host, TCP and UDP, IPv4 and IPv6.
     assert!(tcp_echoes(), "TCP echo on port 7");
     assert_eq!(
-        udp_echo(b"udp on port 7", Duration::from_secs(5)).as_deref(),
+        udp_echo(echo_addr(), b"udp on port 7", Duration::from_secs(5)).as_deref(),
         Some(&b"udp on port 7"[..])
     );
     if TcpStream::connect("[::1]:7").is_ok() {
@@ -507,7 +486,7 @@ fn packaged_service_under_real_systemd() {
         "inactive"
     );
     assert_eq!(
-        udp_echo(b"first datagram", Duration::from_secs(15)).as_deref(),
+        udp_echo(echo_addr(), b"first datagram", Duration::from_secs(15)).as_deref(),
         Some(&b"first datagram"[..]),
         "UDP echo through socket activation"
     );

@@ -1,8 +1,6 @@
 //! `echod client` as a user meets it: a byte-exact pipe like `nc`, a prompt on a
 //! terminal, and one clear line when the server is not there.
 
-mod common;
-
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -10,8 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::tools::{Guard, corrupting_echo_server, run_echod};
-use common::{Daemon, echod_bin, free_port, random_bytes};
+use crate::support::{
+    ChildGuard, Daemon, corrupting_echo_server, echod_bin, free_port, random_bytes, run_echod,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -132,7 +131,7 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
         .stderr(Stdio::from(slave))
         .spawn()
         .expect("start echod client");
-    let mut guard = Guard(Some(child));
+    let mut guard = ChildGuard(child);
     let screen = Arc::new(Mutex::new(String::new()));
     let mut reader = master.try_clone().unwrap();
     let shown = Arc::clone(&screen);
@@ -169,7 +168,7 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
         "hello from a terminal\n".len() as f64
     );
     master.write_all(b"q\n").unwrap();
-    let child = guard.0.as_mut().unwrap();
+    let child = &mut guard.0;
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

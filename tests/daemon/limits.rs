@@ -1,14 +1,11 @@
 //! Connection limits and timeouts as an operator relies on them: the limit holds, the
 //! clients beyond it learn at once, everyone else is unaffected.
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::Daemon;
-use common::prom::{LOCAL, connect_from};
+use crate::support::{self, Daemon, LOCAL, connect_from};
 
 /// True when the connection echoes; false when the daemon closed it (EOF or reset).
 /// Panics if neither happens within 5 s: a rejected client must never hang.
@@ -168,7 +165,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn a_client_that_never_reads_costs_bounded_memory() {
     let daemon = Daemon::start("");
     // Warm up so allocator arenas exist before the baseline.
-    assert!(common::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
+    assert!(support::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
     let before = rss_kib(daemon.pid());
     let mut s = TcpStream::connect(daemon.tcp).unwrap();
     let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1));
@@ -185,9 +182,9 @@ fn a_client_that_never_reads_costs_bounded_memory() {
 
 #[test]
 fn running_out_of_file_descriptors_is_survived_without_spinning() {
-    let daemon = Daemon::start_with(common::Options {
+    let daemon = Daemon::start_with(support::Options {
         max_open_files: Some(40),
-        ..common::Options::default()
+        ..support::Options::default()
     });
     // More clients than descriptors: the kernel completes the handshakes, accept()
     // fails with EMFILE for the ones beyond the limit.
@@ -204,9 +201,9 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let ticks_before = common::cpu_ticks(daemon.pid());
+    let ticks_before = support::cpu_ticks(daemon.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let ticks = common::cpu_ticks(daemon.pid()) - ticks_before;
+    let ticks = support::cpu_ticks(daemon.pid()) - ticks_before;
     // 100 ticks = one core-second; backing off keeps the daemon near idle.
     assert!(
         ticks < 40,

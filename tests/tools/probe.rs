@@ -2,14 +2,11 @@
 //! works, exit 1 with a one-line reason otherwise — quickly, and never later than the
 //! timeout.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use common::tools::{Run, run_echod, tcp_server};
-use common::{Daemon, free_port};
+use crate::support::{Daemon, Run, free_port, run_echod, tcp_server};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -61,8 +58,8 @@ fn without_targets_it_probes_the_configured_daemon() {
         level = "warn"
         "#,
     );
-    let config = daemon.config_path.to_str().unwrap();
-    let run = probe(&["--config", config]);
+    let config = daemon.config_path();
+    let run = probe(&["--config", config.to_str().unwrap()]);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
     let out = run.stdout_text();
     assert!(

@@ -2,17 +2,15 @@
 //! route, exact counts after known traffic, readiness during a drain, limits published
 //! as gauges — and the README and Grafana dashboard naming only metrics that exist.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::prom::{
-    Dashboard, Expected, LOCAL, admitted, daemon_with_limits, expect_metrics, families,
-    is_exported, refused,
+use crate::support::{
+    self, Daemon, Expected, LOCAL, admitted, daemon_with_limits, dashboard, dashboard_queries,
+    expect_metrics, families, http_get, http_request, is_exported, random_bytes, refused,
+    repo_path, tcp_roundtrip,
 };
-use common::{Daemon, http_get, http_request, random_bytes, tcp_roundtrip};
 
 const SETTLE: Duration = Duration::from_secs(10);
 
@@ -179,7 +177,7 @@ fn queued_replies(s: &UdpSocket) -> usize {
 
 #[test]
 fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
-    let denied_port = common::free_port();
+    let denied_port = support::free_port();
     let daemon = Daemon::start(&format!(
         r#"
         [udp]
@@ -313,8 +311,8 @@ fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
     }
     assert_eq!(http_get(daemon.http, "/healthz").unwrap().0, 200);
     let scrape = daemon.scrape();
-    assert_eq!(common::metric_value(&scrape, "echod_draining", &[]), 1.0);
-    assert_eq!(common::metric_value(&scrape, "echod_ready", &[]), 0.0);
+    assert_eq!(support::metric_value(&scrape, "echod_draining", &[]), 1.0);
+    assert_eq!(support::metric_value(&scrape, "echod_ready", &[]), 0.0);
     // The open connection is still served while draining.
     conn.write_all(b"still here").unwrap();
     let mut back = [0u8; 10];
@@ -421,10 +419,19 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[test]
 fn grafana_dashboard_queries_only_metrics_echod_exports() {
-    let dashboard = Dashboard::load();
+    let dashboard = dashboard();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let queries = dashboard_queries(&dashboard);
+    // Template variable queries.
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["definition"].as_str())
+        .collect();
     let exported = live_echod_families();
     let mut ids = std::collections::BTreeSet::new();
-    for panel in &dashboard.panels {
+    for panel in panels {
         let title = panel["title"].as_str().unwrap_or("?");
         assert!(
             ids.insert(panel["id"].as_u64()),
@@ -435,24 +442,20 @@ fn grafana_dashboard_queries_only_metrics_echod_exports() {
         assert!(right <= 24, "panel {title} leaves the 24-column grid");
     }
     let mut used = std::collections::BTreeSet::new();
-    for (title, expr) in &dashboard.queries {
+    for (title, expr) in &queries {
         let names = metric_names(expr);
         assert!(!names.is_empty(), "panel {title}: no metric in `{expr}`");
         used.extend(names);
     }
-    for panel in dashboard.panels.iter().filter(|p| p["type"] != "row") {
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
         let title = panel["title"].as_str().unwrap_or("?");
         assert!(
-            dashboard.queries.iter().any(|(t, _)| t == title),
+            queries.iter().any(|(t, _)| t == title),
             "panel {title} has no query"
         );
     }
-    used.extend(dashboard.variables.iter().flat_map(|q| metric_names(q)));
-    assert!(
-        dashboard.queries.len() >= 20,
-        "only {} queries",
-        dashboard.queries.len()
-    );
+    used.extend(variables.iter().flat_map(|q| metric_names(q)));
+    assert!(queries.len() >= 20, "only {} queries", queries.len());
 
     let unknown: Vec<_> = used
         .iter()
@@ -482,8 +485,7 @@ fn grafana_dashboard_queries_only_metrics_echod_exports() {
 
 #[test]
 fn readme_lists_every_exported_family_and_endpoint() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
     let section = format!("\n{readme}");
     let section = section
         .split("\n## Metrics and health\n")
@@ -581,12 +583,12 @@ fn probes_and_scrapes_keep_answering_while_echo_ports_are_flooded() {
         "slowest answer during the flood took {slowest:?}"
     );
     let scrape = daemon.scrape();
-    let rejected = common::metric_value(
+    let rejected = support::metric_value(
         &scrape,
         "echod_tcp_connections_rejected_total",
         &[("reason", "global_limit")],
     );
-    let datagrams = common::metric_value(&scrape, "echod_udp_received_datagrams_total", &[]);
+    let datagrams = support::metric_value(&scrape, "echod_udp_received_datagrams_total", &[]);
     assert!(rejected > 0.0, "the TCP flood never reached the limit");
     assert!(datagrams > 1000.0, "the UDP flood never arrived");
     eprintln!(

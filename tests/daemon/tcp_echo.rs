@@ -1,12 +1,10 @@
 //! TCP echo as a client sees it: every byte back, unchanged and in order.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use common::{Daemon, random_bytes, tcp_roundtrip};
+use crate::support::{self, Daemon, random_bytes, tcp_roundtrip};
 
 #[test]
 fn payloads_of_every_size_come_back_byte_exact() {
@@ -74,7 +72,7 @@ fn ipv6_listener_echoes() {
         eprintln!("SKIPPED: no IPv6 loopback on this machine");
         return;
     }
-    let port = common::free_port();
+    let port = support::free_port();
     let daemon = Daemon::start(&format!(
         r#"
         [tcp]

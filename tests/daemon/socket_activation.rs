@@ -2,19 +2,18 @@
 //! (`LISTEN_FDS`), by type — stream → TCP echo (or HTTP when named `metrics`),
 //! datagram → UDP echo — and binds none of the config's echo addresses.
 
-mod common;
-
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::OwnedFd;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::systemd::spawn_activated;
-use common::{echod_bin, free_port, http_get, random_bytes, tcp_roundtrip};
+use crate::support::{
+    self, ChildGuard, echod_bin, free_port, http_get, random_bytes, spawn_activated, tcp_roundtrip,
+    udp_echo,
+};
 
 /// A socket-activated echod, killed (by PID) when dropped.
 struct Activated {
-    child: Child,
+    child: ChildGuard,
     dir: tempfile::TempDir,
 }
 
@@ -40,7 +39,7 @@ impl Activated {
     fn wait_log(&mut self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.log().contains(needle) {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.child.0.try_wait() {
                 panic!("echod exited ({status}); log:\n{}", self.log());
             }
             assert!(
@@ -51,24 +50,6 @@ impl Activated {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-impl Drop for Activated {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn udp_echo(addr: SocketAddr) -> Vec<u8> {
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client.send_to(b"activated datagram", addr).unwrap();
-    let mut buf = [0u8; 64];
-    let (n, _) = client.recv_from(&mut buf).expect("UDP echo");
-    buf[..n].to_vec()
 }
 
 #[test]
@@ -100,7 +81,11 @@ fn inherited_tcp_udp_and_metrics_sockets_serve() {
         tcp_roundtrip(addr, &data, 6) == data,
         "TCP echo on the inherited socket"
     );
-    assert_eq!(udp_echo(addr), b"activated datagram");
+    assert_eq!(
+        udp_echo(addr, b"activated datagram", Duration::from_secs(5)).as_deref(),
+        Some(&b"activated datagram"[..]),
+        "UDP echo on the inherited socket"
+    );
     let (status, body) = http_get(metrics_addr, "/metrics").expect("inherited metrics socket");
     assert_eq!(status, 200);
     assert!(body.contains("echod_tcp_connections_accepted_total"));
@@ -123,7 +108,7 @@ fn a_unix_socket_passed_in_is_refused_with_a_clear_error() {
     let mut daemon = Activated::start("", vec![(unix.into(), "echo")]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = daemon.child.try_wait().unwrap() {
+        if let Some(status) = daemon.child.0.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "echod kept running");
@@ -139,7 +124,7 @@ fn a_unix_socket_passed_in_is_refused_with_a_clear_error() {
 
 #[test]
 fn systemd_socket_activate_starts_echod_on_first_connection() {
-    if !common::require_tool("systemd-socket-activate") {
+    if !support::require_tool("systemd-socket-activate") {
         return;
     }
     let port = free_port();
@@ -163,14 +148,7 @@ fn systemd_socket_activate_starts_echod_on_first_connection() {
         .stderr(log)
         .spawn()
         .expect("start systemd-socket-activate");
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _guard = Kill(child);
+    let _guard = ChildGuard(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(addr).is_err() {

@@ -1,11 +1,9 @@
 //! Configuration as an operator meets it: `check-config`, layering, and every kind of
 //! mistake refused with exit 78 and a message naming the file and the key.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::{Daemon, Options, echod_bin};
+use crate::support::{Daemon, Options, echod_bin};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(echod_bin());

@@ -1,0 +1,16 @@
+//! The daemon as a process, the way an operator runs it: echo over TCP and UDP, limits,
+//! metrics and health, reload on SIGHUP, stop on SIGTERM, configuration errors and exit
+//! codes, sd_notify and socket activation. Every test starts the real `echod` binary on
+//! its own loopback ports.
+
+mod support;
+
+mod config;
+mod limits;
+mod metrics;
+mod reload;
+mod sd_notify;
+mod shutdown;
+mod socket_activation;
+mod tcp_echo;
+mod udp_echo;
