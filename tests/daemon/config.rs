@@ -5,6 +5,15 @@ use std::process::{Command, Output};
 
 use crate::support::{Daemon, Options, echod_bin};
 
+crate::support::tests![
+    bad_configs_exit_78_naming_file_and_key,
+    missing_file_exits_78_naming_it,
+    bad_environment_variable_exits_78_naming_the_key,
+    layers_apply_in_order_and_check_config_prints_the_result,
+    documented_config_file_is_exactly_the_defaults,
+    port_in_use_names_the_address_and_fails_before_serving,
+];
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(echod_bin());
     cmd.args(args).env_remove("RUST_LOG");
@@ -20,7 +29,6 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
     path.display().to_string()
 }
 
-#[test]
 fn bad_configs_exit_78_naming_file_and_key() {
     // (file contents, text the message must contain besides the file name)
     let cases: &[(&str, &str)] = &[
@@ -82,7 +90,6 @@ fn bad_configs_exit_78_naming_file_and_key() {
     }
 }
 
-#[test]
 fn missing_file_exits_78_naming_it() {
     let out = run(&["--config", "/nonexistent/echod.toml"], &[]);
     assert_eq!(out.status.code(), Some(78));
@@ -90,7 +97,6 @@ fn missing_file_exits_78_naming_it() {
     assert!(stderr.contains("/nonexistent/echod.toml"), "{stderr}");
 }
 
-#[test]
 fn bad_environment_variable_exits_78_naming_the_key() {
     let out = run(&["check-config"], &[("ECHOD_TCP__MAX_CONECTIONS", "5")]);
     assert_eq!(out.status.code(), Some(78));
@@ -101,7 +107,6 @@ fn bad_environment_variable_exits_78_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tcp.backlog"));
 }
 
-#[test]
 fn layers_apply_in_order_and_check_config_prints_the_result() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
@@ -152,7 +157,6 @@ fn layers_apply_in_order_and_check_config_prints_the_result() {
     );
 }
 
-#[test]
 fn documented_config_file_is_exactly_the_defaults() {
     let documented: echod::config::Config =
         toml::from_str(echod::config::DOCUMENTED_DEFAULTS).expect("config/echod.toml parses");
@@ -161,7 +165,6 @@ fn documented_config_file_is_exactly_the_defaults() {
     assert!(out.status.success());
 }
 
-#[test]
 fn port_in_use_names_the_address_and_fails_before_serving() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = holder.local_addr().unwrap();

@@ -7,6 +7,15 @@ use std::time::{Duration, Instant};
 
 use crate::support::{self, Daemon, LOCAL, connect_from};
 
+crate::support::tests![
+    global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly,
+    per_ip_limit_applies_to_each_source_address_separately,
+    idle_connection_is_closed_after_the_idle_timeout,
+    a_client_that_never_reads_costs_bounded_memory,
+    running_out_of_file_descriptors_is_survived_without_spinning,
+    a_client_that_stops_reading_is_closed_after_the_idle_timeout,
+];
+
 /// True when the connection echoes; false when the daemon closed it (EOF or reset).
 /// Panics if neither happens within 5 s: a rejected client must never hang.
 fn is_served(stream: &mut TcpStream) -> bool {
@@ -29,7 +38,6 @@ fn is_served(stream: &mut TcpStream) -> bool {
     }
 }
 
-#[test]
 fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     let daemon = Daemon::start(
         r#"
@@ -65,7 +73,6 @@ fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     assert!(is_served(&mut again));
 }
 
-#[test]
 fn per_ip_limit_applies_to_each_source_address_separately() {
     let daemon = Daemon::start(
         r#"
@@ -101,7 +108,6 @@ fn per_ip_limit_applies_to_each_source_address_separately() {
     );
 }
 
-#[test]
 fn idle_connection_is_closed_after_the_idle_timeout() {
     let daemon = Daemon::start(
         r#"
@@ -161,7 +167,6 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-#[test]
 fn a_client_that_never_reads_costs_bounded_memory() {
     let daemon = Daemon::start("");
     // Warm up so allocator arenas exist before the baseline.
@@ -180,7 +185,6 @@ fn a_client_that_never_reads_costs_bounded_memory() {
     );
 }
 
-#[test]
 fn running_out_of_file_descriptors_is_survived_without_spinning() {
     let daemon = Daemon::start_with(support::Options {
         max_open_files: Some(40),
@@ -228,7 +232,6 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
     assert!(daemon.log().contains("EMFILE") || daemon.log().contains("Too many open files"));
 }
 
-#[test]
 fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
     let daemon = Daemon::start(
         r#"

@@ -14,3 +14,17 @@ mod shutdown;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
+
+fn main() -> std::process::ExitCode {
+    support::run(&[
+        tcp_echo::TESTS,
+        udp_echo::TESTS,
+        limits::TESTS,
+        metrics::TESTS,
+        reload::TESTS,
+        shutdown::TESTS,
+        config::TESTS,
+        sd_notify::TESTS,
+        socket_activation::TESTS,
+    ])
+}

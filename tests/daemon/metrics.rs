@@ -12,9 +12,21 @@ use crate::support::{
     repo_path, tcp_roundtrip,
 };
 
+crate::support::tests![
+    every_route_answers_with_its_status,
+    tcp_connections_bytes_and_global_limit_rejects_are_exact,
+    per_ip_limit_rejects_only_the_crowded_source,
+    udp_datagrams_bytes_and_drops_by_reason_are_exact,
+    readiness_fails_at_sigterm_while_liveness_holds_until_exit,
+    limit_gauges_follow_the_config_across_reloads,
+    grafana_dashboard_queries_only_metrics_echod_exports,
+    readme_lists_every_exported_family_and_endpoint,
+    source_addresses_never_become_labels,
+    probes_and_scrapes_keep_answering_while_echo_ports_are_flooded,
+];
+
 const SETTLE: Duration = Duration::from_secs(10);
 
-#[test]
 fn every_route_answers_with_its_status() {
     let daemon = Daemon::start("");
     assert_eq!(
@@ -81,7 +93,6 @@ fn rejected(global_limit: f64, per_ip_limit: f64) -> [Expected<'static>; 3] {
     ]
 }
 
-#[test]
 fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     let daemon = daemon_with_limits(3, 3);
     let l = daemon.tcp.to_string();
@@ -129,7 +140,6 @@ fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     expect_metrics(&daemon, &expected, SETTLE);
 }
 
-#[test]
 fn per_ip_limit_rejects_only_the_crowded_source() {
     let daemon = daemon_with_limits(10, 2);
     let other = Ipv4Addr::new(127, 0, 0, 2);
@@ -175,7 +185,6 @@ fn queued_replies(s: &UdpSocket) -> usize {
     n
 }
 
-#[test]
 fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
     let denied_port = support::free_port();
     let daemon = Daemon::start(&format!(
@@ -285,7 +294,6 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
     );
 }
 
-#[test]
 fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
     let mut daemon = Daemon::start(
         r#"
@@ -336,7 +344,6 @@ fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
     );
 }
 
-#[test]
 fn limit_gauges_follow_the_config_across_reloads() {
     let daemon = Daemon::start(
         r#"
@@ -417,7 +424,6 @@ fn metric_names(expr: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
 fn grafana_dashboard_queries_only_metrics_echod_exports() {
     let dashboard = dashboard();
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -483,7 +489,6 @@ fn grafana_dashboard_queries_only_metrics_echod_exports() {
     );
 }
 
-#[test]
 fn readme_lists_every_exported_family_and_endpoint() {
     let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
     let section = format!("\n{readme}");
@@ -508,7 +513,6 @@ fn readme_lists_every_exported_family_and_endpoint() {
     );
 }
 
-#[test]
 fn source_addresses_never_become_labels() {
     let daemon = Daemon::start("");
     let peer = Ipv4Addr::new(127, 0, 0, 5);
@@ -531,7 +535,6 @@ fn source_addresses_never_become_labels() {
     );
 }
 
-#[test]
 fn probes_and_scrapes_keep_answering_while_echo_ports_are_flooded() {
     let daemon = daemon_with_limits(20, 20);
     let flood_for = Duration::from_secs(3);

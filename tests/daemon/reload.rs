@@ -9,6 +9,12 @@ use crate::support::{
     self, Chatter, Daemon, NotifySocket, Options, random_bytes, refused_after_accept,
 };
 
+crate::support::tests![
+    held_connection_keeps_echoing_and_a_lowered_limit_applies,
+    reload_adds_and_removes_listeners_without_touching_connections,
+    broken_config_is_refused_and_the_old_one_keeps_serving,
+];
+
 /// Reloads and waits until the daemon counted the outcome.
 fn reload(daemon: &Daemon, expect_failure: bool) {
     let family = if expect_failure {
@@ -34,7 +40,6 @@ fn echoes(addr: SocketAddr) -> bool {
     support::tcp_roundtrip(addr, &data, 1) == data
 }
 
-#[test]
 fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
     let daemon = Daemon::start("[tcp]\nmax_connections = 100\nmax_connections_per_ip = 100");
     let chatter = Chatter::start(daemon.tcp);
@@ -66,7 +71,6 @@ fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
     assert!(chatter.finish() > 0);
 }
 
-#[test]
 fn reload_adds_and_removes_listeners_without_touching_connections() {
     let daemon = Daemon::start("");
     let old = daemon.tcp;
@@ -107,7 +111,6 @@ fn reload_adds_and_removes_listeners_without_touching_connections() {
     assert!(held_on_new.finish() > 0);
 }
 
-#[test]
 fn broken_config_is_refused_and_the_old_one_keeps_serving() {
     let notify = NotifySocket::bind();
     let daemon = Daemon::start_with(Options {

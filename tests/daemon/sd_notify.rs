@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use crate::support::{self, Daemon, Notification, NotifySocket, Options, http_get};
 
+crate::support::tests![
+    lifecycle_messages_arrive_in_protocol_order,
+    watchdog_pings_at_half_the_interval,
+];
+
 const WAIT: Duration = Duration::from_secs(15);
 
 fn monotonic_usec() -> u64 {
@@ -43,7 +48,6 @@ fn kinds(seen: &[Notification]) -> Vec<&'static str> {
         .collect()
 }
 
-#[test]
 fn lifecycle_messages_arrive_in_protocol_order() {
     let notify = NotifySocket::bind();
     // Not waiting for /readyz: READY=1 alone must mean "serving".
@@ -144,7 +148,6 @@ fn lifecycle_messages_arrive_in_protocol_order() {
     );
 }
 
-#[test]
 fn watchdog_pings_at_half_the_interval() {
     let notify = NotifySocket::bind();
     let daemon = Daemon::start_with(Options {

@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 
 use crate::support::{self, Daemon, paced_roundtrip, random_bytes};
 
-#[test]
+crate::support::tests![
+    sigterm_mid_transfer_drains_every_byte_then_exits_zero,
+    drain_timeout_cuts_connections_that_do_not_finish,
+    a_second_signal_exits_at_once,
+];
+
 fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
     let mut daemon = Daemon::start(
         r#"
@@ -71,7 +76,6 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
     assert!(log.contains("cut=0"), "{log}");
 }
 
-#[test]
 fn drain_timeout_cuts_connections_that_do_not_finish() {
     let mut daemon = Daemon::start(
         r#"
@@ -98,7 +102,6 @@ fn drain_timeout_cuts_connections_that_do_not_finish() {
     assert!(daemon.log().contains("cut=1"), "{}", daemon.log());
 }
 
-#[test]
 fn a_second_signal_exits_at_once() {
     let mut daemon = Daemon::start(
         r#"

@@ -7,9 +7,15 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, ChildGuard, echod_bin, free_port, http_get, random_bytes, spawn_activated, tcp_roundtrip,
+    ChildGuard, Need, echod_bin, free_port, http_get, random_bytes, spawn_activated, tcp_roundtrip,
     udp_echo,
 };
+
+crate::support::tests![
+    inherited_tcp_udp_and_metrics_sockets_serve,
+    a_unix_socket_passed_in_is_refused_with_a_clear_error,
+    systemd_socket_activate_starts_echod_on_first_connection needs &[Need::Tool("systemd-socket-activate")],
+];
 
 /// A socket-activated echod, killed (by PID) when dropped.
 struct Activated {
@@ -52,7 +58,6 @@ impl Activated {
     }
 }
 
-#[test]
 fn inherited_tcp_udp_and_metrics_sockets_serve() {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -101,7 +106,6 @@ fn inherited_tcp_udp_and_metrics_sockets_serve() {
     );
 }
 
-#[test]
 fn a_unix_socket_passed_in_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let unix = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
@@ -122,11 +126,7 @@ fn a_unix_socket_passed_in_is_refused_with_a_clear_error() {
     );
 }
 
-#[test]
 fn systemd_socket_activate_starts_echod_on_first_connection() {
-    if !support::require_tool("systemd-socket-activate") {
-        return;
-    }
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("echod.toml");

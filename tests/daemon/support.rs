@@ -1,4 +1,5 @@
-//! Helpers for the daemon tests: the shared daemon handle and end-to-end kit, plus what
+//! Helpers for the daemon tests: the shared daemon handle, end-to-end kit and harness
+//! (tests needing a tool or IPv6 show as ignored without it), plus what
 //! only these tests need — counters waited for one by one, a config rewritten for a
 //! reload, a fake service manager (the `NOTIFY_SOCKET` echod reports to and the
 //! `LISTEN_FDS` hand-over of socket activation), and the process's CPU time.
@@ -7,9 +8,12 @@
 mod daemon;
 #[path = "../support/e2e.rs"]
 mod e2e;
+#[path = "../support/harness.rs"]
+mod harness;
 
 pub use daemon::*;
 pub use e2e::*;
+pub use harness::*;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

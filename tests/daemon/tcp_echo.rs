@@ -4,9 +4,15 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use crate::support::{self, Daemon, random_bytes, tcp_roundtrip};
+use crate::support::{self, Daemon, IPV6_LOOPBACK, random_bytes, tcp_roundtrip};
 
-#[test]
+crate::support::tests![
+    payloads_of_every_size_come_back_byte_exact,
+    two_hundred_concurrent_clients_are_all_served,
+    half_close_delivers_the_tail,
+    ipv6_listener_echoes needs &[IPV6_LOOPBACK],
+];
+
 fn payloads_of_every_size_come_back_byte_exact() {
     let daemon = Daemon::start("");
     for (i, size) in [0usize, 1, 1024, 1 << 20, 16 << 20].into_iter().enumerate() {
@@ -19,7 +25,6 @@ fn payloads_of_every_size_come_back_byte_exact() {
     assert_eq!(tx as usize, 1 + 1024 + (1 << 20) + (16 << 20));
 }
 
-#[test]
 fn two_hundred_concurrent_clients_are_all_served() {
     let daemon = Daemon::start("");
     let addr = daemon.tcp;
@@ -41,7 +46,6 @@ fn two_hundred_concurrent_clients_are_all_served() {
     );
 }
 
-#[test]
 fn half_close_delivers_the_tail() {
     let daemon = Daemon::start("");
     let mut s = TcpStream::connect(daemon.tcp).unwrap();
@@ -66,12 +70,7 @@ fn half_close_delivers_the_tail() {
     );
 }
 
-#[test]
 fn ipv6_listener_echoes() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("SKIPPED: no IPv6 loopback on this machine");
-        return;
-    }
     let port = support::free_port();
     let daemon = Daemon::start(&format!(
         r#"

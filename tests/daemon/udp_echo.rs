@@ -5,6 +5,13 @@ use std::time::Duration;
 
 use crate::support::{self, Daemon, random_bytes};
 
+crate::support::tests![
+    every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
+    oversize_datagram_is_dropped_not_truncated,
+    denied_source_port_gets_no_reply,
+    rate_limit_caps_one_source_while_another_is_served,
+];
+
 fn client(bind: &str) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500)))
@@ -12,7 +19,6 @@ fn client(bind: &str) -> UdpSocket {
     s
 }
 
-#[test]
 fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
     let daemon = Daemon::start(
         r#"
@@ -37,7 +43,6 @@ fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
     daemon.wait_metric("echod_udp_sent_datagrams_total", &[], sizes.len() as f64);
 }
 
-#[test]
 fn oversize_datagram_is_dropped_not_truncated() {
     let daemon = Daemon::start(
         r#"
@@ -62,7 +67,6 @@ fn oversize_datagram_is_dropped_not_truncated() {
     );
 }
 
-#[test]
 fn denied_source_port_gets_no_reply() {
     let denied = support::free_port();
     let daemon = Daemon::start(&format!(
@@ -91,7 +95,6 @@ fn denied_source_port_gets_no_reply() {
     );
 }
 
-#[test]
 fn rate_limit_caps_one_source_while_another_is_served() {
     let daemon = Daemon::start(
         r#"

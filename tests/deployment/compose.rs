@@ -9,7 +9,13 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{self, assert_passes, repo_path, shipped_config, single_port, yaml_file};
+use crate::support::{Need, assert_passes, repo_path, shipped_config, single_port, yaml_file};
+
+crate::support::tests![
+    compose_file_is_valid_against_the_compose_spec_and_lint_clean needs &[Need::Tool("check-jsonschema"), Need::Tool("yamllint")],
+    compose_services_are_wired_to_echod_and_to_each_other needs &[Need::Tool("yamllint")],
+    prometheus_accepts_the_compose_config_and_rules_as_mounted needs &[Need::Tool("promtool"), Need::Tool("yamllint")],
+];
 
 const COMPOSE: &str = "deploy/compose.yaml";
 
@@ -59,11 +65,7 @@ fn seconds(duration: &str) -> u64 {
         .as_secs()
 }
 
-#[test]
 fn compose_file_is_valid_against_the_compose_spec_and_lint_clean() {
-    if !support::require_tool("check-jsonschema") || !support::require_tool("yamllint") {
-        return;
-    }
     assert_passes(
         Command::new("check-jsonschema")
             .args(["--builtin-schema", "vendor.compose-spec"])
@@ -77,11 +79,7 @@ fn compose_file_is_valid_against_the_compose_spec_and_lint_clean() {
     );
 }
 
-#[test]
 fn compose_services_are_wired_to_echod_and_to_each_other() {
-    if !support::require_tool("yamllint") {
-        return;
-    }
     let compose = yaml_file(COMPOSE);
     let services = &compose["services"];
     let image_config = shipped_config("deploy/container/echod.toml");
@@ -198,11 +196,7 @@ fn compose_services_are_wired_to_echod_and_to_each_other() {
     assert!(parsed["panels"].is_array(), "a Grafana dashboard");
 }
 
-#[test]
 fn prometheus_accepts_the_compose_config_and_rules_as_mounted() {
-    if !support::require_tool("promtool") || !support::require_tool("yamllint") {
-        return;
-    }
     let compose = yaml_file(COMPOSE);
     let prometheus = &compose["services"]["prometheus"];
     let root = tempfile::tempdir().unwrap();

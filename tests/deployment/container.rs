@@ -16,9 +16,18 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, assert_passes, free_port, http_get, metric_value, paced_roundtrip, random_bytes,
+    Need, assert_passes, free_port, http_get, metric_value, paced_roundtrip, random_bytes,
     repo_path, tcp_roundtrip, wait_http_ok,
 };
+
+crate::support::tests![
+    hadolint_passes_on_the_dockerfile needs &[Need::Tool("hadolint")],
+    image_is_small_non_root_and_declares_ports_healthcheck_and_stop_signal needs PODMAN,
+    container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilities needs PODMAN,
+    healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen needs PODMAN,
+    environment_variables_override_the_image_config needs PODMAN,
+    podman_stop_during_traffic_lets_every_client_finish_and_exits_zero needs PODMAN,
+];
 
 /// Base images, podman storage and vendored crates persist here between runs
 /// (`$ECHOD_TEST_CACHE/podman`, as the other tests' caches, default /var/cache/echod-tests).
@@ -218,15 +227,9 @@ impl Drop for PodmanContainer {
 }
 
 /// podman, and debootstrap for the local builder base image.
-fn require_podman() -> bool {
-    support::require_tool("podman") && support::require_tool("debootstrap")
-}
+const PODMAN: &[Need] = &[Need::Tool("podman"), Need::Tool("debootstrap")];
 
-#[test]
 fn hadolint_passes_on_the_dockerfile() {
-    if !support::require_tool("hadolint") {
-        return;
-    }
     assert_passes(
         Command::new("hadolint")
             .arg(repo_path("deploy/Dockerfile"))
@@ -234,11 +237,7 @@ fn hadolint_passes_on_the_dockerfile() {
     );
 }
 
-#[test]
 fn image_is_small_non_root_and_declares_ports_healthcheck_and_stop_signal() {
-    if !require_podman() {
-        return;
-    }
     let image = image();
     let inspect = |format: &str| podman_ok(&["image", "inspect", image, "--format", format]);
     let size: u64 = inspect("{{.Size}}").parse().expect("image size");
@@ -260,11 +259,7 @@ fn image_is_small_non_root_and_declares_ports_healthcheck_and_stop_signal() {
     }
 }
 
-#[test]
 fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilities() {
-    if !require_podman() {
-        return;
-    }
     let c = PodmanContainer::start();
 
     // The process really runs as the image's user, with no capabilities at all.
@@ -318,11 +313,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
     );
 }
 
-#[test]
 fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
-    if !require_podman() {
-        return;
-    }
     let c = PodmanContainer::start();
     assert!(c.healthy(), "healthy while serving; logs:\n{}", c.logs());
     // A wedged daemon: the kernel still accepts connections, but nothing answers, so
@@ -334,11 +325,7 @@ fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
     assert!(c.healthy(), "healthy again once it runs again");
 }
 
-#[test]
 fn environment_variables_override_the_image_config() {
-    if !require_podman() {
-        return;
-    }
     let out = run(podman()
         .args(["run", "--rm", "--read-only", "--cap-drop=ALL"])
         .args(["--env", "ECHOD_TCP__MAX_CONNECTIONS=4321"])
@@ -376,11 +363,7 @@ fn streaming_client(addr: SocketAddr, seed: u64, chunks: usize, sent: Arc<Atomic
         .is_ok_and(|got| got == data)
 }
 
-#[test]
 fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
-    if !require_podman() {
-        return;
-    }
     let c = PodmanContainer::start();
     const CLIENTS: usize = 6;
     const CHUNKS: usize = 40; // ≈ 2 s per client, well inside the 8 s drain.

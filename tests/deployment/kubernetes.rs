@@ -9,8 +9,15 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::support::{
-    self, assert_passes, repo_path, shipped_config, single_port, yaml_documents, yaml_file,
+    self, Need, assert_passes, repo_path, shipped_config, single_port, yaml_documents, yaml_file,
 };
+
+crate::support::tests![
+    every_manifest_passes_strict_schema_validation_and_yamllint needs VALIDATORS,
+    kustomize_build_output_is_valid_and_wires_the_generated_config_map
+        needs &[Need::Tool("yamllint"), Need::Tool("kubernetes-validate"), Need::Tool("kubectl")],
+    probes_ports_security_and_grace_period_agree_with_echod needs &[Need::Tool("yamllint")],
+];
 
 /// The oldest Kubernetes the manifests support (the preStop `sleep` action is on by
 /// default from 1.30) and the newest the validator knows.
@@ -41,15 +48,9 @@ fn validate_strictly(path: &std::path::Path) {
 }
 
 /// yamllint (which brings PyYAML, used to read the manifests) and kubernetes-validate.
-fn require_validators() -> bool {
-    support::require_tool("yamllint") && support::require_tool("kubernetes-validate")
-}
+const VALIDATORS: &[Need] = &[Need::Tool("yamllint"), Need::Tool("kubernetes-validate")];
 
-#[test]
 fn every_manifest_passes_strict_schema_validation_and_yamllint() {
-    if !require_validators() {
-        return;
-    }
     for file in CORE_MANIFESTS {
         validate_strictly(&repo_path(&format!("deploy/kubernetes/{file}")));
     }
@@ -60,18 +61,7 @@ fn every_manifest_passes_strict_schema_validation_and_yamllint() {
     );
 }
 
-#[test]
 fn kustomize_build_output_is_valid_and_wires_the_generated_config_map() {
-    if !require_validators() {
-        return;
-    }
-    // kubectl (with its built-in kustomize) comes with the machine image, not from the
-    // package registries; where it is missing, every file is still validated on its own
-    // by the test above, so this one notes the gap instead of failing CI.
-    if which("kubectl").is_none() {
-        eprintln!("SKIPPED: kubectl not installed; kustomize output not validated");
-        return;
-    }
     let built = assert_passes(
         Command::new("kubectl")
             .arg("kustomize")
@@ -139,11 +129,7 @@ fn container_ports(container: &Value) -> BTreeMap<String, (u64, String)> {
         .collect()
 }
 
-#[test]
 fn probes_ports_security_and_grace_period_agree_with_echod() {
-    if !support::require_tool("yamllint") {
-        return;
-    }
     let config = shipped_config("deploy/kubernetes/echod.toml");
     let deployment = yaml_file("deploy/kubernetes/deployment.yaml");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -267,13 +253,4 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
     let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
     assert_eq!(endpoint["port"], "metrics");
     assert_eq!(endpoint["path"], "/metrics");
-}
-
-/// The path of an installed program, if any.
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| std::path::Path::new(dir).join(program))
-        .find(|p| p.is_file())
 }

@@ -11,3 +11,16 @@ mod kubernetes;
 mod packaging;
 mod prometheus;
 mod systemd;
+
+fn main() -> std::process::ExitCode {
+    // The slowest first (a boot of systemd, an image build), so the others fill in
+    // beside them.
+    support::run(&[
+        systemd::TESTS,
+        container::TESTS,
+        prometheus::TESTS,
+        kubernetes::TESTS,
+        compose::TESTS,
+        packaging::TESTS,
+    ])
+}

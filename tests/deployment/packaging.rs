@@ -6,7 +6,15 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{self, repo_path};
+use crate::support::{self, Need, repo_path};
+
+crate::support::tests![
+    man_page_is_generated_from_the_cli,
+    units_pass_systemd_analyze_verify needs &[Need::Tool("systemd-analyze")],
+    service_hardening_exposure_is_at_most_2 needs &[Need::Tool("systemd-analyze")],
+    packaged_config_is_valid_and_fits_the_unit,
+    every_package_asset_exists,
+];
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
@@ -89,7 +97,6 @@ The service (enabled on install) and the optional socket activation unit.
 \fBsystemctl\fR(1), \fBsystemd.socket\fR(5)
 "#;
 
-#[test]
 fn man_page_is_generated_from_the_cli() {
     let fresh = render_man_page();
     let path = repo_path("packaging/echod.1");
@@ -111,11 +118,7 @@ fn man_page_is_generated_from_the_cli() {
     }
 }
 
-#[test]
 fn units_pass_systemd_analyze_verify() {
-    if !support::require_tool("systemd-analyze") {
-        return;
-    }
     let dir = units_for_host();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
@@ -129,11 +132,7 @@ fn units_pass_systemd_analyze_verify() {
     assert!(stderr.trim().is_empty(), "verify warned:\n{stderr}");
 }
 
-#[test]
 fn service_hardening_exposure_is_at_most_2() {
-    if !support::require_tool("systemd-analyze") {
-        return;
-    }
     let dir = units_for_host();
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager", "--threshold=20"])
@@ -156,7 +155,6 @@ fn service_hardening_exposure_is_at_most_2() {
     assert!(out.status.success(), "above --threshold:\n{stdout}");
 }
 
-#[test]
 fn packaged_config_is_valid_and_fits_the_unit() {
     let out = Command::new(support::echod_bin())
         .arg("--config")
@@ -207,7 +205,6 @@ fn packaged_config_is_valid_and_fits_the_unit() {
     assert_eq!(unit_value(&socket, "ListenDatagram"), "7");
 }
 
-#[test]
 fn every_package_asset_exists() {
     let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
     let deb = &manifest["package"]["metadata"]["deb"];

@@ -8,10 +8,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::{
-    self, Blackbox, Daemon, LOCAL, Prometheus, admitted, assert_passes, daemon_with_limits,
+    self, Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes, daemon_with_limits,
     dashboard, dashboard_queries, expect_metrics, families, get, metric_value, promtool,
-    random_bytes, refused, repo_path, require_tool, tcp_roundtrip, udp_echo,
+    random_bytes, refused, repo_path, tcp_roundtrip, udp_echo,
 };
+
+crate::support::tests![
+    promtool_accepts_a_live_scrape_after_traffic needs &[Need::Tool("promtool")],
+    deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests needs &[Need::Tool("promtool"), Need::Tool("prometheus-blackbox-exporter")],
+    prometheus_scrapes_exact_counts_and_probe_results needs &[Need::Tool("prometheus"), Need::Tool("prometheus-blackbox-exporter")],
+    blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining needs &[Need::Tool("prometheus-blackbox-exporter")],
+];
 
 const SETTLE: Duration = Duration::from_secs(10);
 /// The first sample lands 5–6 s after Prometheus starts; a loaded machine needs more.
@@ -24,11 +31,7 @@ fn udp_roundtrip(target: SocketAddr, len: usize) {
     assert!(echo == data);
 }
 
-#[test]
 fn promtool_accepts_a_live_scrape_after_traffic() {
-    if !require_tool("promtool") {
-        return;
-    }
     let daemon = daemon_with_limits(1, 1);
     let data = random_bytes(10_000, 3);
     assert!(tcp_roundtrip(daemon.tcp, &data, 3) == data);
@@ -76,11 +79,7 @@ fn promtool_accepts_a_live_scrape_after_traffic() {
     );
 }
 
-#[test]
 fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
-    if !require_tool("promtool") || !require_tool("prometheus-blackbox-exporter") {
-        return;
-    }
     let dir = repo_path("deploy/prometheus");
     let run = |args: &[&str]| assert_passes(Command::new("promtool").args(args).current_dir(&dir));
     let config = run(&["check", "config", "prometheus.yml"]);
@@ -126,11 +125,7 @@ fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: Socke
     config
 }
 
-#[test]
 fn prometheus_scrapes_exact_counts_and_probe_results() {
-    if !require_tool("prometheus") || !require_tool("prometheus-blackbox-exporter") {
-        return;
-    }
     // `counted` gets only this test's traffic; the blackbox TCP probe (a connection
     // every second) goes to `probed`, so it cannot disturb the exact counts.
     let counted = daemon_with_limits(2, 2);
@@ -243,11 +238,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     }
 }
 
-#[test]
 fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
-    if !require_tool("prometheus-blackbox-exporter") {
-        return;
-    }
     let mut daemon = Daemon::start(
         r#"
         [shutdown]

@@ -10,9 +10,12 @@
 mod daemon;
 #[path = "../support/e2e.rs"]
 mod e2e;
+#[path = "../support/harness.rs"]
+mod harness;
 
 pub use daemon::*;
 pub use e2e::*;
+pub use harness::*;
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -46,25 +46,6 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// True when end-to-end tests that need an installed tool must run; with
-/// `ECHOD_REQUIRE_E2E=1` (set by `.ci/run`) a missing tool is a failure, otherwise the
-/// test is skipped with a note so `cargo test` works on a bare developer machine.
-pub fn require_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return true;
-    }
-    if std::env::var("ECHOD_REQUIRE_E2E").is_ok_and(|v| v == "1") {
-        panic!("{tool} is required (ECHOD_REQUIRE_E2E=1) but not installed");
-    }
-    eprintln!("SKIPPED: {tool} not installed (set ECHOD_REQUIRE_E2E=1 to make this fatal)");
-    false
 }
 
 /// A path inside the repository.
