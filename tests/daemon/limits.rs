@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, Daemon, LOCAL, connect_from};
+use crate::support::{self, Daemon, LOCAL, connect_from, daemon_with_limits};
 
 crate::support::tests![
     global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly,
@@ -39,13 +39,7 @@ fn is_served(stream: &mut TcpStream) -> bool {
 }
 
 fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 10
-        max_connections_per_ip = 10
-        "#,
-    );
+    let daemon = daemon_with_limits(10, 10);
     let mut clients: Vec<TcpStream> = (0..30)
         .map(|_| TcpStream::connect(daemon.tcp).unwrap())
         .collect();
@@ -74,13 +68,7 @@ fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
 }
 
 fn per_ip_limit_applies_to_each_source_address_separately() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        max_connections = 100
-        max_connections_per_ip = 3
-        "#,
-    );
+    let daemon = daemon_with_limits(100, 3);
     let mut first: Vec<TcpStream> = (0..5).map(|_| connect_from(LOCAL, daemon.tcp)).collect();
     let mut second: Vec<TcpStream> = (0..3)
         .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.tcp))
@@ -108,14 +96,20 @@ fn per_ip_limit_applies_to_each_source_address_separately() {
     );
 }
 
-fn idle_connection_is_closed_after_the_idle_timeout() {
+/// echod that closes connections idle for 1 s, and a client connected to it.
+fn connected_with_one_second_idle_timeout() -> (Daemon, TcpStream) {
     let daemon = Daemon::start(
         r#"
         [tcp]
         idle_timeout = "1s"
         "#,
     );
-    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    let client = TcpStream::connect(daemon.tcp).unwrap();
+    (daemon, client)
+}
+
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let (daemon, mut s) = connected_with_one_second_idle_timeout();
     assert!(is_served(&mut s));
     let started = Instant::now();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -233,13 +227,7 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
 }
 
 fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
-    let daemon = Daemon::start(
-        r#"
-        [tcp]
-        idle_timeout = "1s"
-        "#,
-    );
-    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    let (daemon, mut s) = connected_with_one_second_idle_timeout();
     // Stalled for 300 ms means the daemon is stuck writing its echo to us.
     let written = write_until_stalled(&mut s, 64 << 20, Duration::from_millis(300));
     assert!(written < 64 << 20, "the daemon never stopped reading");

@@ -4,16 +4,10 @@
 //! reload, a fake service manager (the `NOTIFY_SOCKET` echod reports to and the
 //! `LISTEN_FDS` hand-over of socket activation), and the process's CPU time.
 
-#[path = "../support/daemon.rs"]
-mod daemon;
 #[path = "../support/e2e.rs"]
 mod e2e;
-#[path = "../support/harness.rs"]
-mod harness;
 
-pub use daemon::*;
 pub use e2e::*;
-pub use harness::*;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -59,7 +53,7 @@ impl Daemon {
     pub fn rewrite_config(&self, extra: &str) {
         let path = self.config_path();
         let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-        daemon::merge(&mut config, extra.parse().expect("test TOML parses"));
+        merge(&mut config, extra.parse().expect("test TOML parses"));
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     }
 }

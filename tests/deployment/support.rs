@@ -6,16 +6,10 @@
 //! YAML is read with PyYAML, which yamllint brings along, so the build needs no YAML
 //! crate and the tests read the files exactly as the validators do.
 
-#[path = "../support/daemon.rs"]
-mod daemon;
 #[path = "../support/e2e.rs"]
 mod e2e;
-#[path = "../support/harness.rs"]
-mod harness;
 
-pub use daemon::*;
 pub use e2e::*;
-pub use harness::*;
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -2,9 +2,9 @@
 //! a config merged over a test base, waited for until ready, asked for its metrics, and
 //! killed by PID when dropped.
 //!
-//! Included (by `#[path]`) into the support module of all three test crates, so it holds
-//! only what each of them uses; the rest lives in `e2e.rs` (daemon and deployment tests)
-//! or in a crate's own `support.rs`.
+//! Included (by `#[path]`) into the support module of the `tools` crate and, through
+//! `e2e.rs`, of the `daemon` and `deployment` crates, so it holds only what each of them
+//! uses; the rest lives in `e2e.rs` or in a crate's own `support.rs`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -48,7 +48,7 @@ impl Drop for ChildGuard {
 }
 
 /// Deep-merges `extra` into `base` (tables merge, other values replace).
-pub(super) fn merge(base: &mut toml::Table, extra: toml::Table) {
+pub(crate) fn merge(base: &mut toml::Table, extra: toml::Table) {
     for (key, value) in extra {
         match (base.get_mut(&key), value) {
             (Some(toml::Value::Table(b)), toml::Value::Table(e)) => merge(b, e),
@@ -61,7 +61,7 @@ pub(super) fn merge(base: &mut toml::Table, extra: toml::Table) {
 
 /// A running daemon started by a test; killed (by PID) when dropped.
 pub struct Daemon {
-    pub(super) child: ChildGuard,
+    pub(crate) child: ChildGuard,
     /// The TCP echo address (127.0.0.1).
     pub tcp: SocketAddr,
     /// The UDP echo address (127.0.0.1).

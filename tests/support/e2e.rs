@@ -1,10 +1,20 @@
-//! What the daemon tests and the deployment tests both do to a running echod: signal it
-//! and wait for its exit, send traffic whose counts are known (admitted and refused
-//! connections, round trips, a connection held across reloads), wait for exact counter
-//! values, and read the repository's own files (README, Grafana dashboard).
+//! The kit of the crates that run echod end to end, `daemon` and `deployment`: the daemon
+//! handle (`daemon.rs`) and the harness that shows a test whose tool is missing as
+//! ignored (`harness.rs`), plus what both do to a running echod — signal it and wait for
+//! its exit, send traffic whose counts are known (admitted and refused connections,
+//! round trips, a connection held across reloads), wait for exact counter values, and
+//! read the repository's own files (README, Grafana dashboard).
 //!
-//! Included (by `#[path]`) into the support modules of the `daemon` and `deployment`
-//! crates, next to `daemon.rs`, so it holds only what both of them use.
+//! Included (by `#[path]`) into the support modules of those two crates, so it holds only
+//! what both of them use.
+
+#[path = "daemon.rs"]
+mod daemon;
+#[path = "harness.rs"]
+mod harness;
+
+pub use daemon::*;
+pub use harness::*;
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -17,8 +27,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-
-use super::daemon::{Daemon, metric_value, random_bytes};
 
 impl Daemon {
     /// The daemon's PID.

@@ -7,8 +7,8 @@
 //! hands the lists to [`run`]. A test function left out of its module's list is dead
 //! code, which the build (clippy `-D warnings`) rejects.
 //!
-//! Included (by `#[path]`) into the support modules of the `daemon` and `deployment`
-//! crates (both declared with `harness = false`).
+//! Included (by `#[path]`, through `e2e.rs`) into the `daemon` and `deployment` crates,
+//! both declared with `harness = false`.
 
 use std::collections::BTreeSet;
 use std::process::ExitCode;
