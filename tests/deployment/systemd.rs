@@ -201,6 +201,17 @@ fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
+/// Waits (10 s at most) until echod.service is active. Started by its socket, echod
+/// answers the first client before systemd has processed its READY=1, so the service can
+/// still be "activating" at that moment.
+fn wait_service_active(c: &Nspawn) {
+    wait_for(
+        Duration::from_secs(10),
+        "echod.service to be active",
+        || (c.sh("systemctl is-active echod.service").1.trim() == "active").then_some(()),
+    );
+}
+
 fn metric(family: &str) -> Option<f64> {
     let (status, body) = http_get(METRICS.parse().unwrap(), "/metrics").ok()?;
     (status == 200).then(|| metric_value(&body, family, &[]))
@@ -475,7 +486,7 @@ fn packaged_service_under_real_systemd() {
         "inactive"
     );
     assert!(tcp_echoes(), "TCP echo through socket activation");
-    assert_eq!(c.sh("systemctl is-active echod.service").1.trim(), "active");
+    wait_service_active(&c);
     c.ok("systemctl stop echod.service");
     assert_eq!(
         c.sh("systemctl is-active echod.service").1.trim(),
@@ -486,7 +497,7 @@ fn packaged_service_under_real_systemd() {
         Some(&b"first datagram"[..]),
         "UDP echo through socket activation"
     );
-    assert_eq!(c.sh("systemctl is-active echod.service").1.trim(), "active");
+    wait_service_active(&c);
     let journal = c.ok("journalctl -u echod --no-pager");
     assert!(
         journal.contains("using socket passed by systemd name=echo proto=\"UDP\""),
