@@ -123,8 +123,9 @@ pub fn run(lists: &[&[Test]]) -> ExitCode {
         .collect();
     if !args.list && ignored > 0 {
         let missing: Vec<String> = missing_anywhere.into_iter().collect();
+        let tests = if ignored == 1 { "test" } else { "tests" };
         eprintln!(
-            "note: {ignored} tests ignored, missing here: {}; ECHOD_REQUIRE_E2E=1 makes them fail",
+            "note: {ignored} {tests} ignored, missing here: {}; ECHOD_REQUIRE_E2E=1 makes that fail",
             missing.join(", ")
         );
     }
