@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Daemon, Expected, LOCAL, admitted, daemon_with_limits, dashboard, dashboard_queries,
-    expect_metrics, families, http_get, http_request, is_exported, random_bytes, refused,
-    repo_path, tcp_roundtrip,
+    self, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout, daemon_with_limits,
+    dashboard, dashboard_queries, expect_metrics, families, http_get, http_request, is_exported,
+    random_bytes, refused, repo_path, tcp_roundtrip,
 };
 
 crate::support::tests![
@@ -295,12 +295,7 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
 }
 
 fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
-    let mut daemon = Daemon::start(
-        r#"
-        [shutdown]
-        drain_timeout = "60s"
-        "#,
-    );
+    let mut daemon = daemon_with_drain_timeout("60s");
     let mut conn = admitted(LOCAL, daemon.tcp);
     daemon.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);

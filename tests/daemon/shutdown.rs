@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, Daemon, paced_roundtrip, random_bytes};
+use crate::support::{self, daemon_with_drain_timeout, paced_roundtrip, random_bytes};
 
 crate::support::tests![
     sigterm_mid_transfer_drains_every_byte_then_exits_zero,
@@ -15,12 +15,7 @@ crate::support::tests![
 ];
 
 fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
-    let mut daemon = Daemon::start(
-        r#"
-        [shutdown]
-        drain_timeout = "20s"
-        "#,
-    );
+    let mut daemon = daemon_with_drain_timeout("20s");
     let clients = 20;
     let started = Arc::new(Barrier::new(clients + 1));
     let handles: Vec<_> = (0..clients)
@@ -77,12 +72,7 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
 }
 
 fn drain_timeout_cuts_connections_that_do_not_finish() {
-    let mut daemon = Daemon::start(
-        r#"
-        [shutdown]
-        drain_timeout = "1s"
-        "#,
-    );
+    let mut daemon = daemon_with_drain_timeout("1s");
     let mut idle = daemon.open_connection();
     let mut b = [0u8; 1];
     let t = Instant::now();
@@ -103,12 +93,7 @@ fn drain_timeout_cuts_connections_that_do_not_finish() {
 }
 
 fn a_second_signal_exits_at_once() {
-    let mut daemon = Daemon::start(
-        r#"
-        [shutdown]
-        drain_timeout = "60s"
-        "#,
-    );
+    let mut daemon = daemon_with_drain_timeout("60s");
     let _held = daemon.open_connection();
     daemon.signal(libc::SIGTERM);
     // Wait until the drain has begun (readiness fails), then signal again.

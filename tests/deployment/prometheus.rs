@@ -8,9 +8,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::{
-    self, Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes, daemon_with_limits,
-    dashboard, dashboard_queries, expect_metrics, families, get, metric_value, promtool,
-    random_bytes, refused, repo_path, tcp_roundtrip, udp_echo,
+    self, Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes,
+    daemon_with_drain_timeout, daemon_with_limits, dashboard, dashboard_queries, expect_metrics,
+    families, get, metric_value, promtool, random_bytes, refused, repo_path, tcp_roundtrip,
+    udp_echo,
 };
 
 crate::support::tests![
@@ -239,12 +240,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
 }
 
 fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
-    let mut daemon = Daemon::start(
-        r#"
-        [shutdown]
-        drain_timeout = "60s"
-        "#,
-    );
+    let mut daemon = daemon_with_drain_timeout("60s");
     let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
     let readyz = format!("http://{}/readyz", daemon.http);
     let success = |module: &str, target: &str| {

@@ -193,6 +193,13 @@ pub fn daemon_with_limits(max_connections: usize, per_ip: usize) -> Daemon {
     ))
 }
 
+/// echod that gives open connections at most `drain_timeout` (e.g. "60s") when stopped.
+pub fn daemon_with_drain_timeout(drain_timeout: &str) -> Daemon {
+    Daemon::start(&format!(
+        "[shutdown]\ndrain_timeout = \"{drain_timeout}\"\n"
+    ))
+}
+
 /// One expected sample: family, label pairs it must carry, value (summed over matches).
 pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 
