@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Tools for tests/systemd.rs and tests/packaging.rs, cached outside the repository:
-# cargo-deb (in ~/.cargo/bin, pinned so its behaviour cannot change under the tests) and
-# the debootstrap root filesystem systemd boots from (under /var/cache/echod-tests/).
+# Tools for the systemd and packaging tests (tests/deployment/), cached outside the
+# repository: cargo-deb (in ~/.cargo/bin, pinned so its behaviour cannot change under the
+# tests) and the debootstrap root filesystem systemd boots from (under
+# /var/cache/echod-tests/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -10,4 +11,4 @@ if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSI
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
 fi
 
-bash tests/systemd/rootfs.sh
+bash tests/deployment/systemd-rootfs.sh

@@ -1,0 +1,276 @@
+//! The daemon run in-process through `echod::daemon::serve`, on sockets the test binds
+//! itself on port 0: no free-port race, no process to spawn, so reload, limits and counts
+//! are checked in milliseconds. Signals, exit codes and sd_notify stay black-box tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use echod::config::Config;
+use echod::daemon::{Control, ServeError, Sockets, Summary, serve};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::support::{http_get, metric_value};
+
+crate::support::tests![
+    echoes_and_counts_every_byte_exactly,
+    reload_lowers_the_connection_limit_for_new_connections_only,
+    a_reload_that_cannot_bind_or_load_keeps_the_old_listeners,
+    reload_moves_a_listener_and_stop_drains_open_connections,
+];
+
+/// A daemon serving on its own runtime threads, with the addresses it got.
+struct InProcess {
+    tcp: SocketAddr,
+    udp: SocketAddr,
+    http: SocketAddr,
+    config: Config,
+    control: mpsc::Sender<Control>,
+    task: JoinHandle<Result<Summary, ServeError>>,
+}
+
+impl InProcess {
+    /// Binds TCP, UDP and HTTP on 127.0.0.1:0, points `config` at them and serves.
+    async fn start(mut config: Config) -> Self {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let http = TcpListener::bind("127.0.0.1:0").expect("bind http");
+        let (t, u, h) = (
+            tcp.local_addr().unwrap(),
+            udp.local_addr().unwrap(),
+            http.local_addr().unwrap(),
+        );
+        config.tcp.listen = vec![t];
+        config.udp.listen = vec![u];
+        config.metrics.listen = vec![h];
+        let (control, requests) = mpsc::channel(4);
+        let sockets = Sockets::new().tcp(tcp).udp(udp).http(http);
+        let task = tokio::spawn(serve(config.clone(), sockets, requests));
+        let daemon = Self {
+            tcp: t,
+            udp: u,
+            http: h,
+            config,
+            control,
+            task,
+        };
+        daemon
+            .wait_until(|m| metric_value(m, "echod_ready", &[]) == 1.0)
+            .await;
+        daemon
+    }
+
+    async fn metrics(&self) -> String {
+        let http = self.http;
+        tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+            .await
+            .expect("scrape task")
+            .expect("scrape")
+            .1
+    }
+
+    /// Polls the exposition until `ok` holds (counters are updated asynchronously).
+    async fn wait_until(&self, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = self.metrics().await;
+            if ok(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition never held; metrics:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn reload(&self, config: Result<Config, String>) {
+        self.control
+            .send(Control::Reload(Box::new(config)))
+            .await
+            .expect("server is running");
+    }
+
+    async fn stop(self) -> Summary {
+        self.control
+            .send(Control::Stop("test"))
+            .await
+            .expect("server is running");
+        self.task.await.expect("serve task").expect("serve result")
+    }
+}
+
+/// One blocking TCP echo of `payload`; returns what came back.
+fn tcp_echo(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(payload).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    back
+}
+
+fn echoes_and_counts_every_byte_exactly() {
+    crate::support::block_on(async {
+        let d = InProcess::start(Config::default()).await;
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let (tcp, p) = (d.tcp, payload.clone());
+        let back = tokio::task::spawn_blocking(move || tcp_echo(tcp, &p))
+            .await
+            .unwrap();
+        assert_eq!(back, payload);
+        let udp = d.udp;
+        let reply = tokio::task::spawn_blocking(move || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"datagram", udp).unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf).unwrap();
+            buf[..n].to_vec()
+        })
+        .await
+        .unwrap();
+        assert_eq!(reply, b"datagram");
+        let label = d.tcp.to_string();
+        let m = d
+            .wait_until(|m| {
+                metric_value(
+                    m,
+                    "echod_tcp_connections_closed_total",
+                    &[("listener", &label)],
+                ) == 1.0
+            })
+            .await;
+        let l = [("listener", label.as_str())];
+        assert_eq!(
+            metric_value(&m, "echod_tcp_received_bytes_total", &l),
+            100_000.0
+        );
+        assert_eq!(
+            metric_value(&m, "echod_tcp_sent_bytes_total", &l),
+            100_000.0
+        );
+        let u = d.udp.to_string();
+        assert_eq!(
+            metric_value(&m, "echod_udp_sent_bytes_total", &[("listener", &u)]),
+            8.0
+        );
+        assert_eq!(d.stop().await, Summary { drained: 0, cut: 0 });
+    })
+}
+
+fn reload_lowers_the_connection_limit_for_new_connections_only() {
+    crate::support::block_on(async {
+        let d = InProcess::start(Config::default()).await;
+        let tcp = d.tcp;
+        // Two idle connections, admitted under the old limit.
+        let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(tcp).unwrap()).collect();
+        let label = d.tcp.to_string();
+        d.wait_until(|m| {
+            metric_value(m, "echod_tcp_connections_active", &[("listener", &label)]) == 2.0
+        })
+        .await;
+        let mut lowered = d.config.clone();
+        lowered.tcp.max_connections = 2;
+        d.reload(Ok(lowered)).await;
+        d.wait_until(|m| metric_value(m, "echod_tcp_max_connections", &[]) == 2.0)
+            .await;
+        // A third is refused (EOF at once) and counted; the two stay open and echo.
+        let refused = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(tcp).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 1];
+            s.read(&mut buf).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(refused, 0, "over the limit: EOF");
+        let m = d
+            .wait_until(|m| {
+                metric_value(
+                    m,
+                    "echod_tcp_connections_rejected_total",
+                    &[("listener", &label), ("reason", "global_limit")],
+                ) == 1.0
+            })
+            .await;
+        assert_eq!(metric_value(&m, "echod_config_reloads_total", &[]), 1.0);
+        for mut s in held {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(b"still here").unwrap();
+            let mut buf = [0u8; 10];
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"still here");
+        }
+        assert_eq!(d.stop().await.cut, 0);
+    })
+}
+
+fn a_reload_that_cannot_bind_or_load_keeps_the_old_listeners() {
+    crate::support::block_on(async {
+        let d = InProcess::start(Config::default()).await;
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut moved = d.config.clone();
+        moved.tcp.listen = vec![taken.local_addr().unwrap()];
+        d.reload(Ok(moved)).await;
+        d.reload(Err("invalid config file x: broken".into())).await;
+        let m = d
+            .wait_until(|m| metric_value(m, "echod_config_reload_failures_total", &[]) == 2.0)
+            .await;
+        assert_eq!(
+            metric_value(&m, "echod_config_last_reload_successful", &[]),
+            0.0
+        );
+        let tcp = d.tcp;
+        let back = tokio::task::spawn_blocking(move || tcp_echo(tcp, b"old listener"))
+            .await
+            .unwrap();
+        assert_eq!(back, b"old listener");
+        d.stop().await;
+    })
+}
+
+fn reload_moves_a_listener_and_stop_drains_open_connections() {
+    crate::support::block_on(async {
+        let d = InProcess::start(Config::default()).await;
+        let old = d.tcp;
+        let mut held = TcpStream::connect(old).unwrap();
+        let label = old.to_string();
+        d.wait_until(|m| {
+            metric_value(m, "echod_tcp_connections_active", &[("listener", &label)]) == 1.0
+        })
+        .await;
+        let next = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut moved = d.config.clone();
+        moved.tcp.listen = vec![next];
+        d.reload(Ok(moved)).await;
+        d.wait_until(|m| metric_value(m, "echod_config_reloads_total", &[]) == 1.0)
+            .await;
+        let back = tokio::task::spawn_blocking(move || tcp_echo(next, b"new"))
+            .await
+            .unwrap();
+        assert_eq!(back, b"new");
+        assert!(
+            TcpStream::connect(old).is_err(),
+            "the removed listener is closed"
+        );
+        // The connection accepted by the removed listener still echoes, then drains.
+        held.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        held.write_all(b"kept").unwrap();
+        let mut buf = [0u8; 4];
+        held.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"kept");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        assert_eq!(d.stop().await, Summary { drained: 1, cut: 0 });
+        closer.join().unwrap();
+    })
+}

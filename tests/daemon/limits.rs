@@ -1,0 +1,251 @@
+//! Connection limits and timeouts as an operator relies on them: the limit holds, the
+//! clients beyond it learn at once, everyone else is unaffected.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::{self, Daemon, LOCAL, connect_from, daemon_with_limits};
+
+crate::support::tests![
+    global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly,
+    per_ip_limit_applies_to_each_source_address_separately,
+    idle_connection_is_closed_after_the_idle_timeout,
+    a_client_that_never_reads_costs_bounded_memory,
+    running_out_of_file_descriptors_is_survived_without_spinning,
+    a_client_that_stops_reading_is_closed_after_the_idle_timeout,
+];
+
+/// True when the connection echoes; false when the daemon closed it (EOF or reset).
+/// Panics if neither happens within 5 s: a rejected client must never hang.
+fn is_served(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    if stream.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    match stream.read_exact(&mut buf) {
+        Ok(()) => {
+            assert_eq!(&buf, b"ping");
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("connection neither served nor closed within 5 s")
+        }
+        Err(_) => false,
+    }
+}
+
+fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
+    let daemon = daemon_with_limits(10, 10);
+    let mut clients: Vec<TcpStream> = (0..30)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    daemon.wait_metric(
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "global_limit")],
+        20.0,
+    );
+    let started = Instant::now();
+    let served = clients
+        .iter_mut()
+        .map(is_served)
+        .filter(|served| *served)
+        .count();
+    assert_eq!(served, 10);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "rejected clients were not closed promptly"
+    );
+    assert_eq!(daemon.metric("echod_tcp_connections_active", &[]), 10.0);
+    // Freeing slots lets new clients in.
+    clients.clear();
+    daemon.wait_metric("echod_tcp_connections_closed_total", &[], 10.0);
+    let mut again = TcpStream::connect(daemon.tcp).unwrap();
+    assert!(is_served(&mut again));
+}
+
+fn per_ip_limit_applies_to_each_source_address_separately() {
+    let daemon = daemon_with_limits(100, 3);
+    let mut first: Vec<TcpStream> = (0..5).map(|_| connect_from(LOCAL, daemon.tcp)).collect();
+    let mut second: Vec<TcpStream> = (0..3)
+        .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.tcp))
+        .collect();
+    daemon.wait_metric(
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "per_ip_limit")],
+        2.0,
+    );
+    assert_eq!(
+        first
+            .iter_mut()
+            .map(is_served)
+            .filter(|served| *served)
+            .count(),
+        3
+    );
+    assert_eq!(
+        second
+            .iter_mut()
+            .map(is_served)
+            .filter(|served| *served)
+            .count(),
+        3
+    );
+}
+
+/// echod that closes connections idle for 1 s, and a client connected to it.
+fn connected_with_one_second_idle_timeout() -> (Daemon, TcpStream) {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        idle_timeout = "1s"
+        "#,
+    );
+    let client = TcpStream::connect(daemon.tcp).unwrap();
+    (daemon, client)
+}
+
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let (daemon, mut s) = connected_with_one_second_idle_timeout();
+    assert!(is_served(&mut s));
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1];
+    let n = s.read(&mut buf).expect("EOF, not an error");
+    assert_eq!(n, 0, "expected EOF");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
+}
+
+/// Writes without ever reading until `limit` bytes are sent or backpressure has stopped
+/// the writes for `stall` (the daemon stopped reading); bounded by 10 s. Returns the
+/// bytes written.
+fn write_until_stalled(s: &mut TcpStream, limit: usize, stall: Duration) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    while written < limit && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stall {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed before the daemon stalled: {e}"),
+        }
+    }
+    written
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+fn a_client_that_never_reads_costs_bounded_memory() {
+    let daemon = Daemon::start("");
+    // Warm up so allocator arenas exist before the baseline.
+    assert!(support::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
+    let before = rss_kib(daemon.pid());
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1));
+    let after = rss_kib(daemon.pid());
+    assert!(
+        written < 100 << 20,
+        "the daemon kept reading from a client that never reads ({written} bytes)"
+    );
+    assert!(
+        after.saturating_sub(before) < 4 * 1024,
+        "RSS grew from {before} KiB to {after} KiB after {written} unread bytes"
+    );
+}
+
+fn running_out_of_file_descriptors_is_survived_without_spinning() {
+    let daemon = Daemon::start_with(support::Options {
+        max_open_files: Some(40),
+        ..support::Options::default()
+    });
+    // More clients than descriptors: the kernel completes the handshakes, accept()
+    // fails with EMFILE for the ones beyond the limit.
+    let mut clients: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    // The HTTP endpoint is out of descriptors too, so watch the process, not metrics.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("accept failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no accept error logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ticks_before = support::cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = support::cpu_ticks(daemon.pid()) - ticks_before;
+    // 100 ticks = one core-second; backing off keeps the daemon near idle.
+    assert!(
+        ticks < 40,
+        "daemon used {ticks} ticks in 2 s while out of descriptors"
+    );
+    // Descriptors come back: the daemon serves again and counted what happened.
+    clients.truncate(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = TcpStream::connect(daemon.tcp).unwrap();
+        if is_served(&mut c) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.wait_metric_at_least(
+        "echod_tcp_accept_errors_total",
+        &[("kind", "fd_limit")],
+        1.0,
+    );
+    assert!(daemon.log().contains("EMFILE") || daemon.log().contains("Too many open files"));
+}
+
+fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
+    let (daemon, mut s) = connected_with_one_second_idle_timeout();
+    // Stalled for 300 ms means the daemon is stuck writing its echo to us.
+    let written = write_until_stalled(&mut s, 64 << 20, Duration::from_millis(300));
+    assert!(written < 64 << 20, "the daemon never stopped reading");
+    // The daemon is now blocked writing to us; with no progress it must give up after
+    // the idle timeout (1 s), not later.
+    let stalled = Instant::now();
+    daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
+    assert!(
+        stalled.elapsed() < Duration::from_secs(3),
+        "closed {:?} after the stall, idle_timeout is 1 s",
+        stalled.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.metric("echod_tcp_connections_active", &[]) != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "connection still counted as open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,36 @@
+//! The daemon as a process, the way an operator runs it: echo over TCP and UDP, limits,
+//! metrics and health, reload on SIGHUP, stop on SIGTERM, configuration errors and exit
+//! codes, sd_notify and socket activation. Every test starts the real `echod` binary on
+//! its own loopback ports.
+
+mod support;
+
+mod caps;
+mod config;
+mod in_process;
+mod limits;
+mod metrics;
+mod operator;
+mod reload;
+mod sd_notify;
+mod shutdown;
+mod socket_activation;
+mod tcp_echo;
+mod udp_echo;
+
+fn main() -> std::process::ExitCode {
+    support::run(&[
+        tcp_echo::TESTS,
+        udp_echo::TESTS,
+        limits::TESTS,
+        metrics::TESTS,
+        reload::TESTS,
+        shutdown::TESTS,
+        config::TESTS,
+        sd_notify::TESTS,
+        socket_activation::TESTS,
+        in_process::TESTS,
+        operator::TESTS,
+        caps::TESTS,
+    ])
+}

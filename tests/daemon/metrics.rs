@@ -1,0 +1,603 @@
+//! The HTTP endpoint and the metrics as an operator sees them: status codes of every
+//! route, exact counts after known traffic, readiness during a drain, limits published
+//! as gauges — and the README and Grafana dashboard naming only metrics that exist.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    self, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout, daemon_with_limits,
+    dashboard, dashboard_queries, expect_metrics, families, http_get, http_request, is_exported,
+    random_bytes, refused, repo_path, tcp_roundtrip,
+};
+
+crate::support::tests![
+    every_route_answers_with_its_status,
+    tcp_connections_bytes_and_global_limit_rejects_are_exact,
+    per_ip_limit_rejects_only_the_crowded_source,
+    udp_datagrams_bytes_and_drops_by_reason_are_exact,
+    readiness_fails_at_sigterm_while_liveness_holds_until_exit,
+    limit_gauges_follow_the_config_across_reloads,
+    grafana_dashboard_queries_only_metrics_echod_exports,
+    readme_lists_every_exported_family_and_endpoint,
+    source_addresses_never_become_labels,
+    probes_and_scrapes_keep_answering_while_echo_ports_are_flooded,
+];
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn every_route_answers_with_its_status() {
+    let daemon = Daemon::start("");
+    assert_eq!(
+        http_get(daemon.http, "/healthz").unwrap(),
+        (200, "ok\n".into())
+    );
+    assert_eq!(
+        http_get(daemon.http, "/readyz").unwrap(),
+        (200, "ready\n".into())
+    );
+    assert_eq!(http_get(daemon.http, "/nope").unwrap().0, 404);
+    assert_eq!(http_get(daemon.http, "/metrics/extra").unwrap().0, 404);
+    for path in ["/metrics", "/healthz", "/readyz", "/"] {
+        assert_eq!(
+            http_request(daemon.http, "POST", path).unwrap().0,
+            405,
+            "POST {path}"
+        );
+        assert_eq!(
+            http_request(daemon.http, "DELETE", path).unwrap().0,
+            405,
+            "DELETE {path}"
+        );
+        assert_eq!(
+            http_request(daemon.http, "HEAD", path).unwrap().0,
+            200,
+            "HEAD {path}"
+        );
+    }
+    let (status, page) = http_get(daemon.http, "/").unwrap();
+    assert_eq!(status, 200);
+    for link in ["href=\"/metrics\"", "href=\"/healthz\"", "href=\"/readyz\""] {
+        assert!(page.contains(link), "landing page lacks {link}:\n{page}");
+    }
+    assert!(
+        page.contains(env!("CARGO_PKG_VERSION")),
+        "landing page lacks the version:\n{page}"
+    );
+    let scrape = daemon.scrape();
+    assert!(scrape.contains(&format!(
+        "echod_build_info{{revision=\"{}\",version=\"{}\"}} 1",
+        scrape_revision(&scrape),
+        env!("CARGO_PKG_VERSION")
+    )));
+    assert!(scrape.contains("\nprocess_resident_memory_bytes "));
+}
+
+fn scrape_revision(scrape: &str) -> String {
+    scrape
+        .split("echod_build_info{revision=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("build_info has a revision")
+        .to_string()
+}
+
+/// The rejected-connection counts by reason (none at shutdown: nothing is stopping).
+fn rejected(global_limit: f64, per_ip_limit: f64) -> [Expected<'static>; 3] {
+    let family = "echod_tcp_connections_rejected_total";
+    [
+        (family, &[("reason", "global_limit")], global_limit),
+        (family, &[("reason", "per_ip_limit")], per_ip_limit),
+        (family, &[("reason", "shutdown")], 0.0),
+    ]
+}
+
+fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
+    let daemon = daemon_with_limits(3, 3);
+    let l = daemon.tcp.to_string();
+    let sizes = [0usize, 1, 100, 4096, 1 << 20];
+    for (i, &size) in sizes.iter().enumerate() {
+        let data = random_bytes(size, i as u64);
+        assert!(tcp_roundtrip(daemon.tcp, &data, i as u64) == data);
+    }
+    let held: Vec<_> = (0..3).map(|_| admitted(LOCAL, daemon.tcp)).collect();
+    let rejects = 4;
+    for _ in 0..rejects {
+        refused(LOCAL, daemon.tcp);
+    }
+    let listener: &[(&str, &str)] = &[("listener", &l)];
+    expect_metrics(
+        &daemon,
+        &[
+            ("echod_tcp_connections_active", listener, 3.0),
+            (
+                "echod_tcp_connections_rejected_total",
+                &[("listener", &l), ("reason", "global_limit")],
+                rejects as f64,
+            ),
+        ],
+        SETTLE,
+    );
+    drop(held);
+    let bytes = (sizes.iter().sum::<usize>() + 3) as f64;
+    let accepted = (sizes.len() + 3) as f64;
+    let mut expected: Vec<Expected<'_>> = vec![
+        ("echod_tcp_connections_accepted_total", listener, accepted),
+        ("echod_tcp_connections_closed_total", listener, accepted),
+        ("echod_tcp_connections_active", listener, 0.0),
+        (
+            "echod_tcp_connection_duration_seconds_count",
+            listener,
+            accepted,
+        ),
+        ("echod_tcp_received_bytes_total", listener, bytes),
+        ("echod_tcp_sent_bytes_total", listener, bytes),
+        ("echod_tcp_idle_timeouts_total", listener, 0.0),
+        ("echod_tcp_accept_errors_total", listener, 0.0),
+    ];
+    expected.extend(rejected(rejects as f64, 0.0));
+    expect_metrics(&daemon, &expected, SETTLE);
+}
+
+fn per_ip_limit_rejects_only_the_crowded_source() {
+    let daemon = daemon_with_limits(10, 2);
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    let mut held = vec![admitted(LOCAL, daemon.tcp), admitted(LOCAL, daemon.tcp)];
+    refused(LOCAL, daemon.tcp);
+    held.push(admitted(other, daemon.tcp));
+    held.push(admitted(other, daemon.tcp));
+    refused(other, daemon.tcp);
+    refused(LOCAL, daemon.tcp);
+    let mut expected: Vec<Expected<'_>> = vec![
+        ("echod_tcp_connections_accepted_total", &[], 4.0),
+        ("echod_tcp_connections_active", &[], 4.0),
+    ];
+    expected.extend(rejected(0.0, 3.0));
+    expect_metrics(&daemon, &expected, SETTLE);
+    drop(held);
+    expect_metrics(
+        &daemon,
+        &[
+            ("echod_tcp_connections_closed_total", &[], 4.0),
+            ("echod_tcp_connections_active", &[], 0.0),
+            ("echod_tcp_received_bytes_total", &[], 4.0),
+        ],
+        SETTLE,
+    );
+}
+
+/// A UDP client socket bound to `from` with a short read timeout.
+fn udp_client(from: SocketAddr) -> UdpSocket {
+    let s = UdpSocket::bind(from).expect("bind UDP client");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Reads whatever replies are already queued on `s`, without waiting.
+fn queued_replies(s: &UdpSocket) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut n = 0;
+    while s.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
+    let denied_port = support::free_port();
+    let daemon = Daemon::start(&format!(
+        r#"
+        [udp]
+        max_datagram_size = 1000
+        deny_source_ports = [{denied_port}]
+        [udp.rate_limit]
+        packets_per_second = 1
+        burst = 5
+        max_sources = 100
+        "#
+    ));
+    let target = daemon.udp;
+    let l = target.to_string();
+    // Echoed: sizes up to the limit, from 127.0.0.1 (4 of its 5 tokens).
+    let echo = udp_client("127.0.0.1:0".parse().unwrap());
+    let echoed_sizes = [1usize, 100, 500, 1000];
+    let mut buf = vec![0u8; 65_536];
+    for (i, &size) in echoed_sizes.iter().enumerate() {
+        let data = random_bytes(size, 50 + i as u64);
+        echo.send_to(&data, target).unwrap();
+        let (n, from) = echo.recv_from(&mut buf).expect("echo reply");
+        assert_eq!((&buf[..n], from), (&data[..], target));
+    }
+    // Oversize: checked before the rate limit, so no tokens are spent.
+    let oversize_sizes = [1001usize, 5000, 60_000];
+    for &size in &oversize_sizes {
+        echo.send_to(&random_bytes(size, size as u64), target)
+            .unwrap();
+    }
+    // Denied source port.
+    let denied = udp_client(SocketAddr::from((LOCAL, denied_port)));
+    let denied_sends = 2;
+    for _ in 0..denied_sends {
+        denied.send_to(b"loop?", target).unwrap();
+    }
+    // Rate limited: a fresh source gets its burst of 5, the rest is dropped.
+    let flooder = udp_client("127.0.0.3:0".parse().unwrap());
+    let (burst, over) = (5usize, 6usize);
+    for _ in 0..burst + over {
+        flooder.send_to(&[7u8; 20], target).unwrap();
+    }
+    let received = echoed_sizes.len() + oversize_sizes.len() + denied_sends + burst + over;
+    let rx_bytes = echoed_sizes.iter().sum::<usize>()
+        + oversize_sizes.iter().sum::<usize>()
+        + denied_sends * 5
+        + (burst + over) * 20;
+    let sent = echoed_sizes.len() + burst;
+    let tx_bytes = echoed_sizes.iter().sum::<usize>() + burst * 20;
+    let reason = |r| [("listener", l.as_str()), ("reason", r)];
+    let (oversize, denied_port_l, rate_limited, send_error) = (
+        reason("oversize"),
+        reason("denied_port"),
+        reason("rate_limited"),
+        reason("send_error"),
+    );
+    let listener: &[(&str, &str)] = &[("listener", &l)];
+    expect_metrics(
+        &daemon,
+        &[
+            (
+                "echod_udp_received_datagrams_total",
+                listener,
+                received as f64,
+            ),
+            ("echod_udp_received_bytes_total", listener, rx_bytes as f64),
+            ("echod_udp_sent_datagrams_total", listener, sent as f64),
+            ("echod_udp_sent_bytes_total", listener, tx_bytes as f64),
+            (
+                "echod_udp_dropped_datagrams_total",
+                &oversize,
+                oversize_sizes.len() as f64,
+            ),
+            (
+                "echod_udp_dropped_datagrams_total",
+                &denied_port_l,
+                denied_sends as f64,
+            ),
+            (
+                "echod_udp_dropped_datagrams_total",
+                &rate_limited,
+                over as f64,
+            ),
+            ("echod_udp_dropped_datagrams_total", &send_error, 0.0),
+        ],
+        SETTLE,
+    );
+    // Replies are sent before counts are flushed, so they are all queued by now.
+    assert_eq!(queued_replies(&echo), 0, "oversize datagrams were echoed");
+    assert_eq!(queued_replies(&denied), 0, "denied port was answered");
+    assert_eq!(queued_replies(&flooder), burst, "rate limit let through");
+
+    // Both sources are in the rate-limit table until their buckets refill (4–5 s at
+    // 1/s); the table is swept every second, so the gauge shows them, then empties.
+    let sources = |d: &Daemon| d.metric("echod_udp_rate_limit_sources", &[]);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while sources(&daemon) < 1.0 {
+        assert!(Instant::now() < deadline, "rate-limit table gauge stayed 0");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(sources(&daemon) <= 2.0);
+    expect_metrics(
+        &daemon,
+        &[("echod_udp_rate_limit_sources", &[], 0.0)],
+        Duration::from_secs(20),
+    );
+}
+
+fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
+    let mut daemon = daemon_with_drain_timeout("60s");
+    let mut conn = admitted(LOCAL, daemon.tcp);
+    daemon.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = http_get(daemon.http, "/readyz").expect("readyz while draining");
+        if status == 503 {
+            assert_eq!(body, "draining\n");
+            break;
+        }
+        assert_eq!(status, 200, "readyz before the drain: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "readyz still 200 5 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(http_get(daemon.http, "/healthz").unwrap().0, 200);
+    let scrape = daemon.scrape();
+    assert_eq!(support::metric_value(&scrape, "echod_draining", &[]), 1.0);
+    assert_eq!(support::metric_value(&scrape, "echod_ready", &[]), 0.0);
+    // The open connection is still served while draining.
+    conn.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    conn.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here");
+    assert_eq!(http_get(daemon.http, "/healthz").unwrap().0, 200);
+    drop(conn);
+    // Liveness answers 200 on every request that gets an answer, until the port closes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Ok((status, _)) = http_get(daemon.http, "/healthz") {
+        assert_eq!(status, 200, "healthz failed before exit");
+        assert!(Instant::now() < deadline, "echod still up 20 s after drain");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after drain; log:\n{}",
+        daemon.log()
+    );
+}
+
+fn limit_gauges_follow_the_config_across_reloads() {
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        max_connections = 50
+        max_connections_per_ip = 5
+        [udp.rate_limit]
+        max_sources = 77
+        "#,
+    );
+    // Each step: a config to reload (or none), then the limit gauges
+    // [max, per-IP, UDP sources] and [reloads, failures, last successful].
+    let steps = [
+        (None, [50.0, 5.0, 77.0], [0.0, 0.0, 1.0]),
+        (
+            Some(
+                r#"
+                [tcp]
+                max_connections = 60
+                max_connections_per_ip = 6
+                [udp.rate_limit]
+                max_sources = 88
+                "#,
+            ),
+            [60.0, 6.0, 88.0],
+            [1.0, 0.0, 1.0],
+        ),
+        // Invalid: per-IP above the global limit. The old limits stay, the failure shows.
+        (
+            Some(
+                r#"
+                [tcp]
+                max_connections = 10
+                max_connections_per_ip = 20
+                "#,
+            ),
+            [60.0, 6.0, 88.0],
+            [1.0, 1.0, 0.0],
+        ),
+    ];
+    for (config, [max, per_ip, sources], [reloads, failures, last_ok]) in steps {
+        if let Some(config) = config {
+            daemon.rewrite_config(config);
+            daemon.signal(libc::SIGHUP);
+        }
+        expect_metrics(
+            &daemon,
+            &[
+                ("echod_tcp_max_connections", &[], max),
+                ("echod_tcp_max_connections_per_ip", &[], per_ip),
+                ("echod_udp_rate_limit_max_sources", &[], sources),
+                ("echod_config_reloads_total", &[], reloads),
+                ("echod_config_reload_failures_total", &[], failures),
+                ("echod_config_last_reload_successful", &[], last_ok),
+            ],
+            SETTLE,
+        );
+    }
+}
+
+/// Every echod family of a live scrape, after some traffic.
+fn live_echod_families() -> std::collections::BTreeMap<String, String> {
+    let daemon = Daemon::start("");
+    let data = random_bytes(1000, 1);
+    assert!(tcp_roundtrip(daemon.tcp, &data, 1) == data);
+    let scrape = daemon.scrape();
+    let all = families(&scrape);
+    assert!(all.len() > 20, "too few families:\n{scrape}");
+    all
+}
+
+/// Metric names (`echod_…`, `process_…`, `up`) used in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    // Label values ("…", such as module=~"echod_.+") are not metric names.
+    let expr: String = expr.split('"').step_by(2).collect::<Vec<_>>().join(" ");
+    expr.split(|c: char| !is_name_char(c))
+        .filter(|w| {
+            w.starts_with("echod_")
+                || w.starts_with("process_")
+                || *w == "up"
+                || *w == "probe_success"
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn grafana_dashboard_queries_only_metrics_echod_exports() {
+    let dashboard = dashboard();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let queries = dashboard_queries(&dashboard);
+    // Template variable queries.
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["definition"].as_str())
+        .collect();
+    let exported = live_echod_families();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        assert!(
+            ids.insert(panel["id"].as_u64()),
+            "duplicate panel id in {title}"
+        );
+        let (x, w) = (&panel["gridPos"]["x"], &panel["gridPos"]["w"]);
+        let right = x.as_u64().unwrap_or(99) + w.as_u64().unwrap_or(99);
+        assert!(right <= 24, "panel {title} leaves the 24-column grid");
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for (title, expr) in &queries {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "panel {title}: no metric in `{expr}`");
+        used.extend(names);
+    }
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        let title = panel["title"].as_str().unwrap_or("?");
+        assert!(
+            queries.iter().any(|(t, _)| t == title),
+            "panel {title} has no query"
+        );
+    }
+    used.extend(variables.iter().flat_map(|q| metric_names(q)));
+    assert!(queries.len() >= 20, "only {} queries", queries.len());
+
+    let unknown: Vec<_> = used
+        .iter()
+        // up and blackbox_exporter's probe_success come from Prometheus, not echod.
+        .filter(|n| *n != "up" && *n != "probe_success" && !is_exported(&exported, n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard names metrics echod does not export: {unknown:?}"
+    );
+    let unused: Vec<_> = exported
+        .keys()
+        .filter(|f| f.starts_with("echod_"))
+        .filter(|f| {
+            !used.iter().any(|u| {
+                u == *f
+                    || ["_bucket", "_sum", "_count"]
+                        .map(|s| format!("{f}{s}"))
+                        .contains(u)
+            })
+        })
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "echod families missing from the dashboard: {unused:?}"
+    );
+}
+
+fn readme_lists_every_exported_family_and_endpoint() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
+    let section = format!("\n{readme}");
+    let section = section
+        .split("\n## Metrics and health\n")
+        .nth(1)
+        .expect("README has a `## Metrics and health` section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    for endpoint in ["/metrics", "/healthz", "/readyz", "9107"] {
+        assert!(
+            section.contains(endpoint),
+            "README section lacks {endpoint}"
+        );
+    }
+    let missing: Vec<_> = live_echod_families()
+        .into_keys()
+        .filter(|f| f.starts_with("echod_") && !section.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README `## Metrics and health` lacks: {missing:?}"
+    );
+}
+
+fn source_addresses_never_become_labels() {
+    let daemon = Daemon::start("");
+    let peer = Ipv4Addr::new(127, 0, 0, 5);
+    drop(admitted(peer, daemon.tcp));
+    let udp = udp_client(SocketAddr::from((peer, 0)));
+    udp.send_to(b"hi", daemon.udp).unwrap();
+    let mut buf = [0u8; 2];
+    udp.recv(&mut buf).expect("UDP echo");
+    let scrape = expect_metrics(
+        &daemon,
+        &[
+            ("echod_tcp_connections_closed_total", &[], 1.0),
+            ("echod_udp_sent_datagrams_total", &[], 1.0),
+        ],
+        SETTLE,
+    );
+    assert!(
+        !scrape.contains(&IpAddr::V4(peer).to_string()),
+        "a client address appears in the exposition"
+    );
+}
+
+fn probes_and_scrapes_keep_answering_while_echo_ports_are_flooded() {
+    let daemon = daemon_with_limits(20, 20);
+    let flood_for = Duration::from_secs(3);
+    let (tcp, udp) = (daemon.tcp, daemon.udp);
+    // Bounded in time and count: at most 5 000 connections and 200 000 datagrams.
+    let tcp_flood = std::thread::spawn(move || {
+        let end = Instant::now() + flood_for;
+        let mut open = std::collections::VecDeque::new();
+        for _ in 0..5_000 {
+            if Instant::now() > end {
+                break;
+            }
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&tcp, Duration::from_secs(1)) {
+                open.push_back(s);
+            }
+            if open.len() > 100 {
+                open.pop_front();
+            }
+        }
+    });
+    let udp_flood = std::thread::spawn(move || {
+        let end = Instant::now() + flood_for;
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let payload = [0u8; 1000];
+        for i in 0..200_000u32 {
+            if i % 256 == 0 && Instant::now() > end {
+                break;
+            }
+            let _ = socket.send_to(&payload, udp);
+        }
+    });
+    let mut slowest = Duration::ZERO;
+    let mut requests = 0;
+    while !(tcp_flood.is_finished() && udp_flood.is_finished()) {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let t = Instant::now();
+            let (status, _) = http_get(daemon.http, path)
+                .unwrap_or_else(|e| panic!("{path} failed during the flood: {e}"));
+            assert_eq!(status, 200, "{path} during the flood");
+            slowest = slowest.max(t.elapsed());
+            requests += 1;
+        }
+    }
+    tcp_flood.join().unwrap();
+    udp_flood.join().unwrap();
+    assert!(requests >= 3, "no request made during the flood");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "slowest answer during the flood took {slowest:?}"
+    );
+    let scrape = daemon.scrape();
+    let rejected = support::metric_value(
+        &scrape,
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "global_limit")],
+    );
+    let datagrams = support::metric_value(&scrape, "echod_udp_received_datagrams_total", &[]);
+    assert!(rejected > 0.0, "the TCP flood never reached the limit");
+    assert!(datagrams > 1000.0, "the UDP flood never arrived");
+    eprintln!(
+        "flood: {rejected} TCP rejects, {datagrams} datagrams; {requests} HTTP answers, slowest {slowest:?}"
+    );
+}

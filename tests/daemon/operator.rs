@@ -1,0 +1,173 @@
+//! What an operator sees of the daemon: journal priorities, the access log at debug,
+//! reload of the accept-queue length, the log line of a second stop signal, and
+//! `check-config` in a pipeline that closes early.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Daemon, Options, echod_bin};
+
+crate::support::tests![
+    under_journald_every_line_carries_its_priority_and_errors_stay_one_entry,
+    at_debug_each_connection_is_logged_with_peer_duration_and_bytes,
+    at_info_a_connection_adds_no_log_line,
+    reload_applies_a_new_accept_queue_length needs &[crate::support::Need::Tool("ss")],
+    a_reload_changing_the_log_format_says_it_needs_a_restart,
+    a_second_stop_signal_exits_at_once_and_says_so,
+    check_config_into_a_closed_pipe_is_not_a_crash,
+];
+
+fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn under_journald_every_line_carries_its_priority_and_errors_stay_one_entry() {
+    let daemon = Daemon::start_with(Options {
+        env: vec![("JOURNAL_STREAM", "8:12345".to_string())],
+        ..Options::default()
+    });
+    // A reload of a file that is not TOML: a multi-line error from the parser.
+    std::fs::write(daemon.config_path(), "[tcp\nbacklog = \n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    let log = wait_for_log(&daemon, "reload failed");
+    for line in log.lines() {
+        let priority = line
+            .strip_prefix('<')
+            .and_then(|rest| rest.split_once('>'))
+            .map(|(n, _)| n);
+        assert!(
+            matches!(priority, Some("3" | "4" | "6" | "7")),
+            "line without a priority prefix: {line:?}\nlog:\n{log}"
+        );
+    }
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reload failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(failed[0].starts_with("<3>"), "{}", failed[0]);
+    assert!(
+        failed[0].contains("TOML parse error"),
+        "the whole error in one entry: {}",
+        failed[0]
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("<6>") && l.contains("echod ready")),
+        "{log}"
+    );
+}
+
+fn at_debug_each_connection_is_logged_with_peer_duration_and_bytes() {
+    let daemon = Daemon::start("[log]\nlevel = \"debug\"");
+    let mut s = std::net::TcpStream::connect(daemon.tcp).unwrap();
+    let local = s.local_addr().unwrap();
+    s.write_all(&[7u8; 1000]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), 1000);
+    let log = wait_for_log(&daemon, "connection closed");
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection closed"))
+        .unwrap();
+    assert!(line.contains(&format!("peer={local}")), "{line}");
+    assert!(line.contains("echoed_bytes=1000"), "{line}");
+    assert!(line.contains("end=finished"), "{line}");
+    assert!(line.contains("duration_ms="), "{line}");
+}
+
+fn at_info_a_connection_adds_no_log_line() {
+    let daemon = Daemon::start("");
+    let before = daemon.log().lines().count();
+    let back = crate::support::tcp_roundtrip(daemon.tcp, &vec![1u8; 1 << 20], 3);
+    assert_eq!(back.len(), 1 << 20);
+    daemon.wait_metric(
+        "echod_tcp_connections_closed_total",
+        &[("listener", &daemon.tcp.to_string())],
+        1.0,
+    );
+    assert_eq!(daemon.log().lines().count(), before, "{}", daemon.log());
+}
+
+/// The accept-queue length of the listening socket on `port`, as `ss` reports it.
+fn listen_backlog(port: u16) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State Recv-Q Send-Q Local Peer: for a listener, Send-Q is the backlog.
+    text.lines().next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn reload_applies_a_new_accept_queue_length() {
+    let daemon = Daemon::start("[tcp]\nbacklog = 16");
+    assert_eq!(listen_backlog(daemon.tcp.port()), Some(16));
+    daemon.rewrite_config("[tcp]\nbacklog = 300");
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while listen_backlog(daemon.tcp.port()) != Some(300) {
+        assert!(
+            Instant::now() < deadline,
+            "backlog not applied:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn a_reload_changing_the_log_format_says_it_needs_a_restart() {
+    let daemon = Daemon::start("");
+    daemon.rewrite_config("[log]\nformat = \"json\"");
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(
+        &daemon,
+        "log.format changed: the new format applies after a restart",
+    );
+}
+
+fn a_second_stop_signal_exits_at_once_and_says_so() {
+    let mut daemon = Daemon::start("[shutdown]\ndrain_timeout = \"30s\"");
+    let _held = daemon.open_connection();
+    daemon.signal(libc::SIGTERM);
+    wait_for_log(&daemon, "stop requested");
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        daemon
+            .log()
+            .contains("second stop signal: exiting at once without draining"),
+        "{}",
+        daemon.log()
+    );
+}
+
+fn check_config_into_a_closed_pipe_is_not_a_crash() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(echod_bin())
+        .arg("check-config")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,362 @@
+//! TCP echo as a client sees it: every byte back, unchanged and in order.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use crate::support::{Daemon, IPV6_LOOPBACK, random_bytes, tcp_roundtrip};
+
+use crate::support::Need;
+
+crate::support::tests![
+    payloads_of_every_size_come_back_byte_exact,
+    two_hundred_concurrent_clients_are_all_served,
+    half_close_delivers_the_tail,
+    ipv6_listener_echoes needs &[IPV6_LOOPBACK],
+    ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses needs &[crate::support::IPV6_LOOPBACK],
+    every_documented_tcp_nc_example_ends_at_end_of_input,
+    readme_smoke_commands_print_hello_and_return_at_once needs &[Need::Tool("nc")],
+    man_page_examples_run_against_a_real_echod needs &[Need::Tool("nc")],
+];
+
+fn payloads_of_every_size_come_back_byte_exact() {
+    let daemon = Daemon::start("");
+    for (i, size) in [0usize, 1, 1024, 1 << 20, 16 << 20].into_iter().enumerate() {
+        let data = random_bytes(size, i as u64 + 1);
+        let echoed = tcp_roundtrip(daemon.tcp, &data, 100 + i as u64);
+        assert_eq!(echoed.len(), data.len(), "size {size}: length differs");
+        assert!(echoed == data, "size {size}: bytes differ");
+    }
+    let tx = daemon.metric("echod_tcp_sent_bytes_total", &[]);
+    assert_eq!(tx as usize, 1 + 1024 + (1 << 20) + (16 << 20));
+}
+
+fn two_hundred_concurrent_clients_are_all_served() {
+    let daemon = Daemon::start("");
+    let addr = daemon.tcp;
+    let clients: Vec<_> = (0..200u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let data = random_bytes(8 * 1024 + i as usize, i);
+                let echoed = tcp_roundtrip(addr, &data, i);
+                assert!(echoed == data, "client {i} got a different stream");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_accepted_total", &[]),
+        200.0
+    );
+}
+
+fn half_close_delivers_the_tail() {
+    let daemon = Daemon::start("");
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Write everything without reading, then half-close: the daemon must still echo
+    // the whole stream before closing.
+    let data = random_bytes(200 * 1024, 7);
+    let mut w = s.try_clone().unwrap();
+    let d = data.clone();
+    let t = std::thread::spawn(move || {
+        w.write_all(&d).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    t.join().unwrap();
+    assert!(
+        got == data,
+        "tail lost: got {} of {} bytes",
+        got.len(),
+        data.len()
+    );
+}
+
+fn ipv6_listener_echoes() {
+    let port = crate::support::free_port();
+    let daemon = Daemon::start(&format!(
+        r#"
+        [tcp]
+        listen = ["127.0.0.1:{p}", "[::1]:{p}"]
+        "#,
+        p = port
+    ));
+    let addr: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let data = random_bytes(100_000, 3);
+    assert!(tcp_roundtrip(addr, &data, 9) == data);
+    assert!(daemon.log().contains(&format!("[::1]:{port}")));
+}
+
+/// README: "An IPv6 address listens for IPv6 only … for both, list both".
+fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        readme.contains("An IPv6 address listens for IPv6 only")
+            && readme.contains(r#"`listen = ["0.0.0.0:7", "[::]:7"]`"#),
+        "README no longer documents IPv6-only listeners"
+    );
+    let udp_echoes = |addr: std::net::SocketAddr| {
+        let bind = if addr.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let s = std::net::UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.send_to(b"family", addr).unwrap();
+        let mut buf = [0u8; 16];
+        // Unanswered, or refused (ICMP port unreachable) when nothing listens.
+        s.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"family")
+    };
+    let tcp_echoes = |addr: std::net::SocketAddr| {
+        TcpStream::connect(addr).is_ok() && tcp_roundtrip(addr, b"family", 1) == b"family"
+    };
+
+    let port = crate::support::free_port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let only_v6 = Daemon::start(&format!(
+        "[tcp]\nlisten = [\"[::]:{port}\"]\n[udp]\nlisten = [\"[::]:{port}\"]\n"
+    ));
+    assert!(tcp_echoes(v6) && udp_echoes(v6), "[::]:{port} serves IPv6");
+    assert!(
+        TcpStream::connect(v4).is_err(),
+        "[::]:{port} alone accepted an IPv4 connection"
+    );
+    assert!(!udp_echoes(v4), "[::]:{port} alone answered IPv4 UDP");
+    drop(only_v6);
+
+    let port = crate::support::free_port();
+    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let both = format!("[\"0.0.0.0:{port}\", \"[::]:{port}\"]");
+    let _daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
+    for addr in [v4, v6] {
+        assert!(
+            tcp_echoes(addr) && udp_echoes(addr),
+            "{addr} with both listed"
+        );
+    }
+}
+
+/// Runs `script` with `sh -c` in its own process group; its stdout, or `None` when it
+/// has not finished within `limit` (the whole group is then killed).
+fn run_bounded(script: &str, limit: Duration) -> Option<String> {
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("sh");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kill(2) on the process group this test just created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every documented `… | nc …` command in `text`, up to its end (closing backtick,
+/// quote or `#` comment); roff escapes (`\-`) undone for the man page.
+fn nc_commands(text: &str) -> Vec<String> {
+    let text = text.replace("\\-", "-").replace("\\e", "\\");
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let mut rest = line;
+        while let Some(at) = rest.find("| nc ") {
+            let start = rest[..at].rfind("echo ").unwrap_or(at);
+            let tail = &rest[start..];
+            let end = tail.find(['`', '\'', '#']).unwrap_or(tail.len());
+            found.push(tail[..end].trim().to_string());
+            rest = &tail[end..];
+        }
+    }
+    found
+}
+
+/// Files whose nc examples users copy: the README, the man page and everything
+/// shipped under packaging/ and deploy/, and docs/.
+fn documented_files() -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    let mut dirs = vec![
+        root.join("packaging"),
+        root.join("deploy"),
+        root.join("docs"),
+    ];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// netcat-openbsd (Debian's `nc`) does not half-close the connection at the end of its
+/// input unless given `-N` (or `-q SECONDS`), so `echo hello | nc HOST 7` would wait for
+/// echod's idle timeout (5 minutes) before returning.
+fn every_documented_tcp_nc_example_ends_at_end_of_input() {
+    let mut checked = 0;
+    for file in documented_files() {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        for cmd in nc_commands(&text) {
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            let udp = words.contains(&"-u");
+            let closes = words.contains(&"-N") || words.contains(&"-q");
+            assert!(
+                udp || closes,
+                "{}: `{cmd}` hangs until the idle timeout with Debian's nc: add -N",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} nc examples found");
+}
+
+/// The README's smoke tests, run as written against a real echod (its address swapped
+/// for the test daemon's): each prints `hello` and returns at once.
+fn readme_smoke_commands_print_hello_and_return_at_once() {
+    let daemon = Daemon::start("");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let commands = nc_commands(&readme);
+    assert!(commands.len() >= 4, "README smoke tests: {commands:?}");
+    run_nc_examples(&commands, daemon.tcp.port());
+
+    // Kubernetes: the in-cluster check runs the image's own `echod probe` against the
+    // Service (`echod:7`), here against the test daemon.
+    let probe = readme
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("probe --tcp echod:7"))
+        .expect("README's kubectl run … probe example");
+    let args: Vec<String> = format!("probe --tcp echod:7{probe}")
+        .split('#')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|w| w.replace("echod:7", &daemon.tcp.to_string()))
+        .collect();
+    let out = std::process::Command::new(crate::support::echod_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("ok tcp") && stdout.contains(", udp "),
+        "echod {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs documented `echo hello | nc … HOST PORT` commands against 127.0.0.1:`port`:
+/// each prints `hello` and returns at once; at least one TCP and one UDP.
+fn run_nc_examples(commands: &[String], port: u16) {
+    let target = format!("127.0.0.1 {port}");
+    let (mut tcp, mut udp) = (0, 0);
+    for documented in commands {
+        let (host, rest) = documented
+            .rsplit_once(' ')
+            .and_then(|(head, _port)| head.rsplit_once(' '))
+            .map(|(head, host)| (host, head))
+            .expect("nc … HOST PORT");
+        assert!(
+            ["127.0.0.1", "localhost"].contains(&host),
+            "`{documented}` does not target this host"
+        );
+        let script = format!("{rest} {target}");
+        let started = std::time::Instant::now();
+        let out = run_bounded(&script, Duration::from_secs(10));
+        let took = started.elapsed();
+        let out = out.unwrap_or_else(|| {
+            panic!("`{documented}` did not return within 10 s (it waits for the idle timeout)")
+        });
+        assert_eq!(out, "hello\n", "`{documented}`");
+        // TCP returns as soon as the echo is back; UDP after nc's -w1 wait.
+        assert!(
+            took < Duration::from_secs(3),
+            "`{documented}` took {took:?}"
+        );
+        if rest.contains(" -u") {
+            udp += 1;
+        } else {
+            tcp += 1;
+        }
+    }
+    assert!(tcp >= 1 && udp >= 1, "{commands:?}");
+}
+
+/// The man page's EXAMPLES, run as written against a real echod: the nc smoke tests
+/// and `echod` commands (127.0.0.1:7 is the test daemon, /etc/echod/echod.toml the
+/// file the package installs there). `systemctl reload` is run by tests/systemd.rs.
+fn man_page_examples_run_against_a_real_echod() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("packaging/echod.1")).unwrap();
+    let examples = page
+        .split_once(".SH EXAMPLES\n")
+        .expect("EXAMPLES section")
+        .1;
+    let examples = &examples[..examples.find("\n.SH ").unwrap_or(examples.len())];
+    let daemon = Daemon::start("");
+    run_nc_examples(&nc_commands(examples), daemon.tcp.port());
+    let lines: Vec<String> = examples
+        .split(".nf\n")
+        .skip(1)
+        .flat_map(|block| block.split(".fi\n").next().unwrap().lines())
+        .map(|l| l.replace("\\-", "-"))
+        .collect();
+    let mut ran = 0;
+    for line in &lines {
+        let line = line
+            .replace("127.0.0.1:7", &daemon.tcp.to_string())
+            .replace(
+                "/etc/echod/echod.toml",
+                &root.join("packaging/echod.toml").display().to_string(),
+            );
+        let mut words = line.split_whitespace().peekable();
+        let mut cmd = std::process::Command::new(crate::support::echod_bin());
+        cmd.env_remove("ECHOD_CONFIG");
+        while let Some((key, value)) = words.peek().and_then(|w| w.split_once('=')) {
+            cmd.env(key, value);
+            words.next();
+        }
+        if words.next() != Some("echod") {
+            continue;
+        }
+        let out = cmd.args(words).output().unwrap();
+        assert!(
+            out.status.success(),
+            "`{line}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if line.starts_with("ECHOD_TCP__MAX_CONNECTIONS=20000") {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("max_connections = 20000"));
+        }
+        ran += 1;
+    }
+    assert!(ran >= 3, "echod examples run: {ran} of {lines:?}");
+}

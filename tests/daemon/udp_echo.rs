@@ -1,0 +1,129 @@
+//! UDP echo as a client sees it: one datagram back per datagram, and never a reflector.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use crate::support::{self, Daemon, random_bytes};
+
+crate::support::tests![
+    every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
+    oversize_datagram_is_dropped_not_truncated,
+    denied_source_port_gets_no_reply,
+    rate_limit_caps_one_source_while_another_is_served,
+];
+
+fn client(bind: &str) -> UdpSocket {
+    let s = UdpSocket::bind(bind).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s
+}
+
+fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
+    let daemon = Daemon::start(
+        r#"
+        [udp]
+        max_datagram_size = 9000
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#,
+    );
+    let s = client("127.0.0.1:0");
+    let mut buf = vec![0u8; 65_536];
+    let mut sizes: Vec<usize> = (1..=64).collect();
+    sizes.extend([512, 1024, 1472, 1500, 4096, 8192, 8999, 9000]);
+    for (i, &size) in sizes.iter().enumerate() {
+        let data = random_bytes(size, i as u64);
+        s.send_to(&data, daemon.udp).unwrap();
+        let (n, from) = s.recv_from(&mut buf).expect("echo");
+        assert_eq!(from, daemon.udp);
+        assert_eq!(n, size, "datagram of {size} came back as {n}");
+        assert!(buf[..n] == data[..], "datagram of {size} changed");
+    }
+    daemon.wait_metric("echod_udp_sent_datagrams_total", &[], sizes.len() as f64);
+}
+
+fn oversize_datagram_is_dropped_not_truncated() {
+    let daemon = Daemon::start(
+        r#"
+        [udp]
+        max_datagram_size = 1000
+        "#,
+    );
+    let s = client("127.0.0.1:0");
+    let mut buf = vec![0u8; 65_536];
+    s.send_to(&random_bytes(1001, 1), daemon.udp).unwrap();
+    s.send_to(b"after", daemon.udp).unwrap();
+    let (n, _) = s.recv_from(&mut buf).expect("the small datagram is echoed");
+    assert_eq!(
+        &buf[..n],
+        b"after",
+        "the oversize one must not be echoed at all"
+    );
+    daemon.wait_metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "oversize")],
+        1.0,
+    );
+}
+
+fn denied_source_port_gets_no_reply() {
+    let denied = support::free_port();
+    let daemon = Daemon::start(&format!(
+        r#"
+        [udp]
+        deny_source_ports = [0, 7, 19, {denied}]
+        "#
+    ));
+    let bad = client(&format!("127.0.0.1:{denied}"));
+    let good = client("127.0.0.1:0");
+    bad.send_to(b"loop?", daemon.udp).unwrap();
+    good.send_to(b"hello", daemon.udp).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = good
+        .recv_from(&mut buf)
+        .expect("allowed source is answered");
+    assert_eq!(&buf[..n], b"hello");
+    assert!(
+        bad.recv_from(&mut buf).is_err(),
+        "denied source port was answered"
+    );
+    daemon.wait_metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "denied_port")],
+        1.0,
+    );
+}
+
+fn rate_limit_caps_one_source_while_another_is_served() {
+    let daemon = Daemon::start(
+        r#"
+        [udp.rate_limit]
+        packets_per_second = 1
+        burst = 5
+        "#,
+    );
+    let flooder = client("127.0.0.1:0");
+    let other = client("127.0.0.2:0");
+    for i in 0..50u8 {
+        flooder.send_to(&[i], daemon.udp).unwrap();
+    }
+    let mut buf = [0u8; 16];
+    let mut replies = 0;
+    while flooder.recv_from(&mut buf).is_ok() {
+        replies += 1;
+    }
+    // 5 from the burst, at most a couple more refilled at 1/s while we sent.
+    assert!(
+        (5..=7).contains(&replies),
+        "flooding source got {replies} replies"
+    );
+    other.send_to(b"me too", daemon.udp).unwrap();
+    let (n, _) = other.recv_from(&mut buf).expect("second source is served");
+    assert_eq!(&buf[..n], b"me too");
+    let limited = daemon.metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "rate_limited")],
+    );
+    assert_eq!(limited, f64::from(50 - replies));
+}

@@ -1,0 +1,26 @@
+//! echod as it is deployed: the Debian package under a real systemd, the container image
+//! under podman, the Kubernetes and Compose files, and the Prometheus material against
+//! the real Prometheus tools. Most of these tests need tools installed on the machine
+//! (`.ci/run` installs them all).
+
+mod support;
+
+mod compose;
+mod container;
+mod kubernetes;
+mod packaging;
+mod prometheus;
+mod systemd;
+
+fn main() -> std::process::ExitCode {
+    // The slowest first (a boot of systemd, an image build), so the others fill in
+    // beside them.
+    support::run(&[
+        systemd::TESTS,
+        container::TESTS,
+        prometheus::TESTS,
+        kubernetes::TESTS,
+        compose::TESTS,
+        packaging::TESTS,
+    ])
+}

@@ -1,0 +1,669 @@
+//! What the Debian package ships, checked on the host without booting anything: the
+//! units pass `systemd-analyze verify` and score ≤ 2.0 in `systemd-analyze security`,
+//! the packaged config is valid and agrees with the unit's timeouts and limits, and the
+//! man page is the one the CLI generates.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{Need, repo_path};
+
+crate::support::tests![
+    man_page_is_generated_from_the_cli,
+    units_pass_systemd_analyze_verify needs &[Need::Tool("systemd-analyze")],
+    service_hardening_exposure_is_at_most_2 needs &[Need::Tool("systemd-analyze")],
+    packaged_config_is_valid_and_fits_the_unit,
+    every_package_asset_exists,
+    readme_hardening_figure_is_the_measured_one needs &[Need::Tool("systemd-analyze")],
+    reload_validates_the_config_before_signalling,
+    man_page_documents_every_key_the_environment_and_renders_cleanly needs &[Need::Tool("groff"), Need::Tool("man")],
+];
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The value of `key=` in a unit file (the last one wins, as in systemd).
+fn unit_value(unit: &str, key: &str) -> String {
+    unit.lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+        .unwrap_or_else(|| panic!("{key}= not set"))
+        .to_string()
+}
+
+/// The units in a temp dir, with ExecStart pointing at the binary under test
+/// (verify fails when the binary does not exist on this machine).
+fn units_for_host() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = crate::support::echod_bin().display().to_string();
+    for name in ["echod.service", "echod.socket"] {
+        let text = read(&format!("packaging/systemd/{name}")).replace("/usr/bin/echod", &bin);
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// The man page as the CLI describes it; the version without the git revision, so it
+/// changes only when the CLI or the version does. Subcommands are described inline
+/// (clap_mangen would point at separate pages that are not shipped).
+fn render_man_page() -> String {
+    use clap::CommandFactory;
+    let cmd = echod::cli::Cli::command()
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("a production-grade TCP and UDP echo daemon (RFC 862)");
+    let man = clap_mangen::Man::new(cmd.clone())
+        .source(concat!("echod ", env!("CARGO_PKG_VERSION")))
+        .manual("echod manual");
+    let mut page = Vec::new();
+    man.render_title(&mut page).unwrap();
+    man.render_name_section(&mut page).unwrap();
+    man.render_synopsis_section(&mut page).unwrap();
+    man.render_description_section(&mut page).unwrap();
+    page.extend_from_slice(DESCRIPTION.as_bytes());
+    man.render_options_section(&mut page).unwrap();
+    // No date (it would make the page stale every day); clap_mangen then leaves the
+    // .TH field out instead of quoting it empty, which shifts source and manual.
+    let mut page = String::from_utf8(page)
+        .expect("man page is UTF-8")
+        .replacen(".TH echod 1  ", ".TH echod 1 \"\" ", 1);
+    page.push_str(".SH COMMANDS\n");
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        page.push_str(&format!(
+            ".TP\n\\fB{}\\fR\n{}\n",
+            sub.get_name().replace('-', "\\-"),
+            about.replace('-', "\\-")
+        ));
+    }
+    page.push_str(&configuration_section());
+    page.push_str(EXTRA_SECTIONS);
+    page.push_str(concat!(".SH VERSION\nv", env!("CARGO_PKG_VERSION"), "\n"));
+    page
+}
+
+const EXTRA_SECTIONS: &str = r#".SH ENVIRONMENT
+.TP
+\fBECHOD_CONFIG\fR
+The configuration file, as \fB\-\-config\fR (the flag wins).
+.TP
+\fBECHOD_\fR\fISECTION\fR\fB__\fR\fIKEY\fR
+Sets one configuration key, over the file: \fBECHOD_TCP__MAX_CONNECTIONS=500\fR, \fBECHOD_UDP__RATE_LIMIT__BURST=100\fR; lists are comma\-separated: \fBECHOD_TCP__LISTEN=0.0.0.0:7,[::]:7\fR. Variables without \fB__\fR (such as Kubernetes' \fBECHOD_SERVICE_HOST\fR) and empty ones are not configuration. They apply at start\-up and on every reload.
+.TP
+\fBRUST_LOG\fR
+A log filter such as \fBinfo,echod=debug\fR; wins over \fIlog.level\fR and \fB\-\-log\-level\fR, also across reloads.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd (\fBType=notify\fR): echod reports \fBREADY=1\fR once every listener is bound, a \fBSTATUS=\fR line every 5 seconds, \fBRELOADING=1\fR on a reload and \fBSTOPPING=1\fR on a stop.
+.TP
+\fBWATCHDOG_USEC\fR, \fBWATCHDOG_PID\fR
+Set by systemd's \fBWatchdogSec=\fR: echod pings the watchdog at half the interval from the runtime that serves traffic, so a hung echod is killed and restarted.
+.TP
+\fBLISTEN_FDS\fR, \fBLISTEN_PID\fR, \fBLISTEN_FDNAMES\fR
+Socket activation (\fBechod.socket\fR): echod serves the TCP and UDP sockets systemd passes, instead of binding \fItcp.listen\fR and \fIudp.listen\fR.
+.TP
+\fBJOURNAL_STREAM\fR
+Set when the output goes to the journal: text log lines then carry no timestamp of their own.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Graceful stop: \fB/readyz\fR answers 503, the listeners close and UDP stops; open TCP connections are served until their clients finish, for up to \fIshutdown.drain_timeout\fR, then the rest are cut. echod logs \fBshutdown complete drained=\fR\fIN\fR\fB cut=\fR\fIM\fR and exits 0. A second \fBSIGTERM\fR or \fBSIGINT\fR exits at once, with status 1.
+.TP
+\fBSIGHUP\fR
+Re\-read the configuration and apply it live (limits, timeouts, rate limits, log level, listeners). Open connections are untouched. A bad configuration is refused and the old one keeps serving; the error is logged, \fBsystemctl status echod\fR shows it and \fBechod_config_reload_failures_total\fR counts it. \fBsystemctl reload echod\fR runs \fBechod check\-config\fR first, so a bad file makes it fail without signalling echod.
+.SH EXIT STATUS
+.TP
+\fB0\fR
+A clean stop (after the drain); \fBcheck\-config\fR: the configuration is valid; \fBprobe\fR: healthy.
+.TP
+\fB1\fR
+A start\-up failure other than the configuration, such as an address that cannot be bound; a second stop signal; \fBprobe\fR: unhealthy; \fBclient\fR, \fBbench\fR: an echo differed or a connection failed.
+.TP
+\fB78\fR
+\fBEX_CONFIG\fR: the configuration is invalid (missing file, TOML syntax, unknown key, wrong type, value out of range); nothing was bound. The packaged unit does not restart echod for it.
+.SH FILES
+.TP
+\fI/etc/echod/echod.toml\fR
+The configuration of the packaged service (TCP and UDP echo on port 7, metrics on 127.0.0.1:9107).
+.TP
+\fI/usr/share/doc/echod/examples/echod.toml\fR
+Every key with its default and a one\-line comment, as listed under \fBCONFIGURATION\fR.
+.TP
+\fI/usr/lib/systemd/system/echod.service\fR, \fI/usr/lib/systemd/system/echod.socket\fR
+The service (enabled on install) and the optional socket activation unit.
+.SH EXAMPLES
+Check the packaged service from the same host, over TCP and UDP (\fB\-N\fR makes \fBnc\fR close its side at the end of input, so it returns as soon as the echo is back instead of waiting for the idle timeout):
+.PP
+.RS 4
+.nf
+echo hello | nc \-N 127.0.0.1 7
+echo hello | nc \-u \-w1 127.0.0.1 7
+echod probe \-\-tcp 127.0.0.1:7 \-\-udp 127.0.0.1:7
+.fi
+.RE
+.PP
+Validate an edited configuration, see what an environment variable changes, then apply it:
+.PP
+.RS 4
+.nf
+echod check\-config \-\-config /etc/echod/echod.toml
+ECHOD_TCP__MAX_CONNECTIONS=20000 echod check\-config \-\-config /etc/echod/echod.toml
+systemctl reload echod
+.fi
+.RE
+.SH SEE ALSO
+\fBnc\fR(1), \fBsystemctl\fR(1), \fBsystemd.service\fR(5), \fBsystemd.socket\fR(5), \fBjournalctl\fR(1)
+"#;
+
+/// What echod does, after the one-line summary clap gives.
+const DESCRIPTION: &str = r#".PP
+\fBechod\fR answers TCP and UDP echo (RFC 862): every byte a client sends comes back unchanged. Connection limits (global and per source address), idle timeouts and a per\-source UDP rate limit hold under floods; UDP datagrams from ports of services that answer anything (echo, chargen, DNS, NTP ...) are never answered, so echod cannot be used as a reflector. A stop drains open connections, a reload (\fBSIGHUP\fR) applies a new configuration without dropping any, and an HTTP endpoint serves Prometheus metrics (\fB/metrics\fR), liveness (\fB/healthz\fR) and readiness (\fB/readyz\fR).
+.PP
+The same binary carries the tools to check and load an echo server: \fBprobe\fR, \fBclient\fR and \fBbench\fR (see \fBechod\fR \fIcommand\fR \fB\-\-help\fR).
+"#;
+
+/// Escapes text for roff: backslashes, hyphens (so they stay ASCII hyphens), a control
+/// character at the start of a line, and non-ASCII characters as `\[uXXXX]`.
+fn roff(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\e"),
+            '-' => out.push_str("\\-"),
+            c if c.is_ascii() => out.push(c),
+            c => out.push_str(&format!("\\[u{:04X}]", c as u32)),
+        }
+    }
+    if out.starts_with('.') || out.starts_with('\'') {
+        out.insert_str(0, "\\&");
+    }
+    out
+}
+
+/// CONFIGURATION, generated from config/echod.toml (which a test keeps equal to the
+/// built-in defaults): every key with its default and the comment above it.
+fn configuration_section() -> String {
+    let mut out = String::from(
+        r#".SH CONFIGURATION
+The configuration is a TOML file (\fB\-\-config\fR \fIFILE\fR or \fBECHOD_CONFIG\fR). Layers, later wins: the built\-in defaults below, the file, \fBECHOD_\fR\fISECTION\fR\fB__\fR\fIKEY\fR environment variables, \fB\-\-log\-level\fR and \fB\-\-log\-format\fR. Unknown keys, wrong types and values out of range are errors (exit status 78; on a reload the old configuration keeps serving). Durations are written like "30s", "5m", "1h 30m". \fBechod check\-config\fR validates a file and prints the effective configuration.
+.PP
+An IPv6 listen address serves IPv6 only: for IPv4 and IPv6 list both, as the packaged configuration does (\fB["0.0.0.0:7", "[::]:7"]\fR).
+"#,
+    );
+    out.push_str(&configuration_entries(&read("config/echod.toml")));
+    out
+}
+
+/// A commented-out `# key = value` line: a key that is unset by default.
+fn optional_key(comment: &str) -> Option<(&str, &str)> {
+    let (key, value) = comment.split_once(" = ")?;
+    let is_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    is_key.then_some((key, value))
+}
+
+/// The `.SS`/`.TP` entries for a documented TOML file: each key with its default (or,
+/// commented out, as unset by default) and the comment lines above it.
+fn configuration_entries(documented: &str) -> String {
+    let mut out = String::new();
+    let mut section = String::new();
+    let mut comment: Vec<String> = Vec::new();
+    // Consecutive commented-out keys share the comment above the first.
+    let mut shared: Vec<String> = Vec::new();
+    let mut in_header = true;
+    for line in documented.lines() {
+        let line = line.trim();
+        let optional = line
+            .strip_prefix('#')
+            .map(str::trim)
+            .and_then(optional_key)
+            .filter(|_| !in_header);
+        if optional.is_none() {
+            shared.clear();
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            in_header = false;
+            comment.clear();
+            out.push_str(&format!(".SS \"[{}]\"\n", roff(name)));
+        } else if let Some((key, example)) = optional {
+            if comment.is_empty() {
+                comment = shared.clone();
+            }
+            assert!(!comment.is_empty(), "{section}.{key} has no comment");
+            shared = comment.clone();
+            out.push_str(&format!(
+                ".TP\n\\fB{}\\fR (unset by default; e.g. {})\n{}\n",
+                roff(&format!("{section}.{key}")),
+                roff(example),
+                roff(&comment.join(" "))
+            ));
+            comment.clear();
+        } else if let Some(text) = line.strip_prefix('#') {
+            comment.push(text.trim().to_string());
+        } else if let Some((key, value)) = line.split_once(" = ") {
+            assert!(!in_header, "key {key} outside a section");
+            assert!(!comment.is_empty(), "{section}.{key} has no comment");
+            out.push_str(&format!(
+                ".TP\n\\fB{}\\fR = {}\n{}\n",
+                roff(&format!("{section}.{key}")),
+                roff(value),
+                roff(&comment.join(" "))
+            ));
+            comment.clear();
+        } else if line.is_empty() {
+            comment.clear();
+        }
+    }
+    out
+}
+
+fn man_page_is_generated_from_the_cli() {
+    let fresh = render_man_page();
+    let path = repo_path("packaging/echod.1");
+    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "packaging/echod.1 is stale: regenerate it with `ECHOD_BLESS=1 cargo test --test deployment man_page`"
+    );
+    for needle in [
+        "check\\-config",
+        "\\-\\-config",
+        "SIGHUP",
+        "/etc/echod/echod.toml",
+    ] {
+        assert!(fresh.contains(needle), "man page lacks {needle}");
+    }
+}
+
+fn units_pass_systemd_analyze_verify() {
+    let dir = units_for_host();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("echod.service"))
+        .arg(dir.path().join("echod.socket"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "verify failed:\n{stderr}");
+    // An unknown key is only a warning with exit 0: a clean unit prints nothing.
+    assert!(stderr.trim().is_empty(), "verify warned:\n{stderr}");
+}
+
+fn service_hardening_exposure_is_at_most_2() {
+    let dir = units_for_host();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager", "--threshold=20"])
+        .arg(dir.path().join("echod.service"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no overall score:\n{stdout}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    eprintln!("{line}");
+    assert!(score <= 2.0, "exposure {score} > 2.0:\n{stdout}");
+    assert!(out.status.success(), "above --threshold:\n{stdout}");
+}
+
+fn packaged_config_is_valid_and_fits_the_unit() {
+    let out = Command::new(crate::support::echod_bin())
+        .arg("--config")
+        .arg(repo_path("packaging/echod.toml"))
+        .arg("check-config")
+        .env_remove("ECHOD_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective: toml::Table = String::from_utf8_lossy(&out.stdout)
+        .parse()
+        .expect("check-config prints TOML");
+    let list = |section: &str| -> Vec<String> {
+        effective[section]["listen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(list("tcp"), ["0.0.0.0:7", "[::]:7"]);
+    assert_eq!(list("udp"), ["0.0.0.0:7", "[::]:7"]);
+    assert_eq!(list("metrics"), ["127.0.0.1:9107"]);
+
+    let unit = read("packaging/systemd/echod.service");
+    let drain: Duration =
+        humantime::parse_duration(effective["shutdown"]["drain_timeout"].as_str().unwrap())
+            .unwrap();
+    let stop = humantime::parse_duration(&unit_value(&unit, "TimeoutStopSec")).unwrap();
+    assert!(
+        stop > drain,
+        "TimeoutStopSec {stop:?} must exceed the drain {drain:?}"
+    );
+    let max = effective["tcp"]["max_connections"].as_integer().unwrap();
+    let nofile: i64 = unit_value(&unit, "LimitNOFILE").parse().unwrap();
+    assert!(
+        nofile > max + 100,
+        "LimitNOFILE {nofile} too close to {max}"
+    );
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    assert!(unit_value(&unit, "ExecStart").contains("/etc/echod/echod.toml"));
+    let socket = read("packaging/systemd/echod.socket");
+    assert_eq!(unit_value(&socket, "ListenStream"), "7");
+    assert_eq!(unit_value(&socket, "ListenDatagram"), "7");
+}
+
+fn every_package_asset_exists() {
+    let manifest: toml::Table = read("Cargo.toml").parse().unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    for asset in deb["assets"].as_array().unwrap() {
+        let source = asset[0].as_str().unwrap();
+        if source.starts_with("target/") {
+            continue;
+        }
+        assert!(repo_path(source).is_file(), "asset {source} missing");
+    }
+    let scripts = repo_path(deb["maintainer-scripts"].as_str().unwrap());
+    for script in ["postinst", "prerm", "postrm"] {
+        let out = Command::new("sh")
+            .arg("-n")
+            .arg(scripts.join(script))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The overall exposure `systemd-analyze security --offline=yes` gives the service unit.
+fn measured_exposure() -> String {
+    let dir = units_for_host();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(dir.path().join("echod.service"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| {
+            l.split_once("Overall exposure level for")?
+                .1
+                .split_once(':')
+        })
+        .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("no overall exposure:\n{stdout}"))
+}
+
+fn readme_hardening_figure_is_the_measured_one() {
+    let measured = measured_exposure();
+    let readme = read("README.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let claim = "rates the unit file alone ";
+    let stated = readme
+        .split_once(claim)
+        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .1
+        .split([',', ' ', ';', ')'])
+        .next()
+        .unwrap()
+        .trim_end_matches('.');
+    assert_eq!(
+        stated, measured,
+        "README states exposure {stated}, systemd-analyze security --offline=yes measures {measured}"
+    );
+}
+
+/// Every `key=` value of a unit file, in order.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `systemctl reload echod` must fail on a broken config (systemd 252 has no
+/// Type=notify-reload, so the unit validates in ExecReload before it signals), and a
+/// good config must reload without the effective configuration flooding the journal.
+fn reload_validates_the_config_before_signalling() {
+    let unit = read("packaging/systemd/echod.service");
+    let reload = unit_values(&unit, "ExecReload");
+    let config = unit_value(&unit, "ExecStart")
+        .split_whitespace()
+        .skip_while(|w| *w != "--config")
+        .nth(1)
+        .expect("ExecStart names its --config")
+        .to_string();
+    let (signal, checks) = reload.split_last().expect("ExecReload");
+    assert_eq!(
+        signal, "/bin/kill -HUP $MAINPID",
+        "the last step signals echod"
+    );
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.contains("/usr/bin/echod check-config") && c.contains(&config)),
+        "ExecReload does not run `echod check-config` on {config} before the signal: {reload:?}"
+    );
+    // No `-` prefix: a failed check must fail the reload (and skip the signal).
+    assert!(checks.iter().all(|c| !c.starts_with('-')), "{reload:?}");
+
+    // The check commands as systemd runs them (their quoting is the shell's here), with
+    // the binary under test and a bad, then a good file in place of the packaged one.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[tcp]\nmax_connections = \"many\"\n").unwrap();
+    let run_checks = |file: &std::path::Path| {
+        checks
+            .iter()
+            .map(|c| {
+                let c = c
+                    .replace(
+                        "/usr/bin/echod",
+                        &crate::support::echod_bin().display().to_string(),
+                    )
+                    .replace(&config, &file.display().to_string());
+                Command::new("sh")
+                    .args(["-c", &c])
+                    .env_remove("ECHOD_CONFIG")
+                    .output()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let failed = run_checks(&bad);
+    assert!(
+        failed.iter().any(|o| o.status.code() == Some(78)),
+        "a broken config passes ExecReload's checks"
+    );
+    let message = failed
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect::<String>();
+    assert!(message.contains("max_connections"), "{message}");
+    for out in run_checks(&crate::support::repo_path("packaging/echod.toml")) {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "ExecReload would log the whole effective config on every reload:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// The text of one `.SH` section of a man page (up to the next one).
+fn man_section<'a>(page: &'a str, name: &str) -> &'a str {
+    let heading = format!(".SH {name}\n");
+    let start = page
+        .find(&heading)
+        .unwrap_or_else(|| panic!("the man page has no {name} section"))
+        + heading.len();
+    let rest = &page[start..];
+    &rest[..rest.find("\n.SH ").map_or(rest.len(), |i| i + 1)]
+}
+
+/// What the packaged config promises ("every key: man echod") and what an operator
+/// looks for: every configuration key with its default, the environment, signals, exit
+/// codes, files and examples, and no path that exists only in the source repository.
+fn man_page_documents_every_key_the_environment_and_renders_cleanly() {
+    let page = read("packaging/echod.1");
+    let config = man_section(&page, "CONFIGURATION");
+    let defaults: toml::Table = read("config/echod.toml").parse().unwrap();
+    let mut keys = 0;
+    for (section, table) in &defaults {
+        let mut pending: Vec<(String, &toml::Value)> = table
+            .as_table()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (format!("{section}.{k}"), v))
+            .collect();
+        while let Some((key, value)) = pending.pop() {
+            if let Some(sub) = value.as_table() {
+                pending.extend(sub.iter().map(|(k, v)| (format!("{key}.{k}"), v)));
+                continue;
+            }
+            let entry = format!("\\fB{}\\fR = ", key.replace('-', "\\-"));
+            let at = config
+                .find(&entry)
+                .unwrap_or_else(|| panic!("CONFIGURATION lacks {key}"));
+            let line = config[at + entry.len()..].lines().next().unwrap();
+            let default = line.replace("\\-", "-");
+            let parsed: toml::Table = format!("v = {default}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{key}: default {default:?}: {e}"));
+            assert_eq!(&parsed["v"], value, "{key}: default");
+            keys += 1;
+        }
+    }
+    // Keys documented commented out (unset by default) are listed too…
+    let mut section = String::new();
+    for line in read("config/echod.toml").lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+        } else if let Some((key, _)) = line
+            .strip_prefix('#')
+            .map(str::trim)
+            .and_then(optional_key)
+            .filter(|_| !section.is_empty())
+        {
+            let entry = format!("\\fB{section}.{key}\\fR (unset by default");
+            assert!(
+                config.contains(&entry),
+                "CONFIGURATION lacks {section}.{key}"
+            );
+            keys += 1;
+        }
+    }
+    assert!(keys >= 18, "only {keys} keys");
+    // …the way the generator renders them.
+    let sample = configuration_entries(
+        "# Header: x = 1\n[tcp]\n# Caps, off by default.\n# max_x = \"1h\"\n# max_y = 2\n# Plain.\ny = 1\n",
+    );
+    assert_eq!(
+        sample,
+        ".SS \"[tcp]\"\n.TP\n\\fBtcp.max_x\\fR (unset by default; e.g. \"1h\")\nCaps, off by default.\n\
+         .TP\n\\fBtcp.max_y\\fR (unset by default; e.g. 2)\nCaps, off by default.\n\
+         .TP\n\\fBtcp.y\\fR = 1\nPlain.\n"
+    );
+    let environment = man_section(&page, "ENVIRONMENT");
+    for var in [
+        "ECHOD_CONFIG",
+        "\\fBECHOD_\\fR\\fISECTION\\fR\\fB__\\fR\\fIKEY\\fR",
+        "ECHOD_TCP__MAX_CONNECTIONS=500",
+        "RUST_LOG",
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "WATCHDOG_USEC",
+    ] {
+        assert!(environment.contains(var), "ENVIRONMENT lacks {var}");
+    }
+    let signals = man_section(&page, "SIGNALS");
+    for needle in ["SIGTERM", "SIGINT", "SIGHUP", "drain_timeout", "status 1"] {
+        assert!(signals.contains(needle), "SIGNALS lacks {needle}");
+    }
+    let exit = man_section(&page, "EXIT STATUS");
+    for code in ["\\fB0\\fR", "\\fB1\\fR", "\\fB78\\fR"] {
+        assert!(exit.contains(code), "EXIT STATUS lacks {code}");
+    }
+    assert!(man_section(&page, "FILES").contains("/usr/share/doc/echod/examples/echod.toml"));
+    assert!(man_section(&page, "EXAMPLES").contains("nc \\-N 127.0.0.1 7"));
+    assert!(man_section(&page, "SEE ALSO").contains("systemctl"));
+    // Paths that exist only in the source tree mean nothing to someone reading the
+    // installed page.
+    for dir in [
+        "config/",
+        "packaging/",
+        "deploy/",
+        "src/",
+        "tests/",
+        "docs/",
+        "benches/",
+    ] {
+        for (at, _) in page.match_indices(dir) {
+            assert!(
+                page[..at].ends_with('/'),
+                "the man page points into the repository: …{}…",
+                &page[at.saturating_sub(30)..(at + 30).min(page.len())]
+            );
+        }
+    }
+
+    // Rendered as man(1) does, without a single groff warning.
+    let path = crate::support::repo_path("packaging/echod.1");
+    let groff = Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let warnings = String::from_utf8_lossy(&groff.stderr);
+    assert!(
+        groff.status.success() && warnings.is_empty(),
+        "groff:\n{warnings}"
+    );
+    let man = Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&path)
+        .env("MANWIDTH", "80")
+        .env("MANPAGER", "cat")
+        .env("LC_ALL", "C.UTF-8")
+        .output()
+        .unwrap();
+    let warnings = String::from_utf8_lossy(&man.stderr);
+    assert!(
+        man.status.success() && warnings.is_empty(),
+        "man -l:\n{warnings}"
+    );
+    let text = String::from_utf8_lossy(&man.stdout);
+    for heading in ["CONFIGURATION", "ENVIRONMENT", "EXIT STATUS", "EXAMPLES"] {
+        assert!(text.contains(heading), "rendered page lacks {heading}");
+    }
+    assert!(text.contains("tcp.max_connections = 10000"), "{text}");
+    assert!(
+        !text.contains('\\'),
+        "an escape leaked into the rendered page"
+    );
+}

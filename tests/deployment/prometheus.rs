@@ -1,0 +1,542 @@
+//! echod under the real Prometheus tools: `promtool` lints a live scrape and checks the
+//! deploy material, a real Prometheus server scrapes echod with the example config and
+//! answers PromQL with the exact counts of known traffic, and a real blackbox_exporter
+//! probes the echo port and `/readyz`.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{
+    Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes, daemon_with_drain_timeout,
+    daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, get, metric_value,
+    promtool, random_bytes, refused, repo_path, tcp_roundtrip, udp_echo,
+};
+
+crate::support::tests![
+    promtool_accepts_a_live_scrape_after_traffic needs &[Need::Tool("promtool")],
+    deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests needs &[Need::Tool("promtool"), Need::Tool("prometheus-blackbox-exporter")],
+    prometheus_scrapes_exact_counts_and_probe_results needs &[Need::Tool("prometheus"), Need::Tool("prometheus-blackbox-exporter")],
+    blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining needs &[Need::Tool("prometheus-blackbox-exporter")],
+    alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet needs &[Need::Tool("yamllint")],
+    example_prometheus_config_targets_the_packaged_service needs &[Need::Tool("yamllint")],
+    dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts,
+    dashboard_annotation_queries_are_valid_promql needs &[Need::Tool("prometheus")],
+];
+
+const SETTLE: Duration = Duration::from_secs(10);
+/// The first sample lands 5–6 s after Prometheus starts; a loaded machine needs more.
+const PROMETHEUS_WAIT: Duration = Duration::from_secs(40);
+
+/// One echoed UDP datagram of `len` bytes.
+fn udp_roundtrip(target: SocketAddr, len: usize) {
+    let data = random_bytes(len, len as u64);
+    let echo = udp_echo(target, &data, Duration::from_secs(5)).expect("UDP echo");
+    assert!(echo == data);
+}
+
+fn promtool_accepts_a_live_scrape_after_traffic() {
+    let daemon = daemon_with_limits(1, 1);
+    let data = random_bytes(10_000, 3);
+    assert!(tcp_roundtrip(daemon.tcp, &data, 3) == data);
+    let held = admitted(LOCAL, daemon.tcp);
+    refused(LOCAL, daemon.tcp);
+    drop(held);
+    udp_roundtrip(daemon.udp, 100);
+    let scrape = expect_metrics(
+        &daemon,
+        &[
+            ("echod_tcp_connections_closed_total", &[], 2.0),
+            ("echod_udp_sent_datagrams_total", &[], 1.0),
+        ],
+        SETTLE,
+    );
+    for (family, kind) in families(&scrape) {
+        let sample = if kind == "histogram" {
+            format!("{family}_count")
+        } else {
+            family.clone()
+        };
+        assert!(
+            scrape
+                .lines()
+                .any(|l| l.starts_with(&format!("{sample} "))
+                    || l.starts_with(&format!("{sample}{{"))),
+            "family {family} has no sample"
+        );
+    }
+    let out = promtool(&["check", "metrics"], scrape.as_bytes());
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And it does fail on a broken exposition, so the pass above means something.
+    let broken = scrape.replace("echod_tcp_sent_bytes_total", "echod_tcp_sent_bytes_counter");
+    assert!(
+        !promtool(&["check", "metrics"], broken.as_bytes())
+            .status
+            .success(),
+        "promtool accepted a counter without _total"
+    );
+}
+
+fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = repo_path("deploy/prometheus");
+    let run = |args: &[&str]| assert_passes(Command::new("promtool").args(args).current_dir(&dir));
+    let config = run(&["check", "config", "prometheus.yml"]);
+    assert!(config.contains("SUCCESS"), "{config}");
+    let rules = run(&["check", "rules", "echod-alerts.yml"]);
+    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
+    let tests = run(&["test", "rules", "rules.test.yml"]);
+    assert!(tests.contains("SUCCESS"), "{tests}");
+    let out = Command::new("prometheus-blackbox-exporter")
+        .arg("--config.check")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("blackbox.yml").display()
+        ))
+        .output()
+        .expect("run blackbox_exporter");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "blackbox.yml invalid:\n{text}");
+    assert!(
+        !text.contains("level=warn"),
+        "blackbox.yml warnings:\n{text}"
+    );
+}
+
+/// The example `deploy/prometheus/prometheus.yml`, pointed at this test's processes and
+/// sped up; each substitution must apply, so the example cannot drift from the test.
+fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: SocketAddr) -> String {
+    let mut config =
+        std::fs::read_to_string(repo_path("deploy/prometheus/prometheus.yml")).unwrap();
+    for (from, to) in [
+        ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
+        (
+            "evaluation_interval: 15s",
+            "evaluation_interval: 1s".to_string(),
+        ),
+        ("127.0.0.1:9107", echod_http.to_string()),
+        ("\"127.0.0.1:7\"", format!("\"{probe_tcp}\"")),
+        ("127.0.0.1:9115", blackbox.to_string()),
+    ] {
+        assert!(config.contains(from), "example config lost `{from}`");
+        config = config.replace(from, &to);
+    }
+    config
+}
+
+fn prometheus_scrapes_exact_counts_and_probe_results() {
+    // `counted` gets only this test's traffic; the blackbox TCP probe (a connection
+    // every second) goes to `probed`, so it cannot disturb the exact counts.
+    let counted = daemon_with_limits(2, 2);
+    let probed = Daemon::start("");
+    let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
+    let rules = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
+    let prometheus = Prometheus::start(
+        &example_config(counted.http, probed.tcp, blackbox.service.addr),
+        &[("echod-alerts.yml", rules)],
+    );
+
+    let sizes = [1usize, 1000, 300_000];
+    for (i, &size) in sizes.iter().enumerate() {
+        let data = random_bytes(size, i as u64);
+        assert!(tcp_roundtrip(counted.tcp, &data, i as u64) == data);
+    }
+    let held = [admitted(LOCAL, counted.tcp), admitted(LOCAL, counted.tcp)];
+    let rejects = 3;
+    for _ in 0..rejects {
+        refused(LOCAL, counted.tcp);
+    }
+    drop(held);
+    let udp_sizes = [10usize, 2000];
+    for &size in &udp_sizes {
+        udp_roundtrip(counted.udp, size);
+    }
+    let tcp_bytes = (sizes.iter().sum::<usize>() + 2) as f64;
+    let accepted = (sizes.len() + 2) as f64;
+    let udp_bytes = udp_sizes.iter().sum::<usize>() as f64;
+    expect_metrics(
+        &counted,
+        &[
+            ("echod_tcp_sent_bytes_total", &[], tcp_bytes),
+            ("echod_tcp_connections_closed_total", &[], accepted),
+            ("echod_udp_sent_bytes_total", &[], udp_bytes),
+        ],
+        SETTLE,
+    );
+
+    let job = r#"{job="echod"}"#;
+    prometheus.wait_value(&format!("up{job}"), 1.0, PROMETHEUS_WAIT);
+    for (query, want) in [
+        (
+            format!("sum(echod_tcp_received_bytes_total{job})"),
+            tcp_bytes,
+        ),
+        (format!("sum(echod_tcp_sent_bytes_total{job})"), tcp_bytes),
+        (
+            format!("sum(echod_tcp_connections_accepted_total{job})"),
+            accepted,
+        ),
+        (
+            format!("sum(echod_tcp_connections_closed_total{job})"),
+            accepted,
+        ),
+        (
+            r#"sum(echod_tcp_connections_rejected_total{job="echod",reason="global_limit"})"#
+                .to_string(),
+            f64::from(rejects),
+        ),
+        (
+            r#"sum(echod_tcp_connections_rejected_total{job="echod",reason!="global_limit"})"#
+                .to_string(),
+            0.0,
+        ),
+        (format!("sum(echod_udp_sent_bytes_total{job})"), udp_bytes),
+        (
+            format!("sum(echod_udp_received_datagrams_total{job})"),
+            udp_sizes.len() as f64,
+        ),
+        (format!("echod_tcp_max_connections{job}"), 2.0),
+        (format!("sum(echod_tcp_connections_active{job})"), 0.0),
+        (r#"probe_success{job="echod_tcp_probe"}"#.to_string(), 1.0),
+        (r#"probe_success{job="echod_ready_probe"}"#.to_string(), 1.0),
+        (r#"probe_success{module="echod_tcp_echo"}"#.to_string(), 1.0),
+        (
+            r#"probe_success{module="echod_http_ready"}"#.to_string(),
+            1.0,
+        ),
+    ] {
+        prometheus.wait_value(&query, want, PROMETHEUS_WAIT);
+    }
+    // Every dashboard query is valid PromQL and finds data in a real Prometheus.
+    for (title, expr) in dashboard_queries(&dashboard()) {
+        let promql = expr
+            .replace("$__rate_interval", "1m")
+            .replace("\"$job\"", "\".+\"")
+            .replace("\"$instance\"", "\".+\"");
+        let deadline = std::time::Instant::now() + PROMETHEUS_WAIT;
+        while prometheus.query(&promql).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dashboard panel {title}: `{promql}` found no data"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    // The probes really reached `probed`.
+    assert!(probed.metric("echod_tcp_connections_accepted_total", &[]) >= 1.0);
+
+    // The alert rules load and evaluate against real series without errors.
+    let (status, body) = get(prometheus.service.addr, "/api/v1/rules").unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rules: Vec<_> = json["data"]["groups"]
+        .as_array()
+        .expect("rule groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(rules.len(), 11, "{body}");
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "rule unhealthy: {rule}");
+    }
+}
+
+fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
+    let mut daemon = daemon_with_drain_timeout("60s");
+    let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
+    let readyz = format!("http://{}/readyz", daemon.http);
+    let success = |module: &str, target: &str| {
+        let body = blackbox.probe(module, target);
+        (metric_value(&body, "probe_success", &[]), body)
+    };
+
+    let (ok, body) = success("echod_tcp_echo", &daemon.tcp.to_string());
+    assert_eq!(ok, 1.0, "TCP echo probe failed:\n{body}");
+    assert_eq!(metric_value(&body, "probe_failed_due_to_regex", &[]), 0.0);
+    let (ok, body) = success("echod_http_ready", &readyz);
+    assert_eq!(ok, 1.0, "readyz probe failed:\n{body}");
+    assert_eq!(metric_value(&body, "probe_http_status_code", &[]), 200.0);
+    let closed = format!("127.0.0.1:{}", crate::support::free_port());
+    assert_eq!(success("echod_tcp_echo", &closed).0, 0.0);
+
+    // Draining: readiness probe fails (503) while the open connection is still served.
+    let held = admitted(LOCAL, daemon.tcp);
+    daemon.signal(libc::SIGTERM);
+    expect_metrics(&daemon, &[("echod_draining", &[], 1.0)], SETTLE);
+    let (ok, body) = success("echod_http_ready", &readyz);
+    assert_eq!(ok, 0.0, "readyz probe passed while draining:\n{body}");
+    assert_eq!(metric_value(&body, "probe_http_status_code", &[]), 503.0);
+    drop(held);
+    let status = daemon.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The alert rules and their unit tests as JSON: (alerts, tests).
+fn alerts_and_tests() -> (Vec<serde_json::Value>, serde_json::Value) {
+    let rules = crate::support::yaml_file("deploy/prometheus/echod-alerts.yml");
+    let alerts = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect();
+    (
+        alerts,
+        crate::support::yaml_file("deploy/prometheus/rules.test.yml"),
+    )
+}
+
+fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
+    let (alerts, tests) = alerts_and_tests();
+    let exprs: Vec<String> = alerts
+        .iter()
+        .map(|a| a["expr"].as_str().unwrap().to_string())
+        .collect();
+    // What the deploy material sets up or exports, and an operator must hear about.
+    for (what, needles) in [
+        ("a failing blackbox probe", &["probe_success", "== 0"][..]),
+        (
+            "accept() failing for lack of file descriptors",
+            &["echod_tcp_accept_errors_total", "kind=\"fd_limit\""],
+        ),
+        (
+            "file descriptors near the limit",
+            &["process_open_fds", "process_max_fds"],
+        ),
+        ("a restart", &["changes(echod_start_time_seconds"]),
+        ("a drain that does not end", &["echod_draining"]),
+    ] {
+        assert!(
+            exprs.iter().any(|e| needles.iter().all(|n| e.contains(n))),
+            "no alert for {what} (an expression with {needles:?})"
+        );
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README does not list {name}"
+        );
+    }
+    // Each alert has a unit test where it fires and one where it stays quiet.
+    let cases: Vec<&serde_json::Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    for alert in &alerts {
+        let name = alert["alert"].as_str().unwrap();
+        let mine: Vec<_> = cases.iter().filter(|c| c["alertname"] == name).collect();
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty())),
+            "{name}: no unit test where it fires"
+        );
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().is_some_and(|a| a.is_empty())),
+            "{name}: no unit test where it stays quiet"
+        );
+        assert!(
+            alert["labels"]["severity"].is_string()
+                && alert["annotations"]["summary"].is_string()
+                && alert["annotations"]["description"].is_string(),
+            "{name}: severity, summary and description"
+        );
+    }
+}
+
+/// deploy/prometheus is the example for the Debian package's service on the same host:
+/// the blackbox TCP probe goes to the port the package serves, the scrape to its metrics
+/// address.
+fn example_prometheus_config_targets_the_packaged_service() {
+    let packaged = crate::support::shipped_config("packaging/echod.toml");
+    let echo_port = crate::support::single_port(&packaged.tcp.listen);
+    let metrics = packaged.metrics.listen[0];
+    let text = std::fs::read_to_string(crate::support::repo_path(
+        "deploy/prometheus/prometheus.yml",
+    ))
+    .unwrap();
+    assert!(
+        text.contains("Debian package"),
+        "prometheus.yml should say which echod it is for"
+    );
+    let config = crate::support::yaml_file("deploy/prometheus/prometheus.yml");
+    let jobs = config["scrape_configs"].as_array().unwrap();
+    let job = |name: &str| {
+        jobs.iter()
+            .find(|j| j["job_name"] == name)
+            .unwrap_or_else(|| panic!("no job {name}"))
+    };
+    assert_eq!(
+        job("echod")["static_configs"][0]["targets"],
+        serde_json::json!([metrics.to_string()])
+    );
+    assert_eq!(
+        job("echod_tcp_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("127.0.0.1:{echo_port}")]),
+        "the TCP echo probe must reach the packaged service's port"
+    );
+    assert_eq!(
+        job("echod_ready_probe")["static_configs"][0]["targets"],
+        serde_json::json!([format!("http://{metrics}/readyz")])
+    );
+    // Probe results carry the blackbox module, which the probe alert matches (not the
+    // job name, which differs between setups).
+    for name in ["echod_tcp_probe", "echod_ready_probe"] {
+        let relabels = job(name)["relabel_configs"].as_array().unwrap();
+        assert!(
+            relabels.iter().any(
+                |r| r["source_labels"] == serde_json::json!(["__param_module"])
+                    && r["target_label"] == "module"
+            ),
+            "{name}: no `module` label"
+        );
+    }
+}
+
+/// The colour a stat panel shows for `value`: the last threshold step at or below it.
+fn threshold_colour(panel: &serde_json::Value, value: f64) -> String {
+    let steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stat panel {} has no thresholds", panel["title"]));
+    steps
+        .iter()
+        .rfind(|s| s["value"].is_null() || s["value"].as_f64().is_some_and(|v| v <= value))
+        .and_then(|s| s["color"].as_str())
+        .unwrap_or_else(|| panic!("{}: no base step", panel["title"]))
+        .to_string()
+}
+
+/// Every `datasource` object in the dashboard (panels, targets, variables, annotations).
+fn datasource_refs(value: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                if key == "datasource" && v.is_object() {
+                    found.push(v.clone());
+                }
+                datasource_refs(v, found);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| datasource_refs(v, found)),
+        _ => {}
+    }
+}
+
+fn dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts() {
+    let text = std::fs::read_to_string(crate::support::repo_path(
+        "deploy/grafana/echod-dashboard.json",
+    ))
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    // Import asks for the Prometheus data source, and everything uses the answer.
+    let inputs = json["__inputs"].as_array().expect("__inputs");
+    assert!(
+        inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS"
+            && i["type"] == "datasource"
+            && i["pluginId"] == "prometheus"),
+        "no DS_PROMETHEUS data source input: {inputs:?}"
+    );
+    let mut refs = Vec::new();
+    datasource_refs(&json, &mut refs);
+    assert!(refs.len() > 20);
+    for r in &refs {
+        assert_eq!(
+            (&r["type"], &r["uid"]),
+            (&"prometheus".into(), &"${DS_PROMETHEUS}".into()),
+            "data source reference {r}"
+        );
+    }
+    // File provisioning ignores __inputs: a data source variable of the same name
+    // resolves ${DS_PROMETHEUS} there (to the default Prometheus).
+    let variables = json["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "DS_PROMETHEUS" && v["type"] == "datasource"),
+        "no DS_PROMETHEUS data source variable"
+    );
+
+    // Stat panels colour by thresholds: a 0 for "up", "ready" or a probe is red.
+    let board = crate::support::dashboard();
+    let queries = crate::support::dashboard_queries(&board);
+    let stats: Vec<_> = board["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter(|p| p["type"] == "stat")
+        .collect();
+    assert!(stats.len() >= 5);
+    for panel in &stats {
+        let title = panel["title"].as_str().unwrap();
+        assert_eq!(
+            panel["fieldConfig"]["defaults"]["color"]["mode"], "thresholds",
+            "{title}"
+        );
+        let expr = panel["targets"][0]["expr"].as_str().unwrap();
+        let health = ["up{", "echod_ready{", "probe_success{"]
+            .iter()
+            .any(|m| expr.starts_with(m));
+        if health {
+            assert_eq!(threshold_colour(panel, 0.0), "red", "{title} at 0");
+            assert_eq!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else if expr.starts_with("echod_draining{") {
+            assert_eq!(threshold_colour(panel, 0.0), "green", "{title} at 0");
+            assert_ne!(threshold_colour(panel, 1.0), "green", "{title} at 1");
+        } else {
+            threshold_colour(panel, 0.0);
+        }
+    }
+    assert!(
+        queries.iter().any(|(_, e)| e.starts_with("probe_success{")),
+        "no panel shows the blackbox probes"
+    );
+
+    // Restarts and reloads are marked on every time series.
+    let annotations = json["annotations"]["list"].as_array().unwrap();
+    for metric in ["echod_start_time_seconds", "echod_config_reloads_total"] {
+        assert!(
+            annotations
+                .iter()
+                .any(|a| a["enable"] == true
+                    && a["expr"].as_str().is_some_and(|e| e.contains(metric))),
+            "no annotation on {metric}"
+        );
+    }
+}
+
+/// The annotation queries are PromQL a real Prometheus accepts (it answers 400 to a
+/// query it cannot parse).
+fn dashboard_annotation_queries_are_valid_promql() {
+    let text = std::fs::read_to_string(crate::support::repo_path(
+        "deploy/grafana/echod-dashboard.json",
+    ))
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prometheus = Prometheus::start("global:\n  scrape_interval: 15s\n", &[]);
+    let mut checked = 0;
+    for annotation in json["annotations"]["list"].as_array().unwrap() {
+        let Some(expr) = annotation["expr"].as_str() else {
+            continue;
+        };
+        let promql = expr
+            .replace("$__interval", "1m")
+            .replace("$__rate_interval", "1m")
+            .replace("\"$job\"", "\".+\"")
+            .replace("\"$instance\"", "\".+\"");
+        prometheus.query(&promql);
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} annotation queries");
+}

@@ -1,0 +1,330 @@
+//! The kit of the crates that run echod end to end, `daemon` and `deployment`: the daemon
+//! handle (`daemon.rs`) and the harness that shows a test whose tool is missing as
+//! ignored (`harness.rs`), plus what both do to a running echod — signal it and wait for
+//! its exit, send traffic whose counts are known (admitted and refused connections,
+//! round trips, a connection held across reloads), wait for exact counter values, and
+//! read the repository's own files (README, Grafana dashboard).
+//!
+//! Included (by `#[path]`) into the support modules of those two crates, so it holds only
+//! what both of them use.
+
+#[path = "daemon.rs"]
+mod daemon;
+#[path = "harness.rs"]
+mod harness;
+
+pub use daemon::*;
+pub use harness::*;
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+impl Daemon {
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on the PID of a child we started and have not reaped.
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the daemon to exit (panics after `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("echod did not exit within {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A path inside the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Sends `data` over TCP in random-sized writes while reading the echo concurrently,
+/// half-closes, and returns everything received until EOF.
+pub fn tcp_roundtrip(addr: SocketAddr, data: &[u8], seed: u64) -> Vec<u8> {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let payload = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut off = 0;
+        while off < payload.len() {
+            let n = rng.usize(1..=65_536).min(payload.len() - off);
+            writer.write_all(&payload[off..off + n]).unwrap();
+            off += n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut reader = stream;
+    let mut got = Vec::with_capacity(data.len());
+    reader.read_to_end(&mut got).expect("read echo");
+    sender.join().unwrap();
+    got
+}
+
+/// Streams `data` over TCP in `chunk`-byte writes with `pause` after each (so a stop or
+/// reload lands mid-transfer), calling `on_chunk(n)` after write n, while reading the
+/// echo concurrently; half-closes and returns everything received until EOF.
+pub fn paced_roundtrip(
+    addr: SocketAddr,
+    data: &[u8],
+    chunk: usize,
+    pause: Duration,
+    mut on_chunk: impl FnMut(usize) + Send + 'static,
+) -> std::io::Result<Vec<u8>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let payload = data.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        for (n, piece) in payload.chunks(chunk).enumerate() {
+            writer.write_all(piece)?;
+            on_chunk(n);
+            std::thread::sleep(pause);
+        }
+        writer.shutdown(std::net::Shutdown::Write)
+    });
+    let mut reader = stream;
+    let mut got = Vec::with_capacity(data.len());
+    let read = reader.read_to_end(&mut got);
+    sender.join().expect("sender thread")?;
+    read.map(|_| got)
+}
+
+/// Sends one datagram from a fresh 127.0.0.1 socket and returns the reply, if one comes
+/// within `wait`.
+pub fn udp_echo(target: SocketAddr, payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(wait)).unwrap();
+    socket.send_to(payload, target).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let n = socket.recv(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// The usual client source address.
+pub const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
+pub fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    socket
+        .bind(&SocketAddr::from((from, 0)).into())
+        .expect("bind client to a loopback address");
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .expect("connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// A connection the daemon admitted: one byte is echoed on it.
+pub fn admitted(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let mut s = connect_from(from, addr);
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).expect("admitted connection echoes");
+    assert_eq!(&b, b"x");
+    s
+}
+
+/// A connection the daemon refused: the kernel completed the handshake, then echod
+/// closed it without reading (EOF or reset — never an echo, never a timeout).
+pub fn refused(from: Ipv4Addr, addr: SocketAddr) {
+    let mut s = connect_from(from, addr);
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Ok(n) => panic!("refused connection delivered {n} bytes"),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("connection was not refused: still open after the read timeout")
+        }
+        Err(_) => {}
+    }
+}
+
+/// True when the server closes a fresh connection at once (a limit refused it) instead
+/// of echoing on it; panics when it does neither within a few seconds.
+pub fn refused_after_accept(addr: SocketAddr) -> bool {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"x");
+    let mut buf = [0u8; 1];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Ok(_) => false,
+        Err(e) => panic!("neither echoed nor closed: {e}"),
+    }
+}
+
+/// echod with these TCP connection limits (global, per source address).
+pub fn daemon_with_limits(max_connections: usize, per_ip: usize) -> Daemon {
+    Daemon::start(&format!(
+        "[tcp]\nmax_connections = {max_connections}\nmax_connections_per_ip = {per_ip}\n"
+    ))
+}
+
+/// echod that gives open connections at most `drain_timeout` (e.g. "60s") when stopped.
+pub fn daemon_with_drain_timeout(drain_timeout: &str) -> Daemon {
+    Daemon::start(&format!(
+        "[shutdown]\ndrain_timeout = \"{drain_timeout}\"\n"
+    ))
+}
+
+/// One expected sample: family, label pairs it must carry, value (summed over matches).
+pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Waits until every expected sample shows exactly its value in one scrape, then
+/// returns that scrape. Counters are flushed at the end of a burst or batch, so they
+/// may lag the client by a moment; after `limit` the mismatches are reported.
+pub fn expect_metrics(daemon: &Daemon, expected: &[Expected<'_>], limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let scrape = daemon.scrape();
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter_map(|(family, labels, want)| {
+                let got = metric_value(&scrape, family, labels);
+                (got != *want).then(|| format!("{family}{labels:?}: got {got}, want {want}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            return scrape;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "metrics did not reach their expected values within {limit:?}:\n  {}\nscrape:\n{scrape}",
+                wrong.join("\n  ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Metric families in an exposition, from their `# TYPE` lines: name → type.
+pub fn families(exposition: &str) -> BTreeMap<String, String> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.trim().to_string()))
+        .collect()
+}
+
+/// The Grafana dashboard `deploy/grafana/echod-dashboard.json`, parsed.
+pub fn dashboard() -> serde_json::Value {
+    let text = std::fs::read_to_string(repo_path("deploy/grafana/echod-dashboard.json"))
+        .expect("dashboard file");
+    serde_json::from_str(&text).expect("dashboard is JSON")
+}
+
+/// (panel title, PromQL expression) of every panel target of a dashboard.
+pub fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    let panels = dashboard["panels"].as_array().expect("panels");
+    panels
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            let targets = p["targets"].as_array().cloned().unwrap_or_default();
+            targets.into_iter().map(move |t| {
+                let expr = t["expr"].as_str().unwrap_or_default().to_string();
+                (title.clone(), expr)
+            })
+        })
+        .collect()
+}
+
+/// A client that holds one connection and echoes round after round until told to stop
+/// (at most 2 minutes); returns how many rounds came back byte-exact.
+pub struct Chatter {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    thread: JoinHandle<u64>,
+}
+
+impl Chatter {
+    pub fn start(addr: SocketAddr) -> Chatter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let rounds = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&rounds);
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut rounds = 0u64;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let data = random_bytes(1000 + (rounds % 7000) as usize, rounds);
+                stream
+                    .write_all(&data)
+                    .expect("write on the held connection");
+                let mut got = vec![0u8; data.len()];
+                stream
+                    .read_exact(&mut got)
+                    .expect("echo on the held connection");
+                assert!(got == data, "round {rounds}: bytes differ");
+                rounds += 1;
+                counter.store(rounds, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            rounds
+        });
+        Chatter {
+            stop,
+            rounds,
+            thread,
+        }
+    }
+
+    /// Waits until a few more rounds came back, proving the connection still echoes now.
+    pub fn still_echoing(&self) {
+        let start = self.rounds.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.rounds.load(Ordering::Relaxed) < start + 3 {
+            assert!(
+                Instant::now() < deadline && !self.thread.is_finished(),
+                "the held connection stopped echoing after {start} rounds"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops and returns the byte-exact rounds.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("the held connection kept echoing")
+    }
+}

@@ -1,0 +1,184 @@
+//! `echod bench` as an operator sizing a deployment uses it: its numbers must agree
+//! with what the daemon itself counted, and a server that corrupts data must fail the
+//! run rather than produce a pretty throughput figure.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Daemon, Run, corrupting_echo_server, free_port, run_echod};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn bench(args: &[&str]) -> (Run, Value) {
+    let mut all = vec!["bench", "--json"];
+    all.extend_from_slice(args);
+    let run = run_echod(&all, b"", LIMIT);
+    let json = serde_json::from_slice(&run.stdout).unwrap_or(Value::Null);
+    (run, json)
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// Waits until the daemon has closed every connection it accepted, so its byte
+/// counters (flushed per burst and at close) are final.
+fn wait_all_closed(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let accepted = daemon.metric("echod_tcp_connections_accepted_total", &[]);
+        let closed = daemon.metric("echod_tcp_connections_closed_total", &[]);
+        if accepted == closed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon still has {} open connections",
+            accepted - closed
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_tcp_run_matches_daemon(daemon: &Daemon, report: &Value, connections: f64) {
+    wait_all_closed(daemon);
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_accepted_total", &[]),
+        connections
+    );
+    assert_eq!(num(report, "connections"), connections);
+    let sent = num(report, "bytes_sent");
+    let echoed = num(report, "bytes_received");
+    assert!(echoed > 0.0, "nothing echoed: {report}");
+    assert_eq!(sent, echoed, "every byte sent came back: {report}");
+    assert_eq!(daemon.metric("echod_tcp_received_bytes_total", &[]), sent);
+    assert_eq!(daemon.metric("echod_tcp_sent_bytes_total", &[]), echoed);
+    assert_eq!(
+        num(report, "messages") * num(report, "size"),
+        echoed,
+        "{report}"
+    );
+    assert_eq!(num(report, "mismatches"), 0.0);
+    assert_eq!(num(report, "errors"), 0.0);
+}
+
+#[test]
+fn ping_pong_numbers_match_the_daemons_metrics() {
+    let daemon = Daemon::start("");
+    let target = daemon.tcp.to_string();
+    let (run, report) = bench(&[&target, "-C", "8", "-s", "100", "-p", "4", "-d", "1s"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_tcp_run_matches_daemon(&daemon, &report, 8.0);
+    let latency = &report["latency_us"];
+    let p50 = num(latency, "p50");
+    assert!(p50 > 0.0 && p50 <= num(latency, "p99") && num(latency, "p99") <= num(latency, "max"));
+    assert!(num(&report, "messages_per_s") > 0.0);
+}
+
+#[test]
+fn bulk_numbers_match_the_daemons_metrics() {
+    let daemon = Daemon::start("");
+    let target = daemon.tcp.to_string();
+    let (run, report) = bench(&[&target, "-m", "bulk", "-C", "3", "-d", "1s"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_tcp_run_matches_daemon(&daemon, &report, 3.0);
+    assert!(num(&report, "mb_per_s") > 0.0);
+}
+
+#[test]
+fn udp_numbers_match_the_daemons_metrics() {
+    let daemon = Daemon::start(
+        r#"
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#,
+    );
+    let target = daemon.udp.to_string();
+    let (run, report) = bench(&[&target, "-m", "udp", "-C", "4", "-n", "2000"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(num(&report, "messages"), 2000.0);
+    assert_eq!(num(&report, "lost"), 0.0);
+    assert_eq!(num(&report, "mismatches"), 0.0);
+    assert_eq!(
+        daemon.metric("echod_udp_received_datagrams_total", &[]),
+        2000.0
+    );
+    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 2000.0);
+    assert_eq!(
+        daemon.metric("echod_udp_sent_bytes_total", &[]),
+        num(&report, "bytes_received")
+    );
+}
+
+#[test]
+fn count_bounds_the_run_exactly_and_open_loop_keeps_the_rate() {
+    let daemon = Daemon::start("");
+    let target = daemon.tcp.to_string();
+    let (run, report) = bench(&[&target, "-C", "3", "-n", "777", "-p", "8"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert_eq!(num(&report, "messages"), 777.0);
+
+    // 500 msg/s for 1 s: the generator sends on schedule, not as fast as it can.
+    let (run, report) = bench(&[&target, "-C", "2", "-r", "500", "-d", "1s"]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let messages = num(&report, "messages");
+    assert!(
+        (495.0..=505.0).contains(&messages),
+        "open loop at 500/s for 1 s sent {messages}"
+    );
+    assert!(num(&report, "elapsed_s") >= 0.95, "{report}");
+}
+
+#[test]
+fn a_corrupting_server_fails_the_run() {
+    let addr = corrupting_echo_server(1000).to_string();
+    let (run, report) = bench(&[&addr, "-C", "2", "-s", "64", "-d", "1s"]);
+    assert_eq!(run.code(), 1, "must fail; stderr: {}", run.stderr);
+    assert!(num(&report, "mismatches") > 0.0, "{report}");
+    assert!(
+        run.stderr.contains("FAILED") && run.stderr.contains("mismatched echoes"),
+        "{}",
+        run.stderr
+    );
+    let (run, report) = bench(&[&addr, "-m", "bulk", "-C", "1", "-d", "500ms"]);
+    assert_eq!(run.code(), 1, "bulk must fail too; stderr: {}", run.stderr);
+    assert!(num(&report, "mismatches") > 0.0, "{report}");
+}
+
+#[test]
+fn plot_writes_a_percentile_svg() {
+    let daemon = Daemon::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("latency.svg");
+    let (run, _) = bench(&[
+        &daemon.tcp.to_string(),
+        "-C",
+        "2",
+        "-n",
+        "3000",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert!(
+        text.contains("<polyline") && text.contains("99.9%"),
+        "{text}"
+    );
+}
+
+#[test]
+fn nothing_listening_is_a_clear_failure() {
+    let target = format!("127.0.0.1:{}", free_port());
+    let (run, _) = bench(&[&target, "-d", "1s"]);
+    assert_eq!(run.code(), 1);
+    assert!(
+        run.stderr.contains("cannot connect to") && run.stderr.contains("refused"),
+        "{}",
+        run.stderr
+    );
+}
