@@ -4,8 +4,10 @@
 //! A datagram is dropped (and counted) when it is larger than `udp.max_datagram_size`
 //! (never echoed truncated), when it comes from a denied source port or a non-unicast
 //! address (the echo–chargen loop, CVE-1999-0103), or when its source has used up its
-//! token bucket. Datagrams are handled in bursts: read until the socket is empty, then
-//! add the burst's counts to the metrics once.
+//! token bucket. Datagrams are handled in bursts: read until the socket is empty (or
+//! [`MAX_BATCH`] datagrams), then add the burst's counts to the metrics once. Every
+//! datagram spends tokio's coop budget, so a socket that never empties (a flood, an
+//! echo loop) cannot starve the other tasks on its worker.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -112,6 +114,11 @@ impl Listener {
                 rules = Rules::new(&self.config.borrow_and_update());
             }
             for _ in 0..MAX_BATCH {
+                // A socket that is never empty (a flood, or an echo loop) must not keep
+                // the worker to itself: `readable()` and `try_recv_from` spend no coop
+                // budget, so each datagram spends one here, and the task yields when the
+                // budget is gone. TCP, health and signals keep being served.
+                tokio::task::coop::consume_budget().await;
                 match self.socket.try_recv_from(&mut buf) {
                     Ok((n, peer)) => self.handle(&buf[..n], peer, &rules, &mut batch),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
