@@ -20,10 +20,12 @@ use serde::{Deserialize, Serialize};
 pub const DOCUMENTED_DEFAULTS: &str = include_str!("../config/echod.toml");
 
 /// Source ports whose services answer any datagram (echo, daytime, qotd, chargen, time,
-/// DNS, NTP, NetBIOS, SNMP, LDAP, SSDP, mDNS, memcached …): echoing to them would start
-/// a reflection loop, so UDP echo refuses them by default (as BSD inetd did).
+/// DNS, NTP, NetBIOS, SNMP, LDAP, SSDP, mDNS, memcached …, and 7007, echod's own default
+/// and container port): echoing to them would start a reflection loop, so UDP echo
+/// refuses them by default (as BSD inetd did).
 pub const DEFAULT_DENY_SOURCE_PORTS: &[u16] = &[
-    0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 11211,
+    0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 7007,
+    11211,
 ];
 
 /// The whole effective configuration of the daemon.
@@ -91,6 +93,10 @@ pub struct UdpConfig {
     pub max_datagram_size: usize,
     /// Source ports never answered (reflection-loop protection).
     pub deny_source_ports: Vec<u16>,
+    /// Also never answer the ports echod's own UDP sockets listen on: a datagram from
+    /// one comes from echod itself or from another echo server on the same port, and
+    /// answering it starts a loop.
+    pub deny_own_ports: bool,
     /// Per-source reply rate limit.
     pub rate_limit: RateLimitConfig,
 }
@@ -101,6 +107,7 @@ impl Default for UdpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             max_datagram_size: 65_507,
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
+            deny_own_ports: true,
             rate_limit: RateLimitConfig::default(),
         }
     }

@@ -128,8 +128,12 @@ fn sent(daemon: &Daemon) -> f64 {
 
 #[test]
 fn a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate() {
+    // Own ports are denied by default; turn that off to keep the loop alive and prove
+    // that the daemon yields even then.
     let daemon = Daemon::start(
         r#"
+        [udp]
+        deny_own_ports = false
         [udp.rate_limit]
         packets_per_second = 0
         "#,
@@ -144,4 +148,149 @@ fn a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate() {
     eprintln!("echoes after the self-addressed datagram: {echoes}");
     assert!(echoes > 100.0, "the loop did not run ({echoes} echoes)");
     assert_stops_on_sigterm(daemon);
+}
+
+/// Sums `echod_udp_sent_datagrams_total` over `daemons` until it has not changed for
+/// 500 ms (5 s at most): the loop, if any, has died. Returns the total and how long the
+/// echoes went on.
+fn echoes_once_settled(daemons: &[&Daemon]) -> (f64, Duration) {
+    let started = Instant::now();
+    let total = || daemons.iter().map(|d| sent(d)).sum::<f64>();
+    let mut last = total();
+    let mut changed = Instant::now();
+    while changed.elapsed() < Duration::from_millis(500) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "echoes still going after 5 s: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let now = total();
+        if now != last {
+            last = now;
+            changed = Instant::now();
+        }
+    }
+    (last, changed - started)
+}
+
+fn denied(daemon: &Daemon) -> f64 {
+    daemon.metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "denied_port")],
+    )
+}
+
+#[test]
+fn a_datagram_from_echods_own_address_is_not_echoed() {
+    for rate in ["1000", "0"] {
+        let daemon = Daemon::start(&format!(
+            r#"
+            [udp.rate_limit]
+            packets_per_second = {rate}
+            "#
+        ));
+        let own = v4(daemon.udp);
+        if !spoof(own, own, b"talk to yourself") {
+            return;
+        }
+        let (echoes, lasted) = echoes_once_settled(&[&daemon]);
+        eprintln!("packets_per_second = {rate}: {echoes} echoes over {lasted:?}");
+        assert_eq!(echoes, 0.0, "echod answered itself ({rate}/s)");
+        assert_eq!(denied(&daemon), 1.0);
+        assert_responsive(&daemon);
+        assert_stops_on_sigterm(daemon);
+    }
+}
+
+/// A second echod on the same port on another loopback address, as two hosts running
+/// echod on the default port would be.
+fn start_on(addr: SocketAddr, extra: &str) -> Daemon {
+    Daemon::start(&format!(
+        r#"
+        [udp]
+        listen = ["{addr}"]
+        {extra}
+        "#
+    ))
+}
+
+#[test]
+fn a_spoofed_datagram_between_two_echods_on_the_same_port_is_not_echoed() {
+    let a = Daemon::start("");
+    let b_addr = SocketAddr::from(([127, 0, 0, 2], a.udp.port()));
+    let b = start_on(b_addr, "");
+    if !spoof(v4(b_addr), v4(a.udp), b"ping-pong") {
+        return;
+    }
+    let (echoes, lasted) = echoes_once_settled(&[&a, &b]);
+    eprintln!(
+        "A {} <-> B {b_addr}: {echoes} echoes over {lasted:?}",
+        a.udp
+    );
+    assert_eq!(echoes, 0.0, "A answered B's echo port");
+    assert_eq!(denied(&a), 1.0);
+}
+
+#[test]
+fn a_loop_between_echods_on_different_ports_is_bounded_and_broken_by_deny_lists() {
+    // Default deny list, small rate limit: nothing tells A that B's port is an echo
+    // server, so the rate limit is what ends the loop.
+    let limit = r#"
+        [udp.rate_limit]
+        packets_per_second = 10
+        burst = 20
+    "#;
+    let a = Daemon::start(limit);
+    let b = Daemon::start(limit);
+    if !spoof(v4(b.udp), v4(a.udp), b"ping-pong") {
+        return;
+    }
+    let (echoes, lasted) = echoes_once_settled(&[&a, &b]);
+    eprintln!("different ports, burst 20 at 10/s: {echoes} echoes over {lasted:?}");
+    // Both share the source address 127.0.0.1: each side's bucket gives its burst plus
+    // what refills while the loop runs.
+    let bound = 2.0 * (20.0 + 10.0 * (lasted.as_secs_f64() + 0.5));
+    assert!(echoes <= bound, "{echoes} echoes, bound {bound}");
+    drop((a, b));
+
+    // What the README tells operators: deny the other echo servers' ports.
+    let (pa, pb) = (common::free_port(), common::free_port());
+    let a = start_on(
+        SocketAddr::from(([127, 0, 0, 1], pa)),
+        &format!("deny_source_ports = [0, 7, {pb}]"),
+    );
+    let b = start_on(
+        SocketAddr::from(([127, 0, 0, 1], pb)),
+        &format!("deny_source_ports = [0, 7, {pa}]"),
+    );
+    let (a_addr, b_addr) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pa),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pb),
+    );
+    assert!(spoof(b_addr, a_addr, b"ping-pong"));
+    let (echoes, _) = echoes_once_settled(&[&a, &b]);
+    assert_eq!(echoes, 0.0, "A answered a denied port");
+    assert_eq!(denied(&a), 1.0);
+}
+
+#[test]
+fn two_udp_sockets_of_one_echod_do_not_answer_each_other() {
+    let (p1, p2) = (common::free_port(), common::free_port());
+    let daemon = Daemon::start(&format!(
+        r#"
+        [udp]
+        listen = ["127.0.0.1:{p1}", "127.0.0.1:{p2}"]
+        "#
+    ));
+    let (s1, s2) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p1),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p2),
+    );
+    if !spoof(s2, s1, b"sibling") {
+        return;
+    }
+    let (echoes, lasted) = echoes_once_settled(&[&daemon]);
+    eprintln!("sockets {p1} <-> {p2} of one echod: {echoes} echoes over {lasted:?}");
+    assert_eq!(echoes, 0.0, "one socket answered its sibling");
+    assert_eq!(denied(&daemon), 1.0);
 }

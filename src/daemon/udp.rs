@@ -3,7 +3,9 @@
 //!
 //! A datagram is dropped (and counted) when it is larger than `udp.max_datagram_size`
 //! (never echoed truncated), when it comes from a denied source port or a non-unicast
-//! address (the echo–chargen loop, CVE-1999-0103), or when its source has used up its
+//! address (the echo–chargen loop, CVE-1999-0103), from one of echod's own UDP ports
+//! (a spoofed datagram from echod itself, or from another echod on the same port, would
+//! otherwise bounce until the rate limit stops it), or when its source has used up its
 //! token bucket. Datagrams are handled in bursts: read until the socket is empty (or
 //! [`MAX_BATCH`] datagrams), then add the burst's counts to the metrics once. Every
 //! datagram spends tokio's coop budget, so a socket that never empties (a flood, an
@@ -11,7 +13,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -54,26 +57,89 @@ pub(crate) struct Listener {
     pub(crate) config: watch::Receiver<Arc<UdpConfig>>,
     /// Per-source token buckets shared by all UDP sockets.
     pub(crate) limiter: Arc<RateLimiter>,
+    /// The ports of all of echod's UDP sockets, this one included.
+    pub(crate) own_ports: Arc<OwnPorts>,
     pub(crate) metrics: UdpListenerMetrics,
     /// Stops this socket alone (reload) or with all (drain).
     pub(crate) stop: CancellationToken,
 }
 
+/// The ports echod's UDP sockets listen on, shared by all of them, so each socket also
+/// refuses datagrams from its siblings' ports (two echo sockets of one echod on
+/// different ports would otherwise loop between themselves).
+#[derive(Debug, Default)]
+pub(crate) struct OwnPorts {
+    ports: Mutex<Vec<u16>>,
+    /// Bumped on every change, so sockets rebuild their rules only when needed.
+    version: AtomicU64,
+}
+
+/// A socket's entry in [`OwnPorts`]; dropping it removes the port.
+struct OwnPort {
+    ports: Arc<OwnPorts>,
+    port: u16,
+}
+
+impl OwnPorts {
+    fn register(self: &Arc<Self>, port: u16) -> OwnPort {
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(port);
+        self.version.fetch_add(1, Ordering::Release);
+        OwnPort {
+            ports: Arc::clone(self),
+            port,
+        }
+    }
+
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The version and the ports, read together.
+    fn snapshot(&self) -> (u64, Vec<u16>) {
+        let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        (self.version(), ports.clone())
+    }
+}
+
+impl Drop for OwnPort {
+    fn drop(&mut self) {
+        let mut ports = self.ports.ports.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ports.iter().position(|&p| p == self.port) {
+            ports.swap_remove(i);
+        }
+        drop(ports);
+        self.ports.version.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// The current filtering rules in a form cheap to test per datagram.
 struct Rules {
     max_datagram_size: usize,
+    /// `udp.deny_source_ports`, plus echod's own ports unless `udp.deny_own_ports` is off.
     denied_ports: Box<[u64; 1024]>,
+    /// The [`OwnPorts`] version these rules were built from.
+    own_ports_version: u64,
 }
 
 impl Rules {
-    fn new(config: &UdpConfig) -> Self {
+    fn new(config: &UdpConfig, own_ports: &OwnPorts) -> Self {
         let mut denied_ports = Box::new([0u64; 1024]);
-        for &port in &config.deny_source_ports {
+        let (own_ports_version, own) = own_ports.snapshot();
+        let own = if config.deny_own_ports {
+            own
+        } else {
+            Vec::new()
+        };
+        for &port in config.deny_source_ports.iter().chain(&own) {
             denied_ports[usize::from(port) / 64] |= 1 << (port % 64);
         }
         Self {
             max_datagram_size: config.max_datagram_size,
             denied_ports,
+            own_ports_version,
         }
     }
 
@@ -99,7 +165,10 @@ impl Listener {
     /// Echoes until stopped.
     pub(crate) async fn run(mut self) {
         let mut buf = vec![0u8; RECV_BUFFER];
-        let mut rules = Rules::new(&self.config.borrow_and_update());
+        // A socket whose address cannot be read is on port 0 for this purpose: denied anyway.
+        let port = self.socket.local_addr().map_or(0, |a| a.port());
+        let _own_port = self.own_ports.register(port);
+        let mut rules = Rules::new(&self.config.borrow_and_update(), &self.own_ports);
         let mut batch = UdpBatch::default();
         loop {
             tokio::select! {
@@ -110,8 +179,10 @@ impl Listener {
                     break;
                 },
             }
-            if self.config.has_changed().unwrap_or(false) {
-                rules = Rules::new(&self.config.borrow_and_update());
+            if self.config.has_changed().unwrap_or(false)
+                || self.own_ports.version() != rules.own_ports_version
+            {
+                rules = Rules::new(&self.config.borrow_and_update(), &self.own_ports);
             }
             for _ in 0..MAX_BATCH {
                 // A socket that is never empty (a flood, or an echo loop) must not keep
