@@ -294,3 +294,91 @@ fn two_udp_sockets_of_one_echod_do_not_answer_each_other() {
     assert_eq!(echoes, 0.0, "one socket answered its sibling");
     assert_eq!(denied(&daemon), 1.0);
 }
+
+#[test]
+fn another_process_cannot_take_echods_udp_port() {
+    let daemon = Daemon::start("");
+    // A second echod on the same UDP address (its TCP and HTTP ports are its own).
+    let mut second = Daemon::start_with(common::Options {
+        toml: &format!("[udp]\nlisten = [\"{}\"]\n", daemon.udp),
+        no_wait: true,
+        ..common::Options::default()
+    });
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "second echod: {status:?}");
+    let log = second.log();
+    assert!(
+        log.contains("Address already in use") && log.contains(&daemon.udp.to_string()),
+        "second echod's log does not name the taken address:\n{log}"
+    );
+
+    // Nor can any socket that asks for SO_REUSEADDR.
+    let thief = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    thief.set_reuse_address(true).unwrap();
+    let err = thief
+        .bind(&daemon.udp.into())
+        .expect_err("a SO_REUSEADDR socket bound echod's UDP address");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    drop(thief);
+
+    // And echod still gets its datagrams.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"mine", daemon.udp).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = client
+        .recv_from(&mut buf)
+        .expect("echo from the first echod");
+    assert_eq!((&buf[..n], from), (&b"mine"[..], daemon.udp));
+}
+
+#[test]
+fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
+    // systemd (and systemd-socket-activate) set SO_REUSEADDR on every socket they bind.
+    let port = common::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, "[metrics]\nlisten = []\n").unwrap();
+    let log_path = dir.path().join("echod.log");
+    let child = common::systemd::spawn_activated(
+        &common::echod_bin(),
+        &["--config", &config.display().to_string()],
+        vec![(socket.into(), "echo")],
+        &log_path,
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(child);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("echod ready") {
+        assert!(Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Echoing one datagram proves the UDP task runs (and so has set its options).
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"hello", addr).unwrap();
+    let mut buf = [0u8; 16];
+    client.recv_from(&mut buf).expect("echo");
+
+    let thief = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    thief.set_reuse_address(true).unwrap();
+    let err = thief
+        .bind(&addr.into())
+        .expect_err("a SO_REUSEADDR socket bound echod's inherited UDP address");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}

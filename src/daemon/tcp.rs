@@ -32,7 +32,9 @@ use super::shutdown::Shutdown;
 use crate::config::TcpConfig;
 
 /// Binds a listening socket the way the config asks (backlog, SO_REUSEADDR, IPv6-only
-/// for `[::]` so an IPv4 wildcard can be listed beside it).
+/// for `[::]` so an IPv4 wildcard can be listed beside it). SO_REUSEADDR on a TCP
+/// listener only lets a restart bind while old connections sit in TIME_WAIT; Linux
+/// still refuses a second listener on the address (unlike UDP, see `udp::bind`).
 pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -36,10 +36,11 @@ const RECV_BUFFER: usize = 65_536;
 /// Datagrams handled before counts are flushed even if the socket is still busy.
 const MAX_BATCH: usize = 256;
 
-/// Binds a UDP socket (SO_REUSEADDR; IPv6-only for `[::]`).
+/// Binds a UDP socket (IPv6-only for `[::]`). Never SO_REUSEADDR: on Linux it lets any
+/// other socket that also sets it bind the same UDP address and take the datagrams;
+/// UDP has no TIME_WAIT for it to help with, so a restart rebinds at once without it.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -164,6 +165,11 @@ static SEND_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(
 impl Listener {
     /// Echoes until stopped.
     pub(crate) async fn run(mut self) {
+        // A socket handed over by systemd comes with SO_REUSEADDR set (systemd sets it on
+        // every socket it binds); cleared, no later bind can share the address.
+        if let Err(e) = SockRef::from(&self.socket).set_reuse_address(false) {
+            warn!(listener = %self.label, error = %e, "cannot clear SO_REUSEADDR");
+        }
         let mut buf = vec![0u8; RECV_BUFFER];
         // A socket whose address cannot be read is on port 0 for this purpose: denied anyway.
         let port = self.socket.local_addr().map_or(0, |a| a.port());
