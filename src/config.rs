@@ -91,6 +91,9 @@ pub struct UdpConfig {
     pub listen: Vec<SocketAddr>,
     /// Largest datagram echoed; a larger one is dropped, never echoed truncated.
     pub max_datagram_size: usize,
+    /// Kernel receive buffer per UDP socket (SO_RCVBUF), in bytes: how much of a burst
+    /// waits while echod is busy instead of being dropped. 0 keeps the kernel default.
+    pub receive_buffer_size: usize,
     /// Source ports never answered (reflection-loop protection).
     pub deny_source_ports: Vec<u16>,
     /// Also never answer the ports echod's own UDP sockets listen on: a datagram from
@@ -106,6 +109,7 @@ impl Default for UdpConfig {
         Self {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             max_datagram_size: 65_507,
+            receive_buffer_size: 4 * 1024 * 1024,
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
             deny_own_ports: true,
             rate_limit: RateLimitConfig::default(),
@@ -329,6 +333,10 @@ fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
     )
 }
 
+/// The largest socket buffer a config may ask for (256 MiB): the kernel doubles the
+/// request into an `int`, and more than this per socket is a typo, not a plan.
+const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
+
 type Invalid = (&'static str, String);
 
 fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
@@ -380,6 +388,17 @@ impl Config {
             (1..=65_535).contains(&udp.max_datagram_size),
             "udp.max_datagram_size",
             || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
+        )?;
+        check(
+            udp.receive_buffer_size == 0
+                || (4096..=MAX_SOCKET_BUFFER).contains(&udp.receive_buffer_size),
+            "udp.receive_buffer_size",
+            || {
+                format!(
+                    "must be 0 (kernel default) or between 4096 and {MAX_SOCKET_BUFFER}, got {}",
+                    udp.receive_buffer_size
+                )
+            },
         )?;
         let rl = &udp.rate_limit;
         check(

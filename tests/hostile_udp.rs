@@ -382,3 +382,144 @@ fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
         .expect_err("a SO_REUSEADDR socket bound echod's inherited UDP address");
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }
+
+/// The kernel's view of the UDP socket bound to `addr`: `skmem` fields by name
+/// (`rb` is the receive buffer limit, `d` the datagrams dropped for lack of room).
+fn udp_skmem(addr: SocketAddr) -> std::collections::HashMap<String, u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-uamnH", &format!("src {addr}")])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let skmem = text
+        .split("skmem:(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no skmem for {addr} in ss output: {text:?}"));
+    skmem
+        .split(',')
+        .filter_map(|field| {
+            let digits = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits);
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn rmem_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(212_992)
+}
+
+/// Waits until the process is in state `T` (stopped) or has left it.
+fn wait_stopped(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.trim().chars().next());
+        if (state == Some('T')) == stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process state {state:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
+    if !common::require_tool("ss") {
+        return;
+    }
+    let daemon = Daemon::start(
+        r#"
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#,
+    );
+    // The receive buffer is the configured default, 4 MiB: the kernel reports twice the
+    // request, capped by net.core.rmem_max unless echod may force it (root).
+    let want = 4u64 << 20;
+    let expected = if is_root() {
+        2 * want
+    } else {
+        2 * want.min(rmem_max())
+    };
+    let rb = udp_skmem(daemon.udp)["rb"];
+    eprintln!("UDP receive buffer: {rb} bytes");
+    assert_eq!(rb, expected, "receive buffer of echod's UDP socket");
+
+    // echod cannot read for a moment (stopped here; a CPU-starved host looks the same)
+    // while a burst of 2 000 datagrams of 1 000 bytes arrives: the queue must hold it.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let burst = 2_000u32;
+    daemon.signal(libc::SIGSTOP);
+    wait_stopped(daemon.pid(), true);
+    for i in 0..burst {
+        let mut datagram = [0u8; 1000];
+        datagram[..4].copy_from_slice(&i.to_be_bytes());
+        client.send_to(&datagram, daemon.udp).unwrap();
+    }
+    let queued = udp_skmem(daemon.udp);
+    daemon.signal(libc::SIGCONT);
+    wait_stopped(daemon.pid(), false);
+    let received = || daemon.metric("echod_udp_received_datagrams_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received() < f64::from(burst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "queued {} bytes, kernel dropped {}; echod received {} of {burst}",
+        queued["r"],
+        queued["d"],
+        received()
+    );
+    assert_eq!(queued["d"], 0, "the kernel dropped datagrams of the burst");
+    assert_eq!(received(), f64::from(burst));
+}
+
+#[test]
+fn the_udp_receive_buffer_follows_a_reload() {
+    if !common::require_tool("ss") {
+        return;
+    }
+    let daemon = Daemon::start("[udp]\nreceive_buffer_size = 65536\n");
+    assert_eq!(udp_skmem(daemon.udp)["rb"], 2 * 65_536);
+    daemon.rewrite_config("[udp]\nreceive_buffer_size = 131072\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
+    // The socket applies new settings when it next wakes up.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"wake up", daemon.udp).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while udp_skmem(daemon.udp)["rb"] != 2 * 131_072 {
+        assert!(Instant::now() < deadline, "{:?}", udp_skmem(daemon.udp));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_out_of_range_receive_buffer_is_refused_by_name() {
+    for value in ["100", "268435457"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echod.toml");
+        std::fs::write(&path, format!("[udp]\nreceive_buffer_size = {value}\n")).unwrap();
+        let out = std::process::Command::new(common::echod_bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{value}: {stderr}");
+        assert!(stderr.contains("udp.receive_buffer_size"), "{stderr}");
+    }
+}

@@ -13,6 +13,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,6 +161,33 @@ impl Rules {
     }
 }
 
+/// Sets the kernel receive buffer of `socket` to `size` bytes (0: leave it). Tries
+/// SO_RCVBUFFORCE first, which may exceed `net.core.rmem_max` but needs CAP_NET_ADMIN,
+/// then plain SO_RCVBUF, which the kernel silently caps at `rmem_max`. Returns the size
+/// the kernel reports (twice the request: it counts its own bookkeeping).
+fn set_receive_buffer(socket: &UdpSocket, size: usize) -> io::Result<usize> {
+    let sock = SockRef::from(socket);
+    if size == 0 {
+        return sock.recv_buffer_size();
+    }
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt(2) on a descriptor we own, with a pointer to a live c_int and
+    // its exact length.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        sock.set_recv_buffer_size(size)?;
+    }
+    sock.recv_buffer_size()
+}
+
 static SEND_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
 impl Listener {
@@ -170,6 +198,8 @@ impl Listener {
         if let Err(e) = SockRef::from(&self.socket).set_reuse_address(false) {
             warn!(listener = %self.label, error = %e, "cannot clear SO_REUSEADDR");
         }
+        let mut receive_buffer = self.config.borrow().receive_buffer_size;
+        self.apply_receive_buffer(receive_buffer);
         let mut buf = vec![0u8; RECV_BUFFER];
         // A socket whose address cannot be read is on port 0 for this purpose: denied anyway.
         let port = self.socket.local_addr().map_or(0, |a| a.port());
@@ -189,6 +219,11 @@ impl Listener {
                 || self.own_ports.version() != rules.own_ports_version
             {
                 rules = Rules::new(&self.config.borrow_and_update(), &self.own_ports);
+                let wanted = self.config.borrow().receive_buffer_size;
+                if wanted != receive_buffer {
+                    receive_buffer = wanted;
+                    self.apply_receive_buffer(wanted);
+                }
             }
             for _ in 0..MAX_BATCH {
                 // A socket that is never empty (a flood, or an echo loop) must not keep
@@ -209,6 +244,18 @@ impl Listener {
         }
         batch.flush(&self.metrics);
         debug!(listener = %self.label, "UDP socket closed");
+    }
+
+    fn apply_receive_buffer(&self, requested: usize) {
+        match set_receive_buffer(&self.socket, requested) {
+            Ok(effective) => {
+                debug!(listener = %self.label, requested, effective, "UDP receive buffer");
+            }
+            Err(e) => {
+                warn!(listener = %self.label, requested, error = %e,
+                    "cannot set the UDP receive buffer");
+            }
+        }
     }
 
     fn handle(&self, datagram: &[u8], peer: SocketAddr, rules: &Rules, batch: &mut UdpBatch) {
