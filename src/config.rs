@@ -61,6 +61,13 @@ pub struct TcpConfig {
     pub idle_timeout: Duration,
     /// Bytes read (and so held) per connection at most; bounds memory per busy client.
     pub buffer_size: usize,
+    /// Kernel send buffer per connection (SO_SNDBUF), in bytes; 0 leaves it to the
+    /// kernel, which grows it up to `net.ipv4.tcp_wmem` max (4 MiB) for a client that
+    /// does not read. Bounds the kernel memory one connection can pin.
+    pub send_buffer_size: usize,
+    /// Kernel receive buffer per connection (SO_RCVBUF), in bytes; 0 leaves it to the
+    /// kernel's autotuning (up to `net.ipv4.tcp_rmem` max).
+    pub receive_buffer_size: usize,
     /// Disable Nagle, so small echoes return without delay.
     pub nodelay: bool,
     /// Idle time before TCP keepalive probes start; "0s" turns keepalive off.
@@ -77,6 +84,8 @@ impl Default for TcpConfig {
             max_connections_per_ip: 1_000,
             idle_timeout: Duration::from_secs(300),
             buffer_size: 16 * 1024,
+            send_buffer_size: 256 * 1024,
+            receive_buffer_size: 256 * 1024,
             nodelay: true,
             keepalive: Duration::from_secs(60),
         }
@@ -343,6 +352,19 @@ fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Resul
     if ok { Ok(()) } else { Err((key, message())) }
 }
 
+/// A socket buffer size: 0 (the kernel decides) or 4 KiB to [`MAX_SOCKET_BUFFER`].
+fn socket_buffer(key: &'static str, size: usize) -> Result<(), Invalid> {
+    check(
+        size == 0 || (4096..=MAX_SOCKET_BUFFER).contains(&size),
+        key,
+        || {
+            format!(
+                "must be 0 (kernel default) or between 4096 and {MAX_SOCKET_BUFFER}, got {size}"
+            )
+        },
+    )
+}
+
 fn no_duplicates(key: &'static str, addrs: &[SocketAddr]) -> Result<(), Invalid> {
     let mut seen = BTreeSet::new();
     for addr in addrs {
@@ -382,6 +404,8 @@ impl Config {
             "tcp.buffer_size",
             || format!("must be between 512 and 16777216, got {}", tcp.buffer_size),
         )?;
+        socket_buffer("tcp.send_buffer_size", tcp.send_buffer_size)?;
+        socket_buffer("tcp.receive_buffer_size", tcp.receive_buffer_size)?;
         let udp = &self.udp;
         no_duplicates("udp.listen", &udp.listen)?;
         check(
@@ -389,17 +413,7 @@ impl Config {
             "udp.max_datagram_size",
             || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
         )?;
-        check(
-            udp.receive_buffer_size == 0
-                || (4096..=MAX_SOCKET_BUFFER).contains(&udp.receive_buffer_size),
-            "udp.receive_buffer_size",
-            || {
-                format!(
-                    "must be 0 (kernel default) or between 4096 and {MAX_SOCKET_BUFFER}, got {}",
-                    udp.receive_buffer_size
-                )
-            },
-        )?;
+        socket_buffer("udp.receive_buffer_size", udp.receive_buffer_size)?;
         let rl = &udp.rate_limit;
         check(
             rl.packets_per_second == 0 || rl.burst >= 1,

@@ -190,14 +190,24 @@ impl Connection {
         }
     }
 
+    /// Per-connection options. Fixed send and receive buffers turn off the kernel's
+    /// autotuning for this socket: without them a client that sends but never reads
+    /// makes echod's send queue grow to `tcp_wmem` max (4 MiB) in kernel memory.
     fn apply_socket_options(&self) {
         let _ = self.stream.set_nodelay(self.config.nodelay);
+        let sock = SockRef::from(&self.stream);
+        if self.config.send_buffer_size != 0 {
+            let _ = sock.set_send_buffer_size(self.config.send_buffer_size);
+        }
+        if self.config.receive_buffer_size != 0 {
+            let _ = sock.set_recv_buffer_size(self.config.receive_buffer_size);
+        }
         if !self.config.keepalive.is_zero() {
             let keepalive = TcpKeepalive::new()
                 .with_time(self.config.keepalive)
                 .with_interval(Duration::from_secs(10))
                 .with_retries(3);
-            let _ = SockRef::from(&self.stream).set_tcp_keepalive(&keepalive);
+            let _ = sock.set_tcp_keepalive(&keepalive);
         }
     }
 
