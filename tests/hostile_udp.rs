@@ -406,9 +406,16 @@ fn udp_skmem(addr: SocketAddr) -> std::collections::HashMap<String, u64> {
         .collect()
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid(2) has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+/// Whether echod (started by us, so with our capabilities) may use SO_RCVBUFFORCE:
+/// CAP_NET_ADMIN (bit 12) in the effective set, which root in a container may lack.
+fn has_cap_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
 }
 
 fn rmem_max() -> u64 {
@@ -447,9 +454,9 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
         "#,
     );
     // The receive buffer is the configured default, 4 MiB: the kernel reports twice the
-    // request, capped by net.core.rmem_max unless echod may force it (root).
+    // request, capped by net.core.rmem_max unless echod may force it (CAP_NET_ADMIN).
     let want = 4u64 << 20;
-    let expected = if is_root() {
+    let expected = if has_cap_net_admin() {
         2 * want
     } else {
         2 * want.min(rmem_max())
@@ -457,6 +464,12 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
     let rb = udp_skmem(daemon.udp)["rb"];
     eprintln!("UDP receive buffer: {rb} bytes");
     assert_eq!(rb, expected, "receive buffer of echod's UDP socket");
+    if rb < 2 * want {
+        eprintln!(
+            "SKIPPED the burst: net.core.rmem_max caps the buffer and echod may not force it"
+        );
+        return;
+    }
 
     // echod cannot read for a moment (stopped here; a CPU-starved host looks the same)
     // while a burst of 2 000 datagrams of 1 000 bytes arrives: the queue must hold it.
