@@ -20,10 +20,12 @@ use serde::{Deserialize, Serialize};
 pub const DOCUMENTED_DEFAULTS: &str = include_str!("../config/echod.toml");
 
 /// Source ports whose services answer any datagram (echo, daytime, qotd, chargen, time,
-/// DNS, NTP, NetBIOS, SNMP, LDAP, SSDP, mDNS, memcached …): echoing to them would start
-/// a reflection loop, so UDP echo refuses them by default (as BSD inetd did).
+/// DNS, NTP, NetBIOS, SNMP, LDAP, SSDP, mDNS, memcached …, and 7007, echod's own default
+/// and container port): echoing to them would start a reflection loop, so UDP echo
+/// refuses them by default (as BSD inetd did).
 pub const DEFAULT_DENY_SOURCE_PORTS: &[u16] = &[
-    0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 11211,
+    0, 7, 9, 13, 17, 19, 37, 53, 69, 111, 123, 137, 138, 161, 162, 389, 520, 1900, 5353, 7007,
+    11211,
 ];
 
 /// Connections from one source address when `tcp.max_connections_per_ip` is unset (and
@@ -68,6 +70,13 @@ pub struct TcpConfig {
     pub idle_timeout: Duration,
     /// Bytes read (and so held) per connection at most; bounds memory per busy client.
     pub buffer_size: usize,
+    /// Kernel send buffer per connection (SO_SNDBUF), in bytes; 0 leaves it to the
+    /// kernel, which grows it up to `net.ipv4.tcp_wmem` max (4 MiB) for a client that
+    /// does not read. Bounds the kernel memory one connection can pin.
+    pub send_buffer_size: usize,
+    /// Kernel receive buffer per connection (SO_RCVBUF), in bytes; 0 leaves it to the
+    /// kernel's autotuning (up to `net.ipv4.tcp_rmem` max).
+    pub receive_buffer_size: usize,
     /// Disable Nagle, so small echoes return without delay.
     pub nodelay: bool,
     /// Idle time before TCP keepalive probes start; "0s" turns keepalive off.
@@ -92,6 +101,8 @@ impl Default for TcpConfig {
             max_connections_per_ip: None,
             idle_timeout: Duration::from_secs(300),
             buffer_size: 16 * 1024,
+            send_buffer_size: 256 * 1024,
+            receive_buffer_size: 256 * 1024,
             nodelay: true,
             keepalive: Duration::from_secs(60),
             max_connection_duration: None,
@@ -117,8 +128,15 @@ pub struct UdpConfig {
     pub listen: Vec<SocketAddr>,
     /// Largest datagram echoed; a larger one is dropped, never echoed truncated.
     pub max_datagram_size: usize,
+    /// Kernel receive buffer per UDP socket (SO_RCVBUF), in bytes: how much of a burst
+    /// waits while echod is busy instead of being dropped. 0 keeps the kernel default.
+    pub receive_buffer_size: usize,
     /// Source ports never answered (reflection-loop protection).
     pub deny_source_ports: Vec<u16>,
+    /// Also never answer the ports echod's own UDP sockets listen on: a datagram from
+    /// one comes from echod itself or from another echo server on the same port, and
+    /// answering it starts a loop.
+    pub deny_own_ports: bool,
     /// Per-source reply rate limit.
     pub rate_limit: RateLimitConfig,
 }
@@ -128,7 +146,9 @@ impl Default for UdpConfig {
         Self {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             max_datagram_size: 65_507,
+            receive_buffer_size: 4 * 1024 * 1024,
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
+            deny_own_ports: true,
             rate_limit: RateLimitConfig::default(),
         }
     }
@@ -350,10 +370,27 @@ fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
     )
 }
 
+/// The largest socket buffer a config may ask for (256 MiB): the kernel doubles the
+/// request into an `int`, and more than this per socket is a typo, not a plan.
+const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
+
 type Invalid = (&'static str, String);
 
 fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
     if ok { Ok(()) } else { Err((key, message())) }
+}
+
+/// A socket buffer size: 0 (the kernel decides) or 4 KiB to [`MAX_SOCKET_BUFFER`].
+fn socket_buffer(key: &'static str, size: usize) -> Result<(), Invalid> {
+    check(
+        size == 0 || (4096..=MAX_SOCKET_BUFFER).contains(&size),
+        key,
+        || {
+            format!(
+                "must be 0 (kernel default) or between 4096 and {MAX_SOCKET_BUFFER}, got {size}"
+            )
+        },
+    )
 }
 
 fn no_duplicates(key: &'static str, addrs: &[SocketAddr]) -> Result<(), Invalid> {
@@ -407,6 +444,8 @@ impl Config {
             "tcp.buffer_size",
             || format!("must be between 512 and 16777216, got {}", tcp.buffer_size),
         )?;
+        socket_buffer("tcp.send_buffer_size", tcp.send_buffer_size)?;
+        socket_buffer("tcp.receive_buffer_size", tcp.receive_buffer_size)?;
         let udp = &self.udp;
         no_duplicates("udp.listen", &udp.listen)?;
         check(
@@ -414,6 +453,7 @@ impl Config {
             "udp.max_datagram_size",
             || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
         )?;
+        socket_buffer("udp.receive_buffer_size", udp.receive_buffer_size)?;
         let rl = &udp.rate_limit;
         check(
             rl.packets_per_second == 0 || rl.burst >= 1,

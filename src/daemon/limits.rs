@@ -3,9 +3,10 @@
 //! [`ConnectionLimiter`] bounds open TCP connections globally and per source address
 //! (xinetd's `instances` and `per_source`); [`RateLimiter`] bounds UDP replies per
 //! source with token buckets in a table of bounded size, so a spoofed flood from
-//! millions of addresses costs bounded memory. Both take new limits live on reload.
+//! millions of addresses costs bounded memory and constant time per datagram. Both take
+//! new limits live on reload.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,10 +115,28 @@ struct Bucket {
     updated: Instant,
 }
 
+impl Bucket {
+    /// Full again by `now`: the source behaves exactly like a new one, so forgetting it
+    /// loses nothing.
+    fn refilled(&self, now: Instant, rate: f64, burst: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens + elapsed * rate >= burst
+    }
+}
+
+/// Tracked sources looked at, at most, when a new source finds the table full: the cost
+/// of a datagram stays constant however large the table is.
+const EVICTION_PROBES: usize = 4;
+
+/// The buckets, and every tracked source once in `order`, which a clock hand walks round:
+/// a new source that finds the table full examines the next [`EVICTION_PROBES`] sources,
+/// forgets those that have refilled and sends the others to the back. The periodic
+/// [`RateLimiter::sweep`] forgets every refilled source once a second.
 #[derive(Debug)]
 struct RateTable {
     config: RateLimitConfig,
     buckets: HashMap<IpAddr, Bucket>,
+    order: VecDeque<IpAddr>,
 }
 
 /// Per-source token buckets for UDP replies, shared by every UDP socket.
@@ -133,6 +152,7 @@ impl RateLimiter {
             table: Mutex::new(RateTable {
                 config: config.clone(),
                 buckets: HashMap::new(),
+                order: VecDeque::new(),
             }),
         })
     }
@@ -147,7 +167,8 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `ip`; false means "do not reply".
+    /// Takes one token for `ip`; false means "do not reply". Constant time: a full
+    /// table costs at most [`EVICTION_PROBES`] look-ups more, never a scan.
     pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let rate = f64::from(t.config.packets_per_second);
@@ -156,11 +177,15 @@ impl RateLimiter {
         }
         let burst = f64::from(t.config.burst);
         let ip = canonical_ip(ip);
-        if !t.buckets.contains_key(&ip) && t.buckets.len() >= t.config.max_sources {
-            t.evict_full(now);
+        let is_new = !t.buckets.contains_key(&ip);
+        if is_new {
             if t.buckets.len() >= t.config.max_sources {
-                return false;
+                t.evict_some(now);
+                if t.buckets.len() >= t.config.max_sources {
+                    return false;
+                }
             }
+            t.order.push_back(ip);
         }
         let b = t.buckets.entry(ip).or_insert(Bucket {
             tokens: burst,
@@ -178,27 +203,47 @@ impl RateLimiter {
     }
 
     /// Forgets sources whose buckets have refilled: they behave exactly like new ones,
-    /// so dropping them loses nothing. Called periodically; returns the sources still
-    /// tracked (for the table-size gauge).
+    /// so dropping them loses nothing. Called periodically (a scan of the table, once a
+    /// second); returns the sources still tracked (for the table-size gauge).
     pub(crate) fn sweep(&self, now: Instant) -> usize {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        t.evict_full(now);
+        t.evict_all(now);
         t.buckets.len()
     }
 }
 
 impl RateTable {
-    fn evict_full(&mut self, now: Instant) {
+    /// Moves the clock hand over at most [`EVICTION_PROBES`] sources, forgetting the
+    /// refilled ones; returns how many it examined.
+    fn evict_some(&mut self, now: Instant) -> usize {
+        let rate = f64::from(self.config.packets_per_second);
+        let burst = f64::from(self.config.burst);
+        let probes = EVICTION_PROBES.min(self.order.len());
+        for _ in 0..probes {
+            let Some(ip) = self.order.pop_front() else {
+                break;
+            };
+            match self.buckets.get(&ip) {
+                Some(b) if !b.refilled(now, rate, burst) => self.order.push_back(ip),
+                _ => {
+                    self.buckets.remove(&ip);
+                }
+            }
+        }
+        probes
+    }
+
+    fn evict_all(&mut self, now: Instant) {
         let rate = f64::from(self.config.packets_per_second);
         let burst = f64::from(self.config.burst);
         if rate == 0.0 {
             self.buckets.clear();
+            self.order.clear();
             return;
         }
-        self.buckets.retain(|_, b| {
-            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
-            b.tokens + elapsed * rate < burst
-        });
+        self.buckets.retain(|_, b| !b.refilled(now, rate, burst));
+        let buckets = &self.buckets;
+        self.order.retain(|ip| buckets.contains_key(ip));
     }
 }
 
@@ -258,5 +303,118 @@ mod tests {
         let later = t0 + Duration::from_secs(5);
         assert_eq!(limiter.sweep(later), 0);
         assert!(limiter.allow("10.0.0.3".parse().unwrap(), later));
+    }
+
+    #[test]
+    fn a_full_table_finds_a_refilled_source_a_few_probes_at_a_time() {
+        const TABLE: u32 = 1_000;
+        let limiter = RateLimiter::new(&RateLimitConfig {
+            packets_per_second: 1,
+            burst: 2,
+            max_sources: TABLE as usize,
+        });
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        let t0 = Instant::now();
+        for i in 0..TABLE {
+            assert!(limiter.allow(ip(i), t0));
+        }
+        // A second later every source but the newest (last in the clock's order) has
+        // spent another token: only that one has refilled.
+        let t1 = t0 + Duration::from_secs(1);
+        for i in 0..TABLE - 1 {
+            assert!(limiter.allow(ip(i), t1));
+        }
+        assert!(
+            !limiter.allow(ip(TABLE), t1),
+            "table full of active sources"
+        );
+        let mut table = limiter.table.lock().unwrap();
+        let mut calls = 1;
+        while table.buckets.len() == TABLE as usize {
+            let examined = table.evict_some(t1);
+            assert!(examined <= EVICTION_PROBES, "examined {examined}");
+            calls += 1;
+            assert!(calls <= TABLE as usize, "never found the refilled source");
+        }
+        assert!(!table.buckets.contains_key(&ip(TABLE - 1)));
+        assert_eq!(table.order.len(), table.buckets.len());
+        drop(table);
+        // One call per EVICTION_PROBES sources: the hand went round once.
+        assert!(
+            calls <= TABLE as usize / EVICTION_PROBES + 1,
+            "{calls} calls"
+        );
+        assert!(limiter.allow(ip(TABLE), t1), "room for a new source again");
+    }
+
+    /// Times `calls` calls of `allow` for sources never seen before; the best of three
+    /// runs, so a preempted run on a busy machine does not decide the result. Gives up
+    /// when one run takes longer than `limit`, with the calls done by then.
+    fn time_new_sources(
+        limiter: impl Fn() -> Arc<RateLimiter>,
+        calls: u32,
+        expect: bool,
+        limit: Duration,
+    ) -> Result<Duration, u32> {
+        let now = Instant::now();
+        let mut best = Duration::MAX;
+        for _ in 0..3 {
+            let limiter = limiter();
+            let started = Instant::now();
+            for i in 0..calls {
+                let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+                assert_eq!(limiter.allow(ip, now), expect);
+                if i % 1024 == 0 && started.elapsed() > limit {
+                    return Err(i);
+                }
+            }
+            best = best.min(started.elapsed());
+        }
+        Ok(best)
+    }
+
+    #[test]
+    fn a_full_table_costs_no_more_per_new_source_than_an_empty_one() {
+        const TABLE: u32 = 16_384;
+        const CALLS: u32 = 100_000;
+        let config = |max_sources| RateLimitConfig {
+            packets_per_second: 1,
+            burst: 10,
+            max_sources,
+        };
+        // Baseline: every call admits a new source into a table with room for all.
+        let empty = time_new_sources(
+            || RateLimiter::new(&config((CALLS + TABLE) as usize)),
+            CALLS,
+            true,
+            Duration::from_secs(60),
+        )
+        .expect("baseline finished");
+        // A table full of active sources (each has just spent a token): every new
+        // source is refused, and that must not cost a scan of the table.
+        let full_table = || {
+            let limiter = RateLimiter::new(&config(TABLE as usize));
+            let now = Instant::now();
+            for i in 0..TABLE {
+                assert!(
+                    limiter.allow(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), now)
+                );
+            }
+            limiter
+        };
+        let limit = empty * 20;
+        let full = match time_new_sources(full_table, CALLS, false, limit) {
+            Ok(full) => full,
+            Err(done) => panic!(
+                "full table: only {done} of {CALLS} new sources in {limit:?} (20x the \
+                 empty-table time, {empty:?}): {:?} per call",
+                limit / done.max(1)
+            ),
+        };
+        let ratio = full.as_secs_f64() / empty.as_secs_f64();
+        eprintln!(
+            "{CALLS} new sources: empty table {empty:?}, full table {full:?}, ratio {ratio:.2}"
+        );
+        assert!(ratio < 3.0, "full table costs {ratio:.2}x an empty one");
     }
 }

@@ -34,7 +34,8 @@ impl RejectReason {
 pub enum DropReason {
     /// Larger than `udp.max_datagram_size`.
     Oversize,
-    /// From a source port in `udp.deny_source_ports`, or a non-unicast source address.
+    /// From a source port in `udp.deny_source_ports` or one of echod's own UDP ports,
+    /// or from a non-unicast source address.
     DeniedPort,
     /// The source exceeded its token bucket (or the table of sources is full).
     RateLimited,

@@ -89,6 +89,7 @@ struct Shared {
     shutdown: Shutdown,
     limiter: Arc<ConnectionLimiter>,
     rate_limiter: Arc<RateLimiter>,
+    own_udp_ports: Arc<udp::OwnPorts>,
     tcp_config: watch::Sender<Arc<TcpConfig>>,
     udp_config: watch::Sender<Arc<UdpConfig>>,
     connections: TaskTracker,
@@ -106,6 +107,7 @@ impl Shared {
             shutdown: Shutdown::new(),
             limiter: ConnectionLimiter::new(&config.tcp),
             rate_limiter: RateLimiter::new(&config.udp.rate_limit),
+            own_udp_ports: Arc::default(),
             tcp_config: watch::Sender::new(Arc::new(config.tcp.clone())),
             udp_config: watch::Sender::new(Arc::new(config.udp.clone())),
             connections: TaskTracker::new(),
@@ -154,6 +156,7 @@ impl Shared {
                     label,
                     config: self.udp_config.subscribe(),
                     limiter: Arc::clone(&self.rate_limiter),
+                    own_ports: Arc::clone(&self.own_udp_ports),
                     stop: stop.clone(),
                 };
                 tokio::spawn(listener.run());

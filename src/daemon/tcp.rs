@@ -33,7 +33,9 @@ use super::shutdown::Shutdown;
 use crate::config::TcpConfig;
 
 /// Binds a listening socket the way the config asks (backlog, SO_REUSEADDR, IPv6-only
-/// for `[::]` so an IPv4 wildcard can be listed beside it).
+/// for `[::]` so an IPv4 wildcard can be listed beside it). SO_REUSEADDR on a TCP
+/// listener only lets a restart bind while old connections sit in TIME_WAIT; Linux
+/// still refuses a second listener on the address (unlike UDP, see `udp::bind`).
 pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -253,14 +255,24 @@ impl Connection {
         }
     }
 
+    /// Per-connection options. Fixed send and receive buffers turn off the kernel's
+    /// autotuning for this socket: without them a client that sends but never reads
+    /// makes echod's send queue grow to `tcp_wmem` max (4 MiB) in kernel memory.
     fn apply_socket_options(&self) {
         let _ = self.stream.set_nodelay(self.config.nodelay);
+        let sock = SockRef::from(&self.stream);
+        if self.config.send_buffer_size != 0 {
+            let _ = sock.set_send_buffer_size(self.config.send_buffer_size);
+        }
+        if self.config.receive_buffer_size != 0 {
+            let _ = sock.set_recv_buffer_size(self.config.receive_buffer_size);
+        }
         if !self.config.keepalive.is_zero() {
             let keepalive = TcpKeepalive::new()
                 .with_time(self.config.keepalive)
                 .with_interval(Duration::from_secs(10))
                 .with_retries(3);
-            let _ = SockRef::from(&self.stream).set_tcp_keepalive(&keepalive);
+            let _ = sock.set_tcp_keepalive(&keepalive);
         }
     }
 

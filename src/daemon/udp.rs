@@ -3,16 +3,22 @@
 //!
 //! A datagram is dropped (and counted) when it is larger than `udp.max_datagram_size`
 //! (never echoed truncated), when it comes from a denied source port or a non-unicast
-//! address (the echo–chargen loop, CVE-1999-0103), or when its source has used up its
-//! token bucket. Datagrams are handled in bursts: read until the socket is empty, then
-//! add the burst's counts to the metrics once.
+//! address (the echo–chargen loop, CVE-1999-0103), from one of echod's own UDP ports
+//! (a spoofed datagram from echod itself, or from another echod on the same port, would
+//! otherwise bounce until the rate limit stops it), or when its source has used up its
+//! token bucket. Datagrams are handled in bursts: read until the socket is empty (or
+//! [`MAX_BATCH`] datagrams), then add the burst's counts to the metrics once. Every
+//! datagram spends tokio's coop budget, so a socket that never empties (a flood, an
+//! echo loop) cannot starve the other tasks on its worker.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,10 +37,11 @@ const RECV_BUFFER: usize = 65_536;
 /// Datagrams handled before counts are flushed even if the socket is still busy.
 const MAX_BATCH: usize = 256;
 
-/// Binds a UDP socket (SO_REUSEADDR; IPv6-only for `[::]`).
+/// Binds a UDP socket (IPv6-only for `[::]`). Never SO_REUSEADDR: on Linux it lets any
+/// other socket that also sets it bind the same UDP address and take the datagrams;
+/// UDP has no TIME_WAIT for it to help with, so a restart rebinds at once without it.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -52,26 +59,89 @@ pub(crate) struct Listener {
     pub(crate) config: watch::Receiver<Arc<UdpConfig>>,
     /// Per-source token buckets shared by all UDP sockets.
     pub(crate) limiter: Arc<RateLimiter>,
+    /// The ports of all of echod's UDP sockets, this one included.
+    pub(crate) own_ports: Arc<OwnPorts>,
     pub(crate) metrics: UdpListenerMetrics,
     /// Stops this socket alone (reload) or with all (drain).
     pub(crate) stop: CancellationToken,
 }
 
+/// The ports echod's UDP sockets listen on, shared by all of them, so each socket also
+/// refuses datagrams from its siblings' ports (two echo sockets of one echod on
+/// different ports would otherwise loop between themselves).
+#[derive(Debug, Default)]
+pub(crate) struct OwnPorts {
+    ports: Mutex<Vec<u16>>,
+    /// Bumped on every change, so sockets rebuild their rules only when needed.
+    version: AtomicU64,
+}
+
+/// A socket's entry in [`OwnPorts`]; dropping it removes the port.
+struct OwnPort {
+    ports: Arc<OwnPorts>,
+    port: u16,
+}
+
+impl OwnPorts {
+    fn register(self: &Arc<Self>, port: u16) -> OwnPort {
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(port);
+        self.version.fetch_add(1, Ordering::Release);
+        OwnPort {
+            ports: Arc::clone(self),
+            port,
+        }
+    }
+
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The version and the ports, read together.
+    fn snapshot(&self) -> (u64, Vec<u16>) {
+        let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        (self.version(), ports.clone())
+    }
+}
+
+impl Drop for OwnPort {
+    fn drop(&mut self) {
+        let mut ports = self.ports.ports.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ports.iter().position(|&p| p == self.port) {
+            ports.swap_remove(i);
+        }
+        drop(ports);
+        self.ports.version.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// The current filtering rules in a form cheap to test per datagram.
 struct Rules {
     max_datagram_size: usize,
+    /// `udp.deny_source_ports`, plus echod's own ports unless `udp.deny_own_ports` is off.
     denied_ports: Box<[u64; 1024]>,
+    /// The [`OwnPorts`] version these rules were built from.
+    own_ports_version: u64,
 }
 
 impl Rules {
-    fn new(config: &UdpConfig) -> Self {
+    fn new(config: &UdpConfig, own_ports: &OwnPorts) -> Self {
         let mut denied_ports = Box::new([0u64; 1024]);
-        for &port in &config.deny_source_ports {
+        let (own_ports_version, own) = own_ports.snapshot();
+        let own = if config.deny_own_ports {
+            own
+        } else {
+            Vec::new()
+        };
+        for &port in config.deny_source_ports.iter().chain(&own) {
             denied_ports[usize::from(port) / 64] |= 1 << (port % 64);
         }
         Self {
             max_datagram_size: config.max_datagram_size,
             denied_ports,
+            own_ports_version,
         }
     }
 
@@ -91,13 +161,50 @@ impl Rules {
     }
 }
 
+/// Sets the kernel receive buffer of `socket` to `size` bytes (0: leave it). Tries
+/// SO_RCVBUFFORCE first, which may exceed `net.core.rmem_max` but needs CAP_NET_ADMIN,
+/// then plain SO_RCVBUF, which the kernel silently caps at `rmem_max`. Returns the size
+/// the kernel reports (twice the request: it counts its own bookkeeping).
+fn set_receive_buffer(socket: &UdpSocket, size: usize) -> io::Result<usize> {
+    let sock = SockRef::from(socket);
+    if size == 0 {
+        return sock.recv_buffer_size();
+    }
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt(2) on a descriptor we own, with a pointer to a live c_int and
+    // its exact length.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        sock.set_recv_buffer_size(size)?;
+    }
+    sock.recv_buffer_size()
+}
+
 static SEND_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
 impl Listener {
     /// Echoes until stopped.
     pub(crate) async fn run(mut self) {
+        // A socket handed over by systemd comes with SO_REUSEADDR set (systemd sets it on
+        // every socket it binds); cleared, no later bind can share the address.
+        if let Err(e) = SockRef::from(&self.socket).set_reuse_address(false) {
+            warn!(listener = %self.label, error = %e, "cannot clear SO_REUSEADDR");
+        }
+        let mut receive_buffer = self.config.borrow().receive_buffer_size;
+        self.apply_receive_buffer(receive_buffer);
         let mut buf = vec![0u8; RECV_BUFFER];
-        let mut rules = Rules::new(&self.config.borrow_and_update());
+        // A socket whose address cannot be read is on port 0 for this purpose: denied anyway.
+        let port = self.socket.local_addr().map_or(0, |a| a.port());
+        let _own_port = self.own_ports.register(port);
+        let mut rules = Rules::new(&self.config.borrow_and_update(), &self.own_ports);
         let mut batch = UdpBatch::default();
         loop {
             tokio::select! {
@@ -108,10 +215,22 @@ impl Listener {
                     break;
                 },
             }
-            if self.config.has_changed().unwrap_or(false) {
-                rules = Rules::new(&self.config.borrow_and_update());
+            if self.config.has_changed().unwrap_or(false)
+                || self.own_ports.version() != rules.own_ports_version
+            {
+                rules = Rules::new(&self.config.borrow_and_update(), &self.own_ports);
+                let wanted = self.config.borrow().receive_buffer_size;
+                if wanted != receive_buffer {
+                    receive_buffer = wanted;
+                    self.apply_receive_buffer(wanted);
+                }
             }
             for _ in 0..MAX_BATCH {
+                // A socket that is never empty (a flood, or an echo loop) must not keep
+                // the worker to itself: `readable()` and `try_recv_from` spend no coop
+                // budget, so each datagram spends one here, and the task yields when the
+                // budget is gone. TCP, health and signals keep being served.
+                tokio::task::coop::consume_budget().await;
                 match self.socket.try_recv_from(&mut buf) {
                     Ok((n, peer)) => self.handle(&buf[..n], peer, &rules, &mut batch),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -125,6 +244,18 @@ impl Listener {
         }
         batch.flush(&self.metrics);
         debug!(listener = %self.label, "UDP socket closed");
+    }
+
+    fn apply_receive_buffer(&self, requested: usize) {
+        match set_receive_buffer(&self.socket, requested) {
+            Ok(effective) => {
+                debug!(listener = %self.label, requested, effective, "UDP receive buffer");
+            }
+            Err(e) => {
+                warn!(listener = %self.label, requested, error = %e,
+                    "cannot set the UDP receive buffer");
+            }
+        }
     }
 
     fn handle(&self, datagram: &[u8], peer: SocketAddr, rules: &Rules, batch: &mut UdpBatch) {

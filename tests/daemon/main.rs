@@ -7,6 +7,8 @@ mod support;
 
 mod caps;
 mod config;
+mod hostile_tcp;
+mod hostile_udp;
 mod in_process;
 mod limits;
 mod metrics;
@@ -32,5 +34,7 @@ fn main() -> std::process::ExitCode {
         in_process::TESTS,
         operator::TESTS,
         caps::TESTS,
+        hostile_udp::TESTS,
+        hostile_tcp::TESTS,
     ])
 }

@@ -219,3 +219,13 @@ pub fn block_on<F: std::future::Future>(test: F) -> F::Output {
         .expect("test runtime")
         .block_on(test)
 }
+
+/// Raw IP sockets (root), to send UDP datagrams with a spoofed source on loopback.
+pub const RAW_SOCKETS: Need = Need::Host("raw IP sockets (root) to spoof UDP sources", || {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .is_ok()
+});

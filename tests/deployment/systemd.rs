@@ -373,10 +373,7 @@ fn packaged_service_under_real_systemd() {
     wait_metric("echod_tcp_connections_active", 2.0);
     c.write_file(
         "/etc/echod/echod.toml",
-        &packaged.replace(
-            "max_connections_per_ip = 1000",
-            "max_connections_per_ip = 2",
-        ),
+        &packaged.replacen("[tcp]\n", "[tcp]\nmax_connections_per_ip = 2\n", 1),
     );
     c.ok("systemctl reload echod");
     wait_metric("echod_config_reloads_total", 1.0);

@@ -1,0 +1,167 @@
+//! TCP under hostile clients: what one connection may pin in kernel memory.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::Daemon;
+
+crate::support::tests![
+    a_client_that_never_reads_pins_bounded_kernel_memory needs &[crate::support::Need::Tool("ss")],
+    out_of_range_tcp_buffers_are_refused_by_name,
+];
+
+/// Writes without ever reading until `limit` bytes are sent or the writes have stalled
+/// for `stall` (echod stopped reading); bounded by 10 s. Returns the bytes written.
+fn write_until_stalled(s: &mut TcpStream, limit: usize, stall: Duration) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    while written < limit && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stall {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write failed before echod stalled: {e}"),
+        }
+    }
+    written
+}
+
+/// The kernel's view of the TCP socket from `local` to `peer`: `skmem` fields by name
+/// (`r`/`rb`: bytes queued for reading / receive buffer limit, `t`/`tb`: bytes queued
+/// for sending / send buffer limit, `w`: send queue including unsent data).
+fn tcp_skmem(local: SocketAddr, peer: SocketAddr) -> HashMap<String, u64> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            &format!("src {local} and dst {peer}"),
+        ])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let skmem = text
+        .split("skmem:(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no skmem for {local} -> {peer} in ss output: {text:?}"));
+    skmem
+        .split(',')
+        .filter_map(|field| {
+            let digits = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits);
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A client that first streams `warm_up` bytes while reading the echo (so the kernel's
+/// autotuning grows echod's buffers for a fast peer), then sends and never reads;
+/// returns echod's side of the connection as `ss` sees it once the writes have
+/// stalled, and the bytes written.
+fn pin_kernel_memory(daemon: &Daemon, warm_up: usize) -> (HashMap<String, u64>, usize) {
+    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    if warm_up > 0 {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = s.try_clone().unwrap();
+        let echo = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = warm_up;
+            while left > 0 {
+                let n = reader.read(&mut buf).expect("read echo");
+                assert!(n > 0, "EOF during warm-up");
+                left = left.saturating_sub(n);
+            }
+        });
+        let chunk = vec![0xa5u8; 1 << 20];
+        for _ in 0..warm_up / chunk.len() {
+            s.write_all(&chunk).unwrap();
+        }
+        echo.join().expect("warm-up reader");
+    }
+    let written = write_until_stalled(&mut s, 256 << 20, Duration::from_millis(500));
+    let skmem = tcp_skmem(daemon.tcp, s.local_addr().unwrap());
+    (skmem, written)
+}
+
+const KIB: u64 = 1024;
+
+/// Asserts echod's side of a connection holds at most what `send` and `receive` allow:
+/// the kernel doubles a requested size (its bookkeeping) and may queue one more
+/// segment train beyond the limit.
+fn assert_bounded(mem: &HashMap<String, u64>, send: u64, receive: u64) {
+    let slack = 128 * KIB;
+    assert!(mem["tb"] <= 2 * send, "send buffer {} bytes", mem["tb"]);
+    assert!(
+        mem["w"] <= 2 * send + slack,
+        "send queue {} bytes",
+        mem["w"]
+    );
+    assert!(
+        mem["rb"] <= 2 * receive,
+        "receive buffer {} bytes",
+        mem["rb"]
+    );
+    assert!(
+        mem["r"] <= 2 * receive + slack,
+        "receive queue {} bytes",
+        mem["r"]
+    );
+}
+
+fn a_client_that_never_reads_pins_bounded_kernel_memory() {
+    // Defaults: 256 KiB each way. With the kernel's autotuning (the old behaviour, and
+    // what 0 still selects) this client pinned 4.2 MB of send queue and 1.5 MB of
+    // receive queue.
+    let daemon = Daemon::start("");
+    let (mem, written) = pin_kernel_memory(&daemon, 64 << 20);
+    eprintln!("defaults: client wrote {written} bytes unread; echod's socket {mem:?}");
+    assert_bounded(&mem, 256 * KIB, 256 * KIB);
+
+    let daemon = Daemon::start(
+        r#"
+        [tcp]
+        send_buffer_size = 65536
+        receive_buffer_size = 32768
+        "#,
+    );
+    let (mem, written) = pin_kernel_memory(&daemon, 64 << 20);
+    eprintln!("64 KiB / 32 KiB: client wrote {written} bytes unread; echod's socket {mem:?}");
+    assert_eq!((mem["tb"], mem["rb"]), (128 * KIB, 64 * KIB));
+    assert_bounded(&mem, 64 * KIB, 32 * KIB);
+    // The connection still echoes once the client reads again.
+    assert!(crate::support::tcp_roundtrip(daemon.tcp, &[1u8; 1 << 20], 3) == [1u8; 1 << 20]);
+}
+
+fn out_of_range_tcp_buffers_are_refused_by_name() {
+    for (key, value) in [
+        ("send_buffer_size", "4095"),
+        ("receive_buffer_size", "1"),
+        ("send_buffer_size", "268435457"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echod.toml");
+        std::fs::write(&path, format!("[tcp]\n{key} = {value}\n")).unwrap();
+        let out = std::process::Command::new(crate::support::echod_bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{key} = {value}: {stderr}");
+        assert!(stderr.contains(&format!("tcp.{key}")), "{stderr}");
+    }
+}

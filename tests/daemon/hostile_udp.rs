@@ -1,0 +1,507 @@
+//! UDP under hostile traffic: spoofed sources that make echod talk to itself or to
+//! another echo server, and a second process that tries to take echod's port.
+//!
+//! Spoofing needs a raw socket (CAP_NET_RAW, so root): CI runs as root; elsewhere these
+//! tests are skipped with a note unless `ECHOD_REQUIRE_E2E=1`. Every packet goes to
+//! 127.0.0.0/8 only.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::Daemon;
+use socket2::{Domain, Protocol, Socket, Type};
+
+crate::support::tests![
+    a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate needs &[crate::support::RAW_SOCKETS],
+    a_datagram_from_echods_own_address_is_not_echoed needs &[crate::support::RAW_SOCKETS],
+    a_spoofed_datagram_between_two_echods_on_the_same_port_is_not_echoed needs &[crate::support::RAW_SOCKETS],
+    a_loop_between_echods_on_different_ports_is_bounded_and_broken_by_deny_lists needs &[crate::support::RAW_SOCKETS],
+    two_udp_sockets_of_one_echod_do_not_answer_each_other needs &[crate::support::RAW_SOCKETS],
+    another_process_cannot_take_echods_udp_port,
+    a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either,
+    a_burst_while_echod_is_busy_waits_in_a_large_receive_queue needs &[crate::support::Need::Tool("ss")],
+    the_udp_receive_buffer_follows_a_reload needs &[crate::support::Need::Tool("ss")],
+    an_out_of_range_receive_buffer_is_refused_by_name,
+];
+
+/// A raw IPv4 socket that writes UDP headers itself, bound to `src`'s address so the
+/// kernel puts that address in the IP header; `None` (test skipped) without
+/// CAP_NET_RAW, unless `ECHOD_REQUIRE_E2E=1` makes that a failure.
+fn raw_udp_socket(src: Ipv4Addr) -> Socket {
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .expect("a raw socket (the test needs RAW_SOCKETS)");
+    socket
+        .bind(&SocketAddr::from((src, 0)).into())
+        .expect("bind raw socket to a loopback address");
+    socket
+}
+
+/// One's-complement sum of 16-bit words, for the UDP checksum.
+fn ones_complement_sum(mut sum: u32, bytes: &[u8]) -> u32 {
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+/// Sends one UDP datagram from `src` (an address and port we do not own) to `dst`.
+/// Returns false when the test must be skipped (no raw socket).
+fn spoof(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    assert!(src.ip().is_loopback() && dst.ip().is_loopback());
+    let raw = raw_udp_socket(*src.ip());
+    let len = u16::try_from(8 + payload.len()).expect("small payload");
+    let mut packet = Vec::with_capacity(usize::from(len));
+    packet.extend_from_slice(&src.port().to_be_bytes());
+    packet.extend_from_slice(&dst.port().to_be_bytes());
+    packet.extend_from_slice(&len.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let mut sum = ones_complement_sum(ones_complement_sum(0, &pseudo), &packet);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    packet[6..8].copy_from_slice(&checksum.to_be_bytes());
+    let sent = raw
+        .send_to(&packet, &SocketAddr::from((*dst.ip(), 0)).into())
+        .expect("send spoofed datagram");
+    assert_eq!(sent, packet.len());
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
+    }
+}
+
+/// The daemon answers a TCP echo and `/healthz`, each within 1 s.
+fn assert_responsive(daemon: &Daemon) {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&daemon.tcp, Duration::from_secs(1))
+        .expect("TCP connect within 1 s");
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.write_all(b"still there?").unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).expect("TCP echo within 1 s");
+    assert_eq!(&buf, b"still there?");
+    let tcp_took = started.elapsed();
+
+    let started = Instant::now();
+    let mut h = TcpStream::connect_timeout(&daemon.http, Duration::from_secs(1))
+        .expect("HTTP connect within 1 s");
+    h.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    h.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    h.read_to_string(&mut resp).expect("/healthz within 1 s");
+    assert!(resp.starts_with("HTTP/1.1 200"), "/healthz: {resp:?}");
+    eprintln!(
+        "TCP echo in {tcp_took:?}, /healthz in {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGTERM is handled: the daemon drains and exits 0 within 5 s.
+fn assert_stops_on_sigterm(mut daemon: Daemon) {
+    let started = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "exit status {status:?}");
+    eprintln!("stopped {:?} after SIGTERM", started.elapsed());
+}
+
+fn sent(daemon: &Daemon) -> f64 {
+    daemon.metric("echod_udp_sent_datagrams_total", &[])
+}
+
+fn a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate() {
+    // Own ports are denied by default; turn that off to keep the loop alive and prove
+    // that the daemon yields even then.
+    let daemon = Daemon::start(
+        r#"
+        [udp]
+        deny_own_ports = false
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#,
+    );
+    let own = v4(daemon.udp);
+    spoof(own, own, b"talk to yourself");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_responsive(&daemon);
+    let echoes = sent(&daemon);
+    eprintln!("echoes after the self-addressed datagram: {echoes}");
+    assert!(echoes > 100.0, "the loop did not run ({echoes} echoes)");
+    assert_stops_on_sigterm(daemon);
+}
+
+/// Sums `echod_udp_sent_datagrams_total` over `daemons` until it has not changed for
+/// 500 ms (5 s at most): the loop, if any, has died. Returns the total and how long the
+/// echoes went on.
+fn echoes_once_settled(daemons: &[&Daemon]) -> (f64, Duration) {
+    let started = Instant::now();
+    let total = || daemons.iter().map(|d| sent(d)).sum::<f64>();
+    let mut last = total();
+    let mut changed = Instant::now();
+    while changed.elapsed() < Duration::from_millis(500) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "echoes still going after 5 s: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let now = total();
+        if now != last {
+            last = now;
+            changed = Instant::now();
+        }
+    }
+    (last, changed - started)
+}
+
+fn denied(daemon: &Daemon) -> f64 {
+    daemon.metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "denied_port")],
+    )
+}
+
+fn a_datagram_from_echods_own_address_is_not_echoed() {
+    for rate in ["1000", "0"] {
+        let daemon = Daemon::start(&format!(
+            r#"
+            [udp.rate_limit]
+            packets_per_second = {rate}
+            "#
+        ));
+        let own = v4(daemon.udp);
+        spoof(own, own, b"talk to yourself");
+        let (echoes, lasted) = echoes_once_settled(&[&daemon]);
+        eprintln!("packets_per_second = {rate}: {echoes} echoes over {lasted:?}");
+        assert_eq!(echoes, 0.0, "echod answered itself ({rate}/s)");
+        assert_eq!(denied(&daemon), 1.0);
+        assert_responsive(&daemon);
+        assert_stops_on_sigterm(daemon);
+    }
+}
+
+/// A second echod on the same port on another loopback address, as two hosts running
+/// echod on the default port would be.
+fn start_on(addr: SocketAddr, extra: &str) -> Daemon {
+    Daemon::start(&format!(
+        r#"
+        [udp]
+        listen = ["{addr}"]
+        {extra}
+        "#
+    ))
+}
+
+fn a_spoofed_datagram_between_two_echods_on_the_same_port_is_not_echoed() {
+    let a = Daemon::start("");
+    let b_addr = SocketAddr::from(([127, 0, 0, 2], a.udp.port()));
+    let b = start_on(b_addr, "");
+    spoof(v4(b_addr), v4(a.udp), b"ping-pong");
+    let (echoes, lasted) = echoes_once_settled(&[&a, &b]);
+    eprintln!(
+        "A {} <-> B {b_addr}: {echoes} echoes over {lasted:?}",
+        a.udp
+    );
+    assert_eq!(echoes, 0.0, "A answered B's echo port");
+    assert_eq!(denied(&a), 1.0);
+}
+
+fn a_loop_between_echods_on_different_ports_is_bounded_and_broken_by_deny_lists() {
+    // Default deny list, small rate limit: nothing tells A that B's port is an echo
+    // server, so the rate limit is what ends the loop.
+    let limit = r#"
+        [udp.rate_limit]
+        packets_per_second = 10
+        burst = 20
+    "#;
+    let a = Daemon::start(limit);
+    let b = Daemon::start(limit);
+    spoof(v4(b.udp), v4(a.udp), b"ping-pong");
+    let (echoes, lasted) = echoes_once_settled(&[&a, &b]);
+    eprintln!("different ports, burst 20 at 10/s: {echoes} echoes over {lasted:?}");
+    // Both share the source address 127.0.0.1: each side's bucket gives its burst plus
+    // what refills while the loop runs.
+    let bound = 2.0 * (20.0 + 10.0 * (lasted.as_secs_f64() + 0.5));
+    assert!(echoes <= bound, "{echoes} echoes, bound {bound}");
+    drop((a, b));
+
+    // What the README tells operators: deny the other echo servers' ports.
+    let (pa, pb) = (crate::support::free_port(), crate::support::free_port());
+    let a = start_on(
+        SocketAddr::from(([127, 0, 0, 1], pa)),
+        &format!("deny_source_ports = [0, 7, {pb}]"),
+    );
+    let b = start_on(
+        SocketAddr::from(([127, 0, 0, 1], pb)),
+        &format!("deny_source_ports = [0, 7, {pa}]"),
+    );
+    let (a_addr, b_addr) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pa),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pb),
+    );
+    spoof(b_addr, a_addr, b"ping-pong");
+    let (echoes, _) = echoes_once_settled(&[&a, &b]);
+    assert_eq!(echoes, 0.0, "A answered a denied port");
+    assert_eq!(denied(&a), 1.0);
+}
+
+fn two_udp_sockets_of_one_echod_do_not_answer_each_other() {
+    let (p1, p2) = (crate::support::free_port(), crate::support::free_port());
+    let daemon = Daemon::start(&format!(
+        r#"
+        [udp]
+        listen = ["127.0.0.1:{p1}", "127.0.0.1:{p2}"]
+        "#
+    ));
+    let (s1, s2) = (
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p1),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p2),
+    );
+    spoof(s2, s1, b"sibling");
+    let (echoes, lasted) = echoes_once_settled(&[&daemon]);
+    eprintln!("sockets {p1} <-> {p2} of one echod: {echoes} echoes over {lasted:?}");
+    assert_eq!(echoes, 0.0, "one socket answered its sibling");
+    assert_eq!(denied(&daemon), 1.0);
+}
+
+fn another_process_cannot_take_echods_udp_port() {
+    let daemon = Daemon::start("");
+    // A second echod on the same UDP address (its TCP and HTTP ports are its own).
+    let mut second = Daemon::start_with(crate::support::Options {
+        toml: &format!("[udp]\nlisten = [\"{}\"]\n", daemon.udp),
+        no_wait: true,
+        ..crate::support::Options::default()
+    });
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "second echod: {status:?}");
+    let log = second.log();
+    assert!(
+        log.contains("Address already in use") && log.contains(&daemon.udp.to_string()),
+        "second echod's log does not name the taken address:\n{log}"
+    );
+
+    // Nor can any socket that asks for SO_REUSEADDR.
+    let thief = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    thief.set_reuse_address(true).unwrap();
+    let err = thief
+        .bind(&daemon.udp.into())
+        .expect_err("a SO_REUSEADDR socket bound echod's UDP address");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    drop(thief);
+
+    // And echod still gets its datagrams.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"mine", daemon.udp).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = client
+        .recv_from(&mut buf)
+        .expect("echo from the first echod");
+    assert_eq!((&buf[..n], from), (&b"mine"[..], daemon.udp));
+}
+
+fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
+    // systemd (and systemd-socket-activate) set SO_REUSEADDR on every socket they bind.
+    let port = crate::support::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, "[metrics]\nlisten = []\n").unwrap();
+    let log_path = dir.path().join("echod.log");
+    let _child = crate::support::spawn_activated(
+        &crate::support::echod_bin(),
+        &["--config", &config.display().to_string()],
+        vec![(socket.into(), "echo")],
+        &log_path,
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log().contains("echod ready") {
+        assert!(Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Echoing one datagram proves the UDP task runs (and so has set its options).
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"hello", addr).unwrap();
+    let mut buf = [0u8; 16];
+    client.recv_from(&mut buf).expect("echo");
+
+    let thief = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    thief.set_reuse_address(true).unwrap();
+    let err = thief
+        .bind(&addr.into())
+        .expect_err("a SO_REUSEADDR socket bound echod's inherited UDP address");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+/// The kernel's view of the UDP socket bound to `addr`: `skmem` fields by name
+/// (`rb` is the receive buffer limit, `d` the datagrams dropped for lack of room).
+fn udp_skmem(addr: SocketAddr) -> std::collections::HashMap<String, u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-uamnH", &format!("src {addr}")])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let skmem = text
+        .split("skmem:(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no skmem for {addr} in ss output: {text:?}"));
+    skmem
+        .split(',')
+        .filter_map(|field| {
+            let digits = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits);
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether echod (started by us, so with our capabilities) may use SO_RCVBUFFORCE:
+/// CAP_NET_ADMIN (bit 12) in the effective set, which root in a container may lack.
+fn has_cap_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+fn rmem_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(212_992)
+}
+
+/// Waits until the process is in state `T` (stopped) or has left it.
+fn wait_stopped(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.trim().chars().next());
+        if (state == Some('T')) == stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process state {state:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
+    let daemon = Daemon::start(
+        r#"
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#,
+    );
+    // The receive buffer is the configured default, 4 MiB: the kernel reports twice the
+    // request, capped by net.core.rmem_max unless echod may force it (CAP_NET_ADMIN).
+    let want = 4u64 << 20;
+    let expected = if has_cap_net_admin() {
+        2 * want
+    } else {
+        2 * want.min(rmem_max())
+    };
+    let rb = udp_skmem(daemon.udp)["rb"];
+    eprintln!("UDP receive buffer: {rb} bytes");
+    assert_eq!(rb, expected, "receive buffer of echod's UDP socket");
+    if rb < 2 * want {
+        assert!(
+            !std::env::var("ECHOD_REQUIRE_E2E").is_ok_and(|v| v == "1"),
+            "net.core.rmem_max caps the buffer and echod may not force it: the burst cannot be tested"
+        );
+        eprintln!(
+            "not testing the burst: net.core.rmem_max caps the buffer and echod may not force it"
+        );
+        return;
+    }
+
+    // echod cannot read for a moment (stopped here; a CPU-starved host looks the same)
+    // while a burst of 2 000 datagrams of 1 000 bytes arrives: the queue must hold it.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let burst = 2_000u32;
+    daemon.signal(libc::SIGSTOP);
+    wait_stopped(daemon.pid(), true);
+    for i in 0..burst {
+        let mut datagram = [0u8; 1000];
+        datagram[..4].copy_from_slice(&i.to_be_bytes());
+        client.send_to(&datagram, daemon.udp).unwrap();
+    }
+    let queued = udp_skmem(daemon.udp);
+    daemon.signal(libc::SIGCONT);
+    wait_stopped(daemon.pid(), false);
+    let received = || daemon.metric("echod_udp_received_datagrams_total", &[]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while received() < f64::from(burst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "queued {} bytes, kernel dropped {}; echod received {} of {burst}",
+        queued["r"],
+        queued["d"],
+        received()
+    );
+    assert_eq!(queued["d"], 0, "the kernel dropped datagrams of the burst");
+    assert_eq!(received(), f64::from(burst));
+}
+
+fn the_udp_receive_buffer_follows_a_reload() {
+    let daemon = Daemon::start("[udp]\nreceive_buffer_size = 65536\n");
+    assert_eq!(udp_skmem(daemon.udp)["rb"], 2 * 65_536);
+    daemon.rewrite_config("[udp]\nreceive_buffer_size = 131072\n");
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
+    // The socket applies new settings when it next wakes up.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.send_to(b"wake up", daemon.udp).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while udp_skmem(daemon.udp)["rb"] != 2 * 131_072 {
+        assert!(Instant::now() < deadline, "{:?}", udp_skmem(daemon.udp));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn an_out_of_range_receive_buffer_is_refused_by_name() {
+    for value in ["100", "268435457"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echod.toml");
+        std::fs::write(&path, format!("[udp]\nreceive_buffer_size = {value}\n")).unwrap();
+        let out = std::process::Command::new(crate::support::echod_bin())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{value}: {stderr}");
+        assert!(stderr.contains("udp.receive_buffer_size"), "{stderr}");
+    }
+}
