@@ -331,6 +331,12 @@ fn haproxy_send_proxy_v1_passes_real_client_addresses() {
 #[test]
 fn hostile_headers_from_a_trusted_source_are_closed_and_counted() {
     let daemon = start_trusting(&format!("\"{TRUSTED}/32\""), "");
+    assert!(
+        daemon
+            .scrape()
+            .contains(&format!("reason=\"proxy_protocol\"}} 0\n")),
+        "the proxy_protocol series does not exist at 0 from the start"
+    );
     let oversized_v1 = format!("PROXY TCP4 127.0.0.9 127.0.0.1 {} 7\r\n", "1".repeat(120));
     let mut bad_signature = b"\r\n\r\n\0\r\nQUIX\n".to_vec();
     bad_signature.extend_from_slice(&v2_tcp4([127, 0, 0, 9], 1000, [127, 0, 0, 1], 7)[12..]);
@@ -533,4 +539,25 @@ fn bad_trusted_sources_exit_78_naming_the_key() {
         stderr.contains("tcp.proxy_protocol.trusted_sources"),
         "{stderr}"
     );
+}
+
+/// `trusted_sources` is live: a reload turns the PROXY protocol on for new connections.
+#[test]
+fn reload_turns_trusted_sources_on() {
+    let daemon = start_trusting("", "");
+    let header = b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 7\r\n";
+    let mut before = connect_from(TRUSTED, daemon.tcp);
+    echoes(&mut before, header);
+    daemon.rewrite_config(&format!(
+        "[tcp.proxy_protocol]\ntrusted_sources = [\"{TRUSTED}/32\"]"
+    ));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
+    let mut after = connect_from(TRUSTED, daemon.tcp);
+    after.write_all(header).unwrap();
+    echoes(&mut after, b"data only");
+    // The connection admitted before the reload is still plain echo.
+    echoes(&mut before, header);
+    drop(after);
+    wait_for_log(&daemon, "peer=192.0.2.5:4000");
 }
