@@ -332,9 +332,7 @@ fn haproxy_send_proxy_v1_passes_real_client_addresses() {
 fn hostile_headers_from_a_trusted_source_are_closed_and_counted() {
     let daemon = start_trusting(&format!("\"{TRUSTED}/32\""), "");
     assert!(
-        daemon
-            .scrape()
-            .contains(&format!("reason=\"proxy_protocol\"}} 0\n")),
+        daemon.scrape().contains("reason=\"proxy_protocol\"} 0\n"),
         "the proxy_protocol series does not exist at 0 from the start"
     );
     let oversized_v1 = format!("PROXY TCP4 127.0.0.9 127.0.0.1 {} 7\r\n", "1".repeat(120));
