@@ -15,6 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod cidr;
+pub use cidr::{Cidr, CidrError};
+
 /// The documented defaults file, kept in the repository as `config/echod.toml`; a test
 /// proves it matches [`Config::default`] so the documentation cannot drift.
 pub const DOCUMENTED_DEFAULTS: &str = include_str!("../config/echod.toml");
@@ -90,6 +93,39 @@ pub struct TcpConfig {
     /// end; unset (the default), no limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes_per_connection: Option<u64>,
+    /// Client addresses from a load balancer's PROXY protocol header.
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+/// PROXY protocol (HAProxy's v1 text and v2 binary headers): a proxy in front of echod
+/// tells it who the client is, so per-IP limits and logs see clients, not the proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// Sources whose connections must start with a PROXY header; empty (the default)
+    /// turns the protocol off. Only these are believed: anyone else could claim any
+    /// client address.
+    pub trusted_sources: Vec<Cidr>,
+    /// How long a trusted connection may take to send its header; a proxy sends it at
+    /// once, so this only bounds what a broken or hostile peer can hold.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        Self {
+            trusted_sources: Vec::new(),
+            header_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ProxyProtocolConfig {
+    /// True when connections from `ip` must carry a PROXY header.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_sources.iter().any(|net| net.contains(ip))
+    }
 }
 
 impl Default for TcpConfig {
@@ -107,6 +143,7 @@ impl Default for TcpConfig {
             keepalive: Duration::from_secs(60),
             max_connection_duration: None,
             max_bytes_per_connection: None,
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -343,8 +380,9 @@ impl ConfigSource {
 }
 
 /// Keys whose environment values are comma-separated lists.
-const LIST_KEYS: [&str; 4] = [
+const LIST_KEYS: [&str; 5] = [
     "tcp.listen",
+    "tcp.proxy_protocol.trusted_sources",
     "udp.listen",
     "metrics.listen",
     "udp.deny_source_ports",
@@ -446,6 +484,11 @@ impl Config {
         )?;
         socket_buffer("tcp.send_buffer_size", tcp.send_buffer_size)?;
         socket_buffer("tcp.receive_buffer_size", tcp.receive_buffer_size)?;
+        check(
+            !tcp.proxy_protocol.header_timeout.is_zero(),
+            "tcp.proxy_protocol.header_timeout",
+            || "must be longer than 0s".into(),
+        )?;
         let udp = &self.udp;
         no_duplicates("udp.listen", &udp.listen)?;
         check(

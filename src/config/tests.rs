@@ -59,6 +59,10 @@ fn every_invalid_value_names_its_key() {
             "shutdown.drain_timeout",
         ),
         ("[log]\nlevel = \"loud\"", "log.level"),
+        (
+            "[tcp.proxy_protocol]\nheader_timeout = \"0s\"",
+            "tcp.proxy_protocol.header_timeout",
+        ),
     ];
     for (text, key) in cases {
         let (_file, source) = with_file(text);
@@ -149,4 +153,50 @@ fn log_filters_accept_levels_and_directives_and_refuse_bare_words() {
 fn documented_defaults_file_is_the_default_config() {
     let documented: Config = toml::from_str(DOCUMENTED_DEFAULTS).expect("config/echod.toml parses");
     assert_eq!(documented, Config::default());
+}
+
+#[test]
+fn trusted_sources_parse_from_file_and_environment_and_bad_ones_name_the_key() {
+    let (_file, source) =
+        with_file("[tcp.proxy_protocol]\ntrusted_sources = [\"10.0.0.0/8\", \"fd00::/8\"]\n");
+    let config = source.load_with_env(&HashMap::new()).expect("valid");
+    let proxy = &config.tcp.proxy_protocol;
+    assert!(proxy.trusts("10.1.2.3".parse().unwrap()));
+    assert!(proxy.trusts("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(proxy.trusts("fd00::1".parse().unwrap()));
+    assert!(!proxy.trusts("192.0.2.1".parse().unwrap()));
+    assert!(
+        !Config::default()
+            .tcp
+            .proxy_protocol
+            .trusts("10.1.2.3".parse().unwrap())
+    );
+    let config = ConfigSource::default()
+        .load_with_env(&env(&[(
+            "ECHOD_TCP__PROXY_PROTOCOL__TRUSTED_SOURCES",
+            "192.0.2.0/24,2001:db8::1",
+        )]))
+        .expect("a list from the environment");
+    assert_eq!(config.tcp.proxy_protocol.trusted_sources.len(), 2);
+    let err = ConfigSource::default()
+        .load_with_env(&env(&[(
+            "ECHOD_TCP__PROXY_PROTOCOL__TRUSTED_SOURCES",
+            "10.0.0.1/8",
+        )]))
+        .expect_err("host bits set");
+    let text = err.to_string();
+    assert!(
+        text.contains("tcp.proxy_protocol.trusted_sources"),
+        "{text}"
+    );
+    assert!(text.contains("the network is 10.0.0.0/8"), "{text}");
+    let (_file, source) = with_file("[tcp.proxy_protocol]\ntrusted_sources = [\"10.0.0.0/33\"]\n");
+    let text = source
+        .load_with_env(&HashMap::new())
+        .expect_err("/33")
+        .to_string();
+    assert!(
+        text.contains("trusted_sources") && text.contains("prefix length 33"),
+        "{text}"
+    );
 }

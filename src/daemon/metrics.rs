@@ -332,7 +332,7 @@ pub struct TcpListenerMetrics {
     pub accepted: IntCounter,
     /// Served connections that ended.
     pub closed: IntCounter,
-    rejected: [IntCounter; 3],
+    rejected: [IntCounter; RejectReason::ALL.len()],
     /// Connections closed by the idle timeout.
     pub idle_timeouts: IntCounter,
     capped: [IntCounter; 2],

@@ -15,6 +15,7 @@ mod listeners;
 mod logging;
 pub mod metrics;
 mod process;
+mod proxy;
 pub mod reasons;
 mod server;
 mod shutdown;

@@ -13,11 +13,19 @@ pub enum RejectReason {
     PerIpLimit,
     /// Accepted while the daemon was draining.
     Shutdown,
+    /// A trusted source (`tcp.proxy_protocol.trusted_sources`) sent no valid PROXY
+    /// protocol header in time.
+    ProxyProtocol,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [Self; 3] = [Self::GlobalLimit, Self::PerIpLimit, Self::Shutdown];
+    pub const ALL: [Self; 4] = [
+        Self::GlobalLimit,
+        Self::PerIpLimit,
+        Self::Shutdown,
+        Self::ProxyProtocol,
+    ];
 
     /// The metric label value.
     pub fn label(self) -> &'static str {
@@ -25,6 +33,7 @@ impl RejectReason {
             Self::GlobalLimit => "global_limit",
             Self::PerIpLimit => "per_ip_limit",
             Self::Shutdown => "shutdown",
+            Self::ProxyProtocol => "proxy_protocol",
         }
     }
 }

@@ -27,6 +27,7 @@ use super::accept::Acceptor;
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
 use super::metrics::TcpListenerMetrics;
+use super::proxy;
 use super::reasons::RejectReason;
 use super::reasons::{AcceptErrorKind, ConnectionCap};
 use super::shutdown::Shutdown;
@@ -132,6 +133,23 @@ impl Listener {
     }
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let config = Arc::clone(&self.config.borrow());
+        if !self.shutdown.is_draining() && config.proxy_protocol.trusts(peer.ip()) {
+            // The client's address comes in the PROXY header: its per-IP slot is taken
+            // once the header is read, in the connection's own task.
+            let proxied = proxy::Proxied {
+                stream,
+                proxy: peer,
+                config,
+                limiter: Arc::clone(&self.limiter),
+                metrics: Arc::clone(&self.metrics),
+                shutdown: self.shutdown.clone(),
+                connections: self.connections.clone(),
+                label: self.label.clone(),
+            };
+            self.connections.spawn(proxied.run());
+            return;
+        }
         let permit = if self.shutdown.is_draining() {
             Err(RejectReason::Shutdown)
         } else {
@@ -149,20 +167,40 @@ impl Listener {
                 return;
             }
         };
-        self.metrics.accepted.inc();
-        let config = Arc::clone(&self.config.borrow());
-        let connection = Connection {
+        let connection = serve(
             stream,
-            config,
-            shutdown: self.shutdown.clone(),
-            metrics: Arc::clone(&self.metrics),
-            unflushed: ByteCounts::default(),
-            echoed_total: 0,
             peer,
-            _permit: permit,
-        };
-        self.connections.spawn(connection.run());
+            config,
+            self.shutdown.clone(),
+            Arc::clone(&self.metrics),
+            permit,
+        );
+        self.connections.spawn(connection);
     }
+}
+
+/// Counts an admitted connection and returns the task that serves it; `peer` is the
+/// client (from a PROXY header when a proxy sent one).
+pub(super) fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<TcpConfig>,
+    shutdown: Shutdown,
+    metrics: Arc<TcpListenerMetrics>,
+    permit: Permit,
+) -> impl Future<Output = ()> + Send + 'static {
+    metrics.accepted.inc();
+    Connection {
+        stream,
+        config,
+        shutdown,
+        metrics,
+        unflushed: ByteCounts::default(),
+        echoed_total: 0,
+        peer,
+        _permit: permit,
+    }
+    .run()
 }
 
 /// What woke a listener.

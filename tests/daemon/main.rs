@@ -13,6 +13,7 @@ mod in_process;
 mod limits;
 mod metrics;
 mod operator;
+mod proxy_protocol;
 mod reload;
 mod sd_notify;
 mod shutdown;
@@ -34,6 +35,7 @@ fn main() -> std::process::ExitCode {
         in_process::TESTS,
         operator::TESTS,
         caps::TESTS,
+        proxy_protocol::TESTS,
         hostile_udp::TESTS,
         hostile_tcp::TESTS,
     ])
