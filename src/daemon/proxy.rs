@@ -10,26 +10,18 @@
 //! read: the echo runs in a task of its own, as small as any direct connection's.
 //!
 //! A trusted connection that sends anything else, too much, or nothing in time is closed
-//! and counted (`reason="proxy_protocol"`); it can neither be echoed nor hang.
+//! and counted (`reason="proxy_protocol"`); it can neither be echoed nor hang. This
+//! module reads and checks headers; `tcp` decides what happens to the connection.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ppp::{PartialResult, v1, v2};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
-use tracing::warn;
 
-use super::limits::{ConnectionLimiter, canonical_ip};
-use super::logging::RateLimitedLog;
-use super::metrics::TcpListenerMetrics;
-use super::reasons::RejectReason;
-use super::shutdown::Shutdown;
-use super::tcp;
-use crate::config::TcpConfig;
+use super::limits::canonical_ip;
 
 /// Longest v1 header, CRLF included (the specification's bound).
 const V1_MAX: usize = 107;
@@ -194,75 +186,6 @@ pub(crate) async fn read_header(
                         len: have,
                         max: buf.len(),
                     });
-                }
-            }
-        }
-    }
-}
-
-static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
-
-/// A connection from a trusted proxy whose header has not been read yet.
-pub(crate) struct Proxied {
-    pub(crate) stream: TcpStream,
-    /// The proxy's address (the socket's peer).
-    pub(crate) proxy: SocketAddr,
-    pub(crate) config: Arc<TcpConfig>,
-    pub(crate) limiter: Arc<ConnectionLimiter>,
-    pub(crate) metrics: Arc<TcpListenerMetrics>,
-    pub(crate) shutdown: Shutdown,
-    /// Where the echo task is spawned once the header is in.
-    pub(crate) connections: TaskTracker,
-    /// The listener, for logs.
-    pub(crate) label: String,
-}
-
-impl Proxied {
-    /// Reads the header (bounded by the timeout and by a cut), takes the client's slot,
-    /// and hands the connection to an echo task of its own; or closes it and counts why.
-    pub(crate) async fn run(self) {
-        let Self {
-            mut stream,
-            proxy,
-            config,
-            limiter,
-            metrics,
-            shutdown,
-            connections,
-            label,
-        } = self;
-        let timeout = config.proxy_protocol.header_timeout;
-        let read = tokio::time::timeout(timeout, read_header(&mut stream, proxy));
-        let header = tokio::select! {
-            read = read => read.unwrap_or(Err(HeaderError::Timeout(timeout))),
-            () = shutdown.cutting() => {
-                metrics.rejected(RejectReason::Shutdown);
-                return;
-            }
-        };
-        let client = match header {
-            Ok(client) => client,
-            Err(error) => {
-                metrics.rejected(RejectReason::ProxyProtocol);
-                if let Some(suppressed) = REJECT_LOG.allow() {
-                    warn!(listener = %label, %proxy, %error, reason = RejectReason::ProxyProtocol.label(),
-                        suppressed, "connection rejected");
-                }
-                // Dropping the stream closes it; unread bytes make that a reset.
-                return;
-            }
-        };
-        match limiter.try_acquire(client.ip()) {
-            Ok(permit) => {
-                connections.spawn(tcp::serve(
-                    stream, client, config, shutdown, metrics, permit,
-                ));
-            }
-            Err(reason) => {
-                metrics.rejected(reason);
-                if let Some(suppressed) = REJECT_LOG.allow() {
-                    warn!(listener = %label, peer = %client, %proxy, reason = reason.label(),
-                        suppressed, "connection rejected");
                 }
             }
         }

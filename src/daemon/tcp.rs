@@ -137,7 +137,7 @@ impl Listener {
         if !self.shutdown.is_draining() && config.proxy_protocol.trusts(peer.ip()) {
             // The client's address comes in the PROXY header: its per-IP slot is taken
             // once the header is read, in the connection's own task.
-            let proxied = proxy::Proxied {
+            let proxied = Proxied {
                 stream,
                 proxy: peer,
                 config,
@@ -201,6 +201,71 @@ pub(super) fn serve(
         _permit: permit,
     }
     .run()
+}
+
+/// A connection from a trusted proxy whose header has not been read yet.
+struct Proxied {
+    stream: TcpStream,
+    /// The proxy's address (the socket's peer).
+    proxy: SocketAddr,
+    config: Arc<TcpConfig>,
+    limiter: Arc<ConnectionLimiter>,
+    metrics: Arc<TcpListenerMetrics>,
+    shutdown: Shutdown,
+    /// Where the echo task is spawned once the header is in.
+    connections: TaskTracker,
+    /// The listener, for logs.
+    label: String,
+}
+
+impl Proxied {
+    /// Reads the header (bounded by the timeout and by a cut), takes the client's slot,
+    /// and hands the connection to an echo task of its own; or closes it and counts why.
+    async fn run(self) {
+        let Self {
+            mut stream,
+            proxy,
+            config,
+            limiter,
+            metrics,
+            shutdown,
+            connections,
+            label,
+        } = self;
+        let timeout = config.proxy_protocol.header_timeout;
+        let read = tokio::time::timeout(timeout, proxy::read_header(&mut stream, proxy));
+        let header = tokio::select! {
+            read = read => read.unwrap_or(Err(proxy::HeaderError::Timeout(timeout))),
+            () = shutdown.cutting() => {
+                metrics.rejected(RejectReason::Shutdown);
+                return;
+            }
+        };
+        let client = match header {
+            Ok(client) => client,
+            Err(error) => {
+                metrics.rejected(RejectReason::ProxyProtocol);
+                if let Some(suppressed) = REJECT_LOG.allow() {
+                    warn!(listener = %label, %proxy, %error, reason = RejectReason::ProxyProtocol.label(),
+                        suppressed, "connection rejected");
+                }
+                // Dropping the stream closes it; unread bytes make that a reset.
+                return;
+            }
+        };
+        match limiter.try_acquire(client.ip()) {
+            Ok(permit) => {
+                connections.spawn(serve(stream, client, config, shutdown, metrics, permit));
+            }
+            Err(reason) => {
+                metrics.rejected(reason);
+                if let Some(suppressed) = REJECT_LOG.allow() {
+                    warn!(listener = %label, peer = %client, %proxy, reason = reason.label(),
+                        suppressed, "connection rejected");
+                }
+            }
+        }
+    }
 }
 
 /// What woke a listener.
