@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use common::{Daemon, Options};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// What a Kubernetes probe waits (`timeoutSeconds: 2` in deploy/kubernetes).
@@ -77,16 +77,41 @@ fn probe(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("not an HTTP response: {text:?}"))
 }
 
-/// True when the connection is closed from the other side (EOF or reset), looking
-/// without blocking and without consuming data.
-fn closed_by_peer(s: &TcpStream) -> bool {
+/// True when a new connection to `addr` echoes a few bytes within 2 s.
+fn echoes(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
+        return false;
+    };
+    let mut b = [0u8; 4];
+    s.set_read_timeout(Some(PROBE_TIMEOUT)).is_ok()
+        && s.write_all(b"back").is_ok()
+        && s.read_exact(&mut b).is_ok()
+        && &b == b"back"
+}
+
+/// What the other side did to a connection, seen without blocking or consuming data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Open,
+    /// A clean close (FIN): reads return 0.
+    Eof,
+    /// A reset or another error (reported once, then reads return 0).
+    Reset,
+}
+
+fn peer_state(s: &TcpStream) -> Peer {
     let _ = s.set_nonblocking(true);
-    let mut b = [0u8; 1];
-    match s.peek(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != ErrorKind::WouldBlock,
+    match s.peek(&mut [0u8; 1]) {
+        Ok(0) => Peer::Eof,
+        Ok(_) => Peer::Open,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Peer::Open,
+        Err(_) => Peer::Reset,
     }
+}
+
+/// True when the connection is closed from the other side (EOF or reset).
+fn closed_by_peer(s: &TcpStream) -> bool {
+    peer_state(s) != Peer::Open
 }
 
 /// How many of `peers` the daemon still holds a socket for on `local_port` (a socket
@@ -328,4 +353,113 @@ fn probes_answer_while_many_addresses_fill_the_table() {
         "{} of {probes} probes failed: {failures:#?}",
         failures.len()
     );
+}
+
+#[test]
+fn probes_answer_while_echo_clients_exhaust_file_descriptors() {
+    let daemon = Daemon::start_with(Options {
+        max_open_files: Some(64),
+        ..Options::default()
+    });
+    // Three times more clients than descriptors: the kernel completes every handshake.
+    let opened = Instant::now();
+    let mut clients: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(daemon.tcp).expect("connect"))
+        .collect();
+    // Every client is served or closed promptly — none waits unseen in the queue. A
+    // client's fate is recorded when first seen (a reset is reported only once).
+    let mut fate: Vec<Option<Peer>> = vec![None; clients.len()];
+    let deadline = opened + Duration::from_secs(3);
+    loop {
+        for (c, fate) in clients.iter().zip(&mut fate) {
+            let now = peer_state(c);
+            if fate.is_none() && now != Peer::Open {
+                *fate = Some(now);
+            }
+        }
+        let closed = fate.iter().filter(|f| f.is_some()).count();
+        if closed >= 200 - 64 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Those still open must echo: ask all of them at once, then wait (3 s at most).
+    let mut served = vec![false; clients.len()];
+    for (c, fate) in clients.iter_mut().zip(&mut fate) {
+        if fate.is_none() && c.write_all(b"ping").is_err() {
+            *fate = Some(Peer::Reset);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let mut waiting = 0;
+        for ((c, fate), served) in clients.iter().zip(&mut fate).zip(&mut served) {
+            if fate.is_some() || *served {
+                continue;
+            }
+            match c.peek(&mut [0u8; 4]) {
+                Ok(4) => *served = true,
+                Ok(0) => *fate = Some(Peer::Eof),
+                Err(e) if e.kind() != ErrorKind::WouldBlock => *fate = Some(Peer::Reset),
+                _ => waiting += 1,
+            }
+        }
+        if waiting == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reset = fate.iter().filter(|f| **f == Some(Peer::Reset)).count();
+    let closed = fate.iter().filter(|f| f.is_some()).count();
+    let served = served.iter().filter(|s| **s).count();
+    let hanging = clients.len() - closed - served;
+    eprintln!(
+        "200 clients under RLIMIT_NOFILE=64: {served} served, {closed} closed ({reset} of \
+         them reset), {hanging} hanging, sorted out in {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(hanging, 0, "clients left waiting in the accept queue");
+    assert!(served >= 16, "only {served} clients served");
+    assert_eq!(reset, 0, "closed clients were reset instead of seeing EOF");
+
+    // Descriptors are still exhausted (the served clients hold them): probes answer.
+    let mut answered = Vec::new();
+    for path in ["/healthz", "/metrics"] {
+        for _ in 0..5 {
+            let t = Instant::now();
+            let result = probe(common::prom::LOCAL, daemon.http, path);
+            answered.push((path, result.clone(), t.elapsed()));
+        }
+    }
+    eprintln!("probes while out of descriptors: {answered:?}");
+    assert!(
+        answered.iter().all(|(_, r, _)| *r == Ok(200)),
+        "probes failed while descriptors were exhausted: {answered:#?}"
+    );
+    // The operator sees what happens, in the same scrape.
+    let (_, exposition) = common::http_get(daemon.http, "/metrics").expect("scrape");
+    let fd_limit = common::metric_value(
+        &exposition,
+        "echod_tcp_accept_errors_total",
+        &[("kind", "fd_limit")],
+    );
+    let open_fds = common::metric_value(&exposition, "process_open_fds", &[]);
+    eprintln!("while exhausted: fd_limit errors {fd_limit}, process_open_fds {open_fds}");
+    assert!(
+        (159.0..=200.0).contains(&fd_limit),
+        "each shed client counted once: {fd_limit}"
+    );
+    // Out of descriptors and idle: no core spins on accept (100 ticks = 1 core-second).
+    let ticks = common::cpu_ticks(daemon.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let ticks = common::cpu_ticks(daemon.pid()) - ticks;
+    eprintln!("CPU while exhausted and idle: {ticks} ticks in 1 s");
+    assert!(ticks < 10, "{ticks} ticks in 1 s while out of descriptors");
+    drop(clients);
+    // And the echo port recovers once the clients leave.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !echoes(daemon.tcp) {
+        assert!(Instant::now() < deadline, "echo never recovered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use super::accept::Acceptor;
+use super::accept::{Acceptor, Loan};
 use super::limits::canonical_ip;
 use super::logging::RateLimitedLog;
 use super::metrics::{Metrics, REVISION, VERSION};
@@ -115,7 +115,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
             warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
         }
     };
-    while let Some((stream, peer)) = acceptor.next(on_error).await {
+    while let Some((stream, peer, loan)) = acceptor.next_borrowing(on_error).await {
         let slot = match slots.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refused) => {
@@ -129,7 +129,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
         };
         connections.spawn(serve_connection(
             stream,
-            slot,
+            (slot, loan),
             Arc::clone(&state),
             stop.clone(),
         ));
@@ -139,13 +139,15 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     let _ = tokio::time::timeout(STOP_GRACE, connections.wait()).await;
 }
 
-/// Serves one connection within its time bounds, holding its slot until it closes.
+/// Serves one connection within its time bounds, holding its slot (and the spare
+/// descriptors it borrowed, if the process was out of them) until it has closed.
 async fn serve_connection(
     stream: TcpStream,
-    slot: Slot,
+    held: (Slot, Option<Loan>),
     state: Arc<State>,
     stop: CancellationToken,
 ) {
+    let slot = &held.0;
     let evicted = slot.evicted.clone();
     let requested = slot.clone_handle();
     let service = hyper::service::service_fn(move |req| {
@@ -178,7 +180,8 @@ async fn serve_connection(
     // Finish the response in progress (bounded by the write timeout), then close.
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(WRITE_TIMEOUT, conn).await;
-    drop(slot);
+    // The socket is closed by now, so a borrowed spare can be reopened on it.
+    drop(held);
 }
 
 /// Why a connection was closed right after accept.
