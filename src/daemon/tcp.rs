@@ -11,11 +11,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -71,6 +70,9 @@ impl Listener {
     /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
     /// backed off from, never fatal.
     pub(crate) async fn run(self) {
+        // Counted as a task of the drain: the stop waits until this listener has closed
+        // its backlog gently (see `reject_backlog`), rather than exit under it.
+        let _drain_waits = self.connections.token();
         let mut acceptor = Acceptor::new(&self.listener, &self.stop);
         let on_error = |kind, e: &io::Error| {
             self.metrics.accept_error(kind);
@@ -83,7 +85,7 @@ impl Listener {
             self.admit(stream, peer);
         }
         if self.shutdown.is_draining() {
-            self.reject_backlog().await;
+            self.reject_backlog();
         }
         debug!(listener = %self.label, "TCP listener closed");
     }
@@ -91,14 +93,32 @@ impl Listener {
     /// Closes connections the kernel completed before the stop but echod had not yet
     /// accepted: cleanly (EOF) and counted as `shutdown`, rather than reset unseen when
     /// the listening socket closes.
-    async fn reject_backlog(&self) {
+    ///
+    /// They are taken straight from the kernel until it says the queue is empty: tokio's
+    /// accept also returns "not ready" once the task's cooperative budget (128
+    /// operations) is spent, which used to leave the rest of a long queue to be reset.
+    fn reject_backlog(&self) {
         loop {
-            let next = std::future::poll_fn(|cx| Poll::Ready(self.listener.poll_accept(cx))).await;
-            match next {
-                Poll::Ready(Ok(_)) => self.metrics.rejected(RejectReason::Shutdown),
-                Poll::Ready(Err(_)) | Poll::Pending => break,
+            match SockRef::from(&self.listener).accept() {
+                Ok((socket, _)) => {
+                    let stream = std::net::TcpStream::from(socket);
+                    if stream.set_nonblocking(true).is_ok()
+                        && let Ok(stream) = TcpStream::from_std(stream)
+                    {
+                        self.reject_gently(stream);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Empty (WouldBlock), or out of descriptors: nothing more can be done.
+                Err(_) => break,
             }
         }
+    }
+
+    /// Refuses a connection because echod is stopping, with EOF rather than a reset.
+    fn reject_gently(&self, stream: TcpStream) {
+        self.metrics.rejected(RejectReason::Shutdown);
+        self.connections.spawn(close_gently(stream));
     }
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
@@ -109,6 +129,7 @@ impl Listener {
         };
         let permit = match permit {
             Ok(permit) => permit,
+            Err(RejectReason::Shutdown) => return self.reject_gently(stream),
             Err(reason) => {
                 self.metrics.rejected(reason);
                 if let Some(suppressed) = REJECT_LOG.allow() {
@@ -131,6 +152,34 @@ impl Listener {
         };
         self.connections.spawn(connection.run());
     }
+}
+
+/// How long a client refused at a stop may take to finish sending (what it sends is
+/// read and thrown away) before its connection is closed.
+const REJECT_LINGER: Duration = Duration::from_secs(1);
+/// Bytes read and thrown away from a client refused at a stop, at most.
+const REJECT_DISCARD: usize = 64 * 1024;
+
+/// Closes a connection whose client may already have sent data, so that it sees EOF.
+///
+/// Closing a socket with unread input makes the kernel send a reset, which the client
+/// reports as an error and which can even discard the EOF it was about to read. So the
+/// write side is shut first (the client reads EOF), then input is read and discarded
+/// until the client closes too, for at most [`REJECT_LINGER`] and [`REJECT_DISCARD`]
+/// bytes; a client that keeps sending past those is reset, having had its EOF.
+async fn close_gently(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut discarded = 0;
+    let _ = tokio::time::timeout(REJECT_LINGER, async {
+        while discarded < REJECT_DISCARD {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// How a connection ended.
