@@ -13,13 +13,15 @@
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -195,7 +197,7 @@ impl<'a> Acceptor<'a> {
                         && !Reserve::lock().refill()
                     {
                         // This descriptor belongs to the reserve: the client is closed.
-                        drop(stream);
+                        close_at_once(stream);
                         on_error(AcceptErrorKind::FdLimit, &fd_limit());
                         continue;
                     }
@@ -244,7 +246,7 @@ impl<'a> Acceptor<'a> {
         let shed = match accept_once(self.listener) {
             // Closing the client frees the descriptor the spare is reopened on.
             Some(Ok((stream, _))) => {
-                drop(stream);
+                close_at_once(stream);
                 Some(true)
             }
             Some(Err(_)) => None,
@@ -275,6 +277,25 @@ impl<'a> Acceptor<'a> {
             None => Some(None),
         }
     }
+}
+
+/// Closes a client turned away for lack of descriptors so that it sees EOF, without
+/// waiting: what it already sent is read and thrown away, and the write side is shut
+/// before the close, because closing a socket with unread input sends a reset.
+fn close_at_once(stream: TcpStream) {
+    let socket = SockRef::from(&stream);
+    let discard = || {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        // Bounded: a client that keeps sending is reset; it will have had its EOF.
+        for _ in 0..16 {
+            if !matches!(socket.recv(&mut buf), Ok(n) if n > 0) {
+                break;
+            }
+        }
+    };
+    discard();
+    let _ = socket.shutdown(Shutdown::Write);
+    discard();
 }
 
 fn fd_limit() -> io::Error {
