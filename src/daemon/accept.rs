@@ -32,7 +32,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Spare descriptors held back from echo connections.
-pub(crate) const SPARE_FDS: usize = 10;
+const SPARE_FDS: usize = 10;
 /// Spares an HTTP connection accepted during exhaustion borrows: one for its socket, one
 /// for the `/proc` files a scrape reads.
 const HTTP_LOAN: usize = 2;
