@@ -304,13 +304,22 @@ pub enum ConfigError {
         /// The parser's message, with line, column and key.
         message: String,
     },
+    /// An `ECHOD_*` variable whose name is not a configuration key.
+    #[error("invalid environment variable `{name}`: {message}")]
+    Variable {
+        /// The variable's name.
+        name: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// An `ECHOD_*` variable or CLI override does not fit the schema.
     #[error("invalid configuration from environment (ECHOD_*) or command line: {0}")]
     Layer(String),
     /// A value is well-typed but out of range or inconsistent.
     #[error("invalid configuration ({origin}): key `{key}`: {message}")]
     Value {
-        /// The file, or "environment" when no file is used.
+        /// Where the value came from: the environment variable, the command line, the
+        /// file, or the defaults.
         origin: String,
         /// The dotted key.
         key: String,
@@ -328,7 +337,9 @@ impl ConfigSource {
 
     /// Like [`ConfigSource::load`], with the environment passed in (for tests).
     pub fn load_with_env(&self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        check_variable_names(env)?;
         let mut builder = config::Config::builder();
+        let mut file_text = None;
         if let Some(path) = &self.file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -336,11 +347,15 @@ impl ConfigSource {
             })?;
             // The toml crate points at the exact line, column and key; the config crate
             // would not name the file.
-            toml::from_str::<Config>(&text).map_err(|e| ConfigError::File {
+            let file_error = |message: String| ConfigError::File {
                 path: path.clone(),
-                message: e.to_string().trim_end().to_string(),
-            })?;
+                message,
+            };
+            toml::from_str::<Config>(&text)
+                .map_err(|e| file_error(e.to_string().trim_end().to_string()))?;
+            check_integers(&text).map_err(file_error)?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+            file_text = Some(text);
         }
         builder = builder.add_source(environment_layer(env));
         // `ECHOD_UDP__LISTEN=` means "no addresses": the list parser would read one
@@ -360,23 +375,138 @@ impl ConfigSource {
         }
         let merged = builder
             .build()
-            .map_err(|e| ConfigError::Layer(e.to_string()))?;
-        let config: Config = merged
-            .try_deserialize()
-            .map_err(|e| ConfigError::Layer(e.to_string()))?;
-        let origin = match &self.file {
-            Some(path) => path.display().to_string(),
-            None => "defaults and environment".to_string(),
+            .and_then(config::Config::try_deserialize::<Config>);
+        let config = match (merged, &self.file, &file_text) {
+            (Ok(config), _, _) => config,
+            // The file passed the checks above but not the loader: still the file's
+            // fault when the loader refuses it alone, so name the file, not the
+            // environment.
+            (Err(e), Some(path), Some(text)) if file_alone_fails(text) => {
+                return Err(ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                });
+            }
+            (Err(e), _, _) => return Err(ConfigError::Layer(e.to_string())),
         };
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Value {
-                origin,
+                origin: self.origin_of(key, env),
                 key: key.to_string(),
                 message,
             })?;
         Ok(config)
     }
+
+    /// Where the value of dotted `key` came from, highest layer first.
+    fn origin_of(&self, key: &str, env: &HashMap<String, String>) -> String {
+        if self.overrides.iter().any(|(k, _)| k == key) {
+            return "command line".to_string();
+        }
+        let wanted = format!("ECHOD_{}", key.replace('.', "__"));
+        if let Some(name) = env.keys().find(|name| name.eq_ignore_ascii_case(&wanted)) {
+            return format!("environment variable {name}");
+        }
+        match &self.file {
+            Some(path) => path.display().to_string(),
+            None => "defaults".to_string(),
+        }
+    }
+}
+
+/// The loader reads `ECHOD_A__B[3]` as element 3 of `a.b`, growing the list to that
+/// index (`[99999999999]` asks for terabytes and aborts the process), and `.` as a key
+/// separator. Configuration variables are names only: letters, digits and `_`.
+fn check_variable_names(env: &HashMap<String, String>) -> Result<(), ConfigError> {
+    let bad = env
+        .keys()
+        .filter(|name| is_config_variable(name))
+        .find(|name| !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    let Some(name) = bad else {
+        return Ok(());
+    };
+    // The key the variable was meant for: its name up to the first stray character.
+    let key = name["ECHOD_".len()..]
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .replace("__", ".");
+    Err(ConfigError::Variable {
+        name: name.clone(),
+        message: format!(
+            "key `{key}`: configuration variables are named ECHOD_SECTION__KEY with \
+             letters, digits and `_` only; list elements cannot be set one by one by index \
+             (set the whole list, comma-separated)"
+        ),
+    })
+}
+
+/// `ECHOD_SECTION__KEY` variables configure echod; single-segment ones such as
+/// `ECHOD_CONFIG` or Kubernetes' injected `ECHOD_SERVICE_HOST` do not.
+fn is_config_variable(name: &str) -> bool {
+    name.starts_with("ECHOD_") && name.contains("__")
+}
+
+/// The loader reads every TOML integer as an i64, while the schema check above reads an
+/// unsigned field as a u64: a value between the two passes one and fails the other
+/// with no key named. Finds such a value and names its key and line.
+fn check_integers(text: &str) -> Result<(), String> {
+    // Syntax errors were reported by the schema check, with more detail.
+    let Ok(doc) = toml::de::DeTable::parse(text) else {
+        return Ok(());
+    };
+    let mut key = String::new();
+    for (name, value) in doc.get_ref() {
+        key.clear();
+        key.push_str(name.get_ref());
+        check_integer(value, &mut key, text)?;
+    }
+    Ok(())
+}
+
+fn check_integer(
+    value: &toml::Spanned<toml::de::DeValue<'_>>,
+    key: &mut String,
+    text: &str,
+) -> Result<(), String> {
+    let len = key.len();
+    let result = match value.get_ref() {
+        toml::de::DeValue::Integer(n) if i64::from_str_radix(n.as_str(), n.radix()).is_err() => {
+            let line = text
+                .get(..value.span().start)
+                .map_or(0, |before| before.matches('\n').count() + 1);
+            Err(format!(
+                "key `{key}` (line {line}): integer is larger than {}, the most a \
+                 configuration value can be",
+                i64::MAX
+            ))
+        }
+        toml::de::DeValue::Table(table) => table.iter().try_for_each(|(name, value)| {
+            key.truncate(len);
+            key.push('.');
+            key.push_str(name.get_ref());
+            check_integer(value, key, text)
+        }),
+        toml::de::DeValue::Array(items) => items.iter().enumerate().try_for_each(|(i, value)| {
+            key.truncate(len);
+            key.push_str(&format!("[{i}]"));
+            check_integer(value, key, text)
+        }),
+        _ => Ok(()),
+    };
+    key.truncate(len);
+    result
+}
+
+/// True when the loader refuses the file's text on its own.
+fn file_alone_fails(text: &str) -> bool {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(config::Config::try_deserialize::<Config>)
+        .is_err()
 }
 
 /// Keys whose environment values are comma-separated lists.
@@ -388,13 +518,12 @@ const LIST_KEYS: [&str; 5] = [
     "udp.deny_source_ports",
 ];
 
-/// Only `ECHOD_SECTION__KEY` variables are configuration; single-segment ones such as
-/// `ECHOD_CONFIG` or Kubernetes' injected `ECHOD_SERVICE_HOST` are not, and must not
-/// trip unknown-key detection.
+/// Only `ECHOD_SECTION__KEY` variables are configuration ([`is_config_variable`]); the
+/// others must not trip unknown-key detection.
 fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
     let filtered: config::Map<String, String> = env
         .iter()
-        .filter(|(k, v)| k.starts_with("ECHOD_") && k.contains("__") && !v.trim().is_empty())
+        .filter(|(k, v)| is_config_variable(k) && !v.trim().is_empty())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     LIST_KEYS.iter().fold(
@@ -524,17 +653,56 @@ impl Config {
     }
 }
 
+/// The longest `log.level` accepted: a filter is a handful of directives.
+pub const MAX_LOG_FILTER_LEN: usize = 1024;
+
 /// Parses a level (`info`) or a full filter (`info,echod=debug`) the way the daemon will
 /// use it, so validation and logging can never disagree. A bare word that is not a level
 /// is refused: `EnvFilter` would read `loud` as a target name and silently log nothing.
+///
+/// Field-value filters (`[{peer=1.2.3.4}]`) are refused: tracing-subscriber compiles
+/// each value as a regular expression, whose cost doubles with every `[ab]` (114 bytes
+/// took 26 s and 832 MB), in `check-config`, at start and on reload. Parsing is also done
+/// with regular expressions off, so nothing here ever compiles one. Span and target
+/// filters, and field names (`[{peer}]`), remain.
 pub fn parse_log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
     const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
     let level = level.trim();
+    if level.len() > MAX_LOG_FILTER_LEN {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_LOG_FILTER_LEN} are accepted",
+            level.len()
+        ));
+    }
+    if has_field_value_filter(level) {
+        return Err(
+            "field-value filters (`{field=value}`) are not accepted (tracing compiles them \
+             as regular expressions); filter by target or span, or on field names only"
+                .to_string(),
+        );
+    }
     let is_directive = level.contains('=') || level.contains(',');
     if !is_directive && !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
         return Err(format!("`{level}` is not one of {}", LEVELS.join(", ")));
     }
-    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(level)
+        .map_err(|e| e.to_string())
+}
+
+/// True when a `{…}` field list in `filter` gives a field a value (`{name=value}`).
+fn has_field_value_filter(filter: &str) -> bool {
+    let mut rest = filter;
+    while let Some(open) = rest.find('{') {
+        let fields = &rest[open + 1..];
+        let close = fields.find('}').unwrap_or(fields.len());
+        if fields[..close].contains('=') {
+            return true;
+        }
+        rest = &fields[close..];
+    }
+    false
 }
 
 /// Names the configuration source for log lines; echod reads only a file it is told

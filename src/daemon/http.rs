@@ -2,13 +2,23 @@
 //!
 //! `/healthz` is liveness (the runtime answers), `/readyz` is readiness (every listener
 //! is bound and echod is not draining — it fails *first* on a stop, so load balancers
-//! move traffic away before connections are drained). The server has its own small
-//! connection limit and header timeout, so a flood or a half-sent request on the HTTP
-//! port cannot take the probes down.
+//! move traffic away before connections are drained).
+//!
+//! A liveness probe that fails gets a healthy daemon restarted, so the endpoint is built
+//! to keep answering while someone attacks it: every connection is bounded in time (2 s
+//! to send a request head, also between keep-alive requests; 5 s for a response to
+//! drain; 10 s in all), one source address may hold only a few of the connection slots,
+//! a full table makes room by evicting the oldest connection that has not sent a request
+//! yet, and a connection that cannot be served is closed at once rather than left in
+//! the accept queue: a fast failure beats a hang.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,24 +26,43 @@ use http_body_util::Full;
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::IntGauge;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use super::accept::Acceptor;
+use super::accept::{Acceptor, Loan};
+use super::limits::canonical_ip;
 use super::logging::RateLimitedLog;
 use super::metrics::{Metrics, REVISION, VERSION};
 use super::reasons::AcceptErrorKind;
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
+static REFUSED_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
-/// HTTP connections served at once; more wait in the accept queue.
+/// HTTP connections served at once; scrapes and probes are few.
 const MAX_CONNECTIONS: usize = 64;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one source address may hold, so one address cannot take the shared cap
+/// (a kubelet or Prometheus needs one or two).
+const MAX_CONNECTIONS_PER_IP: usize = 8;
+/// A client must send each request head within this time, the first one and each one
+/// after a keep-alive pause (hyper restarts the timer for every request).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A response whose bytes the client does not take for this long closes the connection
+/// (with a reset, so the kernel frees the unsent data at once).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection lives at most this long; then it finishes its response and closes.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(10);
+/// Bytes of requests hyper buffers per connection (pipelined requests wait here).
+const MAX_BUF_SIZE: usize = 16 * 1024;
+/// The kernel send buffer of an HTTP connection (Linux doubles it): a few scrapes.
+const SEND_BUFFER_SIZE: usize = 64 * 1024;
+/// How long open requests may finish when the endpoint stops.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Readiness, stored once: in the `echod_ready` and `echod_draining` gauges that
 /// Prometheus scrapes, so `/readyz` and the metrics can never disagree.
@@ -78,42 +107,289 @@ pub(crate) struct State {
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
-    let mut acceptor = Acceptor::default();
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = Arc::clone(&limit).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let on_error = |kind: AcceptErrorKind, e: &io::Error| {
-            if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
-                warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
+    let slots = Arc::new(Slots::default());
+    let connections = TaskTracker::new();
+    let mut acceptor = Acceptor::new();
+    let on_error = |kind: AcceptErrorKind, e: &io::Error| {
+        if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+            warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
+        }
+    };
+    while let Some((stream, peer, loan)) = acceptor.next_borrowing(&listener, &stop, on_error).await
+    {
+        let slot = match slots.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                if let Some(suppressed) = REFUSED_LOG.allow() {
+                    warn!(%peer, reason = refused.label(), suppressed,
+                        "HTTP connection refused");
+                }
+                // Dropping the stream closes it: the client learns at once.
+                continue;
             }
         };
-        let Some((stream, _)) = acceptor.next(&listener, &stop, on_error).await else {
-            break;
-        };
-        let state = Arc::clone(&state);
-        let service = hyper::service::service_fn(move |req| {
-            let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(route(&req, &state)) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        connections.spawn(serve_connection(
+            stream,
+            (slot, loan),
+            Arc::clone(&state),
+            stop.clone(),
+        ));
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+    connections.close();
+    let _ = tokio::time::timeout(STOP_GRACE, connections.wait()).await;
+}
+
+/// Serves one connection within its time bounds, holding its slot (and the spare
+/// descriptors it borrowed, if the process was out of them) until it has closed.
+async fn serve_connection(
+    stream: TcpStream,
+    held: (Slot, Option<Loan>),
+    state: Arc<State>,
+    stop: CancellationToken,
+) {
+    let slot = &held.0;
+    let evicted = slot.evicted.clone();
+    let requested = slot.clone_handle();
+    let service = hyper::service::service_fn(move |req| {
+        requested.request_started();
+        let state = Arc::clone(&state);
+        async move {
+            // One request at a time per turn: a client pipelining hundreds of costly
+            // `/metrics` requests must not keep a worker from the probes in between.
+            tokio::task::yield_now().await;
+            Ok::<_, Infallible>(route(&req, &state))
+        }
+    });
+    // A fixed, small send buffer: a client that does not read stalls after a few
+    // responses (and the write timeout starts) instead of after megabytes of them.
+    let _ = SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_SIZE);
+    let io = TokioIo::new(WriteTimeout::new(stream, WRITE_TIMEOUT));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF_SIZE)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        // Dropping the connection closes it; it had not sent a request.
+        _ = evicted.cancelled() => return,
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+        _ = stop.cancelled() => {}
+    }
+    // Finish the response in progress (bounded by the write timeout), then close.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, conn).await;
+    // The socket is closed by now, so a borrowed spare can be reopened on it.
+    drop(held);
+}
+
+/// Why a connection was closed right after accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Its source address holds `MAX_CONNECTIONS_PER_IP` already.
+    PerIp,
+    /// `MAX_CONNECTIONS` are open and every one of them has sent a request.
+    Full,
+}
+
+impl Refused {
+    fn label(self) -> &'static str {
+        match self {
+            Self::PerIp => "per_ip_limit",
+            Self::Full => "global_limit",
+        }
+    }
+}
+
+/// The connection table: how many are open, per source address, and which have not
+/// sent a request yet (the ones a full table evicts, oldest first).
+#[derive(Default)]
+struct Slots {
+    table: Mutex<SlotTable>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    open: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Connections still waiting for their first request head, by age (ids grow).
+    waiting: BTreeMap<u64, CancellationToken>,
+}
+
+/// One admitted connection; dropping it frees its place.
+struct Slot {
+    handle: SlotHandle,
+    ip: IpAddr,
+    /// Cancelled when a newer connection needs the place.
+    evicted: CancellationToken,
+}
+
+/// What the request handler needs to mark its connection as having sent a request.
+#[derive(Clone)]
+struct SlotHandle {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a connection from `ip`: refused when its address holds its share or when
+    /// every slot is busy serving; evicts the oldest connection without a request when
+    /// the table is full of them.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        let ip = canonical_ip(ip);
+        let mut table = self.lock();
+        let from_ip = table.per_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= MAX_CONNECTIONS_PER_IP {
+            return Err(Refused::PerIp);
+        }
+        if table.open >= MAX_CONNECTIONS {
+            // The victim closes at its next poll and gives back its place then.
+            let (_, victim) = table.waiting.pop_first().ok_or(Refused::Full)?;
+            victim.cancel();
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        table.open += 1;
+        *table.per_ip.entry(ip).or_insert(0) += 1;
+        let evicted = CancellationToken::new();
+        table.waiting.insert(id, evicted.clone());
+        Ok(Slot {
+            handle: SlotHandle {
+                slots: Arc::clone(self),
+                id,
+            },
+            ip,
+            evicted,
+        })
+    }
+}
+
+impl Slot {
+    fn clone_handle(&self) -> SlotHandle {
+        self.handle.clone()
+    }
+}
+
+impl SlotHandle {
+    /// A request head arrived: the connection is doing real work and is not evicted.
+    fn request_started(&self) {
+        self.slots.lock().waiting.remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut table = self.handle.slots.lock();
+        table.open -= 1;
+        table.waiting.remove(&self.handle.id);
+        if let Some(n) = table.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                table.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The connection's socket, with a deadline on writes: a write that makes no progress
+/// for `timeout` fails, so a client that requests and never reads cannot hold its
+/// connection (and the response in memory) forever. hyper has header and keep-alive
+/// timeouts but none for writes.
+struct WriteTimeout {
+    stream: TcpStream,
+    timeout: Duration,
+    /// Armed while a write waits for room; disarmed by any progress.
+    stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            stall: None,
+        }
+    }
+
+    /// Called when a write would block: pending until the stall outlasts the timeout,
+    /// then an error, after arranging for the close to reset the connection (the
+    /// unsent response is thrown away instead of lingering in the kernel).
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let timeout = self.timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let _ = SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not read the response",
+        )))
+    }
+
+    fn progressed<T>(&mut self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.stall = None;
+        }
+        result
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Pending => this.poll_stall(cx),
+            ready => this.progressed(ready),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.poll_stall(cx),
+            ready => this.progressed(ready),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -171,4 +447,53 @@ fn landing_page() -> String {
          <li><a href=\"/healthz\">/healthz</a> (liveness)</li>\n\
          <li><a href=\"/readyz\">/readyz</a> (readiness)</li>\n</ul>\n</body></html>\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use super::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, Refused, Slots};
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    #[test]
+    fn one_address_gets_its_share_and_no_more() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_IP)
+            .map(|_| slots.admit(ip(1)).expect("within the share"))
+            .collect();
+        assert_eq!(slots.admit(ip(1)).err(), Some(Refused::PerIp));
+        assert!(slots.admit(ip(2)).is_ok(), "another address is unaffected");
+        drop(held);
+        assert!(slots.admit(ip(1)).is_ok(), "closing frees the share");
+        assert_eq!(slots.lock().open, 0);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_connection_without_a_request() {
+        let slots = Arc::new(Slots::default());
+        let held: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|i| slots.admit(ip(1 + i as u32)).expect("room"))
+            .collect();
+        // The oldest has sent a request: it is working, the next oldest goes.
+        held[0].clone_handle().request_started();
+        let newcomer = slots.admit(ip(1000)).expect("room made by eviction");
+        assert!(!held[0].evicted.is_cancelled());
+        assert!(held[1].evicted.is_cancelled());
+        assert!(held[2..].iter().all(|s| !s.evicted.is_cancelled()));
+        // Every connection working: a newcomer is refused at once.
+        for slot in &held {
+            slot.clone_handle().request_started();
+        }
+        newcomer.clone_handle().request_started();
+        assert_eq!(slots.admit(ip(1001)).err(), Some(Refused::Full));
+        drop(held);
+        drop(newcomer);
+        assert_eq!(slots.lock().open, 0);
+        assert!(slots.lock().per_ip.is_empty());
+    }
 }

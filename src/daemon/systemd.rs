@@ -3,45 +3,72 @@
 //! Everything here is a no-op outside systemd (no `NOTIFY_SOCKET`, no `LISTEN_FDS`), so
 //! the daemon runs the same under a terminal, a container or a service manager.
 
+use std::borrow::Cow;
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
-use std::time::Duration;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use sd_notify::NotifyState;
 use socket2::{Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::listeners::BoundSocket;
 
+/// The longest `STATUS=` sent, in bytes. `systemctl status` shows one line, and a
+/// datagram has a size limit: a 300 KB reload error once made the send fail, READY=1
+/// with it, so systemd never learnt the reload had ended.
+const MAX_STATUS_LEN: usize = 1024;
+/// The shortest interval between watchdog pings, whatever `WATCHDOG_USEC` says: one
+/// microsecond would make the ping task spin (half a core measured).
+const MIN_WATCHDOG_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a lifecycle message may wait for room when the manager's queue is full; a
+/// watchdog ping does not wait (the next one follows soon).
+const LIFECYCLE_PATIENCE: Duration = Duration::from_millis(100);
+
 /// Tells systemd that every listener is bound and echod serves (`READY=1`).
 pub(crate) fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send("READY=1\n", Some(status), LIFECYCLE_PATIENCE);
 }
 
 /// Replaces the one-line status `systemctl status` shows.
 pub(crate) fn status(status: &str) {
-    send(&[NotifyState::Status(status)]);
+    send("", Some(status), LIFECYCLE_PATIENCE);
 }
 
 /// Announces a reload (`RELOADING=1` with the monotonic timestamp Type=notify-reload wants).
 pub(crate) fn reloading() {
-    match sd_notify::NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now]),
-        Err(_) => send(&[NotifyState::Reloading]),
-    }
+    let message = match sd_notify::NotifyState::monotonic_usec_now() {
+        Ok(now) => format!("RELOADING=1\n{now}\n"),
+        Err(_) => "RELOADING=1\n".to_string(),
+    };
+    send(&message, None, LIFECYCLE_PATIENCE);
 }
 
 /// Announces that shutdown started (`STOPPING=1`).
 pub(crate) fn stopping(status: &str) {
-    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    send("STOPPING=1\n", Some(status), LIFECYCLE_PATIENCE);
 }
 
-/// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled.
-/// `WATCHDOG_USEC=0` means disabled (and a zero period would panic the ping task).
+/// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled,
+/// and never below [`MIN_WATCHDOG_INTERVAL`]. `WATCHDOG_USEC=0` means disabled (and a
+/// zero period would panic the ping task).
 fn watchdog_interval() -> Option<Duration> {
-    sd_notify::watchdog_enabled()
+    let half = sd_notify::watchdog_enabled()
         .filter(|d| !d.is_zero())
-        .map(|d| d / 2)
+        .map(|d| d / 2)?;
+    if half < MIN_WATCHDOG_INTERVAL {
+        warn!(
+            asked = ?half,
+            interval = ?MIN_WATCHDOG_INTERVAL,
+            "WATCHDOG_USEC asks for pings more often than echod sends them; systemd may \
+             find them late (set WatchdogSec= to 1s or more)"
+        );
+        return Some(MIN_WATCHDOG_INTERVAL);
+    }
+    Some(half)
 }
 
 /// Starts pinging the watchdog when systemd asks for it. The task runs on the runtime
@@ -57,17 +84,105 @@ pub(crate) fn spawn_watchdog() {
     );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
+        // After a stall, one ping, not a burst of the missed ones.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            send(&[NotifyState::Watchdog]);
+            send("WATCHDOG=1\n", None, Duration::ZERO);
         }
     });
 }
 
-fn send(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
+/// `STATUS=` text cut to [`MAX_STATUS_LEN`] bytes on a character boundary (ending in
+/// `…` when cut), with line breaks made spaces: a newline would end the status and
+/// start a key of its own.
+fn status_line(status: &str) -> Cow<'_, str> {
+    let status: Cow<'_, str> = if status.contains('\n') {
+        Cow::Owned(status.replace('\n', " "))
+    } else {
+        Cow::Borrowed(status)
+    };
+    if status.len() <= MAX_STATUS_LEN {
+        return status;
+    }
+    let mut end = MAX_STATUS_LEN - '…'.len_utf8();
+    while !status.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &status[..end]))
+}
+
+/// The connection to the manager's notify socket, made once: a watchdog ping or a
+/// READY=1 then needs no new descriptor (so they still go out when the process is out
+/// of descriptors), and the socket is non-blocking, so a manager that does not read
+/// cannot block a worker thread.
+static NOTIFY: Mutex<Option<UnixDatagram>> = Mutex::new(None);
+
+/// Sends `lines` (each ending in a newline) and the status, if any, to `NOTIFY_SOCKET`,
+/// waiting at most `patience` for room. If the message cannot go out with its status,
+/// the lines go out alone: READY=1 matters more than the text beside it.
+fn send(lines: &str, status: Option<&str>, patience: Duration) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut message = lines.to_string();
+    if let Some(status) = status {
+        message.push_str("STATUS=");
+        message.push_str(&status_line(status));
+        message.push('\n');
+    }
+    let mut result = deliver(&path, message.as_bytes(), patience);
+    if result.is_err() && status.is_some() && !lines.is_empty() {
+        result = deliver(&path, lines.as_bytes(), patience);
+    }
+    if let Err(e) = result {
         debug!(error = %e, "sd_notify failed");
     }
+}
+
+fn deliver(path: &OsStr, message: &[u8], patience: Duration) -> io::Result<()> {
+    let mut socket = NOTIFY.lock().unwrap_or_else(|e| e.into_inner());
+    let deadline = Instant::now() + patience;
+    let mut reconnected = false;
+    loop {
+        let connected = match socket.as_ref() {
+            Some(connected) => connected,
+            None => socket.insert(connect(path)?),
+        };
+        match connected.send(message) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The manager re-executed and bound a new socket: connect again, once.
+            Err(e)
+                if !reconnected
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNREFUSED | libc::ENOTCONN | libc::ECONNRESET)
+                    ) =>
+            {
+                *socket = None;
+                reconnected = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Connects a datagram socket to `NOTIFY_SOCKET`: a path, or `@name` for an abstract
+/// socket.
+fn connect(path: &OsStr) -> io::Result<UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    let socket = UnixDatagram::unbound()?;
+    match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            socket.connect_addr(&std::os::unix::net::SocketAddr::from_abstract_name(name)?)?
+        }
+        None => socket.connect(path)?,
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Takes the sockets passed by socket activation (`LISTEN_FDS`), checking each one's
@@ -104,4 +219,24 @@ pub(crate) fn inherited_sockets() -> io::Result<Vec<BoundSocket>> {
         sockets.push(bound);
     }
     Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_STATUS_LEN, status_line};
+
+    #[test]
+    fn a_long_status_is_cut_on_a_character_boundary() {
+        assert_eq!(status_line("short"), "short");
+        assert_eq!(status_line("two\nlines"), "two lines");
+        let exact = "x".repeat(MAX_STATUS_LEN);
+        assert_eq!(status_line(&exact), exact);
+        // 'é' is two bytes: a cut in the middle of one moves back to its start.
+        for long in ["é".repeat(300_000), format!("x{}", "é".repeat(1000))] {
+            let cut = status_line(&long);
+            assert!(cut.len() <= MAX_STATUS_LEN, "{}", cut.len());
+            assert!(cut.len() >= MAX_STATUS_LEN - 4, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+        }
+    }
 }

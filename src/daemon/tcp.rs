@@ -11,11 +11,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -23,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::accept::Acceptor;
+use super::accept::{Acceptor, close_at_once};
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
 use super::metrics::TcpListenerMetrics;
@@ -75,7 +74,10 @@ impl Listener {
     /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
     /// backed off from, never fatal.
     pub(crate) async fn run(mut self) {
-        let mut acceptor = Acceptor::default();
+        // Counted as a task of the drain: the stop waits until this listener has closed
+        // its backlog gently (see `reject_backlog`), rather than exit under it.
+        let _drain_waits = self.connections.token();
+        let mut acceptor = Acceptor::new();
         let mut backlog = self.config.borrow_and_update().backlog;
         loop {
             let metrics = &self.metrics;
@@ -114,7 +116,7 @@ impl Listener {
             }
         }
         if self.shutdown.is_draining() {
-            self.reject_backlog().await;
+            self.reject_backlog();
         }
         debug!(listener = %self.label, "TCP listener closed");
     }
@@ -122,14 +124,35 @@ impl Listener {
     /// Closes connections the kernel completed before the stop but echod had not yet
     /// accepted: cleanly (EOF) and counted as `shutdown`, rather than reset unseen when
     /// the listening socket closes.
-    async fn reject_backlog(&self) {
+    ///
+    /// They are taken straight from the kernel until it says the queue is empty: tokio's
+    /// accept also returns "not ready" once the task's cooperative budget (128
+    /// operations) is spent, which used to leave the rest of a long queue to be reset.
+    fn reject_backlog(&self) {
         loop {
-            let next = std::future::poll_fn(|cx| Poll::Ready(self.listener.poll_accept(cx))).await;
-            match next {
-                Poll::Ready(Ok(_)) => self.metrics.rejected(RejectReason::Shutdown),
-                Poll::Ready(Err(_)) | Poll::Pending => break,
+            match SockRef::from(&self.listener).accept() {
+                Ok((socket, _)) => {
+                    let stream = std::net::TcpStream::from(socket);
+                    if stream.set_nonblocking(true).is_ok()
+                        && let Ok(stream) = TcpStream::from_std(stream)
+                    {
+                        self.reject_gently(stream);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Empty (WouldBlock), or out of descriptors: nothing more can be done.
+                Err(_) => break,
             }
         }
+    }
+
+    /// Refuses a connection because echod is stopping, with EOF rather than a reset.
+    fn reject_gently(&self, stream: TcpStream) {
+        self.metrics.rejected(RejectReason::Shutdown);
+        self.connections.spawn(async move {
+            let mut stream = stream;
+            close_gently(&mut stream).await;
+        });
     }
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
@@ -157,13 +180,15 @@ impl Listener {
         };
         let permit = match permit {
             Ok(permit) => permit,
+            Err(RejectReason::Shutdown) => return self.reject_gently(stream),
             Err(reason) => {
                 self.metrics.rejected(reason);
                 if let Some(suppressed) = REJECT_LOG.allow() {
                     warn!(listener = %self.label, %peer, reason = reason.label(), suppressed,
                         "connection rejected");
                 }
-                // Dropping the stream closes it: the client sees EOF at once.
+                // Input it already sent is discarded first, so it sees EOF, not a reset.
+                close_at_once(stream);
                 return;
             }
         };
@@ -274,6 +299,35 @@ enum Event {
     Reloaded,
 }
 
+/// How long a client refused at a stop may take to finish sending (what it sends is
+/// read and thrown away) before its connection is closed.
+const REJECT_LINGER: Duration = Duration::from_secs(1);
+/// Bytes read and thrown away from a client refused at a stop, at most.
+const REJECT_DISCARD: usize = 64 * 1024;
+
+/// Closes a connection whose client may already have sent data, so that it sees EOF.
+///
+/// Closing a socket with unread input makes the kernel send a reset, which the client
+/// reports as an error and which can even discard the EOF it was about to read. So the
+/// write side is shut first (the client reads EOF), then input is read and discarded
+/// until the client closes too, for at most [`REJECT_LINGER`] and [`REJECT_DISCARD`]
+/// bytes; a client that keeps sending past those is reset, having had its EOF.
+async fn close_gently(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    // On the heap: an array here would enlarge every connection's task.
+    let mut buf = vec![0u8; 4096];
+    let mut discarded = 0;
+    let _ = tokio::time::timeout(REJECT_LINGER, async {
+        while discarded < REJECT_DISCARD {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
+}
+
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -341,7 +395,7 @@ impl Connection {
                 End::Idle => self.metrics.idle_timeouts.inc(),
                 End::Capped(cap) => {
                     self.metrics.capped(cap);
-                    close_cleanly(&mut self.stream).await;
+                    close_gently(&mut self.stream).await;
                 }
                 End::Finished | End::Cut | End::Error => {}
             }
@@ -532,27 +586,6 @@ fn cap_reached(config: &TcpConfig, echoed: u64, hard: Option<Instant>) -> Option
         return Some(ConnectionCap::MaxDuration);
     }
     None
-}
-
-/// How long a capped connection's unread input is discarded after the FIN.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Ends a capped connection the way a client expects: FIN after the last echo, then its
-/// unread input is discarded for a moment, because closing a socket with unread data
-/// sends a reset that can destroy echoes still in flight to the client.
-async fn close_cleanly(stream: &mut TcpStream) {
-    use tokio::io::AsyncReadExt;
-    let _ = stream.shutdown().await;
-    // On the heap: an array here would enlarge every connection's task.
-    let mut sink = vec![0u8; 4096];
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Ok(n) = stream.read(&mut sink).await {
-            if n == 0 {
-                break;
-            }
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]

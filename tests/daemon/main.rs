@@ -7,6 +7,10 @@ mod support;
 
 mod caps;
 mod config;
+mod hostile_config;
+mod hostile_drain;
+mod hostile_http;
+mod hostile_notify;
 mod hostile_tcp;
 mod hostile_udp;
 mod in_process;
@@ -38,5 +42,9 @@ fn main() -> std::process::ExitCode {
         proxy_protocol::TESTS,
         hostile_udp::TESTS,
         hostile_tcp::TESTS,
+        hostile_http::TESTS,
+        hostile_drain::TESTS,
+        hostile_notify::TESTS,
+        hostile_config::TESTS,
     ])
 }
