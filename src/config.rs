@@ -352,7 +352,7 @@ impl ConfigSource {
                 message,
             };
             toml::from_str::<Config>(&text)
-                .map_err(|e| file_error(e.to_string().trim_end().to_string()))?;
+                .map_err(|e| file_error(plain(e.to_string().trim_end())))?;
             check_integers(&text).map_err(file_error)?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
             file_text = Some(text);
@@ -365,13 +365,13 @@ impl ConfigSource {
             if env.get(&var).is_some_and(|v| v.trim().is_empty()) {
                 builder = builder
                     .set_override(key, Vec::<String>::new())
-                    .map_err(|e| ConfigError::Layer(e.to_string()))?;
+                    .map_err(|e| ConfigError::Layer(plain(&e.to_string())))?;
             }
         }
         for (key, value) in &self.overrides {
             builder = builder
                 .set_override(key.as_str(), value.as_str())
-                .map_err(|e| ConfigError::Layer(e.to_string()))?;
+                .map_err(|e| ConfigError::Layer(plain(&e.to_string())))?;
         }
         let merged = builder
             .build()
@@ -384,10 +384,10 @@ impl ConfigSource {
             (Err(e), Some(path), Some(text)) if file_alone_fails(text) => {
                 return Err(ConfigError::File {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: plain(&e.to_string()),
                 });
             }
-            (Err(e), _, _) => return Err(ConfigError::Layer(e.to_string())),
+            (Err(e), _, _) => return Err(ConfigError::Layer(plain(&e.to_string()))),
         };
         config
             .validate()
@@ -507,6 +507,43 @@ fn file_alone_fails(text: &str) -> bool {
         .build()
         .and_then(config::Config::try_deserialize::<Config>)
         .is_err()
+}
+
+/// Says a parser's message in an operator's words: the TOML and config crates speak of
+/// Rust types (`expected usize`, `enum LogFormat does not have variant constructor`),
+/// which mean nothing to someone editing a config file.
+fn plain(message: &str) -> String {
+    let mut text = message.to_string();
+    for rust_type in [
+        "usize",
+        "u64",
+        "u32",
+        "u16",
+        "u8",
+        "i64",
+        "i32",
+        "an integer",
+    ] {
+        text = text.replace(&format!("expected {rust_type}"), "expected a whole number");
+    }
+    text = text
+        .replace("invalid type: ", "got ")
+        .replace("unknown variant", "unknown value")
+        .replace(
+            "invalid socket address syntax",
+            "expected IP:PORT with a numeric address (IPv4, or IPv6 in brackets) and a port \
+             from 0 to 65535; host names are not resolved",
+        );
+    const CONSTRUCTOR: &str = " does not have variant constructor ";
+    if let (Some(start), Some(at)) = (text.find("enum "), text.find(CONSTRUCTOR)) {
+        let value_start = at + CONSTRUCTOR.len();
+        let value_end = text[value_start..]
+            .find(char::is_whitespace)
+            .map_or(text.len(), |i| value_start + i);
+        let value = text[value_start..value_end].to_string();
+        text.replace_range(start..value_end, &format!("unknown value `{value}`"));
+    }
+    text
 }
 
 /// Keys whose environment values are comma-separated lists.

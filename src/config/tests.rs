@@ -200,3 +200,60 @@ fn trusted_sources_parse_from_file_and_environment_and_bad_ones_name_the_key() {
         "{text}"
     );
 }
+
+#[test]
+fn parser_errors_speak_of_values_not_rust_types() {
+    let cases: &[(&str, &str)] = &[
+        ("[tcp]\nmax_connections = \"x\"", "expected a whole number"),
+        (
+            "[log]\nformat = \"xml\"",
+            "unknown value `xml`, expected `text` or `json`",
+        ),
+        (
+            "[tcp]\nlisten = [\"127.0.0.1:70000\"]",
+            "host names are not resolved",
+        ),
+        (
+            "[tcp]\nlisten = [\"localhost:7\"]",
+            "host names are not resolved",
+        ),
+    ];
+    let internals = [
+        "usize",
+        "variant",
+        "invalid socket address syntax",
+        "invalid type",
+    ];
+    for (text, want) in cases {
+        let (_file, source) = with_file(text);
+        let message = source
+            .load_with_env(&HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(want), "{text:?}: {message}");
+        for word in internals {
+            assert!(!message.contains(word), "{text:?} says {word}: {message}");
+        }
+    }
+    for (var, value, want) in [
+        ("ECHOD_TCP__MAX_CONNECTIONS", "x", "expected a whole number"),
+        ("ECHOD_LOG__FORMAT", "xml", "unknown value `xml`"),
+        (
+            "ECHOD_TCP__LISTEN",
+            "localhost:7",
+            "host names are not resolved",
+        ),
+    ] {
+        let message = ConfigSource::default()
+            .load_with_env(&env(&[(var, value)]))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains(want), "{var}={value}: {message}");
+        for word in internals {
+            assert!(
+                !message.contains(word),
+                "{var}={value} says {word}: {message}"
+            );
+        }
+    }
+}
