@@ -399,6 +399,19 @@ fn packaged_service_under_real_systemd() {
         status.contains("last reload FAILED") && status.contains("max_connections"),
         "{status}"
     );
+    // The journal stores echod's own refusal at priority err, as one entry.
+    let errors = c.ok("journalctl -u echod -p err --no-pager -o cat");
+    let refusals: Vec<&str> = errors
+        .lines()
+        .filter(|l| l.contains("reload failed; keeping the previous configuration"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "journalctl -p err:\n{errors}");
+    assert!(refusals[0].contains("max_connections"), "{}", refusals[0]);
+    let info = c.ok("journalctl -u echod -p info --no-pager -o cat");
+    assert!(
+        !errors.contains("echod ready") && info.contains("echod ready"),
+        "readiness is logged at info, not err:\n{errors}"
+    );
     assert_eq!(c.prop("echod", "ActiveState"), "active");
     c.write_file("/etc/echod/echod.toml", &packaged);
     c.ok("systemctl reload echod");

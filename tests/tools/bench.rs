@@ -182,3 +182,49 @@ fn nothing_listening_is_a_clear_failure() {
         run.stderr
     );
 }
+
+/// A UDP run against a server that rate-limits ends when `--duration` says (a reply
+/// still missing at the end is not waited for), and says why datagrams were lost
+/// instead of leaving the operator to guess.
+#[test]
+fn udp_losses_to_a_rate_limit_are_explained_and_the_duration_bounds_the_run() {
+    let daemon = Daemon::start("[udp.rate_limit]\npackets_per_second = 50\nburst = 10");
+    let addr = daemon.udp.to_string();
+    let started = Instant::now();
+    let run = run_echod(
+        &["bench", "-m", "udp", "-C", "4", "-d", "1s", &addr],
+        b"",
+        LIMIT,
+    );
+    let took = started.elapsed();
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        took < Duration::from_millis(2500),
+        "-d 1s ran for {took:?}: a missing reply was waited for past the duration"
+    );
+    let run = run_echod(
+        &[
+            "bench",
+            "-m",
+            "udp",
+            "-C",
+            "4",
+            "-d",
+            "1s",
+            "--timeout",
+            "50ms",
+            &addr,
+        ],
+        b"",
+        LIMIT,
+    );
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let out = run.stdout_text();
+    assert!(out.contains("datagrams lost at"), "{out}");
+    assert!(out.contains("rate_limited"), "{out}");
+    let dropped = daemon.metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "rate_limited")],
+    );
+    assert!(dropped > 0.0, "the server dropped nothing: {out}");
+}

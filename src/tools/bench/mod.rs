@@ -128,7 +128,7 @@ pub(crate) struct Plan {
     pattern: Pattern,
     size: usize,
     start: Instant,
-    /// No new message is sent after this instant.
+    /// No new message is sent after this instant (and UDP replies are not awaited).
     stop_sending: Instant,
     /// Open-loop gap between two messages of one connection.
     interval: Option<Duration>,

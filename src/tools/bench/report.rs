@@ -196,6 +196,31 @@ impl fmt::Display for Report {
             } else {
                 String::new()
             }
-        )
+        )?;
+        if let Some(hint) = self.loss_hint() {
+            writeln!(f, "  note        {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// Why UDP datagrams were probably lost. Every socket of a run shares one source
+    /// address, and echo servers such as echod limit replies per source address (echod:
+    /// `udp.rate_limit`, 1 000/s with bursts of 2 000 by default), so a run faster than
+    /// that loses datagrams by design, not because the path is lossy.
+    pub(crate) fn loss_hint(&self) -> Option<String> {
+        if self.mode != Mode::Udp || self.lost == 0 {
+            return None;
+        }
+        let sent_per_s = (self.messages + self.lost) as f64 / self.elapsed_s.max(1e-9);
+        Some(format!(
+            "{} of {} datagrams lost at {sent_per_s:.0}/s from one source address: a server \
+             that rate-limits replies per source drops the excess (echod: udp.rate_limit, \
+             counted in echod_udp_dropped_datagrams_total{{reason=\"rate_limited\"}}; \
+             set packets_per_second = 0 on a benchmark server)",
+            self.lost,
+            self.messages + self.lost
+        ))
     }
 }

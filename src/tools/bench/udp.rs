@@ -73,11 +73,16 @@ async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> T
             break;
         }
         tally.bytes_sent += size as u64;
-        let deadline = Instant::now() + plan.timeout;
+        // `--duration` bounds the run: a reply still missing when the run ends is not
+        // waited for (nor counted lost: it may be on its way).
+        let lost_at = Instant::now() + plan.timeout;
+        let deadline = lost_at.min(plan.stop_sending);
         loop {
             let n = match timeout_at(deadline, socket.recv(&mut reply)).await {
                 Err(_) => {
-                    tally.lost += 1;
+                    if deadline == lost_at {
+                        tally.lost += 1;
+                    }
                     break;
                 }
                 Ok(Err(e)) => {
