@@ -50,9 +50,12 @@ pub enum WebConfigError {
         /// The path as resolved.
         path: PathBuf,
     },
-    /// The YAML does not parse or does not fit the format (unknown fields included).
+    /// The file is not YAML.
     #[error("invalid YAML: {0}")]
     Yaml(String),
+    /// The YAML does not fit the format (an unknown field, a wrong type).
+    #[error("{0}")]
+    Format(String),
     /// A well-formed value that cannot be used.
     #[error("{key}: {message}")]
     Invalid {
@@ -223,7 +226,7 @@ fn parse(text: &str) -> Result<FileFormat, WebConfigError> {
         return Ok(FileFormat::default());
     }
     // Parsed again from the text, so errors point at a line and column.
-    serde_norway::from_str(text).map_err(|e| WebConfigError::Yaml(e.to_string()))
+    serde_norway::from_str(text).map_err(|e| WebConfigError::Format(e.to_string()))
 }
 
 /// A user name basic auth can carry, and a hash that is bcrypt.
