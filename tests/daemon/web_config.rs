@@ -20,6 +20,7 @@ crate::support::tests![
     required_client_certificates_refuse_a_client_without_one,
     bad_web_config_files_exit_78_naming_the_key_the_file_and_the_fault,
     reload_swaps_the_password_and_a_bad_file_keeps_the_old_one,
+    probe_checks_readiness_over_tls,
 ];
 
 const USER: &str = "prometheus";
@@ -117,6 +118,25 @@ fn required_client_certificates_refuse_a_client_without_one() {
         );
     }
     assert!(daemon.log().contains("TLS handshake failed"));
+
+    // The local probe must present a certificate too, and says so.
+    let config = daemon.config_path().display().to_string();
+    let (code, out) = probe(&["--config", &config]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--client-cert"), "{out}");
+    let (cert, key) = (
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let (code, out) = probe(&[
+        "--config",
+        &config,
+        "--client-cert",
+        &cert,
+        "--client-key",
+        &key,
+    ]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 /// `echod` with `args`, killed after 10 s if it has not exited (a bad file that is
@@ -334,4 +354,52 @@ fn reload_swaps_the_password_and_a_bad_file_keeps_the_old_one() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(http_get(daemon.http, "/metrics").unwrap().0, 401);
+}
+/// `echod probe ARGS`: its exit code and everything it printed.
+fn probe(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(echod_bin())
+        .arg("probe")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn probe_checks_readiness_over_tls() {
+    let pki = Pki::new();
+    let ca = pki.ca.display().to_string();
+    let web = pki.web_config("web.yml", "", &[(USER, "s3cret")]);
+    let client = HttpsClient::new(&pki.ca);
+    let daemon = start(&web, &client);
+    let config = daemon.config_path().display().to_string();
+    let url = format!("https://{}/readyz", daemon.http);
+
+    // Without targets: the local config says TLS, and its certificate is trusted.
+    let (code, out) = probe(&["--config", &config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&url), "{out}");
+    // An explicit https URL with the CA.
+    let (code, out) = probe(&["--http", &url, "--ca-file", &ca]);
+    assert_eq!(code, Some(0), "{out}");
+    // Without a CA there is nothing to trust the server by.
+    let (code, out) = probe(&["--http", &url]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--ca-file"), "{out}");
+    // The wrong CA: unhealthy, saying why.
+    let wrong = pki.stranger_cert.display().to_string();
+    let (code, out) = probe(&["--http", &url, "--ca-file", &wrong]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("certificate"), "{out}");
+    // Plain http:// to the TLS endpoint fails (400).
+    let (code, out) = probe(&["--http", &format!("http://{}/readyz", daemon.http)]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("400"), "{out}");
 }
