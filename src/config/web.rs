@@ -148,6 +148,8 @@ impl fmt::Debug for WebConfig {
 struct FileFormat {
     tls_server_config: Option<TlsFormat>,
     basic_auth_users: Option<BTreeMap<String, String>>,
+    /// exporter-toolkit's, not implemented: refused by name.
+    http_server_config: Option<serde_norway::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +161,14 @@ struct TlsFormat {
     client_ca_file: Option<String>,
     min_version: Option<String>,
     max_version: Option<String>,
+    // exporter-toolkit's, not implemented: refused by name (see `unsupported`).
+    cert: Option<serde_norway::Value>,
+    key: Option<serde_norway::Value>,
+    client_ca: Option<serde_norway::Value>,
+    client_allowed_sans: Option<serde_norway::Value>,
+    cipher_suites: Option<serde_norway::Value>,
+    curve_preferences: Option<serde_norway::Value>,
+    prefer_server_cipher_suites: Option<serde_norway::Value>,
 }
 
 /// TLS versions rustls speaks (it has no TLS 1.0 or 1.1).
@@ -183,6 +193,12 @@ impl WebConfig {
         let text = String::from_utf8(text)
             .map_err(|_| WebConfigError::Yaml("the file is not UTF-8 text".into()))?;
         let format = parse(&text)?;
+        if format.http_server_config.is_some() {
+            return Err(invalid(
+                "http_server_config",
+                "not supported: echod serves HTTP/1.1 and sets no extra headers",
+            ));
+        }
         let basic_auth_users = format.basic_auth_users.unwrap_or_default();
         for (user, hash) in &basic_auth_users {
             check_user(user, hash)?;
@@ -259,7 +275,54 @@ fn check_user(user: &str, hash: &str) -> Result<(), WebConfigError> {
 }
 
 impl TlsFormat {
+    /// Fields of exporter-toolkit's format that echod does not implement: a file that
+    /// uses one is refused, never served with less than its author asked for.
+    fn unsupported(&self) -> Result<(), WebConfigError> {
+        let fields = [
+            (
+                "cert",
+                self.cert.is_some(),
+                "inline PEM is not supported; use cert_file",
+            ),
+            (
+                "key",
+                self.key.is_some(),
+                "inline PEM is not supported; use key_file",
+            ),
+            (
+                "client_ca",
+                self.client_ca.is_some(),
+                "inline PEM is not supported; use client_ca_file",
+            ),
+            (
+                "client_allowed_sans",
+                self.client_allowed_sans.is_some(),
+                "not supported: any certificate client_ca_file verifies is accepted",
+            ),
+            (
+                "cipher_suites",
+                self.cipher_suites.is_some(),
+                "not supported: rustls's default suites are used",
+            ),
+            (
+                "curve_preferences",
+                self.curve_preferences.is_some(),
+                "not supported: rustls's default key exchange groups are used",
+            ),
+            (
+                "prefer_server_cipher_suites",
+                self.prefer_server_cipher_suites.is_some(),
+                "not supported",
+            ),
+        ];
+        match fields.into_iter().find(|(_, set, _)| *set) {
+            Some((field, _, why)) => Err(invalid(format!("tls_server_config.{field}"), why)),
+            None => Ok(()),
+        }
+    }
+
     fn build(self, dir: &Path, inputs: &mut Vec<u8>) -> Result<TlsSettings, WebConfigError> {
+        self.unsupported()?;
         let required = |value: Option<String>, key: &str| {
             value.filter(|v| !v.is_empty()).ok_or_else(|| {
                 invalid(
@@ -458,4 +521,125 @@ fn read_limited(
     inputs.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     inputs.extend_from_slice(&bytes);
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory with a self-signed certificate and key for localhost.
+    fn dir_with_cert() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join("server.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("server-key.pem"),
+            cert.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        dir
+    }
+
+    fn load(dir: &tempfile::TempDir, yaml: &str) -> Result<WebConfig, WebConfigError> {
+        let path = dir.path().join("web.yml");
+        std::fs::write(&path, yaml).unwrap();
+        WebConfig::load(&path)
+    }
+
+    const TLS: &str = "tls_server_config:\n  cert_file: server.pem\n  key_file: server-key.pem\n";
+
+    #[test]
+    fn an_empty_file_turns_nothing_on() {
+        let dir = tempfile::tempdir().unwrap();
+        for yaml in ["", "# only a comment\n", "---\n"] {
+            let web = load(&dir, yaml).unwrap();
+            assert!(
+                web.tls.is_none() && web.basic_auth_users.is_empty(),
+                "{yaml:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_file_and_defaults_apply() {
+        let dir = dir_with_cert();
+        let web = load(&dir, TLS).unwrap();
+        let tls = web.tls.expect("TLS on");
+        assert_eq!(tls.client_auth, ClientAuth::NoClientCert);
+        assert_eq!(tls.cert_chain.len(), 1);
+        assert_eq!(tls.server_config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn fields_echod_does_not_implement_are_refused_by_name() {
+        let dir = dir_with_cert();
+        for (extra, key) in [
+            (
+                "  cipher_suites: [TLS_AES_128_GCM_SHA256]\n",
+                "tls_server_config.cipher_suites",
+            ),
+            (
+                "  client_allowed_sans: [a]\n",
+                "tls_server_config.client_allowed_sans",
+            ),
+            ("  cert: inline\n", "tls_server_config.cert"),
+            ("  max_version: TLS11\n", "tls_server_config.max_version"),
+            (
+                "  min_version: TLS13\n  max_version: TLS12\n",
+                "tls_server_config.min_version",
+            ),
+        ] {
+            let err = load(&dir, &format!("{TLS}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{extra:?}: {err}");
+        }
+        let err = load(&dir, "http_server_config:\n  http2: false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("http_server_config: not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn loads_are_equal_exactly_when_their_inputs_are() {
+        let dir = dir_with_cert();
+        let first = load(&dir, TLS).unwrap();
+        assert_eq!(first, load(&dir, TLS).unwrap());
+        // A renewed certificate (same file names) is a change.
+        let renewed = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.path().join("server.pem"), renewed.cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("server-key.pem"),
+            renewed.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        assert_ne!(first, load(&dir, TLS).unwrap());
+    }
+
+    #[test]
+    fn hashes_must_be_bcrypt_and_users_expressible() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let web = load(&dir, &format!("basic_auth_users:\n  alice: '{hash}'\n")).unwrap();
+        assert_eq!(web.basic_auth_users.len(), 1);
+        for (user, hash) in [
+            ("alice", "pw"),
+            ("alice", "$1$saltsalt$qjXMvbEw8oaL.CzflDugX/"),
+            ("'a:b'", hash.as_str()),
+        ] {
+            let err = load(&dir, &format!("basic_auth_users:\n  {user}: '{hash}'\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("basic_auth_users."), "{user} {hash}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_huge_file_is_refused_without_reading_it_all() {
+        let err = WebConfig::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(err, WebConfigError::TooLarge { .. }), "{err}");
+    }
 }
