@@ -7,6 +7,8 @@
 #[path = "../support/tls.rs"]
 mod tls;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ crate::support::tests![
     bad_web_config_files_exit_78_naming_the_key_the_file_and_the_fault,
     reload_swaps_the_password_and_a_bad_file_keeps_the_old_one,
     probe_checks_readiness_over_tls,
+    a_stalled_tls_handshake_is_closed_within_its_timeout,
 ];
 
 const USER: &str = "prometheus";
@@ -402,4 +405,34 @@ fn probe_checks_readiness_over_tls() {
     let (code, out) = probe(&["--http", &format!("http://{}/readyz", daemon.http)]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("400"), "{out}");
+}
+
+/// A client that opens a TLS handshake and stalls (half a record header, or nothing)
+/// is closed after the 2 s handshake timeout, like a slow request head.
+fn a_stalled_tls_handshake_is_closed_within_its_timeout() {
+    let pki = Pki::new();
+    let web = pki.web_config("web.yml", "", &[]);
+    let client = HttpsClient::new(&pki.ca);
+    let daemon = start(&web, &client);
+    let stalled: Vec<(TcpStream, Instant)> = [&b"\x16\x03"[..], b""]
+        .iter()
+        .map(|bytes| {
+            let mut s = TcpStream::connect(daemon.http).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+            s.write_all(bytes).unwrap();
+            (s, Instant::now())
+        })
+        .collect();
+    // Served meanwhile.
+    assert_eq!(client.get(daemon.http, "/healthz", None).unwrap().0, 200);
+    for (mut s, opened) in stalled {
+        let mut buf = [0u8; 64];
+        let closed = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        let after = opened.elapsed();
+        assert!(closed, "still open after {after:?}");
+        assert!(
+            after >= Duration::from_millis(1500) && after < Duration::from_secs(5),
+            "closed after {after:?}"
+        );
+    }
 }
