@@ -341,6 +341,9 @@ pub enum ConfigError {
     },
 }
 
+/// The key naming the exporter web configuration file.
+const WEB_CONFIG_KEY: &str = "metrics.web_config_file";
+
 impl ConfigSource {
     /// Reads every layer and validates the result.
     pub fn load(&self) -> Result<Config, ConfigError> {
@@ -535,9 +538,6 @@ fn file_alone_fails(text: &str) -> bool {
         .and_then(config::Config::try_deserialize::<Config>)
         .is_err()
 }
-
-/// The key naming the exporter web configuration file.
-const WEB_CONFIG_KEY: &str = "metrics.web_config_file";
 
 /// Keys whose environment values are comma-separated lists.
 const LIST_KEYS: [&str; 5] = [
