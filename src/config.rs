@@ -11,12 +11,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 mod cidr;
+pub mod web;
 pub use cidr::{Cidr, CidrError};
+pub use web::{WebConfig, WebConfigError};
 
 /// The documented defaults file, kept in the repository as `config/echod.toml`; a test
 /// proves it matches [`Config::default`] so the documentation cannot drift.
@@ -219,12 +222,22 @@ impl Default for RateLimitConfig {
 pub struct MetricsConfig {
     /// Addresses to serve `/metrics`, `/healthz` and `/readyz` on; empty disables.
     pub listen: Vec<SocketAddr>,
+    /// A Prometheus exporter web configuration file (exporter-toolkit's
+    /// `--web.config.file` format: `tls_server_config`, `basic_auth_users`); unset (the
+    /// default), the endpoint is plain HTTP and open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub web_config_file: Option<PathBuf>,
+    /// That file, loaded and checked by [`ConfigSource::load`] (never read from TOML).
+    #[serde(skip)]
+    pub web_config: Option<Arc<WebConfig>>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 9107))],
+            web_config_file: None,
+            web_config: None,
         }
     }
 }
@@ -328,6 +341,9 @@ pub enum ConfigError {
     },
 }
 
+/// The key naming the exporter web configuration file.
+const WEB_CONFIG_KEY: &str = "metrics.web_config_file";
+
 impl ConfigSource {
     /// Reads every layer and validates the result.
     pub fn load(&self) -> Result<Config, ConfigError> {
@@ -337,6 +353,20 @@ impl ConfigSource {
 
     /// Like [`ConfigSource::load`], with the environment passed in (for tests).
     pub fn load_with_env(&self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut config = self.load_settings(env)?;
+        if let Some(path) = &config.metrics.web_config_file {
+            let web = WebConfig::load(path).map_err(|e| ConfigError::Value {
+                origin: self.origin_of(WEB_CONFIG_KEY, env),
+                key: WEB_CONFIG_KEY.to_string(),
+                message: format!("web config file {}: {e}", path.display()),
+            })?;
+            config.metrics.web_config = Some(Arc::new(web));
+        }
+        Ok(config)
+    }
+
+    /// Every layer merged and validated, without reading the files the settings name.
+    fn load_settings(&self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         check_variable_names(env)?;
         let mut builder = config::Config::builder();
         let mut file_text = None;

@@ -156,6 +156,27 @@ fn documented_defaults_file_is_the_default_config() {
 }
 
 #[test]
+fn the_loaded_web_config_cannot_be_set_from_toml_and_a_bad_file_names_the_key() {
+    let (_file, source) = with_file("[metrics]\nweb_config = \"x\"\n");
+    let err = source.load_with_env(&env(&[])).unwrap_err().to_string();
+    assert!(err.contains("web_config"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let web = dir.path().join("web.yml");
+    std::fs::write(&web, "basic_auth_users:\n  alice: x\n").unwrap();
+    let (_file, source) = with_file(&format!(
+        "[metrics]\nweb_config_file = {:?}\n",
+        web.display().to_string()
+    ));
+    let err = source.load_with_env(&env(&[])).unwrap_err().to_string();
+    assert!(
+        err.contains("key `metrics.web_config_file`")
+            && err.contains(&web.display().to_string())
+            && err.contains("basic_auth_users.alice: not a bcrypt hash"),
+        "{err}"
+    );
+}
+
+#[test]
 fn trusted_sources_parse_from_file_and_environment_and_bad_ones_name_the_key() {
     let (_file, source) =
         with_file("[tcp.proxy_protocol]\ntrusted_sources = [\"10.0.0.0/8\", \"fd00::/8\"]\n");

@@ -11,11 +11,17 @@
 //! a full table makes room by evicting the oldest connection that has not sent a request
 //! yet, and a connection that cannot be served is closed at once rather than left in
 //! the accept queue: a fast failure beats a hang.
+//!
+//! With a web configuration file ([`super::web_config`]) the endpoint speaks TLS (the
+//! handshake gets the same 2 s as a request head) and asks for basic auth on every
+//! path except `/healthz` and `/readyz`: probes from a kubelet or a load balancer
+//! carry no credentials, and what they learn (alive, ready) is no secret; with TLS on,
+//! they too must use TLS.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -23,14 +29,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::IntGauge;
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Sleep;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -40,9 +47,11 @@ use super::limits::canonical_ip;
 use super::logging::RateLimitedLog;
 use super::metrics::{Metrics, REVISION, VERSION};
 use super::reasons::AcceptErrorKind;
+use super::web_config::WebEndpoint;
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 static REFUSED_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
+static HANDSHAKE_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
 /// HTTP connections served at once; scrapes and probes are few.
 const MAX_CONNECTIONS: usize = 64;
@@ -63,6 +72,14 @@ const MAX_BUF_SIZE: usize = 16 * 1024;
 const SEND_BUFFER_SIZE: usize = 64 * 1024;
 /// How long open requests may finish when the endpoint stops.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+/// A TLS client must finish its handshake within this time (then the request head has
+/// `HEADER_TIMEOUT` of its own).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first byte of a TLS handshake record; anything else on a TLS endpoint is a
+/// plain-HTTP client, told so in plain HTTP (as Go's servers do).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The answer to plain HTTP sent to the TLS endpoint.
+const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
 /// Readiness, stored once: in the `echod_ready` and `echod_draining` gauges that
 /// Prometheus scrapes, so `/readyz` and the metrics can never disagree.
@@ -103,6 +120,8 @@ impl Health {
 pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) health: Arc<Health>,
+    /// TLS and basic auth, replaced by a reload that changes the web config file.
+    pub(crate) web: watch::Receiver<Arc<WebEndpoint>>,
 }
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
@@ -130,6 +149,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
         };
         connections.spawn(serve_connection(
             stream,
+            peer,
             (slot, loan),
             Arc::clone(&state),
             stop.clone(),
@@ -144,11 +164,80 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
 /// descriptors it borrowed, if the process was out of them) until it has closed.
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     held: (Slot, Option<Loan>),
     state: Arc<State>,
     stop: CancellationToken,
 ) {
-    let slot = &held.0;
+    let expires = Instant::now() + MAX_CONNECTION_AGE;
+    // A fixed, small send buffer: a client that does not read stalls after a few
+    // responses (and the write timeout starts) instead of after megabytes of them.
+    let _ = SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_SIZE);
+    let tls = state.web.borrow().tls().cloned();
+    let io = WriteTimeout::new(stream, WRITE_TIMEOUT);
+    match tls {
+        None => serve_http(io, &held.0, state, stop, expires).await,
+        Some(acceptor) => {
+            let handshake = async {
+                if !starts_tls(&io).await? {
+                    let mut io = io;
+                    let _ = io.write_all(PLAIN_HTTP_TO_TLS).await;
+                    let _ = io.shutdown().await;
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "plain HTTP sent to the TLS endpoint",
+                    ));
+                }
+                acceptor.accept(io).await
+            };
+            let handshake = tokio::select! {
+                done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => done
+                    .unwrap_or_else(|_| Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no TLS handshake within 2s",
+                    ))),
+                // Dropping the connection closes it; it had not sent a request.
+                _ = held.0.evicted.cancelled() => return,
+                _ = stop.cancelled() => return,
+            };
+            match handshake {
+                Ok(tls) => serve_http(tls, &held.0, state, stop, expires).await,
+                Err(e) => {
+                    if let Some(suppressed) = HANDSHAKE_LOG.allow() {
+                        warn!(%peer, error = %e, suppressed, "HTTP TLS handshake failed");
+                    }
+                }
+            }
+        }
+    }
+    // The socket is closed by now, so a borrowed spare can be reopened on it.
+    drop(held);
+}
+
+/// True when the client's first byte opens a TLS handshake; waits for it (the caller
+/// bounds the wait).
+async fn starts_tls(io: &WriteTimeout) -> io::Result<bool> {
+    let mut first = [0u8; 1];
+    if io.stream.peek(&mut first).await? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before a TLS handshake",
+        ));
+    }
+    Ok(first[0] == TLS_HANDSHAKE_RECORD)
+}
+
+/// Serves HTTP/1.1 on `io` (the socket, or TLS over it) until the client is done, the
+/// connection is evicted, it expires or the endpoint stops.
+async fn serve_http<I>(
+    io: I,
+    slot: &Slot,
+    state: Arc<State>,
+    stop: CancellationToken,
+    expires: Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let evicted = slot.evicted.clone();
     let requested = slot.clone_handle();
     let service = hyper::service::service_fn(move |req| {
@@ -158,31 +247,45 @@ async fn serve_connection(
             // One request at a time per turn: a client pipelining hundreds of costly
             // `/metrics` requests must not keep a worker from the probes in between.
             tokio::task::yield_now().await;
+            // The web config in force now: a reload applies to the next request.
+            let web = Arc::clone(&state.web.borrow());
+            if !is_open(req.uri().path()) && !web.authorize(req.headers().get(AUTHORIZATION)).await
+            {
+                return Ok::<_, Infallible>(unauthorized());
+            }
             Ok::<_, Infallible>(route(&req, &state))
         }
     });
-    // A fixed, small send buffer: a client that does not read stalls after a few
-    // responses (and the write timeout starts) instead of after megabytes of them.
-    let _ = SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_SIZE);
-    let io = TokioIo::new(WriteTimeout::new(stream, WRITE_TIMEOUT));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_BUF_SIZE)
-        .serve_connection(io, service);
+        .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
         // Dropping the connection closes it; it had not sent a request.
         _ = evicted.cancelled() => return,
-        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+        _ = tokio::time::sleep_until(expires) => {}
         _ = stop.cancelled() => {}
     }
     // Finish the response in progress (bounded by the write timeout), then close.
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(WRITE_TIMEOUT, conn).await;
-    // The socket is closed by now, so a borrowed spare can be reopened on it.
-    drop(held);
+}
+
+/// Paths served without basic auth: the health probes.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+    resp.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"echod\", charset=\"UTF-8\""),
+    );
+    resp
 }
 
 /// Why a connection was closed right after accept.

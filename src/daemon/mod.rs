@@ -22,6 +22,7 @@ mod shutdown;
 mod systemd;
 mod tcp;
 mod udp;
+mod web_config;
 
 pub use listeners::{BindError, Sockets};
 pub use process::run;

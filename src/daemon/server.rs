@@ -23,6 +23,7 @@ use super::listeners::{BindError, BoundSocket, ListenerKind, ListenerSet, Socket
 use super::logging::LogHandle;
 use super::metrics::{Metrics, VERSION};
 use super::shutdown::Shutdown;
+use super::web_config::WebEndpoint;
 use super::{systemd, tcp, udp};
 use crate::config::{Config, TcpConfig, UdpConfig};
 
@@ -92,6 +93,7 @@ struct Shared {
     own_udp_ports: Arc<udp::OwnPorts>,
     tcp_config: watch::Sender<Arc<TcpConfig>>,
     udp_config: watch::Sender<Arc<UdpConfig>>,
+    web: watch::Sender<Arc<WebEndpoint>>,
     connections: TaskTracker,
     /// HTTP stops last, so `/healthz` answers until the process exits.
     http_stop: CancellationToken,
@@ -110,6 +112,9 @@ impl Shared {
             own_udp_ports: Arc::default(),
             tcp_config: watch::Sender::new(Arc::new(config.tcp.clone())),
             udp_config: watch::Sender::new(Arc::new(config.udp.clone())),
+            web: watch::Sender::new(Arc::new(WebEndpoint::new(
+                config.metrics.web_config.clone(),
+            ))),
             connections: TaskTracker::new(),
             http_stop: CancellationToken::new(),
         }
@@ -121,6 +126,15 @@ impl Shared {
         self.rate_limiter.update(&config.udp.rate_limit);
         self.tcp_config.send_replace(Arc::new(config.tcp.clone()));
         self.udp_config.send_replace(Arc::new(config.udp.clone()));
+        // An unchanged web config keeps its endpoint (and its cache of verified passwords).
+        let web = config.metrics.web_config.as_ref();
+        self.web.send_if_modified(|current| {
+            let changed = !current.is_built_from(web);
+            if changed {
+                *current = Arc::new(WebEndpoint::new(web.cloned()));
+            }
+            changed
+        });
         self.metrics.set_limits(config);
     }
 
@@ -165,6 +179,7 @@ impl Shared {
                 let state = Arc::new(http::State {
                     metrics: Arc::clone(&self.metrics),
                     health: Arc::clone(&self.health),
+                    web: self.web.subscribe(),
                 });
                 let listener = tokio::net::TcpListener::from_std(l)?;
                 tokio::spawn(http::serve(listener, state, stop.clone()));

@@ -4,19 +4,32 @@
 //! held open by a wedged process, or a proxy answering for a dead backend, fails. An
 //! HTTP probe demands a 2xx (`/readyz`). With no targets the local configuration says
 //! what to check, so a container HEALTHCHECK or a Kubernetes exec probe is one word.
+//!
+//! HTTPS needs something to trust: `--ca-file` for a URL given on the command line;
+//! without targets, when the local web config turns TLS on, the probe trusts exactly
+//! the certificate echod serves (`tls_server_config.cert_file`), so it needs neither a
+//! CA nor a matching host name to check its own endpoint on loopback.
 //! Blocking sockets with deadlines keep a healthy probe in the millisecond range: no
 //! runtime to start, no threads.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::net::{self, ResolveError, UdpFailure};
-use crate::config::{Config, ConfigSource};
+use crate::config::web::ClientAuth;
+use crate::config::{Config, ConfigSource, WebConfig};
 
 /// UDP is lossy: a probe sends its datagram this many times before it gives up.
 const UDP_ATTEMPTS: u32 = 3;
@@ -30,9 +43,19 @@ pub struct ProbeArgs {
     /// UDP echo address (HOST:PORT), probed with retries; repeatable.
     #[arg(long = "udp", value_name = "ADDR")]
     pub(crate) udp: Vec<String>,
-    /// HTTP URL that must answer 2xx, e.g. http://127.0.0.1:9107/readyz; repeatable.
+    /// HTTP(S) URL that must answer 2xx, e.g. http://127.0.0.1:9107/readyz; repeatable.
     #[arg(long = "http", value_name = "URL")]
     pub(crate) http: Vec<String>,
+    /// CA certificate(s), PEM, that https:// URLs given with --http are verified against.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) to present over https, for an endpoint whose web config
+    /// requires one; with --client-key.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub(crate) client_key: Option<PathBuf>,
     /// Time allowed for each check (e.g. 500ms, 2s).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
@@ -90,9 +113,18 @@ pub(crate) enum ProbeError {
     /// The HTTP endpoint answered, but not 2xx.
     #[error("HTTP status {0}")]
     Status(u16),
-    /// The URL is not `http://host:port/path`.
-    #[error("unsupported URL {0:?} (expected http://HOST:PORT/PATH)")]
+    /// The URL is not `http(s)://host:port/path`.
+    #[error("unsupported URL {0:?} (expected http://HOST:PORT/PATH or https://…)")]
     Url(String),
+    /// An https URL with nothing to verify the server by.
+    #[error("https needs --ca-file (the CA that signed the endpoint's certificate)")]
+    NoTrust,
+    /// The TLS handshake or session failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A file for TLS (--ca-file, --client-cert, --client-key) cannot be used.
+    #[error("{0}")]
+    TlsSetup(String),
     /// Some other socket error.
     #[error("{0}")]
     Io(io::Error),
@@ -112,7 +144,11 @@ impl ProbeError {
 
 /// Runs `echod probe` and maps the outcome to the exit code: 0 healthy, 1 unhealthy.
 pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
-    let targets = match targets(args, source) {
+    let setup = targets(args, source).and_then(|(targets, local)| {
+        let tls = tls_client(args, local.as_deref()).map_err(|e| e.to_string())?;
+        Ok((targets, tls))
+    });
+    let (targets, tls) = match setup {
         Ok(t) => t,
         Err(e) => {
             eprintln!("echod probe: unhealthy: {e}");
@@ -122,7 +158,7 @@ pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
     let mut passed = Vec::with_capacity(targets.len());
     for target in &targets {
         let started = Instant::now();
-        match check(target, args.timeout) {
+        match check(target, args.timeout, tls.as_ref()) {
             Ok(()) => passed.push(format!(
                 "{target} ({:.1} ms)",
                 started.elapsed().as_secs_f64() * 1e3
@@ -137,8 +173,12 @@ pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The targets given on the command line, or those of the local configuration.
-fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, String> {
+/// The targets given on the command line, or those of the local configuration (with
+/// its web config, whose certificate the local endpoint is then trusted by).
+fn targets(
+    args: &ProbeArgs,
+    source: &ConfigSource,
+) -> Result<(Vec<Target>, Option<Arc<WebConfig>>), String> {
     let given: Vec<Target> = args
         .tcp
         .iter()
@@ -148,7 +188,7 @@ fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, Strin
         .chain(args.http.iter().cloned().map(Target::Http))
         .collect();
     if !given.is_empty() {
-        return Ok(given);
+        return Ok((given, None));
     }
     let config = source
         .load()
@@ -157,7 +197,7 @@ fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, Strin
     if local.is_empty() {
         return Err(ProbeError::Nothing.to_string());
     }
-    Ok(local)
+    Ok((local, config.metrics.web_config))
 }
 
 /// What a probe without arguments checks: readiness on the first metrics address and
@@ -165,7 +205,16 @@ fn targets(args: &ProbeArgs, source: &ConfigSource) -> Result<Vec<Target>, Strin
 pub(crate) fn config_targets(config: &Config) -> Vec<Target> {
     let mut targets = Vec::new();
     if let Some(addr) = config.metrics.listen.first() {
-        targets.push(Target::Http(format!("http://{}/readyz", reachable(*addr))));
+        let tls = config
+            .metrics
+            .web_config
+            .as_ref()
+            .is_some_and(|w| w.tls.is_some());
+        let scheme = if tls { "https" } else { "http" };
+        targets.push(Target::Http(format!(
+            "{scheme}://{}/readyz",
+            reachable(*addr)
+        )));
     }
     if let Some(addr) = config.tcp.listen.first() {
         targets.push(Target::Tcp(reachable(*addr).to_string()));
@@ -185,13 +234,137 @@ pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// Runs one check within `timeout`.
-pub(crate) fn check(target: &Target, timeout: Duration) -> Result<(), ProbeError> {
+/// Runs one check within `timeout`; https targets use `tls`.
+pub(crate) fn check(
+    target: &Target,
+    timeout: Duration,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<(), ProbeError> {
     let deadline = Deadline::new(timeout);
     match target {
         Target::Tcp(addr) => check_tcp(addr, &deadline),
         Target::Udp(addr) => check_udp(addr, &deadline),
-        Target::Http(url) => check_http(url, &deadline),
+        Target::Http(url) => check_http(url, &deadline, tls),
+    }
+}
+
+/// The TLS client for https targets: trusting `--ca-file`, or else the certificate of
+/// the local web config; presenting `--client-cert` when given. `None` when there is
+/// nothing to trust (an https target then fails, saying so).
+fn tls_client(
+    args: &ProbeArgs,
+    local: Option<&WebConfig>,
+) -> Result<Option<Arc<ClientConfig>>, ProbeError> {
+    let local_tls = local.and_then(|w| w.tls.as_ref());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ProbeError::TlsSetup(e.to_string()))?;
+    let builder = if let Some(ca) = &args.ca_file {
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = read_pem_certs(ca, "--ca-file")?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| ProbeError::TlsSetup(format!("--ca-file {}: {e}", ca.display())))?;
+        }
+        builder.with_root_certificates(roots)
+    } else if let Some(served) = local_tls.and_then(|t| t.cert_chain.first()) {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                der: served.clone(),
+                algorithms: provider.signature_verification_algorithms,
+            }))
+    } else {
+        return Ok(None);
+    };
+    let config = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_pem_certs(cert, "--client-cert")?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                ProbeError::TlsSetup(format!("--client-key {}: {e}", key.display()))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| ProbeError::TlsSetup(format!("--client-cert/--client-key: {e}")))?
+        }
+        _ if local_tls.is_some_and(|t| t.client_auth == ClientAuth::RequireAndVerifyClientCert) => {
+            return Err(ProbeError::TlsSetup(
+                "the local endpoint requires client certificates (client_auth_type \
+                 RequireAndVerifyClientCert): give --client-cert and --client-key"
+                    .to_string(),
+            ));
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+fn read_pem_certs(
+    path: &std::path::Path,
+    flag: &str,
+) -> Result<Vec<CertificateDer<'static>>, ProbeError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ProbeError::TlsSetup(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ProbeError::TlsSetup(format!(
+            "{flag} {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Trusts one certificate, the one the local web config serves, whatever the name it
+/// is reached by; the handshake signature is still verified, so only the holder of its
+/// key passes.
+#[derive(Debug)]
+struct PinnedCertificate {
+    der: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.der.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the endpoint's certificate is not the one in tls_server_config.cert_file"
+                    .to_string(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -316,11 +489,24 @@ fn check_udp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
     expect_echo(&nonce, &buf[..n])
 }
 
-/// Splits `http://host:port/path` into the authority and the path.
-fn parse_url(url: &str) -> Result<(String, String), ProbeError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ProbeError::Url(url.to_string()))?;
+/// A URL the probe can GET.
+#[derive(Debug, PartialEq, Eq)]
+struct Url {
+    tls: bool,
+    /// `host:port`, the port filled in.
+    authority: String,
+    path: String,
+}
+
+/// Splits `http(s)://host:port/path` into its parts.
+fn parse_url(url: &str) -> Result<Url, ProbeError> {
+    let (tls, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest, 443)
+    } else {
+        return Err(ProbeError::Url(url.to_string()));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -334,14 +520,68 @@ fn parse_url(url: &str) -> Result<(String, String), ProbeError> {
     let authority = if has_port {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
-    Ok((authority, path.to_string()))
+    Ok(Url {
+        tls,
+        authority,
+        path: path.to_string(),
+    })
 }
 
-fn check_http(url: &str, deadline: &Deadline) -> Result<(), ProbeError> {
-    let (authority, path) = parse_url(url)?;
-    let mut stream = connect(&authority, deadline)?;
+/// The host of `host:port` as TLS names it (brackets off an IPv6 address).
+fn server_name(authority: &str) -> Result<ServerName<'static>, ProbeError> {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|e| ProbeError::Url(format!("{authority}: {e}")))
+}
+
+fn check_http(
+    url: &str,
+    deadline: &Deadline,
+    tls: Option<&Arc<ClientConfig>>,
+) -> Result<(), ProbeError> {
+    let url = parse_url(url)?;
+    let tls = match (url.tls, tls) {
+        (true, None) => return Err(ProbeError::NoTrust),
+        (true, Some(config)) => Some(Arc::clone(config)),
+        (false, _) => None,
+    };
+    let stream = connect(&url.authority, deadline)?;
+    // The same socket, to set its read timeout while TLS owns the stream.
+    let socket = stream.try_clone().map_err(ProbeError::Io)?;
+    match tls {
+        None => http_exchange(stream, &socket, &url, deadline),
+        Some(config) => {
+            let conn = rustls::ClientConnection::new(config, server_name(&url.authority)?)
+                .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            let tls = rustls::StreamOwned::new(conn, stream);
+            http_exchange(tls, &socket, &url, deadline).map_err(|e| match e {
+                // rustls reports handshake failures as I/O errors wrapping its own.
+                ProbeError::Io(e)
+                    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) =>
+                {
+                    ProbeError::Tls(e.to_string())
+                }
+                other => other,
+            })
+        }
+    }
+}
+
+/// Sends the GET on `stream` and demands a 2xx status line.
+fn http_exchange(
+    mut stream: impl Read + Write,
+    socket: &TcpStream,
+    url: &Url,
+    deadline: &Deadline,
+) -> Result<(), ProbeError> {
+    let Url {
+        authority, path, ..
+    } = url;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: echod-probe\r\nConnection: close\r\n\r\n"
     );
@@ -352,7 +592,7 @@ fn check_http(url: &str, deadline: &Deadline) -> Result<(), ProbeError> {
     let mut head = Vec::with_capacity(256);
     let mut buf = [0u8; 512];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
-        stream
+        socket
             .set_read_timeout(Some(deadline.remaining()?))
             .map_err(ProbeError::Io)?;
         match stream.read(&mut buf) {
@@ -402,20 +642,41 @@ mod tests {
 
     #[test]
     fn urls_split_into_authority_and_path() {
+        let url = |tls, authority: &str, path: &str| Url {
+            tls,
+            authority: authority.into(),
+            path: path.into(),
+        };
         assert_eq!(
             parse_url("http://127.0.0.1:9107/readyz").unwrap(),
-            ("127.0.0.1:9107".into(), "/readyz".into())
+            url(false, "127.0.0.1:9107", "/readyz")
         );
         assert_eq!(
             parse_url("http://[::1]:9107").unwrap(),
-            ("[::1]:9107".into(), "/".into())
+            url(false, "[::1]:9107", "/")
         );
         assert_eq!(
             parse_url("http://localhost/x").unwrap(),
-            ("localhost:80".into(), "/x".into())
+            url(false, "localhost:80", "/x")
         );
-        assert!(parse_url("https://x/").is_err());
+        assert_eq!(
+            parse_url("https://localhost/x").unwrap(),
+            url(true, "localhost:443", "/x")
+        );
+        assert_eq!(
+            parse_url("https://[::1]:9107/readyz").unwrap(),
+            url(true, "[::1]:9107", "/readyz")
+        );
+        assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http:///x").is_err());
+        assert_eq!(
+            server_name("[::1]:9107").unwrap(),
+            ServerName::IpAddress("::1".parse::<IpAddr>().unwrap().into())
+        );
+        assert_eq!(
+            server_name("localhost:443").unwrap(),
+            ServerName::try_from("localhost").unwrap()
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod shutdown;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
+mod web_config;
 
 fn main() -> std::process::ExitCode {
     support::run(&[
@@ -46,5 +47,6 @@ fn main() -> std::process::ExitCode {
         hostile_drain::TESTS,
         hostile_notify::TESTS,
         hostile_config::TESTS,
+        web_config::TESTS,
     ])
 }

@@ -3,15 +3,21 @@
 //! answers PromQL with the exact counts of known traffic, and a real blackbox_exporter
 //! probes the echo port and `/readyz`.
 
+#[path = "../support/tls.rs"]
+mod tls;
+
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use crate::support::{
-    Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes, daemon_with_drain_timeout,
-    daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, get, metric_value,
-    promtool, random_bytes, refused, repo_path, tcp_roundtrip, udp_echo,
+    Blackbox, Daemon, LOCAL, Need, Options, Prometheus, admitted, assert_passes,
+    daemon_with_drain_timeout, daemon_with_limits, dashboard, dashboard_queries, expect_metrics,
+    families, get, metric_value, promtool, random_bytes, refused, repo_path, tcp_roundtrip,
+    udp_echo,
 };
+use tls::{HttpsClient, Pki};
 
 crate::support::tests![
     promtool_accepts_a_live_scrape_after_traffic needs &[Need::Tool("promtool")],
@@ -22,6 +28,8 @@ crate::support::tests![
     example_prometheus_config_targets_the_packaged_service needs &[Need::Tool("yamllint")],
     dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts,
     dashboard_annotation_queries_are_valid_promql needs &[Need::Tool("prometheus")],
+    prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down needs &[Need::Tool("prometheus")],
+    blackbox_probes_readiness_and_metrics_over_https needs &[Need::Tool("prometheus-blackbox-exporter")],
 ];
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -539,4 +547,170 @@ fn dashboard_annotation_queries_are_valid_promql() {
         checked += 1;
     }
     assert!(checked >= 2, "only {checked} annotation queries");
+}
+
+/// echod serving its endpoint with the web config `web`, ready over TLS.
+fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
+    let daemon = Daemon::start_with(Options {
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
+        no_wait: true,
+        ..Options::default()
+    });
+    ready.wait_ready(daemon.http);
+    daemon
+}
+
+/// A scrape job over https trusting `ca`, with basic auth and `extra_tls` lines.
+fn https_job(name: &str, target: SocketAddr, ca: &Path, password: &str, extra_tls: &str) -> String {
+    let mut tls_config = format!("      ca_file: {}\n", ca.display());
+    for line in extra_tls.lines() {
+        tls_config.push_str(&format!("      {line}\n"));
+    }
+    format!(
+        "  - job_name: {name}\n    scheme: https\n    tls_config:\n{tls_config}    \
+         basic_auth:\n      username: prometheus\n      password: {password}\n    \
+         static_configs:\n      - targets: [\"{target}\"]\n"
+    )
+}
+
+/// The `lastError` Prometheus reports for the target of `job`.
+fn last_scrape_error(prometheus: &Prometheus, job: &str) -> String {
+    let (_, body) = get(prometheus.service.addr, "/api/v1/targets").expect("targets");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    json["data"]["activeTargets"]
+        .as_array()
+        .expect("active targets")
+        .iter()
+        .find(|t| t["labels"]["job"] == job)
+        .and_then(|t| t["lastError"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A real Prometheus scrapes echod over TLS with basic auth (`up` 1, echod's series
+/// there); the same job with a wrong password is down with a 401. Against an endpoint
+/// requiring client certificates, the job presenting one is up and the job without
+/// one is down (the handshake fails).
+fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
+    let pki = Pki::new();
+    let users = [("prometheus", "s3cret")];
+    let open = daemon_with_web_config(
+        &pki.web_config("web.yml", "", &users),
+        &HttpsClient::new(&pki.ca),
+    );
+    let mtls_extra = format!(
+        "client_auth_type: RequireAndVerifyClientCert\nclient_ca_file: {}",
+        pki.ca.display()
+    );
+    let mtls = daemon_with_web_config(
+        &pki.web_config("web-mtls.yml", &mtls_extra, &users),
+        &HttpsClient::with_client_cert(&pki.ca, &pki.client_cert, &pki.client_key),
+    );
+    let client_cert = format!(
+        "cert_file: {}\nkey_file: {}",
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let config = [
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n".to_string(),
+        https_job("echod", open.http, &pki.ca, "s3cret", ""),
+        https_job("echod_wrong_password", open.http, &pki.ca, "wrong", ""),
+        https_job("echod_mtls", mtls.http, &pki.ca, "s3cret", &client_cert),
+        https_job("echod_no_client_cert", mtls.http, &pki.ca, "s3cret", ""),
+    ]
+    .concat();
+    let prometheus = Prometheus::start(&config, &[]);
+
+    for (query, want) in [
+        (r#"up{job="echod"}"#, 1.0),
+        (r#"echod_ready{job="echod"}"#, 1.0),
+        (r#"echod_build_info{job="echod"}"#, 1.0),
+        (r#"up{job="echod_wrong_password"}"#, 0.0),
+        (r#"up{job="echod_mtls"}"#, 1.0),
+        (r#"echod_ready{job="echod_mtls"}"#, 1.0),
+        (r#"up{job="echod_no_client_cert"}"#, 0.0),
+    ] {
+        prometheus.wait_value(query, want, PROMETHEUS_WAIT);
+    }
+    // Down for the right reasons: a 401, and a refused handshake.
+    let wrong = last_scrape_error(&prometheus, "echod_wrong_password");
+    assert!(wrong.contains("401"), "{wrong}");
+    let no_cert = last_scrape_error(&prometheus, "echod_no_client_cert");
+    assert!(
+        no_cert.contains("tls") || no_cert.contains("certificate"),
+        "{no_cert}"
+    );
+    assert!(
+        prometheus
+            .query(r#"echod_ready{job="echod_wrong_password"}"#)
+            .is_empty(),
+        "a refused scrape stored echod's series"
+    );
+    assert!(open.log().contains("HTTP basic auth failed"));
+}
+
+/// blackbox_exporter's http prober over HTTPS: `/readyz` with the CA in its
+/// `tls_config` succeeds without credentials; without the CA it fails; `/metrics`
+/// needs the module's basic auth.
+fn blackbox_probes_readiness_and_metrics_over_https() {
+    let pki = Pki::new();
+    let web = pki.web_config("web.yml", "", &[("prometheus", "s3cret")]);
+    let daemon = daemon_with_web_config(&web, &HttpsClient::new(&pki.ca));
+    let ca = pki.ca.display();
+    let modules = format!(
+        "modules:
+  https_ready:
+    prober: http
+    timeout: 5s
+    http:
+      fail_if_not_ssl: true
+      tls_config:
+        ca_file: {ca}
+  https_untrusted:
+    prober: http
+    timeout: 5s
+    http:
+      fail_if_not_ssl: true
+  https_metrics:
+    prober: http
+    timeout: 5s
+    http:
+      fail_if_not_ssl: true
+      fail_if_body_not_matches_regexp: ['echod_ready 1']
+      basic_auth:
+        username: prometheus
+        password: s3cret
+      tls_config:
+        ca_file: {ca}
+"
+    );
+    let blackbox = Blackbox::start(&pki.write("blackbox.yml", &modules));
+    let readyz = format!("https://{}/readyz", daemon.http);
+    let metrics = format!("https://{}/metrics", daemon.http);
+    let probe = |module: &str, target: &str| blackbox.probe(module, target);
+
+    let body = probe("https_ready", &readyz);
+    assert_eq!(metric_value(&body, "probe_success", &[]), 1.0, "{body}");
+    assert_eq!(metric_value(&body, "probe_http_ssl", &[]), 1.0, "{body}");
+    assert_eq!(
+        metric_value(&body, "probe_http_status_code", &[]),
+        200.0,
+        "{body}"
+    );
+    let body = probe("https_untrusted", &readyz);
+    assert_eq!(metric_value(&body, "probe_success", &[]), 0.0, "{body}");
+
+    let body = probe("https_metrics", &metrics);
+    assert_eq!(metric_value(&body, "probe_success", &[]), 1.0, "{body}");
+    // The same probe of /metrics without credentials: 401.
+    let body = probe("https_ready", &metrics);
+    assert_eq!(metric_value(&body, "probe_success", &[]), 0.0, "{body}");
+    assert_eq!(
+        metric_value(&body, "probe_http_status_code", &[]),
+        401.0,
+        "{body}"
+    );
 }

@@ -1,0 +1,245 @@
+//! TLS kit for the tests of `metrics.web_config_file`: a throwaway CA (made with rcgen,
+//! so no tool is needed) with a server certificate for 127.0.0.1 and localhost, a
+//! client certificate, a client certificate from a CA echod does not trust, bcrypt
+//! hashes, and a small blocking HTTPS client on rustls.
+//!
+//! Included (by `#[path]`) by the test modules that use it, in the `daemon` and
+//! `deployment` crates.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Certificates and keys as PEM files in a temp dir (removed on drop).
+pub struct Pki {
+    dir: tempfile::TempDir,
+    /// The CA that signed the server and client certificates.
+    pub ca: PathBuf,
+    /// The server's certificate (127.0.0.1, ::1, localhost) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A client certificate signed by `ca`, and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A client certificate from another CA, and its key.
+    pub stranger_cert: PathBuf,
+    pub stranger_key: PathBuf,
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("echod test CA {name}"));
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = CertificateParams::new(names).unwrap();
+    params.extended_key_usages = vec![usage];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "echod test");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    /// A fresh CA with its certificates.
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let authority = ca("one");
+        let (cert, key) = leaf(
+            &authority,
+            &["127.0.0.1", "::1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(
+            &authority,
+            &["prometheus"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let (stranger_cert, stranger_key) = leaf(
+            &ca("two"),
+            &["stranger"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Pki {
+            ca: write("ca.pem", &authority.pem()),
+            cert: write("server.pem", &cert),
+            key: write("server-key.pem", &key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+            stranger_cert: write("stranger.pem", &stranger_cert),
+            stranger_key: write("stranger-key.pem", &stranger_key),
+            dir,
+        }
+    }
+
+    /// Writes `name` in the PKI's directory and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The directory the files are in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A web config file serving `cert`/`key` with `extra_tls` lines in
+    /// `tls_server_config` and `users` (name, password) as bcrypt hashes.
+    pub fn web_config(&self, name: &str, extra_tls: &str, users: &[(&str, &str)]) -> PathBuf {
+        let mut yaml = format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            self.cert.display(),
+            self.key.display()
+        );
+        for line in extra_tls.lines().filter(|l| !l.trim().is_empty()) {
+            yaml.push_str(&format!("  {}\n", line.trim()));
+        }
+        yaml.push_str(&users_yaml(users));
+        self.write(name, &yaml)
+    }
+}
+
+/// `basic_auth_users:` with a bcrypt hash (cost 4: tests need speed, not strength) per
+/// (user, password).
+pub fn users_yaml(users: &[(&str, &str)]) -> String {
+    if users.is_empty() {
+        return String::new();
+    }
+    let mut yaml = "basic_auth_users:\n".to_string();
+    for (user, password) in users {
+        yaml.push_str(&format!("  {user}: '{}'\n", bcrypt_hash(password)));
+    }
+    yaml
+}
+
+/// A bcrypt hash of `password` at the lowest cost.
+pub fn bcrypt_hash(password: &str) -> String {
+    bcrypt::hash(password, 4).unwrap()
+}
+
+/// A blocking HTTPS client that trusts one CA, with or without a client certificate.
+pub struct HttpsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl HttpsClient {
+    /// Trusts the certificates in `ca` (PEM); presents no client certificate.
+    pub fn new(ca: &Path) -> Self {
+        Self::build(ca, None)
+    }
+
+    /// Trusts `ca` and presents `cert` with `key`.
+    pub fn with_client_cert(ca: &Path, cert: &Path, key: &Path) -> Self {
+        Self::build(ca, Some((cert, key)))
+    }
+
+    fn build(ca: &Path, identity: Option<(&Path, &Path)>) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(cert)
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(key).unwrap(),
+                )
+                .unwrap(),
+        };
+        Self {
+            config: Arc::new(config),
+        }
+    }
+
+    /// GET `path` over TLS (the server name is the IP address), with basic auth when
+    /// `auth` is given; the status and body, or the error (a refused handshake among
+    /// them).
+    pub fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        auth: Option<(&str, &str)>,
+    ) -> std::io::Result<(u16, String)> {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let name = ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(Arc::clone(&self.config), name)
+            .map_err(std::io::Error::other)?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some((user, password)) = auth {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            request.push_str(&format!("Authorization: Basic {token}\r\n"));
+        }
+        request.push_str("\r\n");
+        tls.write_all(request.as_bytes())?;
+        let mut resp = Vec::new();
+        tls.read_to_end(&mut resp)?;
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad response: {resp:?}")))?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Waits (10 s at most) until `GET /readyz` answers 200.
+    pub fn wait_ready(&self, addr: SocketAddr) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.get(addr, "/readyz", None) {
+                Ok((200, _)) => return,
+                other if std::time::Instant::now() > deadline => {
+                    panic!("{addr}: /readyz over TLS never answered 200: {other:?}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
