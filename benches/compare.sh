@@ -301,6 +301,10 @@ fi
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 col() { awk -F'\t' -v s="$1" -v v="$2" -v c="$3" 'NR > 1 && $1 == s && $2 == v { print $c }' "$OUT/results.tsv" | median; }
 sum() { awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { n += $12 } END { print n + 0 }' "$OUT/results.tsv"; }
+spread() { # SCENARIO SERVER: (max − min) ÷ median of msg/s over the repeats, in %
+    awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { print $5 }' "$OUT/results.tsv" |
+        sort -g | awk -v m="$(col "$1" "$2" 5)" '{ v[NR] = $1 } END { if (NR > 1 && m > 0) printf "%.0f %%", 100 * (v[NR] - v[1]) / m; else print "–" }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f×", a / b; else print "–" }'; }
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="$GIT (with local changes)"
@@ -315,19 +319,19 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
     fi
     echo
     if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
-        echo "| scenario | server | msg/s | MB/s | p50 µs | p99 µs | CPU µs/msg | CPU s/GB | kernel % | msg/s ÷ naive | CPU/msg ÷ naive |"
-        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| scenario | server | msg/s | MB/s | p50 µs | p99 µs | CPU µs/msg | CPU s/GB | kernel % | msg/s ÷ naive | CPU/msg ÷ naive | msg/s spread |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         for entry in "${RUN_SCENARIOS[@]}"; do
             IFS='|' read -r scenario servers _ <<<"$entry"
             base=$(col "$scenario" naive 5) base_cpu=$(col "$scenario" naive 9)
             for server in echod naive socat; do
                 [[ " $servers " == *" $server "* ]] || continue
                 rate=$(col "$scenario" "$server" 5) cpu=$(col "$scenario" "$server" 9)
-                printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s |\n' \
+                printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s | %s |\n' \
                     "$scenario" "$server" "$rate" "$(col "$scenario" "$server" 6)" \
                     "$(col "$scenario" "$server" 7)" "$(col "$scenario" "$server" 8)" "$cpu" \
                     "$(col "$scenario" "$server" 10)" "$(col "$scenario" "$server" 11)" \
-                    "$(ratio "$rate" "$base")" "$(ratio "$cpu" "$base_cpu")"
+                    "$(ratio "$rate" "$base")" "$(ratio "$cpu" "$base_cpu")" "$(spread "$scenario" "$server")"
             done
         done
         echo
@@ -374,6 +378,20 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
                 "$e" "$v" "$(ratio "$e" "$v")"
         done
         echo
+        if [ ${#POINTS[@]} -ge 2 ]; then
+            lo=${POINTS[0]} hi=${POINTS[-1]}
+            echo "Growth between $lo and $hi connections, (RSS at $hi − RSS at $lo) ÷ $((hi - lo)), median of $REPEATS,"
+            echo "and what that slope means for 1 000 000 idle connections (process memory only: the kernel's"
+            echo "socket memory is not in RSS, and one process here may not open more than $(ulimit -Hn) files):"
+            echo
+            for server in echod naive; do
+                awk -F'\t' -v s="$server" -v lo="$lo" -v hi="$hi" 'NR > 1 && $1 == s && $3 == lo { a[$2] = $6 }
+                    NR > 1 && $1 == s && $3 == hi { b[$2] = $6 }
+                    END { for (r in b) if (r in a) print (b[r] - a[r]) * 1024 / (hi - lo) }' "$OUT/rss.tsv" |
+                    median | awk -v s="$server" '{ printf "- %s: %.0f B per connection; × 1 000 000 = %.2f GiB\n", s, $1, $1 * 1e6 / 2^30 }'
+            done
+            echo
+        fi
         echo "Most source addresses the holder needed: $(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT/rss.tsv")."
         echo
     fi
