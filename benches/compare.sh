@@ -352,8 +352,8 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
             [[ " $servers " == *" echod-2cpu "* ]] && two+=("$scenario")
         done
         if [ ${#two[@]} -gt 0 ]; then
-            echo "echod on one CPU ($WORKERS1 worker threads) vs two CPUs ($WORKERS2 worker threads; the second CPU is the"
-            echo "load generator's, so this is what a second worker brings when it has to share):"
+            echo "echod on one CPU vs two CPUs (worker threads: $WORKERS1 and $WORKERS2; the second CPU is the load"
+            echo "generator's, so this is what a second worker brings when it has to share that CPU):"
             echo
             echo "| scenario | msg/s, 1 CPU | msg/s, 2 CPUs | 2 ÷ 1 | CPU µs/msg, 1 CPU | CPU µs/msg, 2 CPUs | 2 ÷ 1 |"
             echo "|---|---:|---:|---:|---:|---:|---:|"
