@@ -1,40 +1,98 @@
 #!/usr/bin/env bash
-# Compares echod with the naive tokio echo (examples/naive_echo.rs) and socat, in one
-# run on this machine, using `echod bench` (which verifies every echoed byte).
+# Compares echod with the naive tokio echo (examples/naive_echo.rs, TCP and UDP on one
+# port) and socat where it applies, in one run on this machine, using `echod bench`
+# (which verifies every echoed byte).
 #
-# Servers are pinned to CPU 0 and the load generator to CPU 1 (when there are two), so
-# they do not compete. Every scenario runs REPEATS times, interleaving the servers, and
-# the table reports medians and ratios against the naive baseline. Only loopback
-# addresses are used. Results land in $OUT (TSV + raw JSON + a Markdown table).
+# Servers are pinned to CPU 0 and the load generator to CPU 1 (to CPUs 2… when there are
+# three or more), so they do not compete; a second echod pinned to CPUs 0,1 measures
+# what a second worker thread brings (tokio sizes its pool from the CPUs it may use).
+# Every scenario runs REPEATS times, interleaving the servers (the order rotates each
+# repeat), and the table reports medians and ratios against the naive baseline, with the
+# server's CPU time per message and per GB from /proc/PID/stat (utime+stime, and its
+# reaped children's for socat's forks). Only loopback addresses are used; every process
+# started here is stopped by PID on exit.
 #
-# Usage: benches/compare.sh            (REPEATS=3 DURATION=5s IDLE=10000 by default)
+# A failed run fails the script: a bench that exits non-zero (mismatched echoes,
+# connection errors, nothing echoed), a server that dies, or a holder that cannot open
+# its connections stops everything with exit status 1 and names the run. Lost UDP
+# datagrams are counted and reported, not a failure.
+#
+# Results land in $OUT: results.tsv, rss.tsv, raw.jsonl, runs/ (each run's JSON and
+# stderr) and table.md (what docs/PERFORMANCE.md quotes).
+#
+# Usage: benches/compare.sh
+#   REPEATS=3 DURATION=5s      repeats per scenario and server, length of each run
+#   WARMUP=1s                  a verified warm-up run per TCP server first (0: none)
+#   IDLE=10000                 the headline point of the idle-connection memory curve
+#   CURVE="1000 5000 10000 15000 19000"   the other points (the open-files limit is the cap)
+#   SCENARIOS="*"              names or globs (space or comma separated) of the scenarios
+#                              to run: rt64-c1 rt64-c50 rt64-c500 win64k-c1 win64k-c8
+#                              bulk-c1 bulk-c8 udp64-c1 udp64-c16 idle
+#   BASE_PORT=17100            seven consecutive loopback ports from here
+#   ECHOD_BIN=… EXAMPLES_DIR=… use these builds instead of `cargo build --release`
+#   COMPARE_SELFTEST_CORRUPT=1 (tests only) serve the baseline with examples/corrupt_echo,
+#                              which flips bytes, to prove that the script fails
 set -euo pipefail
 
 REPEATS=${REPEATS:-3}
 DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
 IDLE=${IDLE:-10000}
+CURVE=${CURVE:-1000 5000 10000 15000 19000}
+SCENARIOS=${SCENARIOS:-*}
 BASE_PORT=${BASE_PORT:-17100}
 ECHOD_PORT=$BASE_PORT
 METRICS_PORT=$((BASE_PORT + 1))
-NAIVE_PORT=$((BASE_PORT + 2))
-SOCAT_PORT=$((BASE_PORT + 3))
-SOCAT_UDP_PORT=$((BASE_PORT + 4))
+ECHOD2_PORT=$((BASE_PORT + 2))
+METRICS2_PORT=$((BASE_PORT + 3))
+NAIVE_PORT=$((BASE_PORT + 4))
+SOCAT_PORT=$((BASE_PORT + 5))
+SOCAT_UDP_PORT=$((BASE_PORT + 6))
+COMMAND="REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
 
 cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 OUT=${OUT:-$TARGET_DIR/compare-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT"
+mkdir -p "$OUT/runs"
 
-cargo build --release --quiet --bin echod --example naive_echo --example hold_connections
-BIN=$TARGET_DIR/release/echod
-NAIVE=$TARGET_DIR/release/examples/naive_echo
-HOLD=$TARGET_DIR/release/examples/hold_connections
-command -v socat >/dev/null || { echo "socat is required" >&2; exit 1; }
+fail() { echo "compare.sh: FAILED: $*" >&2; exit 1; }
+
+if [ -n "${ECHOD_BIN:-}" ]; then
+    BIN=$ECHOD_BIN
+    EXAMPLES=${EXAMPLES_DIR:?EXAMPLES_DIR must name the directory of the example builds}
+else
+    cargo build --release --quiet --bin echod --example naive_echo \
+        --example hold_connections --example corrupt_echo
+    BIN=$TARGET_DIR/release/echod
+    EXAMPLES=$TARGET_DIR/release/examples
+fi
+NAIVE=$EXAMPLES/naive_echo
+HOLD=$EXAMPLES/hold_connections
+if [ "${COMPARE_SELFTEST_CORRUPT:-0}" = 1 ]; then
+    echo "SELF-TEST: the naive baseline is served by examples/corrupt_echo (flips bytes); this run must fail" >&2
+    NAIVE=$EXAMPLES/corrupt_echo
+fi
+for exe in "$BIN" "$NAIVE" "$HOLD"; do [ -x "$exe" ] || fail "no executable $exe"; done
+command -v socat >/dev/null || fail "socat is required"
+
+# Scenario selection: SCENARIOS holds names or globs.
+read -ra PATTERNS <<<"${SCENARIOS//,/ }"
+selected() {
+    local p
+    for p in "${PATTERNS[@]}"; do
+        # shellcheck disable=SC2053 # the pattern is a glob on purpose
+        [[ $1 == $p ]] && return 0
+    done
+    return 1
+}
 
 ulimit -n "$(ulimit -Hn)"
-SERVER_CPU=() LOAD_CPU=()
-if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-    SERVER_CPU=(taskset -c 0) LOAD_CPU=(taskset -c 1)
+NPROC=$(nproc)
+SERVER_CPU=() SERVER2_CPU=() LOAD_CPU=() TWO_CPUS=0
+if command -v taskset >/dev/null && [ "$NPROC" -ge 2 ]; then
+    # shellcheck disable=SC2054 # "0,1" is one CPU list
+    SERVER_CPU=(taskset -c 0) SERVER2_CPU=(taskset -c 0,1) TWO_CPUS=1
+    if [ "$NPROC" -ge 3 ]; then LOAD_CPU=(taskset -c "2-$((NPROC - 1))"); else LOAD_CPU=(taskset -c 1); fi
 fi
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -46,159 +104,296 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$OUT/echod.toml" <<TOML
+# The idle-connection curve: ascending, unique, IDLE included.
+read -ra CURVE_POINTS <<<"$CURVE"
+read -ra POINTS <<<"$(printf '%s\n' "${CURVE_POINTS[@]}" "$IDLE" | sort -n -u | xargs)"
+MAX_POINT=${POINTS[-1]}
+write_config() { # FILE PORT METRICS_PORT
+    cat >"$1" <<TOML
 [tcp]
-listen = ["127.0.0.1:$ECHOD_PORT"]
-max_connections = $((IDLE + 2000))
-max_connections_per_ip = $((IDLE + 2000))
+listen = ["127.0.0.1:$2"]
+max_connections = $((MAX_POINT + 500))
+max_connections_per_ip = $((MAX_POINT + 500))
 [udp]
-listen = ["127.0.0.1:$ECHOD_PORT"]
+listen = ["127.0.0.1:$2"]
 [udp.rate_limit]
 packets_per_second = 0
 [metrics]
-listen = ["127.0.0.1:$METRICS_PORT"]
+listen = ["127.0.0.1:$3"]
 [log]
 level = "warn"
 TOML
+}
+write_config "$OUT/echod.toml" "$ECHOD_PORT" "$METRICS_PORT"
+write_config "$OUT/echod2.toml" "$ECHOD2_PORT" "$METRICS2_PORT"
 
-wait_tcp() { # PORT: until something echoes there
+wait_tcp() { # PORT: until something accepts there (the runs verify the echo)
     for _ in $(seq 100); do
-        "$BIN" probe --tcp "127.0.0.1:$1" --timeout 1s >/dev/null 2>&1 && return 0
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
         sleep 0.1
     done
-    echo "nothing echoes on port $1" >&2
-    exit 1
+    fail "nothing listens on port $1"
 }
 
-start_echod() {
-    "${SERVER_CPU[@]}" "$BIN" --config "$OUT/echod.toml" >>"$OUT/echod.log" 2>&1 &
-    ECHOD_PID=$!; PIDS+=("$ECHOD_PID"); wait_tcp "$ECHOD_PORT"
+declare -A PID ADDR
+start_server() { # NAME
+    case $1 in
+    echod) "${SERVER_CPU[@]}" "$BIN" --config "$OUT/echod.toml" >>"$OUT/echod.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$ECHOD_PORT ;;
+    echod-2cpu) "${SERVER2_CPU[@]}" "$BIN" --config "$OUT/echod2.toml" >>"$OUT/echod-2cpu.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$ECHOD2_PORT ;;
+    naive) "${SERVER_CPU[@]}" "$NAIVE" "$NAIVE_PORT" >>"$OUT/naive.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$NAIVE_PORT ;;
+    socat) "${SERVER_CPU[@]}" socat "TCP-LISTEN:$SOCAT_PORT,bind=127.0.0.1,fork,reuseaddr,backlog=1024" \
+        EXEC:cat 2>>"$OUT/socat.log" &
+        ADDR[$1]=127.0.0.1:$SOCAT_PORT ;;
+    socat-udp) # serves the first peer only, so a fresh one for every UDP run
+        "${SERVER_CPU[@]}" socat -T 30 "UDP-LISTEN:$SOCAT_UDP_PORT,bind=127.0.0.1,reuseaddr" PIPE \
+            2>>"$OUT/socat.log" &
+        ADDR[$1]=127.0.0.1:$SOCAT_UDP_PORT ;;
+    esac
+    PID[$1]=$!
+    PIDS+=("${PID[$1]}")
+    case $1 in socat-udp) sleep 0.3 ;; *) wait_tcp "${ADDR[$1]##*:}" ;; esac
 }
-start_naive() {
-    "${SERVER_CPU[@]}" "$NAIVE" "$NAIVE_PORT" &
-    NAIVE_PID=$!; PIDS+=("$NAIVE_PID"); wait_tcp "$NAIVE_PORT"
+stop_server() { # NAME
+    kill "${PID[$1]}" 2>/dev/null || true
+    wait "${PID[$1]}" 2>/dev/null || true
 }
-start_socat() {
-    "${SERVER_CPU[@]}" socat "TCP-LISTEN:$SOCAT_PORT,bind=127.0.0.1,fork,reuseaddr,backlog=1024" EXEC:cat &
-    SOCAT_PID=$!; PIDS+=("$SOCAT_PID"); wait_tcp "$SOCAT_PORT"
-}
-stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+alive() { kill -0 "$1" 2>/dev/null; }
 
-# CPU time of a server and its reaped children (socat forks), in clock ticks.
-cpu_ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# CPU time of a process and its reaped children, in clock ticks: "user system".
+cpu_ticks() { awk '{ print $14 + $16, $15 + $17 }' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+workers() { grep -lx echod-worker /proc/"$1"/task/*/comm 2>/dev/null | wc -l; }
 field() { grep -o "\"$1\":[0-9.e+-]*" <<<"$2" | head -1 | cut -d: -f2; }
 
-printf 'scenario\tserver\trepeat\tmsgs_per_s\tmb_per_s\tp50_us\tp99_us\tcpu_us_per_msg\terrors\n' >"$OUT/results.tsv"
+printf 'scenario\tserver\trepeat\tmessages\tmsgs_per_s\tmb_per_s\tp50_us\tp99_us\tcpu_us_per_msg\tcpu_s_per_gb\tkernel_pct\tlost\n' \
+    >"$OUT/results.tsv"
 
-# run SCENARIO SERVER PID ADDR REPEAT -- bench args
+# run SCENARIO SERVER REPEAT BENCH_ARGS...: one verified bench run; any failure is fatal.
 run() {
-    local scenario=$1 server=$2 pid=$3 addr=$4 repeat=$5; shift 5
-    local t0 t1 json
-    t0=$(cpu_ticks "$pid")
-    json=$("${LOAD_CPU[@]}" "$BIN" bench "$addr" --json -d "$DURATION" "$@" 2>>"$OUT/bench.err" || true)
-    sleep 0.3
-    t1=$(cpu_ticks "$pid")
+    local scenario=$1 server=$2 repeat=$3; shift 3
+    local name=$server pid addr
+    [ "$server" = socat ] && [[ $scenario == udp* ]] && { name=socat-udp; start_server socat-udp; }
+    pid=${PID[$name]} addr=${ADDR[$name]}
+    local what="$scenario/$server #$repeat (echod bench $addr -d $DURATION $*)"
+    alive "$pid" || fail "$server (PID $pid) was gone before run $what"
+    local u0 s0 u1 s1 rc=0 file=$OUT/runs/$scenario.$server.$repeat
+    read -r u0 s0 < <(cpu_ticks "$pid")
+    "${LOAD_CPU[@]}" "$BIN" bench "$addr" --json -d "$DURATION" "$@" >"$file.json" 2>"$file.err" || rc=$?
+    sleep 0.3 # let the server finish closing the connections
+    alive "$pid" || fail "$server (PID $pid) died during run $what"
+    read -r u1 s1 < <(cpu_ticks "$pid")
+    [ "$name" = socat-udp ] && stop_server socat-udp
+    local json
+    json=$(cat "$file.json")
     echo "$scenario $server $repeat $json" >>"$OUT/raw.jsonl"
-    if [ -z "$json" ]; then
-        printf '%s\t%s\t%s\t0\t0\t0\t0\t0\tfailed\n' "$scenario" "$server" "$repeat" >>"$OUT/results.tsv"
-        return
+    [ "$rc" = 0 ] || fail "run $what exited $rc: $(tail -n 3 "$file.err")"
+    local msgs rate mbs p50 p99 bytes mism errs lost
+    msgs=$(field messages "$json") rate=$(field messages_per_s "$json") mbs=$(field mb_per_s "$json")
+    p50=$(field p50 "$json") p99=$(field p99 "$json") bytes=$(field bytes_received "$json")
+    mism=$(field mismatches "$json") errs=$(field errors "$json") lost=$(field lost "$json")
+    if [ -z "$msgs" ] || [ -z "$mism" ] || [ -z "$errs" ]; then
+        fail "run $what printed no report: $json"
     fi
-    local msgs rate mbs p50 p99 errors
-    msgs=$(field messages "$json"); rate=$(field messages_per_s "$json")
-    mbs=$(field mb_per_s "$json"); p50=$(field p50 "$json"); p99=$(field p99 "$json")
-    errors=$(( $(field errors "$json") + $(field mismatches "$json") ))
-    local cpu
-    cpu=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v m="$msgs" 'BEGIN { printf "%.2f", (m > 0 ? d / hz * 1e6 / m : 0) }')
-    printf '%s\t%s\t%s\t%.0f\t%.2f\t%.1f\t%.1f\t%s\t%s\n' "$scenario" "$server" "$repeat" \
-        "$rate" "$mbs" "$p50" "$p99" "$cpu" "$errors" >>"$OUT/results.tsv"
-    printf '  %-14s %-6s #%s  %12.0f msg/s %10.2f MB/s  p99 %8.1f µs  cpu %s µs/msg\n' \
-        "$scenario" "$server" "$repeat" "$rate" "$mbs" "$p99" "$cpu"
+    if [ "$mism" != 0 ] || [ "$errs" != 0 ] || [ "$msgs" = 0 ]; then
+        fail "run $what: $msgs echoes, $mism mismatches, $errs errors"
+    fi
+    local row
+    row=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$CLK_TCK" -v m="$msgs" -v b="$bytes" 'BEGIN {
+        cpu = (u + s) / hz
+        printf "%.3f\t%.4f\t%.1f", cpu * 1e6 / m, (b > 0 ? cpu / (b / 1e9) : 0), (u + s > 0 ? 100 * s / (u + s) : 0) }')
+    printf '%s\t%s\t%s\t%s\t%.0f\t%.3f\t%.1f\t%.1f\t%s\t%s\n' "$scenario" "$server" "$repeat" "$msgs" \
+        "$rate" "$mbs" "$p50" "$p99" "$row" "${lost:-0}" >>"$OUT/results.tsv"
+    printf '  %-10s %-10s #%s %10.0f msg/s %9.1f MB/s  p99 %9.1f µs  cpu %8s µs/msg %8s s/GB  lost %s\n' \
+        "$scenario" "$server" "$repeat" "$rate" "$mbs" "$p99" "$(cut -f1 <<<"$row")" "$(cut -f2 <<<"$row")" "${lost:-0}"
 }
+
+# name|servers|bench arguments. socat forks two processes per connection, so it is left
+# out at 500 connections; its UDP echo serves one peer, so it is left out at 16 sockets.
+ALL_SCENARIOS=(
+    "rt64-c1|echod naive socat|-s 64 -C 1"
+    "rt64-c50|echod naive socat echod-2cpu|-s 64 -C 50"
+    "rt64-c500|echod naive echod-2cpu|-s 64 -C 500"
+    "win64k-c1|echod naive socat|-s 16384 -p 4 -C 1"
+    "win64k-c8|echod naive socat echod-2cpu|-s 16384 -p 4 -C 8"
+    "bulk-c1|echod naive socat|-m bulk -C 1"
+    "bulk-c8|echod naive socat echod-2cpu|-m bulk -C 8"
+    "udp64-c1|echod naive socat|-m udp -s 64 -C 1"
+    "udp64-c16|echod naive echod-2cpu|-m udp -s 64 -C 16"
+)
+RUN_SCENARIOS=() NEEDED=" "
+for entry in "${ALL_SCENARIOS[@]}"; do
+    IFS='|' read -r scenario servers _ <<<"$entry"
+    selected "$scenario" || continue
+    [ "$TWO_CPUS" = 1 ] || servers=${servers/ echod-2cpu/}
+    RUN_SCENARIOS+=("$scenario|$servers|${entry##*|}")
+    for s in $servers; do [[ $NEEDED == *" $s "* ]] || NEEDED+="$s "; done
+done
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "== throughput and latency ($REPEATS × $DURATION per scenario; output in $OUT)"
-start_echod; start_naive; start_socat
-for server in echod naive socat; do # warm-up
-    case $server in echod) p=$ECHOD_PORT;; naive) p=$NAIVE_PORT;; socat) p=$SOCAT_PORT;; esac
-    "${LOAD_CPU[@]}" "$BIN" bench "127.0.0.1:$p" -d 1s -C 10 --json >/dev/null
-done
-
-TCP_SCENARIOS=(
-    "rt64-c1|-s 64 -C 1" "rt64-c50|-s 64 -C 50" "rt64-c500|-s 64 -C 500"
-    "rt1k-c1|-s 1024 -C 1" "rt1k-c50|-s 1024 -C 50" "rt1k-c500|-s 1024 -C 500"
-    "bulk-c1|-m bulk -C 1" "bulk-c10|-m bulk -C 10"
-)
-for repeat in $(seq "$REPEATS"); do
-    for entry in "${TCP_SCENARIOS[@]}"; do
-        scenario=${entry%%|*}; read -ra args <<<"${entry#*|}"
-        run "$scenario" echod "$ECHOD_PID" "127.0.0.1:$ECHOD_PORT" "$repeat" "${args[@]}"
-        run "$scenario" naive "$NAIVE_PID" "127.0.0.1:$NAIVE_PORT" "$repeat" "${args[@]}"
-        run "$scenario" socat "$SOCAT_PID" "127.0.0.1:$SOCAT_PORT" "$repeat" "${args[@]}"
+STARTED=$(date -u '+%Y-%m-%d %H:%M UTC')
+if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
+    echo "== throughput, latency and CPU ($REPEATS × $DURATION per scenario and server; output in $OUT)"
+    for s in $NEEDED; do start_server "$s"; done
+    for s in $NEEDED; do # warm-up, verified like every run
+        [ "$WARMUP" = 0 ] && break
+        "${LOAD_CPU[@]}" "$BIN" bench "${ADDR[$s]}" -d "$WARMUP" -C 10 --json >/dev/null 2>"$OUT/warmup.$s.err" ||
+            fail "warm-up of $s: $(tail -n 3 "$OUT/warmup.$s.err")"
     done
-    # UDP: socat serves one peer per process, so one socket each; echod also with 50.
-    "${SERVER_CPU[@]}" socat -T 30 "UDP-LISTEN:$SOCAT_UDP_PORT,bind=127.0.0.1,reuseaddr" PIPE &
-    socat_udp=$!; PIDS+=("$socat_udp"); sleep 0.3
-    run udp64-c1 echod "$ECHOD_PID" "127.0.0.1:$ECHOD_PORT" "$repeat" -m udp -s 64 -C 1
-    run udp64-c1 socat "$socat_udp" "127.0.0.1:$SOCAT_UDP_PORT" "$repeat" -m udp -s 64 -C 1
-    run udp64-c50 echod "$ECHOD_PID" "127.0.0.1:$ECHOD_PORT" "$repeat" -m udp -s 64 -C 50
-    stop "$socat_udp"
-done
-stop "$ECHOD_PID"; stop "$NAIVE_PID"; stop "$SOCAT_PID"
-
-echo "== memory per idle connection ($IDLE connections, fresh server each time)"
-printf 'server\trepeat\tbefore_kib\tafter_kib\tbytes_per_conn\n' >"$OUT/rss.tsv"
-idle_rss() { # SERVER PID PORT REPEAT
-    local before after
-    sleep 0.5
-    before=$(rss_kib "$2")
-    coproc HOLDER { "${LOAD_CPU[@]}" "$HOLD" "127.0.0.1:$3" "$IDLE"; }
-    local holder_pid=$HOLDER_PID line
-    PIDS+=("$holder_pid")
-    read -r line <&"${HOLDER[0]}"
-    [ "$line" = "ready $IDLE" ] || { echo "holder failed: $line" >&2; exit 1; }
-    sleep 1
-    after=$(rss_kib "$2")
-    exec {HOLDER[1]}>&-
-    wait "$holder_pid" 2>/dev/null || true
-    printf '%s\t%s\t%s\t%s\t%.0f\n' "$1" "$4" "$before" "$after" \
-        "$(awk -v a="$after" -v b="$before" -v n="$IDLE" 'BEGIN { print (a - b) * 1024 / n }')" >>"$OUT/rss.tsv"
-    printf '  %-6s #%s  RSS %s → %s KiB\n' "$1" "$4" "$before" "$after"
-}
-for repeat in $(seq "$REPEATS"); do
-    start_echod; idle_rss echod "$ECHOD_PID" "$ECHOD_PORT" "$repeat"; stop "$ECHOD_PID"
-    start_naive; idle_rss naive "$NAIVE_PID" "$NAIVE_PORT" "$repeat"; stop "$NAIVE_PID"
-done
-
-# Medians per scenario and server, with ratios against the naive baseline.
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-col() { awk -F'\t' -v s="$1" -v v="$2" -v c="$3" '$1 == s && $2 == v { print $c }' "$OUT/results.tsv" | median; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "–" }'; }
-{
-    echo "| scenario | server | msg/s | MB/s | p50 µs | p99 µs | server CPU µs/msg | msg/s vs baseline |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
-    for scenario in rt64-c1 rt64-c50 rt64-c500 rt1k-c1 rt1k-c50 rt1k-c500 bulk-c1 bulk-c10 udp64-c1 udp64-c50; do
-        base=$(col "$scenario" naive 4)
-        [ "$base" = 0 ] && base=$(col "$scenario" socat 4) # UDP: naive has none
-        for server in echod naive socat; do
-            rate=$(col "$scenario" "$server" 4)
-            [ "$rate" = 0 ] && continue
-            printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.1f | %s |\n' "$scenario" "$server" "$rate" \
-                "$(col "$scenario" "$server" 5)" "$(col "$scenario" "$server" 6)" "$(col "$scenario" "$server" 7)" \
-                "$(col "$scenario" "$server" 8)" "$(ratio "$rate" "$base")"
+    for repeat in $(seq "$REPEATS"); do
+        for entry in "${RUN_SCENARIOS[@]}"; do
+            IFS='|' read -r scenario servers args <<<"$entry"
+            read -ra order <<<"$servers"
+            read -ra args <<<"$args"
+            n=${#order[@]}
+            for i in $(seq 0 $((n - 1))); do # rotate the order each repeat
+                run "$scenario" "${order[$(((i + repeat - 1) % n))]}" "$repeat" "${args[@]}"
+            done
         done
     done
-    echo
-    echo "Baseline: the naive echo; for UDP (which it lacks), socat."
-    echo
-    echo "| server | RSS per idle connection ($IDLE connections, median) |"
-    echo "|---|---:|"
-    for server in echod naive; do
-        printf '| %s | %.0f B |\n' "$server" \
-            "$(awk -F'\t' -v s="$server" '$1 == s { print $5 }' "$OUT/rss.tsv" | median)"
+    WORKERS1=$(workers "${PID[echod]}")
+    WORKERS2=$([[ $NEEDED == *" echod-2cpu "* ]] && workers "${PID[echod-2cpu]}" || echo 0)
+    for s in $NEEDED; do stop_server "$s"; done
+fi
+
+printf 'server\trepeat\tconnections\tsources\tbefore_kib\tafter_kib\tbytes_per_conn\n' >"$OUT/rss.tsv"
+# One fresh server; the holder grows its idle connections through POINTS, and the
+# server's RSS is read at each point.
+idle_curve() { # SERVER REPEAT
+    start_server "$1"
+    local pid=${PID[$1]} before after word got label sources n line
+    sleep 0.5
+    before=$(rss_kib "$pid")
+    coproc HOLDER { exec "${LOAD_CPU[@]}" "$HOLD" "${ADDR[$1]}" "${POINTS[@]}" 2>>"$OUT/holder.err"; }
+    # shellcheck disable=SC2153 # set by coproc
+    local holder_pid=$HOLDER_PID in=${HOLDER[0]} out=${HOLDER[1]}
+    PIDS+=("$holder_pid")
+    for n in "${POINTS[@]}"; do
+        line=
+        read -r -t 300 line <&"$in" || true
+        read -r word got label sources <<<"$line"
+        [ "$word $got $label" = "ready $n sources" ] ||
+            fail "idle connections to $1 #$2: holder stopped before $n ($(tail -n 1 "$OUT/holder.err"))"
+        sleep 1
+        alive "$pid" || fail "$1 (PID $pid) died holding $n idle connections"
+        after=$(rss_kib "$pid")
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%.0f\n' "$1" "$2" "$n" "$sources" "$before" "$after" \
+            "$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { print (a - b) * 1024 / n }')" >>"$OUT/rss.tsv"
+        printf '  %-6s #%s %6s connections (%s source addresses): RSS %s → %s KiB\n' \
+            "$1" "$2" "$n" "$sources" "$before" "$after"
+        echo next >&"$out"
     done
-    failed=$(awk -F'\t' 'NR > 1 && $9 != 0 { n++ } END { print n + 0 }' "$OUT/results.tsv")
+    exec {out}>&-
+    wait "$holder_pid" || fail "idle connections to $1 #$2: holder exited $?"
+    stop_server "$1"
+}
+if selected idle; then
+    echo "== memory per idle connection at ${POINTS[*]} connections (a fresh server each repeat)"
+    for repeat in $(seq "$REPEATS"); do
+        if [ $((repeat % 2)) = 1 ]; then order=(echod naive); else order=(naive echod); fi
+        for s in "${order[@]}"; do idle_curve "$s" "$repeat"; done
+    done
+fi
+
+# Medians per scenario and server, with ratios against the naive baseline.
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -F'\t' -v s="$1" -v v="$2" -v c="$3" 'NR > 1 && $1 == s && $2 == v { print $c }' "$OUT/results.tsv" | median; }
+sum() { awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { n += $12 } END { print n + 0 }' "$OUT/results.tsv"; }
+spread() { # SCENARIO SERVER: (max − min) ÷ median of msg/s over the repeats, in %
+    awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { print $5 }' "$OUT/results.tsv" |
+        sort -g | awk -v m="$(col "$1" "$2" 5)" '{ v[NR] = $1 } END { if (NR > 1 && m > 0) printf "%.0f %%", 100 * (v[NR] - v[1]) / m; else print "–" }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f×", a / b; else print "–" }'; }
+GIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="$GIT (with local changes)"
+{
+    echo "Run of \`$COMMAND\` at $STARTED, commit $GIT."
+    echo "Machine: $NPROC CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), Linux $(uname -r);"
+    echo "load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg)."
+    if [ "$TWO_CPUS" = 1 ]; then
+        echo "Servers on CPU 0 (echod-2cpu: CPUs 0,1), load generator on CPU ${LOAD_CPU[2]}."
+    else
+        echo "Nothing pinned (fewer than 2 CPUs or no taskset)."
+    fi
     echo
-    echo "Runs with errors or mismatches: $failed (see $OUT/raw.jsonl)."
-    echo "Load average before: $LOAD_BEFORE; after: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)."
+    if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
+        echo "| scenario | server | msg/s | MB/s | p50 µs | p99 µs | CPU µs/msg | CPU s/GB | kernel % | msg/s ÷ naive | CPU/msg ÷ naive | msg/s spread |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for entry in "${RUN_SCENARIOS[@]}"; do
+            IFS='|' read -r scenario servers _ <<<"$entry"
+            base=$(col "$scenario" naive 5) base_cpu=$(col "$scenario" naive 9)
+            for server in echod naive socat; do
+                [[ " $servers " == *" $server "* ]] || continue
+                rate=$(col "$scenario" "$server" 5) cpu=$(col "$scenario" "$server" 9)
+                printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s | %s |\n' \
+                    "$scenario" "$server" "$rate" "$(col "$scenario" "$server" 6)" \
+                    "$(col "$scenario" "$server" 7)" "$(col "$scenario" "$server" 8)" "$cpu" \
+                    "$(col "$scenario" "$server" 10)" "$(col "$scenario" "$server" 11)" \
+                    "$(ratio "$rate" "$base")" "$(ratio "$cpu" "$base_cpu")" "$(spread "$scenario" "$server")"
+            done
+        done
+        echo
+        lost=()
+        for entry in "${RUN_SCENARIOS[@]}"; do
+            IFS='|' read -r scenario servers _ <<<"$entry"
+            [[ $scenario == udp* ]] || continue
+            for server in $servers; do lost+=("$scenario $server $(sum "$scenario" "$server")"); done
+        done
+        if [ ${#lost[@]} -gt 0 ]; then
+            printf 'UDP datagrams lost (no echo within 5 s; counted, not a failure), total over the repeats: %s.\n' \
+                "$(printf '%s, ' "${lost[@]}" | sed 's/, $//')"
+            echo
+        fi
+        two=()
+        for entry in "${RUN_SCENARIOS[@]}"; do
+            IFS='|' read -r scenario servers _ <<<"$entry"
+            [[ " $servers " == *" echod-2cpu "* ]] && two+=("$scenario")
+        done
+        if [ ${#two[@]} -gt 0 ]; then
+            echo "echod on one CPU vs two CPUs (worker threads: $WORKERS1 and $WORKERS2; the second CPU is the load"
+            echo "generator's, so this is what a second worker brings when it has to share that CPU):"
+            echo
+            echo "| scenario | msg/s, 1 CPU | msg/s, 2 CPUs | 2 ÷ 1 | CPU µs/msg, 1 CPU | CPU µs/msg, 2 CPUs | 2 ÷ 1 |"
+            echo "|---|---:|---:|---:|---:|---:|---:|"
+            for scenario in "${two[@]}"; do
+                r1=$(col "$scenario" echod 5) r2=$(col "$scenario" echod-2cpu 5)
+                c1=$(col "$scenario" echod 9) c2=$(col "$scenario" echod-2cpu 9)
+                printf '| %s | %.0f | %.0f | %s | %.2f | %.2f | %s |\n' "$scenario" "$r1" "$r2" \
+                    "$(ratio "$r2" "$r1")" "$c1" "$c2" "$(ratio "$c2" "$c1")"
+            done
+            echo
+        fi
+    fi
+    if selected idle; then
+        echo "Server RSS per idle connection (median of $REPEATS; (RSS with N connections − RSS before) ÷ N):"
+        echo
+        echo "| idle connections | echod | naive | echod ÷ naive |"
+        echo "|---:|---:|---:|---:|"
+        for n in "${POINTS[@]}"; do
+            e=$(awk -F'\t' -v s=echod -v n="$n" 'NR > 1 && $1 == s && $3 == n { print $7 }' "$OUT/rss.tsv" | median)
+            v=$(awk -F'\t' -v s=naive -v n="$n" 'NR > 1 && $1 == s && $3 == n { print $7 }' "$OUT/rss.tsv" | median)
+            printf '| %s%s | %.0f B | %.0f B | %s |\n' "$n" "$([ "$n" = "$IDLE" ] && echo ' (headline)')" \
+                "$e" "$v" "$(ratio "$e" "$v")"
+        done
+        echo
+        if [ ${#POINTS[@]} -ge 2 ]; then
+            lo=${POINTS[0]} hi=${POINTS[-1]}
+            echo "Growth between $lo and $hi connections, (RSS at $hi − RSS at $lo) ÷ $((hi - lo)), median of $REPEATS,"
+            echo "and what that slope means for 1 000 000 idle connections (process memory only: the kernel's"
+            echo "socket memory is not in RSS, and one process here may not open more than $(ulimit -Hn) files):"
+            echo
+            for server in echod naive; do
+                awk -F'\t' -v s="$server" -v lo="$lo" -v hi="$hi" 'NR > 1 && $1 == s && $3 == lo { a[$2] = $6 }
+                    NR > 1 && $1 == s && $3 == hi { b[$2] = $6 }
+                    END { for (r in b) if (r in a) print (b[r] - a[r]) * 1024 / (hi - lo) }' "$OUT/rss.tsv" |
+                    median | awk -v s="$server" '{ printf "- %s: %.0f B per connection; × 1 000 000 = %.2f GiB\n", s, $1, $1 * 1e6 / 2^30 }'
+            done
+            echo
+        fi
+        echo "Most source addresses the holder needed: $(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT/rss.tsv")."
+        echo
+    fi
+    echo "Every run above echoed every byte intact (a failed run stops the script)."
 } | tee "$OUT/table.md"

@@ -1,37 +1,105 @@
-//! Opens N idle TCP connections to a loopback echo server and holds them, so
+//! Opens idle TCP connections to a loopback echo server and holds them, so
 //! `benches/compare.sh` can read the server's memory per idle connection.
 //!
 //! Each connection echoes one byte first, so the server has really accepted and
-//! served it; then all stay open and silent. Prints `ready N` when every connection is
-//! up and holds them until stdin closes.
+//! served it; then all stay open and silent. With several counts (ascending), it opens
+//! connections up to the first count, prints `ready N sources K`, waits for a line on stdin, goes
+//! on to the next count, and so on: one server's memory curve in one run. After the last
+//! count it holds every connection until stdin closes.
+//!
+//! One source address has one ephemeral port range (and ports still in TIME_WAIT from
+//! an earlier run are not free for `bind`), so connections come from 127.0.0.1 until it
+//! has no port left, then from 127.0.0.2, 127.0.0.3 and so on (all of 127/8 is local).
+//! Each `ready N` line ends with `sources K`: how many addresses were used so far.
 //!
 //! Run: `cargo run --release --example hold_connections -- 127.0.0.1:7007 10000`
+//! or:  `cargo run --release --example hold_connections -- 127.0.0.1:7007 5000 10000 19000`
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const USAGE: &str = "usage: hold_connections ADDR COUNT [COUNT ...]";
+
+/// Source addresses tried in turn: 127.0.0.1 up to 127.0.0.250.
+const LAST_SOURCE: u8 = 250;
+
+/// Out of ports on this source address (connect with a deferred port, or bind).
+fn out_of_ports(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse
+    )
+}
+
+/// One connection from `source` (port chosen at connect time, so the kernel may reuse
+/// ports across destinations and from TIME_WAIT on loopback), after one echoed byte.
+fn connect_from(source: Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `one` (a c_int, its size passed) on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0)))?;
+    socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(5))?;
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"x")?;
+    let mut echo = [0u8; 1];
+    s.read_exact(&mut echo)?;
+    if echo != *b"x" {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    Ok(s)
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let addr: SocketAddr = args.next().ok_or("usage: ADDR COUNT")?.parse()?;
-    if !addr.ip().is_loopback() {
-        return Err("only loopback targets are allowed".into());
+    let addr: SocketAddr = args.next().ok_or(USAGE)?.parse()?;
+    if !addr.ip().is_loopback() || !addr.is_ipv4() {
+        return Err("only IPv4 loopback targets are allowed".into());
     }
-    let count: usize = args.next().ok_or("usage: ADDR COUNT")?.parse()?;
-    let mut held = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connection {i}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"x")?;
-        let mut echo = [0u8; 1];
-        s.read_exact(&mut echo)
-            .map_err(|e| format!("connection {i}: no echo: {e}"))?;
-        held.push(s);
+    let counts: Vec<usize> = args.map(|c| c.parse()).collect::<Result<_, _>>()?;
+    if counts.is_empty() || counts.windows(2).any(|w| w[0] > w[1]) {
+        return Err(format!("{USAGE} (counts ascending)").into());
     }
-    println!("ready {}", held.len());
-    std::io::stdout().flush()?;
+    let mut held = Vec::with_capacity(*counts.last().unwrap_or(&0));
+    let mut source = 1u8;
+    let mut stdin = std::io::stdin().lock();
+    for (step, &count) in counts.iter().enumerate() {
+        while held.len() < count {
+            let from = Ipv4Addr::new(127, 0, 0, source);
+            match connect_from(from, addr) {
+                Ok(s) => held.push(s),
+                Err(e) if out_of_ports(&e) && source < LAST_SOURCE => source += 1,
+                Err(e) => {
+                    return Err(format!("connection {} from {from}: {e}", held.len()).into());
+                }
+            }
+        }
+        println!("ready {} sources {source}", held.len());
+        std::io::stdout().flush()?;
+        if step + 1 < counts.len() {
+            let mut line = String::new();
+            if stdin.read_line(&mut line)? == 0 {
+                return Ok(()); // stdin closed: stop early
+            }
+        }
+    }
     let mut rest = Vec::new();
-    std::io::stdin().read_to_end(&mut rest)?;
+    stdin.read_to_end(&mut rest)?;
     Ok(())
 }

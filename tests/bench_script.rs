@@ -1,0 +1,126 @@
+//! `benches/compare.sh` in a tiny mode: it must finish with a table naming both
+//! servers, and a run against a server that corrupts echoes must make it fail.
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// The script uses seven consecutive ports from BASE_PORT, TCP and UDP.
+fn free_base_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = 24_000 + (std::process::id() % 400) as u16 * 20;
+    loop {
+        let base = start + NEXT.fetch_add(10, Ordering::Relaxed) % 8_000;
+        let free = (base..base + 7).all(|p| {
+            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+/// The example builds next to the echod under test; `cargo test` builds them, a
+/// filtered `cargo test --test bench_script` may not, so build them then.
+fn examples_dir() -> PathBuf {
+    let bin = common::echod_bin();
+    let dir = bin.parent().expect("target dir").join("examples");
+    let wanted = ["naive_echo", "hold_connections", "corrupt_echo"];
+    if wanted.iter().all(|e| dir.join(e).exists()) {
+        return dir;
+    }
+    let profile = if dir.components().any(|c| c.as_os_str() == "release") {
+        vec!["--release"]
+    } else {
+        vec![]
+    };
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet"])
+        .args(profile);
+    for e in wanted {
+        cargo.args(["--example", e]);
+    }
+    assert!(
+        cargo.status().expect("run cargo").success(),
+        "examples build"
+    );
+    dir
+}
+
+/// Runs the script (at most 150 s) with `env` on top of the tiny settings.
+fn compare(env: &[(&str, &str)], out: &Path) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/compare.sh");
+    let base = free_base_port().to_string();
+    Command::new("timeout")
+        .args(["--kill-after=10", "150", "bash"])
+        .arg(script)
+        .env("ECHOD_BIN", common::echod_bin())
+        .env("EXAMPLES_DIR", examples_dir())
+        .env("OUT", out)
+        .env("BASE_PORT", base)
+        .env("REPEATS", "1")
+        .env("DURATION", "1s")
+        .env("WARMUP", "0")
+        .env("IDLE", "200")
+        .env("CURVE", "100")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run benches/compare.sh")
+}
+
+#[test]
+fn the_tiny_comparison_prints_a_table_of_both_servers() {
+    if !common::require_tool("socat") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let run = compare(&[("SCENARIOS", "rt64-c1 udp64-c1 idle")], out.path());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        run.status
+    );
+    for row in [
+        "| rt64-c1 | echod |",
+        "| rt64-c1 | naive |",
+        "| rt64-c1 | socat |",
+        "| udp64-c1 | echod |",
+        "| udp64-c1 | naive |",
+        "| 200 (headline) |",
+    ] {
+        assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
+    }
+    assert!(stdout.contains("CPU µs/msg") && stdout.contains("CPU s/GB"));
+    let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
+    assert!(table.contains("| rt64-c1 | echod |"), "{table}");
+}
+
+#[test]
+fn a_corrupting_server_fails_the_script_and_names_the_run() {
+    if !common::require_tool("socat") {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let run = compare(
+        &[("SCENARIOS", "rt64-c1"), ("COMPARE_SELFTEST_CORRUPT", "1")],
+        out.path(),
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("FAILED: run rt64-c1/naive #1") && stderr.contains("mismatch"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("| scenario |"),
+        "a table after a failure:\n{stdout}"
+    );
+}
