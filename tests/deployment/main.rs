@@ -1,10 +1,12 @@
 //! echod as it is deployed: the Debian package under a real systemd, the container image
 //! under podman, the Kubernetes and Compose files, and the Prometheus material against
 //! the real Prometheus tools. Most of these tests need tools installed on the machine
-//! (`.ci/run` installs them all).
+//! (`.ci/run` installs them all). The benchmark script (`benches/compare.sh`) is checked
+//! here too, as the other shell-and-tools piece of the repository.
 
 mod support;
 
+mod bench_script;
 mod compose;
 mod container;
 mod kubernetes;
@@ -22,5 +24,6 @@ fn main() -> std::process::ExitCode {
         kubernetes::TESTS,
         compose::TESTS,
         packaging::TESTS,
+        bench_script::TESTS,
     ])
 }

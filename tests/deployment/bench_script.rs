@@ -1,12 +1,15 @@
 //! `benches/compare.sh` in a tiny mode: it must finish with a table naming both
 //! servers, and a run against a server that corrupts echoes must make it fail.
 
-mod common;
-
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
+
+crate::support::tests![
+    the_tiny_comparison_prints_a_table_of_both_servers needs &[crate::support::Need::Tool("socat")],
+    a_corrupting_server_fails_the_script_and_names_the_run needs &[crate::support::Need::Tool("socat")],
+];
 
 /// The script uses seven consecutive ports from BASE_PORT, TCP and UDP.
 fn free_base_port() -> u16 {
@@ -26,7 +29,7 @@ fn free_base_port() -> u16 {
 /// The example builds next to the echod under test; `cargo test` builds them, a
 /// filtered `cargo test --test bench_script` may not, so build them then.
 fn examples_dir() -> PathBuf {
-    let bin = common::echod_bin();
+    let bin = crate::support::echod_bin();
     let dir = bin.parent().expect("target dir").join("examples");
     let wanted = ["naive_echo", "hold_connections", "corrupt_echo"];
     if wanted.iter().all(|e| dir.join(e).exists()) {
@@ -59,7 +62,7 @@ fn compare(env: &[(&str, &str)], out: &Path) -> Output {
     Command::new("timeout")
         .args(["--kill-after=10", "150", "bash"])
         .arg(script)
-        .env("ECHOD_BIN", common::echod_bin())
+        .env("ECHOD_BIN", crate::support::echod_bin())
         .env("EXAMPLES_DIR", examples_dir())
         .env("OUT", out)
         .env("BASE_PORT", base)
@@ -73,11 +76,7 @@ fn compare(env: &[(&str, &str)], out: &Path) -> Output {
         .expect("run benches/compare.sh")
 }
 
-#[test]
 fn the_tiny_comparison_prints_a_table_of_both_servers() {
-    if !common::require_tool("socat") {
-        return;
-    }
     let out = tempfile::tempdir().unwrap();
     let run = compare(&[("SCENARIOS", "rt64-c1 udp64-c1 idle")], out.path());
     let stdout = String::from_utf8_lossy(&run.stdout);
@@ -102,11 +101,7 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
     assert!(table.contains("| rt64-c1 | echod |"), "{table}");
 }
 
-#[test]
 fn a_corrupting_server_fails_the_script_and_names_the_run() {
-    if !common::require_tool("socat") {
-        return;
-    }
     let out = tempfile::tempdir().unwrap();
     let run = compare(
         &[("SCENARIOS", "rt64-c1"), ("COMPARE_SELFTEST_CORRUPT", "1")],
