@@ -9,6 +9,7 @@
 //! service manager and the operator.
 
 mod accept;
+mod fdstore;
 mod http;
 mod limits;
 mod listeners;

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use super::listeners::Sockets;
 use super::server::{Control, ServeError, serve_with_log};
-use super::{logging, systemd};
+use super::{fdstore, logging, systemd};
 use crate::config::{Config, ConfigSource, describe_source};
 
 /// Exit code of the immediate exit on a second stop signal.
@@ -53,7 +53,11 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
                 check_open_files_limit(config.tcp.max_connections);
                 let (control, requests) = mpsc::channel(4);
                 tokio::spawn(forward_signals(signals, source, control));
-                let sockets = Sockets::activated(inherited);
+                let mut sockets =
+                    Sockets::activated(inherited.activated).with_fd_store(fdstore::enabled());
+                for (addr, socket) in inherited.stored {
+                    sockets = sockets.kept(socket, addr, true);
+                }
                 Ok(serve_with_log(config, sockets, requests, Some(log)).await?)
             })
         });

@@ -124,8 +124,15 @@ impl Shared {
         self.metrics.set_limits(config);
     }
 
-    /// Starts serving one socket; the token returned stops it.
-    fn start(&self, bound: BoundSocket, label: String) -> io::Result<CancellationToken> {
+    /// Starts serving one socket; the token returned stops it. `kept`: systemd keeps the
+    /// socket open too (socket activation, descriptor store), so a stop leaves its accept
+    /// queue to the next echod.
+    fn start(
+        &self,
+        bound: BoundSocket,
+        label: String,
+        kept: bool,
+    ) -> io::Result<CancellationToken> {
         let stop = match bound {
             BoundSocket::Http(_) => self.http_stop.child_token(),
             BoundSocket::Tcp(_) | BoundSocket::Udp(_) => self.shutdown.listener_token(),
@@ -146,6 +153,7 @@ impl Shared {
                     shutdown: self.shutdown.clone(),
                     stop: stop.clone(),
                     connections: self.connections.clone(),
+                    keep_backlog: kept,
                 };
                 tokio::spawn(listener.run());
             }
@@ -191,7 +199,9 @@ impl Server {
     fn start(&mut self) -> Result<(), BindError> {
         let shared = &self.shared;
         self.listeners
-            .reconcile(&self.config, |bound, label| shared.start(bound, label))?;
+            .reconcile(&self.config, |bound, label, kept| {
+                shared.start(bound, label, kept)
+            })?;
         self.shared.health.set_ready();
         let status = self.status_line();
         systemd::ready(&status);
@@ -247,8 +257,9 @@ impl Server {
     /// are broadcast. Connections are never touched: they belong to the drain.
     fn apply(&mut self, config: Config) -> Result<(), BindError> {
         let shared = &self.shared;
-        self.listeners
-            .reconcile(&config, |bound, label| shared.start(bound, label))?;
+        self.listeners.reconcile(&config, |bound, label, kept| {
+            shared.start(bound, label, kept)
+        })?;
         if let Some(log) = &self.log {
             log.set_level(&config.log.level);
         }
@@ -299,7 +310,8 @@ impl Server {
 
     /// Stops listeners at once, lets connections finish within the drain timeout,
     /// then cuts the rest.
-    async fn drain(self, reason: &'static str) -> Summary {
+    async fn drain(mut self, reason: &'static str) -> Summary {
+        self.listeners.release();
         let Shared {
             health,
             shutdown,

@@ -66,6 +66,9 @@ pub(crate) struct Listener {
     pub(crate) stop: CancellationToken,
     /// Tracks connection tasks so a drain can wait for them.
     pub(crate) connections: TaskTracker,
+    /// systemd keeps this socket open after echod stops (socket activation, descriptor
+    /// store): connections queued at a stop are left for the next echod to accept.
+    pub(crate) keep_backlog: bool,
 }
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
@@ -113,7 +116,7 @@ impl Listener {
                 }
             }
         }
-        if self.shutdown.is_draining() {
+        if self.shutdown.is_draining() && !self.keep_backlog {
             self.reject_backlog().await;
         }
         debug!(listener = %self.label, "TCP listener closed");
@@ -134,7 +137,11 @@ impl Listener {
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let config = Arc::clone(&self.config.borrow());
-        if !self.shutdown.is_draining() && config.proxy_protocol.trusts(peer.ip()) {
+        // A connection accepted just as a drain began is refused, unless systemd keeps
+        // the socket: then the next echod would have served it, so this one does (the
+        // drain waits for it like any other).
+        let draining = self.shutdown.is_draining() && !self.keep_backlog;
+        if !draining && config.proxy_protocol.trusts(peer.ip()) {
             // The client's address comes in the PROXY header: its per-IP slot is taken
             // once the header is read, in the connection's own task.
             let proxied = proxy::Proxied {
@@ -150,7 +157,7 @@ impl Listener {
             self.connections.spawn(proxied.run());
             return;
         }
-        let permit = if self.shutdown.is_draining() {
+        let permit = if draining {
             Err(RejectReason::Shutdown)
         } else {
             self.limiter.try_acquire(peer.ip())

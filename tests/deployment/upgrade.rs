@@ -1,0 +1,336 @@
+//! Restarts and upgrades under traffic, against the Debian package under a real systemd
+//! (booted in systemd-nspawn, see `systemd.rs`): clients on port 7 must never see a
+//! connection refused, reset or short of an echo while echod restarts, is killed by the
+//! watchdog, crashes, or is upgraded by `dpkg -i`.
+//!
+//! Listening sockets live in systemd's descriptor store, so attempts made while no echod
+//! runs wait in the kernel's accept queue and are echoed once it is back.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::support::random_bytes;
+use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, rootfs, wait_for};
+
+crate::support::tests![
+    restart_watchdog_and_crash_refuse_no_connection needs NEEDS,
+];
+
+/// The tests that boot the package share the host's port 7 (and 9107): one at a time.
+pub(crate) fn port_7() -> MutexGuard<'static, ()> {
+    static PORT_7: Mutex<()> = Mutex::new(());
+    PORT_7.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The ports the packaged config serves must be free on the host.
+fn assert_ports_free() {
+    assert!(
+        TcpStream::connect(crate::systemd::ECHO).is_err() && UdpSocket::bind("0.0.0.0:7").is_ok(),
+        "port 7 is already in use on this machine"
+    );
+    assert!(
+        TcpStream::connect(crate::systemd::METRICS).is_err(),
+        "port 9107 is already in use"
+    );
+}
+
+/// A TCP connection to `addr` from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::from((from, 0)).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// How one connection attempt of a [`ConnectLoop`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Connected, echoed byte for byte, closed cleanly by echod after our FIN.
+    Echoed,
+    /// The connection was refused (nothing listened).
+    Refused,
+    /// Reset, or closed before the echo was complete.
+    Reset(String),
+    /// The echo differed from what was sent.
+    Mismatch,
+    /// Anything else (a timeout).
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    started: Instant,
+    took: Duration,
+    outcome: Outcome,
+}
+
+/// One attempt: connect, send a nonce, read it back, half-close, expect a clean EOF.
+fn attempt(n: u64) -> Outcome {
+    let from = Ipv4Addr::new(127, 0, 1, 1 + (n % 200) as u8);
+    let mut s = match connect_from(from, echo_addr(), Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(e) => return Outcome::Failed(format!("connect: {e}")),
+    };
+    // Long enough to outlast a watchdog kill and a restart: an attempt made while echod
+    // is down waits in the accept queue.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let nonce = random_bytes(32, n);
+    let classify = |e: std::io::Error| match e.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => {
+            Outcome::Reset(e.to_string())
+        }
+        _ => Outcome::Failed(e.to_string()),
+    };
+    if let Err(e) = s.write_all(&nonce) {
+        return classify(e);
+    }
+    let mut back = vec![0u8; nonce.len()];
+    if let Err(e) = s.read_exact(&mut back) {
+        return classify(e);
+    }
+    if back != nonce {
+        return Outcome::Mismatch;
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Outcome::Echoed,
+        Ok(_) => Outcome::Mismatch,
+        Err(e) => classify(e),
+    }
+}
+
+/// A client that opens a new connection every 10 ms (each in a thread of its own, so a
+/// slow one delays no other) and records how each went.
+pub(crate) struct ConnectLoop {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConnectLoop {
+    pub(crate) fn start() -> ConnectLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, paused, in_flight, attempts) = (
+                Arc::clone(&stop),
+                Arc::clone(&paused),
+                Arc::clone(&in_flight),
+                Arc::clone(&attempts),
+            );
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if paused.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    let (in_flight, attempts) = (Arc::clone(&in_flight), Arc::clone(&attempts));
+                    n += 1;
+                    let id = n;
+                    std::thread::spawn(move || {
+                        let started = Instant::now();
+                        let outcome = attempt(id);
+                        attempts.lock().unwrap().push(Attempt {
+                            started,
+                            took: started.elapsed(),
+                            outcome,
+                        });
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                    });
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        ConnectLoop {
+            stop,
+            paused,
+            in_flight,
+            attempts,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} connection attempts still open after {limit:?}",
+                self.in_flight.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs `f` between attempts: none is open while it runs. (A connection echod had
+    /// accepted when it froze or was killed dies with it, like any open connection; the
+    /// promise is about attempts made while it is down.)
+    pub(crate) fn between_attempts<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.paused.store(true, Ordering::SeqCst);
+        self.wait_idle(Duration::from_secs(10));
+        let result = f();
+        self.paused.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Attempts so far.
+    pub(crate) fn count(&self) -> usize {
+        self.attempts.lock().unwrap().len()
+    }
+
+    /// Stops, waits for every open attempt (60 s at most) and returns them all.
+    fn finish(mut self) -> Vec<Attempt> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.wait_idle(Duration::from_secs(90));
+        std::mem::take(&mut *self.attempts.lock().unwrap())
+    }
+}
+
+impl Drop for ConnectLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every attempt echoed; returns how many there were and how many began in `outages`
+/// (each from its start to the moment echod was serving again), and the longest wait.
+fn all_echoed(attempts: &[Attempt], outages: &[(Instant, Instant)]) -> (usize, usize, Duration) {
+    let bad: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.outcome != Outcome::Echoed)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} connection attempts failed, e.g. {:?}",
+        bad.len(),
+        attempts.len(),
+        &bad[..bad.len().min(5)]
+    );
+    let during = attempts
+        .iter()
+        .filter(|a| {
+            outages
+                .iter()
+                .any(|(from, to)| a.started >= *from && a.started < *to)
+        })
+        .count();
+    let longest = attempts.iter().map(|a| a.took).max().unwrap_or_default();
+    (attempts.len(), during, longest)
+}
+
+/// Waits until echod.service is active again under a PID other than `old`, and answers.
+fn wait_restarted(c: &Nspawn, old: &str, restarts: u32) -> String {
+    wait_for(Duration::from_secs(60), "echod to be back", || {
+        let now = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
+        (now["ActiveState"] == "active"
+            && now["SubState"] == "running"
+            && now["MainPID"] != old
+            && now["MainPID"] != "0"
+            && now["NRestarts"] == restarts.to_string())
+        .then(|| now["MainPID"].clone())
+    })
+}
+
+fn restart_watchdog_and_crash_refuse_no_connection() {
+    let _port_7 = port_7();
+    assert_ports_free();
+    let pkg = tempfile::tempdir().unwrap();
+    build_deb(pkg.path());
+    let c = Nspawn::boot(&rootfs(), pkg.path());
+    c.ok("dpkg -i /mnt/pkg/echod.deb");
+    // A short watchdog, so that a frozen echod is killed within seconds.
+    c.ok("mkdir -p /etc/systemd/system/echod.service.d && \
+          printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/echod.service.d/watchdog.conf && \
+          systemctl daemon-reload && systemctl restart echod");
+    assert_eq!(c.prop("echod", "FileDescriptorStoreMax"), "64");
+    wait_for(Duration::from_secs(10), "5 sockets in the store", || {
+        (c.prop("echod", "NFileDescriptorStore") == "5").then_some(())
+    });
+    let pid = c.prop("echod", "MainPID");
+    let connects = ConnectLoop::start();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // systemctl restart: the old echod drains, the new one takes the stored sockets.
+    let from = Instant::now();
+    c.ok("systemctl restart echod");
+    let pid = wait_restarted(&c, &pid, 0);
+    let restart = (from, Instant::now());
+    assert!(
+        c.ok("journalctl -u echod --no-pager")
+            .contains("using socket kept in systemd's descriptor store name=echod-tcp-0.0.0.0-7")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The watchdog: echod frozen (SIGSTOP) is killed (SIGABRT) and restarted.
+    let frozen = connects.between_attempts(|| {
+        c.ok(&format!("kill -STOP {pid}"));
+        Instant::now()
+    });
+    let during_freeze = connects.count();
+    let pid = wait_restarted(&c, &pid, 1);
+    let watchdog = (frozen, Instant::now());
+    assert!(
+        connects.count() > during_freeze,
+        "no attempt finished after the watchdog restart"
+    );
+    assert_eq!(c.prop("echod", "NFileDescriptorStore"), "5");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A crash (SIGKILL), restarted by Restart=on-failure after RestartSec=1s; a datagram
+    // sent meanwhile waits in the UDP socket and is echoed too.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let killed = connects.between_attempts(|| {
+        c.ok(&format!("kill -KILL {pid}"));
+        Instant::now()
+    });
+    udp.send_to(b"sent while echod was down", echo_addr())
+        .unwrap();
+    let _pid = wait_restarted(&c, &pid, 2);
+    let crash = (killed, Instant::now());
+    let mut buf = [0u8; 64];
+    let n = udp
+        .recv(&mut buf)
+        .expect("the datagram sent during the crash is echoed");
+    assert_eq!(&buf[..n], b"sent while echod was down");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let attempts = connects.finish();
+    let (total, during, longest) = all_echoed(&attempts, &[restart, watchdog, crash]);
+    assert!(during > 0, "no attempt was made while echod was down");
+    let journal = c.ok("journalctl -u echod --no-pager");
+    assert!(journal.contains("Watchdog timeout"), "{journal}");
+
+    // A plain stop empties the store: port 7 refuses again.
+    c.ok("systemctl stop echod");
+    assert_eq!(c.prop("echod", "NFileDescriptorStore"), "0");
+    match TcpStream::connect(crate::systemd::ECHO) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused),
+        Ok(_) => panic!("port 7 still accepts after a plain stop"),
+    }
+    drop(c);
+    eprintln!(
+        "restart/watchdog/crash: {total} attempts, {during} made while echod was down, all echoed; \
+         outages {:?} / {:?} / {:?}; longest attempt {longest:?}",
+        restart.1 - restart.0,
+        watchdog.1 - watchdog.0,
+        crash.1 - crash.0,
+    );
+}
