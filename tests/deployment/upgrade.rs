@@ -8,6 +8,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::support::random_bytes;
+use crate::support::{random_bytes, repo_path};
 use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, rootfs, wait_for};
 
 crate::support::tests![
     restart_watchdog_and_crash_refuse_no_connection needs NEEDS,
+    package_upgrade_refuses_no_connection needs NEEDS,
 ];
 
 /// The tests that boot the package share the host's port 7 (and 9107): one at a time.
@@ -332,5 +335,100 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         restart.1 - restart.0,
         watchdog.1 - watchdog.0,
         crash.1 - crash.0,
+    );
+}
+
+/// The same version string with its last number one higher, of the same length (so a
+/// binary can be patched in place): 0.1.0 → 0.1.1.
+fn bumped(version: &str) -> String {
+    let (head, last) = version.rsplit_once('.').expect("a dotted version");
+    let next = format!("{head}.{}", last.parse::<u64>().expect("numeric") + 1);
+    assert_eq!(next.len(), version.len(), "cannot bump {version} in place");
+    next
+}
+
+/// A package of the same code under a higher version: the binary `cargo test` built,
+/// with its version string patched (same length, so nothing else moves), packaged by
+/// cargo-deb with `--deb-version`. Returns the .deb (moved into `pkg_dir`) and the
+/// version the new binary reports.
+fn build_upgrade_deb(pkg_dir: &Path) -> (PathBuf, String) {
+    let old = env!("CARGO_PKG_VERSION");
+    let new = bumped(old);
+    let binary = std::fs::read(crate::support::echod_bin()).unwrap();
+    let mut patched = Vec::with_capacity(binary.len());
+    let (mut rest, mut replaced) = (&binary[..], 0);
+    while let Some(at) = rest.windows(old.len()).position(|w| w == old.as_bytes()) {
+        patched.extend_from_slice(&rest[..at]);
+        patched.extend_from_slice(new.as_bytes());
+        rest = &rest[at + old.len()..];
+        replaced += 1;
+    }
+    patched.extend_from_slice(rest);
+    assert!(replaced > 0, "version {old} not found in the binary");
+    let target = tempfile::tempdir().unwrap();
+    std::fs::create_dir(target.path().join("debug")).unwrap();
+    let bin = target.path().join("debug/echod");
+    std::fs::write(&bin, patched).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO"))
+        .args(["deb", "--no-build", "--profile", "dev", "--fast", "--quiet"])
+        .arg("--deb-version")
+        .arg(format!("{new}-1"))
+        .arg("-o")
+        .arg(out_dir.path())
+        .env("CARGO_TARGET_DIR", target.path())
+        .current_dir(repo_path(""))
+        .output()
+        .expect("run cargo deb");
+    assert!(
+        out.status.success(),
+        "cargo deb failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = pkg_dir.join("echod-upgrade.deb");
+    std::fs::copy(
+        out_dir.path().join(format!("echod_{new}-1_amd64.deb")),
+        &deb,
+    )
+    .expect("the upgrade .deb was built");
+    (deb, new)
+}
+
+/// `dpkg -i` of a newer package while a client connects every 10 ms: prerm stops nothing,
+/// postinst moves the running service to the new binary, and no attempt is refused.
+fn package_upgrade_refuses_no_connection() {
+    let _port_7 = port_7();
+    assert_ports_free();
+    let pkg = tempfile::tempdir().unwrap();
+    build_deb(pkg.path());
+    let (_, new_version) = build_upgrade_deb(pkg.path());
+    let c = Nspawn::boot(&rootfs(), pkg.path());
+    c.ok("dpkg -i /mnt/pkg/echod.deb");
+    let before = c.show("echod", "MainPID,NRestarts");
+    let connects = ConnectLoop::start();
+    std::thread::sleep(Duration::from_secs(1));
+    let from = Instant::now();
+    let dpkg = c.ok("dpkg -i /mnt/pkg/echod-upgrade.deb 2>&1");
+    let upgraded = Instant::now();
+    wait_for(Duration::from_secs(20), "the new version to serve", || {
+        let (status, body) =
+            crate::support::http_get(crate::systemd::METRICS.parse().unwrap(), "/metrics").ok()?;
+        (status == 200 && body.contains(&format!("version=\"{new_version}\""))).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let attempts = connects.finish();
+    let (total, during, longest) = all_echoed(&attempts, &[(from, upgraded)]);
+    assert_eq!(
+        c.ok("dpkg-query -W -f='${Version}' echod"),
+        format!("{new_version}-1")
+    );
+    assert_eq!(c.prop("echod", "ActiveState"), "active");
+    let after = c.show("echod", "MainPID,NRestarts");
+    assert_eq!(after["NRestarts"], before["NRestarts"]);
+    drop(c);
+    eprintln!(
+        "package upgrade: {total} attempts, {during} during dpkg -i ({:?}), all echoed, longest {longest:?}; dpkg said:\n{dpkg}",
+        upgraded - from
     );
 }
