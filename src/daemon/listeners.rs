@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::fdstore;
+use super::handover::{HandedConnection, HandedListener, Handover};
 use crate::config::Config;
 
 /// The accept queue of the HTTP endpoint: probes and scrapes are few.
@@ -125,6 +126,8 @@ pub struct Sockets {
     provided: Vec<Provided>,
     /// Hand every socket echod binds to systemd's descriptor store.
     fd_store: bool,
+    /// Open connections an earlier image of this process handed over.
+    connections: Vec<HandedConnection>,
 }
 
 /// One provided socket and how it may be used.
@@ -214,6 +217,31 @@ impl Sockets {
     pub(crate) fn with_fd_store(mut self, enabled: bool) -> Self {
         self.fd_store = enabled;
         self
+    }
+
+    /// Everything an earlier image of this process handed over: its listeners, used as
+    /// they were (socket-activated ones pinned, the others for their configured
+    /// address), and its open connections.
+    pub(crate) fn handed_over(mut self, handover: Handover) -> Self {
+        for l in handover.listeners {
+            let socket = match l.kind {
+                ListenerKind::Tcp => BoundSocket::Tcp(std::net::TcpListener::from(l.fd)),
+                ListenerKind::Http => BoundSocket::Http(std::net::TcpListener::from(l.fd)),
+                ListenerKind::Udp => BoundSocket::Udp(std::net::UdpSocket::from(l.fd)),
+            };
+            self = if l.activated {
+                self.pinned(socket, Some(l.addr))
+            } else {
+                self.kept(socket, l.addr, l.stored)
+            };
+        }
+        self.connections.extend(handover.connections);
+        self
+    }
+
+    /// The handed-over connections, taken out.
+    pub(crate) fn take_connections(&mut self) -> Vec<HandedConnection> {
+        std::mem::take(&mut self.connections)
     }
 }
 
@@ -386,6 +414,30 @@ impl ListenerSet {
             }
         }
         Ok(())
+    }
+
+    /// Stops every listener without closing its socket and returns the sockets (the
+    /// duplicates the set keeps) for the next image of the process. Connections the
+    /// kernel completes meanwhile wait in the accept queue.
+    pub(crate) fn hand_over(&mut self) -> Vec<HandedListener> {
+        std::mem::take(&mut self.running)
+            .into_iter()
+            .map(|(key, running)| {
+                running.stop.cancel();
+                HandedListener {
+                    kind: key.0,
+                    addr: key.1,
+                    fd: running.fd,
+                    activated: self.pinned.contains(&key),
+                    stored: running.stored,
+                }
+            })
+            .collect()
+    }
+
+    /// True when sockets go into systemd's descriptor store.
+    pub(crate) fn fd_store(&self) -> bool {
+        self.fd_store
     }
 
     /// Lets go of every listener's duplicate descriptor at the start of a drain, so that

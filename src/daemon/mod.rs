@@ -10,6 +10,7 @@
 
 mod accept;
 mod fdstore;
+mod handover;
 mod http;
 mod limits;
 mod listeners;
@@ -23,6 +24,7 @@ mod shutdown;
 mod systemd;
 mod tcp;
 mod udp;
+mod upgrade;
 
 pub use listeners::{BindError, Sockets};
 pub use process::run;

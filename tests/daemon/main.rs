@@ -20,6 +20,7 @@ mod shutdown;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
+mod upgrade;
 
 fn main() -> std::process::ExitCode {
     support::run(&[
@@ -38,5 +39,6 @@ fn main() -> std::process::ExitCode {
         proxy_protocol::TESTS,
         hostile_udp::TESTS,
         hostile_tcp::TESTS,
+        upgrade::TESTS,
     ])
 }

@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::support::{random_bytes, repo_path};
-use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, rootfs, wait_for};
+use crate::support::{StalledClient, random_bytes, repo_path};
+use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metric, rootfs, wait_for, wait_metric};
 
 crate::support::tests![
     restart_watchdog_and_crash_refuse_no_connection needs NEEDS,
-    package_upgrade_refuses_no_connection needs NEEDS,
+    package_upgrade_hands_over_every_connection needs NEEDS,
 ];
 
 /// The tests that boot the package share the host's port 7 (and 9107): one at a time.
@@ -395,9 +395,140 @@ fn build_upgrade_deb(pkg_dir: &Path) -> (PathBuf, String) {
     (deb, new)
 }
 
-/// `dpkg -i` of a newer package while a client connects every 10 ms: prerm stops nothing,
-/// postinst moves the running service to the new binary, and no attempt is refused.
-fn package_upgrade_refuses_no_connection() {
+/// How many clients keep a connection open and ping-pong on it during the upgrade.
+const CLIENTS: usize = 200;
+
+/// What one ping-pong client saw.
+struct PingPongResult {
+    /// (when the round started, its round trip).
+    rounds: Vec<(Instant, Duration)>,
+    error: Option<String>,
+}
+
+/// `CLIENTS` connections, each sending 1–1024 random bytes and reading them back every
+/// 20 ms, verifying every byte, until stopped; then each half-closes and expects a clean
+/// close.
+struct PingPong {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<PingPongResult>>,
+}
+
+impl PingPong {
+    fn start() -> PingPong {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..CLIENTS)
+            .map(|i| {
+                let stop = Arc::clone(&stop);
+                let from = Ipv4Addr::new(127, 0, 2, 1 + (i % 200) as u8);
+                let s = connect_from(from, echo_addr(), Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("client {i}: connect: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                std::thread::spawn(move || ping_pong(i as u64, s, &stop))
+            })
+            .collect();
+        PingPong { stop, threads }
+    }
+
+    fn finish(self) -> Vec<PingPongResult> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .collect()
+    }
+}
+
+fn ping_pong(seed: u64, mut s: TcpStream, stop: &AtomicBool) -> PingPongResult {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut result = PingPongResult {
+        rounds: Vec::new(),
+        error: None,
+    };
+    let mut back = vec![0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let data = random_bytes(rng.usize(1..=1024), rng.u64(..));
+        let started = Instant::now();
+        let round = s
+            .write_all(&data)
+            .and_then(|()| s.read_exact(&mut back[..data.len()]));
+        if let Err(e) = round {
+            result.error = Some(format!("round {}: {e}", result.rounds.len()));
+            return result;
+        }
+        if back[..data.len()] != data[..] {
+            result.error = Some(format!("round {}: echo differs", result.rounds.len()));
+            return result;
+        }
+        result.rounds.push((started, started.elapsed()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => {}
+        Ok(n) => result.error = Some(format!("{n} bytes after the last round")),
+        Err(e) => result.error = Some(format!("close: {e}")),
+    }
+    result
+}
+
+/// p50, p99 and max of the round trips started within `[from, to)`, and how many.
+fn percentiles(
+    rounds: &[(Instant, Duration)],
+    from: Instant,
+    to: Instant,
+) -> (Duration, Duration, Duration, usize) {
+    let mut rtts: Vec<Duration> = rounds
+        .iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .map(|(_, d)| *d)
+        .collect();
+    assert!(!rtts.is_empty(), "no round between the marks");
+    rtts.sort();
+    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99), *rtts.last().unwrap(), rtts.len())
+}
+
+/// From the journal (`-o short-precise`): how long after the old image began handing
+/// over the new one announced it was ready (echod's own measure of the pause).
+fn handover_duration(journal: &str) -> Duration {
+    let at = |needle: &str, after: usize| -> (usize, f64) {
+        let (i, line) = journal
+            .lines()
+            .enumerate()
+            .skip(after)
+            .find(|(_, l)| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in the journal"));
+        let time = line.split_whitespace().nth(2).expect("a timestamp");
+        let secs = time
+            .split(':')
+            .map(|p| p.parse::<f64>().expect("hh:mm:ss.ffffff"))
+            .fold(0.0, |acc, p| acc * 60.0 + p);
+        (i, secs)
+    };
+    let (i, began) = at("handing over to the new binary", 0);
+    let (_, ready) = at("echod ready", i);
+    Duration::from_secs_f64(ready - began)
+}
+
+/// The value of `key=` in the first journal line that contains `line`.
+fn journal_number(journal: &str, line: &str, key: &str) -> u64 {
+    let l = journal
+        .lines()
+        .find(|l| l.contains(line))
+        .unwrap_or_else(|| panic!("no {line:?} in the journal:\n{journal}"));
+    l.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {l:?}"))
+}
+
+/// `dpkg -i` of a newer package while 200 clients ping-pong on open connections, one
+/// stopped reading with its buffers full, and another client connects every 10 ms: prerm
+/// stops nothing, postinst reloads, echod checks the new binary and becomes it in place
+/// with every connection. Nothing is closed, reset, refused or garbled; the PID stays;
+/// the metrics show the new version. Then a broken binary is refused.
+fn package_upgrade_hands_over_every_connection() {
     let _port_7 = port_7();
     assert_ports_free();
     let pkg = tempfile::tempdir().unwrap();
@@ -406,29 +537,141 @@ fn package_upgrade_refuses_no_connection() {
     let c = Nspawn::boot(&rootfs(), pkg.path());
     c.ok("dpkg -i /mnt/pkg/echod.deb");
     let before = c.show("echod", "MainPID,NRestarts");
+
+    let clients = PingPong::start();
+    let mut stalled = StalledClient::start(echo_addr(), 99);
     let connects = ConnectLoop::start();
-    std::thread::sleep(Duration::from_secs(1));
-    let from = Instant::now();
+    wait_metric("echod_tcp_connections_active", (CLIENTS + 1) as f64);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let dpkg_started = Instant::now();
     let dpkg = c.ok("dpkg -i /mnt/pkg/echod-upgrade.deb 2>&1");
-    let upgraded = Instant::now();
+    let dpkg_done = Instant::now();
+    let build_info = |version: &str| {
+        let body = crate::support::http_get(crate::systemd::METRICS.parse().unwrap(), "/metrics")
+            .ok()
+            .filter(|(status, _)| *status == 200)?
+            .1;
+        body.lines()
+            .any(|l| {
+                l.starts_with("echod_build_info{") && l.contains(&format!("version=\"{version}\""))
+            })
+            .then_some(())
+    };
     wait_for(Duration::from_secs(20), "the new version to serve", || {
-        let (status, body) =
-            crate::support::http_get(crate::systemd::METRICS.parse().unwrap(), "/metrics").ok()?;
-        (status == 200 && body.contains(&format!("version=\"{new_version}\""))).then_some(())
+        build_info(&new_version)
     });
-    std::thread::sleep(Duration::from_secs(1));
-    let attempts = connects.finish();
-    let (total, during, longest) = all_echoed(&attempts, &[(from, upgraded)]);
+    let serving_new = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Same process, no restart, the new package, the new binary (the old one deleted).
+    let after = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
+    assert_eq!(after["MainPID"], before["MainPID"], "MainPID changed");
+    assert_eq!(after["NRestarts"], before["NRestarts"]);
+    assert_eq!(
+        (after["ActiveState"].as_str(), after["SubState"].as_str()),
+        ("active", "running")
+    );
     assert_eq!(
         c.ok("dpkg-query -W -f='${Version}' echod"),
         format!("{new_version}-1")
     );
-    assert_eq!(c.prop("echod", "ActiveState"), "active");
-    let after = c.show("echod", "MainPID,NRestarts");
-    assert_eq!(after["NRestarts"], before["NRestarts"]);
+    assert_eq!(
+        c.ok(&format!("readlink /proc/{}/exe", after["MainPID"]))
+            .trim(),
+        "/usr/bin/echod"
+    );
+    let journal = c.ok("journalctl -u echod --no-pager");
+    let handed = journal_number(&journal, "executing the new binary", "connections");
+    assert!(
+        handed > CLIENTS as u64,
+        "{handed} connections handed over:\n{journal}"
+    );
+    assert!(journal_number(&journal, "executing the new binary", "pending_bytes") > 0);
+    let paused_ms = journal_number(&journal, "executing the new binary", "paused_ms");
+    let handover_took = handover_duration(&c.ok("journalctl -u echod -o short-precise --no-pager"));
+    // The held connections (the connect loop may add one of its own).
+    let active = metric("echod_tcp_connections_active").unwrap_or_default();
+    assert!(
+        active >= (CLIENTS + 1) as f64,
+        "{active} connections active"
+    );
+    // The client that stopped reading is still held to one buffer.
+    let sent_before = stalled.sent();
+    let more = stalled.more_taken(Duration::from_millis(300));
+    assert!(
+        more <= 64 * 1024,
+        "the stalled connection took {more} more bytes after the handover"
+    );
+
+    // A broken binary in place of the new one: `systemctl reload` fails (ExecReload's
+    // check), a SIGHUP is refused by echod itself; the running image keeps serving.
+    c.ok("ln /usr/bin/echod /usr/bin/echod.good && \
+          printf '#!/bin/sh\necho not an echod >&2\nexit 1\n' > /usr/bin/echod.broken && \
+          chmod 755 /usr/bin/echod.broken && mv /usr/bin/echod.broken /usr/bin/echod");
+    let (reloaded, output) = c.sh("systemctl reload echod");
+    assert!(
+        !reloaded,
+        "systemctl reload succeeded with a broken binary:\n{output}"
+    );
+    c.ok("systemctl kill -s HUP --kill-who=main echod");
+    wait_metric("echod_config_reload_failures_total", 1.0);
+    let status = c.ok("systemctl status echod --no-pager");
+    assert!(
+        status.contains("last reload FAILED: new binary refused")
+            && status.contains("not an echod"),
+        "{status}"
+    );
+    assert_eq!(c.prop("echod", "MainPID"), before["MainPID"]);
+    assert!(build_info(&new_version).is_some());
+    c.ok("mv /usr/bin/echod.good /usr/bin/echod");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let results = clients.finish();
+    let attempts = connects.finish();
+    stalled.finish();
+    let failed: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.error.as_ref().map(|e| format!("client {i}: {e}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} clients failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let (total, during, longest) = all_echoed(&attempts, &[(dpkg_started, serving_new)]);
+    assert!(during > 0);
+    let rounds: Vec<(Instant, Duration)> = results
+        .iter()
+        .flat_map(|r| r.rounds.iter().copied())
+        .collect();
+    let steady = percentiles(&rounds, dpkg_started - Duration::from_secs(3), dpkg_started);
+    let upgrade = percentiles(
+        &rounds,
+        dpkg_started,
+        serving_new + Duration::from_millis(500),
+    );
     drop(c);
     eprintln!(
-        "package upgrade: {total} attempts, {during} during dpkg -i ({:?}), all echoed, longest {longest:?}; dpkg said:\n{dpkg}",
-        upgraded - from
+        "package upgrade with {CLIENTS} ping-pong clients, a stalled one and a 10 ms connect loop: \
+         0 closed, 0 reset, 0 refused, 0 mismatched; {} rounds, {handed} connections handed over \
+         (echod stopped accepting {paused_ms} ms before the exec, and the new image was ready \
+         {handover_took:?} after it stopped); dpkg -i took {:?}, new version serving after {:?}.\n\
+         round trip p50/p99/max: steady {:?} / {:?} / {:?} ({} rounds), during the upgrade {:?} / {:?} / {:?} ({} rounds); \
+         connect loop: {total} attempts, {during} during the upgrade, longest {longest:?}; \
+         stalled client: {sent_before} bytes in flight, {more} more taken after the handover.\n{dpkg}",
+        rounds.len(),
+        dpkg_done - dpkg_started,
+        serving_new - dpkg_started,
+        steady.0,
+        steady.1,
+        steady.2,
+        steady.3,
+        upgrade.0,
+        upgrade.1,
+        upgrade.2,
+        upgrade.3,
     );
 }
