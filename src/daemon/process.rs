@@ -61,6 +61,9 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
             runtime.block_on(async {
                 // Signals first: a stop that arrives while binding must not be lost.
                 let signals = Signals::install().map_err(ProcessError::Signals)?;
+                // Signals an upgrade kept pending across its exec reach the handlers now
+                // (this thread receives them; the runtime's threads may still block them).
+                upgrade::unblock_stop_signals();
                 let mut sockets = Sockets::new();
                 match handed.transpose()? {
                     Some(handover) => {

@@ -523,7 +523,84 @@ fn one_line(error: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc;
+
+    use super::{Control, Sockets, Upgrade, one_line, serve};
+    use crate::config::Config;
+
+    async fn echoes(stream: &mut TcpStream, data: &[u8]) {
+        stream.write_all(data).await.unwrap();
+        let mut back = vec![0u8; data.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    /// An upgrade whose exec fails (no such binary) hands everything over and takes it
+    /// all back: the open connection goes on echoing, the listeners accept again, and
+    /// the reload counts as failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_exec_takes_everything_back() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (echo, metrics) = (tcp.local_addr().unwrap(), http.local_addr().unwrap());
+        let mut config = Config::default();
+        config.tcp.listen = vec![echo];
+        config.udp.listen = Vec::new();
+        config.metrics.listen = vec![metrics];
+        let (control, requests) = mpsc::channel(4);
+        let server = tokio::spawn(serve(config, Sockets::new().tcp(tcp).http(http), requests));
+        let mut held = TcpStream::connect(echo).await.unwrap();
+        echoes(&mut held, b"before").await;
+        let missing = tempfile::tempdir().unwrap().path().join("echod");
+        control
+            .send(Control::Upgrade(Upgrade::new(
+                missing,
+                vec!["echod".into()],
+            )))
+            .await
+            .unwrap();
+        // Sent right away, this lands while the connection is handed over or after it
+        // was taken back: either way it is echoed.
+        echoes(&mut held, b"during and after").await;
+        let mut fresh = TcpStream::connect(echo).await.unwrap();
+        echoes(&mut fresh, b"a new connection").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = scrape(metrics).await;
+            if body.contains("echod_config_reload_failures_total 1") {
+                assert!(
+                    body.contains("echod_config_last_reload_successful 0"),
+                    "{body}"
+                );
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((held, fresh));
+        control.send(Control::Stop("test")).await.unwrap();
+        let summary = tokio::time::timeout(Duration::from_secs(15), server)
+            .await
+            .expect("stopped in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.cut, 0);
+    }
 
     #[test]
     fn multi_line_errors_become_first_and_last_line() {

@@ -130,6 +130,55 @@ impl Upgrade {
     }
 }
 
+/// SIGHUP, SIGTERM and SIGINT blocked in the calling thread; the previous mask comes
+/// back on drop.
+struct StopSignals {
+    previous: libc::sigset_t,
+}
+
+/// The signals an upgrade keeps pending across the exec.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set passed in; an
+    // all-zero sigset_t is a valid value to start from.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+impl StopSignals {
+    fn block() -> Self {
+        let set = stop_signals();
+        // SAFETY: pthread_sigmask reads `set` and writes the old mask into `previous`;
+        // both are valid sigset_t values.
+        unsafe {
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
+            Self { previous }
+        }
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores a mask pthread_sigmask returned.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+    }
+}
+
+/// Unblocks the signals an upgrade kept pending (see [`StopSignals`]) in the calling
+/// thread, once their handlers are installed: signals that arrived during the exec are
+/// delivered now. A no-op when nothing was blocked.
+pub(crate) fn unblock_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: pthread_sigmask only reads `set`.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
@@ -176,11 +225,16 @@ fn exec(binary: &Path, argv: &[OsString], handover: &Handover) -> io::Result<Inf
         cleared.push(fd);
     }
     if result.is_ok() {
+        // A stop or reload signal arriving before the new image has installed its
+        // handlers would find the default action (terminate): blocked, it stays pending
+        // across the exec (the signal mask is kept) until the new image unblocks it.
+        let blocked = StopSignals::block();
         // SAFETY: `path`, every argument and every environment entry are NUL-terminated
         // strings that outlive the call, and both pointer arrays end with a null
         // pointer, as execve(2) requires. On success it does not return.
         unsafe { libc::execve(path.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr()) };
         result = Err(io::Error::last_os_error());
+        drop(blocked);
     }
     // Still here: nothing may leak into a later child process.
     for fd in cleared {

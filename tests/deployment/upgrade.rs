@@ -489,26 +489,35 @@ fn percentiles(
     (at(0.5), at(0.99), *rtts.last().unwrap(), rtts.len())
 }
 
-/// From the journal (`-o short-precise`): how long after the old image began handing
-/// over the new one announced it was ready (echod's own measure of the pause).
-fn handover_duration(journal: &str) -> Duration {
-    let at = |needle: &str, after: usize| -> (usize, f64) {
-        let (i, line) = journal
-            .lines()
-            .enumerate()
-            .skip(after)
-            .find(|(_, l)| l.contains(needle))
-            .unwrap_or_else(|| panic!("no {needle:?} in the journal"));
-        let time = line.split_whitespace().nth(2).expect("a timestamp");
-        let secs = time
-            .split(':')
-            .map(|p| p.parse::<f64>().expect("hh:mm:ss.ffffff"))
-            .fold(0.0, |acc, p| acc * 60.0 + p);
-        (i, secs)
+/// From the journal (`-o json`, wall-clock microseconds): when the old image began
+/// handing over and when the new one announced it was ready, as instants of this test
+/// (the container shares the host's clock).
+fn handover_window(c: &Nspawn) -> (Instant, Instant) {
+    let (now_wall, now) = (std::time::SystemTime::now(), Instant::now());
+    let journal = c.ok("journalctl -u echod -o json --no-pager");
+    let entries: Vec<(String, u64)> = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| {
+            let message = e["MESSAGE"].as_str()?.to_string();
+            let at = e["__REALTIME_TIMESTAMP"].as_str()?.parse().ok()?;
+            Some((message, at))
+        })
+        .collect();
+    let began = entries
+        .iter()
+        .position(|(m, _)| m.contains("handing over to the new binary"))
+        .expect("a handover in the journal");
+    let ready = entries[began..]
+        .iter()
+        .find(|(m, _)| m.contains("echod ready"))
+        .expect("the new image ready in the journal")
+        .1;
+    let to_instant = |micros: u64| {
+        let wall = std::time::UNIX_EPOCH + Duration::from_micros(micros);
+        now - now_wall.duration_since(wall).expect("a time in the past")
     };
-    let (i, began) = at("handing over to the new binary", 0);
-    let (_, ready) = at("echod ready", i);
-    Duration::from_secs_f64(ready - began)
+    (to_instant(entries[began].1), to_instant(ready))
 }
 
 /// The value of `key=` in the first journal line that contains `line`.
@@ -589,7 +598,7 @@ fn package_upgrade_hands_over_every_connection() {
     );
     assert!(journal_number(&journal, "executing the new binary", "pending_bytes") > 0);
     let paused_ms = journal_number(&journal, "executing the new binary", "paused_ms");
-    let handover_took = handover_duration(&c.ok("journalctl -u echod -o short-precise --no-pager"));
+    let (handover_began, handover_ready) = handover_window(&c);
     // The held connections (the connect loop may add one of its own).
     let active = metric("echod_tcp_connections_active").unwrap_or_default();
     assert!(
@@ -648,30 +657,45 @@ fn package_upgrade_hands_over_every_connection() {
         .flat_map(|r| r.rounds.iter().copied())
         .collect();
     let steady = percentiles(&rounds, dpkg_started - Duration::from_secs(3), dpkg_started);
-    let upgrade = percentiles(
+    let whole = percentiles(&rounds, dpkg_started, serving_new);
+    // The second around the handover, and the rounds the handover itself held up.
+    let around = percentiles(
         &rounds,
-        dpkg_started,
-        serving_new + Duration::from_millis(500),
+        handover_began - Duration::from_millis(500),
+        handover_ready + Duration::from_millis(500),
+    );
+    let caught = percentiles(
+        &rounds,
+        handover_began - Duration::from_millis(20),
+        handover_ready,
     );
     drop(c);
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    let row = |(p50, p99, max, n): (Duration, Duration, Duration, usize)| {
+        format!(
+            "p50 {} p99 {} max {} ({n} rounds)",
+            ms(p50),
+            ms(p99),
+            ms(max)
+        )
+    };
     eprintln!(
         "package upgrade with {CLIENTS} ping-pong clients, a stalled one and a 10 ms connect loop: \
-         0 closed, 0 reset, 0 refused, 0 mismatched; {} rounds, {handed} connections handed over \
-         (echod stopped accepting {paused_ms} ms before the exec, and the new image was ready \
-         {handover_took:?} after it stopped); dpkg -i took {:?}, new version serving after {:?}.\n\
-         round trip p50/p99/max: steady {:?} / {:?} / {:?} ({} rounds), during the upgrade {:?} / {:?} / {:?} ({} rounds); \
-         connect loop: {total} attempts, {during} during the upgrade, longest {longest:?}; \
+         0 closed, 0 reset, 0 refused, 0 mismatched; {} rounds; {handed} connections handed over; \
+         echod stopped accepting {paused_ms} ms before the exec, the new image was ready {} after it \
+         stopped; dpkg -i took {}, the new version served after {}.\n\
+         round trips: steady (3 s before) {}\n             during dpkg -i {}\n             \
+         handover ± 0.5 s {}\n             started during the handover {}\n\
+         connect loop: {total} attempts, {during} during the upgrade, longest {}; \
          stalled client: {sent_before} bytes in flight, {more} more taken after the handover.\n{dpkg}",
         rounds.len(),
-        dpkg_done - dpkg_started,
-        serving_new - dpkg_started,
-        steady.0,
-        steady.1,
-        steady.2,
-        steady.3,
-        upgrade.0,
-        upgrade.1,
-        upgrade.2,
-        upgrade.3,
+        ms(handover_ready - handover_began),
+        ms(dpkg_done - dpkg_started),
+        ms(serving_new - dpkg_started),
+        row(steady),
+        row(whole),
+        row(around),
+        row(caught),
+        ms(longest),
     );
 }
