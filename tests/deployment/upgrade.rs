@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::support::{StalledClient, random_bytes, repo_path};
+use crate::support::{Chatter, StalledClient, random_bytes, repo_path};
 use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metric, rootfs, wait_for, wait_metric};
 
 crate::support::tests![
@@ -266,6 +266,26 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
     wait_for(Duration::from_secs(10), "5 sockets in the store", || {
         (c.prop("echod", "NFileDescriptorStore") == "5").then_some(())
     });
+    // A reload that drops listeners takes them out of the store; one that adds them
+    // back puts them in again.
+    let packaged = c.ok("cat /etc/echod/echod.toml");
+    let both = r#"listen = ["0.0.0.0:7", "[::]:7"]"#;
+    assert_eq!(packaged.matches(both).count(), 2, "{packaged}");
+    c.write_file(
+        "/etc/echod/echod.toml",
+        &packaged.replace(both, r#"listen = ["0.0.0.0:7"]"#),
+    );
+    c.ok("systemctl reload echod");
+    wait_for(Duration::from_secs(10), "3 sockets in the store", || {
+        (c.prop("echod", "NFileDescriptorStore") == "3").then_some(())
+    });
+    c.write_file("/etc/echod/echod.toml", &packaged);
+    c.ok("systemctl reload echod");
+    wait_for(
+        Duration::from_secs(10),
+        "5 sockets in the store again",
+        || (c.prop("echod", "NFileDescriptorStore") == "5").then_some(()),
+    );
     let pid = c.prop("echod", "MainPID");
     let connects = ConnectLoop::start();
     std::thread::sleep(Duration::from_secs(1));
@@ -656,6 +676,29 @@ fn package_upgrade_hands_over_every_connection() {
         .iter()
         .flat_map(|r| r.rounds.iter().copied())
         .collect();
+
+    // The same under socket activation: echod.socket holds port 7, and an upgrade (here
+    // back to the first package, which dpkg runs the same way) stops neither unit.
+    c.ok("systemctl disable --now echod.service && systemctl enable --now echod.socket");
+    let chatter = Chatter::start(echo_addr());
+    wait_for(
+        Duration::from_secs(10),
+        "echod started by its socket",
+        || (c.prop("echod", "SubState") == "running").then_some(()),
+    );
+    let activated_pid = c.prop("echod", "MainPID");
+    c.ok("dpkg -i /mnt/pkg/echod.deb");
+    let old_version = env!("CARGO_PKG_VERSION");
+    wait_for(
+        Duration::from_secs(20),
+        "the first version to serve again",
+        || build_info(old_version),
+    );
+    chatter.still_echoing();
+    assert_eq!(c.prop("echod", "MainPID"), activated_pid);
+    assert_eq!(c.sh("systemctl is-active echod.socket").1.trim(), "active");
+    assert!(chatter.finish() > 0);
+
     let steady = percentiles(&rounds, dpkg_started - Duration::from_secs(3), dpkg_started);
     let whole = percentiles(&rounds, dpkg_started, serving_new);
     // The second around the handover, and the rounds the handover itself held up.
