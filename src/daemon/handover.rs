@@ -13,6 +13,7 @@
 //!
 //! ```text
 //! echod-handover 1
+//! stopped 123456789
 //! listener tcp 3 0.0.0.0:7 stored
 //! listener udp 4 [::]:7 activated
 //! connection 9 0.0.0.0:7 192.0.2.1:40000 0
@@ -21,7 +22,8 @@
 //! <16384 bytes>
 //! ```
 //!
-//! A listener line: kind, descriptor, configured address, then `activated` (from socket
+//! `stopped`: when the old image stopped accepting (`CLOCK_MONOTONIC`, microseconds), so
+//! the new one can tell how long the pause lasted. A listener line: kind, descriptor, configured address, then `activated` (from socket
 //! activation: it serves whatever the config says) and `stored` (systemd's descriptor
 //! store holds it). A connection line: descriptor, the listener it came from (its
 //! metrics label), the client (from a PROXY header when one named it) and its pending
@@ -72,8 +74,23 @@ pub(crate) struct HandedConnection {
 /// Everything handed over.
 #[derive(Debug, Default)]
 pub(crate) struct Handover {
+    /// When the old image stopped accepting ([`monotonic_micros`]).
+    pub(crate) stopped: Option<u64>,
     pub(crate) listeners: Vec<HandedListener>,
     pub(crate) connections: Vec<HandedConnection>,
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: one clock for the whole system, so it means the
+/// same before and after an exec.
+pub(crate) fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec passed; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000
 }
 
 /// Why a handover description was refused.
@@ -111,6 +128,7 @@ struct ConnectionEntry {
 /// The description: what crosses `execve` besides the descriptors themselves.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Description {
+    stopped: Option<u64>,
     listeners: Vec<ListenerEntry>,
     connections: Vec<ConnectionEntry>,
 }
@@ -125,6 +143,9 @@ fn kind_token(kind: ListenerKind) -> &'static str {
 
 fn encode(d: &Description) -> Vec<u8> {
     let mut text = format!("{HEADER}\n");
+    if let Some(at) = d.stopped {
+        text.push_str(&format!("stopped {at}\n"));
+    }
     for l in &d.listeners {
         text.push_str(&format!(
             "listener {} {} {}",
@@ -191,6 +212,15 @@ fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
         let mut words = line.split(' ');
         match words.next() {
             Some("end") if words.next().is_none() => break,
+            Some("stopped") => {
+                d.stopped = Some(
+                    words
+                        .next()
+                        .and_then(|t| t.parse().ok())
+                        .filter(|_| words.next().is_none())
+                        .ok_or_else(|| invalid(format!("bad time in {line:?}")))?,
+                );
+            }
             Some("listener") => {
                 let kind = match words.next() {
                     Some("tcp") => ListenerKind::Tcp,
@@ -280,6 +310,7 @@ impl Handover {
 
     fn describe(&self) -> Description {
         Description {
+            stopped: self.stopped,
             listeners: self
                 .listeners
                 .iter()
@@ -351,7 +382,10 @@ impl Handover {
     /// Takes ownership of the described descriptors after checking each is an open
     /// socket of the described type. A descriptor that is not is dropped with a warning.
     fn adopt(d: Description) -> Result<Handover, HandoverError> {
-        let mut handover = Handover::default();
+        let mut handover = Handover {
+            stopped: d.stopped,
+            ..Handover::default()
+        };
         for l in d.listeners {
             let want = match l.kind {
                 ListenerKind::Tcp | ListenerKind::Http => Type::STREAM,
@@ -439,6 +473,7 @@ mod tests {
 
     fn sample() -> Description {
         Description {
+            stopped: Some(123_456_789),
             listeners: vec![
                 ListenerEntry {
                     kind: ListenerKind::Tcp,
@@ -493,7 +528,7 @@ mod tests {
         let text = String::from_utf8_lossy(&bytes);
         assert!(
             text.starts_with(
-                "echod-handover 1\nlistener tcp 3 0.0.0.0:7 stored\nlistener udp 4 [::]:7 activated\n\
+                "echod-handover 1\nstopped 123456789\nlistener tcp 3 0.0.0.0:7 stored\nlistener udp 4 [::]:7 activated\n\
                  listener http 5 127.0.0.1:9107\nconnection 9 0.0.0.0:7 192.0.2.1:40000 0\n"
             ),
             "{text}"
@@ -530,6 +565,7 @@ mod tests {
                 .contains("trailing")
         );
         assert!(text("echod-handover 1\nsocket 4\nend\n").contains("unknown line"));
+        assert!(text("echod-handover 1\nstopped soon\nend\n").contains("bad time"));
         // Pending bytes must be exactly what the lines announce.
         let mut short = good.clone();
         short.pop();
@@ -551,6 +587,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let handover = Handover {
+            stopped: Some(monotonic_micros()),
             listeners: vec![
                 HandedListener {
                     kind: ListenerKind::Tcp,

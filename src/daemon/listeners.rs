@@ -128,6 +128,8 @@ pub struct Sockets {
     fd_store: bool,
     /// Open connections an earlier image of this process handed over.
     connections: Vec<HandedConnection>,
+    /// When that image stopped accepting (monotonic microseconds).
+    handover_stopped: Option<u64>,
 }
 
 /// One provided socket and how it may be used.
@@ -223,6 +225,7 @@ impl Sockets {
     /// they were (socket-activated ones pinned, the others for their configured
     /// address), and its open connections.
     pub(crate) fn handed_over(mut self, handover: Handover) -> Self {
+        self.handover_stopped = handover.stopped;
         for l in handover.listeners {
             let socket = match l.kind {
                 ListenerKind::Tcp => BoundSocket::Tcp(std::net::TcpListener::from(l.fd)),
@@ -237,6 +240,11 @@ impl Sockets {
         }
         self.connections.extend(handover.connections);
         self
+    }
+
+    /// When the image that handed over stopped accepting, if one did.
+    pub(crate) fn handover_stopped(&self) -> Option<u64> {
+        self.handover_stopped
     }
 
     /// The handed-over connections, taken out.

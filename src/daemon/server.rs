@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::handover::{HandedConnection, Handover};
+use super::handover::{self, HandedConnection, Handover};
 use super::http::{self, Health};
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{BindError, BoundSocket, ListenerKind, ListenerSet, Sockets};
@@ -76,6 +76,7 @@ pub(crate) async fn serve_with_log(
 ) -> Result<Summary, ServeError> {
     let mut sockets = sockets;
     let connections = sockets.take_connections();
+    let handover_stopped = sockets.handover_stopped();
     let mut server = Server {
         shared: Shared::new(&config),
         listeners: ListenerSet::new(sockets),
@@ -85,6 +86,14 @@ pub(crate) async fn serve_with_log(
         restart_needed: Vec::new(),
     };
     server.start(connections)?;
+    if let Some(stopped) = handover_stopped {
+        let paused = handover::monotonic_micros().saturating_sub(stopped);
+        info!(
+            paused_us = paused,
+            "upgrade complete: the new binary serves, {:.1} ms after the old one stopped accepting",
+            paused as f64 / 1000.0
+        );
+    }
     systemd::spawn_watchdog();
     loop {
         match server.serve_until_stop(&mut control).await {
@@ -349,6 +358,7 @@ impl Server {
     async fn upgrade(&mut self, upgrade: Upgrade) {
         systemd::reloading();
         let started = Instant::now();
+        let stopped = handover::monotonic_micros();
         info!(binary = %upgrade.binary().display(), "handing over to the new binary");
         let listeners = self.listeners.hand_over();
         let shared = &self.shared;
@@ -373,6 +383,7 @@ impl Server {
             );
         }
         let handover = Handover {
+            stopped: Some(stopped),
             listeners,
             connections: shared.shutdown.take_handed(),
         };
