@@ -5,6 +5,7 @@
 //! `probe`) take `--config`/`--log-*`; the client and the load generator talk to any
 //! echo server and would only ignore them.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +59,26 @@ impl ConfigArgs {
         }
     }
 
+    /// The flags that load `source` again (the inverse of [`ConfigArgs::source`]): how
+    /// the daemon has a new binary check its configuration before upgrading to it.
+    pub fn flags_for(source: &ConfigSource) -> Vec<OsString> {
+        let mut flags = Vec::new();
+        if let Some(file) = &source.file {
+            flags.push("--config".into());
+            flags.push(file.clone().into_os_string());
+        }
+        for (key, value) in &source.overrides {
+            let flag = match key.as_str() {
+                "log.level" => "--log-level",
+                "log.format" => "--log-format",
+                _ => continue,
+            };
+            flags.push(flag.into());
+            flags.push(value.into());
+        }
+        flags
+    }
+
     /// Flags given after the subcommand win over those given before it.
     pub fn or(self, outer: &ConfigArgs) -> ConfigArgs {
         ConfigArgs {
@@ -90,4 +111,44 @@ pub enum Command {
     Client(ClientArgs),
     /// Load an echo server and verify every echoed byte; report throughput and latency.
     Bench(BenchArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// `check-config` with the flags made from a source loads that very source.
+    #[test]
+    fn flags_for_a_source_give_it_back() {
+        for args in [
+            vec!["echod"],
+            vec!["echod", "--config", "/etc/echod/echod.toml"],
+            vec!["echod", "serve", "-c", "/x y.toml", "--log-level", "debug"],
+            vec![
+                "echod",
+                "--log-format",
+                "json",
+                "serve",
+                "--log-level",
+                "warn",
+            ],
+        ] {
+            let cli = Cli::parse_from(&args);
+            let source = match cli.command {
+                Some(Command::Serve(a)) => a.or(&cli.config).source(),
+                None => cli.config.source(),
+                Some(other) => panic!("{other:?}"),
+            };
+            let mut again = vec![OsString::from("echod"), "check-config".into()];
+            again.extend(ConfigArgs::flags_for(&source));
+            let Some(Command::CheckConfig(checked)) = Cli::parse_from(again).command else {
+                panic!("not check-config");
+            };
+            let back = checked.source();
+            assert_eq!(back.file, source.file, "{args:?}");
+            assert_eq!(back.overrides, source.overrides, "{args:?}");
+        }
+    }
 }

@@ -91,6 +91,25 @@ impl ConnectionLimiter {
     }
 }
 
+impl ConnectionLimiter {
+    /// Counts a connection an earlier image of this process accepted and handed over:
+    /// it is already open, so no limit refuses it (like a reload lowering a limit).
+    pub(crate) fn adopt(self: &Arc<Self>, ip: IpAddr) -> Permit {
+        let ip = canonical_ip(ip);
+        self.active.fetch_add(1, Ordering::AcqRel);
+        *self
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ip)
+            .or_insert(0) += 1;
+        Permit {
+            limiter: Arc::clone(self),
+            ip,
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut per_ip = self

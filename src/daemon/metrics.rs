@@ -292,6 +292,7 @@ impl Metrics {
                 .with_label_values(&[listener, k.label()])
         });
         TcpListenerMetrics {
+            label: listener.to_string(),
             accepted: self.tcp_accepted.with_label_values(&[listener]),
             closed: self.tcp_closed.with_label_values(&[listener]),
             rejected,
@@ -328,6 +329,8 @@ impl Default for Metrics {
 /// One TCP listener's series.
 #[derive(Clone)]
 pub struct TcpListenerMetrics {
+    /// The `listener` label: the configured address.
+    pub label: String,
     /// Connections accepted and served.
     pub accepted: IntCounter,
     /// Served connections that ended.

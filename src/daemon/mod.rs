@@ -9,6 +9,8 @@
 //! service manager and the operator.
 
 mod accept;
+mod fdstore;
+mod handover;
 mod http;
 mod limits;
 mod listeners;
@@ -22,6 +24,7 @@ mod shutdown;
 mod systemd;
 mod tcp;
 mod udp;
+mod upgrade;
 mod web_config;
 
 pub use listeners::{BindError, Sockets};

@@ -1,8 +1,11 @@
 //! The process around the server: the one owner of what belongs to a whole process —
-//! the global logger, the async runtime, signal handlers, the open-files limit and the
-//! sockets systemd passed (`LISTEN_FDS`). It turns signals into [`Control`] messages,
-//! so the server itself never touches process state and runs the same inside a test.
+//! the global logger, the async runtime, signal handlers, the open-files limit, the
+//! sockets systemd passed (`LISTEN_FDS`), and the image itself: an upgrade in place
+//! execs a new binary, and a new image takes over what the previous one handed over
+//! (`ECHOD_HANDOVER`). It turns signals into [`Control`] messages, so the server itself
+//! never touches process state and runs the same inside a test.
 
+use std::ffi::OsString;
 use std::io;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,9 +15,12 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use super::handover::{Handover, HandoverError};
 use super::listeners::Sockets;
 use super::server::{Control, ServeError, serve_with_log};
-use super::{logging, systemd};
+use super::upgrade::{self, Executable, Upgrade};
+use super::{fdstore, logging, systemd};
+use crate::cli::ConfigArgs;
 use crate::config::{Config, ConfigSource, describe_source};
 
 /// Exit code of the immediate exit on a second stop signal.
@@ -32,6 +38,8 @@ enum ProcessError {
     Signals(io::Error),
     #[error("cannot use the sockets passed by systemd (LISTEN_FDS): {0}")]
     Inherited(io::Error),
+    #[error("cannot take over from the previous binary: {0}")]
+    Handover(#[from] HandoverError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -39,7 +47,11 @@ enum ProcessError {
 /// Runs the daemon as this process until a stop signal has been handled and
 /// connections are drained; `config` was loaded from `source`, which a reload reads again.
 pub fn run(source: ConfigSource, config: Config) -> ExitCode {
+    // First, while no other thread exists: what an earlier image of this process handed
+    // over before it exec'd this one.
+    let handed = Handover::take_from_env();
     let log = logging::init(&config.log);
+    let image = Image::current();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("echod-worker")
@@ -49,11 +61,33 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
             runtime.block_on(async {
                 // Signals first: a stop that arrives while binding must not be lost.
                 let signals = Signals::install().map_err(ProcessError::Signals)?;
-                let inherited = systemd::inherited_sockets().map_err(ProcessError::Inherited)?;
+                // Signals an upgrade kept pending across its exec reach the handlers now
+                // (this thread receives them; the runtime's threads may still block them).
+                upgrade::unblock_stop_signals();
+                let mut sockets = Sockets::new();
+                match handed.transpose()? {
+                    Some(handover) => {
+                        info!(
+                            listeners = handover.listeners.len(),
+                            connections = handover.connections.len(),
+                            pending_bytes = handover.pending_bytes(),
+                            "taking over from the previous binary of this process"
+                        );
+                        sockets = sockets.handed_over(handover);
+                    }
+                    None => {
+                        let inherited =
+                            systemd::inherited_sockets().map_err(ProcessError::Inherited)?;
+                        sockets = Sockets::activated(inherited.activated);
+                        for (addr, socket) in inherited.stored {
+                            sockets = sockets.kept(socket, addr, true);
+                        }
+                    }
+                }
+                let sockets = sockets.with_fd_store(fdstore::enabled());
                 check_open_files_limit(config.tcp.max_connections);
                 let (control, requests) = mpsc::channel(4);
-                tokio::spawn(forward_signals(signals, source, control));
-                let sockets = Sockets::activated(inherited);
+                tokio::spawn(forward_signals(signals, source, image, control));
                 Ok(serve_with_log(config, sockets, requests, Some(log)).await?)
             })
         });
@@ -66,29 +100,77 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
     }
 }
 
-/// Turns signals into control messages: TERM/INT stop, HUP reloads from `source`.
+/// What this process runs: the binary (to notice that a package replaced it) and the
+/// command line it was started with (to start its successor the same way).
+struct Image {
+    executable: Option<Executable>,
+    argv: Vec<OsString>,
+}
+
+impl Image {
+    fn current() -> Self {
+        let executable = Executable::current()
+            .inspect_err(|e| {
+                warn!(error = %e, "cannot tell which binary runs (/proc/self/exe): no upgrade in place on reload");
+            })
+            .ok();
+        Self {
+            executable,
+            argv: std::env::args_os().collect(),
+        }
+    }
+}
+
+/// Turns signals into control messages: TERM/INT stop; HUP reloads from `source`, or —
+/// when the binary on disk has been replaced — upgrades to it in place once it has
+/// checked the configuration.
 async fn forward_signals(
     mut signals: Signals,
     source: ConfigSource,
+    image: Image,
     control: mpsc::Sender<Control>,
 ) {
     loop {
         let message = match signals.recv().await {
             Request::Stop(signal) => Control::Stop(signal),
-            Request::Reload => {
-                info!(source = %describe_source(source.file.as_deref()), "reloading configuration");
-                let source = source.clone();
-                // Loading reads a file and validates: keep it off the serving threads.
-                let loaded = tokio::task::spawn_blocking(move || source.load())
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-                Control::Reload(Box::new(loaded))
-            }
+            Request::Reload => match image.executable.as_ref().and_then(Executable::replaced) {
+                Some(binary) => check_new_binary(binary, &source, &image.argv).await,
+                None => {
+                    info!(source = %describe_source(source.file.as_deref()), "reloading configuration");
+                    let source = source.clone();
+                    // Loading reads a file and validates: keep it off the serving threads.
+                    let loaded = tokio::task::spawn_blocking(move || source.load())
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    Control::Reload(Box::new(loaded))
+                }
+            },
         };
         if control.send(message).await.is_err() {
             return;
         }
+    }
+}
+
+/// The new binary at `binary` checks the configuration; an upgrade to it when it passes,
+/// a failed reload (the running binary keeps serving) when it does not.
+async fn check_new_binary(
+    binary: &std::path::Path,
+    source: &ConfigSource,
+    argv: &[OsString],
+) -> Control {
+    info!(binary = %binary.display(), "the binary was replaced: checking the new one before handing over to it");
+    let path = binary.to_path_buf();
+    let flags = ConfigArgs::flags_for(source);
+    let checked = tokio::task::spawn_blocking(move || upgrade::check(&path, &flags))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match checked {
+        Ok(()) => Control::Upgrade(Upgrade::new(binary.to_path_buf(), argv.to_vec())),
+        Err(why) => Control::Reload(Box::new(Err(format!(
+            "new binary refused, the running one keeps serving: {why}"
+        )))),
     }
 }
 

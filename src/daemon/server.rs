@@ -17,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use super::handover::{self, HandedConnection, Handover};
 use super::http::{self, Health};
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{BindError, BoundSocket, ListenerKind, ListenerSet, Sockets};
 use super::logging::LogHandle;
 use super::metrics::{Metrics, VERSION};
 use super::shutdown::Shutdown;
+use super::upgrade::Upgrade;
 use super::web_config::WebEndpoint;
 use super::{systemd, tcp, udp};
 use crate::config::{Config, TcpConfig, UdpConfig};
@@ -35,6 +37,9 @@ pub enum Control {
     Reload(Box<Result<Config, String>>),
     /// Drain and return; the name says why (a signal name, say).
     Stop(&'static str),
+    /// Become a new binary in place, handing every listener and connection over to it;
+    /// if that fails, the running one takes them back and keeps serving.
+    Upgrade(Upgrade),
 }
 
 /// Why the daemon could not start.
@@ -70,6 +75,9 @@ pub(crate) async fn serve_with_log(
     mut control: mpsc::Receiver<Control>,
     log: Option<LogHandle>,
 ) -> Result<Summary, ServeError> {
+    let mut sockets = sockets;
+    let connections = sockets.take_connections();
+    let handover_stopped = sockets.handover_stopped();
     let mut server = Server {
         shared: Shared::new(&config),
         listeners: ListenerSet::new(sockets),
@@ -78,10 +86,32 @@ pub(crate) async fn serve_with_log(
         last_reload_error: None,
         restart_needed: Vec::new(),
     };
-    server.start()?;
-    let reason = server.serve_until_stop(&mut control).await;
-    Ok(server.drain(reason).await)
+    server.start(connections)?;
+    if let Some(stopped) = handover_stopped {
+        let paused = handover::monotonic_micros().saturating_sub(stopped);
+        info!(
+            paused_us = paused,
+            "upgrade complete: the new binary serves, {:.1} ms after the old one stopped accepting",
+            paused as f64 / 1000.0
+        );
+    }
+    systemd::spawn_watchdog();
+    loop {
+        match server.serve_until_stop(&mut control).await {
+            Next::Stop(reason) => return Ok(server.drain(reason).await),
+            Next::Upgrade(upgrade) => server.upgrade(upgrade).await,
+        }
+    }
 }
+
+/// Why [`Server::serve_until_stop`] returned.
+enum Next {
+    Stop(&'static str),
+    Upgrade(Upgrade),
+}
+
+/// How long listener tasks get to stop when handing over (they stop at once).
+const LISTENERS_STOP: Duration = Duration::from_secs(2);
 
 /// Handles every listener and connection shares, and that a reload updates.
 struct Shared {
@@ -95,6 +125,8 @@ struct Shared {
     udp_config: watch::Sender<Arc<UdpConfig>>,
     web: watch::Sender<Arc<WebEndpoint>>,
     connections: TaskTracker,
+    /// The TCP and UDP echo listener tasks, which a handover waits for.
+    listener_tasks: TaskTracker,
     /// HTTP stops last, so `/healthz` answers until the process exits.
     http_stop: CancellationToken,
 }
@@ -116,6 +148,7 @@ impl Shared {
                 config.metrics.web_config.clone(),
             ))),
             connections: TaskTracker::new(),
+            listener_tasks: TaskTracker::new(),
             http_stop: CancellationToken::new(),
         }
     }
@@ -138,8 +171,15 @@ impl Shared {
         self.metrics.set_limits(config);
     }
 
-    /// Starts serving one socket; the token returned stops it.
-    fn start(&self, bound: BoundSocket, label: String) -> io::Result<CancellationToken> {
+    /// Starts serving one socket; the token returned stops it. `kept`: systemd keeps the
+    /// socket open too (socket activation, descriptor store), so a stop leaves its accept
+    /// queue to the next echod.
+    fn start(
+        &self,
+        bound: BoundSocket,
+        label: String,
+        kept: bool,
+    ) -> io::Result<CancellationToken> {
         let stop = match bound {
             BoundSocket::Http(_) => self.http_stop.child_token(),
             BoundSocket::Tcp(_) | BoundSocket::Udp(_) => self.shutdown.listener_token(),
@@ -160,8 +200,9 @@ impl Shared {
                     shutdown: self.shutdown.clone(),
                     stop: stop.clone(),
                     connections: self.connections.clone(),
+                    keep_backlog: kept,
                 };
-                tokio::spawn(listener.run());
+                self.listener_tasks.spawn(listener.run());
             }
             BoundSocket::Udp(s) => {
                 let listener = udp::Listener {
@@ -173,7 +214,7 @@ impl Shared {
                     own_ports: Arc::clone(&self.own_udp_ports),
                     stop: stop.clone(),
                 };
-                tokio::spawn(listener.run());
+                self.listener_tasks.spawn(listener.run());
             }
             BoundSocket::Http(l) => {
                 let state = Arc::new(http::State {
@@ -186,6 +227,38 @@ impl Shared {
             }
         }
         Ok(stop)
+    }
+}
+
+impl Shared {
+    /// Goes on serving connections an earlier image of this process handed over, each
+    /// under the series of the listener it came from.
+    fn adopt(&self, connections: Vec<HandedConnection>) {
+        let config = Arc::clone(&self.tcp_config.borrow());
+        for c in connections {
+            let stream = std::net::TcpStream::from(c.fd);
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(stream))
+            {
+                Ok(stream) => stream,
+                Err(e) => {
+                    warn!(peer = %c.peer, error = %e, "cannot serve a handed-over connection");
+                    continue;
+                }
+            };
+            let metrics = Arc::new(self.metrics.tcp_listener(&c.label));
+            let permit = self.limiter.adopt(c.peer.ip());
+            self.connections.spawn(tcp::adopt(
+                stream,
+                c.peer,
+                c.pending,
+                Arc::clone(&config),
+                self.shutdown.clone(),
+                metrics,
+                permit,
+            ));
+        }
     }
 }
 
@@ -202,11 +275,22 @@ struct Server {
 }
 
 impl Server {
-    /// Binds (or adopts) every listener, starts them all and announces readiness.
-    fn start(&mut self) -> Result<(), BindError> {
+    /// Binds (or adopts) every listener, starts them all, goes on serving the
+    /// connections an earlier image handed over, and announces readiness.
+    fn start(&mut self, connections: Vec<HandedConnection>) -> Result<(), BindError> {
         let shared = &self.shared;
         self.listeners
-            .reconcile(&self.config, |bound, label| shared.start(bound, label))?;
+            .reconcile(&self.config, |bound, label, kept| {
+                shared.start(bound, label, kept)
+            })?;
+        if !connections.is_empty() {
+            info!(
+                connections = connections.len(),
+                pending_bytes = connections.iter().map(|c| c.pending.len()).sum::<usize>(),
+                "serving the connections handed over"
+            );
+        }
+        self.shared.adopt(connections);
         self.shared.health.set_ready();
         let status = self.status_line();
         systemd::ready(&status);
@@ -214,17 +298,17 @@ impl Server {
         Ok(())
     }
 
-    /// Serves, handling reloads, until a stop; returns why it stopped.
-    async fn serve_until_stop(&mut self, control: &mut mpsc::Receiver<Control>) -> &'static str {
+    /// Serves, handling reloads, until a stop or an upgrade.
+    async fn serve_until_stop(&mut self, control: &mut mpsc::Receiver<Control>) -> Next {
         let mut status_tick = tokio::time::interval(Duration::from_secs(5));
         let mut sweep_tick = tokio::time::interval(Duration::from_secs(1));
-        systemd::spawn_watchdog();
         loop {
             tokio::select! {
                 message = control.recv() => match message {
-                    Some(Control::Stop(reason)) => return reason,
+                    Some(Control::Stop(reason)) => return Next::Stop(reason),
                     Some(Control::Reload(config)) => self.reload(*config),
-                    None => return "control channel closed",
+                    Some(Control::Upgrade(upgrade)) => return Next::Upgrade(upgrade),
+                    None => return Next::Stop("control channel closed"),
                 },
                 _ = status_tick.tick() => systemd::status(&self.status_line()),
                 _ = sweep_tick.tick() => {
@@ -262,8 +346,9 @@ impl Server {
     /// are broadcast. Connections are never touched: they belong to the drain.
     fn apply(&mut self, config: Config) -> Result<(), BindError> {
         let shared = &self.shared;
-        self.listeners
-            .reconcile(&config, |bound, label| shared.start(bound, label))?;
+        self.listeners.reconcile(&config, |bound, label, kept| {
+            shared.start(bound, label, kept)
+        })?;
         if let Some(log) = &self.log {
             log.set_level(&config.log.level);
         }
@@ -278,6 +363,83 @@ impl Server {
         self.shared.apply(&config);
         self.config = config;
         Ok(())
+    }
+
+    /// Becomes the new binary: the echo listeners stop accepting (new connections wait
+    /// in the kernel's accept queue), every connection stops at a point where it holds
+    /// no unechoed byte — or hands over the bytes it holds — and the process execs the
+    /// new binary with all of it. Returns only when the exec failed; the running image
+    /// then takes everything back and keeps serving, and the reload counts as failed.
+    async fn upgrade(&mut self, upgrade: Upgrade) {
+        systemd::reloading();
+        let started = Instant::now();
+        let stopped = handover::monotonic_micros();
+        info!(binary = %upgrade.binary().display(), "handing over to the new binary");
+        let listeners = self.listeners.hand_over();
+        let shared = &self.shared;
+        shared.listener_tasks.close();
+        if tokio::time::timeout(LISTENERS_STOP, shared.listener_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("a listener did not stop in time for the handover");
+        }
+        shared.shutdown.begin_handover();
+        shared.connections.close();
+        // A connection still reading its PROXY header finishes that first.
+        let wait = self.config.tcp.proxy_protocol.header_timeout + Duration::from_secs(2);
+        if tokio::time::timeout(wait, shared.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = shared.limiter.active(),
+                "connections that did not reach a point to hand over in time are closed"
+            );
+        }
+        let handover = Handover {
+            stopped: Some(stopped),
+            listeners,
+            connections: shared.shutdown.take_handed(),
+        };
+        info!(
+            listeners = handover.listeners.len(),
+            connections = handover.connections.len(),
+            pending_bytes = handover.pending_bytes(),
+            paused_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "executing the new binary"
+        );
+        let binary = upgrade.binary().display().to_string();
+        let (handover, error) = upgrade.exec(handover);
+        error!(%binary, error = %error, "cannot execute the new binary; the running one takes everything back");
+        self.resume(handover);
+        let metrics = &self.shared.metrics;
+        metrics.config_reload_failures.inc();
+        metrics.config_last_reload_success.set(0);
+        self.last_reload_error = Some(one_line(&format!("upgrade to {binary} failed: {error}")));
+        systemd::ready(&self.status_line());
+    }
+
+    /// Takes back what a failed upgrade had prepared to hand over.
+    fn resume(&mut self, handover: Handover) {
+        self.shared.shutdown = Shutdown::new();
+        self.shared.connections.reopen();
+        self.shared.listener_tasks.reopen();
+        let mut sockets = Sockets::new()
+            .with_fd_store(self.listeners.fd_store())
+            .handed_over(handover);
+        let connections = sockets.take_connections();
+        self.listeners = ListenerSet::new(sockets);
+        let shared = &self.shared;
+        if let Err(e) = self
+            .listeners
+            .reconcile(&self.config, |bound, label, kept| {
+                shared.start(bound, label, kept)
+            })
+        {
+            error!(error = %e, "cannot serve every listener again");
+        }
+        self.shared.adopt(connections);
     }
 
     fn status_line(&self) -> String {
@@ -314,7 +476,8 @@ impl Server {
 
     /// Stops listeners at once, lets connections finish within the drain timeout,
     /// then cuts the rest.
-    async fn drain(self, reason: &'static str) -> Summary {
+    async fn drain(mut self, reason: &'static str) -> Summary {
+        self.listeners.release();
         let Shared {
             health,
             shutdown,
@@ -386,7 +549,84 @@ fn one_line(error: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc;
+
+    use super::{Control, Sockets, Upgrade, one_line, serve};
+    use crate::config::Config;
+
+    async fn echoes(stream: &mut TcpStream, data: &[u8]) {
+        stream.write_all(data).await.unwrap();
+        let mut back = vec![0u8; data.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    /// An upgrade whose exec fails (no such binary) hands everything over and takes it
+    /// all back: the open connection goes on echoing, the listeners accept again, and
+    /// the reload counts as failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_exec_takes_everything_back() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (echo, metrics) = (tcp.local_addr().unwrap(), http.local_addr().unwrap());
+        let mut config = Config::default();
+        config.tcp.listen = vec![echo];
+        config.udp.listen = Vec::new();
+        config.metrics.listen = vec![metrics];
+        let (control, requests) = mpsc::channel(4);
+        let server = tokio::spawn(serve(config, Sockets::new().tcp(tcp).http(http), requests));
+        let mut held = TcpStream::connect(echo).await.unwrap();
+        echoes(&mut held, b"before").await;
+        let missing = tempfile::tempdir().unwrap().path().join("echod");
+        control
+            .send(Control::Upgrade(Upgrade::new(
+                missing,
+                vec!["echod".into()],
+            )))
+            .await
+            .unwrap();
+        // Sent right away, this lands while the connection is handed over or after it
+        // was taken back: either way it is echoed.
+        echoes(&mut held, b"during and after").await;
+        let mut fresh = TcpStream::connect(echo).await.unwrap();
+        echoes(&mut fresh, b"a new connection").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let body = scrape(metrics).await;
+            if body.contains("echod_config_reload_failures_total 1") {
+                assert!(
+                    body.contains("echod_config_last_reload_successful 0"),
+                    "{body}"
+                );
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((held, fresh));
+        control.send(Control::Stop("test")).await.unwrap();
+        let summary = tokio::time::timeout(Duration::from_secs(15), server)
+            .await
+            .expect("stopped in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.cut, 0);
+    }
 
     #[test]
     fn multi_line_errors_become_first_and_last_line() {

@@ -4,14 +4,34 @@
 //! while open connections keep being echoed until their clients finish. *Cut*: after
 //! `shutdown.drain_timeout` the connections still open are closed. Listeners and
 //! connections hold a [`Shutdown`] and `select!` on it; nobody polls a flag.
+//!
+//! An in-place upgrade is the third message on the same path: *handover* interrupts
+//! every connection, like a cut, but each one gives its socket (and any bytes it read
+//! and has not yet echoed) to [`Shutdown::hand_over`] instead of closing it, for the
+//! new image of the process to serve.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-/// The two-phase stop broadcast; cheap to clone, one per task.
+use super::handover::HandedConnection;
+
+/// The stop (and handover) broadcast; cheap to clone, one per task. One pointer, so
+/// that every idle connection pays for one.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Shutdown {
+pub(crate) struct Shutdown(Arc<Inner>);
+
+#[derive(Debug, Default)]
+struct Inner {
     drain: CancellationToken,
     cut: CancellationToken,
+    /// Cancelled by a cut and by a handover: what the echo loop waits on.
+    interrupt: CancellationToken,
+    /// Set before `interrupt` is cancelled when the process hands over to a new image.
+    handing_over: AtomicBool,
+    /// The connections handed over so far.
+    handed: Mutex<Vec<HandedConnection>>,
 }
 
 impl Shutdown {
@@ -22,27 +42,60 @@ impl Shutdown {
 
     /// Starts draining: listeners stop, connections may finish.
     pub(crate) fn begin_drain(&self) {
-        self.drain.cancel();
+        self.0.drain.cancel();
     }
 
     /// Cuts the connections that are still open.
     pub(crate) fn cut(&self) {
-        self.drain.cancel();
-        self.cut.cancel();
+        self.0.drain.cancel();
+        self.0.cut.cancel();
+        self.0.interrupt.cancel();
     }
 
     /// True once draining has started.
     pub(crate) fn is_draining(&self) -> bool {
-        self.drain.is_cancelled()
+        self.0.drain.is_cancelled()
     }
 
-    /// Completes when open connections must be closed (connections wait on this).
+    /// Completes when open connections must be closed.
     pub(crate) async fn cutting(&self) {
-        self.cut.cancelled().await;
+        self.0.cut.cancelled().await;
+    }
+
+    /// Completes when a connection must stop echoing: a cut, or a handover (then
+    /// [`Shutdown::is_handing_over`] is true).
+    pub(crate) async fn interrupted(&self) {
+        self.0.interrupt.cancelled().await;
     }
 
     /// A token that stops one listener on its own (a reload removing it) or with all.
     pub(crate) fn listener_token(&self) -> CancellationToken {
-        self.drain.child_token()
+        self.0.drain.child_token()
+    }
+
+    /// Asks every connection to hand its socket over at its next point where it holds
+    /// no byte it has not echoed.
+    pub(crate) fn begin_handover(&self) {
+        self.0.handing_over.store(true, Ordering::SeqCst);
+        self.0.interrupt.cancel();
+    }
+
+    /// True once a handover has begun.
+    pub(crate) fn is_handing_over(&self) -> bool {
+        self.0.handing_over.load(Ordering::Relaxed)
+    }
+
+    /// A connection's socket and state, for the next image.
+    pub(crate) fn hand_over(&self, connection: HandedConnection) {
+        self.0
+            .handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(connection);
+    }
+
+    /// The connections handed over so far.
+    pub(crate) fn take_handed(&self) -> Vec<HandedConnection> {
+        std::mem::take(&mut *self.0.handed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

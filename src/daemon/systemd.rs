@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 use socket2::{Socket, Type};
 use tracing::{debug, info, warn};
 
-use super::listeners::BoundSocket;
+use super::fdstore;
+use super::listeners::{BoundSocket, ListenerKind};
 
 /// The longest `STATUS=` sent, in bytes. `systemctl status` shows one line, and a
 /// datagram has a size limit: a 300 KB reload error once made the send fail, READY=1
@@ -185,16 +187,29 @@ fn connect(path: &OsStr) -> io::Result<UnixDatagram> {
     Ok(socket)
 }
 
-/// Takes the sockets passed by socket activation (`LISTEN_FDS`), checking each one's
-/// type, because the protocol passes bare descriptors. A stream socket named `metrics`
-/// or `http` (`FileDescriptorName=`) serves HTTP; other stream sockets TCP echo and
-/// datagram sockets UDP echo. Empty when not socket-activated.
-pub(crate) fn inherited_sockets() -> io::Result<Vec<BoundSocket>> {
+/// Sockets systemd passed at start (`LISTEN_FDS`).
+#[derive(Debug, Default)]
+pub(crate) struct Inherited {
+    /// From socket activation: they serve whatever the config says.
+    pub(crate) activated: Vec<BoundSocket>,
+    /// Back from the descriptor store, each with the configured address it was bound
+    /// for; adopted when the config still lists that address.
+    pub(crate) stored: Vec<(SocketAddr, BoundSocket)>,
+}
+
+/// Takes the sockets systemd passed (`LISTEN_FDS`), checking each one's type, because
+/// the protocol passes bare descriptors. A name echod gave a socket in the descriptor
+/// store (`echod-tcp-0.0.0.0-7`, see [`fdstore`]) says what it is; other names come
+/// from socket activation: a stream socket named `metrics` or `http`
+/// (`FileDescriptorName=`) serves HTTP; other stream sockets TCP echo and datagram
+/// sockets UDP echo. Empty when systemd passed nothing.
+pub(crate) fn inherited_sockets() -> io::Result<Inherited> {
     // The variables stay set: removing them would race with the runtime's threads
     // (`remove_var` is unsafe once threads exist), and a child could not misuse them
-    // anyway, because `LISTEN_PID` names this process only.
+    // anyway, because `LISTEN_PID` names this process only (an in-place upgrade execs
+    // the new image without them).
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()?.collect();
-    let mut sockets = Vec::with_capacity(fds.len());
+    let mut inherited = Inherited::default();
     for (fd, name) in fds {
         // SAFETY: systemd passed us ownership of this descriptor; nothing else uses it.
         let socket = unsafe { Socket::from_raw_fd(fd) };
@@ -210,15 +225,34 @@ pub(crate) fn inherited_sockets() -> io::Result<Vec<BoundSocket>> {
             )
         })?;
         socket.set_nonblocking(true)?;
-        let bound = match (ty == Type::STREAM, name.as_str()) {
+        let stream = ty == Type::STREAM;
+        if let Some((kind, configured)) = fdstore::parse(&name) {
+            let bound = match (kind, stream) {
+                (ListenerKind::Tcp, true) => BoundSocket::Tcp(socket.into()),
+                (ListenerKind::Http, true) => BoundSocket::Http(socket.into()),
+                (ListenerKind::Udp, false) => BoundSocket::Udp(socket.into()),
+                _ => {
+                    warn!(
+                        fd,
+                        name, "a stored socket is not of the kind its name says: dropped"
+                    );
+                    fdstore::remove(&name);
+                    continue;
+                }
+            };
+            info!(%name, proto = kind.proto(), %addr, "using socket kept in systemd's descriptor store");
+            inherited.stored.push((configured, bound));
+            continue;
+        }
+        let bound = match (stream, name.as_str()) {
             (true, "metrics" | "http") => BoundSocket::Http(socket.into()),
             (true, _) => BoundSocket::Tcp(socket.into()),
             (false, _) => BoundSocket::Udp(socket.into()),
         };
         info!(%name, proto = bound.kind().proto(), %addr, "using socket passed by systemd");
-        sockets.push(bound);
+        inherited.activated.push(bound);
     }
-    Ok(sockets)
+    Ok(inherited)
 }
 
 #[cfg(test)]

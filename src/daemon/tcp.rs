@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::accept::{Acceptor, close_at_once};
+use super::handover::HandedConnection;
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
 use super::metrics::TcpListenerMetrics;
@@ -65,6 +66,9 @@ pub(crate) struct Listener {
     pub(crate) stop: CancellationToken,
     /// Tracks connection tasks so a drain can wait for them.
     pub(crate) connections: TaskTracker,
+    /// systemd keeps this socket open after echod stops (socket activation, descriptor
+    /// store): connections queued at a stop are left for the next echod to accept.
+    pub(crate) keep_backlog: bool,
 }
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
@@ -115,7 +119,7 @@ impl Listener {
                 }
             }
         }
-        if self.shutdown.is_draining() {
+        if self.shutdown.is_draining() && !self.keep_backlog {
             self.reject_backlog();
         }
         debug!(listener = %self.label, "TCP listener closed");
@@ -157,7 +161,11 @@ impl Listener {
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let config = Arc::clone(&self.config.borrow());
-        if !self.shutdown.is_draining() && config.proxy_protocol.trusts(peer.ip()) {
+        // A connection accepted just as a drain began is refused, unless systemd keeps
+        // the socket: then the next echod would have served it, so this one does (the
+        // drain waits for it like any other).
+        let draining = self.shutdown.is_draining() && !self.keep_backlog;
+        if !draining && config.proxy_protocol.trusts(peer.ip()) {
             // The client's address comes in the PROXY header: its per-IP slot is taken
             // once the header is read, in the connection's own task.
             let proxied = Proxied {
@@ -173,7 +181,7 @@ impl Listener {
             self.connections.spawn(proxied.run());
             return;
         }
-        let permit = if self.shutdown.is_draining() {
+        let permit = if draining {
             Err(RejectReason::Shutdown)
         } else {
             self.limiter.try_acquire(peer.ip())
@@ -293,6 +301,31 @@ impl Proxied {
     }
 }
 
+/// The task that goes on serving a connection an earlier image of this process handed
+/// over: `pending` (bytes it had read and not yet echoed) is written back first. Not
+/// counted as accepted again.
+pub(super) fn adopt(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: Vec<u8>,
+    config: Arc<TcpConfig>,
+    shutdown: Shutdown,
+    metrics: Arc<TcpListenerMetrics>,
+    permit: Permit,
+) -> impl Future<Output = ()> + Send + 'static {
+    Connection {
+        stream,
+        config,
+        shutdown,
+        metrics,
+        unflushed: ByteCounts::default(),
+        echoed_total: 0,
+        peer,
+        _permit: permit,
+    }
+    .run_adopted(pending)
+}
+
 /// What woke a listener.
 enum Event {
     Accepted(Option<(TcpStream, SocketAddr)>),
@@ -329,7 +362,7 @@ async fn close_gently(stream: &mut TcpStream) {
 }
 
 /// How a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum End {
     /// The client closed (after everything was echoed).
     Finished,
@@ -341,6 +374,9 @@ enum End {
     Error,
     /// A per-connection cap was reached.
     Capped(ConnectionCap),
+    /// To be handed over to the next image of the process (an in-place upgrade), with
+    /// the bytes read and not yet echoed.
+    HandedOver(Vec<u8>),
 }
 
 /// Bytes a connection moved since its counts were last added to its listener's series.
@@ -366,13 +402,14 @@ struct Connection {
 }
 
 impl End {
-    fn label(self) -> &'static str {
+    fn label(&self) -> &'static str {
         match self {
             End::Finished => "finished",
             End::Idle => "idle_timeout",
             End::Cut => "drain_cut",
             End::Error => "error",
             End::Capped(cap) => cap.label(),
+            End::HandedOver(_) => "handed_over",
         }
     }
 }
@@ -390,26 +427,109 @@ impl Connection {
             self.apply_socket_options();
             let hard_deadline = self.config.max_connection_duration.map(|d| started + d);
             let end = self.echo(hard_deadline).await;
-            self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
-            match end {
-                End::Idle => self.metrics.idle_timeouts.inc(),
-                End::Capped(cap) => {
-                    self.metrics.capped(cap);
-                    close_gently(&mut self.stream).await;
-                }
-                End::Finished | End::Cut | End::Error => {}
+            self.finish(end, started).await;
+        }
+    }
+
+    /// [`Connection::run`] for a connection handed over with `pending` bytes to echo
+    /// first (a separate task type, so the common one stays as small as it is).
+    #[allow(clippy::manual_async_fn)]
+    fn run_adopted(mut self, pending: Vec<u8>) -> impl Future<Output = ()> {
+        async move {
+            let started = Instant::now();
+            self.metrics.active.inc();
+            self.apply_socket_options();
+            let hard_deadline = self.config.max_connection_duration.map(|d| started + d);
+            let end = match self.write_pending(pending).await {
+                Some(end) => end,
+                None => self.echo(hard_deadline).await,
+            };
+            self.finish(end, started).await;
+        }
+    }
+
+    /// Records how the connection ended (and closes a capped one cleanly).
+    async fn finish(&mut self, end: End, started: Instant) {
+        self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
+        match end {
+            End::Idle => self.metrics.idle_timeouts.inc(),
+            End::Capped(cap) => {
+                self.metrics.capped(cap);
+                close_gently(&mut self.stream).await;
             }
-            self.metrics.active.dec();
-            self.metrics.closed.inc();
-            let duration = started.elapsed();
-            self.metrics.duration.observe(duration.as_secs_f64());
-            // The access log (xinetd's log_on_success), at debug so it costs one level
-            // check per connection unless asked for.
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                debug!(peer = %self.peer, end = %end.label(), duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                    echoed_bytes = self.echoed_total, "connection closed");
+            End::HandedOver(pending) => {
+                // Still open, served by the next image: not closed, no duration yet.
+                self.hand_over(pending);
+                self.metrics.active.dec();
+                return;
+            }
+            End::Finished | End::Cut | End::Error => {}
+        }
+        self.metrics.active.dec();
+        self.metrics.closed.inc();
+        let duration = started.elapsed();
+        self.metrics.duration.observe(duration.as_secs_f64());
+        // The access log (xinetd's log_on_success), at debug so it costs one level
+        // check per connection unless asked for.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            debug!(peer = %self.peer, end = %end.label(), duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                echoed_bytes = self.echoed_total, "connection closed");
+        }
+    }
+
+    /// Gives a duplicate of the socket (closing the original then sends the client
+    /// nothing), the client and `pending` to the handover.
+    fn hand_over(&self, pending: Vec<u8>) {
+        match SockRef::from(&self.stream).try_clone() {
+            Ok(socket) => self.shutdown.hand_over(HandedConnection {
+                fd: socket.into(),
+                label: self.metrics.label.clone(),
+                peer: self.peer,
+                pending,
+            }),
+            Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),
+        }
+    }
+
+    /// Writes back the bytes a handed-over connection had read and not yet echoed,
+    /// waiting for room as the echo loop does; `Some` when the connection ends meanwhile.
+    async fn write_pending(&mut self, pending: Vec<u8>) -> Option<End> {
+        let Self {
+            stream,
+            config,
+            shutdown,
+            unflushed,
+            ..
+        } = self;
+        let interrupted = shutdown.interrupted();
+        tokio::pin!(interrupted);
+        let mut written = 0;
+        let mut last_progress = Instant::now();
+        while written < pending.len() {
+            match stream.try_write(&pending[written..]) {
+                Ok(w) => {
+                    written += w;
+                    unflushed.echoed += w as u64;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::select! {
+                        biased;
+                        _ = &mut interrupted => {
+                            return Some(interrupt(shutdown, &pending[written..]));
+                        }
+                        ready = poll_fn(|cx| stream.poll_write_ready(cx)) => if ready.is_err() {
+                            return Some(End::Error);
+                        },
+                        _ = tokio::time::sleep_until(last_progress + config.idle_timeout) => {
+                            return Some(End::Idle);
+                        }
+                    }
+                }
+                Err(_) => return Some(End::Error),
             }
         }
+        None
     }
 
     /// Per-connection options. Fixed send and receive buffers turn off the kernel's
@@ -453,7 +573,9 @@ impl Connection {
             echoed_total,
             ..
         } = self;
-        let cut = shutdown.cutting();
+        // A cut or a handover; at every point it is awaited no unechoed byte is held
+        // except the one burst being written, which a handover takes along.
+        let cut = shutdown.interrupted();
         let mut last_traffic = Instant::now();
         let idle_timer = tokio::time::sleep_until(next_deadline(
             last_traffic,
@@ -464,6 +586,8 @@ impl Connection {
         loop {
             tokio::select! {
                 biased;
+                // First, so that a client that keeps sending cannot hold a handover up.
+                _ = &mut cut => return interrupt(shutdown, &[]),
                 ready = poll_fn(|cx| stream.poll_read_ready(cx)) => if ready.is_err() {
                     return End::Error;
                 },
@@ -473,7 +597,6 @@ impl Connection {
                     }
                     continue;
                 }
-                _ = &mut cut => return End::Cut,
             }
             // Echo one burst: at most one buffer is read before all of it is written.
             let mut buf = Vec::with_capacity(config.buffer_size);
@@ -519,7 +642,9 @@ impl Connection {
                                         return end;
                                     }
                                 }
-                                _ = &mut cut => return End::Cut,
+                                // The client is not reading: what is left of the burst
+                                // goes along with a handover.
+                                _ = &mut cut => return interrupt(shutdown, &buf[written..n]),
                             }
                         }
                         Err(_) => return End::Error,
@@ -531,10 +656,25 @@ impl Connection {
                 {
                     return End::Capped(cap);
                 }
+                // Everything read is echoed: a handover need not wait for the socket to
+                // run dry (a client that never pauses would hold it up).
+                if shutdown.is_handing_over() {
+                    return interrupt(shutdown, &[]);
+                }
             }
             *echoed_total += flush_bytes(metrics, unflushed);
             last_traffic = Instant::now();
         }
+    }
+}
+
+/// How a connection ends when its echo loop is interrupted: cut, or — during a handover —
+/// handed over with the `pending` bytes it read and has not echoed.
+fn interrupt(shutdown: &Shutdown, pending: &[u8]) -> End {
+    if shutdown.is_handing_over() {
+        End::HandedOver(pending.to_vec())
+    } else {
+        End::Cut
     }
 }
 

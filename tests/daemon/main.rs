@@ -24,6 +24,7 @@ mod shutdown;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
+mod upgrade;
 mod web_config;
 
 fn main() -> std::process::ExitCode {
@@ -48,5 +49,6 @@ fn main() -> std::process::ExitCode {
         hostile_notify::TESTS,
         hostile_config::TESTS,
         web_config::TESTS,
+        upgrade::TESTS,
     ])
 }

@@ -13,12 +13,14 @@ mod kubernetes;
 mod packaging;
 mod prometheus;
 mod systemd;
+mod upgrade;
 
 fn main() -> std::process::ExitCode {
     // The slowest first (a boot of systemd, an image build), so the others fill in
     // beside them.
     support::run(&[
         systemd::TESTS,
+        upgrade::TESTS,
         container::TESTS,
         prometheus::TESTS,
         kubernetes::TESTS,

@@ -100,7 +100,13 @@ Set by systemd (\fBType=notify\fR): echod reports \fBREADY=1\fR once every liste
 Set by systemd's \fBWatchdogSec=\fR: echod pings the watchdog at half the interval from the runtime that serves traffic, so a hung echod is killed and restarted.
 .TP
 \fBLISTEN_FDS\fR, \fBLISTEN_PID\fR, \fBLISTEN_FDNAMES\fR
-Socket activation (\fBechod.socket\fR): echod serves the TCP and UDP sockets systemd passes, instead of binding \fItcp.listen\fR and \fIudp.listen\fR.
+Socket activation (\fBechod.socket\fR): echod serves the TCP and UDP sockets systemd passes, instead of binding \fItcp.listen\fR and \fIudp.listen\fR. Sockets named \fBechod\-\fR\fIkind\fR\fB\-\fR\fIaddress\fR (such as \fBechod\-tcp\-0.0.0.0\-7\fR) come back from systemd's descriptor store instead and are used for the configured address they name.
+.TP
+\fBFDSTORE\fR
+With \fBNOTIFY_SOCKET\fR, a positive number says systemd keeps a file descriptor store for echod (\fBFileDescriptorStoreMax=\fR; systemd 254 and later set it, the packaged unit sets it for older ones): echod stores every listening socket it binds there (\fBFDSTORE=1\fR, a name with \fB:\fR written as \fB\-\fR), removes those a reload drops, and takes them back at its next start, so that connection attempts made during a restart, a watchdog kill or a crash wait in the accept queue instead of being refused.
+.TP
+\fBECHOD_HANDOVER\fR
+Set by echod itself for the new binary during an upgrade in place (a descriptor of the description of the listeners and connections handed over); never set it by hand.
 .TP
 \fBJOURNAL_STREAM\fR
 Set when the output goes to the journal: text log lines then carry no timestamp of their own.
@@ -111,6 +117,8 @@ Graceful stop: \fB/readyz\fR answers 503, the listeners close and UDP stops; ope
 .TP
 \fBSIGHUP\fR
 Re\-read the configuration and apply it live (limits, timeouts, rate limits, log level, listeners). Open connections are untouched. A bad configuration is refused and the old one keeps serving; the error is logged, \fBsystemctl status echod\fR shows it and \fBechod_config_reload_failures_total\fR counts it. \fBsystemctl reload echod\fR runs \fBechod check\-config\fR first, so a bad file makes it fail without signalling echod.
+.IP
+When the binary echod was started from has been replaced (a package upgrade renames a new file over it), the reload is an upgrade in place: the new binary must pass \fBcheck\-config\fR on the running configuration (exit 0 within 10 seconds), then echod executes it in the same process (same PID), handing over its listening sockets and every open connection, each at a point where it holds no byte it has not echoed (or with the bytes a client that stopped reading has not taken back yet). Connection attempts wait in the accept queue meanwhile; nothing is refused or dropped. Counters restart; \fBechod_build_info\fR shows the new version. A new binary that fails its check, or that cannot be executed, is refused like a bad configuration and the running one keeps serving.
 .SH EXIT STATUS
 .TP
 \fB0\fR
@@ -598,11 +606,20 @@ fn man_page_documents_every_key_the_environment_and_renders_cleanly() {
         "NOTIFY_SOCKET",
         "LISTEN_FDS",
         "WATCHDOG_USEC",
+        "FDSTORE",
+        "ECHOD_HANDOVER",
     ] {
         assert!(environment.contains(var), "ENVIRONMENT lacks {var}");
     }
     let signals = man_section(&page, "SIGNALS");
-    for needle in ["SIGTERM", "SIGINT", "SIGHUP", "drain_timeout", "status 1"] {
+    for needle in [
+        "SIGTERM",
+        "SIGINT",
+        "SIGHUP",
+        "drain_timeout",
+        "status 1",
+        "upgrade in place",
+    ] {
         assert!(signals.contains(needle), "SIGNALS lacks {needle}");
     }
     let exit = man_section(&page, "EXIT STATUS");

@@ -19,15 +19,15 @@ crate::support::tests![
     packaged_service_under_real_systemd needs NEEDS,
 ];
 
-const ECHO: &str = "127.0.0.1:7";
-const METRICS: &str = "127.0.0.1:9107";
+pub(crate) const ECHO: &str = "127.0.0.1:7";
+pub(crate) const METRICS: &str = "127.0.0.1:9107";
 
-fn echo_addr() -> SocketAddr {
+pub(crate) fn echo_addr() -> SocketAddr {
     ECHO.parse().unwrap()
 }
 
 /// systemd booted in a container; powered off (and killed if it will not stop) on drop.
-struct Nspawn {
+pub(crate) struct Nspawn {
     nspawn: Child,
     leader: i32,
     log: PathBuf,
@@ -36,7 +36,7 @@ struct Nspawn {
 
 impl Nspawn {
     /// Boots `rootfs` (kept pristine by an overlay) with `pkg_dir` mounted at /mnt/pkg.
-    fn boot(rootfs: &Path, pkg_dir: &Path) -> Nspawn {
+    pub(crate) fn boot(rootfs: &Path, pkg_dir: &Path) -> Nspawn {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("nspawn.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -88,7 +88,7 @@ impl Nspawn {
     }
 
     /// A command inside every namespace of the container, with a clean environment.
-    fn nsenter(&self, args: &[&str]) -> Command {
+    pub(crate) fn nsenter(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t")
             .arg(self.leader.to_string())
@@ -104,7 +104,7 @@ impl Nspawn {
     }
 
     /// Runs a command inside (see [`Nspawn::nsenter`]).
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.nsenter(args)
             .stdin(Stdio::null())
             .output()
@@ -112,7 +112,7 @@ impl Nspawn {
     }
 
     /// A shell command inside; returns (success, stdout + stderr).
-    fn sh(&self, script: &str) -> (bool, String) {
+    pub(crate) fn sh(&self, script: &str) -> (bool, String) {
         let out = self.run(&["sh", "-c", script]);
         let text = format!(
             "{}{}",
@@ -123,7 +123,7 @@ impl Nspawn {
     }
 
     /// A shell command that must succeed; returns its stdout.
-    fn ok(&self, script: &str) -> String {
+    pub(crate) fn ok(&self, script: &str) -> String {
         let out = self.run(&["sh", "-c", script]);
         assert!(
             out.status.success(),
@@ -135,7 +135,11 @@ impl Nspawn {
     }
 
     /// `systemctl show -p …` as a map.
-    fn show(&self, unit: &str, props: &str) -> std::collections::HashMap<String, String> {
+    pub(crate) fn show(
+        &self,
+        unit: &str,
+        props: &str,
+    ) -> std::collections::HashMap<String, String> {
         self.ok(&format!("systemctl show {unit} -p {props}"))
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -143,11 +147,11 @@ impl Nspawn {
             .collect()
     }
 
-    fn prop(&self, unit: &str, prop: &str) -> String {
+    pub(crate) fn prop(&self, unit: &str, prop: &str) -> String {
         self.show(unit, prop).remove(prop).unwrap_or_default()
     }
 
-    fn write_file(&self, path: &str, text: &str) {
+    pub(crate) fn write_file(&self, path: &str, text: &str) {
         let mut cat = self.nsenter(&["sh", "-c", &format!("cat > {path}")]);
         let out = output_with_input(&mut cat, text.as_bytes());
         assert!(out.status.success(), "cannot write {path}");
@@ -190,7 +194,7 @@ impl Drop for Nspawn {
 }
 
 /// Polls `f` until it returns `Some`, panicking with `what` after `limit`.
-fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
@@ -212,12 +216,12 @@ fn wait_service_active(c: &Nspawn) {
     );
 }
 
-fn metric(family: &str) -> Option<f64> {
+pub(crate) fn metric(family: &str) -> Option<f64> {
     let (status, body) = http_get(METRICS.parse().unwrap(), "/metrics").ok()?;
     (status == 200).then(|| metric_value(&body, family, &[]))
 }
 
-fn wait_metric(family: &str, want: f64) {
+pub(crate) fn wait_metric(family: &str, want: f64) {
     wait_for(
         Duration::from_secs(20),
         &format!("{family} = {want}"),
@@ -232,7 +236,7 @@ fn tcp_echoes() -> bool {
 
 /// Builds the .deb with cargo-deb from the binary `cargo test` just built (the dev
 /// profile: a release build would add minutes and changes nothing systemd sees).
-fn build_deb(out_dir: &Path) -> PathBuf {
+pub(crate) fn build_deb(out_dir: &Path) -> PathBuf {
     let bin = support::echod_bin();
     let target_dir = bin.parent().and_then(Path::parent).expect("target dir");
     let out = Command::new(env!("CARGO"))
@@ -266,7 +270,7 @@ fn build_deb(out_dir: &Path) -> PathBuf {
 }
 
 /// The cached rootfs (built by .ci/setup.d/systemd.sh, or now if missing).
-fn rootfs() -> PathBuf {
+pub(crate) fn rootfs() -> PathBuf {
     let script = repo_path("tests/deployment/systemd-rootfs.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -285,7 +289,7 @@ fn is_root() -> bool {
 
 /// systemd-nspawn, debootstrap (its root filesystem), cargo-deb (the package), root, and
 /// an IPv6 loopback for the IPv6 echo on port 7.
-const NEEDS: &[Need] = &[
+pub(crate) const NEEDS: &[Need] = &[
     Need::Tool("systemd-nspawn"),
     Need::Tool("debootstrap"),
     Need::Tool("cargo-deb"),
@@ -294,6 +298,7 @@ const NEEDS: &[Need] = &[
 ];
 
 fn packaged_service_under_real_systemd() {
+    let _port_7 = crate::upgrade::port_7();
     let started = Instant::now();
     // The packaged config serves port 7 on every interface of the shared network.
     assert!(

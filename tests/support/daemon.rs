@@ -83,6 +83,8 @@ pub struct Options<'a> {
     pub no_wait: bool,
     /// RLIMIT_NOFILE for the daemon (fd-exhaustion tests).
     pub max_open_files: Option<u64>,
+    /// Another echod binary to run (a copy a test replaces to upgrade it).
+    pub binary: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -122,7 +124,7 @@ impl Daemon {
         let config_path = dir.path().join("echod.toml");
         std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         let log = std::fs::File::create(dir.path().join("echod.log")).unwrap();
-        let mut cmd = Command::new(echod_bin());
+        let mut cmd = Command::new(opts.binary.clone().unwrap_or_else(echod_bin));
         cmd.arg("--config")
             .arg(&config_path)
             .env_remove("RUST_LOG")

@@ -328,3 +328,81 @@ impl Chatter {
             .expect("the held connection kept echoing")
     }
 }
+
+/// A client that sends without reading until neither its buffers nor echod's take any
+/// more: echod then waits to write back a burst it has read (its one buffer), and reads
+/// nothing further from it.
+pub struct StalledClient {
+    stream: TcpStream,
+    sent: Vec<u8>,
+    seed: u64,
+}
+
+impl StalledClient {
+    pub fn start(addr: SocketAddr, seed: u64) -> StalledClient {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nonblocking(true).unwrap();
+        let mut client = StalledClient {
+            stream,
+            sent: Vec::new(),
+            seed,
+        };
+        let taken = client.more_taken(Duration::from_millis(500));
+        assert!(taken > 0, "nothing could be sent");
+        client
+    }
+
+    /// Bytes sent so far.
+    pub fn sent(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// Sends until nothing more is taken for `quiet`; returns how much was taken.
+    pub fn more_taken(&mut self, quiet: Duration) -> usize {
+        let mut taken = 0;
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            self.seed += 1;
+            let chunk = random_bytes(64 * 1024, self.seed);
+            let mut off = 0;
+            while off < chunk.len() {
+                match self.stream.write(&chunk[off..]) {
+                    Ok(n) => {
+                        off += n;
+                        last = Instant::now();
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        if last.elapsed() >= quiet {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("the stalled connection failed: {e}"),
+                }
+            }
+            self.sent.extend_from_slice(&chunk[..off]);
+            taken += off;
+        }
+        taken
+    }
+
+    /// Reads everything back (after a half-close) and checks it is exactly what was sent.
+    pub fn finish(self) {
+        let mut stream = self.stream;
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::with_capacity(self.sent.len());
+        stream
+            .read_to_end(&mut got)
+            .expect("the stalled connection echoes everything once read");
+        assert_eq!(
+            got.len(),
+            self.sent.len(),
+            "bytes echoed on the stalled connection"
+        );
+        assert!(got == self.sent, "the stalled connection's echo differs");
+    }
+}
