@@ -23,7 +23,7 @@ use std::os::fd::BorrowedFd;
 use sd_notify::NotifyState;
 use tracing::{debug, info, warn};
 
-use super::listeners::ListenerKind;
+use super::kind::ListenerKind;
 
 /// The prefix of every name echod stores; other names come from socket units.
 const PREFIX: &str = "echod-";

@@ -38,7 +38,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use socket2::{Socket, Type};
 use tracing::warn;
 
-use super::listeners::ListenerKind;
+use super::kind::ListenerKind;
 
 /// The environment variable naming the descriptor of the description.
 pub(crate) const ENV: &str = "ECHOD_HANDOVER";

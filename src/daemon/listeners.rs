@@ -21,36 +21,11 @@ use tracing::{info, warn};
 
 use super::fdstore;
 use super::handover::{HandedConnection, HandedListener, Handover};
+use super::kind::ListenerKind;
 use crate::config::Config;
 
 /// The accept queue of the HTTP endpoint: probes and scrapes are few.
 const HTTP_BACKLOG: u32 = 128;
-
-/// What a listening socket serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum ListenerKind {
-    Tcp,
-    Udp,
-    Http,
-}
-
-impl ListenerKind {
-    pub(crate) fn proto(self) -> &'static str {
-        match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-            Self::Http => "HTTP",
-        }
-    }
-
-    fn configured(self, config: &Config) -> &[SocketAddr] {
-        match self {
-            Self::Tcp => &config.tcp.listen,
-            Self::Udp => &config.udp.listen,
-            Self::Http => &config.metrics.listen,
-        }
-    }
-}
 
 /// A socket bound (or handed over) but not yet serving; the variant says its use, so a
 /// stream socket can never be started as UDP.

@@ -12,6 +12,7 @@ mod accept;
 mod fdstore;
 mod handover;
 mod http;
+mod kind;
 mod limits;
 mod listeners;
 mod logging;

@@ -19,8 +19,9 @@ use tracing::{error, info, warn};
 
 use super::handover::{self, HandedConnection, Handover};
 use super::http::{self, Health};
+use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
-use super::listeners::{BindError, BoundSocket, ListenerKind, ListenerSet, Sockets};
+use super::listeners::{BindError, BoundSocket, ListenerSet, Sockets};
 use super::logging::LogHandle;
 use super::metrics::{Metrics, VERSION};
 use super::shutdown::Shutdown;

@@ -17,7 +17,8 @@ use socket2::{Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::fdstore;
-use super::listeners::{BoundSocket, ListenerKind};
+use super::kind::ListenerKind;
+use super::listeners::BoundSocket;
 
 /// The longest `STATUS=` sent, in bytes. `systemctl status` shows one line, and a
 /// datagram has a size limit: a 300 KB reload error once made the send fail, READY=1
