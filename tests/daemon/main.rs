@@ -21,6 +21,7 @@ mod proxy_protocol;
 mod reload;
 mod sd_notify;
 mod shutdown;
+mod soak;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
@@ -46,5 +47,6 @@ fn main() -> std::process::ExitCode {
         hostile_drain::TESTS,
         hostile_notify::TESTS,
         hostile_config::TESTS,
+        soak::TESTS,
     ])
 }
