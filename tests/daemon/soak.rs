@@ -1,6 +1,8 @@
-//! The soak: every attack of the `hostile_*` modules at once, against one echod with
-//! the shipped configuration (connection limits lowered so a few hundred connections
-//! cross them), while verified clients keep echoing. It holds when the verified TCP
+//! The soak: the network attacks of the `hostile_*` modules at once — connection floods
+//! beyond the limits, slowloris and slow readers on the HTTP port, clients that never
+//! read, a UDP flood, spoofed echo loops — and a reload storm, against one echod with the
+//! shipped configuration (connection limits lowered so a few hundred connections cross
+//! them), while verified clients keep echoing. It holds when the verified TCP
 //! clients got back every byte they sent, the UDP client got no wrong byte (a datagram
 //! may be lost under a flood; lost ones are counted apart), `/healthz` and `/readyz`
 //! answered ≥ 99 % of probes within the 2 s a Kubernetes probe waits, echod's memory and
