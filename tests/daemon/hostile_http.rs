@@ -10,11 +10,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, Options};
-use socket2::{Domain, Protocol, Socket, Type};
+use crate::support::{
+    Daemon, Options, PROBE_TIMEOUT, Peer, peer_state, probe, slow_reader, slowloris,
+};
 
 crate::support::tests![
     probes_answer_while_one_address_attacks_the_http_port,
@@ -22,64 +22,8 @@ crate::support::tests![
     probes_answer_while_echo_clients_exhaust_file_descriptors,
 ];
 
-/// What a Kubernetes probe waits (`timeoutSeconds: 2` in deploy/kubernetes).
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const PROBER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-
-/// A TCP connection from `from` to `to`, with an optional small receive buffer (set
-/// before connect so the window is small from the start).
-fn connect(
-    from: Ipv4Addr,
-    to: SocketAddr,
-    rcvbuf: Option<usize>,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    if let Some(size) = rcvbuf {
-        socket.set_recv_buffer_size(size)?;
-    }
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&to.into(), timeout)?;
-    Ok(socket.into())
-}
-
-/// One probe the way a kubelet makes it: a new connection, `GET path`, the whole
-/// response within `PROBE_TIMEOUT` of the start. Returns the status code.
-fn probe(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let started = Instant::now();
-    let deadline = started + PROBE_TIMEOUT;
-    let mut s = connect(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    s.set_write_timeout(Some(PROBE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut response = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "no complete response within {PROBE_TIMEOUT:?} ({} bytes)",
-                response.len()
-            ));
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => response.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
-}
 
 /// True when a new connection to `addr` echoes a few bytes within 2 s.
 fn echoes(addr: SocketAddr) -> bool {
@@ -91,31 +35,6 @@ fn echoes(addr: SocketAddr) -> bool {
         && s.write_all(b"back").is_ok()
         && s.read_exact(&mut b).is_ok()
         && &b == b"back"
-}
-
-/// What the other side did to a connection, seen without blocking or consuming data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Peer {
-    Open,
-    /// A clean close (FIN): reads return 0.
-    Eof,
-    /// A reset or another error (reported once, then reads return 0).
-    Reset,
-}
-
-fn peer_state(s: &TcpStream) -> Peer {
-    let _ = s.set_nonblocking(true);
-    match s.peek(&mut [0u8; 1]) {
-        Ok(0) => Peer::Eof,
-        Ok(_) => Peer::Open,
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Peer::Open,
-        Err(_) => Peer::Reset,
-    }
-}
-
-/// True when the connection is closed from the other side (EOF or reset).
-fn closed_by_peer(s: &TcpStream) -> bool {
-    peer_state(s) != Peer::Open
 }
 
 /// How many of `peers` the daemon still holds a socket for on `local_port` (a socket
@@ -147,91 +66,11 @@ fn held_by_daemon(local_port: u16, peers: &[SocketAddr]) -> usize {
         .count()
 }
 
-/// Keeps `count` slowloris connections open from `sources` (taken in turn) until `stop`: half send a
-/// partial request head and add a header line every second, half connect and say
-/// nothing. A connection the daemon closes is replaced (at most 64 per 250 ms round),
-/// as a real attacker would. Returns how many connections it made.
-fn slowloris(
-    addr: SocketAddr,
-    sources: Vec<Ipv4Addr>,
-    count: usize,
-    stop: Arc<AtomicBool>,
-    limit: Duration,
-) -> JoinHandle<usize> {
-    std::thread::spawn(move || {
-        let started = Instant::now();
-        let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
-        let mut made = 0usize;
-        let mut round = 0u64;
-        while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
-            let mut budget = 64;
-            for (i, slot) in slots.iter_mut().enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if slot.as_ref().is_some_and(closed_by_peer) {
-                    *slot = None;
-                }
-                if slot.is_none() && budget > 0 {
-                    budget -= 1;
-                    if let Ok(mut s) = connect(
-                        sources[i % sources.len()],
-                        addr,
-                        None,
-                        Duration::from_millis(200),
-                    ) {
-                        made += 1;
-                        if i.is_multiple_of(2) {
-                            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
-                        }
-                        *slot = Some(s);
-                    }
-                } else if let Some(s) = slot.as_mut()
-                    && i.is_multiple_of(2)
-                    && round.is_multiple_of(4)
-                {
-                    let _ = s.write_all(b"X-Slow: 1\r\n");
-                }
-            }
-            round += 1;
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        made
-    })
-}
-
-/// A client that pipelines `GET /metrics` and never reads: writes until the daemon
-/// stops taking requests (its responses fill the socket buffers) or 256 KiB are sent.
-fn slow_reader(addr: SocketAddr) -> TcpStream {
-    let mut s = connect(ATTACKER, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
-    s.set_nonblocking(true).unwrap();
-    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut sent = 0;
-    let mut stalled: Option<Instant> = None;
-    while sent < 256 * 1024 && Instant::now() < deadline {
-        match s.write(&requests) {
-            Ok(n) => {
-                sent += n;
-                stalled = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if stalled.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(200) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(_) => break,
-        }
-    }
-    s
-}
-
 fn probes_answer_while_one_address_attacks_the_http_port() {
     let daemon = Daemon::start("");
     let http = daemon.http;
     // Slow readers first: on a server without per-address limits they take every slot.
-    let slow_readers: Vec<TcpStream> = (0..64).map(|_| slow_reader(http)).collect();
+    let slow_readers: Vec<TcpStream> = (0..64).map(|_| slow_reader(ATTACKER, http)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let attack = slowloris(
         http,

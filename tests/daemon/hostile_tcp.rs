@@ -1,43 +1,16 @@
 //! TCP under hostile clients: what one connection may pin in kernel memory.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::support::Daemon;
+use crate::support::{Daemon, write_until_stalled};
 
 crate::support::tests![
     a_client_that_never_reads_pins_bounded_kernel_memory needs &[crate::support::Need::Tool("ss")],
     out_of_range_tcp_buffers_are_refused_by_name,
 ];
-
-/// Writes without ever reading until `limit` bytes are sent or the writes have stalled
-/// for `stall` (echod stopped reading); bounded by 10 s. Returns the bytes written.
-fn write_until_stalled(s: &mut TcpStream, limit: usize, stall: Duration) -> usize {
-    s.set_nonblocking(true).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut written = 0usize;
-    let mut stalled_since: Option<Instant> = None;
-    while written < limit && Instant::now() < deadline {
-        match s.write(&chunk) {
-            Ok(n) => {
-                written += n;
-                stalled_since = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > stall {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("write failed before echod stalled: {e}"),
-        }
-    }
-    written
-}
 
 /// The kernel's view of the TCP socket from `local` to `peer`: `skmem` fields by name
 /// (`r`/`rb`: bytes queued for reading / receive buffer limit, `t`/`tb`: bytes queued
@@ -92,7 +65,8 @@ fn pin_kernel_memory(daemon: &Daemon, warm_up: usize) -> (HashMap<String, u64>, 
         }
         echo.join().expect("warm-up reader");
     }
-    let written = write_until_stalled(&mut s, 256 << 20, Duration::from_millis(500));
+    let written = write_until_stalled(&mut s, 256 << 20, Duration::from_millis(500))
+        .expect("write failed before echod stalled");
     let skmem = tcp_skmem(daemon.tcp, s.local_addr().unwrap());
     (skmem, written)
 }

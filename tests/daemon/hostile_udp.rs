@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::Daemon;
+use crate::support::{Daemon, spoof, v4};
 use socket2::{Domain, Protocol, Socket, Type};
 
 crate::support::tests![
@@ -24,66 +24,6 @@ crate::support::tests![
     the_udp_receive_buffer_follows_a_reload needs &[crate::support::Need::Tool("ss")],
     an_out_of_range_receive_buffer_is_refused_by_name,
 ];
-
-/// A raw IPv4 socket that writes UDP headers itself, bound to `src`'s address so the
-/// kernel puts that address in the IP header; `None` (test skipped) without
-/// CAP_NET_RAW, unless `ECHOD_REQUIRE_E2E=1` makes that a failure.
-fn raw_udp_socket(src: Ipv4Addr) -> Socket {
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
-        .expect("a raw socket (the test needs RAW_SOCKETS)");
-    socket
-        .bind(&SocketAddr::from((src, 0)).into())
-        .expect("bind raw socket to a loopback address");
-    socket
-}
-
-/// One's-complement sum of 16-bit words, for the UDP checksum.
-fn ones_complement_sum(mut sum: u32, bytes: &[u8]) -> u32 {
-    for pair in bytes.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
-/// Sends one UDP datagram from `src` (an address and port we do not own) to `dst`.
-/// Returns false when the test must be skipped (no raw socket).
-fn spoof(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
-    assert!(src.ip().is_loopback() && dst.ip().is_loopback());
-    let raw = raw_udp_socket(*src.ip());
-    let len = u16::try_from(8 + payload.len()).expect("small payload");
-    let mut packet = Vec::with_capacity(usize::from(len));
-    packet.extend_from_slice(&src.port().to_be_bytes());
-    packet.extend_from_slice(&dst.port().to_be_bytes());
-    packet.extend_from_slice(&len.to_be_bytes());
-    packet.extend_from_slice(&[0, 0]);
-    packet.extend_from_slice(payload);
-    let mut pseudo = Vec::with_capacity(12);
-    pseudo.extend_from_slice(&src.ip().octets());
-    pseudo.extend_from_slice(&dst.ip().octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&len.to_be_bytes());
-    let mut sum = ones_complement_sum(ones_complement_sum(0, &pseudo), &packet);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let checksum = match !(sum as u16) {
-        0 => 0xffff,
-        c => c,
-    };
-    packet[6..8].copy_from_slice(&checksum.to_be_bytes());
-    let sent = raw
-        .send_to(&packet, &SocketAddr::from((*dst.ip(), 0)).into())
-        .expect("send spoofed datagram");
-    assert_eq!(sent, packet.len());
-}
-
-fn v4(addr: SocketAddr) -> SocketAddrV4 {
-    match addr {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
-    }
-}
 
 /// The daemon answers a TCP echo and `/healthz`, each within 1 s.
 fn assert_responsive(daemon: &Daemon) {

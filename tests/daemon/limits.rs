@@ -5,7 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, Daemon, LOCAL, connect_from, daemon_with_limits};
+use crate::support::{self, Daemon, LOCAL, connect_from, daemon_with_limits, write_until_stalled};
 
 crate::support::tests![
     global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly,
@@ -124,51 +124,15 @@ fn idle_connection_is_closed_after_the_idle_timeout() {
     daemon.wait_metric("echod_tcp_idle_timeouts_total", &[], 1.0);
 }
 
-/// Writes without ever reading until `limit` bytes are sent or backpressure has stopped
-/// the writes for `stall` (the daemon stopped reading); bounded by 10 s. Returns the
-/// bytes written.
-fn write_until_stalled(s: &mut TcpStream, limit: usize, stall: Duration) -> usize {
-    s.set_nonblocking(true).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut written = 0usize;
-    let mut stalled_since: Option<Instant> = None;
-    while written < limit && Instant::now() < deadline {
-        match s.write(&chunk) {
-            Ok(n) => {
-                written += n;
-                stalled_since = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > stall {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("write failed before the daemon stalled: {e}"),
-        }
-    }
-    written
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 fn a_client_that_never_reads_costs_bounded_memory() {
     let daemon = Daemon::start("");
     // Warm up so allocator arenas exist before the baseline.
     assert!(support::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
-    let before = rss_kib(daemon.pid());
+    let before = support::rss_kib(daemon.pid());
     let mut s = TcpStream::connect(daemon.tcp).unwrap();
-    let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1));
-    let after = rss_kib(daemon.pid());
+    let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1))
+        .expect("write failed before the daemon stalled");
+    let after = support::rss_kib(daemon.pid());
     assert!(
         written < 100 << 20,
         "the daemon kept reading from a client that never reads ({written} bytes)"
@@ -229,7 +193,8 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
 fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
     let (daemon, mut s) = connected_with_one_second_idle_timeout();
     // Stalled for 300 ms means the daemon is stuck writing its echo to us.
-    let written = write_until_stalled(&mut s, 64 << 20, Duration::from_millis(300));
+    let written = write_until_stalled(&mut s, 64 << 20, Duration::from_millis(300))
+        .expect("write failed before the daemon stalled");
     assert!(written < 64 << 20, "the daemon never stopped reading");
     // The daemon is now blocked writing to us; with no progress it must give up after
     // the idle timeout (1 s), not later.

@@ -21,6 +21,7 @@ mod proxy_protocol;
 mod reload;
 mod sd_notify;
 mod shutdown;
+mod soak;
 mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
@@ -28,7 +29,9 @@ mod upgrade;
 mod web_config;
 
 fn main() -> std::process::ExitCode {
+    // The soak (about 90 s) first, so the others run beside it.
     support::run(&[
+        soak::TESTS,
         tcp_echo::TESTS,
         udp_echo::TESTS,
         limits::TESTS,

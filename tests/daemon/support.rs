@@ -2,7 +2,9 @@
 //! (tests needing a tool or IPv6 show as ignored without it), plus what
 //! only these tests need — counters waited for one by one, a config rewritten for a
 //! reload, a fake service manager (the `NOTIFY_SOCKET` echod reports to and the
-//! `LISTEN_FDS` hand-over of socket activation), and the process's CPU time.
+//! `LISTEN_FDS` hand-over of socket activation), the process's CPU time, and the
+//! hostile clients the attack tests and the soak share (kubelet-style probes,
+//! slowloris, slow readers, non-readers, spoofed UDP).
 
 #[path = "../support/e2e.rs"]
 mod e2e;
@@ -10,14 +12,19 @@ mod e2e;
 pub use e2e::*;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 impl Daemon {
     /// Waits (5 s at most) until a counter reaches `want`, then asserts it is exactly
@@ -64,6 +71,16 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The process's resident memory (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
 
 /// True when `name` is a family of `families` or a histogram's `_bucket`/`_sum`/`_count`.
@@ -229,3 +246,258 @@ pub const RAW_SOCKETS: Need = Need::Host("raw IP sockets (root) to spoof UDP sou
     )
     .is_ok()
 });
+
+/// What a Kubernetes probe waits (`timeoutSeconds: 2` in deploy/kubernetes).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A TCP connection from `from` to `to`, with an optional small receive buffer (set
+/// before connect so the window is small from the start).
+pub fn connect(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    rcvbuf: Option<usize>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&SocketAddr::from((from, 0)).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// One probe the way a kubelet makes it: a new connection, `GET path`, the whole
+/// response within `PROBE_TIMEOUT` of the start. Returns the status code.
+pub fn probe(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let started = Instant::now();
+    let deadline = started + PROBE_TIMEOUT;
+    let mut s = connect(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    s.set_write_timeout(Some(PROBE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete response within {PROBE_TIMEOUT:?} ({} bytes)",
+                response.len()
+            ));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+}
+
+/// What the other side did to a connection, seen without blocking or consuming data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Open,
+    /// A clean close (FIN): reads return 0.
+    Eof,
+    /// A reset or another error (reported once, then reads return 0).
+    Reset,
+}
+
+pub fn peer_state(s: &TcpStream) -> Peer {
+    let _ = s.set_nonblocking(true);
+    match s.peek(&mut [0u8; 1]) {
+        Ok(0) => Peer::Eof,
+        Ok(_) => Peer::Open,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Peer::Open,
+        Err(_) => Peer::Reset,
+    }
+}
+
+/// True when the connection is closed from the other side (EOF or reset).
+pub fn closed_by_peer(s: &TcpStream) -> bool {
+    peer_state(s) != Peer::Open
+}
+
+/// Keeps `count` slowloris connections open from `sources` (taken in turn) until `stop`: half send a
+/// partial request head and add a header line every second, half connect and say
+/// nothing. A connection the daemon closes is replaced (at most 64 per 250 ms round),
+/// as a real attacker would. Returns how many connections it made.
+pub fn slowloris(
+    addr: SocketAddr,
+    sources: Vec<Ipv4Addr>,
+    count: usize,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
+        let mut made = 0usize;
+        let mut round = 0u64;
+        while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+            let mut budget = 64;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if slot.as_ref().is_some_and(closed_by_peer) {
+                    *slot = None;
+                }
+                if slot.is_none() && budget > 0 {
+                    budget -= 1;
+                    if let Ok(mut s) = connect(
+                        sources[i % sources.len()],
+                        addr,
+                        None,
+                        Duration::from_millis(200),
+                    ) {
+                        made += 1;
+                        if i.is_multiple_of(2) {
+                            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+                        }
+                        *slot = Some(s);
+                    }
+                } else if let Some(s) = slot.as_mut()
+                    && i.is_multiple_of(2)
+                    && round.is_multiple_of(4)
+                {
+                    let _ = s.write_all(b"X-Slow: 1\r\n");
+                }
+            }
+            round += 1;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        made
+    })
+}
+
+/// A client from `from` that pipelines `GET /metrics` and never reads: writes until the
+/// daemon stops taking requests (its responses fill the socket buffers) or 256 KiB are
+/// sent.
+pub fn slow_reader(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let mut s = connect(from, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
+    s.set_nonblocking(true).unwrap();
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut sent = 0;
+    let mut stalled: Option<Instant> = None;
+    while sent < 256 * 1024 && Instant::now() < deadline {
+        match s.write(&requests) {
+            Ok(n) => {
+                sent += n;
+                stalled = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if stalled.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(200) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => break,
+        }
+    }
+    s
+}
+
+/// Writes without ever reading until `limit` bytes are sent or the writes have stalled
+/// for `stall` (echod stopped reading); bounded by 10 s. Returns the bytes written, or
+/// the error a write failed with.
+pub fn write_until_stalled(
+    s: &mut TcpStream,
+    limit: usize,
+    stall: Duration,
+) -> std::io::Result<usize> {
+    s.set_nonblocking(true)?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut written = 0usize;
+    let mut stalled_since: Option<Instant> = None;
+    while written < limit && Instant::now() < deadline {
+        match s.write(&chunk) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > stall {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// A raw IPv4 socket that writes UDP headers itself, bound to `src`'s address so the
+/// kernel puts that address in the IP header (needs [`RAW_SOCKETS`]).
+fn raw_udp_socket(src: Ipv4Addr) -> Socket {
+    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
+        .expect("a raw socket (the test needs RAW_SOCKETS)");
+    socket
+        .bind(&SocketAddr::from((src, 0)).into())
+        .expect("bind raw socket to a loopback address");
+    socket
+}
+
+/// One's-complement sum of 16-bit words, for the UDP checksum.
+fn ones_complement_sum(mut sum: u32, bytes: &[u8]) -> u32 {
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+/// Sends one UDP datagram from `src` (an address and port we do not own) to `dst`,
+/// both on loopback (needs [`RAW_SOCKETS`]).
+pub fn spoof(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    assert!(src.ip().is_loopback() && dst.ip().is_loopback());
+    let raw = raw_udp_socket(*src.ip());
+    let len = u16::try_from(8 + payload.len()).expect("small payload");
+    let mut packet = Vec::with_capacity(usize::from(len));
+    packet.extend_from_slice(&src.port().to_be_bytes());
+    packet.extend_from_slice(&dst.port().to_be_bytes());
+    packet.extend_from_slice(&len.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let mut sum = ones_complement_sum(ones_complement_sum(0, &pseudo), &packet);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    packet[6..8].copy_from_slice(&checksum.to_be_bytes());
+    let sent = raw
+        .send_to(&packet, &SocketAddr::from((*dst.ip(), 0)).into())
+        .expect("send spoofed datagram");
+    assert_eq!(sent, packet.len());
+}
+
+/// The IPv4 address of `addr` (every test daemon listens on 127.0.0.x).
+pub fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
+    }
+}
