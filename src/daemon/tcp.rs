@@ -223,17 +223,7 @@ pub(super) fn serve(
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
     metrics.accepted.inc();
-    Connection {
-        stream,
-        config,
-        shutdown,
-        metrics,
-        unflushed: ByteCounts::default(),
-        echoed_total: 0,
-        peer,
-        _permit: permit,
-    }
-    .run()
+    Connection::new(stream, peer, config, shutdown, metrics, permit).run()
 }
 
 /// A connection from a trusted proxy whose header has not been read yet.
@@ -313,17 +303,7 @@ pub(super) fn adopt(
     metrics: Arc<TcpListenerMetrics>,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
-    Connection {
-        stream,
-        config,
-        shutdown,
-        metrics,
-        unflushed: ByteCounts::default(),
-        echoed_total: 0,
-        peer,
-        _permit: permit,
-    }
-    .run_adopted(pending)
+    Connection::new(stream, peer, config, shutdown, metrics, permit).run_adopted(pending)
 }
 
 /// What woke a listener.
@@ -415,6 +395,26 @@ impl End {
 }
 
 impl Connection {
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        config: Arc<TcpConfig>,
+        shutdown: Shutdown,
+        metrics: Arc<TcpListenerMetrics>,
+        permit: Permit,
+    ) -> Self {
+        Self {
+            stream,
+            config,
+            shutdown,
+            metrics,
+            unflushed: ByteCounts::default(),
+            echoed_total: 0,
+            peer,
+            _permit: permit,
+        }
+    }
+
     /// Serves the connection to its end and records how it went. Written as a plain
     /// `fn` returning an `async move` block so the connection is stored in the task
     /// once: an `async fn` taking `mut self` keeps a second copy of it (112 bytes more

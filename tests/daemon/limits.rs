@@ -1,11 +1,13 @@
 //! Connection limits and timeouts as an operator relies on them: the limit holds, the
 //! clients beyond it learn at once, everyone else is unaffected.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Read;
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::{self, Daemon, LOCAL, connect_from, daemon_with_limits, write_until_stalled};
+
+use crate::support::is_served;
 
 crate::support::tests![
     global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly,
@@ -15,28 +17,6 @@ crate::support::tests![
     running_out_of_file_descriptors_is_survived_without_spinning,
     a_client_that_stops_reading_is_closed_after_the_idle_timeout,
 ];
-
-/// True when the connection echoes; false when the daemon closed it (EOF or reset).
-/// Panics if neither happens within 5 s: a rejected client must never hang.
-fn is_served(stream: &mut TcpStream) -> bool {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    if stream.write_all(b"ping").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 4];
-    match stream.read_exact(&mut buf) {
-        Ok(()) => {
-            assert_eq!(&buf, b"ping");
-            true
-        }
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("connection neither served nor closed within 5 s")
-        }
-        Err(_) => false,
-    }
-}
 
 fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
     let daemon = daemon_with_limits(10, 10);

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Daemon, Options, echod_bin};
 
+use crate::support::wait_for_log;
+
 crate::support::tests![
     under_journald_every_line_carries_its_priority_and_errors_stay_one_entry,
     at_debug_each_connection_is_logged_with_peer_duration_and_bytes,
@@ -18,21 +20,6 @@ crate::support::tests![
     check_config_into_a_closed_pipe_is_not_a_crash,
     a_bind_error_is_reported_once,
 ];
-
-fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = daemon.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn under_journald_every_line_carries_its_priority_and_errors_stay_one_entry() {
     let daemon = Daemon::start_with(Options {

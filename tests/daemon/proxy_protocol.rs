@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use crate::support::connect_from;
 use crate::support::{Daemon, free_port};
 
+use crate::support::{is_served, wait_for_log};
+
 crate::support::tests![
     haproxy_send_proxy_v2_passes_real_client_addresses needs &[crate::support::Need::Tool("haproxy")],
     haproxy_send_proxy_v1_passes_real_client_addresses needs &[crate::support::Need::Tool("haproxy")],
@@ -88,27 +90,6 @@ fn echoes(stream: &mut TcpStream, data: &[u8]) {
     assert_eq!(back, data);
 }
 
-/// True when the connection echoes "ping"; false when it is closed (EOF or reset).
-fn is_served(stream: &mut TcpStream) -> bool {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    if stream.write_all(b"ping").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 4];
-    match stream.read_exact(&mut buf) {
-        Ok(()) => {
-            assert_eq!(&buf, b"ping");
-            true
-        }
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-            panic!("connection neither served nor closed within 10 s")
-        }
-        Err(_) => false,
-    }
-}
-
 /// A connection from `from`, or the error (HAProxy may not listen yet).
 fn try_connect_from(from: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -138,22 +119,6 @@ fn roundtrip_from(from: Ipv4Addr, addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     reader.read_to_end(&mut got).expect("read echo");
     sender.join().unwrap();
     got
-}
-
-/// Waits (10 s at most) until the log contains `needle`; returns the log.
-fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = daemon.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "log never contained {needle:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn start_trusting(trusted: &str, extra: &str) -> Daemon {

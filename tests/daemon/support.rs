@@ -501,3 +501,41 @@ pub fn v4(addr: SocketAddr) -> SocketAddrV4 {
         SocketAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
     }
 }
+
+/// Waits (15 s at most) until the daemon's log contains `needle`; returns the log.
+pub fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = daemon.log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True when the connection echoes "ping"; false when the daemon closed it (EOF or
+/// reset). Panics if neither happens within 10 s: a rejected client must never hang.
+pub fn is_served(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    if stream.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    match stream.read_exact(&mut buf) {
+        Ok(()) => {
+            assert_eq!(&buf, b"ping");
+            true
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("connection neither served nor closed within 10 s")
+        }
+        Err(_) => false,
+    }
+}

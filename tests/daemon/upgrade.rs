@@ -4,9 +4,11 @@
 //! `check-config` is refused and the running one keeps serving.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{Chatter, Daemon, Options, StalledClient, echod_bin, udp_echo};
+
+use crate::support::wait_for_log;
 
 crate::support::tests![
     sighup_after_the_binary_was_replaced_hands_everything_over,
@@ -26,21 +28,6 @@ fn replace(bin: &Path, contents: &[u8]) {
     std::fs::write(&new, contents).unwrap();
     std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&new, bin).unwrap();
-}
-
-fn wait_log(daemon: &Daemon, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = daemon.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The `key=N` value of the first log line containing `line`.
@@ -74,7 +61,7 @@ fn sighup_after_the_binary_was_replaced_hands_everything_over() {
 
     replace(&bin, &std::fs::read(echod_bin()).unwrap());
     daemon.signal(libc::SIGHUP);
-    let log = wait_log(&daemon, "serving the connections handed over");
+    let log = wait_for_log(&daemon, "serving the connections handed over");
     // Same process, a new image: it took over both connections, the stalled one with the
     // burst echod had read and could not write back yet.
     assert!(daemon.child.0.try_wait().unwrap().is_none(), "echod exited");
@@ -93,7 +80,7 @@ fn sighup_after_the_binary_was_replaced_hands_everything_over() {
         3
     );
     // The new image serves: a fresh /readyz, the held connection, new connections, UDP.
-    wait_log(&daemon, "echod ready");
+    wait_for_log(&daemon, "echod ready");
     daemon.wait_metric("echod_ready", &[], 1.0);
     daemon.wait_metric("echod_tcp_connections_active", &[], 2.0);
     chatter.still_echoing();
@@ -130,7 +117,7 @@ fn a_new_binary_that_fails_its_check_is_refused() {
     replace(&bin, b"#!/bin/sh\necho 'this is not echod' >&2\nexit 1\n");
     daemon.signal(libc::SIGHUP);
     daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
-    let log = wait_log(&daemon, "new binary refused");
+    let log = wait_for_log(&daemon, "new binary refused");
     assert!(log.contains("this is not echod"), "{log}");
     assert_eq!(
         daemon.metric("echod_config_last_reload_successful", &[]),

@@ -154,7 +154,7 @@ impl Daemon {
             }
         }
         let mut daemon = Daemon {
-            child: ChildGuard(cmd.spawn().expect("start echod")),
+            child: ChildGuard(spawn_retrying_busy(&mut cmd)),
             tcp,
             udp: tcp,
             http,
@@ -267,4 +267,19 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rng.fill(&mut v);
     v
+}
+
+/// Spawns `cmd`, retrying briefly while its executable is "busy": a binary a test has
+/// just written (an upgrade's copy) can be held open for writing for a moment by a
+/// child another test thread forked meanwhile (the fd lives until that child execs).
+fn spawn_retrying_busy(cmd: &mut Command) -> Child {
+    for _ in 0..100 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result.expect("start echod"),
+        }
+    }
+    cmd.spawn().expect("start echod")
 }
