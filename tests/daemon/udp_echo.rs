@@ -3,14 +3,21 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use crate::support::{self, Daemon, random_bytes};
+use crate::support::{self, Daemon, Need, random_bytes, repo_path};
 
 crate::support::tests![
     every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
     oversize_datagram_is_dropped_not_truncated,
     denied_source_port_gets_no_reply,
     rate_limit_caps_one_source_while_another_is_served,
+    readme_lists_exactly_the_default_denied_ports,
+    a_client_on_the_chargen_port_gets_no_reply_by_default needs &[ROOT_PORT_19],
 ];
+
+/// Binding UDP port 19 (chargen) on loopback: root, as in CI.
+const ROOT_PORT_19: Need = Need::Host("root, to bind UDP 127.0.0.1:19", || {
+    UdpSocket::bind("127.0.0.1:19").is_ok()
+});
 
 fn client(bind: &str) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap();
@@ -121,9 +128,61 @@ fn rate_limit_caps_one_source_while_another_is_served() {
     other.send_to(b"me too", daemon.udp).unwrap();
     let (n, _) = other.recv_from(&mut buf).expect("second source is served");
     assert_eq!(&buf[..n], b"me too");
-    let limited = daemon.metric(
+    daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "rate_limited")],
+        f64::from(50 - replies),
     );
-    assert_eq!(limited, f64::from(50 - replies));
+}
+
+/// README: "by default 0, 7 (echo), 9 (discard) … 11211 (memcached), the services …".
+fn readme_lists_exactly_the_default_denied_ports() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let list = readme
+        .split_once("`udp.deny_source_ports` — by default ")
+        .and_then(|(_, rest)| rest.split_once(", the services that answer anything"))
+        .expect("README's list of default denied ports")
+        .0;
+    let documented: Vec<u16> = list
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.parse().expect("a port number"))
+        .collect();
+    assert_eq!(
+        documented,
+        echod::config::DEFAULT_DENY_SOURCE_PORTS,
+        "{list}"
+    );
+}
+
+/// With the default configuration, a datagram from chargen's port (19) — the classic
+/// echo–chargen loop — is dropped and counted, while other sources are answered.
+fn a_client_on_the_chargen_port_gets_no_reply_by_default() {
+    let daemon = Daemon::start("");
+    let chargen = client("127.0.0.1:19");
+    let other = client("127.0.0.1:0");
+    chargen.send_to(b"loop?", daemon.udp).unwrap();
+    other.send_to(b"hello", daemon.udp).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = other
+        .recv_from(&mut buf)
+        .expect("another source is answered");
+    assert_eq!(&buf[..n], b"hello");
+    daemon.wait_metric(
+        "echod_udp_dropped_datagrams_total",
+        &[("reason", "denied_port")],
+        1.0,
+    );
+    daemon.wait_metric("echod_udp_received_datagrams_total", &[], 2.0);
+    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 1.0);
+    // Replies are sent before the counts are flushed: one to port 19 would be queued.
+    chargen.set_nonblocking(true).unwrap();
+    let reply = chargen.recv_from(&mut buf);
+    assert!(
+        reply
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "port 19 was answered: {reply:?}"
+    );
 }
