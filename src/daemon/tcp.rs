@@ -11,7 +11,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -123,12 +122,10 @@ impl Listener {
     /// accepted: cleanly (EOF) and counted as `shutdown`, rather than reset unseen when
     /// the listening socket closes.
     async fn reject_backlog(&self) {
-        loop {
-            let next = std::future::poll_fn(|cx| Poll::Ready(self.listener.poll_accept(cx))).await;
-            match next {
-                Poll::Ready(Ok(_)) => self.metrics.rejected(RejectReason::Shutdown),
-                Poll::Ready(Err(_)) | Poll::Pending => break,
-            }
+        // accept(2) itself, not tokio's: its readiness may not have seen clients that
+        // queued while the workers were busy, and those would be reset unseen.
+        while SockRef::from(&self.listener).accept().is_ok() {
+            self.metrics.rejected(RejectReason::Shutdown);
         }
     }
 

@@ -18,6 +18,7 @@ crate::support::tests![
     reload_lowers_the_connection_limit_for_new_connections_only,
     a_reload_that_cannot_bind_or_load_keeps_the_old_listeners,
     reload_moves_a_listener_and_stop_drains_open_connections,
+    clients_waiting_in_the_backlog_at_a_stop_get_eof_and_count_as_shutdown,
 ];
 
 /// A daemon serving on its own runtime threads, with the addresses it got.
@@ -273,4 +274,73 @@ fn reload_moves_a_listener_and_stop_drains_open_connections() {
         assert_eq!(d.stop().await, Summary { drained: 1, cut: 0 });
         closer.join().unwrap();
     })
+}
+
+/// Connections the kernel completed before the stop but echod had not accepted yet are
+/// closed cleanly (EOF, not a reset) and counted as `shutdown`. The daemon runs on one
+/// worker, which the test holds while clients queue in the backlog and the stop is sent.
+fn clients_waiting_in_the_backlog_at_a_stop_get_eof_and_count_as_shutdown() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let d = runtime.block_on(InProcess::start(Config::default()));
+    let mut held = TcpStream::connect(d.tcp).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1])
+        .expect("admitted before the stop");
+
+    let (entered, worker_held) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    runtime.spawn(async move {
+        entered.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(10));
+    });
+    worker_held
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker runs the blocking task");
+    let waiting: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(d.tcp).expect("the kernel completes the handshake"))
+        .collect();
+    d.control
+        .blocking_send(Control::Stop("test"))
+        .expect("server is running");
+    release.send(()).unwrap();
+
+    for (i, mut client) in waiting.into_iter().enumerate() {
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf);
+        assert!(
+            matches!(read, Ok(0)),
+            "client {i} waiting at the stop: {read:?}, expected EOF"
+        );
+    }
+    // The held connection keeps the drain (and so the endpoint) going.
+    let label = d.tcp.to_string();
+    let (_, m) = http_get(d.http, "/metrics").expect("scrape while draining");
+    let listener = [("listener", label.as_str())];
+    assert_eq!(
+        metric_value(
+            &m,
+            "echod_tcp_connections_rejected_total",
+            &[listener[0], ("reason", "shutdown")]
+        ),
+        5.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "echod_tcp_connections_accepted_total", &listener),
+        1.0
+    );
+    drop(held);
+    let summary = runtime
+        .block_on(d.task)
+        .expect("serve task")
+        .expect("serve result");
+    assert_eq!(summary, Summary { drained: 1, cut: 0 });
 }
