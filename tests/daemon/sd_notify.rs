@@ -241,10 +241,10 @@ fn watchdog_pings_stop_while_the_serving_runtime_is_blocked() {
     let (mut pings, mut states) = (Vec::new(), Vec::new());
     // Until pings resumed after the block (1.5 s + 3 s), 10 s at most.
     while started.elapsed() < Duration::from_secs(10) {
-        if let Some(n) = notify.recv(Duration::from_millis(100)) {
-            if n.is_watchdog() {
-                pings.push(n.at);
-            }
+        if let Some(n) = notify.recv(Duration::from_millis(100))
+            && n.is_watchdog()
+        {
+            pings.push(n.at);
         }
         states.push((Instant::now(), process_state(daemon.pid())));
         // Resumed: two pings since a gap of more than 2 s.
