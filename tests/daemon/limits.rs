@@ -12,6 +12,7 @@ crate::support::tests![
     per_ip_limit_applies_to_each_source_address_separately,
     idle_connection_is_closed_after_the_idle_timeout,
     a_client_that_never_reads_costs_bounded_memory,
+    idle_connections_hold_no_buffer,
     running_out_of_file_descriptors_is_survived_without_spinning,
     a_client_that_stops_reading_is_closed_after_the_idle_timeout,
 ];
@@ -173,22 +174,106 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
+/// The sizes the kernel reports for a socket's send and receive buffers (what it lets
+/// queue in them, bookkeeping included).
+fn socket_buffers(socket: socket2::SockRef<'_>) -> usize {
+    socket.send_buffer_size().unwrap() + socket.recv_buffer_size().unwrap()
+}
+
+/// A numeric sysctl, e.g. `net/core/wmem_max`.
+fn sysctl(name: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/sys/{name}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn a_client_that_never_reads_costs_bounded_memory() {
-    let daemon = Daemon::start("");
+    // A large buffer, so that holding one is measurable and holding a second is not
+    // lost in the noise.
+    const BUFFER: usize = 1 << 20;
+    let daemon = Daemon::start(&format!("[tcp]\nbuffer_size = {BUFFER}"));
     // Warm up so allocator arenas exist before the baseline.
     assert!(support::tcp_roundtrip(daemon.tcp, &[7u8; 100_000], 1).len() == 100_000);
     let before = rss_kib(daemon.pid());
-    let mut s = TcpStream::connect(daemon.tcp).unwrap();
+    // Fixed client buffers, so everything that can queue in the kernel is known.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.connect(&daemon.tcp.into()).unwrap();
+    let mut s: TcpStream = socket.into();
     let written = write_until_stalled(&mut s, 100 << 20, Duration::from_secs(1));
     let after = rss_kib(daemon.pid());
+    // What the client wrote is in the four socket buffers (its own two, echod's two) or
+    // in echod's one buffer: echod reads no more until its echo is written.
+    // echod's side: tcp.send_buffer_size and receive_buffer_size (defaults here), capped
+    // at net.core.wmem_max/rmem_max and doubled by the kernel for its bookkeeping.
+    let defaults = echod::config::TcpConfig::default();
+    let echod_side = 2 * defaults.send_buffer_size.min(sysctl("net/core/wmem_max"))
+        + 2 * defaults
+            .receive_buffer_size
+            .min(sysctl("net/core/rmem_max"));
+    let queued_at_most = socket_buffers(socket2::SockRef::from(&s)) + echod_side + BUFFER;
     assert!(
-        written < 100 << 20,
-        "the daemon kept reading from a client that never reads ({written} bytes)"
+        written <= queued_at_most + 64 * 1024,
+        "the daemon took {written} bytes from a client that never reads; socket buffers \
+         and one buffer hold {queued_at_most}"
+    );
+    let grown = after.saturating_sub(before);
+    eprintln!("non-reading client: wrote {written} bytes, RSS {before} -> {after} KiB");
+    assert!(
+        grown * 1024 < (BUFFER + 512 * 1024) as u64,
+        "RSS grew from {before} KiB to {after} KiB after {written} unread bytes: more than one \
+         {BUFFER}-byte buffer"
+    );
+}
+
+fn idle_connections_hold_no_buffer() {
+    const IDLE: usize = 2_000;
+    raise_open_files_limit(IDLE as u64 + 200);
+    let daemon = Daemon::start(&format!(
+        "[tcp]\nmax_connections = {IDLE}\nmax_connections_per_ip = {IDLE}"
+    ));
+    // Warm up: a few connections, so per-thread structures exist before the baseline.
+    let warm: Vec<TcpStream> = (0..50).map(|_| admitted(LOCAL, daemon.tcp)).collect();
+    drop(warm);
+    daemon.wait_metric("echod_tcp_connections_closed_total", &[], 50.0);
+    let before = rss_kib(daemon.pid());
+    let idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    daemon.wait_metric("echod_tcp_connections_active", &[], IDLE as f64);
+    let after = rss_kib(daemon.pid());
+    let per_connection = (after.saturating_sub(before) * 1024) as f64 / IDLE as f64;
+    eprintln!(
+        "{IDLE} idle connections: RSS {before} -> {after} KiB, {per_connection:.0} bytes each"
     );
     assert!(
-        after.saturating_sub(before) < 4 * 1024,
-        "RSS grew from {before} KiB to {after} KiB after {written} unread bytes"
+        per_connection < 2048.0,
+        "an idle connection costs {per_connection:.0} bytes of RSS (README: no buffer, 1.15 KiB)"
     );
+    drop(idle);
+}
+
+/// Raises this test process's soft open-files limit to at least `wanted` (within the
+/// hard limit).
+fn raise_open_files_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        assert!(
+            limit.rlim_max >= wanted,
+            "hard open-files limit {} < {wanted}",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_cur.max(wanted);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
 }
 
 fn running_out_of_file_descriptors_is_survived_without_spinning() {
