@@ -26,8 +26,9 @@ crate::support::tests![
 ];
 
 /// A raw IPv4 socket that writes UDP headers itself, bound to `src`'s address so the
-/// kernel puts that address in the IP header; `None` (test skipped) without
-/// CAP_NET_RAW, unless `ECHOD_REQUIRE_E2E=1` makes that a failure.
+/// kernel puts that address in the IP header. Tests that spoof need `RAW_SOCKETS`, so
+/// the harness shows them as ignored without CAP_NET_RAW (a failure under
+/// `ECHOD_REQUIRE_E2E=1`) and this never runs without it.
 fn raw_udp_socket(src: Ipv4Addr) -> Socket {
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))
         .expect("a raw socket (the test needs RAW_SOCKETS)");
@@ -47,7 +48,6 @@ fn ones_complement_sum(mut sum: u32, bytes: &[u8]) -> u32 {
 }
 
 /// Sends one UDP datagram from `src` (an address and port we do not own) to `dst`.
-/// Returns false when the test must be skipped (no raw socket).
 fn spoof(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
     assert!(src.ip().is_loopback() && dst.ip().is_loopback());
     let raw = raw_udp_socket(*src.ip());
