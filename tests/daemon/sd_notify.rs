@@ -149,15 +149,22 @@ fn lifecycle_messages_arrive_in_protocol_order() {
     );
 }
 
+/// echod reporting to `notify` with a 1 s watchdog, plus the variables in `extra`.
+fn with_one_second_watchdog(notify: &NotifySocket, extra: &[(&'static str, &str)]) -> Daemon {
+    let mut env = vec![
+        ("NOTIFY_SOCKET", notify.path.display().to_string()),
+        ("WATCHDOG_USEC", "1000000".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    Daemon::start_with(Options {
+        env,
+        ..Options::default()
+    })
+}
+
 fn watchdog_pings_at_half_the_interval() {
     let notify = NotifySocket::bind();
-    let daemon = Daemon::start_with(Options {
-        env: vec![
-            ("NOTIFY_SOCKET", notify.path.display().to_string()),
-            ("WATCHDOG_USEC", "1000000".to_string()),
-        ],
-        ..Options::default()
-    });
+    let daemon = with_one_second_watchdog(&notify, &[]);
     // No pings for a watchdog meant for another process (WATCHDOG_PID), nor for a
     // disabled one (WATCHDOG_USEC=0).
     let unfed: Vec<_> = [("1000000", Some("1")), ("0", None)]
@@ -228,15 +235,13 @@ fn process_state(pid: u32) -> char {
 /// resume when the runtime does. A ping thread of its own would keep pinging.
 fn watchdog_pings_stop_while_the_serving_runtime_is_blocked() {
     let notify = NotifySocket::bind();
-    let daemon = Daemon::start_with(Options {
-        env: vec![
-            ("NOTIFY_SOCKET", notify.path.display().to_string()),
-            ("WATCHDOG_USEC", "1000000".to_string()),
-            ("ECHOD_TEST_BLOCK_RUNTIME_AFTER", "1500ms".to_string()),
-            ("ECHOD_TEST_BLOCK_RUNTIME_FOR", "3s".to_string()),
+    let daemon = with_one_second_watchdog(
+        &notify,
+        &[
+            ("ECHOD_TEST_BLOCK_RUNTIME_AFTER", "1500ms"),
+            ("ECHOD_TEST_BLOCK_RUNTIME_FOR", "3s"),
         ],
-        ..Options::default()
-    });
+    );
     let started = Instant::now();
     let (mut pings, mut states) = (Vec::new(), Vec::new());
     // Until pings resumed after the block (1.5 s + 3 s), 10 s at most.

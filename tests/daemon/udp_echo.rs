@@ -82,23 +82,35 @@ fn denied_source_port_gets_no_reply() {
         deny_source_ports = [0, 7, 19, {denied}]
         "#
     ));
-    let bad = client(&format!("127.0.0.1:{denied}"));
-    let good = client("127.0.0.1:0");
-    bad.send_to(b"loop?", daemon.udp).unwrap();
-    good.send_to(b"hello", daemon.udp).unwrap();
+    only_the_denied_source_is_dropped(&daemon, &client(&format!("127.0.0.1:{denied}")));
+}
+
+/// A datagram from `denied`, then one from another source: the other is answered, the
+/// first is dropped and counted as `denied_port`, and nothing went back to it.
+fn only_the_denied_source_is_dropped(daemon: &Daemon, denied: &UdpSocket) {
+    let other = client("127.0.0.1:0");
+    denied.send_to(b"loop?", daemon.udp).unwrap();
+    other.send_to(b"hello", daemon.udp).unwrap();
     let mut buf = [0u8; 64];
-    let (n, _) = good
+    let (n, _) = other
         .recv_from(&mut buf)
-        .expect("allowed source is answered");
+        .expect("another source is answered");
     assert_eq!(&buf[..n], b"hello");
-    assert!(
-        bad.recv_from(&mut buf).is_err(),
-        "denied source port was answered"
-    );
     daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "denied_port")],
         1.0,
+    );
+    daemon.wait_metric("echod_udp_received_datagrams_total", &[], 2.0);
+    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 1.0);
+    // Replies are sent before the counts are flushed: one to `denied` would be queued.
+    denied.set_nonblocking(true).unwrap();
+    let reply = denied.recv_from(&mut buf);
+    assert!(
+        reply
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the denied source port was answered: {reply:?}"
     );
 }
 
@@ -160,29 +172,5 @@ fn readme_lists_exactly_the_default_denied_ports() {
 /// echo–chargen loop — is dropped and counted, while other sources are answered.
 fn a_client_on_the_chargen_port_gets_no_reply_by_default() {
     let daemon = Daemon::start("");
-    let chargen = client("127.0.0.1:19");
-    let other = client("127.0.0.1:0");
-    chargen.send_to(b"loop?", daemon.udp).unwrap();
-    other.send_to(b"hello", daemon.udp).unwrap();
-    let mut buf = [0u8; 64];
-    let (n, _) = other
-        .recv_from(&mut buf)
-        .expect("another source is answered");
-    assert_eq!(&buf[..n], b"hello");
-    daemon.wait_metric(
-        "echod_udp_dropped_datagrams_total",
-        &[("reason", "denied_port")],
-        1.0,
-    );
-    daemon.wait_metric("echod_udp_received_datagrams_total", &[], 2.0);
-    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 1.0);
-    // Replies are sent before the counts are flushed: one to port 19 would be queued.
-    chargen.set_nonblocking(true).unwrap();
-    let reply = chargen.recv_from(&mut buf);
-    assert!(
-        reply
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-        "port 19 was answered: {reply:?}"
-    );
+    only_the_denied_source_is_dropped(&daemon, &client("127.0.0.1:19"));
 }

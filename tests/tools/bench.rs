@@ -102,46 +102,38 @@ fn ping_pong_numbers_match_the_daemons_metrics() {
     );
 }
 
-#[test]
-fn a_stall_of_the_server_shows_in_the_latencies() {
-    const STALL: f64 = 300_000.0; // µs
-    // Closed loop: the message caught in the stall waited it out.
-    let server = stalling_echo_server(64 * 200, Duration::from_millis(300));
-    let (run, report) = bench(&[&server.to_string(), "-C", "2", "-s", "64", "-d", "1500ms"]);
+/// The latencies of a run of `echod bench --json ARGS…` against a server that stalls
+/// once for 300 ms; the stall must show in the maximum.
+fn latencies_with_one_stall(args: &[&str]) -> Value {
+    let server = stalling_echo_server(64 * 200, Duration::from_millis(300)).to_string();
+    let mut all = vec![server.as_str(), "-C", "2", "-s", "64"];
+    all.extend_from_slice(args);
+    let (run, report) = bench(&all);
     assert_eq!(run.code(), 0, "{}", run.stderr);
-    let latency = &report["latency_us"];
     assert!(
-        num(latency, "max") >= STALL,
+        num(&report["latency_us"], "max") >= STALL_US,
         "the stall is missing from max: {report}"
     );
+    report["latency_us"].clone()
+}
+
+const STALL_US: f64 = 300_000.0;
+
+#[test]
+fn a_stall_of_the_server_shows_in_the_latencies() {
+    // Closed loop: the message caught in the stall waited it out, and only it.
+    let latency = latencies_with_one_stall(&["-d", "1500ms"]);
     assert!(
-        num(latency, "p50") < STALL / 10.0,
-        "one stall moved the median: {report}"
+        num(&latency, "p50") < STALL_US / 10.0,
+        "one stall moved the median: {latency}"
     );
     // Open loop at 500/s: every message scheduled during the stall on that connection
     // (~75 of 1 000) is late from its intended send time, so the stall reaches p99; a
     // generator that waited for the server would show it in one message only.
-    let server = stalling_echo_server(64 * 200, Duration::from_millis(300));
-    let (run, report) = bench(&[
-        &server.to_string(),
-        "-C",
-        "2",
-        "-s",
-        "64",
-        "-r",
-        "500",
-        "-d",
-        "2s",
-    ]);
-    assert_eq!(run.code(), 0, "{}", run.stderr);
-    let latency = &report["latency_us"];
+    let latency = latencies_with_one_stall(&["-r", "500", "-d", "2s"]);
     assert!(
-        num(latency, "max") >= STALL,
-        "the stall is missing from max: {report}"
-    );
-    assert!(
-        num(latency, "p99") >= STALL / 2.0,
-        "coordinated omission: the stall shows in too few messages: {report}"
+        num(&latency, "p99") >= STALL_US / 2.0,
+        "coordinated omission: the stall shows in too few messages: {latency}"
     );
 }
 
