@@ -542,6 +542,10 @@ fn route<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
     }
 }
 
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod route_tests;
+
 fn landing_page() -> String {
     format!(
         "<!doctype html>\n<html><head><title>echod</title></head><body>\n\

@@ -303,6 +303,8 @@ impl Server {
     async fn serve_until_stop(&mut self, control: &mut mpsc::Receiver<Control>) -> Next {
         let mut status_tick = tokio::time::interval(Duration::from_secs(5));
         let mut sweep_tick = tokio::time::interval(Duration::from_secs(1));
+        #[cfg(debug_assertions)]
+        block_every_worker_if_a_test_asks();
         loop {
             tokio::select! {
                 message = control.recv() => match message {
@@ -525,6 +527,42 @@ impl Server {
         http_stop.cancel();
         summary
     }
+}
+
+/// Test hook, in debug builds only: `ECHOD_TEST_BLOCK_RUNTIME_AFTER=1s` makes every
+/// worker of the serving runtime run a blocking sleep of `ECHOD_TEST_BLOCK_RUNTIME_FOR`
+/// (default 3s) that long after start, so a test can watch what stops with the runtime
+/// (watchdog pings) while the process itself is not stopped.
+#[cfg(debug_assertions)]
+fn block_every_worker_if_a_test_asks() {
+    let setting = |name| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+    };
+    let Some(after) = setting("ECHOD_TEST_BLOCK_RUNTIME_AFTER") else {
+        return;
+    };
+    let length = setting("ECHOD_TEST_BLOCK_RUNTIME_FOR").unwrap_or(Duration::from_secs(3));
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    warn!(
+        ?after,
+        ?length,
+        workers,
+        "test hook: every runtime worker will block"
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        // A blocker holds its worker until all are in, so each holds a different one.
+        let all_in = Arc::new(std::sync::Barrier::new(workers));
+        for _ in 0..workers {
+            let all_in = Arc::clone(&all_in);
+            tokio::spawn(async move {
+                all_in.wait();
+                std::thread::sleep(length);
+            });
+        }
+    });
 }
 
 /// "1 connection", "2 connections".

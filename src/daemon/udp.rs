@@ -286,3 +286,76 @@ impl Listener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(config: &UdpConfig) -> Rules {
+        Rules::new(config, &OwnPorts::default())
+    }
+
+    fn peer(addr: &str) -> SocketAddr {
+        addr.parse().expect("test address")
+    }
+
+    #[test]
+    fn non_unicast_sources_are_denied_and_unicast_ones_are_not() {
+        let rules = rules(&UdpConfig::default());
+        for source in [
+            "0.0.0.0:40000",
+            "255.255.255.255:40000",
+            "224.0.0.1:40000",
+            "239.255.255.250:40000",
+            "0.1.2.3:40000",
+            "[::]:40000",
+            "[ff02::1]:40000",
+            "[::ffff:255.255.255.255]:40000",
+            "[::ffff:224.0.0.1]:40000",
+            "[::ffff:0.1.2.3]:40000",
+        ] {
+            assert!(rules.denies(peer(source)), "{source} must be denied");
+        }
+        for source in [
+            "127.0.0.1:40000",
+            "192.0.2.1:40000",
+            "1.2.3.4:40000",
+            "[::1]:40000",
+            "[2001:db8::1]:40000",
+            "[::ffff:192.0.2.1]:40000",
+        ] {
+            assert!(!rules.denies(peer(source)), "{source} must be answered");
+        }
+    }
+
+    #[test]
+    fn every_denied_port_is_denied_and_only_those() {
+        let config = UdpConfig::default();
+        let rules = rules(&config);
+        for port in 0..=u16::MAX {
+            let denied = rules.denies(SocketAddr::from(([192, 0, 2, 1], port)));
+            assert_eq!(
+                denied,
+                config.deny_source_ports.contains(&port),
+                "source port {port}"
+            );
+        }
+        assert_eq!(
+            config.deny_source_ports,
+            crate::config::DEFAULT_DENY_SOURCE_PORTS
+        );
+    }
+
+    #[test]
+    fn own_ports_are_denied_unless_turned_off() {
+        let own = Arc::new(OwnPorts::default());
+        let _registered = own.register(40_000);
+        let source = SocketAddr::from(([192, 0, 2, 1], 40_000));
+        assert!(Rules::new(&UdpConfig::default(), &own).denies(source));
+        let config = UdpConfig {
+            deny_own_ports: false,
+            ..UdpConfig::default()
+        };
+        assert!(!Rules::new(&config, &own).denies(source));
+    }
+}

@@ -18,6 +18,9 @@ crate::support::tests![
     reload_lowers_the_connection_limit_for_new_connections_only,
     a_reload_that_cannot_bind_or_load_keeps_the_old_listeners,
     reload_moves_a_listener_and_stop_drains_open_connections,
+    clients_waiting_in_the_backlog_at_a_stop_get_eof_and_count_as_shutdown,
+    a_reload_applies_the_idle_and_drain_timeouts,
+    a_reload_applies_udp_rate_limit_deny_ports_and_datagram_size,
 ];
 
 /// A daemon serving on its own runtime threads, with the addresses it got.
@@ -100,6 +103,18 @@ impl InProcess {
             .expect("server is running");
         self.task.await.expect("serve task").expect("serve result")
     }
+}
+
+/// A daemon on a runtime of its own with `workers` worker threads, so the test thread
+/// can use blocking sockets directly.
+fn on_own_runtime(workers: usize, config: Config) -> (tokio::runtime::Runtime, InProcess) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let daemon = runtime.block_on(InProcess::start(config));
+    (runtime, daemon)
 }
 
 /// One blocking TCP echo of `payload`; returns what came back.
@@ -273,4 +288,194 @@ fn reload_moves_a_listener_and_stop_drains_open_connections() {
         assert_eq!(d.stop().await, Summary { drained: 1, cut: 0 });
         closer.join().unwrap();
     })
+}
+
+/// Connections the kernel completed before the stop but echod had not accepted yet are
+/// closed cleanly (EOF, not a reset) and counted as `shutdown`. The daemon runs on one
+/// worker, which the test holds while clients queue in the backlog and the stop is sent.
+fn clients_waiting_in_the_backlog_at_a_stop_get_eof_and_count_as_shutdown() {
+    let (runtime, d) = on_own_runtime(1, Config::default());
+    let mut held = TcpStream::connect(d.tcp).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    held.write_all(b"x").unwrap();
+    held.read_exact(&mut [0u8; 1])
+        .expect("admitted before the stop");
+
+    let (entered, worker_held) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    runtime.spawn(async move {
+        entered.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(10));
+    });
+    worker_held
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker runs the blocking task");
+    let waiting: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(d.tcp).expect("the kernel completes the handshake"))
+        .collect();
+    d.control
+        .blocking_send(Control::Stop("test"))
+        .expect("server is running");
+    release.send(()).unwrap();
+
+    for (i, mut client) in waiting.into_iter().enumerate() {
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf);
+        assert!(
+            matches!(read, Ok(0)),
+            "client {i} waiting at the stop: {read:?}, expected EOF"
+        );
+    }
+    // The held connection keeps the drain (and so the endpoint) going.
+    let label = d.tcp.to_string();
+    let (_, m) = http_get(d.http, "/metrics").expect("scrape while draining");
+    let listener = [("listener", label.as_str())];
+    assert_eq!(
+        metric_value(
+            &m,
+            "echod_tcp_connections_rejected_total",
+            &[listener[0], ("reason", "shutdown")]
+        ),
+        5.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "echod_tcp_connections_accepted_total", &listener),
+        1.0
+    );
+    drop(held);
+    let summary = runtime
+        .block_on(d.task)
+        .expect("serve task")
+        .expect("serve result");
+    assert_eq!(summary, Summary { drained: 1, cut: 0 });
+}
+
+impl InProcess {
+    /// Reloads `config` from a thread outside the runtime and waits until it is applied.
+    fn reload_blocking(&self, runtime: &tokio::runtime::Runtime, config: Config) {
+        let before = self.scrape_blocking();
+        let reloads = metric_value(&before, "echod_config_reloads_total", &[]);
+        runtime.block_on(self.reload(Ok(config)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric_value(&self.scrape_blocking(), "echod_config_reloads_total", &[]) <= reloads {
+            assert!(Instant::now() < deadline, "reload never applied");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn scrape_blocking(&self) -> String {
+        http_get(self.http, "/metrics").expect("scrape").1
+    }
+}
+
+/// Reads until EOF or an error; how long it took.
+fn time_to_eof(s: &mut TcpStream) -> (std::io::Result<usize>, Duration) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let read = s.read(&mut [0u8; 16]);
+    (read, started.elapsed())
+}
+
+fn a_reload_applies_the_idle_and_drain_timeouts() {
+    // Defaults: idle 5 min, drain 30 s. The first reload shortens the idle timeout.
+    let (runtime, d) = on_own_runtime(2, Config::default());
+    let mut shorter = d.config.clone();
+    shorter.tcp.idle_timeout = Duration::from_millis(500);
+    d.reload_blocking(&runtime, shorter.clone());
+
+    let mut idle = TcpStream::connect(d.tcp).unwrap();
+    let (read, after) = time_to_eof(&mut idle);
+    assert!(matches!(read, Ok(0)), "idle connection: {read:?}");
+    assert!(
+        (Duration::from_millis(400)..Duration::from_secs(3)).contains(&after),
+        "closed {after:?} after connecting with idle_timeout = 500ms"
+    );
+    let label = d.tcp.to_string();
+    let m = d.scrape_blocking();
+    assert_eq!(
+        metric_value(&m, "echod_tcp_idle_timeouts_total", &[("listener", &label)]),
+        1.0
+    );
+
+    // The second gives idle connections 10 s again, and the drain 200 ms: a connection
+    // open at the stop is cut after 200 ms, with EOF, while the server still runs
+    // (in-process, nothing else would close it).
+    shorter.tcp.idle_timeout = Duration::from_secs(10);
+    shorter.shutdown.drain_timeout = Duration::from_millis(200);
+    d.reload_blocking(&runtime, shorter);
+    let mut open = TcpStream::connect(d.tcp).unwrap();
+    open.write_all(b"x").unwrap();
+    open.read_exact(&mut [0u8; 1]).unwrap();
+    d.control
+        .blocking_send(Control::Stop("test"))
+        .expect("server is running");
+    let (read, after) = time_to_eof(&mut open);
+    assert!(matches!(read, Ok(0)), "cut connection: {read:?}");
+    assert!(
+        (Duration::from_millis(150)..Duration::from_secs(3)).contains(&after),
+        "cut {after:?} after the stop with drain_timeout = 200ms"
+    );
+    let summary = runtime.block_on(d.task).expect("task").expect("serve");
+    assert_eq!(summary, Summary { drained: 0, cut: 1 });
+}
+
+/// A UDP client on `from`, with a short wait for replies.
+fn udp_client(from: &str) -> UdpSocket {
+    let s = UdpSocket::bind(from).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    s
+}
+
+/// Sends each datagram and counts the replies that come back unchanged.
+fn udp_replies(client: &UdpSocket, to: SocketAddr, datagrams: &[&[u8]]) -> usize {
+    let mut buf = [0u8; 2048];
+    datagrams
+        .iter()
+        .filter(|datagram| {
+            client.send_to(datagram, to).unwrap();
+            client.recv(&mut buf).is_ok_and(|n| &buf[..n] == **datagram)
+        })
+        .count()
+}
+
+fn a_reload_applies_udp_rate_limit_deny_ports_and_datagram_size() {
+    let (runtime, d) = on_own_runtime(2, Config::default());
+    let big = [7u8; 101];
+    let small = [8u8; 100];
+    let (sized, denied) = (udp_client("127.0.0.1:0"), udp_client("127.0.0.1:0"));
+    let burst: [&[u8]; 6] = [b"1", b"2", b"3", b"4", b"5", b"6"];
+    // Defaults: all of it is answered.
+    assert_eq!(udp_replies(&sized, d.udp, &[&big, &small]), 2);
+    assert_eq!(udp_replies(&denied, d.udp, &[b"hello"]), 1);
+    assert_eq!(udp_replies(&udp_client("127.0.0.3:0"), d.udp, &burst), 6);
+
+    let mut stricter = d.config.clone();
+    stricter.udp.max_datagram_size = 100;
+    stricter.udp.deny_source_ports = vec![denied.local_addr().unwrap().port()];
+    stricter.udp.rate_limit.packets_per_second = 1;
+    stricter.udp.rate_limit.burst = 3;
+    d.reload_blocking(&runtime, stricter);
+
+    assert_eq!(udp_replies(&sized, d.udp, &[&big, &small]), 1, "oversize");
+    assert_eq!(udp_replies(&denied, d.udp, &[b"hello"]), 0, "denied port");
+    // A fresh source gets the new burst of 3 (a refill at 1/s may add one).
+    let replies = udp_replies(&udp_client("127.0.0.4:0"), d.udp, &burst);
+    assert!((3..=4).contains(&replies), "rate limit: {replies} of 6");
+    let label = d.udp.to_string();
+    let dropped = |reason| {
+        metric_value(
+            &d.scrape_blocking(),
+            "echod_udp_dropped_datagrams_total",
+            &[("listener", &label), ("reason", reason)],
+        )
+    };
+    assert_eq!(dropped("oversize"), 1.0);
+    assert_eq!(dropped("denied_port"), 1.0);
+    assert_eq!(dropped("rate_limited"), 6.0 - replies as f64);
+    runtime.block_on(d.stop());
 }

@@ -12,6 +12,7 @@ use crate::support::wait_for_log;
 
 crate::support::tests![
     under_journald_every_line_carries_its_priority_and_errors_stay_one_entry,
+    json_logs_are_one_json_object_per_line,
     at_debug_each_connection_is_logged_with_peer_duration_and_bytes,
     at_info_a_connection_adds_no_log_line,
     reload_applies_a_new_accept_queue_length needs &[crate::support::Need::Tool("ss")],
@@ -31,6 +32,10 @@ fn under_journald_every_line_carries_its_priority_and_errors_stay_one_entry() {
     daemon.signal(libc::SIGHUP);
     let log = wait_for_log(&daemon, "reload failed");
     for line in log.lines() {
+        assert!(
+            !has_timestamp(line),
+            "the journal stamps lines itself; echod must not: {line:?}"
+        );
         let priority = line
             .strip_prefix('<')
             .and_then(|rest| rest.split_once('>'))
@@ -56,6 +61,76 @@ fn under_journald_every_line_carries_its_priority_and_errors_stay_one_entry() {
             .any(|l| l.starts_with("<6>") && l.contains("echod ready")),
         "{log}"
     );
+}
+
+/// True when `text` holds an RFC 3339 date and time such as `2026-11-30T11:27:25`.
+fn has_timestamp(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |at: usize, n: usize| b[at..at + n].iter().all(u8::is_ascii_digit);
+    (0..b.len().saturating_sub(18)).any(|i| {
+        digits(i, 4)
+            && b[i + 4] == b'-'
+            && digits(i + 5, 2)
+            && b[i + 7] == b'-'
+            && digits(i + 8, 2)
+            && b[i + 10] == b'T'
+            && digits(i + 11, 2)
+            && b[i + 13] == b':'
+            && digits(i + 14, 2)
+            && b[i + 16] == b':'
+            && digits(i + 17, 2)
+    })
+}
+
+fn json_logs_are_one_json_object_per_line() {
+    let mut daemon = Daemon::start("[log]\nformat = \"json\"\nlevel = \"debug\"");
+    let data = crate::support::random_bytes(1000, 8);
+    assert!(crate::support::tcp_roundtrip(daemon.tcp, &data, 8) == data);
+    wait_for_log(&daemon, "connection closed");
+    // A multi-line error (the TOML parser quotes the line) must stay one JSON line.
+    std::fs::write(daemon.config_path(), "[tcp\nbacklog = \n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(&daemon, "reload failed");
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+    let log = daemon.log();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}\nlog:\n{log}"));
+            assert!(
+                event["timestamp"].as_str().is_some_and(has_timestamp)
+                    && event["level"].is_string()
+                    && event["fields"]["message"].is_string(),
+                "{line}"
+            );
+            event
+        })
+        .collect();
+    let find = |message: &str| {
+        events
+            .iter()
+            .find(|e| {
+                e["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(message))
+            })
+            .unwrap_or_else(|| panic!("no {message:?} event in:\n{log}"))
+    };
+    assert!(find("echod ready")["level"] == "INFO");
+    let closed = find("connection closed");
+    assert_eq!(closed["level"], "DEBUG");
+    assert_eq!(closed["fields"]["echoed_bytes"], 1000);
+    let failed = find("reload failed");
+    assert_eq!(failed["level"], "ERROR");
+    assert!(
+        failed["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TOML parse error") && e.contains('\n')),
+        "the whole multi-line error, in one event: {failed}"
+    );
+    assert_eq!(find("shutdown complete")["fields"]["cut"], 0);
 }
 
 fn at_debug_each_connection_is_logged_with_peer_duration_and_bytes() {

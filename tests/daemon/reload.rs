@@ -13,6 +13,7 @@ crate::support::tests![
     held_connection_keeps_echoing_and_a_lowered_limit_applies,
     reload_adds_and_removes_listeners_without_touching_connections,
     broken_config_is_refused_and_the_old_one_keeps_serving,
+    reload_applies_a_new_log_level,
 ];
 
 /// Reloads and waits until the daemon counted the outcome.
@@ -44,27 +45,21 @@ fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
     let daemon = Daemon::start("[tcp]\nmax_connections = 100\nmax_connections_per_ip = 100");
     let chatter = Chatter::start(daemon.tcp);
     let second = TcpStream::connect(daemon.tcp).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    daemon.wait_metric("echod_tcp_connections_active", &[], 2.0);
 
     // Two connections are open; a limit of two now refuses a third.
     daemon.rewrite_config("[tcp]\nmax_connections = 2\nmax_connections_per_ip = 2");
     reload(&daemon, false);
     chatter.still_echoing();
     assert!(refused_after_accept(daemon.tcp), "limit 2 not applied");
-    assert_eq!(
-        daemon.metric(
-            "echod_tcp_connections_rejected_total",
-            &[("reason", "global_limit")]
-        ),
-        1.0
+    daemon.wait_metric(
+        "echod_tcp_connections_rejected_total",
+        &[("reason", "global_limit")],
+        1.0,
     );
     // Freeing a slot lets a new client in again.
     drop(second);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.metric("echod_tcp_connections_active", &[]) > 1.0 {
-        assert!(Instant::now() < deadline, "closed connection still counted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    daemon.wait_metric("echod_tcp_connections_closed_total", &[], 1.0);
     assert!(echoes(daemon.tcp));
 
     chatter.still_echoing();
@@ -191,4 +186,54 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert!(!ready.text.contains("FAILED"), "{ready:?}");
     chatter.still_echoing();
     assert!(chatter.finish() > 0);
+}
+
+/// Opens, uses and closes one connection; returns once echod has counted it closed.
+fn one_connection(daemon: &Daemon, closed_before: f64) {
+    let data = random_bytes(100, 5);
+    assert!(support::tcp_roundtrip(daemon.tcp, &data, 5) == data);
+    daemon.wait_metric(
+        "echod_tcp_connections_closed_total",
+        &[],
+        closed_before + 1.0,
+    );
+}
+
+fn reload_applies_a_new_log_level() {
+    let daemon = Daemon::start("[log]\nlevel = \"info\"");
+    let access_lines = || daemon.log().matches("connection closed").count();
+    one_connection(&daemon, 0.0);
+    assert_eq!(
+        access_lines(),
+        0,
+        "no access log at info:\n{}",
+        daemon.log()
+    );
+    // debug: the access line of each connection.
+    daemon.rewrite_config("[log]\nlevel = \"debug\"");
+    reload(&daemon, false);
+    one_connection(&daemon, 1.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while access_lines() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no access line at debug after the reload:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // warn: not even the reload's own info line.
+    daemon.rewrite_config("[log]\nlevel = \"warn\"");
+    reload(&daemon, false);
+    let lines = daemon.log().lines().count();
+    one_connection(&daemon, 2.0);
+    daemon.rewrite_config("[log]\nlevel = \"warn\"\n[tcp]\nbacklog = 100");
+    reload(&daemon, false);
+    assert_eq!(
+        daemon.log().lines().count(),
+        lines,
+        "logged at warn:\n{}",
+        daemon.log()
+    );
+    assert_eq!(access_lines(), 1);
 }

@@ -4,13 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::{self, Daemon, Notification, NotifySocket, Options, http_get};
 
 crate::support::tests![
     lifecycle_messages_arrive_in_protocol_order,
     watchdog_pings_at_half_the_interval,
+    watchdog_pings_stop_while_the_serving_runtime_is_blocked,
 ];
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -148,15 +149,22 @@ fn lifecycle_messages_arrive_in_protocol_order() {
     );
 }
 
+/// echod reporting to `notify` with a 1 s watchdog, plus the variables in `extra`.
+fn with_one_second_watchdog(notify: &NotifySocket, extra: &[(&'static str, &str)]) -> Daemon {
+    let mut env = vec![
+        ("NOTIFY_SOCKET", notify.path.display().to_string()),
+        ("WATCHDOG_USEC", "1000000".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    Daemon::start_with(Options {
+        env,
+        ..Options::default()
+    })
+}
+
 fn watchdog_pings_at_half_the_interval() {
     let notify = NotifySocket::bind();
-    let daemon = Daemon::start_with(Options {
-        env: vec![
-            ("NOTIFY_SOCKET", notify.path.display().to_string()),
-            ("WATCHDOG_USEC", "1000000".to_string()),
-        ],
-        ..Options::default()
-    });
+    let daemon = with_one_second_watchdog(&notify, &[]);
     // No pings for a watchdog meant for another process (WATCHDOG_PID), nor for a
     // disabled one (WATCHDOG_USEC=0).
     let unfed: Vec<_> = [("1000000", Some("1")), ("0", None)]
@@ -211,4 +219,76 @@ fn watchdog_pings_at_half_the_interval() {
         assert!(support::tcp_roundtrip(daemon.tcp, b"alive", 1) == b"alive");
         assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
     }
+}
+
+/// The scheduler state of a process (`R`, `S`, `D`, `T` stopped …), from /proc.
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    stat[stat.rfind(')').expect("comm") + 2..]
+        .chars()
+        .next()
+        .expect("state")
+}
+
+/// The pings come from the runtime that serves traffic: with every worker of it blocked
+/// (a test hook; the process keeps running, unlike under SIGSTOP) they stop, and they
+/// resume when the runtime does. A ping thread of its own would keep pinging.
+fn watchdog_pings_stop_while_the_serving_runtime_is_blocked() {
+    let notify = NotifySocket::bind();
+    let daemon = with_one_second_watchdog(
+        &notify,
+        &[
+            ("ECHOD_TEST_BLOCK_RUNTIME_AFTER", "1500ms"),
+            ("ECHOD_TEST_BLOCK_RUNTIME_FOR", "3s"),
+        ],
+    );
+    let started = Instant::now();
+    let (mut pings, mut states) = (Vec::new(), Vec::new());
+    // Until pings resumed after the block (1.5 s + 3 s), 10 s at most.
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Some(n) = notify.recv(Duration::from_millis(100))
+            && n.is_watchdog()
+        {
+            pings.push(n.at);
+        }
+        states.push((Instant::now(), process_state(daemon.pid())));
+        // Resumed: two pings since a gap of more than 2 s.
+        let after_gap = pings
+            .windows(2)
+            .position(|w| w[1] - w[0] > Duration::from_secs(2))
+            .map_or(0, |i| pings.len() - i - 1);
+        if after_gap >= 2 {
+            break;
+        }
+    }
+    let (gap_start, gap_end) = pings
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .max_by_key(|(a, b)| *b - *a)
+        .expect("at least two pings");
+    let gap = gap_end - gap_start;
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "pings went on while the runtime was blocked for 3 s: longest gap {gap:?}"
+    );
+    assert!(
+        pings.iter().filter(|p| **p >= gap_end).count() >= 2
+            && pings.iter().filter(|p| **p <= gap_start).count() >= 2,
+        "pings before and after the block: {pings:?}"
+    );
+    let during: Vec<char> = states
+        .iter()
+        .filter(|(at, _)| *at > gap_start && *at < gap_end)
+        .map(|(_, state)| *state)
+        .collect();
+    assert!(
+        during.len() >= 10,
+        "sampled the process {} times",
+        during.len()
+    );
+    assert!(
+        during.iter().all(|s| *s != 'T' && *s != 't' && *s != 'Z'),
+        "the process must run, not be stopped: {during:?}"
+    );
+    assert!(daemon.log().contains("test hook"), "{}", daemon.log());
 }

@@ -1,8 +1,8 @@
 //! Stopping the daemon as an operator does (SIGTERM, SIGINT, twice when impatient):
 //! nothing a client sent is lost, and the process ends on time with the right code.
 
-use std::io::{ErrorKind, Read};
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpStream, UdpSocket};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use crate::support::{self, daemon_with_drain_timeout, paced_roundtrip, random_by
 crate::support::tests![
     sigterm_mid_transfer_drains_every_byte_then_exits_zero,
     drain_timeout_cuts_connections_that_do_not_finish,
+    udp_stops_answering_at_sigterm_while_tcp_connections_drain,
     a_second_signal_exits_at_once,
 ];
 
@@ -51,8 +52,13 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
     }
     let stop_sent = Instant::now();
     daemon.signal(libc::SIGTERM);
-    // Listeners close at once: a new client is refused while the others drain.
+    // Listeners close at once: a new client is refused while the others drain. (Probed
+    // once the drain has begun, so no probe is admitted and counted with the 20.)
     let deadline = Instant::now() + Duration::from_secs(5);
+    while support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200) {
+        assert!(Instant::now() < deadline, "drain never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     loop {
         match TcpStream::connect(daemon.tcp) {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
@@ -67,29 +73,85 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
     assert!(status.success(), "exit status {status:?}");
     assert!(stop_sent.elapsed() < Duration::from_secs(20));
     let log = daemon.log();
-    assert!(log.contains("shutdown complete"), "{log}");
-    assert!(log.contains("cut=0"), "{log}");
+    assert!(
+        log.contains("shutdown complete drained=20 cut=0 "),
+        "every client was open at the stop and finished: {log}"
+    );
 }
 
 fn drain_timeout_cuts_connections_that_do_not_finish() {
     let mut daemon = daemon_with_drain_timeout("1s");
     let mut idle = daemon.open_connection();
-    let mut b = [0u8; 1];
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Read during the drain, not after the exit: the cut must end the connection.
+    let reader = std::thread::spawn(move || {
+        let read = idle.read(&mut [0u8; 1]).map_err(|e| e.kind());
+        (read, Instant::now())
+    });
     let t = Instant::now();
     daemon.signal(libc::SIGINT);
+    let (read, eof_at) = reader.join().unwrap();
+    assert_eq!(
+        read,
+        Ok(0),
+        "the cut connection sees EOF (not a reset or a timeout)"
+    );
+    let cut_after = eof_at - t;
+    assert!(
+        cut_after >= Duration::from_millis(900) && cut_after < Duration::from_secs(3),
+        "cut {cut_after:?} after SIGINT with drain_timeout = 1s"
+    );
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "exit status {status:?}");
-    let took = t.elapsed();
+    let log = daemon.log();
+    let cut = log
+        .find("drain timeout expired; closing remaining connections cut=1")
+        .unwrap_or_else(|| panic!("no cut logged: {log}"));
+    let summary = log
+        .find("shutdown complete drained=0 cut=1 ")
+        .unwrap_or_else(|| panic!("no exact summary: {log}"));
+    assert!(cut < summary, "the cut comes before the summary: {log}");
+}
+
+fn udp_stops_answering_at_sigterm_while_tcp_connections_drain() {
+    let mut daemon = daemon_with_drain_timeout("60s");
+    let mut held = daemon.open_connection();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let answered = |wait: Duration| {
+        udp.set_read_timeout(Some(wait)).unwrap();
+        udp.send_to(b"still there?", daemon.udp).unwrap();
+        let mut buf = [0u8; 32];
+        udp.recv(&mut buf)
+            .is_ok_and(|n| &buf[..n] == b"still there?")
+    };
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
-        "took {took:?}"
+        answered(Duration::from_secs(2)),
+        "UDP echoes before the stop"
     );
-    idle.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    daemon.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while answered(Duration::from_millis(300)) {
+        assert!(
+            Instant::now() < deadline,
+            "UDP still answers 2 s after SIGTERM"
+        );
+    }
+    // Stopped for good, while the process still drains the TCP connection.
+    for i in 0..5 {
+        assert!(
+            !answered(Duration::from_millis(200)),
+            "UDP answered again (datagram {i} after it stopped)"
+        );
+    }
+    held.write_all(b"y").unwrap();
+    held.read_exact(&mut [0u8; 1])
+        .expect("the held connection is still served");
     assert!(
-        matches!(idle.read(&mut b), Ok(0) | Err(_)),
-        "connection still open"
+        support::http_get(daemon.http, "/healthz").is_ok_and(|(s, _)| s == 200),
+        "echod is still running"
     );
-    assert!(daemon.log().contains("cut=1"), "{}", daemon.log());
+    drop(held);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
 }
 
 fn a_second_signal_exits_at_once() {

@@ -27,23 +27,11 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 impl Daemon {
-    /// Waits (5 s at most) until a counter reaches `want`, then asserts it is exactly
+    /// Waits (10 s at most) until a counter reaches `want`, then asserts it is exactly
     /// `want`: counts are flushed per burst, so they may lag the traffic briefly.
     pub fn wait_metric(&self, family: &str, labels: &[(&str, &str)], want: f64) {
-        self.wait_metric_at_least(family, labels, want);
-        assert_eq!(self.metric(family, labels), want, "{family}{labels:?}");
-    }
-
-    /// Waits (10 s at most) until a counter reaches at least `want`.
-    pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.metric(family, labels) < want {
-            assert!(
-                Instant::now() < deadline,
-                "{family}{labels:?} never reached {want}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let reached = self.wait_metric_at_least(family, labels, want);
+        assert_eq!(reached, want, "{family}{labels:?}");
     }
 
     /// A connection that has echoed one byte, so the daemon has surely accepted it.
@@ -63,6 +51,43 @@ impl Daemon {
         merge(&mut config, extra.parse().expect("test TOML parses"));
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     }
+}
+
+/// An HTTP response with its headers (the body as sent, not de-chunked).
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Name (lower case) and value of each header, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of the first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `METHOD path` with `Connection: close`, answered with the response's headers.
+pub fn http_response(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<HttpResponse> {
+    let raw = http_raw(
+        addr,
+        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )?;
+    let (status, headers, body) = split_response(&raw)?;
+    Ok(HttpResponse {
+        status,
+        headers: headers
+            .split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect(),
+        body: body.to_string(),
+    })
 }
 
 /// CPU time (user + system) the process has used, in clock ticks.

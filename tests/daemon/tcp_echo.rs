@@ -27,8 +27,8 @@ fn payloads_of_every_size_come_back_byte_exact() {
         assert_eq!(echoed.len(), data.len(), "size {size}: length differs");
         assert!(echoed == data, "size {size}: bytes differ");
     }
-    let tx = daemon.metric("echod_tcp_sent_bytes_total", &[]);
-    assert_eq!(tx as usize, 1 + 1024 + (1 << 20) + (16 << 20));
+    let echoed = 1 + 1024 + (1 << 20) + (16 << 20);
+    daemon.wait_metric("echod_tcp_sent_bytes_total", &[], echoed as f64);
 }
 
 fn two_hundred_concurrent_clients_are_all_served() {
@@ -46,10 +46,8 @@ fn two_hundred_concurrent_clients_are_all_served() {
     for c in clients {
         c.join().expect("client thread");
     }
-    assert_eq!(
-        daemon.metric("echod_tcp_connections_accepted_total", &[]),
-        200.0
-    );
+    daemon.wait_metric("echod_tcp_connections_accepted_total", &[], 200.0);
+    daemon.wait_metric("echod_tcp_connections_closed_total", &[], 200.0);
 }
 
 fn half_close_delivers_the_tail() {

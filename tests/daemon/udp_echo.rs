@@ -3,14 +3,21 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use crate::support::{self, Daemon, random_bytes};
+use crate::support::{self, Daemon, Need, random_bytes, repo_path};
 
 crate::support::tests![
     every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
     oversize_datagram_is_dropped_not_truncated,
     denied_source_port_gets_no_reply,
     rate_limit_caps_one_source_while_another_is_served,
+    readme_lists_exactly_the_default_denied_ports,
+    a_client_on_the_chargen_port_gets_no_reply_by_default needs &[ROOT_PORT_19],
 ];
+
+/// Binding UDP port 19 (chargen) on loopback: root, as in CI.
+const ROOT_PORT_19: Need = Need::Host("root, to bind UDP 127.0.0.1:19", || {
+    UdpSocket::bind("127.0.0.1:19").is_ok()
+});
 
 fn client(bind: &str) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap();
@@ -75,23 +82,35 @@ fn denied_source_port_gets_no_reply() {
         deny_source_ports = [0, 7, 19, {denied}]
         "#
     ));
-    let bad = client(&format!("127.0.0.1:{denied}"));
-    let good = client("127.0.0.1:0");
-    bad.send_to(b"loop?", daemon.udp).unwrap();
-    good.send_to(b"hello", daemon.udp).unwrap();
+    only_the_denied_source_is_dropped(&daemon, &client(&format!("127.0.0.1:{denied}")));
+}
+
+/// A datagram from `denied`, then one from another source: the other is answered, the
+/// first is dropped and counted as `denied_port`, and nothing went back to it.
+fn only_the_denied_source_is_dropped(daemon: &Daemon, denied: &UdpSocket) {
+    let other = client("127.0.0.1:0");
+    denied.send_to(b"loop?", daemon.udp).unwrap();
+    other.send_to(b"hello", daemon.udp).unwrap();
     let mut buf = [0u8; 64];
-    let (n, _) = good
+    let (n, _) = other
         .recv_from(&mut buf)
-        .expect("allowed source is answered");
+        .expect("another source is answered");
     assert_eq!(&buf[..n], b"hello");
-    assert!(
-        bad.recv_from(&mut buf).is_err(),
-        "denied source port was answered"
-    );
     daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "denied_port")],
         1.0,
+    );
+    daemon.wait_metric("echod_udp_received_datagrams_total", &[], 2.0);
+    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 1.0);
+    // Replies are sent before the counts are flushed: one to `denied` would be queued.
+    denied.set_nonblocking(true).unwrap();
+    let reply = denied.recv_from(&mut buf);
+    assert!(
+        reply
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the denied source port was answered: {reply:?}"
     );
 }
 
@@ -121,9 +140,37 @@ fn rate_limit_caps_one_source_while_another_is_served() {
     other.send_to(b"me too", daemon.udp).unwrap();
     let (n, _) = other.recv_from(&mut buf).expect("second source is served");
     assert_eq!(&buf[..n], b"me too");
-    let limited = daemon.metric(
+    daemon.wait_metric(
         "echod_udp_dropped_datagrams_total",
         &[("reason", "rate_limited")],
+        f64::from(50 - replies),
     );
-    assert_eq!(limited, f64::from(50 - replies));
+}
+
+/// README: "by default 0, 7 (echo), 9 (discard) … 11211 (memcached), the services …".
+fn readme_lists_exactly_the_default_denied_ports() {
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let list = readme
+        .split_once("`udp.deny_source_ports` — by default ")
+        .and_then(|(_, rest)| rest.split_once(", the services that answer anything"))
+        .expect("README's list of default denied ports")
+        .0;
+    let documented: Vec<u16> = list
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .map(|n| n.parse().expect("a port number"))
+        .collect();
+    assert_eq!(
+        documented,
+        echod::config::DEFAULT_DENY_SOURCE_PORTS,
+        "{list}"
+    );
+}
+
+/// With the default configuration, a datagram from chargen's port (19) — the classic
+/// echo–chargen loop — is dropped and counted, while other sources are answered.
+fn a_client_on_the_chargen_port_gets_no_reply_by_default() {
+    let daemon = Daemon::start("");
+    only_the_denied_source_is_dropped(&daemon, &client("127.0.0.1:19"));
 }

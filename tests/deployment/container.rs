@@ -320,9 +320,33 @@ fn healthcheck_is_healthy_and_turns_unhealthy_when_echod_is_frozen() {
     // A wedged daemon: the kernel still accepts connections, but nothing answers, so
     // the probe's nonce round trip (and /readyz) time out.
     c.kill("SIGSTOP");
-    let unhealthy = !c.healthy();
+    let check = run(podman().args(["healthcheck", "run", &c.name]));
     c.kill("SIGCONT");
-    assert!(unhealthy, "a frozen echod must be reported unhealthy");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // 1 is "unhealthy"; podman itself failing (125 and the like) proves nothing.
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "a frozen echod must be reported unhealthy: {said}"
+    );
+    // …and for the probe's reason: its request got no answer in time.
+    let health: serde_json::Value =
+        serde_json::from_str(&c.inspect("{{json .State.Health}}")).expect("health state JSON");
+    let last = health["Log"]
+        .as_array()
+        .and_then(|log| log.last())
+        .unwrap_or_else(|| panic!("no healthcheck log: {health}"));
+    let output = last["Output"].as_str().unwrap_or_default();
+    assert!(
+        last["ExitCode"] == 1
+            && output.contains("echod probe: unhealthy:")
+            && output.contains("no answer within"),
+        "the probe's own verdict: {last}"
+    );
     assert!(c.healthy(), "healthy again once it runs again");
 }
 
@@ -417,6 +441,22 @@ fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
         "echod as PID 1 drains and exits 0; logs:\n{}",
         c.logs()
     );
+    // The drain overlapped the traffic: connections were open at the stop, and all of
+    // them finished inside the drain timeout.
+    let logs = c.logs();
+    let drained = drained_without_cuts(&logs)
+        .unwrap_or_else(|| panic!("no `shutdown complete drained=N cut=0` line:\n{logs}"));
+    assert!(
+        (1..=CLIENTS).contains(&drained),
+        "{drained} connections drained, {CLIENTS} clients were streaming:\n{logs}"
+    );
+}
+
+/// N of echod's `shutdown complete drained=N cut=0 …` log line.
+fn drained_without_cuts(logs: &str) -> Option<usize> {
+    let (_, rest) = logs.split_once("shutdown complete drained=")?;
+    let (count, rest) = rest.split_once(' ')?;
+    rest.starts_with("cut=0 ").then(|| count.parse().ok())?
 }
 
 /// True when `image` names its registry, so no short-name resolution is involved:

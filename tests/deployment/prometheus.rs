@@ -237,7 +237,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
     }
 
     // The probes really reached `probed`.
-    assert!(probed.metric("echod_tcp_connections_accepted_total", &[]) >= 1.0);
+    probed.wait_metric_at_least("echod_tcp_connections_accepted_total", &[], 1.0);
 
     // The alert rules load and evaluate against real series without errors.
     let (status, body) = get(prometheus.service.addr, "/api/v1/rules").unwrap();

@@ -200,6 +200,23 @@ impl Daemon {
         body
     }
 
+    /// Waits (10 s at most) until a counter reaches at least `want`; returns its value
+    /// then. Counts are flushed per burst, so they may lag the client's view briefly.
+    pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = self.metric(family, labels);
+            if value >= want {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{family}{labels:?} never reached {want} (at {value})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The value of one series, e.g. `echod_tcp_connections_accepted_total{listener="…"}`;
     /// sums every series of the family whose labels include the given ones.
     pub fn metric(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
@@ -207,9 +224,25 @@ impl Daemon {
     }
 }
 
-/// Sums the samples of `family` whose labels include every pair in `labels`.
+/// Sums the samples of `family` whose labels include every pair in `labels`; panics
+/// naming the series when the exposition has none, so a series that does not exist is
+/// never mistaken for one at 0.
 pub fn metric_value(exposition: &str, family: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
+    metric_sample(exposition, family, labels).unwrap_or_else(|| {
+        let present: Vec<&str> = exposition
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} "))
+            })
+            .collect();
+        panic!("no series {family}{labels:?} in the exposition; series of {family}: {present:#?}")
+    })
+}
+
+/// The sum of the samples of `family` whose labels include every pair in `labels`, or
+/// `None` when no series matches.
+pub fn metric_sample(exposition: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let values: Vec<f64> = exposition
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -226,7 +259,8 @@ pub fn metric_value(exposition: &str, family: &str, labels: &[(&str, &str)]) -> 
                 .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A minimal HTTP/1.1 GET (tests avoid depending on an HTTP client crate).
@@ -244,21 +278,31 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Resu
 
 /// Sends a raw HTTP request and reads the status and body until the server closes.
 pub fn http_exchange(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
+    let response = http_raw(addr, request)?;
+    let (status, _, body) = split_response(&response)?;
+    Ok((status, body.to_string()))
+}
+
+/// Sends a raw HTTP request and returns everything the server sent until it closed.
+pub fn http_raw(addr: SocketAddr, request: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(request.as_bytes())?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// A response's status code, its header lines and its body.
+pub fn split_response(response: &str) -> std::io::Result<(u16, &str, &str)> {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {resp:?}")))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
+    let headers = head.split_once("\r\n").map_or("", |(_, h)| h);
+    Ok((status, headers, body))
 }
 
 /// Random bytes from a seeded generator, so a failure can be replayed.

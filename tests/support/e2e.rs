@@ -41,11 +41,16 @@ impl Daemon {
         assert_eq!(rc, 0, "kill failed");
     }
 
+    /// The exit status, if the daemon has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.0.try_wait().expect("waitpid on our own child")
+    }
+
     /// Waits for the daemon to exit (panics after `limit`).
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.0.try_wait().unwrap() {
+            if let Some(status) = self.try_exit() {
                 return status;
             }
             if Instant::now() > deadline {

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Daemon, Run, corrupting_echo_server, free_port, run_echod};
+use crate::support::{
+    Daemon, Run, corrupting_echo_server, corrupting_udp_echo_server, free_port, run_echod,
+    stalling_echo_server,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -65,6 +68,22 @@ fn assert_tcp_run_matches_daemon(daemon: &Daemon, report: &Value, connections: f
     assert_eq!(num(report, "errors"), 0.0);
 }
 
+/// The rates in a report are its counts over its elapsed time.
+fn assert_rates_agree_with_counts(report: &Value) {
+    let elapsed = num(report, "elapsed_s");
+    let close = |got: f64, want: f64| (got - want).abs() <= want * 0.01;
+    let per_s = num(report, "messages") / elapsed;
+    assert!(
+        close(num(report, "messages_per_s"), per_s),
+        "messages_per_s is not messages / elapsed_s ({per_s}): {report}"
+    );
+    let mb_per_s = num(report, "bytes_received") / elapsed / 1e6;
+    assert!(
+        close(num(report, "mb_per_s"), mb_per_s),
+        "mb_per_s is not bytes_received / elapsed_s ({mb_per_s}): {report}"
+    );
+}
+
 #[test]
 fn ping_pong_numbers_match_the_daemons_metrics() {
     let daemon = Daemon::start("");
@@ -72,10 +91,50 @@ fn ping_pong_numbers_match_the_daemons_metrics() {
     let (run, report) = bench(&[&target, "-C", "8", "-s", "100", "-p", "4", "-d", "1s"]);
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert_tcp_run_matches_daemon(&daemon, &report, 8.0);
-    let latency = &report["latency_us"];
-    let p50 = num(latency, "p50");
-    assert!(p50 > 0.0 && p50 <= num(latency, "p99") && num(latency, "p99") <= num(latency, "max"));
-    assert!(num(&report, "messages_per_s") > 0.0);
+    assert_rates_agree_with_counts(&report);
+    // Closed loop keeps 8 connections × 4 messages in flight: by Little's law, the
+    // message rate times the mean latency is that, if latency and rate are both right
+    // (a unit slip or a latency timed from the wrong moment breaks it).
+    let in_flight = num(&report, "messages_per_s") * num(&report["latency_us"], "mean") / 1e6;
+    assert!(
+        (0.75 * 32.0..=1.05 * 32.0).contains(&in_flight),
+        "rate × mean latency = {in_flight} messages in flight, 32 expected: {report}"
+    );
+}
+
+/// The latencies of a run of `echod bench --json ARGS…` against a server that stalls
+/// once for 300 ms; the stall must show in the maximum.
+fn latencies_with_one_stall(args: &[&str]) -> Value {
+    let server = stalling_echo_server(64 * 200, Duration::from_millis(300)).to_string();
+    let mut all = vec![server.as_str(), "-C", "2", "-s", "64"];
+    all.extend_from_slice(args);
+    let (run, report) = bench(&all);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    assert!(
+        num(&report["latency_us"], "max") >= STALL_US,
+        "the stall is missing from max: {report}"
+    );
+    report["latency_us"].clone()
+}
+
+const STALL_US: f64 = 300_000.0;
+
+#[test]
+fn a_stall_of_the_server_shows_in_the_latencies() {
+    // Closed loop: the message caught in the stall waited it out, and only it.
+    let latency = latencies_with_one_stall(&["-d", "1500ms"]);
+    assert!(
+        num(&latency, "p50") < STALL_US / 10.0,
+        "one stall moved the median: {latency}"
+    );
+    // Open loop at 500/s: every message scheduled during the stall on that connection
+    // (~75 of 1 000) is late from its intended send time, so the stall reaches p99; a
+    // generator that waited for the server would show it in one message only.
+    let latency = latencies_with_one_stall(&["-r", "500", "-d", "2s"]);
+    assert!(
+        num(&latency, "p99") >= STALL_US / 2.0,
+        "coordinated omission: the stall shows in too few messages: {latency}"
+    );
 }
 
 #[test]
@@ -85,7 +144,7 @@ fn bulk_numbers_match_the_daemons_metrics() {
     let (run, report) = bench(&[&target, "-m", "bulk", "-C", "3", "-d", "1s"]);
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert_tcp_run_matches_daemon(&daemon, &report, 3.0);
-    assert!(num(&report, "mb_per_s") > 0.0);
+    assert_rates_agree_with_counts(&report);
 }
 
 #[test]
@@ -102,11 +161,12 @@ fn udp_numbers_match_the_daemons_metrics() {
     assert_eq!(num(&report, "messages"), 2000.0);
     assert_eq!(num(&report, "lost"), 0.0);
     assert_eq!(num(&report, "mismatches"), 0.0);
-    assert_eq!(
-        daemon.metric("echod_udp_received_datagrams_total", &[]),
-        2000.0
-    );
-    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 2000.0);
+    for family in [
+        "echod_udp_received_datagrams_total",
+        "echod_udp_sent_datagrams_total",
+    ] {
+        assert_eq!(daemon.wait_metric_at_least(family, &[], 2000.0), 2000.0);
+    }
     assert_eq!(
         daemon.metric("echod_udp_sent_bytes_total", &[]),
         num(&report, "bytes_received")
@@ -146,6 +206,12 @@ fn a_corrupting_server_fails_the_run() {
     let (run, report) = bench(&[&addr, "-m", "bulk", "-C", "1", "-d", "500ms"]);
     assert_eq!(run.code(), 1, "bulk must fail too; stderr: {}", run.stderr);
     assert!(num(&report, "mismatches") > 0.0, "{report}");
+    // UDP: one datagram in ten comes back with a bit flipped.
+    let addr = corrupting_udp_echo_server(10).to_string();
+    let (run, report) = bench(&[&addr, "-m", "udp", "-C", "2", "-n", "200"]);
+    assert_eq!(run.code(), 1, "udp must fail too; stderr: {}", run.stderr);
+    assert_eq!(num(&report, "mismatches"), 20.0, "{report}");
+    assert!(run.stderr.contains("FAILED"), "{}", run.stderr);
 }
 
 #[test]

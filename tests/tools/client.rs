@@ -30,10 +30,8 @@ fn pipe_mode_is_byte_exact_from_empty_to_8_mib() {
         assert!(run.stdout == data, "size {size}: bytes differ");
         total += size;
     }
-    assert_eq!(
-        daemon.metric("echod_tcp_received_bytes_total", &[]) as usize,
-        total
-    );
+    let received = daemon.wait_metric_at_least("echod_tcp_received_bytes_total", &[], total as f64);
+    assert_eq!(received, total as f64);
 }
 
 #[test]
@@ -47,7 +45,8 @@ fn pipe_mode_over_udp_echoes_each_line() {
     );
     assert_eq!(run.code(), 0, "{}", run.stderr);
     assert_eq!(run.stdout, input);
-    assert_eq!(daemon.metric("echod_udp_sent_datagrams_total", &[]), 3.0);
+    let sent = daemon.wait_metric_at_least("echod_udp_sent_datagrams_total", &[], 3.0);
+    assert_eq!(sent, 3.0);
 }
 
 #[test]
@@ -163,9 +162,10 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
     master.write_all(b"hello from a terminal\n").unwrap();
     wait_for("hello from a terminal");
     // The line went through the server, not just the terminal.
+    let line = "hello from a terminal\n".len() as f64;
     assert_eq!(
-        daemon.metric("echod_tcp_sent_bytes_total", &[]),
-        "hello from a terminal\n".len() as f64
+        daemon.wait_metric_at_least("echod_tcp_sent_bytes_total", &[], line),
+        line
     );
     master.write_all(b"q\n").unwrap();
     let child = &mut guard.0;
@@ -178,9 +178,11 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?}");
+    // Once the connection has closed, its counts are final.
+    daemon.wait_metric_at_least("echod_tcp_connections_closed_total", &[], 1.0);
     assert_eq!(
         daemon.metric("echod_tcp_received_bytes_total", &[]),
-        "hello from a terminal\n".len() as f64,
+        line,
         "`q` quits and is not sent"
     );
 }

@@ -47,7 +47,7 @@ fn healthy_daemon_passes_tcp_udp_and_http_probes() {
     );
     // The probe really went through the echo path.
     assert!(daemon.metric("echod_tcp_connections_accepted_total", &[]) >= 1.0);
-    assert!(daemon.metric("echod_udp_sent_datagrams_total", &[]) >= 1.0);
+    daemon.wait_metric_at_least("echod_udp_sent_datagrams_total", &[], 1.0);
 }
 
 #[test]

@@ -8,8 +8,10 @@ mod daemon;
 pub use daemon::*;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// What a finished tool run produced.
@@ -104,9 +106,12 @@ where
     addr
 }
 
-/// A server that echoes, but flips one bit of every `flip_every`-th byte of the stream —
-/// the corruption a bad proxy or a buggy echo would cause.
-pub fn corrupting_echo_server(flip_every: u64) -> SocketAddr {
+/// A TCP echo server that lets `fault` see (and change) each chunk before echoing it,
+/// with the chunk's offset in the connection's stream.
+fn faulty_echo_server<F>(fault: F) -> SocketAddr
+where
+    F: Fn(u64, &mut [u8]) + Send + Sync + Clone + 'static,
+{
     tcp_server(move |mut s| {
         let mut buf = [0u8; 16 * 1024];
         let mut pos: u64 = 0;
@@ -115,15 +120,53 @@ pub fn corrupting_echo_server(flip_every: u64) -> SocketAddr {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                if (pos + i as u64) % flip_every == flip_every - 1 {
-                    *b ^= 0x01;
-                }
-            }
+            fault(pos, &mut buf[..n]);
             pos += n as u64;
             if s.write_all(&buf[..n]).is_err() {
                 return;
             }
         }
     })
+}
+
+/// A server that echoes, but flips one bit of every `flip_every`-th byte of the stream —
+/// the corruption a bad proxy or a buggy echo would cause.
+pub fn corrupting_echo_server(flip_every: u64) -> SocketAddr {
+    faulty_echo_server(move |pos, chunk| {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            if (pos + i as u64) % flip_every == flip_every - 1 {
+                *b ^= 0x01;
+            }
+        }
+    })
+}
+
+/// A server that echoes faithfully but stalls once, for `stall`, on the first
+/// connection whose stream passes offset `after` — a GC pause, a page fault storm.
+pub fn stalling_echo_server(after: u64, stall: Duration) -> SocketAddr {
+    let stalled = Arc::new(AtomicBool::new(false));
+    faulty_echo_server(move |pos, _| {
+        if pos >= after && !stalled.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(stall);
+        }
+    })
+}
+
+/// A UDP echo server that flips one bit in every `flip_every`-th datagram. The thread
+/// ends with the test process.
+pub fn corrupting_udp_echo_server(flip_every: u64) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65_536];
+        let mut seen = 0u64;
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            seen += 1;
+            if seen.is_multiple_of(flip_every) && n > 0 {
+                buf[n - 1] ^= 0x01;
+            }
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    addr
 }
