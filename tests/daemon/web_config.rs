@@ -335,7 +335,12 @@ fn reload_swaps_the_password_and_a_bad_file_keeps_the_old_one() {
         1.0,
     );
     assert_eq!(
-        scraped(&client, &daemon, "new", "echod_config_last_reload_successful"),
+        scraped(
+            &client,
+            &daemon,
+            "new",
+            "echod_config_last_reload_successful"
+        ),
         Some(0.0)
     );
     let log = daemon.log();
