@@ -97,6 +97,8 @@ pub(crate) async fn serve_with_log(
         );
     }
     systemd::spawn_watchdog();
+    #[cfg(debug_assertions)]
+    block_every_worker_if_a_test_asks();
     loop {
         match server.serve_until_stop(&mut control).await {
             Next::Stop(reason) => return Ok(server.drain(reason).await),
@@ -303,8 +305,6 @@ impl Server {
     async fn serve_until_stop(&mut self, control: &mut mpsc::Receiver<Control>) -> Next {
         let mut status_tick = tokio::time::interval(Duration::from_secs(5));
         let mut sweep_tick = tokio::time::interval(Duration::from_secs(1));
-        #[cfg(debug_assertions)]
-        block_every_worker_if_a_test_asks();
         loop {
             tokio::select! {
                 message = control.recv() => match message {
