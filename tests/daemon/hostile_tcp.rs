@@ -25,20 +25,7 @@ fn tcp_skmem(local: SocketAddr, peer: SocketAddr) -> HashMap<String, u64> {
         ])
         .output()
         .expect("run ss");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let skmem = text
-        .split("skmem:(")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .unwrap_or_else(|| panic!("no skmem for {local} -> {peer} in ss output: {text:?}"));
-    skmem
-        .split(',')
-        .filter_map(|field| {
-            let digits = field.find(|c: char| c.is_ascii_digit())?;
-            let (name, value) = field.split_at(digits);
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    crate::support::skmem(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// A client that first streams `warm_up` bytes while reading the echo (so the kernel's

@@ -304,20 +304,7 @@ fn udp_skmem(addr: SocketAddr) -> std::collections::HashMap<String, u64> {
         .args(["-uamnH", &format!("src {addr}")])
         .output()
         .expect("run ss");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let skmem = text
-        .split("skmem:(")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .unwrap_or_else(|| panic!("no skmem for {addr} in ss output: {text:?}"));
-    skmem
-        .split(',')
-        .filter_map(|field| {
-            let digits = field.find(|c: char| c.is_ascii_digit())?;
-            let (name, value) = field.split_at(digits);
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    crate::support::skmem(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Whether echod (started by us, so with our capabilities) may use SO_RCVBUFFORCE:

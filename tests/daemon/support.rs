@@ -564,3 +564,20 @@ pub fn is_served(stream: &mut TcpStream) -> bool {
         Err(_) => false,
     }
 }
+
+/// The `skmem:(r0,rb…,t0,tb…)` fields of the first socket in `ss -m` output, by name.
+pub fn skmem(ss_output: &str) -> std::collections::HashMap<String, u64> {
+    let fields = ss_output
+        .split("skmem:(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no skmem in ss output: {ss_output:?}"));
+    fields
+        .split(',')
+        .filter_map(|field| {
+            let digits = field.find(|c: char| c.is_ascii_digit())?;
+            let (name, value) = field.split_at(digits);
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
