@@ -267,8 +267,8 @@ fn render_prometheus_rule() -> String {
     let alerts = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
     let body = &alerts[alerts.find("\ngroups:").expect("groups:") + 1..];
     let mut out = String::from(
-        "# GENERATED from deploy/prometheus/echod-alerts.yml by tests/kubernetes.rs; do not edit.\n\
-         # Regenerate: ECHOD_BLESS=1 cargo test --test kubernetes prometheus_rule\n\
+        "# GENERATED from deploy/prometheus/echod-alerts.yml by tests/deployment/kubernetes.rs; do not edit.\n\
+         # Regenerate: ECHOD_BLESS=1 cargo test --test deployment prometheus_rule\n\
          # echod's alert rules for prometheus-operator. If your Prometheus selects rules by\n\
          # label (ruleSelector, e.g. `release: kube-prometheus-stack`), add that label in\n\
          # kustomization.yaml (`labels:`), not here.\n\
@@ -297,7 +297,7 @@ fn prometheus_rule_carries_exactly_the_alert_rules() {
     assert!(
         committed == fresh,
         "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/echod-alerts.yml: \
-         regenerate it with `ECHOD_BLESS=1 cargo test --test kubernetes prometheus_rule`"
+         regenerate it with `ECHOD_BLESS=1 cargo test --test deployment prometheus_rule`"
     );
     let kustomization =
         std::fs::read_to_string(repo_path("deploy/kubernetes/kustomization.yaml")).unwrap();
