@@ -183,4 +183,9 @@ fn port_in_use_names_the_address_and_fails_before_serving() {
     assert!(log.contains(&addr.to_string()), "{log}");
     assert!(log.contains("already uses this port"), "{log}");
     assert!(!log.contains("echod ready"), "{log}");
+    assert_eq!(
+        log.matches("cannot listen on").count(),
+        1,
+        "the bind error is printed once:\n{log}"
+    );
 }

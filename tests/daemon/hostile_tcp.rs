@@ -113,16 +113,9 @@ fn out_of_range_tcp_buffers_are_refused_by_name() {
         ("receive_buffer_size", "1"),
         ("send_buffer_size", "268435457"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("echod.toml");
-        std::fs::write(&path, format!("[tcp]\n{key} = {value}\n")).unwrap();
-        let out = std::process::Command::new(crate::support::echod_bin())
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(78), "{key} = {value}: {stderr}");
+        let (code, stderr) =
+            crate::support::check_config_text(&format!("[tcp]\n{key} = {value}\n"));
+        assert_eq!(code, Some(78), "{key} = {value}: {stderr}");
         assert!(stderr.contains(&format!("tcp.{key}")), "{stderr}");
     }
 }

@@ -419,16 +419,9 @@ fn the_udp_receive_buffer_follows_a_reload() {
 
 fn an_out_of_range_receive_buffer_is_refused_by_name() {
     for value in ["100", "268435457"] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("echod.toml");
-        std::fs::write(&path, format!("[udp]\nreceive_buffer_size = {value}\n")).unwrap();
-        let out = std::process::Command::new(crate::support::echod_bin())
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(78), "{value}: {stderr}");
+        let (code, stderr) =
+            crate::support::check_config_text(&format!("[udp]\nreceive_buffer_size = {value}\n"));
+        assert_eq!(code, Some(78), "{value}: {stderr}");
         assert!(stderr.contains("udp.receive_buffer_size"), "{stderr}");
     }
 }

@@ -19,7 +19,6 @@ crate::support::tests![
     a_reload_changing_the_log_format_says_it_needs_a_restart,
     a_second_stop_signal_exits_at_once_and_says_so,
     check_config_into_a_closed_pipe_is_not_a_crash,
-    a_bind_error_is_reported_once,
 ];
 
 fn under_journald_every_line_carries_its_priority_and_errors_stay_one_entry() {
@@ -233,21 +232,4 @@ fn check_config_into_a_closed_pipe_is_not_a_crash() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
-fn a_bind_error_is_reported_once() {
-    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = holder.local_addr().unwrap();
-    let mut daemon = Daemon::start_with(Options {
-        toml: &format!("[tcp]\nlisten = [\"{addr}\"]\n"),
-        no_wait: true,
-        ..Options::default()
-    });
-    daemon.wait_exit(Duration::from_secs(10));
-    let log = daemon.log();
-    assert_eq!(
-        log.matches("cannot listen on").count(),
-        1,
-        "the bind error is printed once:\n{log}"
-    );
 }

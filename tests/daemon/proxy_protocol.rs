@@ -447,7 +447,6 @@ fn per_ip_limit_counts_header_addresses() {
 
 /// Bad CIDRs and timeouts are configuration errors naming the key, exit 78.
 fn bad_trusted_sources_exit_78_naming_the_key() {
-    let dir = tempfile::tempdir().unwrap();
     let cases = [
         (r#"trusted_sources = ["10.0.0.0/33"]"#, "trusted_sources"),
         (r#"trusted_sources = ["10.0.0.1/8"]"#, "trusted_sources"),
@@ -460,15 +459,9 @@ fn bad_trusted_sources_exit_78_naming_the_key() {
         ),
     ];
     for (line, key) in cases {
-        let path = dir.path().join("echod.toml");
-        std::fs::write(&path, format!("[tcp.proxy_protocol]\n{line}\n")).unwrap();
-        let run = Command::new(crate::support::echod_bin())
-            .args(["check-config", "--config", path.to_str().unwrap()])
-            .env_remove("ECHOD_CONFIG")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert_eq!(run.status.code(), Some(78), "{line}: {stderr}");
+        let (code, stderr) =
+            crate::support::check_config_text(&format!("[tcp.proxy_protocol]\n{line}\n"));
+        assert_eq!(code, Some(78), "{line}: {stderr}");
         assert!(stderr.contains(key), "{line}: {stderr}");
     }
     // From the environment, a comma-separated list; a bad entry names the full key.

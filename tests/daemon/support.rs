@@ -581,3 +581,20 @@ pub fn skmem(ss_output: &str) -> std::collections::HashMap<String, u64> {
         })
         .collect()
 }
+
+/// Runs `echod check-config` on a file holding `toml`; returns the exit code and stderr.
+pub fn check_config_text(toml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echod.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = std::process::Command::new(echod_bin())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("ECHOD_CONFIG")
+        .output()
+        .expect("run echod check-config");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
