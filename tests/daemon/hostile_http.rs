@@ -83,31 +83,17 @@ fn probes_answer_while_one_address_attacks_the_http_port() {
 
     // 120 probes, one every 100 ms, from another address.
     let probes = 120;
-    let mut failures = Vec::new();
-    let mut latencies = Vec::new();
     let readers: Vec<SocketAddr> = slow_readers
         .iter()
         .filter_map(|s| s.local_addr().ok())
         .collect();
     let mut released_after = None;
-    for i in 0..probes {
-        // More than 1 % failed: the verdict is in, stop early.
-        if failures.len() * 100 > probes {
-            break;
-        }
-        let t = Instant::now();
-        match probe(PROBER, http, "/healthz") {
-            Ok(200) => latencies.push(t.elapsed()),
-            Ok(code) => failures.push(format!("probe {i}: status {code}")),
-            Err(e) => failures.push(format!("probe {i}: {e}")),
-        }
+    let (failures, latencies) = probe_series(http, probes, || {
         if released_after.is_none() && held_by_daemon(http.port(), &readers) == 0 {
             released_after = Some(attacked.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     let probing = attacked.elapsed();
-    latencies.sort();
     let slowest = &latencies[latencies.len().saturating_sub(3)..];
     let median = latencies.get(latencies.len() / 2);
 
@@ -142,8 +128,13 @@ fn probes_answer_while_one_address_attacks_the_http_port() {
 }
 
 /// Runs `count` probes of `/healthz`, one every 100 ms, from `PROBER`; stops early once
-/// more than 1 % failed. Returns the failures and the successful latencies, sorted.
-fn probe_series(http: SocketAddr, count: usize) -> (Vec<String>, Vec<Duration>) {
+/// more than 1 % failed (the verdict is in); `after_each` runs after every probe.
+/// Returns the failures and the successful latencies, sorted.
+fn probe_series(
+    http: SocketAddr,
+    count: usize,
+    mut after_each: impl FnMut(),
+) -> (Vec<String>, Vec<Duration>) {
     let mut failures = Vec::new();
     let mut latencies = Vec::new();
     for i in 0..count {
@@ -156,6 +147,7 @@ fn probe_series(http: SocketAddr, count: usize) -> (Vec<String>, Vec<Duration>) 
             Ok(code) => failures.push(format!("probe {i}: status {code}")),
             Err(e) => failures.push(format!("probe {i}: {e}")),
         }
+        after_each();
         std::thread::sleep(Duration::from_millis(100));
     }
     latencies.sort();
@@ -179,7 +171,7 @@ fn probes_answer_while_many_addresses_fill_the_table() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let probes = 60;
-    let (failures, latencies) = probe_series(daemon.http, probes);
+    let (failures, latencies) = probe_series(daemon.http, probes, || {});
     stop.store(true, Ordering::Relaxed);
     let made = attack.join().expect("attack thread");
     eprintln!(
