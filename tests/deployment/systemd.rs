@@ -239,16 +239,24 @@ fn tcp_echoes() -> bool {
 pub(crate) fn build_deb(out_dir: &Path) -> PathBuf {
     let bin = support::echod_bin();
     let target_dir = bin.parent().and_then(Path::parent).expect("target dir");
+    cargo_deb(target_dir, out_dir, &[]);
+    let deb = std::fs::read_dir(out_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb was built");
+    std::fs::rename(&deb, out_dir.join("echod.deb")).unwrap();
+    out_dir.join("echod.deb")
+}
+
+/// Runs cargo-deb on the dev-profile binary under `target_dir` (no build), writing the
+/// package into `out_dir`; `extra` adds flags such as `--deb-version`.
+pub(crate) fn cargo_deb(target_dir: &Path, out_dir: &Path, extra: &[&str]) {
     let out = Command::new(env!("CARGO"))
-        .args([
-            "deb",
-            "--no-build",
-            "--profile",
-            "dev",
-            "--fast",
-            "--quiet",
-            "-o",
-        ])
+        .args(["deb", "--no-build", "--profile", "dev", "--fast", "--quiet"])
+        .args(extra)
+        .arg("-o")
         .arg(out_dir)
         .env("CARGO_TARGET_DIR", target_dir)
         .current_dir(repo_path(""))
@@ -259,14 +267,6 @@ pub(crate) fn build_deb(out_dir: &Path) -> PathBuf {
         "cargo deb failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let deb = std::fs::read_dir(out_dir)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .expect("a .deb was built");
-    std::fs::rename(&deb, out_dir.join("echod.deb")).unwrap();
-    out_dir.join("echod.deb")
 }
 
 /// The cached rootfs (built by .ci/setup.d/systemd.sh, or now if missing).

@@ -9,7 +9,6 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::support::{Chatter, StalledClient, random_bytes, repo_path};
+use crate::support::{Chatter, StalledClient, random_bytes};
 use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metric, rootfs, wait_for, wait_metric};
 
 crate::support::tests![
@@ -391,21 +390,8 @@ fn build_upgrade_deb(pkg_dir: &Path) -> (PathBuf, String) {
     std::fs::write(&bin, patched).unwrap();
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO"))
-        .args(["deb", "--no-build", "--profile", "dev", "--fast", "--quiet"])
-        .arg("--deb-version")
-        .arg(format!("{new}-1"))
-        .arg("-o")
-        .arg(out_dir.path())
-        .env("CARGO_TARGET_DIR", target.path())
-        .current_dir(repo_path(""))
-        .output()
-        .expect("run cargo deb");
-    assert!(
-        out.status.success(),
-        "cargo deb failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let version = format!("{new}-1");
+    crate::systemd::cargo_deb(target.path(), out_dir.path(), &["--deb-version", &version]);
     let deb = pkg_dir.join("echod-upgrade.deb");
     std::fs::copy(
         out_dir.path().join(format!("echod_{new}-1_amd64.deb")),
