@@ -28,7 +28,10 @@
 #   SCENARIOS="*"              names or globs (space or comma separated) of the scenarios
 #                              to run: rt64-c1 rt64-c50 rt64-c500 win64k-c1 win64k-c8
 #                              bulk-c1 bulk-c8 udp64-c1 udp64-c16 idle
-#   BASE_PORT=17100            seven consecutive loopback ports from here
+#   BASE_PORT=17100            nine consecutive loopback ports from here
+#   BASE_BIN=…                 also run this other echod build (say, the commit before a
+#                              change) as server "echod-base" in every TCP and UDP scenario,
+#                              interleaved with the others, to measure a change in one run
 #   ECHOD_BIN=… EXAMPLES_DIR=… use these builds instead of `cargo build --release`
 #   COMPARE_SELFTEST_CORRUPT=1 (tests only) serve the baseline with examples/corrupt_echo,
 #                              which flips bytes, to prove that the script fails
@@ -48,7 +51,9 @@ METRICS2_PORT=$((BASE_PORT + 3))
 NAIVE_PORT=$((BASE_PORT + 4))
 SOCAT_PORT=$((BASE_PORT + 5))
 SOCAT_UDP_PORT=$((BASE_PORT + 6))
-COMMAND="REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
+BASE_ECHOD_PORT=$((BASE_PORT + 7))
+BASE_METRICS_PORT=$((BASE_PORT + 8))
+COMMAND="${BASE_BIN:+BASE_BIN=… }REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
 
 cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
@@ -72,7 +77,7 @@ if [ "${COMPARE_SELFTEST_CORRUPT:-0}" = 1 ]; then
     echo "SELF-TEST: the naive baseline is served by examples/corrupt_echo (flips bytes); this run must fail" >&2
     NAIVE=$EXAMPLES/corrupt_echo
 fi
-for exe in "$BIN" "$NAIVE" "$HOLD"; do [ -x "$exe" ] || fail "no executable $exe"; done
+for exe in "$BIN" "$NAIVE" "$HOLD" ${BASE_BIN:+"$BASE_BIN"}; do [ -x "$exe" ] || fail "no executable $exe"; done
 command -v socat >/dev/null || fail "socat is required"
 
 # Scenario selection: SCENARIOS holds names or globs.
@@ -126,6 +131,7 @@ TOML
 }
 write_config "$OUT/echod.toml" "$ECHOD_PORT" "$METRICS_PORT"
 write_config "$OUT/echod2.toml" "$ECHOD2_PORT" "$METRICS2_PORT"
+write_config "$OUT/echod-base.toml" "$BASE_ECHOD_PORT" "$BASE_METRICS_PORT"
 
 wait_tcp() { # PORT: until something accepts there (the runs verify the echo)
     for _ in $(seq 100); do
@@ -142,6 +148,8 @@ start_server() { # NAME
         ADDR[$1]=127.0.0.1:$ECHOD_PORT ;;
     echod-2cpu) "${SERVER2_CPU[@]}" "$BIN" --config "$OUT/echod2.toml" >>"$OUT/echod-2cpu.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$ECHOD2_PORT ;;
+    echod-base) "${SERVER_CPU[@]}" "$BASE_BIN" --config "$OUT/echod-base.toml" >>"$OUT/echod-base.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$BASE_ECHOD_PORT ;;
     naive) "${SERVER_CPU[@]}" "$NAIVE" "$NAIVE_PORT" >>"$OUT/naive.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$NAIVE_PORT ;;
     socat) "${SERVER_CPU[@]}" socat "TCP-LISTEN:$SOCAT_PORT,bind=127.0.0.1,fork,reuseaddr,backlog=1024" \
@@ -228,6 +236,7 @@ for entry in "${ALL_SCENARIOS[@]}"; do
     IFS='|' read -r scenario servers _ <<<"$entry"
     selected "$scenario" || continue
     [ "$TWO_CPUS" = 1 ] || servers=${servers/ echod-2cpu/}
+    [ -z "${BASE_BIN:-}" ] || servers=${servers/echod /echod echod-base }
     RUN_SCENARIOS+=("$scenario|$servers|${entry##*|}")
     for s in $servers; do [[ $NEEDED == *" $s "* ]] || NEEDED+="$s "; done
 done
@@ -324,7 +333,7 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
         for entry in "${RUN_SCENARIOS[@]}"; do
             IFS='|' read -r scenario servers _ <<<"$entry"
             base=$(col "$scenario" naive 5) base_cpu=$(col "$scenario" naive 9)
-            for server in echod naive socat; do
+            for server in echod echod-base naive socat; do
                 [[ " $servers " == *" $server "* ]] || continue
                 rate=$(col "$scenario" "$server" 5) cpu=$(col "$scenario" "$server" 9)
                 printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s | %s |\n' \

@@ -11,13 +11,13 @@ crate::support::tests![
     a_corrupting_server_fails_the_script_and_names_the_run needs &[crate::support::Need::Tool("socat")],
 ];
 
-/// The script uses seven consecutive ports from BASE_PORT, TCP and UDP.
+/// The script uses nine consecutive ports from BASE_PORT, TCP and UDP.
 fn free_base_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 24_000 + (std::process::id() % 400) as u16 * 20;
     loop {
         let base = start + NEXT.fetch_add(10, Ordering::Relaxed) % 8_000;
-        let free = (base..base + 7).all(|p| {
+        let free = (base..base + 9).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
         });
         if free {
