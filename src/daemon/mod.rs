@@ -5,8 +5,9 @@
 //! a `listeners` set (which sockets are bound) and starts a `tcp`, `udp` or
 //! `http` task per socket; TCP and UDP handlers respect the `limits` and count into
 //! the `metrics`, naming what went wrong with the `reasons`. `shutdown` is the
-//! drain/cut broadcast down that tree; `systemd` and `logging` are the edges to the
-//! service manager and the operator.
+//! drain/cut broadcast down that tree, and it rings the `alarms` table in which every
+//! echo connection waits for its deadline; `systemd` and `logging` are the edges to
+//! the service manager and the operator.
 //!
 //! Around that core: `proxy` reads PROXY headers for `tcp`; `web_config` adds TLS
 //! and basic auth to `http`; `accept` is the accept-error policy both stream
@@ -15,6 +16,7 @@
 //! binary in place. `kind` is the one vocabulary of socket kinds they all share.
 
 mod accept;
+mod alarms;
 mod fdstore;
 mod handover;
 mod http;

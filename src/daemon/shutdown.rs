@@ -3,7 +3,8 @@
 //! A stop has two phases. *Drain*: listeners close at once and readiness turns false,
 //! while open connections keep being echoed until their clients finish. *Cut*: after
 //! `shutdown.drain_timeout` the connections still open are closed. Listeners and
-//! connections hold a [`Shutdown`] and `select!` on it; nobody polls a flag.
+//! connections hold a [`Shutdown`] and wait on it (echo connections through its
+//! `alarms` table, which a cut rings); nobody polls a flag.
 //!
 //! An in-place upgrade is the third message on the same path: *handover* interrupts
 //! every connection, like a cut, but each one gives its socket (and any bytes it read
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use super::alarms::Alarms;
 use super::handover::HandedConnection;
 
 /// The stop (and handover) broadcast; cheap to clone, one per task. One pointer, so
@@ -32,6 +34,8 @@ struct Inner {
     handing_over: AtomicBool,
     /// The connections handed over so far.
     handed: Mutex<Vec<HandedConnection>>,
+    /// Echo connections wait on this instead of `interrupt` (and their own timer).
+    alarms: Alarms,
 }
 
 impl Shutdown {
@@ -50,6 +54,7 @@ impl Shutdown {
         self.0.drain.cancel();
         self.0.cut.cancel();
         self.0.interrupt.cancel();
+        self.0.alarms.interrupt();
     }
 
     /// True once draining has started.
@@ -68,6 +73,24 @@ impl Shutdown {
         self.0.interrupt.cancelled().await;
     }
 
+    /// The deadline table of the echo connections, which a cut or a handover rings.
+    pub(crate) fn alarms(&self) -> &Alarms {
+        &self.0.alarms
+    }
+
+    /// Sweeps [`Shutdown::alarms`] on its tick for as long as this broadcast is in use.
+    pub(crate) fn keep_time(&self) -> impl Future<Output = ()> + Send + 'static {
+        let inner = Arc::downgrade(&self.0);
+        async move {
+            loop {
+                let Some(tick) = inner.upgrade().map(|inner| inner.alarms.sweep()) else {
+                    return;
+                };
+                tokio::time::sleep(tick).await;
+            }
+        }
+    }
+
     /// A token that stops one listener on its own (a reload removing it) or with all.
     pub(crate) fn listener_token(&self) -> CancellationToken {
         self.0.drain.child_token()
@@ -78,6 +101,12 @@ impl Shutdown {
     pub(crate) fn begin_handover(&self) {
         self.0.handing_over.store(true, Ordering::SeqCst);
         self.0.interrupt.cancel();
+        self.0.alarms.interrupt();
+    }
+
+    /// True once a cut or a handover has begun.
+    pub(crate) fn is_interrupted(&self) -> bool {
+        self.0.interrupt.is_cancelled()
     }
 
     /// True once a handover has begun.

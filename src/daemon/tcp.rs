@@ -9,7 +9,6 @@
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -18,12 +17,13 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::accept::{Acceptor, close_at_once};
+use super::alarms::Alarm;
 use super::handover::HandedConnection;
 use super::limits::{ConnectionLimiter, Permit};
 use super::logging::RateLimitedLog;
@@ -379,6 +379,10 @@ struct Connection {
     echoed_total: u64,
     /// The client, for the access log (after a close the kernel no longer knows it).
     peer: SocketAddr,
+    /// When echod took the connection on, for its duration.
+    started: Instant,
+    /// When `tcp.max_connection_duration` ends it, if set.
+    hard_deadline: Option<Instant>,
     _permit: Permit,
 }
 
@@ -404,7 +408,10 @@ impl Connection {
         metrics: Arc<TcpListenerMetrics>,
         permit: Permit,
     ) -> Self {
+        let started = Instant::now();
         Self {
+            hard_deadline: config.max_connection_duration.map(|d| started + d),
+            started,
             stream,
             config,
             shutdown,
@@ -423,12 +430,10 @@ impl Connection {
     #[allow(clippy::manual_async_fn)]
     fn run(mut self) -> impl Future<Output = ()> {
         async move {
-            let started = Instant::now();
             self.metrics.active.inc();
             self.apply_socket_options();
-            let hard_deadline = self.config.max_connection_duration.map(|d| started + d);
-            let end = self.echo(hard_deadline).await;
-            self.finish(end, started).await;
+            let end = self.echo().await;
+            self.finish(end).await;
         }
     }
 
@@ -437,20 +442,18 @@ impl Connection {
     #[allow(clippy::manual_async_fn)]
     fn run_adopted(mut self, pending: Vec<u8>) -> impl Future<Output = ()> {
         async move {
-            let started = Instant::now();
             self.metrics.active.inc();
             self.apply_socket_options();
-            let hard_deadline = self.config.max_connection_duration.map(|d| started + d);
             let end = match self.write_pending(pending).await {
                 Some(end) => end,
-                None => self.echo(hard_deadline).await,
+                None => self.echo().await,
             };
-            self.finish(end, started).await;
+            self.finish(end).await;
         }
     }
 
     /// Records how the connection ended (and closes a capped one cleanly).
-    async fn finish(&mut self, end: End, started: Instant) {
+    async fn finish(&mut self, end: End) {
         self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
         match end {
             End::Idle => self.metrics.idle_timeouts.inc(),
@@ -468,7 +471,7 @@ impl Connection {
         }
         self.metrics.active.dec();
         self.metrics.closed.inc();
-        let duration = started.elapsed();
+        let duration = self.started.elapsed();
         self.metrics.duration.observe(duration.as_secs_f64());
         // The access log (xinetd's log_on_success), at debug so it costs one level
         // check per connection unless asked for.
@@ -556,51 +559,47 @@ impl Connection {
 
     /// The echo loop: wait for data, echo what is readable, repeat.
     ///
-    /// One idle timer and one cut subscription serve the whole connection, while it
-    /// waits to read and while it waits to write: the timer is re-armed only when it
-    /// fires early (traffic moved the deadline), not once per message, and the shared
-    /// cut broadcast is subscribed to once. Readiness is awaited through the stream's
-    /// own per-direction waker slots (`poll_read_ready`), not a `readable()` future.
-    /// All of this keeps an idle connection small.
-    async fn echo(&mut self, hard_deadline: Option<Instant>) -> End {
-        // Borrowing the fields apart lets the cut future borrow `shutdown` while the
-        // stream is used, without a clone living in every connection's state.
-        let Self {
-            stream,
-            config,
-            shutdown,
-            metrics,
-            unflushed,
-            echoed_total,
-            ..
-        } = self;
-        // A cut or a handover; at every point it is awaited no unechoed byte is held
-        // except the one burst being written, which a handover takes along.
-        let cut = shutdown.interrupted();
+    /// One alarm (see `alarms`) serves the whole connection for its deadlines and for a
+    /// cut or handover, while it waits to read and while it waits to write: it is moved
+    /// only when it rings early (traffic moved the deadline), not once per message.
+    /// Readiness is awaited through the stream's own per-direction waker slots
+    /// (`poll_read_ready`), not a `readable()` future. All of this keeps an idle
+    /// connection small.
+    async fn echo(&mut self) -> End {
+        // Fields are used through `self` (the cut future borrows `self.shutdown` while
+        // `self.stream` is used): borrowing them apart into locals would store a pointer
+        // per field in every connection's state.
+        //
+        // Rings at the deadline, and at a cut or a handover; at every point it is
+        // awaited no unechoed byte is held except the one burst being written, which a
+        // handover takes along.
         let mut last_traffic = Instant::now();
-        let idle_timer = tokio::time::sleep_until(next_deadline(
-            last_traffic,
-            config.idle_timeout,
-            hard_deadline,
-        ));
-        tokio::pin!(cut, idle_timer);
+        let span = self
+            .config
+            .max_connection_duration
+            .map_or(self.config.idle_timeout, |d| {
+                d.min(self.config.idle_timeout)
+            });
+        let mut alarm = self.shutdown.alarms().set(
+            next_deadline(last_traffic, self.config.idle_timeout, self.hard_deadline),
+            span,
+        );
         loop {
             tokio::select! {
                 biased;
                 // First, so that a client that keeps sending cannot hold a handover up.
-                _ = &mut cut => return interrupt(shutdown, &[]),
-                ready = poll_fn(|cx| stream.poll_read_ready(cx)) => if ready.is_err() {
-                    return End::Error;
-                },
-                _ = &mut idle_timer => {
-                    if let Some(end) = expired(idle_timer.as_mut(), last_traffic, config.idle_timeout, hard_deadline) {
+                () = poll_fn(|cx| alarm.poll(cx)) => {
+                    if let Some(end) = self.rung(&mut alarm, last_traffic, &[]) {
                         return end;
                     }
                     continue;
                 }
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => if ready.is_err() {
+                    return End::Error;
+                },
             }
             // Echo one burst: at most one buffer is read before all of it is written.
-            let mut buf = Vec::with_capacity(config.buffer_size);
+            let mut buf = Vec::with_capacity(self.config.buffer_size);
             let mut progressed = true;
             loop {
                 buf.clear();
@@ -612,26 +611,27 @@ impl Connection {
                 // meanwhile is not missed). The read also spends tokio's cooperative
                 // budget and returns `Pending` when it is spent, so a client that keeps
                 // sending cannot keep the worker thread to itself.
-                let read = {
-                    let mut read = std::pin::pin!(stream.read_buf(&mut buf));
-                    poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await
-                };
+                let read = poll_fn(|cx| {
+                    let read = std::pin::pin!(self.stream.read_buf(&mut buf));
+                    Poll::Ready(read.poll(cx))
+                })
+                .await;
                 let n = match read {
                     Poll::Ready(Ok(0)) => {
-                        let _ = stream.shutdown().await;
+                        let _ = self.stream.shutdown().await;
                         return End::Finished;
                     }
                     Poll::Ready(Ok(n)) => n,
                     Poll::Pending => break,
                     Poll::Ready(Err(_)) => return End::Error,
                 };
-                unflushed.received += n as u64;
+                self.unflushed.received += n as u64;
                 let mut written = 0;
                 while written < n {
-                    match stream.try_write(&buf[written..]) {
+                    match self.stream.try_write(&buf[written..]) {
                         Ok(w) => {
                             written += w;
-                            unflushed.echoed += w as u64;
+                            self.unflushed.echoed += w as u64;
                             progressed = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -644,37 +644,62 @@ impl Connection {
                             }
                             tokio::select! {
                                 biased;
-                                ready = poll_fn(|cx| stream.poll_write_ready(cx)) => if ready.is_err() {
+                                ready = poll_fn(|cx| self.stream.poll_write_ready(cx)) => if ready.is_err() {
                                     return End::Error;
                                 },
-                                _ = &mut idle_timer => {
-                                    if let Some(end) = expired(idle_timer.as_mut(), last_traffic, config.idle_timeout, hard_deadline) {
+                                // The client is not reading: what is left of the burst
+                                // goes along with a handover.
+                                () = poll_fn(|cx| alarm.poll(cx)) => {
+                                    if let Some(end) = self.rung(&mut alarm, last_traffic, &buf[written..n]) {
                                         return end;
                                     }
                                 }
-                                // The client is not reading: what is left of the burst
-                                // goes along with a handover.
-                                _ = &mut cut => return interrupt(shutdown, &buf[written..n]),
                             }
                         }
                         Err(_) => return End::Error,
                     }
                 }
                 // Caps act once the current echo is written, so nothing read is lost.
-                if let Some(cap) =
-                    cap_reached(config, *echoed_total + unflushed.echoed, hard_deadline)
-                {
+                if let Some(cap) = cap_reached(
+                    &self.config,
+                    self.echoed_total + self.unflushed.echoed,
+                    self.hard_deadline,
+                ) {
                     return End::Capped(cap);
                 }
                 // Everything read is echoed: a handover need not wait for the socket to
                 // run dry (a client that never pauses would hold it up).
-                if shutdown.is_handing_over() {
-                    return interrupt(shutdown, &[]);
+                if self.shutdown.is_handing_over() {
+                    return interrupt(&self.shutdown, &[]);
                 }
             }
-            *echoed_total += flush_bytes(metrics, unflushed);
+            self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
             last_traffic = Instant::now();
         }
+    }
+}
+
+impl Connection {
+    /// How the connection ends now that its alarm rang: interrupted (with `pending`,
+    /// the bytes read and not yet echoed, for a handover), or past a deadline; `None`
+    /// when traffic moved the deadline, and the alarm is moved with it.
+    fn rung(&self, alarm: &mut Alarm<'_>, last_traffic: Instant, pending: &[u8]) -> Option<End> {
+        if self.shutdown.is_interrupted() {
+            return Some(interrupt(&self.shutdown, pending));
+        }
+        let now = Instant::now();
+        if self.hard_deadline.is_some_and(|h| h <= now) {
+            return Some(End::Capped(ConnectionCap::MaxDuration));
+        }
+        if last_traffic + self.config.idle_timeout <= now {
+            return Some(End::Idle);
+        }
+        alarm.reset(next_deadline(
+            last_traffic,
+            self.config.idle_timeout,
+            self.hard_deadline,
+        ));
+        None
     }
 }
 
@@ -702,25 +727,6 @@ fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) -> u64 
 fn next_deadline(last_traffic: Instant, idle: Duration, hard: Option<Instant>) -> Instant {
     let idle_deadline = last_traffic + idle;
     hard.map_or(idle_deadline, |h| h.min(idle_deadline))
-}
-
-/// Re-arms `timer` for the next deadline; says how the connection ends when a deadline
-/// has already passed.
-fn expired(
-    timer: Pin<&mut Sleep>,
-    last_traffic: Instant,
-    idle: Duration,
-    hard: Option<Instant>,
-) -> Option<End> {
-    let now = Instant::now();
-    if hard.is_some_and(|h| h <= now) {
-        return Some(End::Capped(ConnectionCap::MaxDuration));
-    }
-    if last_traffic + idle <= now {
-        return Some(End::Idle);
-    }
-    timer.reset(next_deadline(last_traffic, idle, hard));
-    None
 }
 
 /// The cap a busy connection has reached, if any: checked after each echoed chunk,
@@ -753,20 +759,18 @@ mod tests {
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let limiter = ConnectionLimiter::new(&TcpConfig::default());
-        let connection = Connection {
+        let connection = Connection::new(
             stream,
-            config: Arc::new(TcpConfig::default()),
-            shutdown: Shutdown::new(),
-            metrics: Arc::new(Metrics::new().tcp_listener("test")),
-            unflushed: ByteCounts::default(),
-            echoed_total: 0,
             peer,
-            _permit: limiter.try_acquire(peer.ip()).unwrap(),
-        };
+            Arc::new(TcpConfig::default()),
+            Shutdown::new(),
+            Arc::new(Metrics::new().tcp_listener("test")),
+            limiter.try_acquire(peer.ip()).unwrap(),
+        );
         let task = connection.run();
         let size = std::mem::size_of_val(&task);
         println!("connection task state: {size} bytes");
-        assert!(size <= 616, "connection task state grew to {size} bytes");
+        assert!(size <= 512, "connection task state grew to {size} bytes");
         drop(client);
     }
 }
