@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, spoof, v4};
+use crate::support::{Daemon, spoof, v4, wait_stopped};
 use socket2::{Domain, Protocol, Socket, Type};
 
 crate::support::tests![
@@ -324,23 +324,6 @@ fn rmem_max() -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(212_992)
-}
-
-/// Waits until the process is in state `T` (stopped) or has left it.
-fn wait_stopped(pid: u32, stopped: bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.trim().chars().next());
-        if (state == Some('T')) == stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "process state {state:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {

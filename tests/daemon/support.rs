@@ -598,3 +598,20 @@ pub fn check_config_text(toml: &str) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Waits until the process is in state `T` (stopped) or has left it.
+pub fn wait_stopped(pid: u32, stopped: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.trim().chars().next());
+        if (state == Some('T')) == stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process state {state:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -3,11 +3,12 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use crate::support::{self, Daemon, Need, random_bytes, repo_path};
+use crate::support::{self, Daemon, Need, random_bytes, repo_path, wait_stopped};
 
 crate::support::tests![
     every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
     oversize_datagram_is_dropped_not_truncated,
+    a_queued_burst_from_many_senders_is_answered_each_to_its_own,
     denied_source_port_gets_no_reply,
     rate_limit_caps_one_source_while_another_is_served,
     readme_lists_exactly_the_default_denied_ports,
@@ -72,6 +73,87 @@ fn oversize_datagram_is_dropped_not_truncated() {
         &[("reason", "oversize")],
         1.0,
     );
+}
+
+/// A burst queued while echod is stopped, several `recvmmsg` batches long, from many
+/// senders and with oversize and denied datagrams mixed in: every other datagram comes
+/// back unchanged to its own sender, in order, and every count is exact.
+fn a_queued_burst_from_many_senders_is_answered_each_to_its_own() {
+    let denied_port = support::free_port();
+    let daemon = Daemon::start(&format!(
+        r#"
+        [udp]
+        max_datagram_size = 1000
+        deny_source_ports = [{denied_port}]
+        [udp.rate_limit]
+        packets_per_second = 0
+        "#
+    ));
+    let senders: Vec<UdpSocket> = (0..20).map(|_| client("127.0.0.1:0")).collect();
+    let denied = client(&format!("127.0.0.1:{denied_port}"));
+    let size = |k: usize| [1, 64, 1000, 1001, 200, 3000, 512][k % 7];
+    let datagram = |k: usize| random_bytes(size(k), k as u64);
+    let rounds = 5;
+    daemon.signal(libc::SIGSTOP);
+    wait_stopped(daemon.pid(), true);
+    for round in 0..rounds {
+        for (s, sender) in senders.iter().enumerate() {
+            let k = round * senders.len() + s;
+            sender.send_to(&datagram(k), daemon.udp).unwrap();
+        }
+        denied.send_to(b"loop?", daemon.udp).unwrap();
+    }
+    daemon.signal(libc::SIGCONT);
+    wait_stopped(daemon.pid(), false);
+
+    let all = 0..rounds * senders.len();
+    let echoed: Vec<usize> = all.clone().filter(|&k| size(k) <= 1000).collect();
+    let mut buf = vec![0u8; 65_536];
+    for (s, sender) in senders.iter().enumerate() {
+        for k in echoed.iter().filter(|&&k| k % senders.len() == s) {
+            let (n, from) = sender.recv_from(&mut buf).expect("echo");
+            assert_eq!(from, daemon.udp);
+            assert!(buf[..n] == datagram(*k)[..], "datagram {k} to sender {s}");
+        }
+    }
+    let (oversize, received) = (all.len() - echoed.len(), all.len() + rounds);
+    for (family, labels, want) in [
+        ("echod_udp_received_datagrams_total", &[][..], received),
+        ("echod_udp_sent_datagrams_total", &[], echoed.len()),
+        (
+            "echod_udp_sent_bytes_total",
+            &[],
+            echoed.iter().map(|&k| size(k)).sum(),
+        ),
+        (
+            "echod_udp_received_bytes_total",
+            &[],
+            all.clone().map(size).sum::<usize>() + rounds * 5,
+        ),
+        (
+            "echod_udp_dropped_datagrams_total",
+            &[("reason", "oversize")],
+            oversize,
+        ),
+        (
+            "echod_udp_dropped_datagrams_total",
+            &[("reason", "denied_port")],
+            rounds,
+        ),
+    ] {
+        daemon.wait_metric(family, labels, want as f64);
+    }
+    // Counts are flushed after the replies are sent: any extra one would be queued now.
+    for sender in senders.iter().chain([&denied]) {
+        sender.set_nonblocking(true).unwrap();
+        let extra = sender.recv_from(&mut buf);
+        assert!(
+            extra
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "an extra reply: {extra:?}"
+        );
+    }
 }
 
 fn denied_source_port_gets_no_reply() {
