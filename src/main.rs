@@ -9,6 +9,13 @@ use echod::cli::{Cli, Command, ConfigArgs};
 use echod::config::{Config, ConfigSource, describe_source};
 use echod::{daemon, tools};
 
+/// jemalloc, not glibc's malloc: tokio aligns each task and each socket's readiness
+/// slot to 128 bytes, and jemalloc serves such blocks from exact size classes where
+/// glibc pads each one. RSS per idle connection at 10 000: 1212 B with glibc, 965 B
+/// with jemalloc (compare.sh idle); mimalloc measured 1165 B per connection of slope.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits.h EX_CONFIG: the configuration is wrong; nothing was bound.
 const EX_CONFIG: u8 = 78;
 

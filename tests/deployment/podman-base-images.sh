@@ -32,8 +32,8 @@ runroot = "/run/echod-tests/podman-$(echo "$cache" | sha256sum | cut -c1-8)"
 CONF
 export CONTAINERS_CONF="$cache/containers.conf" CONTAINERS_STORAGE_CONF="$cache/storage.conf"
 
-# 1. A minimal Debian with a C toolchain (the linker and a static glibc).
-packages="gcc,libc6-dev"
+# 1. A minimal Debian with a C toolchain (the linker and a static glibc; make builds jemalloc).
+packages="gcc,libc6-dev,make"
 rootfs="$cache/rootfs-builder-$(echo "bookworm $packages" | sha256sum | cut -c1-12)"
 if [ ! -e "$rootfs/.complete" ]; then
     rm -rf "$rootfs" "$rootfs.tmp"
