@@ -75,7 +75,7 @@ fn oversize_datagram_is_dropped_not_truncated() {
     );
 }
 
-/// A burst queued while echod is stopped, several `recvmmsg` batches long, from many
+/// A burst queued while echod is stopped, longer than one receive burst of the loop, from many
 /// senders and with oversize and denied datagrams mixed in: every other datagram comes
 /// back unchanged to its own sender, in order, and every count is exact.
 fn a_queued_burst_from_many_senders_is_answered_each_to_its_own() {
