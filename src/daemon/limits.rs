@@ -7,9 +7,10 @@
 //! new limits live on reload.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::reasons::RejectReason;
@@ -30,8 +31,13 @@ pub(crate) struct ConnectionLimiter {
     max: AtomicUsize,
     max_per_ip: AtomicUsize,
     active: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections per source address, in shards by address: accepts and closes
+    /// on different worker threads take different locks, not one for the process.
+    per_ip: Box<[Mutex<HashMap<IpAddr, usize>>]>,
 }
+
+/// Shards of the per-address table; a power of two.
+const PER_IP_SHARDS: usize = 64;
 
 /// One admitted connection; dropping it frees its slots.
 #[derive(Debug)]
@@ -47,8 +53,18 @@ impl ConnectionLimiter {
             max: AtomicUsize::new(config.max_connections),
             max_per_ip: AtomicUsize::new(config.per_ip_limit()),
             active: AtomicUsize::new(0),
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip: (0..PER_IP_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
         })
+    }
+
+    /// The shard of the per-address table that holds `ip`.
+    fn per_ip(&self, ip: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        ip.hash(&mut hasher);
+        let shard = hasher.finish() as usize & (PER_IP_SHARDS - 1);
+        self.per_ip[shard].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies reloaded limits; open connections above a lowered limit are left alone.
@@ -73,7 +89,7 @@ impl ConnectionLimiter {
             })
             .map_err(|_| RejectReason::GlobalLimit)?;
         let max_per_ip = self.max_per_ip.load(Ordering::Relaxed);
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let mut per_ip = self.per_ip(ip);
         let count = per_ip.entry(ip).or_insert(0);
         if *count >= max_per_ip {
             if *count == 0 {
@@ -97,12 +113,7 @@ impl ConnectionLimiter {
     pub(crate) fn adopt(self: &Arc<Self>, ip: IpAddr) -> Permit {
         let ip = canonical_ip(ip);
         self.active.fetch_add(1, Ordering::AcqRel);
-        *self
-            .per_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ip)
-            .or_insert(0) += 1;
+        *self.per_ip(ip).entry(ip).or_insert(0) += 1;
         Permit {
             limiter: Arc::clone(self),
             ip,
@@ -112,11 +123,7 @@ impl ConnectionLimiter {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut per_ip = self
-            .limiter
-            .per_ip
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut per_ip = self.limiter.per_ip(self.ip);
         if let Some(count) = per_ip.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
