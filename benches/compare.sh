@@ -173,6 +173,7 @@ alive() { kill -0 "$1" 2>/dev/null; }
 # CPU time of a process and its reaped children, in clock ticks: "user system".
 cpu_ticks() { awk '{ print $14 + $16, $15 + $17 }' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+slab_kib() { awk '/^Slab:/ { print $2 }' /proc/meminfo; } # the kernel's object caches
 workers() { grep -lx echod-worker /proc/"$1"/task/*/comm 2>/dev/null | wc -l; }
 field() { grep -o "\"$1\":[0-9.e+-]*" <<<"$2" | head -1 | cut -d: -f2; }
 
@@ -267,14 +268,14 @@ if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
     for s in $NEEDED; do stop_server "$s"; done
 fi
 
-printf 'server\trepeat\tconnections\tsources\tbefore_kib\tafter_kib\tbytes_per_conn\n' >"$OUT/rss.tsv"
+printf 'server\trepeat\tconnections\tsources\tbefore_kib\tafter_kib\tbytes_per_conn\tslab_bytes_per_socket\n' >"$OUT/rss.tsv"
 # One fresh server; the holder grows its idle connections through POINTS, and the
 # server's RSS is read at each point.
 idle_curve() { # SERVER REPEAT
     start_server "$1"
-    local pid=${PID[$1]} before after word got label sources n line
+    local pid=${PID[$1]} before after word got label sources n line slab0 slab
     sleep 0.5
-    before=$(rss_kib "$pid")
+    before=$(rss_kib "$pid") slab0=$(slab_kib)
     coproc HOLDER { exec "${LOAD_CPU[@]}" "$HOLD" "${ADDR[$1]}" "${POINTS[@]}" 2>>"$OUT/holder.err"; }
     # shellcheck disable=SC2153 # set by coproc
     local holder_pid=$HOLDER_PID in=${HOLDER[0]} out=${HOLDER[1]}
@@ -287,9 +288,11 @@ idle_curve() { # SERVER REPEAT
             fail "idle connections to $1 #$2: holder stopped before $n ($(tail -n 1 "$OUT/holder.err"))"
         sleep 1
         alive "$pid" || fail "$1 (PID $pid) died holding $n idle connections"
-        after=$(rss_kib "$pid")
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%.0f\n' "$1" "$2" "$n" "$sources" "$before" "$after" \
-            "$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { print (a - b) * 1024 / n }')" >>"$OUT/rss.tsv"
+        after=$(rss_kib "$pid") slab=$(slab_kib)
+        # Both ends of every connection are sockets of this machine: 2 × n sockets.
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%.0f\t%.0f\n' "$1" "$2" "$n" "$sources" "$before" "$after" \
+            "$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { print (a - b) * 1024 / n }')" \
+            "$(awk -v a="$slab" -v b="$slab0" -v n="$n" 'BEGIN { print (a - b) * 1024 / (2 * n) }')" >>"$OUT/rss.tsv"
         printf '  %-6s #%s %6s connections (%s source addresses): RSS %s → %s KiB\n' \
             "$1" "$2" "$n" "$sources" "$before" "$after"
         echo next >&"$out"
@@ -401,6 +404,10 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
             done
             echo
         fi
+        echo "Kernel memory per idle TCP socket (the growth of /proc/meminfo's Slab, the kernel's object caches,"
+        echo "divided by the 2 × N sockets of both ends, at $IDLE connections, median over both servers' runs; it"
+        echo "moves with whatever else the machine does): $(awk -F'\t' -v n="$IDLE" 'NR > 1 && $3 == n { print $8 }' "$OUT/rss.tsv" | median | awk '{ printf "%.0f B", $1 }')."
+        echo
         echo "Most source addresses the holder needed: $(awk -F'\t' 'NR > 1 && $4 > m { m = $4 } END { print m + 0 }' "$OUT/rss.tsv")."
         echo
     fi
