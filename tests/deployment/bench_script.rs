@@ -1,5 +1,6 @@
-//! `benches/compare.sh` in a tiny mode: it must finish with a table naming both
-//! servers, and a run against a server that corrupts echoes must make it fail.
+//! `benches/compare.sh` in a tiny mode: it must finish with a table naming every
+//! server (with `BASE_BIN`, the earlier build too), and a run against a server that
+//! corrupts echoes must make it fail.
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -78,7 +79,13 @@ fn compare(env: &[(&str, &str)], out: &Path) -> Output {
 
 fn the_tiny_comparison_prints_a_table_of_both_servers() {
     let out = tempfile::tempdir().unwrap();
-    let run = compare(&[("SCENARIOS", "rt64-c1 udp64-c1 idle")], out.path());
+    // BASE_BIN (an earlier build beside the current one) is given the same binary here.
+    let echod = crate::support::echod_bin();
+    let base_bin = echod.to_str().expect("UTF-8 path");
+    let run = compare(
+        &[("SCENARIOS", "rt64-c1 udp64-c1 idle"), ("BASE_BIN", base_bin)],
+        out.path(),
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
@@ -88,11 +95,14 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
     );
     for row in [
         "| rt64-c1 | echod |",
+        "| rt64-c1 | echod-base |",
         "| rt64-c1 | naive |",
         "| rt64-c1 | socat |",
         "| udp64-c1 | echod |",
+        "| udp64-c1 | echod-base |",
         "| udp64-c1 | naive |",
         "| 200 (headline) |",
+        "Kernel memory per idle TCP socket",
     ] {
         assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
     }
