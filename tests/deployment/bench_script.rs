@@ -83,7 +83,10 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
     let echod = crate::support::echod_bin();
     let base_bin = echod.to_str().expect("UTF-8 path");
     let run = compare(
-        &[("SCENARIOS", "rt64-c1 udp64-c1 idle"), ("BASE_BIN", base_bin)],
+        &[
+            ("SCENARIOS", "rt64-c1 udp64-c1 idle"),
+            ("BASE_BIN", base_bin),
+        ],
         out.path(),
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
