@@ -171,6 +171,11 @@ pub struct UdpConfig {
     /// Kernel receive buffer per UDP socket (SO_RCVBUF), in bytes: how much of a burst
     /// waits while echod is busy instead of being dropped. 0 keeps the kernel default.
     pub receive_buffer_size: usize,
+    /// Sockets per UDP address (SO_REUSEPORT), each served by its own task so that
+    /// more than one worker thread serves the address: 1 (one socket), or 0 for one
+    /// per worker thread. Takes effect when a socket is opened (a start, or an address
+    /// added by a reload).
+    pub sockets_per_address: usize,
     /// Source ports never answered (reflection-loop protection).
     pub deny_source_ports: Vec<u16>,
     /// Also never answer the ports echod's own UDP sockets listen on: a datagram from
@@ -187,6 +192,7 @@ impl Default for UdpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             max_datagram_size: 65_507,
             receive_buffer_size: 4 * 1024 * 1024,
+            sockets_per_address: 1,
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
             deny_own_ports: true,
             rate_limit: RateLimitConfig::default(),
@@ -608,6 +614,9 @@ fn environment_layer(env: &HashMap<String, String>) -> config::Environment {
 /// request into an `int`, and more than this per socket is a typo, not a plan.
 const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
 
+/// The most sockets one UDP address may have (`udp.sockets_per_address`).
+const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 256;
+
 type Invalid = (&'static str, String);
 
 fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
@@ -693,6 +702,16 @@ impl Config {
             || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
         )?;
         socket_buffer("udp.receive_buffer_size", udp.receive_buffer_size)?;
+        check(
+            udp.sockets_per_address <= MAX_UDP_SOCKETS_PER_ADDRESS,
+            "udp.sockets_per_address",
+            || {
+                format!(
+                    "must be between 0 (one per worker thread) and {MAX_UDP_SOCKETS_PER_ADDRESS}, got {}",
+                    udp.sockets_per_address
+                )
+            },
+        )?;
         let rl = &udp.rate_limit;
         check(
             rl.packets_per_second == 0 || rl.burst >= 1,

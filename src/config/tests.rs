@@ -45,6 +45,10 @@ fn every_invalid_value_names_its_key() {
         ),
         ("[udp]\nmax_datagram_size = 0", "udp.max_datagram_size"),
         ("[udp]\nmax_datagram_size = 65536", "udp.max_datagram_size"),
+        (
+            "[udp]\nsockets_per_address = 257",
+            "udp.sockets_per_address",
+        ),
         ("[udp.rate_limit]\nburst = 0", "udp.rate_limit.burst"),
         (
             "[udp.rate_limit]\nmax_sources = 0",

@@ -22,6 +22,7 @@ crate::support::tests![
     a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either,
     a_burst_while_echod_is_busy_waits_in_a_large_receive_queue needs &[crate::support::Need::Tool("ss")],
     the_udp_receive_buffer_follows_a_reload needs &[crate::support::Need::Tool("ss")],
+    udp_can_be_served_by_one_socket_per_worker_thread needs &[crate::support::Need::Tool("ss")],
     an_out_of_range_receive_buffer_is_refused_by_name,
 ];
 
@@ -297,14 +298,27 @@ fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }
 
-/// The kernel's view of the UDP socket bound to `addr`: `skmem` fields by name
-/// (`rb` is the receive buffer limit, `d` the datagrams dropped for lack of room).
-fn udp_skmem(addr: SocketAddr) -> std::collections::HashMap<String, u64> {
+/// The kernel's view of each UDP socket bound to `addr` (echod has one per worker
+/// thread): `skmem` fields by name (`rb` is the receive buffer limit, `r` the bytes
+/// queued, `d` the datagrams dropped for lack of room).
+fn udp_skmems(addr: SocketAddr) -> Vec<std::collections::HashMap<String, u64>> {
     let out = std::process::Command::new("ss")
         .args(["-uamnH", &format!("src {addr}")])
         .output()
         .expect("run ss");
-    crate::support::skmem(&String::from_utf8_lossy(&out.stdout))
+    let out = String::from_utf8_lossy(&out.stdout);
+    let sockets: Vec<_> = out
+        .split("skmem:(")
+        .skip(1)
+        .map(|rest| crate::support::skmem(&format!("skmem:({rest}")))
+        .collect();
+    assert!(!sockets.is_empty(), "no UDP socket on {addr}: {out:?}");
+    sockets
+}
+
+/// One `skmem` field of every socket on `addr`.
+fn udp_skmem_field(addr: SocketAddr, field: &str) -> Vec<u64> {
+    udp_skmems(addr).iter().map(|m| m[field]).collect()
 }
 
 /// Whether echod (started by us, so with our capabilities) may use SO_RCVBUFFORCE:
@@ -341,9 +355,13 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
     } else {
         2 * want.min(rmem_max())
     };
-    let rb = udp_skmem(daemon.udp)["rb"];
-    eprintln!("UDP receive buffer: {rb} bytes");
-    assert_eq!(rb, expected, "receive buffer of echod's UDP socket");
+    let rbs = udp_skmem_field(daemon.udp, "rb");
+    eprintln!("UDP receive buffers: {rbs:?} bytes");
+    assert!(
+        rbs.iter().all(|&rb| rb == expected),
+        "receive buffers of echod's UDP sockets: {rbs:?}, not {expected}"
+    );
+    let rb = rbs[0];
     if rb < 2 * want {
         assert!(
             !std::env::var("ECHOD_REQUIRE_E2E").is_ok_and(|v| v == "1"),
@@ -366,7 +384,11 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
         datagram[..4].copy_from_slice(&i.to_be_bytes());
         client.send_to(&datagram, daemon.udp).unwrap();
     }
-    let queued = udp_skmem(daemon.udp);
+    // The burst comes from one address and port, so the kernel queues it on one socket.
+    let queued = udp_skmems(daemon.udp)
+        .into_iter()
+        .max_by_key(|m| m["r"])
+        .expect("a socket");
     daemon.signal(libc::SIGCONT);
     wait_stopped(daemon.pid(), false);
     let received = || daemon.metric("echod_udp_received_datagrams_total", &[]);
@@ -386,16 +408,20 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
 
 fn the_udp_receive_buffer_follows_a_reload() {
     let daemon = Daemon::start("[udp]\nreceive_buffer_size = 65536\n");
-    assert_eq!(udp_skmem(daemon.udp)["rb"], 2 * 65_536);
+    assert_eq!(
+        udp_skmem_field(daemon.udp, "rb"),
+        vec![2 * 65_536; udp_skmems(daemon.udp).len()]
+    );
     daemon.rewrite_config("[udp]\nreceive_buffer_size = 131072\n");
     daemon.signal(libc::SIGHUP);
     daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
-    // The socket applies new settings when it next wakes up.
-    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.send_to(b"wake up", daemon.udp).unwrap();
+    // Every socket applies it at the reload, without waiting for a datagram.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while udp_skmem(daemon.udp)["rb"] != 2 * 131_072 {
-        assert!(Instant::now() < deadline, "{:?}", udp_skmem(daemon.udp));
+    while udp_skmem_field(daemon.udp, "rb")
+        .iter()
+        .any(|&rb| rb != 2 * 131_072)
+    {
+        assert!(Instant::now() < deadline, "{:?}", udp_skmems(daemon.udp));
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -407,4 +433,49 @@ fn an_out_of_range_receive_buffer_is_refused_by_name() {
         assert_eq!(code, Some(78), "{value}: {stderr}");
         assert!(stderr.contains("udp.receive_buffer_size"), "{stderr}");
     }
+}
+
+/// One UDP socket per address by default; `udp.sockets_per_address = 0` gives one per
+/// worker thread (SO_REUSEPORT siblings), every one of them answering: 64 clients, whose
+/// source ports the kernel spreads over the sockets, all get their echo. The group
+/// still keeps a second echod off the address.
+fn udp_can_be_served_by_one_socket_per_worker_thread() {
+    let single = Daemon::start("");
+    assert_eq!(udp_skmems(single.udp).len(), 1, "sockets by default");
+    drop(single);
+    let daemon = Daemon::start("[udp]\nsockets_per_address = 0\n");
+    let workers = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == "echod-worker")
+        })
+        .count();
+    assert!(workers >= 1, "no echod-worker thread");
+    assert_eq!(
+        udp_skmems(daemon.udp).len(),
+        workers,
+        "UDP sockets on {} for {workers} worker threads",
+        daemon.udp
+    );
+    for i in 0..64u32 {
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        client.send_to(&i.to_be_bytes(), daemon.udp).unwrap();
+        let mut buf = [0u8; 8];
+        let (n, from) = client.recv_from(&mut buf).expect("an echo");
+        assert_eq!((&buf[..n], from), (&i.to_be_bytes()[..], daemon.udp));
+    }
+    let mut second = Daemon::start_with(crate::support::Options {
+        toml: &format!(
+            "[udp]\nlisten = [\"{}\"]\nsockets_per_address = 0\n",
+            daemon.udp
+        ),
+        no_wait: true,
+        ..crate::support::Options::default()
+    });
+    let status = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "second echod: {status:?}");
 }
