@@ -43,9 +43,17 @@ const MAX_BATCH: usize = 256;
 /// other socket that also sets it bind the same UDP address and take the datagrams;
 /// UDP has no TIME_WAIT for it to help with, so a restart rebinds at once without it.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    bind_socket(addr, false)
+}
+
+/// [`bind`], optionally joining the SO_REUSEPORT group already on `addr` (a sibling).
+fn bind_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -250,16 +258,7 @@ fn siblings(socket: &UdpSocket, wanted: usize, label: &str) -> Vec<UdpSocket> {
     if wanted <= 1 {
         return Vec::new();
     }
-    let bind_one = |addr: SocketAddr| -> io::Result<UdpSocket> {
-        let sibling = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            sibling.set_only_v6(true)?;
-        }
-        sibling.set_reuse_port(true)?;
-        sibling.set_nonblocking(true)?;
-        sibling.bind(&addr.into())?;
-        UdpSocket::from_std(sibling.into())
-    };
+    let bind_one = |addr| bind_socket(addr, true).and_then(UdpSocket::from_std);
     let group = SockRef::from(socket)
         .set_reuse_port(true)
         .and_then(|()| socket.local_addr())
