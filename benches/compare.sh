@@ -28,10 +28,12 @@
 #   SCENARIOS="*"              names or globs (space or comma separated) of the scenarios
 #                              to run: rt64-c1 rt64-c50 rt64-c500 win64k-c1 win64k-c8
 #                              bulk-c1 bulk-c8 udp64-c1 udp64-c16 idle
-#   BASE_PORT=17100            nine consecutive loopback ports from here
+#   BASE_PORT=17100            ten consecutive loopback ports from here
 #   BASE_BIN=…                 also run this other echod build (say, the commit before a
 #                              change) as server "echod-base" in every TCP and UDP scenario,
 #                              interleaved with the others, to measure a change in one run
+#   URING=1                    also run examples/uring_echo (one thread, io_uring) as server
+#                              "uring" in the TCP scenarios: what another I/O model buys
 #   ECHOD_BIN=… EXAMPLES_DIR=… use these builds instead of `cargo build --release`
 #   COMPARE_SELFTEST_CORRUPT=1 (tests only) serve the baseline with examples/corrupt_echo,
 #                              which flips bytes, to prove that the script fails
@@ -53,7 +55,8 @@ SOCAT_PORT=$((BASE_PORT + 5))
 SOCAT_UDP_PORT=$((BASE_PORT + 6))
 BASE_ECHOD_PORT=$((BASE_PORT + 7))
 BASE_METRICS_PORT=$((BASE_PORT + 8))
-COMMAND="${BASE_BIN:+BASE_BIN=… }REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
+URING_PORT=$((BASE_PORT + 9))
+COMMAND="${BASE_BIN:+BASE_BIN=… }$([ "${URING:-0}" = 1 ] && echo 'URING=1 ')REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
 
 cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
@@ -67,17 +70,19 @@ if [ -n "${ECHOD_BIN:-}" ]; then
     EXAMPLES=${EXAMPLES_DIR:?EXAMPLES_DIR must name the directory of the example builds}
 else
     cargo build --release --quiet --bin echod --example naive_echo \
-        --example hold_connections --example corrupt_echo
+        --example hold_connections --example corrupt_echo --example uring_echo
     BIN=$TARGET_DIR/release/echod
     EXAMPLES=$TARGET_DIR/release/examples
 fi
 NAIVE=$EXAMPLES/naive_echo
 HOLD=$EXAMPLES/hold_connections
+URING_ECHO=$EXAMPLES/uring_echo
 if [ "${COMPARE_SELFTEST_CORRUPT:-0}" = 1 ]; then
     echo "SELF-TEST: the naive baseline is served by examples/corrupt_echo (flips bytes); this run must fail" >&2
     NAIVE=$EXAMPLES/corrupt_echo
 fi
-for exe in "$BIN" "$NAIVE" "$HOLD" ${BASE_BIN:+"$BASE_BIN"}; do [ -x "$exe" ] || fail "no executable $exe"; done
+[ "${URING:-0}" = 1 ] || URING_ECHO=
+for exe in "$BIN" "$NAIVE" "$HOLD" ${BASE_BIN:+"$BASE_BIN"} ${URING_ECHO:+"$URING_ECHO"}; do [ -x "$exe" ] || fail "no executable $exe"; done
 command -v socat >/dev/null || fail "socat is required"
 
 # Scenario selection: SCENARIOS holds names or globs.
@@ -150,6 +155,8 @@ start_server() { # NAME
         ADDR[$1]=127.0.0.1:$ECHOD2_PORT ;;
     echod-base) "${SERVER_CPU[@]}" "$BASE_BIN" --config "$OUT/echod-base.toml" >>"$OUT/echod-base.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$BASE_ECHOD_PORT ;;
+    uring) "${SERVER_CPU[@]}" "$URING_ECHO" "$URING_PORT" >>"$OUT/uring.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$URING_PORT ;;
     naive) "${SERVER_CPU[@]}" "$NAIVE" "$NAIVE_PORT" >>"$OUT/naive.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$NAIVE_PORT ;;
     socat) "${SERVER_CPU[@]}" socat "TCP-LISTEN:$SOCAT_PORT,bind=127.0.0.1,fork,reuseaddr,backlog=1024" \
@@ -238,6 +245,7 @@ for entry in "${ALL_SCENARIOS[@]}"; do
     selected "$scenario" || continue
     [ "$TWO_CPUS" = 1 ] || servers=${servers/ echod-2cpu/}
     [ -z "${BASE_BIN:-}" ] || servers=${servers/echod /echod echod-base }
+    [ "${URING:-0}" != 1 ] || [[ $scenario == udp* ]] || servers=${servers/naive/naive uring}
     RUN_SCENARIOS+=("$scenario|$servers|${entry##*|}")
     for s in $servers; do [[ $NEEDED == *" $s "* ]] || NEEDED+="$s "; done
 done
@@ -336,7 +344,7 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
         for entry in "${RUN_SCENARIOS[@]}"; do
             IFS='|' read -r scenario servers _ <<<"$entry"
             base=$(col "$scenario" naive 5) base_cpu=$(col "$scenario" naive 9)
-            for server in echod echod-base naive socat; do
+            for server in echod echod-base naive uring socat; do
                 [[ " $servers " == *" $server "* ]] || continue
                 rate=$(col "$scenario" "$server" 5) cpu=$(col "$scenario" "$server" 9)
                 printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s | %s |\n' \

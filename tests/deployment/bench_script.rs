@@ -12,13 +12,13 @@ crate::support::tests![
     a_corrupting_server_fails_the_script_and_names_the_run needs &[crate::support::Need::Tool("socat")],
 ];
 
-/// The script uses nine consecutive ports from BASE_PORT, TCP and UDP.
+/// The script uses ten consecutive ports from BASE_PORT, TCP and UDP.
 fn free_base_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 24_000 + (std::process::id() % 400) as u16 * 20;
     loop {
         let base = start + NEXT.fetch_add(10, Ordering::Relaxed) % 8_000;
-        let free = (base..base + 9).all(|p| {
+        let free = (base..base + 10).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
         });
         if free {
@@ -32,7 +32,12 @@ fn free_base_port() -> u16 {
 fn examples_dir() -> PathBuf {
     let bin = crate::support::echod_bin();
     let dir = bin.parent().expect("target dir").join("examples");
-    let wanted = ["naive_echo", "hold_connections", "corrupt_echo"];
+    let wanted = [
+        "naive_echo",
+        "hold_connections",
+        "corrupt_echo",
+        "uring_echo",
+    ];
     if wanted.iter().all(|e| dir.join(e).exists()) {
         return dir;
     }
@@ -82,10 +87,14 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
     // BASE_BIN (an earlier build beside the current one) is given the same binary here.
     let echod = crate::support::echod_bin();
     let base_bin = echod.to_str().expect("UTF-8 path");
+    // URING=1 adds the io_uring example, where the kernel lets processes use io_uring.
+    let uring = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|v| v.trim() == "0");
     let run = compare(
         &[
             ("SCENARIOS", "rt64-c1 udp64-c1 idle"),
             ("BASE_BIN", base_bin),
+            ("URING", if uring { "1" } else { "0" }),
         ],
         out.path(),
     );
@@ -108,6 +117,14 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
         "Kernel memory per idle TCP socket",
     ] {
         assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
+    }
+    if uring {
+        assert!(
+            stdout.contains("| rt64-c1 | uring |") && !stdout.contains("| udp64-c1 | uring |"),
+            "URING=1: a uring row for TCP only in\n{stdout}"
+        );
+    } else {
+        eprintln!("io_uring is disabled here: compare.sh ran without URING=1");
     }
     assert!(stdout.contains("CPU µs/msg") && stdout.contains("CPU s/GB"));
     let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
