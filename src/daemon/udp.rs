@@ -251,9 +251,9 @@ impl Listener {
 /// from now on the kernel admits into the group sockets of the same user that ask for
 /// it (other users never). None when one socket is wanted, or when the kernel refuses.
 ///
-/// Not the default: on 2 CPUs shared with the load generator, two sockets cost 4.8–4.9
-/// µs of server CPU per datagram against 4.0–5.1 µs for one, at the same rate (16
-/// clients, `perf stat`), since each socket's bursts are shorter.
+/// Not the default: on 2 CPUs shared with the load generator, two sockets cost 6.2–6.6
+/// µs of server CPU per datagram against 5.6–6.1 µs for one, at the same rate (16
+/// clients, `benches/syscalls.sh`), since each socket's bursts are shorter.
 fn siblings(socket: &UdpSocket, wanted: usize, label: &str) -> Vec<UdpSocket> {
     if wanted <= 1 {
         return Vec::new();

@@ -1,6 +1,8 @@
 //! `benches/compare.sh` in a tiny mode: it must finish with a table naming every
 //! server (with `BASE_BIN`, the earlier build too), and a run against a server that
-//! corrupts echoes must make it fail.
+//! corrupts echoes must make it fail. `benches/syscalls.sh` counts system calls per
+//! round trip, which do not move with the machine's load, so a test can hold echod to
+//! the naive loop's count.
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 crate::support::tests![
     the_tiny_comparison_prints_a_table_of_both_servers needs &[crate::support::Need::Tool("socat")],
     a_corrupting_server_fails_the_script_and_names_the_run needs &[crate::support::Need::Tool("socat")],
+    echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop needs &[crate::support::Need::Tool("perf")],
 ];
 
 /// The script uses ten consecutive ports from BASE_PORT, TCP and UDP.
@@ -147,5 +150,47 @@ fn a_corrupting_server_fails_the_script_and_names_the_run() {
     assert!(
         !stdout.contains("| scenario |"),
         "a table after a failure:\n{stdout}"
+    );
+}
+
+/// Runs `benches/syscalls.sh` for one server: its figures by name.
+fn syscalls(server: &str, args: &[&str]) -> std::collections::HashMap<String, f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/syscalls.sh");
+    let run = Command::new("timeout")
+        .args(["--kill-after=10", "120", "bash"])
+        .arg(script)
+        .args([server, "3000"])
+        .args(args)
+        .env("ECHOD_BIN", crate::support::echod_bin())
+        .env("EXAMPLES_DIR", examples_dir())
+        .env("PORT", free_base_port().to_string())
+        .output()
+        .expect("run benches/syscalls.sh");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "syscalls.sh {server}: {stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&server), "{stdout}");
+    words[1..]
+        .chunks(2)
+        .map(|pair| (pair[0].to_string(), pair[1].parse().expect("a number")))
+        .collect()
+}
+
+/// One 64 B round trip at a time: the naive loop makes three system calls per round trip
+/// (`epoll_wait`, `read`, `write`); echod made four before its read stopped asking
+/// again until EAGAIN. The count does not depend on the machine's load.
+fn echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop() {
+    let args = ["-s", "64", "-C", "1"];
+    let naive = syscalls("naive", &args);
+    let echod = syscalls("echod", &args);
+    eprintln!("system calls per round trip: echod {echod:?}, naive {naive:?}");
+    assert!(naive["syscalls/msg"] >= 2.0, "naive: {naive:?}");
+    assert!(
+        echod["syscalls/msg"] <= naive["syscalls/msg"] + 0.2,
+        "echod {echod:?} against naive {naive:?}"
     );
 }
