@@ -383,7 +383,10 @@ struct Connection {
     started: Instant,
     /// When `tcp.max_connection_duration` ends it, if set.
     hard_deadline: Option<Instant>,
-    _permit: Permit,
+    /// The connection's slot under the limits, given back as soon as the connection is
+    /// over and before its close reaches the client: a client that saw its EOF and
+    /// connects again at the limit is admitted, not refused by its own old connection.
+    permit: Option<Permit>,
 }
 
 impl End {
@@ -419,7 +422,7 @@ impl Connection {
             unflushed: ByteCounts::default(),
             echoed_total: 0,
             peer,
-            _permit: permit,
+            permit: Some(permit),
         }
     }
 
@@ -452,10 +455,15 @@ impl Connection {
         }
     }
 
-    /// Records how the connection ended (and closes a capped one cleanly).
+    /// Records how the connection ended, gives its slot back and closes it (cleanly
+    /// when the client finished or a cap was reached).
     async fn finish(&mut self, end: End) {
         self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
+        self.permit = None;
         match end {
+            End::Finished => {
+                let _ = self.stream.shutdown().await;
+            }
             End::Idle => self.metrics.idle_timeouts.inc(),
             End::Capped(cap) => {
                 self.metrics.capped(cap);
@@ -467,7 +475,7 @@ impl Connection {
                 self.metrics.active.dec();
                 return;
             }
-            End::Finished | End::Cut | End::Error => {}
+            End::Cut | End::Error => {}
         }
         self.metrics.active.dec();
         self.metrics.closed.inc();
@@ -617,10 +625,8 @@ impl Connection {
                 })
                 .await;
                 let n = match read {
-                    Poll::Ready(Ok(0)) => {
-                        let _ = self.stream.shutdown().await;
-                        return End::Finished;
-                    }
+                    // Everything it sent is echoed; `finish` closes our side.
+                    Poll::Ready(Ok(0)) => return End::Finished,
                     Poll::Ready(Ok(n)) => n,
                     Poll::Pending => break,
                     Poll::Ready(Err(_)) => return End::Error,

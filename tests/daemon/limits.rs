@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Daemon, LOCAL, admitted, connect_from, daemon_with_limits, is_served, write_until_stalled,
+    self, Daemon, LOCAL, admitted, connect_from, daemon_with_limits, is_served, tcp_roundtrip,
+    write_until_stalled,
 };
 
 crate::support::tests![
@@ -17,6 +18,7 @@ crate::support::tests![
     idle_connections_hold_no_buffer,
     running_out_of_file_descriptors_is_survived_without_spinning,
     a_client_that_stops_reading_is_closed_after_the_idle_timeout,
+    a_client_that_saw_its_eof_reconnects_at_the_limit,
 ];
 
 fn global_limit_serves_exactly_the_limit_and_closes_the_rest_promptly() {
@@ -318,5 +320,21 @@ fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
             "connection still counted as open"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// At `max_connections = 1`, a client whose connection ended (it saw echod's EOF) and
+/// that connects again at once is admitted: echod gives the slot back before its close
+/// reaches the client. Before, the slot went back after the close, and a quick client
+/// could be refused by its own finished connection (a deployment test hit it).
+fn a_client_that_saw_its_eof_reconnects_at_the_limit() {
+    let daemon = daemon_with_limits(1, 1);
+    for round in 0..300u32 {
+        let data = round.to_be_bytes();
+        let echo = tcp_roundtrip(daemon.tcp, &data, u64::from(round));
+        assert_eq!(
+            echo, data,
+            "round {round}: the connection before was refused"
+        );
     }
 }
