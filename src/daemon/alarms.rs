@@ -35,7 +35,7 @@ pub(crate) struct Alarms {
     shards: Box<[Mutex<Slab<Entry>>]>,
     /// Where the table's millisecond clock starts.
     epoch: Instant,
-    /// Milliseconds since `epoch` at the last sweep: what [`Alarms::poll`] compares
+    /// Milliseconds since `epoch` at the last sweep: what [`Alarm::poll`] compares
     /// deadlines with, so that polling costs no clock read.
     now_ms: AtomicU64,
     /// The sweep interval in milliseconds: a tenth of the shortest span set so far.

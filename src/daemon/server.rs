@@ -87,7 +87,6 @@ pub(crate) async fn serve_with_log(
         last_reload_error: None,
         restart_needed: Vec::new(),
     };
-    tokio::spawn(server.shared.shutdown.keep_time());
     server.start(connections)?;
     if let Some(stopped) = handover_stopped {
         let paused = handover::monotonic_micros().saturating_sub(stopped);
@@ -142,7 +141,7 @@ impl Shared {
         Self {
             health: Arc::new(Health::new(&metrics)),
             metrics,
-            shutdown: Shutdown::new(),
+            shutdown: Shutdown::running(),
             limiter: ConnectionLimiter::new(&config.tcp),
             rate_limiter: RateLimiter::new(&config.udp.rate_limit),
             own_udp_ports: Arc::default(),
@@ -426,8 +425,7 @@ impl Server {
 
     /// Takes back what a failed upgrade had prepared to hand over.
     fn resume(&mut self, handover: Handover) {
-        self.shared.shutdown = Shutdown::new();
-        tokio::spawn(self.shared.shutdown.keep_time());
+        self.shared.shutdown = Shutdown::running();
         self.shared.connections.reopen();
         self.shared.listener_tasks.reopen();
         let mut sockets = Sockets::new()

@@ -44,6 +44,14 @@ impl Shutdown {
         Self::default()
     }
 
+    /// A fresh broadcast whose alarm table is swept by a task on the current runtime,
+    /// for as long as the broadcast is in use: what a server hands its connections.
+    pub(crate) fn running() -> Self {
+        let shutdown = Self::new();
+        tokio::spawn(shutdown.keep_time());
+        shutdown
+    }
+
     /// Starts draining: listeners stop, connections may finish.
     pub(crate) fn begin_drain(&self) {
         self.0.drain.cancel();
@@ -79,7 +87,7 @@ impl Shutdown {
     }
 
     /// Sweeps [`Shutdown::alarms`] on its tick for as long as this broadcast is in use.
-    pub(crate) fn keep_time(&self) -> impl Future<Output = ()> + Send + 'static {
+    fn keep_time(&self) -> impl Future<Output = ()> + Send + 'static {
         let inner = Arc::downgrade(&self.0);
         async move {
             loop {

@@ -574,7 +574,7 @@ impl Connection {
     /// (`poll_read_ready`), not a `readable()` future. All of this keeps an idle
     /// connection small.
     async fn echo(&mut self) -> End {
-        // Fields are used through `self` (the cut future borrows `self.shutdown` while
+        // Fields are used through `self` (the alarm borrows `self.shutdown` while
         // `self.stream` is used): borrowing them apart into locals would store a pointer
         // per field in every connection's state.
         //
@@ -683,9 +683,7 @@ impl Connection {
             last_traffic = Instant::now();
         }
     }
-}
 
-impl Connection {
     /// How the connection ends now that its alarm rang: interrupted (with `pending`,
     /// the bytes read and not yet echoed, for a handover), or past a deadline; `None`
     /// when traffic moved the deadline, and the alarm is moved with it.
