@@ -64,6 +64,8 @@ OUT=${OUT:-$TARGET_DIR/compare-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/runs"
 
 fail() { echo "compare.sh: FAILED: $*" >&2; exit 1; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 if [ -n "${ECHOD_BIN:-}" ]; then
     BIN=$ECHOD_BIN
@@ -118,33 +120,9 @@ trap cleanup EXIT
 read -ra CURVE_POINTS <<<"$CURVE"
 read -ra POINTS <<<"$(printf '%s\n' "${CURVE_POINTS[@]}" "$IDLE" | sort -n -u | xargs)"
 MAX_POINT=${POINTS[-1]}
-write_config() { # FILE PORT METRICS_PORT
-    cat >"$1" <<TOML
-[tcp]
-listen = ["127.0.0.1:$2"]
-max_connections = $((MAX_POINT + 500))
-max_connections_per_ip = $((MAX_POINT + 500))
-[udp]
-listen = ["127.0.0.1:$2"]
-[udp.rate_limit]
-packets_per_second = 0
-[metrics]
-listen = ["127.0.0.1:$3"]
-[log]
-level = "warn"
-TOML
-}
-write_config "$OUT/echod.toml" "$ECHOD_PORT" "$METRICS_PORT"
-write_config "$OUT/echod2.toml" "$ECHOD2_PORT" "$METRICS2_PORT"
-write_config "$OUT/echod-base.toml" "$BASE_ECHOD_PORT" "$BASE_METRICS_PORT"
-
-wait_tcp() { # PORT: until something accepts there (the runs verify the echo)
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    fail "nothing listens on port $1"
-}
+echod_config "$OUT/echod.toml" "$ECHOD_PORT" "$METRICS_PORT" $((MAX_POINT + 500))
+echod_config "$OUT/echod2.toml" "$ECHOD2_PORT" "$METRICS2_PORT" $((MAX_POINT + 500))
+echod_config "$OUT/echod-base.toml" "$BASE_ECHOD_PORT" "$BASE_METRICS_PORT" $((MAX_POINT + 500))
 
 declare -A PID ADDR
 start_server() { # NAME
@@ -169,7 +147,7 @@ start_server() { # NAME
     esac
     PID[$1]=$!
     PIDS+=("${PID[$1]}")
-    case $1 in socat-udp) sleep 0.3 ;; *) wait_tcp "${ADDR[$1]##*:}" ;; esac
+    case $1 in socat-udp) sleep 0.3 ;; *) wait_tcp "${ADDR[$1]##*:}" "${PID[$1]}" ;; esac
 }
 stop_server() { # NAME
     kill "${PID[$1]}" 2>/dev/null || true

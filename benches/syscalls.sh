@@ -28,6 +28,8 @@ LOAD_CPUS=${LOAD_CPUS:-1}
 
 cd "$(dirname "$0")/.."
 fail() { echo "syscalls.sh: FAILED: $*" >&2; exit 1; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 command -v perf >/dev/null || fail "perf is required (Debian: linux-perf)"
 if [ -n "${ECHOD_BIN:-}" ]; then
     BIN=$ECHOD_BIN
@@ -39,7 +41,7 @@ else
 fi
 
 OUT=$(mktemp -d)
-PID= PERF=
+PID='' PERF=''
 cleanup() {
     for pid in $PERF $PID; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -54,29 +56,12 @@ uring) taskset -c "$SERVER_CPUS" "$EXAMPLES/uring_echo" "$PORT" >"$OUT/server.lo
     server_bin=$BIN
     [ "$SERVER" = echod ] || server_bin=$SERVER
     [ -x "$server_bin" ] || fail "no executable $server_bin"
-    cat >"$OUT/echod.toml" <<TOML
-[tcp]
-listen = ["127.0.0.1:$PORT"]
-max_connections = 5000
-max_connections_per_ip = 5000
-[udp]
-listen = ["127.0.0.1:$PORT"]
-[udp.rate_limit]
-packets_per_second = 0
-[metrics]
-listen = ["127.0.0.1:$((PORT + 1))"]
-[log]
-level = "warn"
-TOML
+    echod_config "$OUT/echod.toml" "$PORT" $((PORT + 1)) 5000
     taskset -c "$SERVER_CPUS" "$server_bin" --config "$OUT/echod.toml" >"$OUT/server.log" 2>&1 &
     ;;
 esac
 PID=$!
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    kill -0 "$PID" 2>/dev/null || fail "$SERVER exited: $(tail -n 3 "$OUT/server.log")"
-    sleep 0.1
-done
+wait_tcp "$PORT" "$PID"
 perf stat -x, -e raw_syscalls:sys_enter,task-clock,context-switches -p "$PID" -o "$OUT/perf.txt" &
 PERF=$!
 sleep 0.3
