@@ -43,19 +43,11 @@ pub(crate) fn enabled() -> bool {
             .is_some_and(|n| n > 0)
 }
 
-fn kind_token(kind: ListenerKind) -> &'static str {
-    match kind {
-        ListenerKind::Tcp => "tcp",
-        ListenerKind::Udp => "udp",
-        ListenerKind::Http => "http",
-    }
-}
-
 /// The store name of a listener of `kind` for the configured address `addr`.
 pub(crate) fn name(kind: ListenerKind, addr: SocketAddr) -> String {
     format!(
         "{PREFIX}{}-{}",
-        kind_token(kind),
+        kind.token(),
         addr.to_string().replace(':', "-")
     )
 }
@@ -68,12 +60,7 @@ pub(crate) fn parse(name: &str) -> Option<(ListenerKind, SocketAddr)> {
     }
     let rest = name.strip_prefix(PREFIX)?;
     let (kind, addr) = rest.split_once('-')?;
-    let kind = match kind {
-        "tcp" => ListenerKind::Tcp,
-        "udp" => ListenerKind::Udp,
-        "http" => ListenerKind::Http,
-        _ => return None,
-    };
+    let kind = ListenerKind::from_token(kind)?;
     let addr = addr.replace('-', ":").parse().ok()?;
     Some((kind, addr))
 }

@@ -7,21 +7,23 @@
 //! adopted when the config lists its address (how tests run the daemon on port 0, and
 //! how sockets come back from systemd's descriptor store).
 //!
-//! With a descriptor store ([`super::fdstore`]), every socket echod binds is also handed
-//! to systemd once it serves, and taken out of the store when a reload removes it. The
-//! set keeps a duplicate descriptor of every running socket for that.
+//! When the host keeps sockets (systemd's descriptor store, through [`Host`]), every
+//! socket echod binds is also handed to it once it serves, and taken back out when a
+//! reload removes it. The set keeps a duplicate descriptor of every running socket for
+//! that, and for an upgrade's handover.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::fdstore;
-use super::handover::{HandedConnection, HandedListener, Handover};
-use super::kind::ListenerKind;
+use super::host::Host;
+use super::kind::{ListenerKind, SocketOrigin};
+use super::upgrade::handover::HandedListener;
 use crate::config::Config;
 
 /// The accept queue of the HTTP endpoint: probes and scrapes are few.
@@ -95,16 +97,21 @@ fn hint(e: &io::Error) -> &'static str {
     }
 }
 
+/// What happens to the connections waiting in a listener's accept queue when echod
+/// stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backlog {
+    /// systemd keeps the socket open (socket activation, descriptor store): they wait
+    /// for the next echod.
+    Kept,
+    /// Nothing keeps the socket: they are refused gently (EOF, counted).
+    Refused,
+}
+
 /// Sockets the caller binds (or inherits) and hands to [`super::serve`].
 #[derive(Debug, Default)]
 pub struct Sockets {
     provided: Vec<Provided>,
-    /// Hand every socket echod binds to systemd's descriptor store.
-    fd_store: bool,
-    /// Open connections an earlier image of this process handed over.
-    connections: Vec<HandedConnection>,
-    /// When that image stopped accepting (monotonic microseconds).
-    handover_stopped: Option<u64>,
 }
 
 /// One provided socket and how it may be used.
@@ -113,10 +120,7 @@ struct Provided {
     socket: BoundSocket,
     /// The configured address it stands for; its own address when `None`.
     addr: Option<SocketAddr>,
-    /// From socket activation: it serves whatever the config says.
-    pinned: bool,
-    /// Already in systemd's descriptor store under its name.
-    stored: bool,
+    origin: SocketOrigin,
 }
 
 impl Provided {
@@ -124,8 +128,7 @@ impl Provided {
         Self {
             socket,
             addr: None,
-            pinned: false,
-            stored: false,
+            origin: SocketOrigin::Bound,
         }
     }
 }
@@ -162,120 +165,91 @@ impl Sockets {
     pub(crate) fn activated(sockets: Vec<BoundSocket>) -> Self {
         let mut this = Self::default();
         for socket in sockets {
-            this = this.pinned(socket, None);
+            this = this.provided(socket, None, SocketOrigin::Activated);
         }
         this
     }
 
-    /// A socket-activated socket that stands for `addr` (its own address when `None`).
-    pub(crate) fn pinned(mut self, socket: BoundSocket, addr: Option<SocketAddr>) -> Self {
+    /// A socket of `origin` that stands for the configured address `addr` (its own
+    /// address when `None`): socket-activated ones whatever the config says, the others
+    /// when the config lists `addr`.
+    pub(crate) fn provided(
+        mut self,
+        socket: BoundSocket,
+        addr: Option<SocketAddr>,
+        origin: SocketOrigin,
+    ) -> Self {
         self.provided.push(Provided {
             socket,
             addr,
-            pinned: true,
-            stored: false,
+            origin,
         });
         self
     }
 
-    /// A socket from systemd's descriptor store (or an earlier image of this process),
-    /// used when the config lists `addr`; `stored` says whether the store holds it.
-    pub(crate) fn kept(mut self, socket: BoundSocket, addr: SocketAddr, stored: bool) -> Self {
-        self.provided.push(Provided {
-            socket,
-            addr: Some(addr),
-            pinned: false,
-            stored,
-        });
-        self
-    }
-
-    /// Hands every socket echod binds to systemd's descriptor store (see [`fdstore`]).
-    pub(crate) fn with_fd_store(mut self, enabled: bool) -> Self {
-        self.fd_store = enabled;
-        self
-    }
-
-    /// Everything an earlier image of this process handed over: its listeners, used as
-    /// they were (socket-activated ones pinned, the others for their configured
-    /// address), and its open connections.
-    pub(crate) fn handed_over(mut self, handover: Handover) -> Self {
-        self.handover_stopped = handover.stopped;
-        for l in handover.listeners {
+    /// The listeners an earlier image of this process handed over, used as they were.
+    pub(crate) fn handed_over(mut self, listeners: Vec<HandedListener>) -> Self {
+        for l in listeners {
             let socket = match l.kind {
                 ListenerKind::Tcp => BoundSocket::Tcp(std::net::TcpListener::from(l.fd)),
                 ListenerKind::Http => BoundSocket::Http(std::net::TcpListener::from(l.fd)),
                 ListenerKind::Udp => BoundSocket::Udp(std::net::UdpSocket::from(l.fd)),
             };
-            self = if l.activated {
-                self.pinned(socket, Some(l.addr))
-            } else {
-                self.kept(socket, l.addr, l.stored)
-            };
+            self = self.provided(socket, Some(l.addr), l.origin);
         }
-        self.connections.extend(handover.connections);
         self
-    }
-
-    /// When the image that handed over stopped accepting, if one did.
-    pub(crate) fn handover_stopped(&self) -> Option<u64> {
-        self.handover_stopped
-    }
-
-    /// The handed-over connections, taken out.
-    pub(crate) fn take_connections(&mut self) -> Vec<HandedConnection> {
-        std::mem::take(&mut self.connections)
     }
 }
 
 type Key = (ListenerKind, SocketAddr);
 
 /// A running listener: how to stop it, the address it really has (port 0 resolved), a
-/// duplicate of its descriptor (what the descriptor store gets) and whether systemd's
-/// store holds it.
+/// duplicate of its descriptor (what the descriptor store and a handover get) and
+/// where it came from.
 #[derive(Debug)]
 struct Running {
     stop: CancellationToken,
     local: SocketAddr,
     fd: OwnedFd,
-    stored: bool,
+    origin: SocketOrigin,
 }
 
 /// A provided socket not (yet) in use.
 #[derive(Debug)]
 struct Spare {
     socket: BoundSocket,
-    stored: bool,
+    origin: SocketOrigin,
 }
 
 /// The sockets that are bound and running, keyed by kind and configured address.
-#[derive(Debug, Default)]
 pub(crate) struct ListenerSet {
     running: BTreeMap<Key, Running>,
     /// Provided sockets not (yet) in use, by the address they stand for.
     spare: BTreeMap<Key, Spare>,
     /// Listeners that come from socket activation and stay whatever the config says.
-    pinned: BTreeSet<Key>,
-    /// Hand the sockets echod binds to systemd's descriptor store.
-    fd_store: bool,
+    activated: BTreeSet<Key>,
+    /// Keeps the sockets echod binds, when it can.
+    host: Arc<dyn Host>,
 }
 
 impl ListenerSet {
-    pub(crate) fn new(sockets: Sockets) -> Self {
+    pub(crate) fn new(sockets: Sockets, host: Arc<dyn Host>) -> Self {
         let mut set = Self {
-            fd_store: sockets.fd_store,
-            ..Self::default()
+            running: BTreeMap::new(),
+            spare: BTreeMap::new(),
+            activated: BTreeSet::new(),
+            host,
         };
         for provided in sockets.provided {
             let socket = provided.socket;
             match provided.addr.map_or_else(|| socket.local_addr(), Ok) {
                 Ok(addr) => {
                     let key = (socket.kind(), addr);
-                    if provided.pinned {
-                        set.pinned.insert(key);
+                    let origin = provided.origin;
+                    if origin == SocketOrigin::Activated {
+                        set.activated.insert(key);
                     }
-                    let stored = provided.stored;
-                    if let Some(old) = set.spare.insert(key, Spare { socket, stored }) {
+                    if let Some(old) = set.spare.insert(key, Spare { socket, origin }) {
                         warn!(proto = key.0.proto(), %addr, "two provided sockets for one address: using the last");
                         drop(old);
                     }
@@ -286,17 +260,17 @@ impl ListenerSet {
         set
     }
 
-    /// The listeners `config` asks for. Pinned (socket-activated) sockets stand in for
-    /// the config's addresses of their kind; HTTP follows the config unless systemd
-    /// passed an HTTP socket too.
+    /// The listeners `config` asks for. Socket-activated sockets stand in for the
+    /// config's addresses of their kind; HTTP follows the config unless systemd passed
+    /// an HTTP socket too.
     fn wanted(&self, config: &Config) -> BTreeSet<Key> {
-        let mut wanted = self.pinned.clone();
+        let mut wanted = self.activated.clone();
         for kind in [ListenerKind::Tcp, ListenerKind::Udp, ListenerKind::Http] {
-            let pinned_kind = match kind {
-                ListenerKind::Http => self.pinned.iter().any(|(k, _)| *k == kind),
-                _ => !self.pinned.is_empty(),
+            let activated_kind = match kind {
+                ListenerKind::Http => self.activated.iter().any(|(k, _)| *k == kind),
+                _ => !self.activated.is_empty(),
             };
-            if !pinned_kind {
+            if !activated_kind {
                 wanted.extend(kind.configured(config).iter().map(|&a| (kind, a)));
             }
         }
@@ -306,14 +280,12 @@ impl ListenerSet {
     /// Brings the running set to what `config` asks for: binds every new socket first
     /// (on error nothing has changed), then stops the removed ones and starts the new
     /// ones with `start`, which returns the token that stops a listener. `start` is also
-    /// told whether something else keeps the socket open after echod lets go of it
-    /// (systemd: socket activation or the descriptor store), so that a stop leaves its
-    /// accept queue to the next echod. With a descriptor store, new sockets go into it
-    /// and removed ones come out.
+    /// told what becomes of the accept queue at a stop ([`Backlog`]). When the host keeps
+    /// sockets, new ones go to it and removed ones come back out.
     pub(crate) fn reconcile(
         &mut self,
         config: &Config,
-        mut start: impl FnMut(BoundSocket, String, bool) -> io::Result<CancellationToken>,
+        mut start: impl FnMut(BoundSocket, String, Backlog) -> io::Result<CancellationToken>,
     ) -> Result<(), BindError> {
         let wanted = self.wanted(config);
         let mut added = Vec::new();
@@ -322,7 +294,7 @@ impl ListenerSet {
                 continue;
             }
             let bound = match self.spare.remove(&key) {
-                Some(spare) => Ok((spare.socket, Some(spare.stored))),
+                Some(spare) => Ok((spare.socket, Some(spare.origin))),
                 None => BoundSocket::bind(key.0, key.1, config).map(|socket| (socket, None)),
             };
             let bound = bound.and_then(|(socket, provided)| {
@@ -341,8 +313,8 @@ impl ListenerSet {
                 Err(e) => {
                     // Nothing changes: provided sockets go back, fresh ones close.
                     for (key, (socket, provided, _)) in added {
-                        if let Some(stored) = provided {
-                            self.spare.insert(key, Spare { socket, stored });
+                        if let Some(origin) = provided {
+                            self.spare.insert(key, Spare { socket, origin });
                         }
                     }
                     return Err(e);
@@ -358,42 +330,46 @@ impl ListenerSet {
         for key in removed {
             if let Some(running) = self.running.remove(&key) {
                 running.stop.cancel();
-                if running.stored {
-                    fdstore::remove(&fdstore::name(key.0, key.1));
+                if running.origin == SocketOrigin::Stored {
+                    self.host.release_socket(key.0, key.1);
                 }
                 info!(proto = key.0.proto(), addr = %running.local, "stopped listening");
             }
         }
         for (key, (bound, provided, fd)) in added {
             let local = bound.local_addr().unwrap_or(key.1);
-            let pinned = self.pinned.contains(&key);
-            let stored = provided.unwrap_or(false);
-            match start(bound, key.1.to_string(), pinned || self.fd_store) {
+            let origin = provided.unwrap_or(SocketOrigin::Bound);
+            let backlog = if origin == SocketOrigin::Activated || self.host.keeps_sockets() {
+                Backlog::Kept
+            } else {
+                Backlog::Refused
+            };
+            match start(bound, key.1.to_string(), backlog) {
                 Ok(stop) => {
                     info!(proto = key.0.proto(), addr = %local, "listening");
                     let mut running = Running {
                         stop,
                         local,
                         fd,
-                        stored,
+                        origin,
                     };
-                    if self.fd_store && !pinned && !stored {
-                        running.stored = store(key, &running.fd);
+                    if self.host.keeps_sockets() && origin == SocketOrigin::Bound {
+                        running.origin = self.keep(key, &running.fd);
                     }
                     self.running.insert(key, running);
                 }
                 Err(e) => {
                     warn!(proto = key.0.proto(), addr = %key.1, error = %e, "cannot serve socket");
-                    if stored {
-                        fdstore::remove(&fdstore::name(key.0, key.1));
+                    if origin == SocketOrigin::Stored {
+                        self.host.release_socket(key.0, key.1);
                     }
                 }
             }
         }
         for ((kind, addr), spare) in std::mem::take(&mut self.spare) {
             info!(proto = kind.proto(), %addr, "closing a provided socket the config does not list");
-            if spare.stored {
-                fdstore::remove(&fdstore::name(kind, addr));
+            if spare.origin == SocketOrigin::Stored {
+                self.host.release_socket(kind, addr);
             }
         }
         Ok(())
@@ -411,16 +387,10 @@ impl ListenerSet {
                     kind: key.0,
                     addr: key.1,
                     fd: running.fd,
-                    activated: self.pinned.contains(&key),
-                    stored: running.stored,
+                    origin: running.origin,
                 }
             })
             .collect()
-    }
-
-    /// True when sockets go into systemd's descriptor store.
-    pub(crate) fn fd_store(&self) -> bool {
-        self.fd_store
     }
 
     /// Lets go of every listener's duplicate descriptor at the start of a drain, so that
@@ -440,14 +410,16 @@ impl ListenerSet {
     }
 }
 
-/// Hands a running socket to systemd's descriptor store; true when sent.
-fn store(key: Key, fd: &OwnedFd) -> bool {
-    match fdstore::store(&fdstore::name(key.0, key.1), fd.as_fd()) {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(proto = key.0.proto(), addr = %key.1, error = %e,
-                "cannot keep the socket in systemd's descriptor store; a restart will refuse connections on it");
-            false
+impl ListenerSet {
+    /// Hands a running socket to the host to keep; its origin from now on.
+    fn keep(&self, key: Key, fd: &OwnedFd) -> SocketOrigin {
+        match self.host.keep_socket(key.0, key.1, fd.as_fd()) {
+            Ok(()) => SocketOrigin::Stored,
+            Err(e) => {
+                warn!(proto = key.0.proto(), addr = %key.1, error = %e,
+                    "cannot keep the socket in systemd's descriptor store; a restart will refuse connections on it");
+                SocketOrigin::Bound
+            }
         }
     }
 }
@@ -457,6 +429,13 @@ mod tests {
     use std::net::{TcpListener, UdpSocket};
 
     use super::*;
+    use crate::daemon::host::Detached;
+    use crate::daemon::host::recording::{Event, Recording};
+
+    /// A set of `sockets` with no process around it.
+    fn detached(sockets: Sockets) -> ListenerSet {
+        ListenerSet::new(sockets, Arc::new(Detached))
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
@@ -492,7 +471,7 @@ mod tests {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (t, u) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
-        let mut set = ListenerSet::new(Sockets::new().tcp(tcp).udp(udp));
+        let mut set = detached(Sockets::new().tcp(tcp).udp(udp));
         let started = reconcile(&mut set, &config(&[t], &[u], &[addr("127.0.0.1:0")])).unwrap();
         assert_eq!(started.len(), 3);
         assert!(started.contains(&(ListenerKind::Tcp, t.to_string())));
@@ -508,7 +487,7 @@ mod tests {
     fn reload_binds_new_first_and_a_failure_changes_nothing() {
         let first = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = first.local_addr().unwrap();
-        let mut set = ListenerSet::new(Sockets::new().tcp(first));
+        let mut set = detached(Sockets::new().tcp(first));
         reconcile(&mut set, &config(&[a], &[], &[])).unwrap();
         // A port another socket holds cannot be bound: the reload fails as a whole.
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -545,7 +524,7 @@ mod tests {
     fn activated_sockets_replace_the_config_echo_addresses_and_survive_reloads() {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let t = tcp.local_addr().unwrap();
-        let mut set = ListenerSet::new(Sockets::activated(vec![BoundSocket::Tcp(tcp)]));
+        let mut set = detached(Sockets::activated(vec![BoundSocket::Tcp(tcp)]));
         let defaults = Config::default();
         let started = reconcile(
             &mut set,
@@ -571,7 +550,7 @@ mod tests {
     fn an_activated_http_socket_replaces_metrics_listen() {
         let http = TcpListener::bind("127.0.0.1:0").unwrap();
         let h = http.local_addr().unwrap();
-        let mut set = ListenerSet::new(Sockets::activated(vec![BoundSocket::Http(http)]));
+        let mut set = detached(Sockets::activated(vec![BoundSocket::Http(http)]));
         let started = reconcile(&mut set, &Config::default()).unwrap();
         assert_eq!(started, vec![(ListenerKind::Http, h.to_string())]);
         assert!(set.addresses(ListenerKind::Tcp).is_empty());
@@ -586,17 +565,24 @@ mod tests {
         let configured = addr("127.0.0.1:0");
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         let u = udp.local_addr().unwrap();
-        let mut set = ListenerSet::new(
+        let mut set = detached(
             Sockets::new()
-                .kept(BoundSocket::Tcp(tcp), configured, true)
-                .kept(BoundSocket::Udp(udp), u, true),
+                .provided(
+                    BoundSocket::Tcp(tcp),
+                    Some(configured),
+                    SocketOrigin::Stored,
+                )
+                .provided(BoundSocket::Udp(udp), Some(u), SocketOrigin::Stored),
         );
         // The config lists the TCP address only: the kept socket serves it (no fresh
         // bind), still marked as stored; the UDP socket is closed.
         let started = reconcile(&mut set, &config(&[configured], &[], &[])).unwrap();
         assert_eq!(started, vec![(ListenerKind::Tcp, configured.to_string())]);
         assert_eq!(set.addresses(ListenerKind::Tcp), vec![own]);
-        assert!(set.running[&(ListenerKind::Tcp, configured)].stored);
+        assert_eq!(
+            set.running[&(ListenerKind::Tcp, configured)].origin,
+            SocketOrigin::Stored
+        );
         assert!(set.spare.is_empty());
         assert!(
             UdpSocket::bind(u).is_ok(),
@@ -606,11 +592,10 @@ mod tests {
 
     #[test]
     fn start_is_told_whether_systemd_keeps_the_socket() {
-        let kept = |sockets: Sockets, config: &Config| {
-            let mut set = ListenerSet::new(sockets);
+        let kept = |set: &mut ListenerSet, config: &Config| {
             let mut seen = Vec::new();
-            set.reconcile(config, |bound, _, kept| {
-                seen.push((bound.kind(), kept));
+            set.reconcile(config, |bound, _, backlog| {
+                seen.push((bound.kind(), backlog));
                 Ok(CancellationToken::new())
             })
             .unwrap();
@@ -618,30 +603,58 @@ mod tests {
         };
         let local = config(&[addr("127.0.0.1:0")], &[], &[]);
         assert_eq!(
-            kept(Sockets::new(), &local),
-            vec![(ListenerKind::Tcp, false)]
+            kept(&mut detached(Sockets::new()), &local),
+            vec![(ListenerKind::Tcp, Backlog::Refused)]
         );
-        // With a descriptor store every socket is kept (storing is a no-op here: no
-        // NOTIFY_SOCKET).
+        // With a descriptor store every socket is kept.
+        let mut stored = ListenerSet::new(Sockets::new(), Arc::new(Recording::with_store(None)));
         assert_eq!(
-            kept(Sockets::new().with_fd_store(true), &local),
-            vec![(ListenerKind::Tcp, true)]
+            kept(&mut stored, &local),
+            vec![(ListenerKind::Tcp, Backlog::Kept)]
         );
         let activated = TcpListener::bind("127.0.0.1:0").unwrap();
         assert_eq!(
             kept(
-                Sockets::activated(vec![BoundSocket::Tcp(activated)]),
+                &mut detached(Sockets::activated(vec![BoundSocket::Tcp(activated)])),
                 &config(&[], &[], &[])
             ),
-            vec![(ListenerKind::Tcp, true)]
+            vec![(ListenerKind::Tcp, Backlog::Kept)]
         );
+    }
+
+    /// The descriptor store sees every socket echod binds once, never one it already
+    /// holds, and a reload that removes a listener takes it back out — also one whose
+    /// socket came back from the store.
+    #[test]
+    fn the_host_keeps_what_echod_binds_and_releases_what_a_reload_removes() {
+        let host = Arc::new(Recording::with_store(None));
+        let from_store = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stored_addr = from_store.local_addr().unwrap();
+        let sockets = Sockets::new().provided(
+            BoundSocket::Tcp(from_store),
+            Some(stored_addr),
+            SocketOrigin::Stored,
+        );
+        let mut set = ListenerSet::new(sockets, Arc::clone(&host) as Arc<dyn Host>);
+        let fresh = addr("127.0.0.1:0");
+        reconcile(&mut set, &config(&[stored_addr, fresh], &[], &[])).unwrap();
+        assert_eq!(host.events(), vec![Event::Keep(ListenerKind::Tcp, fresh)]);
+        reconcile(&mut set, &config(&[], &[], &[])).unwrap();
+        let mut released = host.events().split_off(1);
+        released.sort_by_key(|e| format!("{e:?}"));
+        let mut want = vec![
+            Event::Release(ListenerKind::Tcp, stored_addr),
+            Event::Release(ListenerKind::Tcp, fresh),
+        ];
+        want.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(released, want);
     }
 
     #[test]
     fn provided_sockets_the_config_does_not_list_are_closed() {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let t = tcp.local_addr().unwrap();
-        let mut set = ListenerSet::new(Sockets::new().tcp(tcp));
+        let mut set = detached(Sockets::new().tcp(tcp));
         reconcile(&mut set, &config(&[], &[], &[])).unwrap();
         assert!(set.spare.is_empty());
         assert!(

@@ -18,7 +18,7 @@
 mod accept;
 mod alarms;
 mod fdstore;
-mod handover;
+mod host;
 mod http;
 mod kind;
 mod limits;

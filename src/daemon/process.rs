@@ -15,11 +15,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::handover::{Handover, HandoverError};
+use super::host::SystemHost;
+use super::kind::SocketOrigin;
 use super::listeners::Sockets;
-use super::server::{Control, ServeError, serve_with_log};
+use super::server::{Control, Process, ServeError, serve_hosted};
+use super::upgrade::handover::{Handover, HandoverError};
 use super::upgrade::{self, Executable, Upgrade};
-use super::{fdstore, logging, systemd};
+use super::{logging, systemd};
 use crate::cli::ConfigArgs;
 use crate::config::{Config, ConfigSource, describe_source};
 
@@ -64,31 +66,35 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
                 // Signals an upgrade kept pending across its exec reach the handlers now
                 // (this thread receives them; the runtime's threads may still block them).
                 upgrade::unblock_stop_signals();
-                let mut sockets = Sockets::new();
-                match handed.transpose()? {
-                    Some(handover) => {
+                let (sockets, handover) = match handed.transpose()? {
+                    Some(mut handover) => {
                         info!(
                             listeners = handover.listeners.len(),
                             connections = handover.connections.len(),
                             pending_bytes = handover.pending_bytes(),
                             "taking over from the previous binary of this process"
                         );
-                        sockets = sockets.handed_over(handover);
+                        let listeners = std::mem::take(&mut handover.listeners);
+                        (Sockets::new().handed_over(listeners), handover)
                     }
                     None => {
                         let inherited =
                             systemd::inherited_sockets().map_err(ProcessError::Inherited)?;
-                        sockets = Sockets::activated(inherited.activated);
+                        let mut sockets = Sockets::activated(inherited.activated);
                         for (addr, socket) in inherited.stored {
-                            sockets = sockets.kept(socket, addr, true);
+                            sockets = sockets.provided(socket, Some(addr), SocketOrigin::Stored);
                         }
+                        (sockets, Handover::default())
                     }
-                }
-                let sockets = sockets.with_fd_store(fdstore::enabled());
+                };
                 check_open_files_limit(config.tcp.max_connections);
                 let (control, requests) = mpsc::channel(4);
                 tokio::spawn(forward_signals(signals, source, image, control));
-                Ok(serve_with_log(config, sockets, requests, Some(log)).await?)
+                let process = Process {
+                    host: Arc::new(SystemHost::new()),
+                    log: Some(log),
+                };
+                Ok(serve_hosted(config, sockets, handover, requests, process).await?)
             })
         });
     match result {

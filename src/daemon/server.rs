@@ -17,17 +17,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::handover::{self, HandedConnection, Handover};
+use super::host::{self, Detached, Host, Notice};
 use super::http::{self, Health};
 use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
-use super::listeners::{BindError, BoundSocket, ListenerSet, Sockets};
+use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
 use super::logging::LogHandle;
 use super::metrics::{Metrics, VERSION};
 use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
+use super::upgrade::handoff::Handoff;
+use super::upgrade::handover::{self, HandedConnection, Handover};
 use super::web_config::WebEndpoint;
-use super::{systemd, tcp, udp};
+use super::{tcp, udp};
 use crate::config::{Config, TcpConfig, UdpConfig};
 
 /// What the caller (the signal handlers, or a test) tells a running server.
@@ -61,34 +63,49 @@ pub struct Summary {
 }
 
 /// Runs the daemon on `sockets` until `control` says stop (or is dropped), then drains.
+/// It runs detached from any process: no service manager is told anything, and an
+/// upgrade is refused (everything is taken back).
 pub async fn serve(
     config: Config,
     sockets: Sockets,
     control: mpsc::Receiver<Control>,
 ) -> Result<Summary, ServeError> {
-    serve_with_log(config, sockets, control, None).await
+    let process = Process {
+        host: Arc::new(Detached),
+        log: None,
+    };
+    serve_hosted(config, sockets, Handover::default(), control, process).await
 }
 
-/// [`serve`], with the process's log handle so a reload can change the level.
-pub(crate) async fn serve_with_log(
+/// What the process wrapper gives the server besides its sockets: the [`Host`] every
+/// effect on the process goes through, and the log handle a reload changes the level of.
+pub(crate) struct Process {
+    pub(crate) host: Arc<dyn Host>,
+    pub(crate) log: Option<LogHandle>,
+}
+
+/// [`serve`] inside a process: `handover` holds what an earlier image of the process
+/// handed over besides its listeners (already in `sockets`): its open connections and
+/// when it stopped accepting.
+pub(crate) async fn serve_hosted(
     config: Config,
     sockets: Sockets,
+    handover: Handover,
     mut control: mpsc::Receiver<Control>,
-    log: Option<LogHandle>,
+    process: Process,
 ) -> Result<Summary, ServeError> {
-    let mut sockets = sockets;
-    let connections = sockets.take_connections();
-    let handover_stopped = sockets.handover_stopped();
+    let Process { host, log } = process;
     let mut server = Server {
-        shared: Shared::new(&config),
-        listeners: ListenerSet::new(sockets),
+        handles: Handles::new(&config),
+        listeners: ListenerSet::new(sockets, Arc::clone(&host)),
+        host,
         config,
         log,
         last_reload_error: None,
         restart_needed: Vec::new(),
     };
-    server.start(connections)?;
-    if let Some(stopped) = handover_stopped {
+    server.start(handover.connections)?;
+    if let Some(stopped) = handover.stopped {
         let paused = handover::monotonic_micros().saturating_sub(stopped);
         info!(
             paused_us = paused,
@@ -96,7 +113,7 @@ pub(crate) async fn serve_with_log(
             paused as f64 / 1000.0
         );
     }
-    systemd::spawn_watchdog();
+    host::spawn_watchdog(&server.host);
     #[cfg(debug_assertions)]
     block_every_worker_if_a_test_asks();
     loop {
@@ -117,10 +134,12 @@ enum Next {
 const LISTENERS_STOP: Duration = Duration::from_secs(2);
 
 /// Handles every listener and connection shares, and that a reload updates.
-struct Shared {
+struct Handles {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Shutdown,
+    /// Where echo connections give themselves at an upgrade.
+    handoff: Handoff,
     limiter: Arc<ConnectionLimiter>,
     rate_limiter: Arc<RateLimiter>,
     own_udp_ports: Arc<udp::OwnPorts>,
@@ -134,7 +153,7 @@ struct Shared {
     http_stop: CancellationToken,
 }
 
-impl Shared {
+impl Handles {
     fn new(config: &Config) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.set_limits(config);
@@ -142,6 +161,7 @@ impl Shared {
             health: Arc::new(Health::new(&metrics)),
             metrics,
             shutdown: Shutdown::running(),
+            handoff: Handoff::default(),
             limiter: ConnectionLimiter::new(&config.tcp),
             rate_limiter: RateLimiter::new(&config.udp.rate_limit),
             own_udp_ports: Arc::default(),
@@ -174,14 +194,13 @@ impl Shared {
         self.metrics.set_limits(config);
     }
 
-    /// Starts serving one socket; the token returned stops it. `kept`: systemd keeps the
-    /// socket open too (socket activation, descriptor store), so a stop leaves its accept
-    /// queue to the next echod.
+    /// Starts serving one socket; the token returned stops it. `backlog` says what
+    /// becomes of its accept queue at a stop.
     fn start(
         &self,
         bound: BoundSocket,
         label: String,
-        kept: bool,
+        backlog: Backlog,
     ) -> io::Result<CancellationToken> {
         let stop = match bound {
             BoundSocket::Http(_) => self.http_stop.child_token(),
@@ -201,9 +220,10 @@ impl Shared {
                     config: self.tcp_config.subscribe(),
                     limiter: Arc::clone(&self.limiter),
                     shutdown: self.shutdown.clone(),
+                    handoff: self.handoff.clone(),
                     stop: stop.clone(),
                     connections: self.connections.clone(),
-                    keep_backlog: kept,
+                    keep_backlog: backlog == Backlog::Kept,
                 };
                 self.listener_tasks.spawn(listener.run());
             }
@@ -233,7 +253,7 @@ impl Shared {
     }
 }
 
-impl Shared {
+impl Handles {
     /// Goes on serving connections an earlier image of this process handed over, each
     /// under the series of the listener it came from.
     fn adopt(&self, connections: Vec<HandedConnection>) {
@@ -257,7 +277,10 @@ impl Shared {
                 c.peer,
                 c.pending,
                 Arc::clone(&config),
-                self.shutdown.clone(),
+                tcp::Lifeline {
+                    shutdown: self.shutdown.clone(),
+                    handoff: self.handoff.clone(),
+                },
                 metrics,
                 permit,
             ));
@@ -268,8 +291,10 @@ impl Shared {
 /// The running daemon: its configuration, its listeners and what they share.
 struct Server {
     config: Config,
-    shared: Shared,
+    handles: Handles,
     listeners: ListenerSet,
+    /// Every effect on the process goes through it.
+    host: Arc<dyn Host>,
     log: Option<LogHandle>,
     last_reload_error: Option<String>,
     /// Keys changed by a reload that only a restart applies (the log format: the
@@ -281,10 +306,10 @@ impl Server {
     /// Binds (or adopts) every listener, starts them all, goes on serving the
     /// connections an earlier image handed over, and announces readiness.
     fn start(&mut self, connections: Vec<HandedConnection>) -> Result<(), BindError> {
-        let shared = &self.shared;
+        let handles = &self.handles;
         self.listeners
-            .reconcile(&self.config, |bound, label, kept| {
-                shared.start(bound, label, kept)
+            .reconcile(&self.config, |bound, label, backlog| {
+                handles.start(bound, label, backlog)
             })?;
         if !connections.is_empty() {
             info!(
@@ -293,10 +318,10 @@ impl Server {
                 "serving the connections handed over"
             );
         }
-        self.shared.adopt(connections);
-        self.shared.health.set_ready();
+        self.handles.adopt(connections);
+        self.handles.health.set_ready();
         let status = self.status_line();
-        systemd::ready(&status);
+        self.host.notify(Notice::Ready(&status));
         info!(version = VERSION, "echod ready: {status}");
         Ok(())
     }
@@ -313,10 +338,10 @@ impl Server {
                     Some(Control::Upgrade(upgrade)) => return Next::Upgrade(upgrade),
                     None => return Next::Stop("control channel closed"),
                 },
-                _ = status_tick.tick() => systemd::status(&self.status_line()),
+                _ = status_tick.tick() => self.host.notify(Notice::Status(&self.status_line())),
                 _ = sweep_tick.tick() => {
-                    let sources = self.shared.rate_limiter.sweep(Instant::now());
-                    self.shared.metrics.udp_rate_limit_sources.set(i64::try_from(sources).unwrap_or(i64::MAX));
+                    let sources = self.handles.rate_limiter.sweep(Instant::now());
+                    self.handles.metrics.udp_rate_limit_sources.set(i64::try_from(sources).unwrap_or(i64::MAX));
                 }
             }
         }
@@ -325,9 +350,9 @@ impl Server {
     /// Applies a reloaded configuration; a bad one is refused and the old one keeps
     /// serving.
     fn reload(&mut self, loaded: Result<Config, String>) {
-        systemd::reloading();
+        self.host.notify(Notice::Reloading);
         let result = loaded.and_then(|config| self.apply(config).map_err(|e| e.to_string()));
-        let metrics = &self.shared.metrics;
+        let metrics = &self.handles.metrics;
         match result {
             Ok(()) => {
                 self.last_reload_error = None;
@@ -342,15 +367,15 @@ impl Server {
                 metrics.config_last_reload_success.set(0);
             }
         }
-        systemd::ready(&self.status_line());
+        self.host.notify(Notice::Ready(&self.status_line()));
     }
 
     /// New listeners are bound first, so a bind failure changes nothing; then settings
     /// are broadcast. Connections are never touched: they belong to the drain.
     fn apply(&mut self, config: Config) -> Result<(), BindError> {
-        let shared = &self.shared;
-        self.listeners.reconcile(&config, |bound, label, kept| {
-            shared.start(bound, label, kept)
+        let handles = &self.handles;
+        self.listeners.reconcile(&config, |bound, label, backlog| {
+            handles.start(bound, label, backlog)
         })?;
         if let Some(log) = &self.log {
             log.set_level(&config.log.level);
@@ -363,7 +388,7 @@ impl Server {
             );
             self.restart_needed.push("log.format");
         }
-        self.shared.apply(&config);
+        self.handles.apply(&config);
         self.config = config;
         Ok(())
     }
@@ -374,36 +399,36 @@ impl Server {
     /// new binary with all of it. Returns only when the exec failed; the running image
     /// then takes everything back and keeps serving, and the reload counts as failed.
     async fn upgrade(&mut self, upgrade: Upgrade) {
-        systemd::reloading();
+        self.host.notify(Notice::Reloading);
         let started = Instant::now();
         let stopped = handover::monotonic_micros();
         info!(binary = %upgrade.binary().display(), "handing over to the new binary");
         let listeners = self.listeners.hand_over();
-        let shared = &self.shared;
-        shared.listener_tasks.close();
-        if tokio::time::timeout(LISTENERS_STOP, shared.listener_tasks.wait())
+        let handles = &self.handles;
+        handles.listener_tasks.close();
+        if tokio::time::timeout(LISTENERS_STOP, handles.listener_tasks.wait())
             .await
             .is_err()
         {
             warn!("a listener did not stop in time for the handover");
         }
-        shared.shutdown.begin_handover();
-        shared.connections.close();
+        handles.shutdown.begin_handover();
+        handles.connections.close();
         // A connection still reading its PROXY header finishes that first.
         let wait = self.config.tcp.proxy_protocol.header_timeout + Duration::from_secs(2);
-        if tokio::time::timeout(wait, shared.connections.wait())
+        if tokio::time::timeout(wait, handles.connections.wait())
             .await
             .is_err()
         {
             warn!(
-                left = shared.limiter.active(),
+                left = handles.limiter.active(),
                 "connections that did not reach a point to hand over in time are closed"
             );
         }
         let handover = Handover {
             stopped: Some(stopped),
             listeners,
-            connections: shared.shutdown.take_handed(),
+            connections: handles.handoff.take(),
         };
         info!(
             listeners = handover.listeners.len(),
@@ -413,36 +438,33 @@ impl Server {
             "executing the new binary"
         );
         let binary = upgrade.binary().display().to_string();
-        let (handover, error) = upgrade.exec(handover);
+        let error = self.host.exec(&upgrade, &handover);
         error!(%binary, error = %error, "cannot execute the new binary; the running one takes everything back");
         self.resume(handover);
-        let metrics = &self.shared.metrics;
+        let metrics = &self.handles.metrics;
         metrics.config_reload_failures.inc();
         metrics.config_last_reload_success.set(0);
         self.last_reload_error = Some(one_line(&format!("upgrade to {binary} failed: {error}")));
-        systemd::ready(&self.status_line());
+        self.host.notify(Notice::Ready(&self.status_line()));
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.
     fn resume(&mut self, handover: Handover) {
-        self.shared.shutdown = Shutdown::running();
-        self.shared.connections.reopen();
-        self.shared.listener_tasks.reopen();
-        let mut sockets = Sockets::new()
-            .with_fd_store(self.listeners.fd_store())
-            .handed_over(handover);
-        let connections = sockets.take_connections();
-        self.listeners = ListenerSet::new(sockets);
-        let shared = &self.shared;
+        self.handles.shutdown = Shutdown::running();
+        self.handles.connections.reopen();
+        self.handles.listener_tasks.reopen();
+        let sockets = Sockets::new().handed_over(handover.listeners);
+        self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
+        let handles = &self.handles;
         if let Err(e) = self
             .listeners
-            .reconcile(&self.config, |bound, label, kept| {
-                shared.start(bound, label, kept)
+            .reconcile(&self.config, |bound, label, backlog| {
+                handles.start(bound, label, backlog)
             })
         {
             error!(error = %e, "cannot serve every listener again");
         }
-        self.shared.adopt(connections);
+        self.handles.adopt(handover.connections);
     }
 
     fn status_line(&self) -> String {
@@ -464,7 +486,7 @@ impl Server {
             list(ListenerKind::Tcp),
             list(ListenerKind::Udp),
             list(ListenerKind::Http),
-            count_connections(self.shared.limiter.active())
+            count_connections(self.handles.limiter.active())
         );
         if !self.restart_needed.is_empty() {
             line.push_str("; restart needed to apply ");
@@ -481,19 +503,22 @@ impl Server {
     /// then cuts the rest.
     async fn drain(mut self, reason: &'static str) -> Summary {
         self.listeners.release();
-        let Shared {
+        let Handles {
             health,
             shutdown,
             limiter,
             connections,
             http_stop,
             ..
-        } = &self.shared;
+        } = &self.handles;
         let started = Instant::now();
         let timeout = self.config.shutdown.drain_timeout;
         let open = limiter.active();
         health.set_draining();
-        systemd::stopping(&format!("draining {}", count_connections(open)));
+        self.host.notify(Notice::Stopping(&format!(
+            "draining {}",
+            count_connections(open)
+        )));
         info!(
             reason,
             open,
@@ -587,96 +612,5 @@ fn one_line(error: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-    use tokio::sync::mpsc;
-
-    use super::{Control, Sockets, Upgrade, one_line, serve};
-    use crate::config::Config;
-
-    async fn echoes(stream: &mut TcpStream, data: &[u8]) {
-        stream.write_all(data).await.unwrap();
-        let mut back = vec![0u8; data.len()];
-        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
-            .await
-            .expect("echo in time")
-            .unwrap();
-        assert_eq!(back, data);
-    }
-
-    async fn scrape(addr: std::net::SocketAddr) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.unwrap();
-        body
-    }
-
-    /// An upgrade whose exec fails (no such binary) hands everything over and takes it
-    /// all back: the open connection goes on echoing, the listeners accept again, and
-    /// the reload counts as failed.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_exec_takes_everything_back() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (echo, metrics) = (tcp.local_addr().unwrap(), http.local_addr().unwrap());
-        let mut config = Config::default();
-        config.tcp.listen = vec![echo];
-        config.udp.listen = Vec::new();
-        config.metrics.listen = vec![metrics];
-        let (control, requests) = mpsc::channel(4);
-        let server = tokio::spawn(serve(config, Sockets::new().tcp(tcp).http(http), requests));
-        let mut held = TcpStream::connect(echo).await.unwrap();
-        echoes(&mut held, b"before").await;
-        let missing = tempfile::tempdir().unwrap().path().join("echod");
-        control
-            .send(Control::Upgrade(Upgrade::new(
-                missing,
-                vec!["echod".into()],
-            )))
-            .await
-            .unwrap();
-        // Sent right away, this lands while the connection is handed over or after it
-        // was taken back: either way it is echoed.
-        echoes(&mut held, b"during and after").await;
-        let mut fresh = TcpStream::connect(echo).await.unwrap();
-        echoes(&mut fresh, b"a new connection").await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let body = scrape(metrics).await;
-            if body.contains("echod_config_reload_failures_total 1") {
-                assert!(
-                    body.contains("echod_config_last_reload_successful 0"),
-                    "{body}"
-                );
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{body}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drop((held, fresh));
-        control.send(Control::Stop("test")).await.unwrap();
-        let summary = tokio::time::timeout(Duration::from_secs(15), server)
-            .await
-            .expect("stopped in time")
-            .unwrap()
-            .unwrap();
-        assert_eq!(summary.cut, 0);
-    }
-
-    #[test]
-    fn multi_line_errors_become_first_and_last_line() {
-        let toml_error = "invalid config file /etc/echod.toml: TOML parse error at line 3, column 9\n  |\n3 | backlog = \"x\"\n  |         ^^^\ninvalid type: string \"x\", expected u32\n";
-        assert_eq!(
-            one_line(toml_error),
-            "invalid config file /etc/echod.toml: TOML parse error at line 3, column 9: invalid type: string \"x\", expected u32"
-        );
-        assert_eq!(one_line("just one line"), "just one line");
-        assert_eq!(one_line("\n  same \n same\n"), "same");
-        assert_eq!(one_line(""), "");
-        assert!(!one_line("a\nb\nc").contains('\n'));
-    }
-}
+#[path = "server_tests.rs"]
+mod tests;

@@ -8,16 +8,15 @@
 //!
 //! An in-place upgrade is the third message on the same path: *handover* interrupts
 //! every connection, like a cut, but each one gives its socket (and any bytes it read
-//! and has not yet echoed) to [`Shutdown::hand_over`] instead of closing it, for the
-//! new image of the process to serve.
+//! and has not yet echoed) to the upgrade's handoff instead of closing it, for the new
+//! image of the process to serve.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
 use super::alarms::Alarms;
-use super::handover::HandedConnection;
 
 /// The stop (and handover) broadcast; cheap to clone, one per task. One pointer, so
 /// that every idle connection pays for one.
@@ -32,8 +31,6 @@ struct Inner {
     interrupt: CancellationToken,
     /// Set before `interrupt` is cancelled when the process hands over to a new image.
     handing_over: AtomicBool,
-    /// The connections handed over so far.
-    handed: Mutex<Vec<HandedConnection>>,
     /// Echo connections wait on this instead of `interrupt` (and their own timer).
     alarms: Alarms,
 }
@@ -120,19 +117,5 @@ impl Shutdown {
     /// True once a handover has begun.
     pub(crate) fn is_handing_over(&self) -> bool {
         self.0.handing_over.load(Ordering::Relaxed)
-    }
-
-    /// A connection's socket and state, for the next image.
-    pub(crate) fn hand_over(&self, connection: HandedConnection) {
-        self.0
-            .handed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(connection);
-    }
-
-    /// The connections handed over so far.
-    pub(crate) fn take_handed(&self) -> Vec<HandedConnection> {
-        std::mem::take(&mut *self.0.handed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

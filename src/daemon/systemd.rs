@@ -58,7 +58,7 @@ pub(crate) fn stopping(status: &str) {
 /// The interval at which to ping the watchdog (half of `WATCHDOG_USEC`), if enabled,
 /// and never below [`MIN_WATCHDOG_INTERVAL`]. `WATCHDOG_USEC=0` means disabled (and a
 /// zero period would panic the ping task).
-fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     let half = sd_notify::watchdog_enabled()
         .filter(|d| !d.is_zero())
         .map(|d| d / 2)?;
@@ -74,26 +74,9 @@ fn watchdog_interval() -> Option<Duration> {
     Some(half)
 }
 
-/// Starts pinging the watchdog when systemd asks for it. The task runs on the runtime
-/// that serves traffic, so a stalled runtime stops the pings and systemd restarts the
-/// service; a separate thread would keep pinging for a wedged daemon.
-pub(crate) fn spawn_watchdog() {
-    let Some(interval) = watchdog_interval() else {
-        return;
-    };
-    info!(
-        interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
-        "systemd watchdog enabled"
-    );
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        // After a stall, one ping, not a burst of the missed ones.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            send("WATCHDOG=1\n", None, Duration::ZERO);
-        }
-    });
+/// A watchdog ping (`WATCHDOG=1`); it does not wait for room (the next follows soon).
+pub(crate) fn alive() {
+    send("WATCHDOG=1\n", None, Duration::ZERO);
 }
 
 /// `STATUS=` text cut to [`MAX_STATUS_LEN`] bytes on a character boundary (ending in

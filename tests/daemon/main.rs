@@ -3,6 +3,11 @@
 //! codes, sd_notify and socket activation. Every test starts the real `echod` binary on
 //! its own loopback ports.
 
+// Test crates are binaries whose support modules are shared between crates by
+// `#[path]`: `pub` there means "for the other test modules", which the crate-wide
+// `unreachable_pub` lint cannot tell.
+#![allow(unreachable_pub)]
+
 mod support;
 
 mod caps;

@@ -4,6 +4,11 @@
 //! (`.ci/run` installs them all). The benchmark script (`benches/compare.sh`) is checked
 //! here too, as the other shell-and-tools piece of the repository.
 
+// Test crates are binaries whose support modules are shared between crates by
+// `#[path]`: `pub` there means "for the other test modules", which the crate-wide
+// `unreachable_pub` lint cannot tell.
+#![allow(unreachable_pub)]
+
 mod support;
 
 mod bench_script;

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::Listener;
-use super::session::serve;
+use super::session::{Lifeline, serve};
 use crate::config::TcpConfig;
 use crate::daemon::accept::close_at_once;
 use crate::daemon::limits::ConnectionLimiter;
@@ -19,7 +19,6 @@ use crate::daemon::logging::RateLimitedLog;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::proxy;
 use crate::daemon::reasons::RejectReason;
-use crate::daemon::shutdown::Shutdown;
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
@@ -39,7 +38,7 @@ impl Listener {
                 config,
                 limiter: Arc::clone(&self.limiter),
                 metrics: Arc::clone(&self.metrics),
-                shutdown: self.shutdown.clone(),
+                lifeline: self.lifeline(),
                 connections: self.connections.clone(),
                 label: self.label.clone(),
             };
@@ -69,7 +68,7 @@ impl Listener {
             stream,
             peer,
             config,
-            self.shutdown.clone(),
+            self.lifeline(),
             Arc::clone(&self.metrics),
             permit,
         );
@@ -85,7 +84,7 @@ struct Proxied {
     config: Arc<TcpConfig>,
     limiter: Arc<ConnectionLimiter>,
     metrics: Arc<TcpListenerMetrics>,
-    shutdown: Shutdown,
+    lifeline: Lifeline,
     /// Where the echo task is spawned once the header is in.
     connections: TaskTracker,
     /// The listener, for logs.
@@ -102,7 +101,7 @@ impl Proxied {
             config,
             limiter,
             metrics,
-            shutdown,
+            lifeline,
             connections,
             label,
         } = self;
@@ -110,7 +109,7 @@ impl Proxied {
         let read = tokio::time::timeout(timeout, proxy::read_header(&mut stream, proxy));
         let header = tokio::select! {
             read = read => read.unwrap_or(Err(proxy::HeaderError::Timeout(timeout))),
-            () = shutdown.cutting() => {
+            () = lifeline.shutdown.cutting() => {
                 metrics.rejected(RejectReason::Shutdown);
                 return;
             }
@@ -129,7 +128,7 @@ impl Proxied {
         };
         match limiter.try_acquire(client.ip()) {
             Ok(permit) => {
-                connections.spawn(serve(stream, client, config, shutdown, metrics, permit));
+                connections.spawn(serve(stream, client, config, lifeline, metrics, permit));
             }
             Err(reason) => {
                 metrics.rejected(reason);

@@ -15,7 +15,7 @@ mod admission;
 mod echo;
 mod session;
 
-pub(crate) use session::adopt;
+pub(crate) use session::{Lifeline, adopt};
 
 use std::io;
 use std::net::SocketAddr;
@@ -37,6 +37,7 @@ use super::metrics::TcpListenerMetrics;
 use super::reasons::AcceptErrorKind;
 use super::reasons::RejectReason;
 use super::shutdown::Shutdown;
+use super::upgrade::handoff::Handoff;
 use crate::config::TcpConfig;
 
 /// Binds a listening socket the way the config asks (backlog, SO_REUSEADDR, IPv6-only
@@ -68,6 +69,8 @@ pub(crate) struct Listener {
     pub(crate) metrics: Arc<TcpListenerMetrics>,
     /// Drain/cut broadcast for the connections.
     pub(crate) shutdown: Shutdown,
+    /// Where connections give themselves at an in-place upgrade.
+    pub(crate) handoff: Handoff,
     /// Stops this listener alone (reload) or with all (drain).
     pub(crate) stop: CancellationToken,
     /// Tracks connection tasks so a drain can wait for them.
@@ -80,6 +83,14 @@ pub(crate) struct Listener {
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
 impl Listener {
+    /// The lines from the server that each of this listener's connections holds.
+    fn lifeline(&self) -> session::Lifeline {
+        session::Lifeline {
+            shutdown: self.shutdown.clone(),
+            handoff: self.handoff.clone(),
+        }
+    }
+
     /// Accepts until stopped; accept errors are counted, logged (rate-limited) and
     /// backed off from, never fatal.
     pub(crate) async fn run(mut self) {

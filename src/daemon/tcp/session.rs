@@ -14,11 +14,20 @@ use tracing::{debug, warn};
 
 use super::close_gently;
 use crate::config::TcpConfig;
-use crate::daemon::handover::HandedConnection;
 use crate::daemon::limits::Permit;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::reasons::ConnectionCap;
 use crate::daemon::shutdown::Shutdown;
+use crate::daemon::upgrade::handoff::Handoff;
+use crate::daemon::upgrade::handover::HandedConnection;
+
+/// The two lines from the server to a connection: the stop broadcast, and where the
+/// connection gives itself at an in-place upgrade.
+#[derive(Clone, Debug)]
+pub(crate) struct Lifeline {
+    pub(crate) shutdown: Shutdown,
+    pub(crate) handoff: Handoff,
+}
 
 /// Counts an admitted connection and returns the task that serves it; `peer` is the
 /// client (from a PROXY header when a proxy sent one).
@@ -26,12 +35,12 @@ pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     config: Arc<TcpConfig>,
-    shutdown: Shutdown,
+    lifeline: Lifeline,
     metrics: Arc<TcpListenerMetrics>,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
     metrics.accepted.inc();
-    Connection::new(stream, peer, config, shutdown, metrics, permit).run()
+    Connection::new(stream, peer, config, lifeline, metrics, permit).run()
 }
 
 /// The task that goes on serving a connection an earlier image of this process handed
@@ -42,11 +51,11 @@ pub(crate) fn adopt(
     peer: SocketAddr,
     pending: Vec<u8>,
     config: Arc<TcpConfig>,
-    shutdown: Shutdown,
+    lifeline: Lifeline,
     metrics: Arc<TcpListenerMetrics>,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
-    Connection::new(stream, peer, config, shutdown, metrics, permit).run_adopted(pending)
+    Connection::new(stream, peer, config, lifeline, metrics, permit).run_adopted(pending)
 }
 
 /// How a connection ended.
@@ -79,6 +88,8 @@ pub(super) struct Connection {
     pub(super) stream: TcpStream,
     pub(super) config: Arc<TcpConfig>,
     pub(super) shutdown: Shutdown,
+    /// Where the connection gives itself at an in-place upgrade.
+    pub(super) handoff: Handoff,
     pub(super) metrics: Arc<TcpListenerMetrics>,
     /// Bytes received and echoed since the last flush to the shared counters.
     pub(super) unflushed: ByteCounts,
@@ -114,7 +125,7 @@ impl Connection {
         stream: TcpStream,
         peer: SocketAddr,
         config: Arc<TcpConfig>,
-        shutdown: Shutdown,
+        Lifeline { shutdown, handoff }: Lifeline,
         metrics: Arc<TcpListenerMetrics>,
         permit: Permit,
     ) -> Self {
@@ -125,6 +136,7 @@ impl Connection {
             stream,
             config,
             shutdown,
+            handoff,
             metrics,
             unflushed: ByteCounts::default(),
             echoed_total: 0,
@@ -200,7 +212,7 @@ impl Connection {
     /// nothing), the client and `pending` to the handover.
     fn hand_over(&self, pending: Vec<u8>) {
         match SockRef::from(&self.stream).try_clone() {
-            Ok(socket) => self.shutdown.hand_over(HandedConnection {
+            Ok(socket) => self.handoff.give(HandedConnection {
                 fd: socket.into(),
                 label: self.metrics.label.clone(),
                 peer: self.peer,
@@ -312,7 +324,10 @@ mod tests {
             stream,
             peer,
             Arc::new(TcpConfig::default()),
-            Shutdown::new(),
+            Lifeline {
+                shutdown: Shutdown::new(),
+                handoff: Handoff::default(),
+            },
             Arc::new(Metrics::new().tcp_listener("test")),
             limiter.try_acquire(peer.ip()).unwrap(),
         );

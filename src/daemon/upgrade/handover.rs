@@ -1,0 +1,308 @@
+//! What one image of echod hands the next across an in-place upgrade (`execve`, same
+//! PID): every listening socket and every open connection, each with what the new image
+//! needs to serve it as the old one did.
+//!
+//! The descriptors cross `execve` themselves (their `FD_CLOEXEC` cleared); their
+//! description ([`super::wire`]) travels in a memory file (`memfd`) whose descriptor
+//! number is in the environment variable `ECHOD_HANDOVER`. A memory file, not the
+//! variable itself: ten thousand connections do not fit the kernel's 128 KiB limit on one
+//! variable, and a connection whose client stopped reading may come with bytes echod
+//! read but could not yet write back (at most `tcp.buffer_size` each), which the new
+//! image writes first.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use socket2::{Socket, Type};
+use tracing::warn;
+
+use super::wire::{self, ConnectionEntry, Description, ListenerEntry};
+use crate::daemon::kind::{ListenerKind, SocketOrigin};
+
+/// The environment variable naming the descriptor of the description.
+pub(crate) const ENV: &str = "ECHOD_HANDOVER";
+
+/// A listening socket handed over.
+#[derive(Debug)]
+pub(crate) struct HandedListener {
+    pub(crate) kind: ListenerKind,
+    /// The configured address it serves (its key in the listener set).
+    pub(crate) addr: SocketAddr,
+    pub(crate) fd: OwnedFd,
+    /// Where it came from (socket activation, systemd's descriptor store, a bind).
+    pub(crate) origin: SocketOrigin,
+}
+
+/// An open TCP echo connection handed over, at a point where it held no byte it had not
+/// echoed, or with those bytes in `pending`.
+#[derive(Debug)]
+pub(crate) struct HandedConnection {
+    pub(crate) fd: OwnedFd,
+    /// The listener it was accepted on (its metrics label).
+    pub(crate) label: String,
+    /// The client.
+    pub(crate) peer: SocketAddr,
+    /// Bytes read from the client and not yet echoed: written back first.
+    pub(crate) pending: Vec<u8>,
+}
+
+/// Everything handed over.
+#[derive(Debug, Default)]
+pub(crate) struct Handover {
+    /// When the old image stopped accepting ([`monotonic_micros`]).
+    pub(crate) stopped: Option<u64>,
+    pub(crate) listeners: Vec<HandedListener>,
+    pub(crate) connections: Vec<HandedConnection>,
+}
+
+/// `CLOCK_MONOTONIC` in microseconds: one clock for the whole system, so it means the
+/// same before and after an exec.
+pub(crate) fn monotonic_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec passed; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000
+}
+
+/// Why a handover description was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandoverError {
+    #[error("{ENV}: {0}")]
+    Invalid(String),
+    #[error("{ENV}: cannot read the description: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub(super) fn invalid(what: impl Into<String>) -> HandoverError {
+    HandoverError::Invalid(what.into())
+}
+
+impl Handover {
+    /// Every descriptor that must cross `execve`.
+    pub(crate) fn raw_fds(&self) -> Vec<RawFd> {
+        self.listeners
+            .iter()
+            .map(|l| l.fd.as_raw_fd())
+            .chain(self.connections.iter().map(|c| c.fd.as_raw_fd()))
+            .collect()
+    }
+
+    /// Bytes the connections carry that the next image writes first.
+    pub(crate) fn pending_bytes(&self) -> usize {
+        self.connections.iter().map(|c| c.pending.len()).sum()
+    }
+
+    fn describe(&self) -> Description {
+        Description {
+            stopped: self.stopped,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| ListenerEntry {
+                    kind: l.kind,
+                    fd: l.fd.as_raw_fd(),
+                    addr: l.addr,
+                    origin: l.origin,
+                })
+                .collect(),
+            connections: self
+                .connections
+                .iter()
+                .map(|c| ConnectionEntry {
+                    fd: c.fd.as_raw_fd(),
+                    label: c.label.clone(),
+                    peer: c.peer,
+                    pending: c.pending.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes the description into a new memory file (close-on-exec, like everything
+    /// until the exec clears it).
+    pub(crate) fn write(&self) -> io::Result<OwnedFd> {
+        // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor
+        // or -1; nothing else is touched.
+        let fd = unsafe { libc::memfd_create(c"echod-handover".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(&wire::encode(&self.describe()))?;
+        Ok(file.into())
+    }
+
+    /// The handover an earlier image of this process left in `ECHOD_HANDOVER`, if any.
+    /// Call before any thread exists: the variable is removed from the environment.
+    pub(crate) fn take_from_env() -> Option<Result<Handover, HandoverError>> {
+        let value = std::env::var_os(ENV)?;
+        // SAFETY: called at start-up, before the runtime or any other thread exists, so
+        // nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(ENV) };
+        Some(Self::take(&value.to_string_lossy()))
+    }
+
+    fn take(value: &str) -> Result<Handover, HandoverError> {
+        let fd: RawFd = value
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= 3)
+            .ok_or_else(|| invalid(format!("{value:?} is not a descriptor")))?;
+        check_open(fd)?;
+        // SAFETY: the previous image left this descriptor for us alone; it is open
+        // (checked) and nothing else in this process knows it.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        set_cloexec(fd, true)?;
+        file.rewind()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        drop(file);
+        let description = wire::decode(&bytes)?;
+        Self::adopt(description)
+    }
+
+    /// Takes ownership of the described descriptors after checking each is an open
+    /// socket of the described type. A descriptor that is not is dropped with a warning.
+    fn adopt(d: Description) -> Result<Handover, HandoverError> {
+        let mut handover = Handover {
+            stopped: d.stopped,
+            ..Handover::default()
+        };
+        for l in d.listeners {
+            let want = match l.kind {
+                ListenerKind::Tcp | ListenerKind::Http => Type::STREAM,
+                ListenerKind::Udp => Type::DGRAM,
+            };
+            if let Some(fd) = adopt_socket(l.fd, want)? {
+                handover.listeners.push(HandedListener {
+                    kind: l.kind,
+                    addr: l.addr,
+                    fd,
+                    origin: l.origin,
+                });
+            }
+        }
+        for c in d.connections {
+            if let Some(fd) = adopt_socket(c.fd, Type::STREAM)? {
+                handover.connections.push(HandedConnection {
+                    fd,
+                    label: c.label,
+                    peer: c.peer,
+                    pending: c.pending,
+                });
+            }
+        }
+        Ok(handover)
+    }
+}
+
+fn check_open(fd: RawFd) -> Result<(), HandoverError> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; an invalid one gives EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(invalid(format!(
+            "descriptor {fd}: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Owns `fd` if it is an open socket of type `want`.
+fn adopt_socket(fd: RawFd, want: Type) -> Result<Option<OwnedFd>, HandoverError> {
+    check_open(fd)?;
+    set_cloexec(fd, true)?;
+    // SAFETY: the description names this descriptor as ours alone (each at most once,
+    // checked by `decode`), and it is open.
+    let socket = unsafe { Socket::from_raw_fd(fd) };
+    match socket.r#type() {
+        Ok(ty) if ty == want => Ok(Some(socket.into())),
+        other => {
+            warn!(
+                fd,
+                ?other,
+                "a handed-over descriptor is not the socket described: closed"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Sets or clears `FD_CLOEXEC` on `fd`: descriptors handed over must survive `execve`,
+/// and only those.
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD read and write the descriptor's flags and nothing else.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        if libc::fcntl(fd, libc::F_SETFD, flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_checked_before_they_are_owned() {
+        // An fd number nothing has open is refused rather than owned.
+        assert!(Handover::take("987654").is_err());
+        assert!(Handover::take("2").is_err());
+        assert!(Handover::take("x").is_err());
+        // A description round trip through a real memfd with a real socket: the socket
+        // comes back, a descriptor of the wrong type is dropped.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let handover = Handover {
+            stopped: Some(monotonic_micros()),
+            listeners: vec![
+                HandedListener {
+                    kind: ListenerKind::Tcp,
+                    addr,
+                    fd: listener.into(),
+                    origin: SocketOrigin::Stored,
+                },
+                HandedListener {
+                    kind: ListenerKind::Tcp,
+                    addr,
+                    fd: udp.into(),
+                    origin: SocketOrigin::Bound,
+                },
+            ],
+            connections: Vec::new(),
+        };
+        let memfd = handover.write().unwrap();
+        // Hand the descriptors over as an exec would: forget our ownership.
+        let raw = memfd.as_raw_fd();
+        std::mem::forget(memfd);
+        for l in handover.listeners {
+            std::mem::forget(l.fd);
+        }
+        let back = Handover::take(&raw.to_string()).unwrap();
+        assert_eq!(
+            back.listeners.len(),
+            1,
+            "the UDP socket described as TCP is dropped"
+        );
+        assert_eq!(back.listeners[0].origin, SocketOrigin::Stored);
+        let socket = socket2::SockRef::from(&back.listeners[0].fd);
+        assert_eq!(socket.local_addr().unwrap().as_socket(), Some(addr));
+    }
+}
