@@ -93,19 +93,8 @@ pub(crate) fn spawn_watchdog(host: &Arc<dyn Host>) {
 
 /// The real process: systemd's notify protocol and descriptor store (no-ops outside
 /// systemd), and `execve`.
-#[derive(Debug)]
-pub(crate) struct SystemHost {
-    keeps_sockets: bool,
-}
-
-impl SystemHost {
-    /// The process as systemd (or nothing) started it.
-    pub(crate) fn new() -> Self {
-        Self {
-            keeps_sockets: fdstore::enabled(),
-        }
-    }
-}
+#[derive(Debug, Default)]
+pub(crate) struct SystemHost;
 
 impl Host for SystemHost {
     fn notify(&self, notice: Notice<'_>) {
@@ -123,16 +112,16 @@ impl Host for SystemHost {
     }
 
     fn keeps_sockets(&self) -> bool {
-        self.keeps_sockets
+        fdstore::enabled()
     }
 
     fn keep_socket(
         &self,
         kind: ListenerKind,
-        addr: SocketAddr,
+        at: SocketAddr,
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
-        fdstore::store(&fdstore::name(kind, addr), fd)
+        fdstore::store(&fdstore::name(kind, at), fd)
     }
 
     fn release_socket(&self, kind: ListenerKind, addr: SocketAddr) {

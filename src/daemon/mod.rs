@@ -1,19 +1,21 @@
 //! The daemon: one module per concern, and the arrows run one way.
 //!
 //! `process` owns what belongs to the whole process (signals, logger, rlimits,
-//! `LISTEN_FDS`) and drives the `server` through a control channel. The server keeps
-//! a `listeners` set (which sockets are bound) and starts a `tcp`, `udp` or
-//! `http` task per socket; TCP and UDP handlers respect the `limits` and count into
-//! the `metrics`, naming what went wrong with the `reasons`. `shutdown` is the
-//! drain/cut broadcast down that tree, and it rings the `alarms` table in which every
-//! echo connection waits for its deadline; `systemd` and `logging` are the edges to
-//! the service manager and the operator.
+//! `LISTEN_FDS`, the image) and drives the `server` through a control channel. The
+//! server's every effect on the process — notifications to the service manager, the
+//! descriptor store, the exec of an upgrade — goes through one `host`, which the process
+//! gives it (and a test replaces). The server keeps a `listeners` set (which sockets are
+//! bound) and starts a `tcp`, `udp` or `http` task per socket; TCP and UDP handlers
+//! respect the `limits` and count into the `metrics`, naming what went wrong with the
+//! `reasons`. `shutdown` is the drain/cut broadcast down that tree, and it rings the
+//! `alarms` table in which every echo connection waits for its deadline; `systemd`,
+//! `fdstore` and `logging` are the edges to the service manager and the operator.
 //!
 //! Around that core: `proxy` reads PROXY headers for `tcp`; `web_config` adds TLS
 //! and basic auth to `http`; `accept` is the accept-error policy both stream
-//! listeners share; `fdstore` keeps the listeners in systemd's descriptor store across
-//! restarts, and `upgrade` with `handover` passes listeners and connections to a new
-//! binary in place. `kind` is the one vocabulary of socket kinds they all share.
+//! listeners share; `upgrade` passes listeners and connections to a new binary in place
+//! (its wire format, the exec, the handoff connections give themselves to). `kind` is
+//! the one vocabulary of socket kinds and origins they all share.
 
 mod accept;
 mod alarms;

@@ -91,7 +91,7 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
                 let (control, requests) = mpsc::channel(4);
                 tokio::spawn(forward_signals(signals, source, image, control));
                 let process = Process {
-                    host: Arc::new(SystemHost::new()),
+                    host: Arc::new(SystemHost),
                     log: Some(log),
                 };
                 Ok(serve_hosted(config, sockets, handover, requests, process).await?)

@@ -272,7 +272,7 @@ impl Handles {
             };
             let metrics = Arc::new(self.metrics.tcp_listener(&c.label));
             let permit = self.limiter.adopt(c.peer.ip());
-            self.connections.spawn(tcp::adopt(
+            self.connections.spawn(tcp::adopted(
                 stream,
                 c.peer,
                 c.pending,

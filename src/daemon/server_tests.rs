@@ -39,15 +39,10 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 /// the reload counts as failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_exec_takes_everything_back() {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (echo, metrics) = (tcp.local_addr().unwrap(), http.local_addr().unwrap());
-    let mut config = Config::default();
-    config.tcp.listen = vec![echo];
-    config.udp.listen = Vec::new();
-    config.metrics.listen = vec![metrics];
+    let (sockets, config) = on_port_zero();
+    let (echo, metrics) = (config.tcp.listen[0], config.metrics.listen[0]);
     let (control, requests) = mpsc::channel(4);
-    let server = tokio::spawn(serve(config, Sockets::new().tcp(tcp).http(http), requests));
+    let server = tokio::spawn(serve(config, sockets, requests));
     let mut held = TcpStream::connect(echo).await.unwrap();
     echoes(&mut held, b"before").await;
     let missing = tempfile::tempdir().unwrap().path().join("echod");
@@ -108,21 +103,26 @@ struct Hosted {
     server: tokio::task::JoinHandle<Result<Summary, super::ServeError>>,
 }
 
-fn hosted(host: &Arc<Recording>, configure: impl FnOnce(&mut Config)) -> Hosted {
+/// A TCP echo and an HTTP listener on port 0, and a config that names them (no UDP).
+fn on_port_zero() -> (Sockets, Config) {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (echo, metrics) = (tcp.local_addr().unwrap(), http.local_addr().unwrap());
     let mut config = Config::default();
-    config.tcp.listen = vec![echo];
+    config.tcp.listen = vec![tcp.local_addr().unwrap()];
     config.udp.listen = Vec::new();
-    config.metrics.listen = vec![metrics];
+    config.metrics.listen = vec![http.local_addr().unwrap()];
+    (Sockets::new().tcp(tcp).http(http), config)
+}
+
+fn hosted(host: &Arc<Recording>, configure: impl FnOnce(&mut Config)) -> Hosted {
+    let (sockets, mut config) = on_port_zero();
+    let (echo, metrics) = (config.tcp.listen[0], config.metrics.listen[0]);
     configure(&mut config);
     let (control, requests) = mpsc::channel(4);
     let process = Process {
         host: Arc::clone(host) as Arc<dyn Host>,
         log: None,
     };
-    let sockets = Sockets::new().tcp(tcp).http(http);
     let server = tokio::spawn(serve_hosted(
         config,
         sockets,
@@ -174,13 +174,10 @@ async fn the_manager_hears_ready_reloading_ready_and_stopping_in_order() {
     let host = Arc::new(Recording::default());
     let run = hosted(&host, |_| {});
     recorded(&host, 1, |e| matches!(e, Event::Ready(_))).await;
-    let reloaded = {
-        let mut config = Config::default();
-        config.tcp.listen = vec![run.echo];
-        config.udp.listen = Vec::new();
-        config.metrics.listen = vec![run.metrics];
-        config
-    };
+    let mut reloaded = Config::default();
+    reloaded.tcp.listen = vec![run.echo];
+    reloaded.udp.listen = Vec::new();
+    reloaded.metrics.listen = vec![run.metrics];
     run.control
         .send(Control::Reload(Box::new(Ok(reloaded))))
         .await

@@ -19,14 +19,12 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::net::{self, MAX_DATAGRAM, ResolveError, UdpFailure};
+use super::net::{self, MAX_DATAGRAM, ResolveError, UDP_ATTEMPTS, UdpFailure};
 
 /// Bytes read from stdin (and sent) at a time.
 const CHUNK: usize = 64 * 1024;
 /// Chunks of input kept for `--verify` until their echo arrives (bounds memory).
 const VERIFY_QUEUE: usize = 64;
-/// UDP sends per datagram before the client gives up.
-const UDP_ATTEMPTS: u32 = 3;
 
 /// `echod client` flags.
 #[derive(Debug, Args, Clone)]

@@ -5,6 +5,9 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
 
+/// UDP is lossy: the tools send a datagram this many times before they give up.
+pub(crate) const UDP_ATTEMPTS: u32 = 3;
+
 /// The largest UDP payload over IPv4 (65 535 − 8 UDP − 20 IP header bytes).
 pub(crate) const MAX_DATAGRAM: usize = 65_507;
 

@@ -27,12 +27,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
-use super::net::{self, ResolveError, UdpFailure};
+use super::net::{self, ResolveError, UDP_ATTEMPTS, UdpFailure};
 use crate::config::web::ClientAuth;
 use crate::config::{Config, ConfigSource, WebConfig};
-
-/// UDP is lossy: a probe sends its datagram this many times before it gives up.
-const UDP_ATTEMPTS: u32 = 3;
 
 /// `echod probe` flags.
 #[derive(Debug, Args, Clone)]

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use super::Listener;
-use super::session::{Lifeline, serve};
+use super::session::{Lifeline, accepted};
 use crate::config::TcpConfig;
 use crate::daemon::accept::close_at_once;
 use crate::daemon::limits::ConnectionLimiter;
@@ -64,7 +64,7 @@ impl Listener {
                 return;
             }
         };
-        let connection = serve(
+        let connection = accepted(
             stream,
             peer,
             config,
@@ -128,7 +128,7 @@ impl Proxied {
         };
         match limiter.try_acquire(client.ip()) {
             Ok(permit) => {
-                connections.spawn(serve(stream, client, config, lifeline, metrics, permit));
+                connections.spawn(accepted(stream, client, config, lifeline, metrics, permit));
             }
             Err(reason) => {
                 metrics.rejected(reason);

@@ -15,7 +15,7 @@ mod admission;
 mod echo;
 mod session;
 
-pub(crate) use session::{Lifeline, adopt};
+pub(crate) use session::{Lifeline, adopted};
 
 use std::io;
 use std::net::SocketAddr;

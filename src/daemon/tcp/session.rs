@@ -31,7 +31,7 @@ pub(crate) struct Lifeline {
 
 /// Counts an admitted connection and returns the task that serves it; `peer` is the
 /// client (from a PROXY header when a proxy sent one).
-pub(crate) fn serve(
+pub(crate) fn accepted(
     stream: TcpStream,
     peer: SocketAddr,
     config: Arc<TcpConfig>,
@@ -46,7 +46,7 @@ pub(crate) fn serve(
 /// The task that goes on serving a connection an earlier image of this process handed
 /// over: `pending` (bytes it had read and not yet echoed) is written back first. Not
 /// counted as accepted again.
-pub(crate) fn adopt(
+pub(crate) fn adopted(
     stream: TcpStream,
     peer: SocketAddr,
     pending: Vec<u8>,
