@@ -111,6 +111,17 @@ pub enum Command {
     Client(ClientArgs),
     /// Load an echo server and verify every echoed byte; report throughput and latency.
     Bench(BenchArgs),
+    /// Ask a running echod to reload (SIGHUP) and wait for its verdict: exit 0 when the
+    /// new configuration (or binary) is in force, 1 with the reason when it was refused.
+    /// The unit's `ExecReload=`; needs the runtime directory the unit gives echod.
+    Reload {
+        /// The daemon's process ID (`$MAINPID` in a unit).
+        #[arg(long)]
+        pid: i32,
+        /// How long to wait for the verdict (an upgrade drains connections first).
+        #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[cfg(test)]

@@ -66,5 +66,6 @@ fn main() -> ExitCode {
         Command::Probe { config, args } => tools::probe::run(&args, &config.or(&outer).source()),
         Command::Client(args) => tools::client::run(&args),
         Command::Bench(args) => tools::bench::run(&args),
+        Command::Reload { pid, timeout } => daemon::request_reload(pid, timeout),
     }
 }

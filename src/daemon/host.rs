@@ -19,9 +19,9 @@ use std::time::Duration;
 use tracing::info;
 
 use super::kind::ListenerKind;
-use super::upgrade::Upgrade;
 use super::upgrade::handover::Handover;
-use super::{fdstore, systemd};
+use super::upgrade::{SignalsMeanwhile, Upgrade};
+use super::{fdstore, systemd, verdict};
 
 /// Where the daemon is in its life, for the service manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub(crate) enum Notice<'a> {
     Stopping(&'a str),
     /// A sign of life for the watchdog.
     Alive,
+    /// The outcome of a reload or an upgrade, for `echod reload` to report.
+    Reloaded(Result<(), &'a str>),
 }
 
 /// The process's side of the server: every effect the core has outside its sockets.
@@ -94,7 +96,17 @@ pub(crate) fn spawn_watchdog(host: &Arc<dyn Host>) {
 /// The real process: systemd's notify protocol and descriptor store (no-ops outside
 /// systemd), and `execve`.
 #[derive(Debug, Default)]
-pub(crate) struct SystemHost;
+pub(crate) struct SystemHost {
+    /// What the signals asked for meanwhile: an exec that finds a stop does not happen.
+    signals: SignalsMeanwhile,
+}
+
+impl SystemHost {
+    /// The process whose signal handlers set `signals`.
+    pub(crate) fn new(signals: SignalsMeanwhile) -> Self {
+        Self { signals }
+    }
+}
 
 impl Host for SystemHost {
     fn notify(&self, notice: Notice<'_>) {
@@ -104,6 +116,7 @@ impl Host for SystemHost {
             Notice::Reloading => systemd::reloading(),
             Notice::Stopping(status) => systemd::stopping(status),
             Notice::Alive => systemd::alive(),
+            Notice::Reloaded(outcome) => verdict::record(outcome),
         }
     }
 
@@ -129,7 +142,7 @@ impl Host for SystemHost {
     }
 
     fn exec(&self, upgrade: &Upgrade, handover: &Handover) -> io::Error {
-        upgrade.exec(handover)
+        upgrade.exec(handover, &self.signals)
     }
 }
 
@@ -179,6 +192,8 @@ pub(crate) mod recording {
         Reloading,
         Stopping(String),
         Alive,
+        /// A reload's outcome: the failure, if any.
+        Reloaded(Option<String>),
         Keep(ListenerKind, SocketAddr),
         Release(ListenerKind, SocketAddr),
         /// An exec of this binary with this many listeners and connections.
@@ -232,6 +247,7 @@ pub(crate) mod recording {
                 Notice::Reloading => Event::Reloading,
                 Notice::Stopping(s) => Event::Stopping(s.to_string()),
                 Notice::Alive => Event::Alive,
+                Notice::Reloaded(outcome) => Event::Reloaded(outcome.err().map(str::to_string)),
             });
         }
 

@@ -375,6 +375,22 @@ impl ListenerSet {
         Ok(())
     }
 
+    /// Makes `config` list exactly the provided sockets (an upgrade's handed-over
+    /// listeners) for each kind, so that the next reconcile binds nothing new.
+    pub(crate) fn serve_only_provided(&self, config: &mut Config) {
+        let provided = |kind: ListenerKind| -> Vec<SocketAddr> {
+            self.spare
+                .keys()
+                .chain(self.running.keys())
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, addr)| *addr)
+                .collect()
+        };
+        config.tcp.listen = provided(ListenerKind::Tcp);
+        config.udp.listen = provided(ListenerKind::Udp);
+        config.metrics.listen = provided(ListenerKind::Http);
+    }
+
     /// Stops every listener without closing its socket and returns the sockets (the
     /// duplicates the set keeps) for the next image of the process. Connections the
     /// kernel completes meanwhile wait in the accept queue.

@@ -36,8 +36,10 @@ mod systemd;
 mod tcp;
 mod udp;
 mod upgrade;
+mod verdict;
 mod web_config;
 
 pub use listeners::{BindError, Sockets};
 pub use process::run;
 pub use server::{Control, ServeError, Summary, serve};
+pub use verdict::request as request_reload;

@@ -20,7 +20,7 @@ use super::kind::SocketOrigin;
 use super::listeners::Sockets;
 use super::server::{Control, Process, ServeError, serve_hosted};
 use super::upgrade::handover::{Handover, HandoverError};
-use super::upgrade::{self, Executable, Upgrade};
+use super::upgrade::{self, Executable, SignalsMeanwhile, Upgrade};
 use super::{logging, systemd};
 use crate::cli::ConfigArgs;
 use crate::config::{Config, ConfigSource, describe_source};
@@ -57,6 +57,10 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("echod-worker")
+        // Stop and reload signals reach the main thread only: the server runs there
+        // and an upgrade execs from there, and it must see every stop (see
+        // `upgrade::block_stop_signals_in_this_thread`).
+        .on_thread_start(upgrade::block_stop_signals_in_this_thread)
         .build()
         .map_err(ProcessError::Runtime)
         .and_then(|runtime| {
@@ -89,9 +93,13 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
                 };
                 check_open_files_limit(config.tcp.max_connections);
                 let (control, requests) = mpsc::channel(4);
+                let host = Arc::new(SystemHost::new(SignalsMeanwhile {
+                    stop: Arc::clone(&signals.stopping),
+                    reload: Arc::clone(&signals.reload_meanwhile),
+                }));
                 tokio::spawn(forward_signals(signals, source, image, control));
                 let process = Process {
-                    host: Arc::new(SystemHost),
+                    host,
                     log: Some(log),
                 };
                 Ok(serve_hosted(config, sockets, handover, requests, process).await?)
@@ -130,17 +138,36 @@ impl Image {
 /// Turns signals into control messages: TERM/INT stop; HUP reloads from `source`, or —
 /// when the binary on disk has been replaced — upgrades to it in place once it has
 /// checked the configuration.
+///
+/// An upgrade is one at a time: while the new binary is checked and until the server
+/// has finished with the upgrade (an exec that fails comes back), a stop is forwarded
+/// at once and further SIGHUPs become one reload afterwards — a second check started
+/// meanwhile would be orphaned by the exec.
 async fn forward_signals(
     mut signals: Signals,
     source: ConfigSource,
     image: Image,
     control: mpsc::Sender<Control>,
 ) {
+    let mut reload_waiting = false;
     loop {
-        let message = match signals.recv().await {
+        let request = if std::mem::take(&mut reload_waiting) {
+            Request::Reload
+        } else {
+            signals.recv().await
+        };
+        let message = match request {
             Request::Stop(signal) => Control::Stop(signal),
             Request::Reload => match image.executable.as_ref().and_then(Executable::replaced) {
-                Some(binary) => check_new_binary(binary, &source, &image.argv).await,
+                Some(binary) => {
+                    let check = check_new_binary(binary, &source, &image.argv);
+                    let Some(message) =
+                        meanwhile(check, &mut signals, &control, &mut reload_waiting, None).await
+                    else {
+                        continue;
+                    };
+                    message
+                }
                 None => {
                     info!(source = %describe_source(source.file.as_deref()), "reloading configuration");
                     let source = source.clone();
@@ -153,8 +180,62 @@ async fn forward_signals(
                 }
             },
         };
+        let (message, finished) = match message {
+            Control::Upgrade(upgrade) => {
+                let (upgrade, finished) = upgrade.watched();
+                (Control::Upgrade(upgrade), Some(finished))
+            }
+            other => (other, None),
+        };
+        let reload_flag = Arc::clone(&signals.reload_meanwhile);
+        if finished.is_some() && reload_waiting {
+            // Asked for during the check: the new image does it.
+            reload_flag.store(true, Ordering::SeqCst);
+        }
         if control.send(message).await.is_err() {
             return;
+        }
+        if let Some(finished) = finished {
+            // The receiver completes when the server drops the upgrade: after an exec
+            // that failed (one that succeeded never returns).
+            let flag = Some(reload_flag.as_ref());
+            let _ = meanwhile(finished, &mut signals, &control, &mut reload_waiting, flag).await;
+            // A reload the exec turned into a pending SIGHUP arrives as a signal.
+            if !reload_flag.swap(false, Ordering::SeqCst) {
+                reload_waiting = false;
+            }
+        }
+    }
+}
+
+/// Awaits `work` while forwarding stop signals at once and noting reloads for later
+/// (in `reload_flag` too, when given: an exec under way reads it); `None` when a stop
+/// came first (the work is abandoned: the server is stopping).
+async fn meanwhile<T>(
+    work: impl Future<Output = T>,
+    signals: &mut Signals,
+    control: &mpsc::Sender<Control>,
+    reload_waiting: &mut bool,
+    reload_flag: Option<&AtomicBool>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return Some(done),
+            request = signals.recv() => match request {
+                Request::Stop(signal) => {
+                    info!(signal, "stop requested while an upgrade is under way: stopping instead");
+                    let _ = control.send(Control::Stop(signal)).await;
+                    return None;
+                }
+                Request::Reload => {
+                    info!("reload requested while an upgrade is under way: it follows the upgrade");
+                    *reload_waiting = true;
+                    if let Some(flag) = reload_flag {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                }
+            },
         }
     }
 }
@@ -201,6 +282,10 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    /// Set on the first SIGTERM or SIGINT, by the handler itself.
+    stopping: Arc<AtomicBool>,
+    /// Set when a SIGHUP comes while an upgrade is under way.
+    reload_meanwhile: Arc<AtomicBool>,
 }
 
 impl Signals {
@@ -232,6 +317,8 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            stopping,
+            reload_meanwhile: Arc::default(),
         })
     }
 

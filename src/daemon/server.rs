@@ -104,7 +104,12 @@ pub(crate) async fn serve_hosted(
         last_reload_error: None,
         restart_needed: Vec::new(),
     };
-    server.start(handover.connections)?;
+    let start = if handover.stopped.is_some() {
+        Start::Upgraded
+    } else {
+        Start::Fresh
+    };
+    server.start(handover.connections, start)?;
     if let Some(stopped) = handover.stopped {
         let paused = handover::monotonic_micros().saturating_sub(stopped);
         info!(
@@ -122,6 +127,16 @@ pub(crate) async fn serve_hosted(
             Next::Upgrade(upgrade) => server.upgrade(upgrade).await,
         }
     }
+}
+
+/// How this server came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A new process (or a test): a listener that cannot be bound is fatal.
+    Fresh,
+    /// An upgrade in place: the previous image handed its listeners and connections
+    /// over, and this one must never do worse than it would have.
+    Upgraded,
 }
 
 /// Why [`Server::serve_until_stop`] returned.
@@ -305,12 +320,24 @@ struct Server {
 impl Server {
     /// Binds (or adopts) every listener, starts them all, goes on serving the
     /// connections an earlier image handed over, and announces readiness.
-    fn start(&mut self, connections: Vec<HandedConnection>) -> Result<(), BindError> {
-        let handles = &self.handles;
-        self.listeners
-            .reconcile(&self.config, |bound, label, backlog| {
-                handles.start(bound, label, backlog)
-            })?;
+    ///
+    /// After an upgrade, a configuration the new image cannot apply (a port it cannot
+    /// bind, say) is not fatal: the old image would have refused it as a reload and kept
+    /// serving, so the new one serves the listeners handed over, as they were, and
+    /// reports a failed reload.
+    fn start(&mut self, connections: Vec<HandedConnection>, start: Start) -> Result<(), BindError> {
+        let outcome = match (self.bind_all(), start) {
+            (Ok(()), _) => Ok(()),
+            (Err(e), Start::Fresh) => return Err(e),
+            (Err(e), Start::Upgraded) => {
+                error!(error = %e, "the new binary cannot apply the configuration: serving the listeners handed over");
+                self.listeners.serve_only_provided(&mut self.config);
+                self.bind_all()?;
+                Err(format!(
+                    "the new binary serves the previous listeners; it cannot apply the configuration: {e}"
+                ))
+            }
+        };
         if !connections.is_empty() {
             info!(
                 connections = connections.len(),
@@ -320,10 +347,21 @@ impl Server {
         }
         self.handles.adopt(connections);
         self.handles.health.set_ready();
-        let status = self.status_line();
-        self.host.notify(Notice::Ready(&status));
-        info!(version = VERSION, "echod ready: {status}");
+        match start {
+            Start::Fresh => self.host.notify(Notice::Ready(&self.status_line())),
+            Start::Upgraded => self.conclude(outcome),
+        }
+        info!(version = VERSION, "echod ready: {}", self.status_line());
         Ok(())
+    }
+
+    /// Brings the listener set to the configuration.
+    fn bind_all(&mut self) -> Result<(), BindError> {
+        let handles = &self.handles;
+        self.listeners
+            .reconcile(&self.config, |bound, label, backlog| {
+                handles.start(bound, label, backlog)
+            })
     }
 
     /// Serves, handling reloads, until a stop or an upgrade.
@@ -352,21 +390,31 @@ impl Server {
     fn reload(&mut self, loaded: Result<Config, String>) {
         self.host.notify(Notice::Reloading);
         let result = loaded.and_then(|config| self.apply(config).map_err(|e| e.to_string()));
+        match &result {
+            Ok(()) => info!("configuration reloaded"),
+            Err(e) => error!(error = %e, "reload failed; keeping the previous configuration"),
+        }
+        self.conclude(result);
+    }
+
+    /// Counts, records and announces the outcome of a reload or an upgrade: the
+    /// metrics, the status line, the verdict `echod reload` waits for, and READY.
+    fn conclude(&mut self, outcome: Result<(), String>) {
         let metrics = &self.handles.metrics;
-        match result {
-            Ok(()) => {
-                self.last_reload_error = None;
+        self.last_reload_error = outcome.as_ref().err().map(|e| one_line(e));
+        match &self.last_reload_error {
+            None => {
                 metrics.config_reloads.inc();
                 metrics.config_last_reload_success.set(1);
-                info!("configuration reloaded");
             }
-            Err(e) => {
-                error!(error = %e, "reload failed; keeping the previous configuration");
-                self.last_reload_error = Some(one_line(&e));
+            Some(_) => {
                 metrics.config_reload_failures.inc();
                 metrics.config_last_reload_success.set(0);
             }
         }
+        self.host.notify(Notice::Reloaded(
+            self.last_reload_error.as_deref().map_or(Ok(()), Err),
+        ));
         self.host.notify(Notice::Ready(&self.status_line()));
     }
 
@@ -441,11 +489,7 @@ impl Server {
         let error = self.host.exec(&upgrade, &handover);
         error!(%binary, error = %error, "cannot execute the new binary; the running one takes everything back");
         self.resume(handover);
-        let metrics = &self.handles.metrics;
-        metrics.config_reload_failures.inc();
-        metrics.config_last_reload_success.set(0);
-        self.last_reload_error = Some(one_line(&format!("upgrade to {binary} failed: {error}")));
-        self.host.notify(Notice::Ready(&self.status_line()));
+        self.conclude(Err(format!("upgrade to {binary} failed: {error}")));
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.

@@ -31,6 +31,7 @@ mod socket_activation;
 mod tcp_echo;
 mod udp_echo;
 mod upgrade;
+mod upgrade_faults;
 mod web_config;
 
 fn main() -> std::process::ExitCode {
@@ -58,5 +59,6 @@ fn main() -> std::process::ExitCode {
         hostile_config::TESTS,
         web_config::TESTS,
         upgrade::TESTS,
+        upgrade_faults::TESTS,
     ])
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::handover::{self, Handover};
 
@@ -55,6 +56,13 @@ impl Drop for StopSignals {
     }
 }
 
+/// Blocks SIGHUP, SIGTERM and SIGINT in the calling thread for good: every runtime
+/// thread but the main one, on which the server runs and the exec happens, so that
+/// a stop can only be handled where the exec can see it.
+pub(crate) fn block_stop_signals_in_this_thread() {
+    std::mem::forget(StopSignals::block());
+}
+
 /// Unblocks the signals an upgrade kept pending (see [`StopSignals`]) in the calling
 /// thread, once their handlers are installed: signals that arrived during the exec are
 /// delivered now. A no-op when nothing was blocked.
@@ -72,6 +80,8 @@ pub(crate) fn exec(
     binary: &Path,
     argv: &[OsString],
     handover: &Handover,
+    stop: &AtomicBool,
+    reload: &AtomicBool,
 ) -> io::Result<Infallible> {
     let description = handover.write()?;
     let path = cstring(binary.as_os_str().as_bytes())?;
@@ -117,12 +127,30 @@ pub(crate) fn exec(
         // A stop or reload signal arriving before the new image has installed its
         // handlers would find the default action (terminate): blocked, it stays pending
         // across the exec (the signal mask is kept) until the new image unblocks it.
+        // Every other thread of the process blocks them from its start (see
+        // `block_stop_signals_in_this_thread`), so from here on a stop stays pending and
+        // crosses the exec; one that arrived before was handled here and set `stop`,
+        // and then there is no exec: the stop is carried out by this image.
         let blocked = StopSignals::block();
-        // SAFETY: `path`, every argument and every environment entry are NUL-terminated
-        // strings that outlive the call, and both pointer arrays end with a null
-        // pointer, as execve(2) requires. On success it does not return.
-        unsafe { libc::execve(path.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr()) };
-        result = Err(io::Error::last_os_error());
+        if reload.swap(false, Ordering::SeqCst) {
+            // A reload asked for during the upgrade is for the new image: blocked
+            // everywhere, this SIGHUP stays pending across the exec (or, when the exec
+            // fails, reaches this image once unblocked).
+            // SAFETY: kill(2) of this very process with a valid signal number.
+            unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+        }
+        if stop.load(Ordering::SeqCst) {
+            result = Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "a stop was requested during the upgrade; stopping instead",
+            ));
+        } else {
+            // SAFETY: `path`, every argument and every environment entry are
+            // NUL-terminated strings that outlive the call, and both pointer arrays end
+            // with a null pointer, as execve(2) requires. On success it does not return.
+            unsafe { libc::execve(path.as_ptr(), arg_ptrs.as_ptr(), env_ptrs.as_ptr()) };
+            result = Err(io::Error::last_os_error());
+        }
         drop(blocked);
     }
     // Still here: nothing may leak into a later child process.

@@ -158,12 +158,9 @@ impl Handover {
         check_open(fd)?;
         // SAFETY: the previous image left this descriptor for us alone; it is open
         // (checked) and nothing else in this process knows it.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+        let file = unsafe { File::from_raw_fd(fd) };
         set_cloexec(fd, true)?;
-        file.rewind()?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        drop(file);
+        let bytes = read_description(file)?;
         let description = wire::decode(&bytes)?;
         Self::adopt(description)
     }
@@ -201,6 +198,34 @@ impl Handover {
         }
         Ok(handover)
     }
+}
+
+/// The largest description read: ten thousand connections each carrying a full
+/// 16 KiB buffer take 160 MiB; anything past this is not a description.
+const MAX_DESCRIPTION: u64 = 1 << 30;
+
+/// Reads a description from the memory file an earlier image wrote, and from nothing
+/// else: a variable set by mistake may name `/dev/zero`, a pipe or a large file, none of
+/// which is read. Only memory files answer `F_GET_SEALS`; the size comes from `fstat`
+/// and is all that is read.
+fn read_description(mut file: File) -> Result<Vec<u8>, HandoverError> {
+    // SAFETY: F_GET_SEALS only reads the descriptor's seals; any other file gives EINVAL.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) } < 0 {
+        return Err(invalid(
+            "the descriptor is not a memory file (memfd) written by echod; unset the \
+             variable unless an upgrade in place set it",
+        ));
+    }
+    let size = file.metadata()?.len();
+    if size > MAX_DESCRIPTION {
+        return Err(invalid(format!(
+            "the description is {size} bytes long; at most {MAX_DESCRIPTION} are read"
+        )));
+    }
+    file.rewind()?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(size).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn check_open(fd: RawFd) -> Result<(), HandoverError> {
@@ -257,7 +282,26 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::IntoRawFd;
+
     use super::*;
+
+    /// Anything but a memory file is refused unread: `/dev/zero` would never end, and
+    /// a large regular file would be read whole.
+    #[test]
+    fn only_a_memory_file_is_read() {
+        for path in ["/dev/zero", "/dev/null"] {
+            let fd = std::fs::File::open(path).unwrap().into_raw_fd();
+            let err = Handover::take(&fd.to_string()).unwrap_err().to_string();
+            assert!(err.contains("not a memory file"), "{path}: {err}");
+        }
+        let mut regular = tempfile::tempfile().unwrap();
+        regular.write_all(b"echod-handover 1\nend\n").unwrap();
+        let err = Handover::take(&regular.into_raw_fd().to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a memory file"), "{err}");
+    }
 
     #[test]
     fn descriptors_are_checked_before_they_are_owned() {

@@ -15,14 +15,18 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 mod exec;
 pub(crate) mod handoff;
 pub(crate) mod handover;
 mod wire;
 
-pub(crate) use exec::unblock_stop_signals;
+pub(crate) use exec::{block_stop_signals_in_this_thread, unblock_stop_signals};
 
 use handover::Handover;
 
@@ -103,17 +107,40 @@ pub(crate) fn check(binary: &Path, config_args: &[OsString]) -> Result<(), Strin
     ))
 }
 
+/// What the signals asked for while an upgrade was under way, set outside the server:
+/// `stop` by the handler of the first SIGTERM or SIGINT itself, `reload` when a SIGHUP
+/// came while the upgrade was under way.
+#[derive(Debug, Default)]
+pub(crate) struct SignalsMeanwhile {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) reload: Arc<AtomicBool>,
+}
+
 /// A checked new binary to become, and the command line to run it with.
 #[derive(Debug)]
 pub struct Upgrade {
     binary: PathBuf,
     argv: Vec<OsString>,
+    /// Dropped with the upgrade: tells whoever asked for it that the server is done.
+    finished: Option<oneshot::Sender<()>>,
 }
 
 impl Upgrade {
     /// Becoming `binary`, started with `argv` (this process's own command line).
     pub(crate) fn new(binary: PathBuf, argv: Vec<OsString>) -> Self {
-        Self { binary, argv }
+        Self {
+            binary,
+            argv,
+            finished: None,
+        }
+    }
+
+    /// The upgrade, and a receiver that completes when the server has dropped it (after
+    /// an exec that failed; an exec that succeeds replaces the process).
+    pub(crate) fn watched(mut self) -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        self.finished = Some(tx);
+        (self, rx)
     }
 
     /// The new binary.
@@ -123,8 +150,17 @@ impl Upgrade {
 
     /// Replaces this process's image by the new binary, handing `handover` to it. Returns
     /// only when that failed, with why; the caller still owns every descriptor.
-    pub(crate) fn exec(&self, handover: &Handover) -> io::Error {
-        let Err(e) = exec::exec(&self.binary, &self.argv, handover);
+    /// Refused, with the handover untouched, when `stop` (a stop signal arrived) is set
+    /// once no signal can come between the check and the exec; `reload` (a SIGHUP
+    /// arrived during the upgrade) becomes a SIGHUP the new image receives.
+    pub(crate) fn exec(&self, handover: &Handover, signals: &SignalsMeanwhile) -> io::Error {
+        let Err(e) = exec::exec(
+            &self.binary,
+            &self.argv,
+            handover,
+            &signals.stop,
+            &signals.reload,
+        );
         e
     }
 }
