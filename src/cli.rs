@@ -111,6 +111,11 @@ pub enum Command {
     Client(ClientArgs),
     /// Load an echo server and verify every echoed byte; report throughput and latency.
     Bench(BenchArgs),
+    /// Asked by a running echod before it execs this binary in an upgrade: can this
+    /// binary take over the listeners described on stdin and serve the configuration?
+    /// Prints the handover versions it reads; exit 0 yes, 1 no, 78 a bad configuration.
+    #[command(hide = true)]
+    UpgradeCheck(ConfigArgs),
     /// Ask a running echod to reload (SIGHUP) and wait for its verdict: exit 0 when the
     /// new configuration (or binary) is in force, 1 with the reason when it was refused.
     /// The unit's `ExecReload=`; needs the runtime directory the unit gives echod.

@@ -26,6 +26,32 @@ fn load(source: &ConfigSource) -> Result<Config, ExitCode> {
     })
 }
 
+/// The most a listener description on stdin may hold (a few lines per listener).
+const MAX_UPGRADE_DESCRIPTION: u64 = 1 << 20;
+
+/// `echod upgrade-check`: answers the running daemon's question on stdout.
+fn upgrade_check(config: &Config) -> ExitCode {
+    use std::io::Read;
+    let mut description = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(MAX_UPGRADE_DESCRIPTION)
+        .read_to_end(&mut description)
+    {
+        eprintln!("echod: cannot read the listener description: {e}");
+        return ExitCode::FAILURE;
+    }
+    match daemon::answer_upgrade_check(config, &description) {
+        Ok(versions) => {
+            print!("{versions}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("echod: cannot take over: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outer = cli.config;
@@ -67,5 +93,9 @@ fn main() -> ExitCode {
         Command::Client(args) => tools::client::run(&args),
         Command::Bench(args) => tools::bench::run(&args),
         Command::Reload { pid, timeout } => daemon::request_reload(pid, timeout),
+        Command::UpgradeCheck(args) => match load(&args.or(&outer).source()) {
+            Ok(config) => upgrade_check(&config),
+            Err(code) => code,
+        },
     }
 }

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -203,6 +203,47 @@ impl Sockets {
 
 type Key = (ListenerKind, SocketAddr);
 
+/// The listeners `config` asks for beside the `activated` ones, which stand in for the
+/// config's addresses of their kind (HTTP follows the config unless systemd passed an
+/// HTTP socket too).
+fn wanted(activated: &BTreeSet<Key>, config: &Config) -> BTreeSet<Key> {
+    let mut wanted = activated.clone();
+    for kind in [ListenerKind::Tcp, ListenerKind::Udp, ListenerKind::Http] {
+        let activated_kind = match kind {
+            ListenerKind::Http => activated.iter().any(|(k, _)| *k == kind),
+            _ => !activated.is_empty(),
+        };
+        if !activated_kind {
+            wanted.extend(kind.configured(config).iter().map(|&a| (kind, a)));
+        }
+    }
+    wanted
+}
+
+/// Binds (and closes at once) every listener `config` asks for that `present` (the
+/// listeners an upgrade would hand over) does not hold: how a new binary checks,
+/// before it is exec'd, that it can serve the configuration it will load.
+pub(crate) fn dry_run(
+    config: &Config,
+    present: &[(ListenerKind, SocketAddr, SocketOrigin)],
+) -> Result<(), BindError> {
+    let activated: BTreeSet<Key> = present
+        .iter()
+        .filter(|(_, _, origin)| *origin == SocketOrigin::Activated)
+        .map(|&(kind, addr, _)| (kind, addr))
+        .collect();
+    let held: BTreeSet<Key> = present
+        .iter()
+        .map(|&(kind, addr, _)| (kind, addr))
+        .collect();
+    for key in wanted(&activated, config) {
+        if !held.contains(&key) {
+            drop(BoundSocket::bind(key.0, key.1, config)?);
+        }
+    }
+    Ok(())
+}
+
 /// A running listener: how to stop it, the address it really has (port 0 resolved), a
 /// duplicate of its descriptor (what the descriptor store and a handover get) and
 /// where it came from.
@@ -264,17 +305,16 @@ impl ListenerSet {
     /// config's addresses of their kind; HTTP follows the config unless systemd passed
     /// an HTTP socket too.
     fn wanted(&self, config: &Config) -> BTreeSet<Key> {
-        let mut wanted = self.activated.clone();
-        for kind in [ListenerKind::Tcp, ListenerKind::Udp, ListenerKind::Http] {
-            let activated_kind = match kind {
-                ListenerKind::Http => self.activated.iter().any(|(k, _)| *k == kind),
-                _ => !self.activated.is_empty(),
-            };
-            if !activated_kind {
-                wanted.extend(kind.configured(config).iter().map(|&a| (kind, a)));
-            }
-        }
-        wanted
+        wanted(&self.activated, config)
+    }
+
+    /// Every running listener's kind, configured address, origin and descriptor: what a
+    /// handover would describe, for the new binary's check.
+    pub(crate) fn running(&self) -> Vec<(ListenerKind, SocketAddr, SocketOrigin, RawFd)> {
+        self.running
+            .iter()
+            .map(|(&(kind, addr), r)| (kind, addr, r.origin, r.fd.as_raw_fd()))
+            .collect()
     }
 
     /// Brings the running set to what `config` asks for: binds every new socket first

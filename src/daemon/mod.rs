@@ -42,4 +42,5 @@ mod web_config;
 pub use listeners::{BindError, Sockets};
 pub use process::run;
 pub use server::{Control, ServeError, Summary, serve};
+pub use upgrade::check::answer as answer_upgrade_check;
 pub use verdict::request as request_reload;

@@ -160,13 +160,12 @@ async fn forward_signals(
             Request::Stop(signal) => Control::Stop(signal),
             Request::Reload => match image.executable.as_ref().and_then(Executable::replaced) {
                 Some(binary) => {
-                    let check = check_new_binary(binary, &source, &image.argv);
-                    let Some(message) =
-                        meanwhile(check, &mut signals, &control, &mut reload_waiting, None).await
-                    else {
-                        continue;
-                    };
-                    message
+                    info!(binary = %binary.display(), "the binary was replaced: checking the new one before handing over to it");
+                    Control::Upgrade(Upgrade::new(
+                        binary.to_path_buf(),
+                        image.argv.clone(),
+                        ConfigArgs::flags_for(&source),
+                    ))
                 }
                 None => {
                     info!(source = %describe_source(source.file.as_deref()), "reloading configuration");
@@ -188,18 +187,20 @@ async fn forward_signals(
             other => (other, None),
         };
         let reload_flag = Arc::clone(&signals.reload_meanwhile);
-        if finished.is_some() && reload_waiting {
-            // Asked for during the check: the new image does it.
-            reload_flag.store(true, Ordering::SeqCst);
-        }
         if control.send(message).await.is_err() {
             return;
         }
         if let Some(finished) = finished {
-            // The receiver completes when the server drops the upgrade: after an exec
-            // that failed (one that succeeded never returns).
-            let flag = Some(reload_flag.as_ref());
-            let _ = meanwhile(finished, &mut signals, &control, &mut reload_waiting, flag).await;
+            // The receiver completes when the server drops the upgrade: after a refused
+            // check or an exec that failed (one that succeeded never returns).
+            let _ = meanwhile(
+                finished,
+                &mut signals,
+                &control,
+                &mut reload_waiting,
+                &reload_flag,
+            )
+            .await;
             // A reload the exec turned into a pending SIGHUP arrives as a signal.
             if !reload_flag.swap(false, Ordering::SeqCst) {
                 reload_waiting = false;
@@ -209,14 +210,13 @@ async fn forward_signals(
 }
 
 /// Awaits `work` while forwarding stop signals at once and noting reloads for later
-/// (in `reload_flag` too, when given: an exec under way reads it); `None` when a stop
-/// came first (the work is abandoned: the server is stopping).
+/// (in `reload_flag` too: an exec under way reads it); `None` when a stop came first.
 async fn meanwhile<T>(
     work: impl Future<Output = T>,
     signals: &mut Signals,
     control: &mpsc::Sender<Control>,
     reload_waiting: &mut bool,
-    reload_flag: Option<&AtomicBool>,
+    reload_flag: &AtomicBool,
 ) -> Option<T> {
     tokio::pin!(work);
     loop {
@@ -231,33 +231,10 @@ async fn meanwhile<T>(
                 Request::Reload => {
                     info!("reload requested while an upgrade is under way: it follows the upgrade");
                     *reload_waiting = true;
-                    if let Some(flag) = reload_flag {
-                        flag.store(true, Ordering::SeqCst);
-                    }
+                    reload_flag.store(true, Ordering::SeqCst);
                 }
             },
         }
-    }
-}
-
-/// The new binary at `binary` checks the configuration; an upgrade to it when it passes,
-/// a failed reload (the running binary keeps serving) when it does not.
-async fn check_new_binary(
-    binary: &std::path::Path,
-    source: &ConfigSource,
-    argv: &[OsString],
-) -> Control {
-    info!(binary = %binary.display(), "the binary was replaced: checking the new one before handing over to it");
-    let path = binary.to_path_buf();
-    let flags = ConfigArgs::flags_for(source);
-    let checked = tokio::task::spawn_blocking(move || upgrade::check(&path, &flags))
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    match checked {
-        Ok(()) => Control::Upgrade(Upgrade::new(binary.to_path_buf(), argv.to_vec())),
-        Err(why) => Control::Reload(Box::new(Err(format!(
-            "new binary refused, the running one keeps serving: {why}"
-        )))),
     }
 }
 

@@ -124,7 +124,11 @@ pub(crate) async fn serve_hosted(
     loop {
         match server.serve_until_stop(&mut control).await {
             Next::Stop(reason) => return Ok(server.drain(reason).await),
-            Next::Upgrade(upgrade) => server.upgrade(upgrade).await,
+            Next::Upgrade(upgrade) => {
+                if let Some(reason) = server.upgrade(upgrade, &mut control).await {
+                    return Ok(server.drain(reason).await);
+                }
+            }
         }
     }
 }
@@ -446,8 +450,48 @@ impl Server {
     /// no unechoed byte — or hands over the bytes it holds — and the process execs the
     /// new binary with all of it. Returns only when the exec failed; the running image
     /// then takes everything back and keeps serving, and the reload counts as failed.
-    async fn upgrade(&mut self, upgrade: Upgrade) {
+    ///
+    /// First the new binary is asked whether it can take over; a stop requested
+    /// meanwhile ends the upgrade and is returned, for the caller to drain.
+    async fn upgrade(
+        &mut self,
+        upgrade: Upgrade,
+        control: &mut mpsc::Receiver<Control>,
+    ) -> Option<&'static str> {
         self.host.notify(Notice::Reloading);
+        let description = handover::describe_listeners(&self.listeners.running());
+        let upgrade = Arc::new(upgrade);
+        let asking = Arc::clone(&upgrade);
+        let check = tokio::task::spawn_blocking(move || asking.check(&description));
+        tokio::pin!(check);
+        let checked = loop {
+            tokio::select! {
+                checked = &mut check => break checked.unwrap_or_else(|e| Err(e.to_string())),
+                message = control.recv() => {
+                    let reason = match message {
+                        Some(Control::Stop(reason)) => reason,
+                        None => "control channel closed",
+                        Some(other) => {
+                            warn!(?other, "ignored while an upgrade is under way");
+                            continue;
+                        }
+                    };
+                    info!(reason, "stop requested while the new binary is checked: stopping instead");
+                    return Some(reason);
+                }
+            }
+        };
+        let upgrade = match (checked, Arc::try_unwrap(upgrade)) {
+            (Ok(()), Ok(upgrade)) => upgrade,
+            (Ok(()), Err(_)) => unreachable!("the check's task has ended"),
+            (Err(why), _) => {
+                error!(error = %why, "new binary refused, the running one keeps serving");
+                self.conclude(Err(format!(
+                    "new binary refused, the running one keeps serving: {why}"
+                )));
+                return None;
+            }
+        };
         let started = Instant::now();
         let stopped = handover::monotonic_micros();
         info!(binary = %upgrade.binary().display(), "handing over to the new binary");
@@ -490,6 +534,7 @@ impl Server {
         error!(%binary, error = %error, "cannot execute the new binary; the running one takes everything back");
         self.resume(handover);
         self.conclude(Err(format!("upgrade to {binary} failed: {error}")));
+        None
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.

@@ -34,9 +34,22 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     body
 }
 
-/// An upgrade whose exec fails (no such binary) hands everything over and takes it
-/// all back: the open connection goes on echoing, the listeners accept again, and
-/// the reload counts as failed.
+/// A new binary that answers the pre-exec check as echod does (it reads this
+/// handover's version), for tests whose exec then fails.
+fn willing_binary(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("echod");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\ncat >/dev/null\necho 'echod-handover 1'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+/// An upgrade whose exec fails (detached, there is no process to replace) hands
+/// everything over and takes it all back: the open connection goes on echoing, the
+/// listeners accept again, and the reload counts as failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_exec_takes_everything_back() {
     let (sockets, config) = on_port_zero();
@@ -45,11 +58,12 @@ async fn a_failed_exec_takes_everything_back() {
     let server = tokio::spawn(serve(config, sockets, requests));
     let mut held = TcpStream::connect(echo).await.unwrap();
     echoes(&mut held, b"before").await;
-    let missing = tempfile::tempdir().unwrap().path().join("echod");
+    let dir = tempfile::tempdir().unwrap();
     control
         .send(Control::Upgrade(Upgrade::new(
-            missing,
+            willing_binary(dir.path()),
             vec!["echod".into()],
+            Vec::new(),
         )))
         .await
         .unwrap();
@@ -226,18 +240,20 @@ async fn an_exec_that_fails_is_rolled_back_and_reported() {
     recorded(&host, 1, |e| matches!(e, Event::Ready(_))).await;
     let mut held = TcpStream::connect(run.echo).await.unwrap();
     echoes(&mut held, b"before").await;
-    let binary = std::path::PathBuf::from("/usr/bin/echod-next");
+    let dir = tempfile::tempdir().unwrap();
+    let binary = willing_binary(dir.path());
     run.control
         .send(Control::Upgrade(Upgrade::new(
             binary.clone(),
             vec!["echod".into()],
+            Vec::new(),
         )))
         .await
         .unwrap();
     let events = recorded(&host, 2, |e| matches!(e, Event::Ready(_))).await;
     assert_eq!(lifecycle(&events), ["ready", "reloading", "exec", "ready"]);
     assert!(events.contains(&Event::Exec {
-        binary,
+        binary: binary.clone(),
         listeners: 2,
         connections: 1
     }));
@@ -246,7 +262,10 @@ async fn an_exec_that_fails_is_rolled_back_and_reported() {
         unreachable!("two READY were recorded");
     };
     assert!(
-        status.contains("last reload FAILED: upgrade to /usr/bin/echod-next failed"),
+        status.contains(&format!(
+            "last reload FAILED: upgrade to {} failed",
+            binary.display()
+        )),
         "{status}"
     );
     echoes(&mut held, b"after the rollback").await;
@@ -294,6 +313,43 @@ async fn an_idle_connection_is_closed_at_its_deadline() {
         idle >= Duration::from_secs(300) && idle <= Duration::from_secs(302),
         "{idle:?}"
     );
+    run.control.send(Control::Stop("test")).await.unwrap();
+    run.server.await.unwrap().unwrap();
+}
+
+/// A binary that cannot take over (an older echod has no `upgrade-check`) is refused
+/// before anything stops: no exec, a failed reload, and the service goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_that_cannot_take_over_is_refused_before_anything_stops() {
+    let host = Arc::new(Recording::default());
+    let run = hosted(&host, |_| {});
+    recorded(&host, 1, |e| matches!(e, Event::Ready(_))).await;
+    let mut held = TcpStream::connect(run.echo).await.unwrap();
+    echoes(&mut held, b"before").await;
+    let dir = tempfile::tempdir().unwrap();
+    let older = dir.path().join("echod");
+    std::fs::write(
+        &older,
+        "#!/bin/sh\necho \"error: unrecognized subcommand '$1'\" >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&older, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    run.control
+        .send(Control::Upgrade(Upgrade::new(
+            older,
+            vec!["echod".into()],
+            Vec::new(),
+        )))
+        .await
+        .unwrap();
+    let events = recorded(&host, 1, |e| matches!(e, Event::Reloaded(Some(_)))).await;
+    assert_eq!(lifecycle(&events), ["ready", "reloading", "ready"]);
+    let Some(Event::Reloaded(Some(why))) = events.iter().find(|e| matches!(e, Event::Reloaded(_)))
+    else {
+        unreachable!("a failed verdict was recorded");
+    };
+    assert!(why.contains("cannot take over in place"), "{why}");
+    echoes(&mut held, b"after").await;
     run.control.send(Control::Stop("test")).await.unwrap();
     run.server.await.unwrap().unwrap();
 }

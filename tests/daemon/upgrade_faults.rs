@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use crate::support::{Daemon, Options, echod_bin, wait_for_log};
 
 crate::support::tests![
+    an_older_binary_that_cannot_take_over_is_refused_before_the_exec,
+    a_busy_port_in_the_edited_config_is_refused_before_the_exec,
     a_config_the_new_binary_cannot_apply_keeps_the_handed_over_listeners,
     a_stop_during_the_new_binarys_check_is_carried_out_at_once,
     a_stop_right_after_the_reload_is_never_lost,
@@ -36,16 +38,21 @@ fn replace(bin: &Path, contents: &[u8]) {
     std::fs::rename(&new, bin).unwrap();
 }
 
-/// A new "binary": a script whose `check-config` takes `check` longer, then the real
-/// echod (a copy beside it, which the script execs for everything).
-fn slow_checking(bin: &Path, check: &str) {
+/// A new "binary": a script that runs `before_check` when asked `upgrade-check`, and
+/// otherwise execs the real echod (a copy beside it).
+fn wrapped(bin: &Path, before_check: &str) {
     let real = bin.with_file_name("echod-real");
     std::fs::copy(echod_bin(), &real).unwrap();
     let script = format!(
-        "#!/bin/sh\n[ \"$1\" = check-config ] && sleep {check}\nexec {} \"$@\"\n",
+        "#!/bin/sh\nif [ \"$1\" = upgrade-check ]; then {before_check}; fi\nexec {} \"$@\"\n",
         real.display()
     );
     replace(bin, script.as_bytes());
+}
+
+/// The new binary's pre-exec check takes `check` longer.
+fn slow_checking(bin: &Path, check: &str) {
+    wrapped(bin, &format!("sleep {check}"));
 }
 
 fn daemon_from(bin: &Path, toml: &str, env: Vec<(&'static str, String)>) -> Daemon {
@@ -82,10 +89,58 @@ fn echoes(stream: &mut std::net::TcpStream, data: &[u8]) -> bool {
     stream.read_exact(&mut back).is_ok() && back == data
 }
 
-/// A pending edit that adds a busy address passes `check-config` (it binds nothing);
-/// the upgrade used to exec into an image that could not bind it and exited 1, taking
-/// every connection and the ports with it. Now the new image serves the listeners
-/// handed over and reports a failed reload.
+/// An older echod (or any binary that does not read this handover) passes
+/// `check-config` but cannot take over: it used to be exec'd and exit 1, with every
+/// connection and the ports. It is asked first, refused, and the running one serves on.
+fn an_older_binary_that_cannot_take_over_is_refused_before_the_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let daemon = daemon_from(&bin, "", Vec::new());
+    let pid = daemon.pid();
+    let mut held = daemon.open_connection();
+    // What a release without `upgrade-check` answers: clap's error for an unknown
+    // subcommand, exit 2; every other command works.
+    wrapped(
+        &bin,
+        "echo \"error: unrecognized subcommand '$1'\" >&2; exit 2",
+    );
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
+    let log = wait_for_log(&daemon, "cannot take over in place");
+    assert!(!log.contains("executing the new binary"), "{log}");
+    assert_eq!(daemon.pid(), pid);
+    assert!(echoes(&mut held, b"still served"));
+}
+
+/// A pending edit that adds a busy address passes `check-config` (it binds nothing),
+/// and the upgrade used to exec into an image that could not bind it. The new
+/// binary's check binds what the configuration adds: the upgrade is refused before
+/// anything stops.
+fn a_busy_port_in_the_edited_config_is_refused_before_the_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let daemon = daemon_from(&bin, "", Vec::new());
+    let mut held = daemon.open_connection();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    daemon.rewrite_config(&format!(
+        "[tcp]\nlisten = [\"{}\", \"{}\"]\n",
+        daemon.tcp,
+        busy.local_addr().unwrap()
+    ));
+    replace(&bin, &std::fs::read(echod_bin()).unwrap());
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
+    let log = wait_for_log(&daemon, "new binary refused");
+    assert!(log.contains("already uses this port"), "{log}");
+    assert!(!log.contains("executing the new binary"), "{log}");
+    assert!(echoes(&mut held, b"still served"));
+    drop(busy);
+}
+
+/// When the port is taken after the check (here: a binary that says yes without
+/// checking), the exec'd image used to find it busy and exit 1, taking every
+/// connection and the ports with it. Now the new image serves the listeners handed
+/// over and reports a failed reload.
 fn a_config_the_new_binary_cannot_apply_keeps_the_handed_over_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let bin = own_copy(dir.path());
@@ -98,7 +153,7 @@ fn a_config_the_new_binary_cannot_apply_keeps_the_handed_over_listeners() {
         "[tcp]\nlisten = [\"{}\", \"{busy_addr}\"]\n",
         daemon.tcp
     ));
-    replace(&bin, &std::fs::read(echod_bin()).unwrap());
+    wrapped(&bin, "cat >/dev/null; echo 'echod-handover 1'; exit 0");
     daemon.signal(libc::SIGHUP);
     let log = wait_for_log(&daemon, "the new binary serves the previous listeners");
     assert!(log.contains("cannot apply the configuration"), "{log}");

@@ -83,6 +83,26 @@ pub(super) fn invalid(what: impl Into<String>) -> HandoverError {
     HandoverError::Invalid(what.into())
 }
 
+/// The description of `listeners` alone (kind, configured address, origin, descriptor
+/// number), as the new binary's check reads it before any descriptor crosses.
+pub(crate) fn describe_listeners(
+    listeners: &[(ListenerKind, SocketAddr, SocketOrigin, RawFd)],
+) -> Vec<u8> {
+    wire::encode(&Description {
+        stopped: None,
+        listeners: listeners
+            .iter()
+            .map(|&(kind, addr, origin, fd)| ListenerEntry {
+                kind,
+                fd,
+                addr,
+                origin,
+            })
+            .collect(),
+        connections: Vec::new(),
+    })
+}
+
 impl Handover {
     /// Every descriptor that must cross `execve`.
     pub(crate) fn raw_fds(&self) -> Vec<RawFd> {

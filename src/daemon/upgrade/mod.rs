@@ -4,23 +4,27 @@
 //! cgroup and the watchdog stay — handing over every listener and open connection
 //! ([`super::handover`]). Clients see a pause of a few milliseconds, never a refusal.
 //!
-//! The new binary must first pass `check-config` on the running configuration (exit 0
-//! within [`CHECK_TIMEOUT`]); a binary that does not is refused and the running one keeps
-//! serving. After a package upgrade `/proc/self/exe` reads `/usr/bin/echod (deleted)`:
-//! the path is remembered at start and exec'd by name, never through `/proc/self/exe`.
+//! The new binary must first say it can take over ([`check`]: it reads this handover's
+//! version, accepts the configuration and can bind what the configuration adds); a
+//! binary that does not is refused and the running one keeps serving. After a package
+//! upgrade `/proc/self/exe` reads `/usr/bin/echod (deleted)`: the path is remembered at
+//! start and exec'd by name, never through `/proc/self/exe`.
+//!
+//! The folder holds the whole upgrade: [`check`] before, [`handover`] and its [`wire`]
+//! format for what crosses, [`exec`] itself, and the [`handoff`] connections give
+//! themselves to.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+pub(crate) mod check;
 mod exec;
 pub(crate) mod handoff;
 pub(crate) mod handover;
@@ -30,8 +34,6 @@ pub(crate) use exec::{block_stop_signals_in_this_thread, unblock_stop_signals};
 
 use handover::Handover;
 
-/// How long the new binary's `check-config` may take.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The binary this process runs: its path, and the file it was when the process started.
 #[derive(Debug, Clone)]
 pub(crate) struct Executable {
@@ -65,48 +67,6 @@ impl Executable {
     }
 }
 
-/// Runs `binary check-config` with `config_args`; `Err` says why it is refused.
-pub(crate) fn check(binary: &Path, config_args: &[OsString]) -> Result<(), String> {
-    let child = Command::new(binary)
-        .arg("check-config")
-        .args(config_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let output = match rx.recv_timeout(CHECK_TIMEOUT) {
-        Ok(output) => output.map_err(|e| format!("{}: {e}", binary.display()))?,
-        Err(_) => {
-            // SAFETY: kill(2) on our own child, not yet reaped (its waiter still waits).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            return Err(format!(
-                "{} check-config did not finish within {CHECK_TIMEOUT:?}",
-                binary.display()
-            ));
-        }
-    };
-    if output.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let why = stderr
-        .lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .unwrap_or("no message");
-    Err(format!(
-        "{} check-config failed ({}): {why}",
-        binary.display(),
-        output.status
-    ))
-}
-
 /// What the signals asked for while an upgrade was under way, set outside the server:
 /// `stop` by the handler of the first SIGTERM or SIGINT itself, `reload` when a SIGHUP
 /// came while the upgrade was under way.
@@ -121,18 +81,28 @@ pub(crate) struct SignalsMeanwhile {
 pub struct Upgrade {
     binary: PathBuf,
     argv: Vec<OsString>,
+    /// The flags that load the running configuration, for the new binary's check.
+    config_args: Vec<OsString>,
     /// Dropped with the upgrade: tells whoever asked for it that the server is done.
     finished: Option<oneshot::Sender<()>>,
 }
 
 impl Upgrade {
-    /// Becoming `binary`, started with `argv` (this process's own command line).
-    pub(crate) fn new(binary: PathBuf, argv: Vec<OsString>) -> Self {
+    /// Becoming `binary`, started with `argv` (this process's own command line), once
+    /// it has checked the configuration `config_args` load.
+    pub(crate) fn new(binary: PathBuf, argv: Vec<OsString>, config_args: Vec<OsString>) -> Self {
         Self {
             binary,
             argv,
+            config_args,
             finished: None,
         }
+    }
+
+    /// Asks the new binary whether it can take over the listeners `description` lists
+    /// (blocking: it runs the binary); `Err` says why not.
+    pub(crate) fn check(&self, description: &[u8]) -> Result<(), String> {
+        check::ask(&self.binary, &self.config_args, description)
     }
 
     /// The upgrade, and a receiver that completes when the server has dropped it (after
@@ -190,34 +160,5 @@ mod tests {
         assert_eq!(fake.replaced(), Some(path.as_path()));
         fake.path = dir.path().join("gone");
         assert_eq!(fake.replaced(), None);
-    }
-
-    #[test]
-    fn a_binary_that_fails_its_check_is_refused_with_its_last_words() {
-        let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("echod");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\necho \"$@\" >&2\necho broken >&2\nexit 3\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let err = check(&script, &["--config".into(), "/x.toml".into()]).unwrap_err();
-        assert!(
-            err.contains("check-config failed") && err.ends_with(": broken"),
-            "{err}"
-        );
-        let err = check(&dir.path().join("missing"), &[]).unwrap_err();
-        assert!(err.contains("cannot run"), "{err}");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\n[ \"$1\" = check-config ] && [ \"$3\" = /x.toml ]\n",
-        )
-        .unwrap();
-        assert_eq!(
-            check(&script, &["--config".into(), "/x.toml".into()]),
-            Ok(())
-        );
     }
 }
