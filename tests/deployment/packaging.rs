@@ -464,8 +464,13 @@ fn reload_validates_the_config_before_signalling() {
         .to_string();
     let (signal, checks) = reload.split_last().expect("ExecReload");
     assert_eq!(
-        signal, "/bin/kill -HUP $MAINPID",
-        "the last step signals echod"
+        signal, "/usr/bin/echod reload --pid $MAINPID",
+        "the last step signals echod and waits for its verdict"
+    );
+    assert_eq!(
+        unit_value(&unit, "RuntimeDirectory"),
+        "echod",
+        "`echod reload` reads the verdict from the runtime directory"
     );
     assert!(
         checks
