@@ -5,14 +5,14 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::connect_from;
-use crate::support::{Daemon, free_port};
-
-use crate::support::{is_served, wait_for_log};
+use crate::support::{
+    ChildGuard, Daemon, connect_from, echoes_on, is_served, readme, spawn_activated,
+    try_connect_from, wait_for_log, wait_until,
+};
 
 crate::support::tests![
     haproxy_send_proxy_v2_passes_real_client_addresses needs &[crate::support::Need::Tool("haproxy")],
@@ -81,22 +81,7 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
 
 /// Writes `data` and reads exactly its echo.
 fn echoes(stream: &mut TcpStream, data: &[u8]) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(data).unwrap();
-    let mut back = vec![0u8; data.len()];
-    stream.read_exact(&mut back).expect("echo");
-    assert_eq!(back, data);
-}
-
-/// A connection from `from`, or the error (HAProxy may not listen yet).
-fn try_connect_from(from: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&addr.into(), Duration::from_secs(1))?;
-    Ok(socket.into())
+    assert!(echoes_on(stream, data), "echo of {data:?}");
 }
 
 /// Sends `data` from `from` in uneven writes while reading the echo, half-closes, and
@@ -136,8 +121,7 @@ fn start_trusting(trusted: &str, extra: &str) -> Daemon {
 
 /// The HAProxy configuration README's "Behind a load balancer" section shows.
 fn readme_haproxy_snippet() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = readme();
     let section = readme
         .split("## Behind a load balancer")
         .nth(1)
@@ -152,7 +136,7 @@ fn readme_haproxy_snippet() -> String {
 
 /// A real HAProxy started by the test, stopped (by PID) when dropped.
 struct Haproxy {
-    child: Option<Child>,
+    _child: ChildGuard,
     addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -160,17 +144,18 @@ struct Haproxy {
 
 impl Haproxy {
     /// Runs README's snippet with its addresses swapped for loopback ones and `send` as
-    /// the server's PROXY option (`send-proxy` or `send-proxy-v2`).
+    /// the server's PROXY option (`send-proxy` or `send-proxy-v2`). HAProxy listens on a
+    /// socket the test bound on port 0 and hands it as descriptor 3 (`bind fd@3`).
     fn start(echod: SocketAddr, send: &str) -> Haproxy {
         let snippet = readme_haproxy_snippet();
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let config = snippet
-            .replace("bind :7", &format!("bind {addr}"))
+            .replace("bind :7", "bind fd@3")
             .replace("10.0.0.5:7", &echod.to_string())
             .replace("send-proxy-v2", send);
         assert!(
-            config.contains(&format!("bind {addr}")) && config.contains(&echod.to_string()),
+            config.contains("bind fd@3") && config.contains(&echod.to_string()),
             "README's snippet no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
         );
         // Checks often, so several of them (v2 LOCAL or v1 UNKNOWN headers) land during a test.
@@ -179,18 +164,14 @@ impl Haproxy {
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, format!("global\n    maxconn 256\n\n{config}")).unwrap();
         let log = dir.path().join("haproxy.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&path)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start haproxy");
+        let path = path.display().to_string();
         let haproxy = Haproxy {
-            child: Some(child),
+            _child: spawn_activated(
+                Path::new("haproxy"),
+                &["-f", &path, "-db"],
+                vec![(listener.into(), "haproxy")],
+                &log,
+            ),
             addr,
             log,
             _dir: dir,
@@ -201,31 +182,17 @@ impl Haproxy {
 
     /// Waits until a client through HAProxy gets an echo (10 s at most).
     fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = try_connect_from(CLIENT, self.addr) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut b = [0u8; 1];
-                if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy never served; its log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                format!("HAProxy never served; its log:\n{log}")
+            },
+            || {
+                try_connect_from(CLIENT, self.addr, None, Duration::from_secs(1))
+                    .is_ok_and(|mut s| echoes_on(&mut s, b"x"))
+            },
+        );
     }
 }
 

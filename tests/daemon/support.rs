@@ -565,7 +565,7 @@ pub fn echoes(addr: SocketAddr) -> bool {
 }
 
 /// A UDP client socket bound to `from` (e.g. "127.0.0.1:0"), waiting `wait` for a reply.
-pub fn udp_client(from: &str, wait: Duration) -> std::net::UdpSocket {
+pub fn udp_client(from: impl std::net::ToSocketAddrs, wait: Duration) -> std::net::UdpSocket {
     let s = std::net::UdpSocket::bind(from).expect("bind UDP client");
     s.set_read_timeout(Some(wait)).unwrap();
     s

@@ -259,7 +259,7 @@ fn bad_web_config_files_exit_78_naming_the_key_the_file_and_the_fault() {
         }
     }
     // A file that does not exist, named by the environment.
-    let missing = pki.dir().join("nowhere.yml").display().to_string();
+    let missing = pki.ca.with_file_name("nowhere.yml").display().to_string();
     let (code, stderr) = run_briefly(
         &["check-config"],
         &[("ECHOD_METRICS__WEB_CONFIG_FILE", missing.clone())],

@@ -588,8 +588,8 @@ fn last_scrape_error(prometheus: &Prometheus, job: &str) -> String {
 
 /// A real Prometheus scrapes echod over TLS with basic auth (`up` 1, echod's series
 /// there); the same job with a wrong password is down with a 401. Against an endpoint
-/// requiring client certificates, the job presenting one is up and the job without
-/// one is down (the handshake fails).
+/// requiring client certificates, the job presenting one is up and the jobs without
+/// one, or with one from a CA echod does not trust, are down (the handshake fails).
 fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
     let pki = Pki::new();
     let users = [("prometheus", "s3cret")];
@@ -610,12 +610,18 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
         pki.client_cert.display(),
         pki.client_key.display()
     );
+    let stranger_cert = format!(
+        "cert_file: {}\nkey_file: {}",
+        pki.stranger_cert.display(),
+        pki.stranger_key.display()
+    );
     let config = [
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n".to_string(),
         https_job("echod", open.http, &pki.ca, "s3cret", ""),
         https_job("echod_wrong_password", open.http, &pki.ca, "wrong", ""),
         https_job("echod_mtls", mtls.http, &pki.ca, "s3cret", &client_cert),
         https_job("echod_no_client_cert", mtls.http, &pki.ca, "s3cret", ""),
+        https_job("echod_stranger_cert", mtls.http, &pki.ca, "s3cret", &stranger_cert),
     ]
     .concat();
     let prometheus = Prometheus::start(&config, &[]);
@@ -628,17 +634,20 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
         (r#"up{job="echod_mtls"}"#, 1.0),
         (r#"echod_ready{job="echod_mtls"}"#, 1.0),
         (r#"up{job="echod_no_client_cert"}"#, 0.0),
+        (r#"up{job="echod_stranger_cert"}"#, 0.0),
     ] {
         prometheus.wait_value(query, want, PROMETHEUS_WAIT);
     }
     // Down for the right reasons: a 401, and a refused handshake.
     let wrong = last_scrape_error(&prometheus, "echod_wrong_password");
     assert!(wrong.contains("401"), "{wrong}");
-    let no_cert = last_scrape_error(&prometheus, "echod_no_client_cert");
-    assert!(
-        no_cert.contains("tls") || no_cert.contains("certificate"),
-        "{no_cert}"
-    );
+    for job in ["echod_no_client_cert", "echod_stranger_cert"] {
+        let error = last_scrape_error(&prometheus, job);
+        assert!(
+            error.contains("tls") || error.contains("certificate"),
+            "{job}: {error}"
+        );
+    }
     assert!(
         prometheus
             .query(r#"echod_ready{job="echod_wrong_password"}"#)

@@ -11,8 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Chatter, IPV6_LOOPBACK, Need, http_get, metric_at, metric_value, output_with_input,
-    random_bytes, readme, refused_after_accept, repo_path, tcp_roundtrip, udp_echo, wait_for,
+    self, Chatter, IPV6_LOOPBACK, Need, metric_at, output_with_input, random_bytes, readme, refused_after_accept, repo_path, tcp_roundtrip, udp_echo, wait_for,
 };
 
 crate::support::tests![

@@ -7,14 +7,12 @@
 //! runs wait in the kernel's accept queue and are echoed once it is back.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::support::{Chatter, StalledClient, metric_at, random_bytes, try_connect_from, wait_for};
 use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metrics_addr, rootfs, wait_metric};

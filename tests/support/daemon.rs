@@ -145,6 +145,10 @@ pub(crate) fn merge(base: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// The address each listener of a test daemon is configured with (port 0: the kernel
+/// picks one); it labels the listener's metrics (`listener="127.0.0.1:0"`).
+pub const CONFIGURED: &str = "127.0.0.1:0";
+
 /// A running daemon started by a test; killed (by PID) when dropped.
 pub struct Daemon {
     pub(crate) child: ChildGuard,
@@ -190,18 +194,20 @@ impl Daemon {
 
     /// Starts echod with full options.
     pub fn start_with(opts: Options<'_>) -> Daemon {
-        let mut config: toml::Table = r#"
+        let mut config: toml::Table = format!(
+            r#"
             [tcp]
-            listen = ["127.0.0.1:0"]
+            listen = ["{CONFIGURED}"]
             [udp]
-            listen = ["127.0.0.1:0"]
+            listen = ["{CONFIGURED}"]
             [metrics]
-            listen = ["127.0.0.1:0"]
+            listen = ["{CONFIGURED}"]
             [shutdown]
             drain_timeout = "10s"
             [log]
             level = "info"
             "#
+        )
         .parse()
         .unwrap();
         let extra: toml::Table = opts.toml.parse().expect("test TOML parses");

@@ -48,8 +48,7 @@ impl Daemon {
 
     /// Waits for the daemon to exit (panics after `limit`).
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let child = &mut self.child.0;
-        let status = poll(limit, || child.try_wait().expect("waitpid on our own child"));
+        let status = poll(limit, || self.try_exit());
         status.unwrap_or_else(|| panic!("echod did not exit within {limit:?}; log:\n{}", self.log()))
     }
 }

@@ -107,11 +107,6 @@ impl Pki {
         path
     }
 
-    /// The directory the files are in.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// A web config file serving `cert`/`key` with `extra_tls` lines in
     /// `tls_server_config` and `users` (name, password) as bcrypt hashes.
     pub fn web_config(&self, name: &str, extra_tls: &str, users: &[(&str, &str)]) -> PathBuf {
