@@ -259,7 +259,11 @@ fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
     socket
         .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
-    let addr = socket.local_addr().unwrap().as_socket().expect("an IP address");
+    let addr = socket
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .expect("an IP address");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("echod.toml");
     std::fs::write(&config, "[metrics]\nlisten = []\n").unwrap();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use crate::support::{
     self, CONFIGURED, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout,
     daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, http_get,
-    http_response, is_exported, random_bytes, readme, refused, repo_path, tcp_roundtrip, udp_client,
-    wait_for, wait_until,
+    http_response, is_exported, random_bytes, readme, refused, repo_path, tcp_roundtrip,
+    udp_client, wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -137,14 +137,14 @@ fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     for _ in 0..rejects {
         refused(LOCAL, daemon.tcp);
     }
-    let listener: &[(&str, &str)] = &[("listener", &l)];
+    let listener: &[(&str, &str)] = &[("listener", l)];
     expect_metrics(
         &daemon,
         &[
             ("echod_tcp_connections_active", listener, 3.0),
             (
                 "echod_tcp_connections_rejected_total",
-                &[("listener", &l), ("reason", "global_limit")],
+                &[("listener", l), ("reason", "global_limit")],
                 rejects as f64,
             ),
         ],
@@ -328,8 +328,7 @@ fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
         Duration::from_secs(5),
         || "readyz still 200 5 s after SIGTERM",
         || {
-            let (status, body) =
-                http_get(daemon.http, "/readyz").expect("readyz while draining");
+            let (status, body) = http_get(daemon.http, "/readyz").expect("readyz while draining");
             if status == 503 {
                 assert_eq!(body, "draining\n");
                 return true;

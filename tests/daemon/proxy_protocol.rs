@@ -81,7 +81,10 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
 
 /// Writes `data` and reads exactly its echo.
 fn echoes(stream: &mut TcpStream, data: &[u8]) {
-    assert!(echoes_on(stream, data), "echo of {data:?}");
+    assert!(
+        echoes_on(stream, data, Duration::from_secs(10)),
+        "echo of {data:?}"
+    );
 }
 
 /// Sends `data` from `from` in uneven writes while reading the echo, half-closes, and
@@ -190,7 +193,7 @@ impl Haproxy {
             },
             || {
                 try_connect_from(CLIENT, self.addr, None, Duration::from_secs(1))
-                    .is_ok_and(|mut s| echoes_on(&mut s, b"x"))
+                    .is_ok_and(|mut s| echoes_on(&mut s, b"x", Duration::from_secs(2)))
             },
         );
     }

@@ -6,8 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::support::{
-    CONFIGURED, Chatter, Daemon, NotifySocket, Options, echoes, random_bytes,
-    refused_after_accept, tcp_roundtrip, wait_for, wait_until,
+    CONFIGURED, Chatter, Daemon, NotifySocket, Options, echoes, random_bytes, refused_after_accept,
+    tcp_roundtrip, wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -228,7 +228,12 @@ fn reload_applies_a_new_log_level() {
     one_connection(&daemon, 1.0);
     wait_until(
         Duration::from_secs(5),
-        || format!("no access line at debug after the reload:\n{}", daemon.log()),
+        || {
+            format!(
+                "no access line at debug after the reload:\n{}",
+                daemon.log()
+            )
+        },
         || access_lines() >= 1,
     );
     // warn: not even the reload's own info line.

@@ -250,8 +250,8 @@ impl VerifiedTcp {
     /// holds the table) are retried every 100 ms; every attempt is counted.
     fn admitted(&self, addr: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
         loop {
-            let mut s =
-                try_connect_from(LOCAL, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            let mut s = try_connect_from(LOCAL, addr, None, PROBE_TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))?;
             s.write_all(b"x").map_err(|e| format!("first byte: {e}"))?;
             let by = Instant::now() + Duration::from_secs(10);
             if self.fates.lock().unwrap().settle(&mut s, by) {
@@ -458,7 +458,8 @@ fn non_readers(addr: SocketAddr, stop: &AtomicBool, deadline: Instant) -> (Fates
             if slot.is_some() || !running(stop, deadline) {
                 continue;
             }
-            let Ok(mut s) = try_connect_from(NON_READER, addr, Some(64 * 1024), PROBE_TIMEOUT) else {
+            let Ok(mut s) = try_connect_from(NON_READER, addr, Some(64 * 1024), PROBE_TIMEOUT)
+            else {
                 fates.connect_failed += 1;
                 continue;
             };

@@ -7,8 +7,8 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::support::{
-    ChildGuard, Need, echod_bin, http_get, listening_tcp, random_bytes, refusing,
-    spawn_activated, tcp_roundtrip, udp_echo, wait_for, wait_until,
+    ChildGuard, Need, echod_bin, http_get, listening_tcp, random_bytes, refusing, spawn_activated,
+    tcp_roundtrip, udp_echo, wait_for, wait_until,
 };
 
 crate::support::tests![

@@ -37,7 +37,10 @@ impl Daemon {
     /// A connection that has echoed one byte, so the daemon has surely accepted it.
     pub fn open_connection(&self) -> TcpStream {
         let mut s = TcpStream::connect(self.tcp).unwrap();
-        assert!(echoes_on(&mut s, b"x"), "echo of one byte");
+        assert!(
+            echoes_on(&mut s, b"x", Duration::from_secs(10)),
+            "echo of one byte"
+        );
         s
     }
 
@@ -247,7 +250,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn probe(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<u16, String> {
     let started = Instant::now();
     let deadline = started + PROBE_TIMEOUT;
-    let mut s = try_connect_from(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    let mut s =
+        try_connect_from(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     s.set_write_timeout(Some(PROBE_TIMEOUT))
         .map_err(|e| e.to_string())?;
     s.write_all(
@@ -361,7 +365,8 @@ pub fn slowloris(
 /// daemon stops taking requests (its responses fill the socket buffers) or 256 KiB are
 /// sent.
 pub fn slow_reader(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let mut s = try_connect_from(from, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
+    let mut s =
+        try_connect_from(from, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
     s.set_nonblocking(true).unwrap();
     let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -557,11 +562,11 @@ pub fn wait_stopped(pid: u32, stopped: bool) {
     );
 }
 
-/// True when a new connection to `addr` echoes 4 KiB: connected within
-/// [`PROBE_TIMEOUT`], echoed within 10 s.
+/// True when a new connection to `addr` echoes 4 KiB, connected and echoed within
+/// [`PROBE_TIMEOUT`] each.
 pub fn echoes(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
-        .is_ok_and(|mut s| echoes_on(&mut s, &random_bytes(4096, 42)))
+        .is_ok_and(|mut s| echoes_on(&mut s, &random_bytes(4096, 42), PROBE_TIMEOUT))
 }
 
 /// A UDP client socket bound to `from` (e.g. "127.0.0.1:0"), waiting `wait` for a reply.

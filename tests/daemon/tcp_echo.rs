@@ -100,10 +100,7 @@ fn on_loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 
 /// README: "An IPv6 address listens for IPv6 only … for both, list both".
 fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
-    let readme = readme()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let readme = readme().split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         readme.contains("An IPv6 address listens for IPv6 only")
             && readme.contains(r#"`listen = ["0.0.0.0:7", "[::]:7"]`"#),
@@ -145,7 +142,11 @@ fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
     let both = "[\"0.0.0.0:0\", \"[::]:0\"]";
     let daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
     let listening = &daemon.listening;
-    assert_eq!((listening.tcp.len(), listening.udp.len()), (2, 2), "{listening:?}");
+    assert_eq!(
+        (listening.tcp.len(), listening.udp.len()),
+        (2, 2),
+        "{listening:?}"
+    );
     for (tcp, udp) in listening.tcp.iter().zip(&listening.udp) {
         let (tcp, udp) = (on_loopback(*tcp), on_loopback(*udp));
         assert_eq!(tcp.is_ipv4(), udp.is_ipv4(), "{listening:?}");
@@ -262,11 +263,7 @@ fn readme_smoke_commands_print_hello_and_return_at_once() {
         .find_map(|l| l.trim_start().strip_prefix("probe --tcp echod:7"))
         .expect("README's kubectl run … probe example");
     let command = format!("probe --tcp echod:7{probe}");
-    let args = on_test_daemon(
-        command.split('#').next().unwrap(),
-        "echod:7",
-        &daemon,
-    );
+    let args = on_test_daemon(command.split('#').next().unwrap(), "echod:7", &daemon);
     let out = std::process::Command::new(crate::support::echod_bin())
         .args(&args)
         .output()

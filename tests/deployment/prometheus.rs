@@ -547,7 +547,7 @@ fn dashboard_annotation_queries_are_valid_promql() {
 
 /// echod serving its endpoint with the web config `web`, ready over TLS.
 fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
-    let daemon = Daemon::start_with(Options {
+    let mut daemon = Daemon::start_with(Options {
         toml: &format!(
             "[metrics]\nweb_config_file = {:?}\n",
             web.display().to_string()
@@ -555,6 +555,7 @@ fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
         no_wait: true,
         ..Options::default()
     });
+    daemon.wait_listening();
     ready.wait_ready(daemon.http);
     daemon
 }
@@ -621,7 +622,13 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
         https_job("echod_wrong_password", open.http, &pki.ca, "wrong", ""),
         https_job("echod_mtls", mtls.http, &pki.ca, "s3cret", &client_cert),
         https_job("echod_no_client_cert", mtls.http, &pki.ca, "s3cret", ""),
-        https_job("echod_stranger_cert", mtls.http, &pki.ca, "s3cret", &stranger_cert),
+        https_job(
+            "echod_stranger_cert",
+            mtls.http,
+            &pki.ca,
+            "s3cret",
+            &stranger_cert,
+        ),
     ]
     .concat();
     let prometheus = Prometheus::start(&config, &[]);

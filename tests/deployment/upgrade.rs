@@ -229,15 +229,19 @@ fn all_echoed(attempts: &[Attempt], outages: &[(Instant, Instant)]) -> (usize, u
 
 /// Waits until echod.service is active again under a PID other than `old`, and answers.
 fn wait_restarted(c: &Nspawn, old: &str, restarts: u32) -> String {
-    wait_for(Duration::from_secs(60), || "echod to be back", || {
-        let now = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
-        (now["ActiveState"] == "active"
-            && now["SubState"] == "running"
-            && now["MainPID"] != old
-            && now["MainPID"] != "0"
-            && now["NRestarts"] == restarts.to_string())
-        .then(|| now["MainPID"].clone())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        || "echod to be back",
+        || {
+            let now = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
+            (now["ActiveState"] == "active"
+                && now["SubState"] == "running"
+                && now["MainPID"] != old
+                && now["MainPID"] != "0"
+                && now["NRestarts"] == restarts.to_string())
+            .then(|| now["MainPID"].clone())
+        },
+    )
 }
 
 fn restart_watchdog_and_crash_refuse_no_connection() {
@@ -252,9 +256,11 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
           printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/echod.service.d/watchdog.conf && \
           systemctl daemon-reload && systemctl restart echod");
     assert_eq!(c.prop("echod", "FileDescriptorStoreMax"), "64");
-    wait_for(Duration::from_secs(10), || "5 sockets in the store", || {
-        (c.prop("echod", "NFileDescriptorStore") == "5").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        || "5 sockets in the store",
+        || (c.prop("echod", "NFileDescriptorStore") == "5").then_some(()),
+    );
     // A reload that drops listeners takes them out of the store; one that adds them
     // back puts them in again.
     let packaged = c.ok("cat /etc/echod/echod.toml");
@@ -265,9 +271,11 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         &packaged.replace(both, r#"listen = ["0.0.0.0:7"]"#),
     );
     c.ok("systemctl reload echod");
-    wait_for(Duration::from_secs(10), || "3 sockets in the store", || {
-        (c.prop("echod", "NFileDescriptorStore") == "3").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        || "3 sockets in the store",
+        || (c.prop("echod", "NFileDescriptorStore") == "3").then_some(()),
+    );
     c.write_file("/etc/echod/echod.toml", &packaged);
     c.ok("systemctl reload echod");
     wait_for(
@@ -553,9 +561,11 @@ fn package_upgrade_hands_over_every_connection() {
             })
             .then_some(())
     };
-    wait_for(Duration::from_secs(20), || "the new version to serve", || {
-        build_info(&new_version)
-    });
+    wait_for(
+        Duration::from_secs(20),
+        || "the new version to serve",
+        || build_info(&new_version),
+    );
     let serving_new = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
 

@@ -279,7 +279,10 @@ impl Daemon {
         let listening = match (listening, exited) {
             (Some(listening), _) if listening != Listening::default() => listening,
             (_, Some(status)) => panic!("{}", self.startup_failure(&format!("exited ({status})"))),
-            _ => panic!("{}", self.startup_failure("no `echod ready` line within 10 s")),
+            _ => panic!(
+                "{}",
+                self.startup_failure("no `echod ready` line within 10 s")
+            ),
         };
         let unknown = self.tcp;
         let first = |list: &[SocketAddr]| list.first().copied().unwrap_or(unknown);
@@ -327,7 +330,12 @@ impl Daemon {
         let last = std::cell::Cell::new(f64::NAN);
         wait_for(
             Duration::from_secs(10),
-            || format!("{family}{labels:?} never reached {want} (at {})", last.get()),
+            || {
+                format!(
+                    "{family}{labels:?} never reached {want} (at {})",
+                    last.get()
+                )
+            },
             || {
                 last.set(self.metric(family, labels));
                 (last.get() >= want).then_some(last.get())
@@ -510,7 +518,5 @@ fn spawn_retrying_busy(cmd: &mut Command) -> Child {
         Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
         result => Some(result),
     });
-    spawned
-        .unwrap_or_else(|| cmd.spawn())
-        .expect("start echod")
+    spawned.unwrap_or_else(|| cmd.spawn()).expect("start echod")
 }

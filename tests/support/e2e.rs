@@ -49,7 +49,8 @@ impl Daemon {
     /// Waits for the daemon to exit (panics after `limit`).
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let status = poll(limit, || self.try_exit());
-        status.unwrap_or_else(|| panic!("echod did not exit within {limit:?}; log:\n{}", self.log()))
+        status
+            .unwrap_or_else(|| panic!("echod did not exit within {limit:?}; log:\n{}", self.log()))
     }
 }
 
@@ -73,7 +74,12 @@ pub fn listening_tcp(pid: u32) -> Vec<SocketAddr> {
                 .filter_map(|fd| std::fs::read_link(fd.path()).ok())
                 .filter_map(|target| {
                     let target = target.to_string_lossy().into_owned();
-                    Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                    Some(
+                        target
+                            .strip_prefix("socket:[")?
+                            .strip_suffix(']')?
+                            .to_string(),
+                    )
                 })
                 .collect()
         })
@@ -206,13 +212,12 @@ pub fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// Writes `data` on `stream` and reads as many bytes back (10 s at most); true when they
-/// are `data`, false when the connection failed or closed first.
-pub fn echoes_on(stream: &mut TcpStream, data: &[u8]) -> bool {
+/// Writes `data` on `stream` and reads as many bytes back, waiting `within` at most for
+/// each read; true when they are `data`, false when the connection failed or closed, or
+/// the echo was late.
+pub fn echoes_on(stream: &mut TcpStream, data: &[u8], within: Duration) -> bool {
     let mut back = vec![0u8; data.len()];
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .is_ok()
+    stream.set_read_timeout(Some(within)).is_ok()
         && stream.write_all(data).is_ok()
         && stream.read_exact(&mut back).is_ok()
         && back == data
@@ -221,7 +226,10 @@ pub fn echoes_on(stream: &mut TcpStream, data: &[u8]) -> bool {
 /// A connection the daemon admitted: one byte is echoed on it.
 pub fn admitted(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     let mut s = connect_from(from, addr);
-    assert!(echoes_on(&mut s, b"x"), "admitted connection echoes");
+    assert!(
+        echoes_on(&mut s, b"x", Duration::from_secs(10)),
+        "admitted connection echoes"
+    );
     s
 }
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    Daemon, Run, corrupting_echo_server, corrupting_udp_echo_server, refusing, run_echod, wait_until,
-    stalling_echo_server,
+    Daemon, Run, corrupting_echo_server, corrupting_udp_echo_server, refusing, run_echod,
+    stalling_echo_server, wait_until,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);

@@ -151,7 +151,12 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
     let wait_screen = |what: &str| {
         wait_until(
             Duration::from_secs(20),
-            || format!("{what:?} never appeared; screen: {:?}", screen.lock().unwrap()),
+            || {
+                format!(
+                    "{what:?} never appeared; screen: {:?}",
+                    screen.lock().unwrap()
+                )
+            },
             || screen.lock().unwrap().contains(what),
         )
     };
