@@ -31,6 +31,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 /// An address that is not trusted: plain echo, as without the feature.
 const UNTRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+/// How long an echo may take.
+const ECHO_WAIT: Duration = Duration::from_secs(10);
 const REJECTED: &str = "echod_tcp_connections_rejected_total";
 const PROXY_REASON: [(&str, &str); 1] = [("reason", "proxy_protocol")];
 /// The v2 signature.
@@ -77,14 +79,6 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
         }
     }
     (got, started.elapsed())
-}
-
-/// Writes `data` and reads exactly its echo.
-fn echoes(stream: &mut TcpStream, data: &[u8]) {
-    assert!(
-        echoes_on(stream, data, Duration::from_secs(10)),
-        "echo of {data:?}"
-    );
 }
 
 /// Sends `data` from `from` in uneven writes while reading the echo, half-closes, and
@@ -318,7 +312,15 @@ fn hostile_headers_from_a_trusted_source_are_closed_and_counted() {
 
     // A client from an untrusted address is served as ever: even a PROXY line is data.
     let mut direct = connect_from(UNTRUSTED, daemon.tcp);
-    echoes(&mut direct, b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello");
+    assert!(
+        echoes_on(
+            &mut direct,
+            b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello",
+            ECHO_WAIT
+        ),
+        "echo of {:?}",
+        b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello"
+    );
     drop(direct);
     assert_eq!(daemon.metric(REJECTED, &PROXY_REASON), cases.len() as f64);
 }
@@ -335,7 +337,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     let mut back = [0u8; 5];
     s.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"hello");
-    echoes(&mut s, b" again");
+    assert!(
+        echoes_on(&mut s, b" again", ECHO_WAIT),
+        "echo of {:?}",
+        b" again"
+    );
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(read_until_closed(&mut s).0, b"");
     wait_for_log(&daemon, "peer=192.0.2.7:5555");
@@ -354,7 +360,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     let mut s = connect_from(TRUSTED, daemon.tcp);
     s.write_all(&v2_header(1, 0x21, &a)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    echoes(&mut s, b"v2 data");
+    assert!(
+        echoes_on(&mut s, b"v2 data", ECHO_WAIT),
+        "echo of {:?}",
+        b"v2 data"
+    );
     drop(s);
     wait_for_log(&daemon, "peer=[2001:db8::9]:4242");
 
@@ -366,7 +376,7 @@ fn valid_headers_are_consumed_and_name_the_client() {
     s.write_all(&with_tlv[..20]).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(&with_tlv[20..]).unwrap();
-    echoes(&mut s, b"tlv");
+    assert!(echoes_on(&mut s, b"tlv", ECHO_WAIT), "echo of {:?}", b"tlv");
     drop(s);
     wait_for_log(&daemon, "peer=198.51.100.3:6000");
 
@@ -380,7 +390,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     for header in &proxy_local {
         let mut s = connect_from(TRUSTED, daemon.tcp);
         s.write_all(header).unwrap();
-        echoes(&mut s, b"local");
+        assert!(
+            echoes_on(&mut s, b"local", ECHO_WAIT),
+            "echo of {:?}",
+            b"local"
+        );
     }
     let log = wait_for_log(&daemon, &format!("peer={TRUSTED}:"));
     assert!(
@@ -401,11 +415,11 @@ fn per_ip_limit_counts_header_addresses() {
     let mut a = connect_from(TRUSTED, daemon.tcp);
     a.write_all(&v2_tcp4([192, 0, 2, 1], 1, [127, 0, 0, 1], 7))
         .unwrap();
-    echoes(&mut a, b"a");
+    assert!(echoes_on(&mut a, b"a", ECHO_WAIT), "echo of {:?}", b"a");
     let mut b = connect_from(TRUSTED, daemon.tcp);
     b.write_all(b"PROXY TCP4 192.0.2.2 127.0.0.1 2 7\r\n")
         .unwrap();
-    echoes(&mut b, b"b");
+    assert!(echoes_on(&mut b, b"b", ECHO_WAIT), "echo of {:?}", b"b");
     let mut again = connect_from(TRUSTED, daemon.tcp);
     again
         .write_all(&v2_tcp4([192, 0, 2, 1], 3, [127, 0, 0, 1], 7))
@@ -471,7 +485,11 @@ fn reload_turns_trusted_sources_on() {
     let daemon = start_trusting("", "");
     let header = b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 7\r\n";
     let mut before = connect_from(TRUSTED, daemon.tcp);
-    echoes(&mut before, header);
+    assert!(
+        echoes_on(&mut before, header, ECHO_WAIT),
+        "echo of {:?}",
+        header
+    );
     daemon.rewrite_config(&format!(
         "[tcp.proxy_protocol]\ntrusted_sources = [\"{TRUSTED}/32\"]"
     ));
@@ -479,9 +497,17 @@ fn reload_turns_trusted_sources_on() {
     daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
     let mut after = connect_from(TRUSTED, daemon.tcp);
     after.write_all(header).unwrap();
-    echoes(&mut after, b"data only");
+    assert!(
+        echoes_on(&mut after, b"data only", ECHO_WAIT),
+        "echo of {:?}",
+        b"data only"
+    );
     // The connection admitted before the reload is still plain echo.
-    echoes(&mut before, header);
+    assert!(
+        echoes_on(&mut before, header, ECHO_WAIT),
+        "echo of {:?}",
+        header
+    );
     drop(after);
     wait_for_log(&daemon, "peer=192.0.2.5:4000");
 }

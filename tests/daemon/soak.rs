@@ -888,7 +888,7 @@ fn verified_clients_lose_nothing_while_every_attack_runs_at_once() {
         let scrape = echod.scrape();
         let final_probe = run_probe_tool(&[
             "--config".to_string(),
-            echod.config_path().display().to_string(),
+            echod.served_config().display().to_string(),
         ]);
 
         // Stop: the verified connections are served through the drain, then finish.

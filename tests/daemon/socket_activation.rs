@@ -4,11 +4,12 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::support::{
-    ChildGuard, Need, echod_bin, http_get, listening_tcp, random_bytes, refusing, spawn_activated,
-    tcp_roundtrip, udp_echo, wait_for, wait_until,
+    ChildGuard, Need, echod_bin, http_get, listening_tcp, poll, random_bytes, refusing,
+    spawn_activated, tcp_roundtrip, udp_echo, wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -133,28 +134,56 @@ fn systemd_socket_activate_starts_echod_on_first_connection() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("echod.toml");
     std::fs::write(&config, "[metrics]\nlisten = [\"127.0.0.1:0\"]\n").unwrap();
-    let log = std::fs::File::create(dir.path().join("log")).unwrap();
-    // It binds port 0; the port it got is read from its own listening socket.
-    let child = std::process::Command::new("systemd-socket-activate")
-        .arg("--listen=127.0.0.1:0")
-        .arg("--fdname=echo")
-        .arg(echod_bin())
-        .arg("--config")
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start systemd-socket-activate");
-    let pid = child.id();
-    let _guard = ChildGuard(child);
-    let addr: SocketAddr = wait_for(
-        Duration::from_secs(10),
-        || "systemd-socket-activate never listened",
-        || listening_tcp(pid).first().copied(),
-    );
+    let log_path = dir.path().join("log");
+    let (_guard, addr) = socket_activate(&config, &log_path);
     let data = random_bytes(50_000, 8);
     assert!(tcp_roundtrip(addr, &data, 9) == data);
-    let text = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
     assert!(text.contains("using socket passed by systemd"), "{text}");
+}
+
+/// Starts `systemd-socket-activate` for echod with `config` on a loopback TCP port and
+/// returns it once it listens, with its address. It cannot take port 0 (it refuses to
+/// parse it) nor a socket of ours, so the port is one the kernel just gave a socket of
+/// ours, closed right before: another process taking it in that moment makes
+/// `systemd-socket-activate` fail to bind and exit, and the start is retried on a fresh
+/// port; once it listens (its own socket, read from /proc), the port is surely its.
+fn socket_activate(config: &Path, log: &Path) -> (ChildGuard, SocketAddr) {
+    for _ in 0..5 {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0");
+        let out = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new("systemd-socket-activate")
+            .arg(format!("--listen={addr}"))
+            .arg("--fdname=echo")
+            .arg(echod_bin())
+            .arg("--config")
+            .arg(config)
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start systemd-socket-activate");
+        let pid = child.id();
+        let mut guard = ChildGuard(child);
+        let listening = poll(Duration::from_secs(10), || {
+            if listening_tcp(pid).contains(&addr) {
+                return Some(true);
+            }
+            guard.0.try_wait().ok().flatten().map(|_| false)
+        });
+        match listening {
+            Some(true) => return (guard, addr),
+            Some(false) => continue,
+            None => panic!(
+                "systemd-socket-activate never listened on {addr}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ),
+        }
+    }
+    panic!(
+        "systemd-socket-activate could not bind 5 times:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }

@@ -51,6 +51,28 @@ impl Daemon {
         self.wait_metric_at_least("echod_config_reloads_total", &[], before + 1.0);
     }
 
+    /// A copy of the config file naming the addresses the daemon got instead of port 0:
+    /// the file a local tool (`echod probe --config`) reads to reach this daemon.
+    pub fn served_config(&self) -> PathBuf {
+        let path = self.config_path().with_file_name("served.toml");
+        let list = |addrs: &[SocketAddr]| {
+            toml::Value::Array(addrs.iter().map(|a| a.to_string().into()).collect())
+        };
+        let served = format!(
+            "[tcp]\nlisten = {}\n[udp]\nlisten = {}\n[metrics]\nlisten = {}\n",
+            list(&self.listening.tcp),
+            list(&self.listening.udp),
+            list(&self.listening.http)
+        );
+        let mut config: toml::Table = std::fs::read_to_string(self.config_path())
+            .unwrap()
+            .parse()
+            .unwrap();
+        merge(&mut config, served.parse().expect("served addresses"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        path
+    }
+
     /// Rewrites the config file (for reload tests).
     pub fn rewrite_config(&self, extra: &str) {
         let path = self.config_path();

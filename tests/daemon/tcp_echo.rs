@@ -125,13 +125,16 @@ fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
     };
 
     // The IPv4 side of each port an IPv6-only listener got: nothing of echod's there.
+    // Checked on 127.0.0.254, where no test listens: the kernel may give the same port
+    // number on 127.0.0.1 to another test's daemon meanwhile, since [::] does not hold it.
     let only_v6 = Daemon::start("[tcp]\nlisten = [\"[::]:0\"]\n[udp]\nlisten = [\"[::]:0\"]\n");
     let (tcp, udp) = (only_v6.tcp, only_v6.udp);
     assert!(
         tcp_echoes(on_loopback(tcp)) && udp_echoes(on_loopback(udp)),
         "[::] serves IPv6 ({tcp}, {udp})"
     );
-    let v4 = |addr: std::net::SocketAddr| std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let v4 =
+        |addr: std::net::SocketAddr| std::net::SocketAddr::from(([127, 0, 0, 254], addr.port()));
     assert!(
         TcpStream::connect(v4(tcp)).is_err(),
         "{tcp} alone accepted an IPv4 connection"

@@ -126,7 +126,7 @@ fn required_client_certificates_refuse_a_client_without_one() {
     assert!(daemon.log().contains("TLS handshake failed"));
 
     // The local probe must present a certificate too, and says so.
-    let config = daemon.config_path().display().to_string();
+    let config = daemon.served_config().display().to_string();
     let (code, out) = probe(&["--config", &config]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--client-cert"), "{out}");
@@ -379,7 +379,7 @@ fn probe_checks_readiness_over_tls() {
     let web = pki.web_config("web.yml", "", &[(USER, "s3cret")]);
     let client = HttpsClient::new(&pki.ca);
     let daemon = start(&web, &client);
-    let config = daemon.config_path().display().to_string();
+    let config = daemon.served_config().display().to_string();
     let url = format!("https://{}/readyz", daemon.http);
 
     // Without targets: the local config says TLS, and its certificate is trusted.
