@@ -20,7 +20,7 @@ pub fn echod_bin() -> PathBuf {
 
 /// Calls `check` until it yields a value and returns it, or `None` once `limit` has
 /// passed. The test's one way to wait for an event it can only observe by looking: the
-/// first checks come within milliseconds, later ones back off to 100 ms apart.
+/// first checks come within milliseconds, later ones back off to 50 ms apart.
 pub fn poll<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(2);
@@ -32,7 +32,7 @@ pub fn poll<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<
             return None;
         }
         std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
-        pause = (pause * 2).min(Duration::from_millis(100));
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
