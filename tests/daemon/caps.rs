@@ -52,16 +52,16 @@ fn byte_cap_closes_after_the_current_echo_with_a_clean_eof() {
         sent[..got.len()],
         "the echo is the input, unchanged"
     );
-    let label = daemon.tcp.to_string();
+    let label = crate::support::CONFIGURED;
     daemon.wait_metric(
         "echod_tcp_connections_capped_total",
-        &[("listener", &label), ("cap", "max_bytes")],
+        &[("listener", label), ("cap", "max_bytes")],
         1.0,
     );
     assert_eq!(
         daemon.metric(
             "echod_tcp_connections_capped_total",
-            &[("listener", &label), ("cap", "max_duration")]
+            &[("listener", label), ("cap", "max_duration")]
         ),
         0.0
     );
@@ -107,10 +107,10 @@ fn duration_cap_closes_idle_and_busy_connections_on_time() {
         "closed after {closed:?}"
     );
     assert!(echoed > 0);
-    let label = daemon.tcp.to_string();
+    let label = crate::support::CONFIGURED;
     daemon.wait_metric(
         "echod_tcp_connections_capped_total",
-        &[("listener", &label), ("cap", "max_duration")],
+        &[("listener", label), ("cap", "max_duration")],
         2.0,
     );
 }

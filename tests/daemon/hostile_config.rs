@@ -39,16 +39,11 @@ fn check_config(file: Option<&str>, env: &[(&str, &str)]) -> (Option<i32>, Strin
     }
     let started = Instant::now();
     let mut child = cmd.spawn().expect("run echod check-config");
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("check-config still running after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = crate::support::poll(Duration::from_secs(20), || child.try_wait().unwrap())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("check-config still running after 20 s");
     };
     let elapsed = started.elapsed();
     let mut stderr = String::new();

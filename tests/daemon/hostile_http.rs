@@ -6,14 +6,15 @@
 //! addresses, all local), every loop is bounded in count and time, and the daemon is
 //! the test's own child, killed by PID when the test ends.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Daemon, Options, PROBE_TIMEOUT, Peer, peer_state, probe, slow_reader, slowloris,
+    Daemon, Options, PROBE_TIMEOUT, Peer, echoes, peer_state, poll, probe, slow_reader, slowloris,
+    wait_until,
 };
 
 crate::support::tests![
@@ -24,18 +25,6 @@ crate::support::tests![
 
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const PROBER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-
-/// True when a new connection to `addr` echoes a few bytes within 2 s.
-fn echoes(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
-        return false;
-    };
-    let mut b = [0u8; 4];
-    s.set_read_timeout(Some(PROBE_TIMEOUT)).is_ok()
-        && s.write_all(b"back").is_ok()
-        && s.read_exact(&mut b).is_ok()
-        && &b == b"back"
-}
 
 /// How many of `peers` the daemon still holds a socket for on `local_port` (a socket
 /// with an owner, inode ≠ 0, in /proc/net/tcp). A socket the daemon closed is gone, or
@@ -101,10 +90,10 @@ fn probes_answer_while_one_address_attacks_the_http_port() {
     // on: the write timeout after its responses stopped draining.
     let deadline = attacked + Duration::from_secs(20);
     let mut held = held_by_daemon(http.port(), &readers);
-    while held > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    poll(deadline.saturating_duration_since(Instant::now()), || {
         held = held_by_daemon(http.port(), &readers);
-    }
+        (held == 0).then_some(())
+    });
     let released_after = released_after.unwrap_or_else(|| attacked.elapsed());
     stop.store(true, Ordering::Relaxed);
     let made = attack.join().expect("attack thread");
@@ -206,24 +195,22 @@ fn probes_answer_while_echo_clients_exhaust_file_descriptors() {
     // Every client is served or closed promptly — none waits unseen in the queue. A
     // client's fate is recorded when first seen (a reset is reported only once).
     let mut fate: Vec<Option<Peer>> = vec![None; clients.len()];
-    let deadline = opened + Duration::from_secs(3);
-    loop {
-        for (c, fate) in clients.iter().zip(&mut fate) {
-            let now = peer_state(c);
-            if fate.is_none() && now != Peer::Open {
-                *fate = Some(now);
+    poll(
+        Duration::from_secs(3).saturating_sub(opened.elapsed()),
+        || {
+            for (c, fate) in clients.iter().zip(&mut fate) {
+                let now = peer_state(c);
+                if fate.is_none() && now != Peer::Open {
+                    *fate = Some(now);
+                }
             }
-        }
-        let closed = fate.iter().filter(|f| f.is_some()).count();
-        if closed >= 200 - 64 || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            let closed = fate.iter().filter(|f| f.is_some()).count();
+            (closed >= 200 - 64).then_some(())
+        },
+    );
     // Those still open must have echoed, or do so within 3 s.
     let mut served = vec![false; clients.len()];
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
+    poll(Duration::from_secs(3), || {
         let mut waiting = 0;
         for ((c, fate), served) in clients.iter().zip(&mut fate).zip(&mut served) {
             if fate.is_some() || *served {
@@ -236,11 +223,8 @@ fn probes_answer_while_echo_clients_exhaust_file_descriptors() {
                 _ => waiting += 1,
             }
         }
-        if waiting == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        (waiting == 0).then_some(())
+    });
     let reset = fate.iter().filter(|f| **f == Some(Peer::Reset)).count();
     let closed = fate.iter().filter(|f| f.is_some()).count();
     let served = served.iter().filter(|s| **s).count();
@@ -290,9 +274,9 @@ fn probes_answer_while_echo_clients_exhaust_file_descriptors() {
     assert!(ticks < 10, "{ticks} ticks in 1 s while out of descriptors");
     drop(clients);
     // And the echo port recovers once the clients leave.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !echoes(daemon.tcp) {
-        assert!(Instant::now() < deadline, "echo never recovered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || "echo never recovered",
+        || echoes(daemon.tcp),
+    );
 }

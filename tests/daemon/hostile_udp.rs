@@ -6,10 +6,10 @@
 //! 127.0.0.0/8 only.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, spoof, v4, wait_stopped};
+use crate::support::{Daemon, poll, spoof, v4, wait_stopped, wait_until};
 use socket2::{Domain, Protocol, Socket, Type};
 
 crate::support::tests![
@@ -79,7 +79,8 @@ fn a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate() {
     );
     let own = v4(daemon.udp);
     spoof(own, own, b"talk to yourself");
-    std::thread::sleep(Duration::from_millis(300));
+    // Once the loop demonstrably runs, echod must still answer beside it.
+    daemon.wait_metric_at_least("echod_udp_sent_datagrams_total", &[], 101.0);
     assert_responsive(&daemon);
     let echoes = sent(&daemon);
     eprintln!("echoes after the self-addressed datagram: {echoes}");
@@ -95,18 +96,15 @@ fn echoes_once_settled(daemons: &[&Daemon]) -> (f64, Duration) {
     let total = || daemons.iter().map(|d| sent(d)).sum::<f64>();
     let mut last = total();
     let mut changed = Instant::now();
-    while changed.elapsed() < Duration::from_millis(500) {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "echoes still going after 5 s: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let settled = poll(Duration::from_secs(5), || {
         let now = total();
         if now != last {
             last = now;
             changed = Instant::now();
         }
-    }
+        (changed.elapsed() >= Duration::from_millis(500)).then_some(())
+    });
+    assert!(settled.is_some(), "echoes still going after 5 s: {last}");
     (last, changed - started)
 }
 
@@ -181,41 +179,37 @@ fn a_loop_between_echods_on_different_ports_is_bounded_and_broken_by_deny_lists(
     assert!(echoes <= bound, "{echoes} echoes, bound {bound}");
     drop((a, b));
 
-    // What the README tells operators: deny the other echo servers' ports.
-    let (pa, pb) = (crate::support::free_port(), crate::support::free_port());
-    let a = start_on(
-        SocketAddr::from(([127, 0, 0, 1], pa)),
-        &format!("deny_source_ports = [0, 7, {pb}]"),
-    );
-    let b = start_on(
-        SocketAddr::from(([127, 0, 0, 1], pb)),
-        &format!("deny_source_ports = [0, 7, {pa}]"),
-    );
-    let (a_addr, b_addr) = (
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pa),
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, pb),
-    );
-    spoof(b_addr, a_addr, b"ping-pong");
+    // What the README tells operators: deny the other echo servers' ports. Each port
+    // is known once its echod runs: A learns B's by a reload.
+    let a = Daemon::start("");
+    let b = Daemon::start(&format!(
+        "[udp]\ndeny_source_ports = [0, 7, {}]\n",
+        a.udp.port()
+    ));
+    a.rewrite_config(&format!(
+        "[udp]\ndeny_source_ports = [0, 7, {}]\n",
+        b.udp.port()
+    ));
+    a.reload();
+    spoof(v4(b.udp), v4(a.udp), b"ping-pong");
     let (echoes, _) = echoes_once_settled(&[&a, &b]);
     assert_eq!(echoes, 0.0, "A answered a denied port");
     assert_eq!(denied(&a), 1.0);
 }
 
 fn two_udp_sockets_of_one_echod_do_not_answer_each_other() {
-    let (p1, p2) = (crate::support::free_port(), crate::support::free_port());
-    let daemon = Daemon::start(&format!(
+    let daemon = Daemon::start(
         r#"
         [udp]
-        listen = ["127.0.0.1:{p1}", "127.0.0.1:{p2}"]
-        "#
-    ));
-    let (s1, s2) = (
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p1),
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, p2),
+        listen = ["127.0.0.1:0", "127.0.0.2:0"]
+        "#,
     );
-    spoof(s2, s1, b"sibling");
+    let [s1, s2] = daemon.listening.udp[..] else {
+        panic!("two UDP sockets: {:?}", daemon.listening)
+    };
+    spoof(v4(s2), v4(s1), b"sibling");
     let (echoes, lasted) = echoes_once_settled(&[&daemon]);
-    eprintln!("sockets {p1} <-> {p2} of one echod: {echoes} echoes over {lasted:?}");
+    eprintln!("sockets {s1} <-> {s2} of one echod: {echoes} echoes over {lasted:?}");
     assert_eq!(echoes, 0.0, "one socket answered its sibling");
     assert_eq!(denied(&daemon), 1.0);
 }
@@ -260,11 +254,16 @@ fn another_process_cannot_take_echods_udp_port() {
 
 fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
     // systemd (and systemd-socket-activate) set SO_REUSEADDR on every socket they bind.
-    let port = crate::support::free_port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
     socket.set_reuse_address(true).unwrap();
-    socket.bind(&addr.into()).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .expect("an IP address");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("echod.toml");
     std::fs::write(&config, "[metrics]\nlisten = []\n").unwrap();
@@ -276,11 +275,11 @@ fn a_socket_inherited_with_so_reuseaddr_cannot_be_shared_either() {
         &log_path,
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !log().contains("echod ready") {
-        assert!(Instant::now() < deadline, "not ready:\n{}", log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || format!("not ready:\n{}", log()),
+        || log().contains("echod ready"),
+    );
     // Echoing one datagram proves the UDP task runs (and so has set its options).
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     client
@@ -392,10 +391,9 @@ fn a_burst_while_echod_is_busy_waits_in_a_large_receive_queue() {
     daemon.signal(libc::SIGCONT);
     wait_stopped(daemon.pid(), false);
     let received = || daemon.metric("echod_udp_received_datagrams_total", &[]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while received() < f64::from(burst) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(Duration::from_secs(5), || {
+        (received() >= f64::from(burst)).then_some(())
+    });
     eprintln!(
         "queued {} bytes, kernel dropped {}; echod received {} of {burst}",
         queued["r"],
@@ -416,14 +414,15 @@ fn the_udp_receive_buffer_follows_a_reload() {
     daemon.signal(libc::SIGHUP);
     daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
     // Every socket applies it at the reload, without waiting for a datagram.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while udp_skmem_field(daemon.udp, "rb")
-        .iter()
-        .any(|&rb| rb != 2 * 131_072)
-    {
-        assert!(Instant::now() < deadline, "{:?}", udp_skmems(daemon.udp));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || format!("{:?}", udp_skmems(daemon.udp)),
+        || {
+            udp_skmem_field(daemon.udp, "rb")
+                .iter()
+                .all(|&rb| rb == 2 * 131_072)
+        },
+    );
 }
 
 fn an_out_of_range_receive_buffer_is_refused_by_name() {

@@ -11,7 +11,10 @@ use echod::daemon::{Control, ServeError, Sockets, Summary, serve};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::support::{http_get, metric_value};
+use crate::support::{http_get, metric_value, udp_client, wait_until};
+
+/// How long a UDP client waits for a reply.
+const REPLY: Duration = Duration::from_millis(300);
 
 crate::support::tests![
     echoes_and_counts_every_byte_exactly,
@@ -284,8 +287,14 @@ fn reload_moves_a_listener_and_stop_drains_open_connections() {
         let mut buf = [0u8; 4];
         held.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"kept");
+        // Closed once the drain has begun (readiness fails), so it is drained, not cut.
+        let http = d.http;
         let closer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
+            wait_until(
+                Duration::from_secs(5),
+                || "the drain never began",
+                || http_get(http, "/readyz").is_ok_and(|(status, _)| status == 503),
+            );
             drop(held);
         });
         assert_eq!(d.stop().await, Summary { drained: 1, cut: 0 });
@@ -363,11 +372,11 @@ impl InProcess {
         let before = self.scrape_blocking();
         let reloads = metric_value(&before, "echod_config_reloads_total", &[]);
         runtime.block_on(self.reload(Ok(config)));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metric_value(&self.scrape_blocking(), "echod_config_reloads_total", &[]) <= reloads {
-            assert!(Instant::now() < deadline, "reload never applied");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            Duration::from_secs(5),
+            || "reload never applied",
+            || metric_value(&self.scrape_blocking(), "echod_config_reloads_total", &[]) > reloads,
+        );
     }
 
     fn scrape_blocking(&self) -> String {
@@ -426,14 +435,6 @@ fn a_reload_applies_the_idle_and_drain_timeouts() {
     assert_eq!(summary, Summary { drained: 0, cut: 1 });
 }
 
-/// A UDP client on `from`, with a short wait for replies.
-fn udp_client(from: &str) -> UdpSocket {
-    let s = UdpSocket::bind(from).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    s
-}
-
 /// Sends each datagram and counts the replies that come back unchanged.
 fn udp_replies(client: &UdpSocket, to: SocketAddr, datagrams: &[&[u8]]) -> usize {
     let mut buf = [0u8; 2048];
@@ -450,12 +451,18 @@ fn a_reload_applies_udp_rate_limit_deny_ports_and_datagram_size() {
     let (runtime, d) = on_own_runtime(2, Config::default());
     let big = [7u8; 101];
     let small = [8u8; 100];
-    let (sized, denied) = (udp_client("127.0.0.1:0"), udp_client("127.0.0.1:0"));
+    let (sized, denied) = (
+        udp_client("127.0.0.1:0", REPLY),
+        udp_client("127.0.0.1:0", REPLY),
+    );
     let burst: [&[u8]; 6] = [b"1", b"2", b"3", b"4", b"5", b"6"];
     // Defaults: all of it is answered.
     assert_eq!(udp_replies(&sized, d.udp, &[&big, &small]), 2);
     assert_eq!(udp_replies(&denied, d.udp, &[b"hello"]), 1);
-    assert_eq!(udp_replies(&udp_client("127.0.0.3:0"), d.udp, &burst), 6);
+    assert_eq!(
+        udp_replies(&udp_client("127.0.0.3:0", REPLY), d.udp, &burst),
+        6
+    );
 
     let mut stricter = d.config.clone();
     stricter.udp.max_datagram_size = 100;
@@ -467,7 +474,7 @@ fn a_reload_applies_udp_rate_limit_deny_ports_and_datagram_size() {
     assert_eq!(udp_replies(&sized, d.udp, &[&big, &small]), 1, "oversize");
     assert_eq!(udp_replies(&denied, d.udp, &[b"hello"]), 0, "denied port");
     // A fresh source gets the new burst of 3 (a refill at 1/s may add one).
-    let replies = udp_replies(&udp_client("127.0.0.4:0"), d.udp, &burst);
+    let replies = udp_replies(&udp_client("127.0.0.4:0", REPLY), d.udp, &burst);
     assert!((3..=4).contains(&replies), "rate limit: {replies} of 6");
     let label = d.udp.to_string();
     let dropped = |reason| {

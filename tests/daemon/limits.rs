@@ -177,7 +177,7 @@ fn a_client_that_never_reads_costs_bounded_memory() {
 
 fn idle_connections_hold_no_buffer() {
     const IDLE: usize = 2_000;
-    raise_open_files_limit(IDLE as u64 + 200);
+    support::raise_open_files_limit(IDLE as u64 + 200);
     let daemon = Daemon::start(&format!(
         "[tcp]\nmax_connections = {IDLE}\nmax_connections_per_ip = {IDLE}"
     ));
@@ -202,26 +202,6 @@ fn idle_connections_hold_no_buffer() {
     drop(idle);
 }
 
-/// Raises this test process's soft open-files limit to at least `wanted` (within the
-/// hard limit).
-fn raise_open_files_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        assert!(
-            limit.rlim_max >= wanted,
-            "hard open-files limit {} < {wanted}",
-            limit.rlim_max
-        );
-        limit.rlim_cur = limit.rlim_cur.max(wanted);
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-}
-
 fn running_out_of_file_descriptors_is_survived_without_spinning() {
     let daemon = Daemon::start_with(support::Options {
         max_open_files: Some(40),
@@ -233,15 +213,7 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
         .map(|_| TcpStream::connect(daemon.tcp).unwrap())
         .collect();
     // The HTTP endpoint is out of descriptors too, so watch the process, not metrics.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon.log().contains("accept failed") {
-        assert!(
-            Instant::now() < deadline,
-            "no accept error logged:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait_for_log(&daemon, "accept failed");
     let exhausted = Instant::now();
     let ticks_before = support::cpu_ticks(daemon.pid());
     std::thread::sleep(Duration::from_secs(3));
@@ -264,15 +236,11 @@ fn running_out_of_file_descriptors_is_survived_without_spinning() {
     // Descriptors come back: the daemon serves again and counted what happened.
     clients.truncate(0);
     let exhausted_for = exhausted.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut c = TcpStream::connect(daemon.tcp).unwrap();
-        if is_served(&mut c) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "daemon never recovered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    support::wait_until(
+        Duration::from_secs(10),
+        || "daemon never recovered",
+        || is_served(&mut TcpStream::connect(daemon.tcp).unwrap()),
+    );
     // Retries 5 ms apart, doubling to 1 s: 0, 5, 15, 35 … 1275, 2275, 3275 ms, so about
     // ten in 3 s of exhaustion (a fixed 5 ms retry makes hundreds; a fixed 1 s, four).
     let errors = daemon.metric("echod_tcp_accept_errors_total", &[("kind", "fd_limit")]);
@@ -313,14 +281,11 @@ fn a_client_that_stops_reading_is_closed_after_the_idle_timeout() {
         "closed {:?} after the stall, idle_timeout is 1 s",
         stalled.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon.metric("echod_tcp_connections_active", &[]) != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "connection still counted as open"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_until(
+        Duration::from_secs(5),
+        || "connection still counted as open",
+        || daemon.metric("echod_tcp_connections_active", &[]) == 0.0,
+    );
 }
 
 /// At `max_connections = 1`, a client whose connection ended (it saw echod's EOF) and

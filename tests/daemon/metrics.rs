@@ -8,9 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout, daemon_with_limits,
-    dashboard, dashboard_queries, expect_metrics, families, http_get, http_response, is_exported,
-    random_bytes, refused, repo_path, tcp_roundtrip,
+    self, CONFIGURED, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout,
+    daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, http_get,
+    http_response, is_exported, random_bytes, readme, refused, repo_path, tcp_roundtrip,
+    udp_client, wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -28,6 +29,8 @@ crate::support::tests![
 ];
 
 const SETTLE: Duration = Duration::from_secs(10);
+/// How long a UDP client waits for a reply.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn every_route_answers_with_its_status() {
     let before_start = unix_now();
@@ -123,7 +126,7 @@ fn rejected(global_limit: f64, per_ip_limit: f64) -> [Expected<'static>; 3] {
 
 fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     let daemon = daemon_with_limits(3, 3);
-    let l = daemon.tcp.to_string();
+    let l = CONFIGURED;
     let sizes = [0usize, 1, 100, 4096, 1 << 20];
     for (i, &size) in sizes.iter().enumerate() {
         let data = random_bytes(size, i as u64);
@@ -134,14 +137,14 @@ fn tcp_connections_bytes_and_global_limit_rejects_are_exact() {
     for _ in 0..rejects {
         refused(LOCAL, daemon.tcp);
     }
-    let listener: &[(&str, &str)] = &[("listener", &l)];
+    let listener: &[(&str, &str)] = &[("listener", l)];
     expect_metrics(
         &daemon,
         &[
             ("echod_tcp_connections_active", listener, 3.0),
             (
                 "echod_tcp_connections_rejected_total",
-                &[("listener", &l), ("reason", "global_limit")],
+                &[("listener", l), ("reason", "global_limit")],
                 rejects as f64,
             ),
         ],
@@ -195,13 +198,6 @@ fn per_ip_limit_rejects_only_the_crowded_source() {
     );
 }
 
-/// A UDP client socket bound to `from` with a short read timeout.
-fn udp_client(from: SocketAddr) -> UdpSocket {
-    let s = UdpSocket::bind(from).expect("bind UDP client");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
-}
-
 /// Reads whatever replies are already queued on `s`, without waiting.
 fn queued_replies(s: &UdpSocket) -> usize {
     s.set_nonblocking(true).unwrap();
@@ -214,7 +210,9 @@ fn queued_replies(s: &UdpSocket) -> usize {
 }
 
 fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
-    let denied_port = support::free_port();
+    // The denied source: a socket of the test's, bound before echod starts.
+    let denied = udp_client("127.0.0.1:0", WAIT);
+    let denied_port = denied.local_addr().unwrap().port();
     let daemon = Daemon::start(&format!(
         r#"
         [udp]
@@ -227,9 +225,9 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
         "#
     ));
     let target = daemon.udp;
-    let l = target.to_string();
+    let l = CONFIGURED;
     // Echoed: sizes up to the limit, from 127.0.0.1 (4 of its 5 tokens).
-    let echo = udp_client("127.0.0.1:0".parse().unwrap());
+    let echo = udp_client("127.0.0.1:0", WAIT);
     let echoed_sizes = [1usize, 100, 500, 1000];
     let mut buf = vec![0u8; 65_536];
     for (i, &size) in echoed_sizes.iter().enumerate() {
@@ -245,13 +243,12 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
             .unwrap();
     }
     // Denied source port.
-    let denied = udp_client(SocketAddr::from((LOCAL, denied_port)));
     let denied_sends = 2;
     for _ in 0..denied_sends {
         denied.send_to(b"loop?", target).unwrap();
     }
     // Rate limited: a fresh source gets its burst of 5, the rest is dropped.
-    let flooder = udp_client("127.0.0.3:0".parse().unwrap());
+    let flooder = udp_client("127.0.0.3:0", WAIT);
     let (burst, over) = (5usize, 6usize);
     for _ in 0..burst + over {
         flooder.send_to(&[7u8; 20], target).unwrap();
@@ -263,14 +260,14 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
         + (burst + over) * 20;
     let sent = echoed_sizes.len() + burst;
     let tx_bytes = echoed_sizes.iter().sum::<usize>() + burst * 20;
-    let reason = |r| [("listener", l.as_str()), ("reason", r)];
+    let reason = |r| [("listener", l), ("reason", r)];
     let (oversize, denied_port_l, rate_limited, send_error) = (
         reason("oversize"),
         reason("denied_port"),
         reason("rate_limited"),
         reason("send_error"),
     );
-    let listener: &[(&str, &str)] = &[("listener", &l)];
+    let listener: &[(&str, &str)] = &[("listener", l)];
     expect_metrics(
         &daemon,
         &[
@@ -309,11 +306,11 @@ fn udp_datagrams_bytes_and_drops_by_reason_are_exact() {
     // Both sources are in the rate-limit table until their buckets refill (4–5 s at
     // 1/s); the table is swept every second, so the gauge shows them, then empties.
     let sources = |d: &Daemon| d.metric("echod_udp_rate_limit_sources", &[]);
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while sources(&daemon) < 1.0 {
-        assert!(Instant::now() < deadline, "rate-limit table gauge stayed 0");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(4),
+        || "rate-limit table gauge stayed 0",
+        || sources(&daemon) >= 1.0,
+    );
     assert!(sources(&daemon) <= 2.0);
     expect_metrics(
         &daemon,
@@ -327,20 +324,19 @@ fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
     let mut conn = admitted(LOCAL, daemon.tcp);
     let signalled = Instant::now();
     daemon.signal(libc::SIGTERM);
-    let deadline = signalled + Duration::from_secs(5);
-    loop {
-        let (status, body) = http_get(daemon.http, "/readyz").expect("readyz while draining");
-        if status == 503 {
-            assert_eq!(body, "draining\n");
-            break;
-        }
-        assert_eq!(status, 200, "readyz before the drain: {body}");
-        assert!(
-            Instant::now() < deadline,
-            "readyz still 200 5 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || "readyz still 200 5 s after SIGTERM",
+        || {
+            let (status, body) = http_get(daemon.http, "/readyz").expect("readyz while draining");
+            if status == 503 {
+                assert_eq!(body, "draining\n");
+                return true;
+            }
+            assert_eq!(status, 200, "readyz before the drain: {body}");
+            false
+        },
+    );
     let turned = signalled.elapsed();
     assert!(
         turned < Duration::from_millis(200),
@@ -375,19 +371,24 @@ fn readiness_fails_at_sigterm_while_liveness_holds_until_exit() {
     drop(conn);
     // Until the process exits, every answer is 200; the endpoint goes away only once
     // the drain is complete (the summary is logged before HTTP stops).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.try_exit().is_none() {
-        if healthy(&daemon).is_err() {
-            assert!(
-                daemon.log().contains("shutdown complete"),
-                "healthz failed before the drain ended:\n{}",
-                daemon.log()
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "echod still up 20 s after drain");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        Duration::from_secs(20),
+        || "echod still up 20 s after drain",
+        || {
+            if daemon.try_exit().is_some() {
+                return Some(());
+            }
+            if healthy(&daemon).is_err() {
+                assert!(
+                    daemon.log().contains("shutdown complete"),
+                    "healthz failed before the drain ended:\n{}",
+                    daemon.log()
+                );
+                return Some(());
+            }
+            None
+        },
+    );
     let status = daemon.wait_exit(Duration::from_secs(20));
     assert_eq!(
         status.code(),
@@ -552,8 +553,7 @@ fn grafana_dashboard_queries_only_metrics_echod_exports() {
 
 /// README's `## Metrics and health` section.
 fn readme_metrics_section() -> String {
-    let readme = std::fs::read_to_string(repo_path("README.md")).expect("README.md");
-    let section = format!("\n{readme}");
+    let section = format!("\n{}", readme());
     let section = section
         .split("\n## Metrics and health\n")
         .nth(1)
@@ -674,7 +674,7 @@ fn readme_lists_every_exported_family_and_endpoint() {
 fn every_documented_reason_kind_and_cap_exists_at_zero_from_the_start() {
     let daemon = Daemon::start("");
     let scrape = daemon.scrape();
-    let (tcp, udp) = (daemon.tcp.to_string(), daemon.udp.to_string());
+    let (tcp, udp) = (CONFIGURED.to_string(), CONFIGURED.to_string());
     let mut checked = 0;
     for row in readme_metric_table() {
         let Some(label) = ENUM_LABELS.iter().find(|l| row.labels.contains(**l)) else {
@@ -714,7 +714,7 @@ fn source_addresses_never_become_labels() {
     let daemon = Daemon::start("");
     let peer = Ipv4Addr::new(127, 0, 0, 5);
     drop(admitted(peer, daemon.tcp));
-    let udp = udp_client(SocketAddr::from((peer, 0)));
+    let udp = udp_client(SocketAddr::from((peer, 0)), WAIT);
     udp.send_to(b"hi", daemon.udp).unwrap();
     let mut buf = [0u8; 2];
     udp.recv(&mut buf).expect("UDP echo");

@@ -4,11 +4,11 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{Daemon, Options, echod_bin};
 
-use crate::support::wait_for_log;
+use crate::support::{wait_for_log, wait_until};
 
 crate::support::tests![
     under_journald_every_line_carries_its_priority_and_errors_stay_one_entry,
@@ -159,7 +159,7 @@ fn at_info_a_connection_adds_no_log_line() {
     assert_eq!(back.len(), 1 << 20);
     daemon.wait_metric(
         "echod_tcp_connections_closed_total",
-        &[("listener", &daemon.tcp.to_string())],
+        &[("listener", crate::support::CONFIGURED)],
         1.0,
     );
     assert_eq!(daemon.log().lines().count(), before, "{}", daemon.log());
@@ -181,15 +181,11 @@ fn reload_applies_a_new_accept_queue_length() {
     assert_eq!(listen_backlog(daemon.tcp.port()), Some(16));
     daemon.rewrite_config("[tcp]\nbacklog = 300");
     daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while listen_backlog(daemon.tcp.port()) != Some(300) {
-        assert!(
-            Instant::now() < deadline,
-            "backlog not applied:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || format!("backlog not applied:\n{}", daemon.log()),
+        || listen_backlog(daemon.tcp.port()) == Some(300),
+    );
 }
 
 fn a_reload_changing_the_log_format_says_it_needs_a_restart() {

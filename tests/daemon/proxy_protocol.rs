@@ -5,14 +5,14 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::connect_from;
-use crate::support::{Daemon, free_port};
-
-use crate::support::{is_served, wait_for_log};
+use crate::support::{
+    ChildGuard, Daemon, connect_from, echoes_on, is_served, readme, spawn_activated,
+    try_connect_from, wait_for_log, wait_until,
+};
 
 crate::support::tests![
     haproxy_send_proxy_v2_passes_real_client_addresses needs &[crate::support::Need::Tool("haproxy")],
@@ -31,6 +31,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 /// An address that is not trusted: plain echo, as without the feature.
 const UNTRUSTED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+/// How long an echo may take.
+const ECHO_WAIT: Duration = Duration::from_secs(10);
 const REJECTED: &str = "echod_tcp_connections_rejected_total";
 const PROXY_REASON: [(&str, &str); 1] = [("reason", "proxy_protocol")];
 /// The v2 signature.
@@ -79,26 +81,6 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
     (got, started.elapsed())
 }
 
-/// Writes `data` and reads exactly its echo.
-fn echoes(stream: &mut TcpStream, data: &[u8]) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(data).unwrap();
-    let mut back = vec![0u8; data.len()];
-    stream.read_exact(&mut back).expect("echo");
-    assert_eq!(back, data);
-}
-
-/// A connection from `from`, or the error (HAProxy may not listen yet).
-fn try_connect_from(from: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&addr.into(), Duration::from_secs(1))?;
-    Ok(socket.into())
-}
-
 /// Sends `data` from `from` in uneven writes while reading the echo, half-closes, and
 /// returns everything received until EOF.
 fn roundtrip_from(from: Ipv4Addr, addr: SocketAddr, data: &[u8]) -> Vec<u8> {
@@ -136,8 +118,7 @@ fn start_trusting(trusted: &str, extra: &str) -> Daemon {
 
 /// The HAProxy configuration README's "Behind a load balancer" section shows.
 fn readme_haproxy_snippet() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = readme();
     let section = readme
         .split("## Behind a load balancer")
         .nth(1)
@@ -152,7 +133,7 @@ fn readme_haproxy_snippet() -> String {
 
 /// A real HAProxy started by the test, stopped (by PID) when dropped.
 struct Haproxy {
-    child: Option<Child>,
+    _child: ChildGuard,
     addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -160,17 +141,18 @@ struct Haproxy {
 
 impl Haproxy {
     /// Runs README's snippet with its addresses swapped for loopback ones and `send` as
-    /// the server's PROXY option (`send-proxy` or `send-proxy-v2`).
+    /// the server's PROXY option (`send-proxy` or `send-proxy-v2`). HAProxy listens on a
+    /// socket the test bound on port 0 and hands it as descriptor 3 (`bind fd@3`).
     fn start(echod: SocketAddr, send: &str) -> Haproxy {
         let snippet = readme_haproxy_snippet();
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
         let config = snippet
-            .replace("bind :7", &format!("bind {addr}"))
+            .replace("bind :7", "bind fd@3")
             .replace("10.0.0.5:7", &echod.to_string())
             .replace("send-proxy-v2", send);
         assert!(
-            config.contains(&format!("bind {addr}")) && config.contains(&echod.to_string()),
+            config.contains("bind fd@3") && config.contains(&echod.to_string()),
             "README's snippet no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
         );
         // Checks often, so several of them (v2 LOCAL or v1 UNKNOWN headers) land during a test.
@@ -179,18 +161,14 @@ impl Haproxy {
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, format!("global\n    maxconn 256\n\n{config}")).unwrap();
         let log = dir.path().join("haproxy.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&path)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start haproxy");
+        let path = path.display().to_string();
         let haproxy = Haproxy {
-            child: Some(child),
+            _child: spawn_activated(
+                Path::new("haproxy"),
+                &["-f", &path, "-db"],
+                vec![(listener.into(), "haproxy")],
+                &log,
+            ),
             addr,
             log,
             _dir: dir,
@@ -201,31 +179,17 @@ impl Haproxy {
 
     /// Waits until a client through HAProxy gets an echo (10 s at most).
     fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = try_connect_from(CLIENT, self.addr) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut b = [0u8; 1];
-                if s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy never served; its log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                format!("HAProxy never served; its log:\n{log}")
+            },
+            || {
+                try_connect_from(CLIENT, self.addr, None, Duration::from_secs(1))
+                    .is_ok_and(|mut s| echoes_on(&mut s, b"x", Duration::from_secs(2)))
+            },
+        );
     }
 }
 
@@ -348,7 +312,15 @@ fn hostile_headers_from_a_trusted_source_are_closed_and_counted() {
 
     // A client from an untrusted address is served as ever: even a PROXY line is data.
     let mut direct = connect_from(UNTRUSTED, daemon.tcp);
-    echoes(&mut direct, b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello");
+    assert!(
+        echoes_on(
+            &mut direct,
+            b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello",
+            ECHO_WAIT
+        ),
+        "echo of {:?}",
+        b"PROXY TCP4 192.0.2.1 127.0.0.1 1 7\r\nhello"
+    );
     drop(direct);
     assert_eq!(daemon.metric(REJECTED, &PROXY_REASON), cases.len() as f64);
 }
@@ -365,7 +337,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     let mut back = [0u8; 5];
     s.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"hello");
-    echoes(&mut s, b" again");
+    assert!(
+        echoes_on(&mut s, b" again", ECHO_WAIT),
+        "echo of {:?}",
+        b" again"
+    );
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(read_until_closed(&mut s).0, b"");
     wait_for_log(&daemon, "peer=192.0.2.7:5555");
@@ -384,7 +360,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     let mut s = connect_from(TRUSTED, daemon.tcp);
     s.write_all(&v2_header(1, 0x21, &a)).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    echoes(&mut s, b"v2 data");
+    assert!(
+        echoes_on(&mut s, b"v2 data", ECHO_WAIT),
+        "echo of {:?}",
+        b"v2 data"
+    );
     drop(s);
     wait_for_log(&daemon, "peer=[2001:db8::9]:4242");
 
@@ -396,7 +376,7 @@ fn valid_headers_are_consumed_and_name_the_client() {
     s.write_all(&with_tlv[..20]).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     s.write_all(&with_tlv[20..]).unwrap();
-    echoes(&mut s, b"tlv");
+    assert!(echoes_on(&mut s, b"tlv", ECHO_WAIT), "echo of {:?}", b"tlv");
     drop(s);
     wait_for_log(&daemon, "peer=198.51.100.3:6000");
 
@@ -410,7 +390,11 @@ fn valid_headers_are_consumed_and_name_the_client() {
     for header in &proxy_local {
         let mut s = connect_from(TRUSTED, daemon.tcp);
         s.write_all(header).unwrap();
-        echoes(&mut s, b"local");
+        assert!(
+            echoes_on(&mut s, b"local", ECHO_WAIT),
+            "echo of {:?}",
+            b"local"
+        );
     }
     let log = wait_for_log(&daemon, &format!("peer={TRUSTED}:"));
     assert!(
@@ -431,11 +415,11 @@ fn per_ip_limit_counts_header_addresses() {
     let mut a = connect_from(TRUSTED, daemon.tcp);
     a.write_all(&v2_tcp4([192, 0, 2, 1], 1, [127, 0, 0, 1], 7))
         .unwrap();
-    echoes(&mut a, b"a");
+    assert!(echoes_on(&mut a, b"a", ECHO_WAIT), "echo of {:?}", b"a");
     let mut b = connect_from(TRUSTED, daemon.tcp);
     b.write_all(b"PROXY TCP4 192.0.2.2 127.0.0.1 2 7\r\n")
         .unwrap();
-    echoes(&mut b, b"b");
+    assert!(echoes_on(&mut b, b"b", ECHO_WAIT), "echo of {:?}", b"b");
     let mut again = connect_from(TRUSTED, daemon.tcp);
     again
         .write_all(&v2_tcp4([192, 0, 2, 1], 3, [127, 0, 0, 1], 7))
@@ -501,7 +485,11 @@ fn reload_turns_trusted_sources_on() {
     let daemon = start_trusting("", "");
     let header = b"PROXY TCP4 192.0.2.5 127.0.0.1 4000 7\r\n";
     let mut before = connect_from(TRUSTED, daemon.tcp);
-    echoes(&mut before, header);
+    assert!(
+        echoes_on(&mut before, header, ECHO_WAIT),
+        "echo of {:?}",
+        header
+    );
     daemon.rewrite_config(&format!(
         "[tcp.proxy_protocol]\ntrusted_sources = [\"{TRUSTED}/32\"]"
     ));
@@ -509,9 +497,17 @@ fn reload_turns_trusted_sources_on() {
     daemon.wait_metric("echod_config_reloads_total", &[], 1.0);
     let mut after = connect_from(TRUSTED, daemon.tcp);
     after.write_all(header).unwrap();
-    echoes(&mut after, b"data only");
+    assert!(
+        echoes_on(&mut after, b"data only", ECHO_WAIT),
+        "echo of {:?}",
+        b"data only"
+    );
     // The connection admitted before the reload is still plain echo.
-    echoes(&mut before, header);
+    assert!(
+        echoes_on(&mut before, header, ECHO_WAIT),
+        "echo of {:?}",
+        header
+    );
     drop(after);
     wait_for_log(&daemon, "peer=192.0.2.5:4000");
 }

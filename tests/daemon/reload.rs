@@ -3,10 +3,11 @@
 //! a log line and the status.
 
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{
-    self, Chatter, Daemon, NotifySocket, Options, random_bytes, refused_after_accept,
+    CONFIGURED, Chatter, Daemon, NotifySocket, Options, echoes, random_bytes, refused_after_accept,
+    tcp_roundtrip, wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -25,20 +26,27 @@ fn reload(daemon: &Daemon, expect_failure: bool) {
     };
     let before = daemon.metric(family, &[]);
     daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.metric(family, &[]) <= before {
-        assert!(
-            Instant::now() < deadline,
-            "reload not counted in {family}; log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || format!("reload not counted in {family}; log:\n{}", daemon.log()),
+        || daemon.metric(family, &[]) > before,
+    );
 }
 
-fn echoes(addr: SocketAddr) -> bool {
-    let data = random_bytes(4096, 42);
-    support::tcp_roundtrip(addr, &data, 1) == data
+/// The address of the listener of `proto` ("TCP", "UDP") the log says echod started on
+/// `ip` (the latest, waiting 10 s at most for one).
+fn listening_on(daemon: &Daemon, proto: &str, ip: &str) -> SocketAddr {
+    let text = format!("listening proto=\"{proto}\" addr={ip}:");
+    wait_for(
+        Duration::from_secs(10),
+        || format!("no {text:?} in the log:\n{}", daemon.log()),
+        || {
+            let log = daemon.log();
+            let line = log.lines().rev().find(|l| l.contains(&text))?;
+            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+            addr.parse().ok()
+        },
+    )
 }
 
 fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
@@ -69,35 +77,40 @@ fn held_connection_keeps_echoing_and_a_lowered_limit_applies() {
 fn reload_adds_and_removes_listeners_without_touching_connections() {
     let daemon = Daemon::start("");
     let old = daemon.tcp;
-    let new_port = support::free_port();
-    let new: SocketAddr = format!("127.0.0.1:{new_port}").parse().unwrap();
+    // The added listeners: on 127.0.0.2, port 0 too (the configured addresses name the
+    // listeners, so the old ones stay `127.0.0.1:0`).
+    let new = "127.0.0.2:0";
     let chatter = Chatter::start(old);
 
     // Add a TCP and a UDP listener.
     daemon.rewrite_config(&format!(
-        "[tcp]\nlisten = [\"{old}\", \"{new}\"]\n[udp]\nlisten = [\"{old}\", \"{new}\"]"
+        "[tcp]\nlisten = [\"{CONFIGURED}\", \"{new}\"]\n[udp]\nlisten = [\"{CONFIGURED}\", \"{new}\"]"
     ));
     reload(&daemon, false);
-    assert!(echoes(new), "added TCP listener does not serve");
+    let (new_tcp, new_udp) = (
+        listening_on(&daemon, "TCP", "127.0.0.2"),
+        listening_on(&daemon, "UDP", "127.0.0.2"),
+    );
+    assert!(echoes(new_tcp), "added TCP listener does not serve");
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    udp.send_to(b"datagram", new).unwrap();
+    udp.send_to(b"datagram", new_udp).unwrap();
     let mut buf = [0u8; 64];
     let (n, from) = udp.recv_from(&mut buf).expect("added UDP listener echoes");
-    assert_eq!((&buf[..n], from), (&b"datagram"[..], new));
+    assert_eq!((&buf[..n], from), (&b"datagram"[..], new_udp));
 
     // Remove the original one while the chatter's connection on it is open.
-    let held_on_new = Chatter::start(new);
+    let held_on_new = Chatter::start(new_tcp);
     daemon.rewrite_config(&format!(
         "[tcp]\nlisten = [\"{new}\"]\n[udp]\nlisten = [\"{new}\"]"
     ));
     reload(&daemon, false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(old).is_ok() {
-        assert!(Instant::now() < deadline, "removed listener still accepts");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(echoes(new));
+    wait_until(
+        Duration::from_secs(10),
+        || "removed listener still accepts",
+        || TcpStream::connect(old).is_err(),
+    );
+    assert!(echoes(new_tcp));
     assert!(daemon.log().contains("stopped listening"));
     // The connection accepted by the removed listener is untouched.
     chatter.still_echoing();
@@ -191,7 +204,7 @@ fn broken_config_is_refused_and_the_old_one_keeps_serving() {
 /// Opens, uses and closes one connection; returns once echod has counted it closed.
 fn one_connection(daemon: &Daemon, closed_before: f64) {
     let data = random_bytes(100, 5);
-    assert!(support::tcp_roundtrip(daemon.tcp, &data, 5) == data);
+    assert!(tcp_roundtrip(daemon.tcp, &data, 5) == data);
     daemon.wait_metric(
         "echod_tcp_connections_closed_total",
         &[],
@@ -213,15 +226,16 @@ fn reload_applies_a_new_log_level() {
     daemon.rewrite_config("[log]\nlevel = \"debug\"");
     reload(&daemon, false);
     one_connection(&daemon, 1.0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while access_lines() < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no access line at debug after the reload:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            format!(
+                "no access line at debug after the reload:\n{}",
+                daemon.log()
+            )
+        },
+        || access_lines() >= 1,
+    );
     // warn: not even the reload's own info line.
     daemon.rewrite_config("[log]\nlevel = \"warn\"");
     reload(&daemon, false);

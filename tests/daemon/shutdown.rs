@@ -6,7 +6,7 @@ use std::net::{TcpStream, UdpSocket};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crate::support::{self, daemon_with_drain_timeout, paced_roundtrip, random_bytes};
+use crate::support::{self, daemon_with_drain_timeout, paced_roundtrip, random_bytes, wait_until};
 
 crate::support::tests![
     sigterm_mid_transfer_drains_every_byte_then_exits_zero,
@@ -45,27 +45,21 @@ fn sigterm_mid_transfer_drains_every_byte_then_exits_zero() {
         .collect();
     started.wait();
     // Every client must be accepted (not just queued by the kernel) before the stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.metric("echod_tcp_connections_active", &[]) < clients as f64 {
-        assert!(Instant::now() < deadline, "clients were never all accepted");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    daemon.wait_metric_at_least("echod_tcp_connections_active", &[], clients as f64);
     let stop_sent = Instant::now();
     daemon.signal(libc::SIGTERM);
     // Listeners close at once: a new client is refused while the others drain. (Probed
     // once the drain has begun, so no probe is admitted and counted with the 20.)
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200) {
-        assert!(Instant::now() < deadline, "drain never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    loop {
-        match TcpStream::connect(daemon.tcp) {
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
-            _ if Instant::now() > deadline => panic!("listener still open after SIGTERM"),
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || "drain never started",
+        || !support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || "listener still open after SIGTERM",
+        || TcpStream::connect(daemon.tcp).is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+    );
     for h in handles {
         h.join().expect("client got every byte back");
     }
@@ -159,11 +153,11 @@ fn a_second_signal_exits_at_once() {
     let _held = daemon.open_connection();
     daemon.signal(libc::SIGTERM);
     // Wait until the drain has begun (readiness fails), then signal again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200) {
-        assert!(Instant::now() < deadline, "drain never started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || "drain never started",
+        || !support::http_get(daemon.http, "/readyz").is_ok_and(|(s, _)| s == 200),
+    );
     let t = Instant::now();
     daemon.signal(libc::SIGTERM);
     let status = daemon.wait_exit(Duration::from_secs(5));

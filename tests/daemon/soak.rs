@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Daemon, LOCAL, PROBE_TIMEOUT, RAW_SOCKETS, closed_by_peer, connect, echod_bin, http_get,
-    metric_value, probe, random_bytes, slow_reader, slowloris, spoof, v4, write_until_stalled,
+    Daemon, LOCAL, PROBE_TIMEOUT, RAW_SOCKETS, closed_by_peer, echod_bin, http_get, metric_value,
+    poll, probe, raise_open_files_limit, random_bytes, slow_reader, slowloris, spoof,
+    try_connect_from, v4, write_until_stalled,
 };
 
 crate::support::tests![
@@ -180,22 +181,6 @@ fn scrape(daemon: &Daemon) -> Option<String> {
     }
 }
 
-/// Lets this process open as many sockets as its hard limit allows: the soak holds a
-/// few hundred at once, beside the other tests running in parallel.
-fn raise_open_files_limit() {
-    let mut rlim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) == 0 && rlim.rlim_cur < rlim.rlim_max {
-            rlim.rlim_cur = rlim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rlim);
-        }
-    }
-}
-
 /// One verified TCP client: ping-pong of random sizes (1 B – 64 KiB, mostly small,
 /// written in up to three pieces), every byte compared. While the attack runs it
 /// reconnects every 3–7 s, so its connections are accepted under both configurations
@@ -265,8 +250,8 @@ impl VerifiedTcp {
     /// holds the table) are retried every 100 ms; every attempt is counted.
     fn admitted(&self, addr: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
         loop {
-            let mut s =
-                connect(LOCAL, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+            let mut s = try_connect_from(LOCAL, addr, None, PROBE_TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))?;
             s.write_all(b"x").map_err(|e| format!("first byte: {e}"))?;
             let by = Instant::now() + Duration::from_secs(10);
             if self.fates.lock().unwrap().settle(&mut s, by) {
@@ -283,14 +268,13 @@ impl VerifiedTcp {
 
     /// Waits (10 s at most) until `more` rounds past `from` came back.
     fn wait_rounds(&self, from: u64, more: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.rounds.load(Ordering::Relaxed) < from + more {
-            if Instant::now() > deadline || self.error.lock().unwrap().is_some() {
-                return false;
+        let done = poll(Duration::from_secs(10), || {
+            if self.error.lock().unwrap().is_some() {
+                return Some(false);
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
+            (self.rounds.load(Ordering::Relaxed) >= from + more).then_some(true)
+        });
+        done == Some(true)
     }
 }
 
@@ -438,7 +422,7 @@ fn tcp_flood(addr: SocketAddr, stop: &AtomicBool, deadline: Instant) -> (Fates, 
         for source in 0..FLOOD_SOURCES {
             let from = Ipv4Addr::new(127, 0, 0, 10 + source);
             for _ in 0..FLOOD_PER_SOURCE {
-                match connect(from, addr, None, PROBE_TIMEOUT) {
+                match try_connect_from(from, addr, None, PROBE_TIMEOUT) {
                     Ok(mut s) => {
                         let _ = s.write_all(b"x");
                         wave.push(s);
@@ -474,7 +458,8 @@ fn non_readers(addr: SocketAddr, stop: &AtomicBool, deadline: Instant) -> (Fates
             if slot.is_some() || !running(stop, deadline) {
                 continue;
             }
-            let Ok(mut s) = connect(NON_READER, addr, Some(64 * 1024), PROBE_TIMEOUT) else {
+            let Ok(mut s) = try_connect_from(NON_READER, addr, Some(64 * 1024), PROBE_TIMEOUT)
+            else {
                 fates.connect_failed += 1;
                 continue;
             };
@@ -585,19 +570,13 @@ struct Reloads {
 
 /// (successful, failed) reloads echod has counted; `None` when scrapes failed for 5 s.
 fn reload_counts(daemon: &Daemon) -> Option<(f64, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(text) = scrape(daemon) {
-            return Some((
-                metric_value(&text, "echod_config_reloads_total", &[]),
-                metric_value(&text, "echod_config_reload_failures_total", &[]),
-            ));
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(Duration::from_secs(5), || {
+        let text = scrape(daemon)?;
+        Some((
+            metric_value(&text, "echod_config_reloads_total", &[]),
+            metric_value(&text, "echod_config_reload_failures_total", &[]),
+        ))
+    })
 }
 
 /// Writes `text` as the config file, sends SIGHUP and waits (10 s at most) until echod
@@ -606,12 +585,10 @@ fn reload_once(daemon: &Daemon, text: &str, broken: bool) -> Result<(), String> 
     std::fs::write(daemon.config_path(), text).expect("write the config file");
     let before = reload_counts(daemon).ok_or("no scrape before the reload")?;
     daemon.signal(libc::SIGHUP);
-    let waited = Instant::now();
-    let mut after = before;
-    while after == before && waited.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(10));
-        after = reload_counts(daemon).unwrap_or(before);
-    }
+    let after = poll(Duration::from_secs(10), || {
+        reload_counts(daemon).filter(|&after| after != before)
+    })
+    .unwrap_or(before);
     let want = if broken {
         (before.0, before.1 + 1.0)
     } else {
@@ -815,20 +792,19 @@ fn settle(echod: &Daemon, other: &Daemon, most: usize) -> Sample {
     let started = Instant::now();
     let pid = echod.pid();
     let deadline = started + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && (fds(pid) > most
-            || echod.metric("echod_tcp_connections_active", &[]) != VERIFIED_TCP as f64)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(Duration::from_secs(30), || {
+        (fds(pid) <= most
+            && echod.metric("echod_tcp_connections_active", &[]) == VERIFIED_TCP as f64)
+            .then_some(())
+    });
     let sent = || other.metric("echod_udp_sent_datagrams_total", &[]);
     let (mut last, mut changed) = (sent(), Instant::now());
-    while changed.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    poll(deadline.saturating_duration_since(Instant::now()), || {
         if sent() != last {
             (last, changed) = (sent(), Instant::now());
         }
-    }
+        (changed.elapsed() >= Duration::from_secs(1)).then_some(())
+    });
     Sample {
         at: started.elapsed(),
         rss: rss(pid),
@@ -856,18 +832,18 @@ struct Ending {
 fn verified_clients_lose_nothing_while_every_attack_runs_at_once() {
     let secs = soak_secs();
     let started = Instant::now();
-    raise_open_files_limit();
+    raise_open_files_limit(1024);
     let mut echod = Daemon::start(&format!(
         "{}[shutdown]\ndrain_timeout = \"{}s\"\n",
         limits(0),
         DRAIN_TIMEOUT.as_secs()
     ));
-    let other_port = crate::support::free_port();
-    let other_udp = SocketAddr::from((OTHER_ECHO, other_port));
     let other = Daemon::start(&format!(
-        "[udp]\nlisten = [\"{other_udp}\"]\n\
-         [udp.rate_limit]\npackets_per_second = {OTHER_RATE}\nburst = {OTHER_BURST}\n"
+        "[udp]\nlisten = [\"{}\"]\n\
+         [udp.rate_limit]\npackets_per_second = {OTHER_RATE}\nburst = {OTHER_BURST}\n",
+        SocketAddr::from((OTHER_ECHO, 0))
     ));
+    let other_udp = other.udp;
     let other_started = Instant::now();
     // The two valid configurations of the reload storm, as complete files.
     echod.rewrite_config(&limits(1));
@@ -912,7 +888,7 @@ fn verified_clients_lose_nothing_while_every_attack_runs_at_once() {
         let scrape = echod.scrape();
         let final_probe = run_probe_tool(&[
             "--config".to_string(),
-            echod.config_path().display().to_string(),
+            echod.served_config().display().to_string(),
         ]);
 
         // Stop: the verified connections are served through the drain, then finish.

@@ -37,11 +37,40 @@ impl Daemon {
     /// A connection that has echoed one byte, so the daemon has surely accepted it.
     pub fn open_connection(&self) -> TcpStream {
         let mut s = TcpStream::connect(self.tcp).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"x").unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).expect("echo of one byte");
+        assert!(
+            echoes_on(&mut s, b"x", Duration::from_secs(10)),
+            "echo of one byte"
+        );
         s
+    }
+
+    /// Sends SIGHUP and waits until the daemon counted a successful reload.
+    pub fn reload(&self) {
+        let before = self.metric("echod_config_reloads_total", &[]);
+        self.signal(libc::SIGHUP);
+        self.wait_metric_at_least("echod_config_reloads_total", &[], before + 1.0);
+    }
+
+    /// A copy of the config file naming the addresses the daemon got instead of port 0:
+    /// the file a local tool (`echod probe --config`) reads to reach this daemon.
+    pub fn served_config(&self) -> PathBuf {
+        let path = self.config_path().with_file_name("served.toml");
+        let list = |addrs: &[SocketAddr]| {
+            toml::Value::Array(addrs.iter().map(|a| a.to_string().into()).collect())
+        };
+        let served = format!(
+            "[tcp]\nlisten = {}\n[udp]\nlisten = {}\n[metrics]\nlisten = {}\n",
+            list(&self.listening.tcp),
+            list(&self.listening.udp),
+            list(&self.listening.http)
+        );
+        let mut config: toml::Table = std::fs::read_to_string(self.config_path())
+            .unwrap()
+            .parse()
+            .unwrap();
+        merge(&mut config, served.parse().expect("served addresses"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        path
     }
 
     /// Rewrites the config file (for reload tests).
@@ -51,43 +80,6 @@ impl Daemon {
         merge(&mut config, extra.parse().expect("test TOML parses"));
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     }
-}
-
-/// An HTTP response with its headers (the body as sent, not de-chunked).
-#[derive(Debug)]
-pub struct HttpResponse {
-    pub status: u16,
-    /// Name (lower case) and value of each header, in the order received.
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
-
-impl HttpResponse {
-    /// The value of the first header called `name` (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// `METHOD path` with `Connection: close`, answered with the response's headers.
-pub fn http_response(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<HttpResponse> {
-    let raw = http_raw(
-        addr,
-        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    )?;
-    let (status, headers, body) = split_response(&raw)?;
-    Ok(HttpResponse {
-        status,
-        headers: headers
-            .split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect(),
-        body: body.to_string(),
-    })
 }
 
 /// CPU time (user + system) the process has used, in clock ticks.
@@ -275,29 +267,13 @@ pub const RAW_SOCKETS: Need = Need::Host("raw IP sockets (root) to spoof UDP sou
 /// What a Kubernetes probe waits (`timeoutSeconds: 2` in deploy/kubernetes).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A TCP connection from `from` to `to`, with an optional small receive buffer (set
-/// before connect so the window is small from the start).
-pub fn connect(
-    from: Ipv4Addr,
-    to: SocketAddr,
-    rcvbuf: Option<usize>,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    if let Some(size) = rcvbuf {
-        socket.set_recv_buffer_size(size)?;
-    }
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&to.into(), timeout)?;
-    Ok(socket.into())
-}
-
 /// One probe the way a kubelet makes it: a new connection, `GET path`, the whole
 /// response within `PROBE_TIMEOUT` of the start. Returns the status code.
 pub fn probe(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<u16, String> {
     let started = Instant::now();
     let deadline = started + PROBE_TIMEOUT;
-    let mut s = connect(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    let mut s =
+        try_connect_from(from, addr, None, PROBE_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     s.set_write_timeout(Some(PROBE_TIMEOUT))
         .map_err(|e| e.to_string())?;
     s.write_all(
@@ -381,7 +357,7 @@ pub fn slowloris(
                 }
                 if slot.is_none() && budget > 0 {
                     budget -= 1;
-                    if let Ok(mut s) = connect(
+                    if let Ok(mut s) = try_connect_from(
                         sources[i % sources.len()],
                         addr,
                         None,
@@ -411,7 +387,8 @@ pub fn slowloris(
 /// daemon stops taking requests (its responses fill the socket buffers) or 256 KiB are
 /// sent.
 pub fn slow_reader(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let mut s = connect(from, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
+    let mut s =
+        try_connect_from(from, addr, Some(4096), PROBE_TIMEOUT).expect("slow reader connects");
     s.set_nonblocking(true).unwrap();
     let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -529,18 +506,11 @@ pub fn v4(addr: SocketAddr) -> SocketAddrV4 {
 
 /// Waits (15 s at most) until the daemon's log contains `needle`; returns the log.
 pub fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = daemon.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        Duration::from_secs(15),
+        || format!("no {needle:?} in the log:\n{}", daemon.log()),
+        || Some(daemon.log()).filter(|log| log.contains(needle)),
+    )
 }
 
 /// True when the connection echoes "ping"; false when the daemon closed it (EOF or
@@ -601,17 +571,49 @@ pub fn check_config_text(toml: &str) -> (Option<i32>, String) {
 
 /// Waits until the process is in state `T` (stopped) or has left it.
 pub fn wait_stopped(pid: u32, stopped: bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let state = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
+        stat.rsplit(')')
             .next()
-            .and_then(|s| s.trim().chars().next());
-        if (state == Some('T')) == stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "process state {state:?}");
-        std::thread::sleep(Duration::from_millis(5));
+            .and_then(|s| s.trim().chars().next())
+    };
+    wait_until(
+        Duration::from_secs(5),
+        || format!("process state {:?}", state()),
+        || (state() == Some('T')) == stopped,
+    );
+}
+
+/// True when a new connection to `addr` echoes 4 KiB, connected and echoed within
+/// [`PROBE_TIMEOUT`] each.
+pub fn echoes(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .is_ok_and(|mut s| echoes_on(&mut s, &random_bytes(4096, 42), PROBE_TIMEOUT))
+}
+
+/// A UDP client socket bound to `from` (e.g. "127.0.0.1:0"), waiting `wait` for a reply.
+pub fn udp_client(from: impl std::net::ToSocketAddrs, wait: Duration) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind(from).expect("bind UDP client");
+    s.set_read_timeout(Some(wait)).unwrap();
+    s
+}
+
+/// Raises this test process's soft open-files limit to its hard limit, which must be at
+/// least `wanted`: the tests holding hundreds of sockets run beside others.
+pub fn raise_open_files_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        assert!(
+            limit.rlim_max >= wanted,
+            "hard open-files limit {} < {wanted}",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
 }

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use crate::support::{Daemon, IPV6_LOOPBACK, random_bytes, tcp_roundtrip};
+use crate::support::{Daemon, IPV6_LOOPBACK, poll, random_bytes, readme, tcp_roundtrip};
 
 use crate::support::Need;
 
@@ -75,27 +75,32 @@ fn half_close_delivers_the_tail() {
 }
 
 fn ipv6_listener_echoes() {
-    let port = crate::support::free_port();
-    let daemon = Daemon::start(&format!(
+    let daemon = Daemon::start(
         r#"
         [tcp]
-        listen = ["127.0.0.1:{p}", "[::1]:{p}"]
+        listen = ["127.0.0.1:0", "[::1]:0"]
         "#,
-        p = port
-    ));
-    let addr: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    );
+    let addr = daemon.listening.tcp[1];
+    assert!(addr.is_ipv6(), "{:?}", daemon.listening);
     let data = random_bytes(100_000, 3);
     assert!(tcp_roundtrip(addr, &data, 9) == data);
-    assert!(daemon.log().contains(&format!("[::1]:{port}")));
+    assert!(daemon.log().contains(&format!("addr={addr}")));
+}
+
+/// The loopback address of the same family for a wildcard one (`0.0.0.0`, `[::]`).
+fn on_loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let ip: std::net::IpAddr = if addr.is_ipv4() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    };
+    std::net::SocketAddr::new(ip, addr.port())
 }
 
 /// README: "An IPv6 address listens for IPv6 only … for both, list both".
 fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let readme = readme().split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         readme.contains("An IPv6 address listens for IPv6 only")
             && readme.contains(r#"`listen = ["0.0.0.0:7", "[::]:7"]`"#),
@@ -119,31 +124,44 @@ fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
         TcpStream::connect(addr).is_ok() && tcp_roundtrip(addr, b"family", 1) == b"family"
     };
 
-    let port = crate::support::free_port();
-    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
-    let only_v6 = Daemon::start(&format!(
-        "[tcp]\nlisten = [\"[::]:{port}\"]\n[udp]\nlisten = [\"[::]:{port}\"]\n"
-    ));
-    assert!(tcp_echoes(v6) && udp_echoes(v6), "[::]:{port} serves IPv6");
+    // The IPv4 side of each port an IPv6-only listener got: nothing of echod's there.
+    // Checked on 127.0.0.254, where no test listens: the kernel may give the same port
+    // number on 127.0.0.1 to another test's daemon meanwhile, since [::] does not hold it.
+    let only_v6 = Daemon::start("[tcp]\nlisten = [\"[::]:0\"]\n[udp]\nlisten = [\"[::]:0\"]\n");
+    let (tcp, udp) = (only_v6.tcp, only_v6.udp);
     assert!(
-        TcpStream::connect(v4).is_err(),
-        "[::]:{port} alone accepted an IPv4 connection"
+        tcp_echoes(on_loopback(tcp)) && udp_echoes(on_loopback(udp)),
+        "[::] serves IPv6 ({tcp}, {udp})"
     );
-    assert!(!udp_echoes(v4), "[::]:{port} alone answered IPv4 UDP");
+    let v4 =
+        |addr: std::net::SocketAddr| std::net::SocketAddr::from(([127, 0, 0, 254], addr.port()));
+    assert!(
+        TcpStream::connect(v4(tcp)).is_err(),
+        "{tcp} alone accepted an IPv4 connection"
+    );
+    assert!(!udp_echoes(v4(udp)), "{udp} alone answered IPv4 UDP");
     drop(only_v6);
 
-    let port = crate::support::free_port();
-    let v4: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let v6: std::net::SocketAddr = format!("[::1]:{port}").parse().unwrap();
-    let both = format!("[\"0.0.0.0:{port}\", \"[::]:{port}\"]");
-    let _daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
-    for addr in [v4, v6] {
+    let both = "[\"0.0.0.0:0\", \"[::]:0\"]";
+    let daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
+    let listening = &daemon.listening;
+    assert_eq!(
+        (listening.tcp.len(), listening.udp.len()),
+        (2, 2),
+        "{listening:?}"
+    );
+    for (tcp, udp) in listening.tcp.iter().zip(&listening.udp) {
+        let (tcp, udp) = (on_loopback(*tcp), on_loopback(*udp));
+        assert_eq!(tcp.is_ipv4(), udp.is_ipv4(), "{listening:?}");
         assert!(
-            tcp_echoes(addr) && udp_echoes(addr),
-            "{addr} with both listed"
+            tcp_echoes(tcp) && udp_echoes(udp),
+            "{tcp} and {udp} with both listed"
         );
     }
+    assert!(
+        listening.tcp.iter().any(|a| a.is_ipv4()) && listening.tcp.iter().any(|a| a.is_ipv6()),
+        "{listening:?}"
+    );
 }
 
 /// Runs `script` with `sh -c` in its own process group; its stdout, or `None` when it
@@ -157,15 +175,11 @@ fn run_bounded(script: &str, limit: Duration) -> Option<String> {
         .process_group(0)
         .spawn()
         .expect("sh");
-    let deadline = std::time::Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            // SAFETY: kill(2) on the process group this test just created.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if poll(limit, || child.try_wait().unwrap()).is_none() {
+        // SAFETY: kill(2) on the process group this test just created.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        return None;
     }
     let out = child.wait_with_output().unwrap();
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -193,7 +207,7 @@ fn nc_commands(text: &str) -> Vec<String> {
 /// shipped under packaging/ and deploy/, and docs/.
 fn documented_files() -> Vec<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = vec![root.join("README.md")];
+    let mut files = vec![crate::support::repo_path("README.md")];
     let mut dirs = vec![
         root.join("packaging"),
         root.join("deploy"),
@@ -240,11 +254,10 @@ fn every_documented_tcp_nc_example_ends_at_end_of_input() {
 /// for the test daemon's): each prints `hello` and returns at once.
 fn readme_smoke_commands_print_hello_and_return_at_once() {
     let daemon = Daemon::start("");
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = readme();
     let commands = nc_commands(&readme);
     assert!(commands.len() >= 4, "README smoke tests: {commands:?}");
-    run_nc_examples(&commands, daemon.tcp.port());
+    run_nc_examples(&commands, &daemon);
 
     // Kubernetes: the in-cluster check runs the image's own `echod probe` against the
     // Service (`echod:7`), here against the test daemon.
@@ -252,13 +265,8 @@ fn readme_smoke_commands_print_hello_and_return_at_once() {
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("probe --tcp echod:7"))
         .expect("README's kubectl run … probe example");
-    let args: Vec<String> = format!("probe --tcp echod:7{probe}")
-        .split('#')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .map(|w| w.replace("echod:7", &daemon.tcp.to_string()))
-        .collect();
+    let command = format!("probe --tcp echod:7{probe}");
+    let args = on_test_daemon(command.split('#').next().unwrap(), "echod:7", &daemon);
     let out = std::process::Command::new(crate::support::echod_bin())
         .args(&args)
         .output()
@@ -271,10 +279,32 @@ fn readme_smoke_commands_print_hello_and_return_at_once() {
     );
 }
 
-/// Runs documented `echo hello | nc … HOST PORT` commands against 127.0.0.1:`port`:
-/// each prints `hello` and returns at once; at least one TCP and one UDP.
-fn run_nc_examples(commands: &[String], port: u16) {
-    let target = format!("127.0.0.1 {port}");
+/// The words of a documented command with `documented` (an echo address) swapped for
+/// the test daemon's: its UDP address after `--udp`, its TCP address anywhere else.
+fn on_test_daemon(command: &str, documented: &str, daemon: &Daemon) -> Vec<String> {
+    let mut previous = "";
+    command
+        .split_whitespace()
+        .map(|word| {
+            let addr = if previous == "--udp" {
+                daemon.udp
+            } else {
+                daemon.tcp
+            };
+            previous = word;
+            if word == documented {
+                addr.to_string()
+            } else {
+                word.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Runs documented `echo hello | nc … HOST PORT` commands against the test daemon (its
+/// UDP port for `nc -u`): each prints `hello` and returns at once; at least one TCP and
+/// one UDP.
+fn run_nc_examples(commands: &[String], daemon: &Daemon) {
     let (mut tcp, mut udp) = (0, 0);
     for documented in commands {
         let (host, rest) = documented
@@ -286,7 +316,12 @@ fn run_nc_examples(commands: &[String], port: u16) {
             ["127.0.0.1", "localhost"].contains(&host),
             "`{documented}` does not target this host"
         );
-        let script = format!("{rest} {target}");
+        let port = if rest.contains(" -u") {
+            daemon.udp.port()
+        } else {
+            daemon.tcp.port()
+        };
+        let script = format!("{rest} 127.0.0.1 {port}");
         let started = std::time::Instant::now();
         let out = run_bounded(&script, Duration::from_secs(10));
         let took = started.elapsed();
@@ -320,7 +355,7 @@ fn man_page_examples_run_against_a_real_echod() {
         .1;
     let examples = &examples[..examples.find("\n.SH ").unwrap_or(examples.len())];
     let daemon = Daemon::start("");
-    run_nc_examples(&nc_commands(examples), daemon.tcp.port());
+    run_nc_examples(&nc_commands(examples), &daemon);
     let lines: Vec<String> = examples
         .split(".nf\n")
         .skip(1)
@@ -329,8 +364,8 @@ fn man_page_examples_run_against_a_real_echod() {
         .collect();
     let mut ran = 0;
     for line in &lines {
-        let line = line
-            .replace("127.0.0.1:7", &daemon.tcp.to_string())
+        let line = on_test_daemon(line, "127.0.0.1:7", &daemon)
+            .join(" ")
             .replace(
                 "/etc/echod/echod.toml",
                 &root.join("packaging/echod.toml").display().to_string(),

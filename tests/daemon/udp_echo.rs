@@ -3,7 +3,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use crate::support::{self, Daemon, Need, random_bytes, repo_path, wait_stopped};
+use crate::support::{self, Daemon, Need, random_bytes, udp_client, wait_stopped};
 
 crate::support::tests![
     every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
@@ -20,12 +20,8 @@ const ROOT_PORT_19: Need = Need::Host("root, to bind UDP 127.0.0.1:19", || {
     UdpSocket::bind("127.0.0.1:19").is_ok()
 });
 
-fn client(bind: &str) -> UdpSocket {
-    let s = UdpSocket::bind(bind).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    s
-}
+/// How long a UDP client waits for a reply.
+const REPLY: Duration = Duration::from_millis(500);
 
 fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
     let daemon = Daemon::start(
@@ -36,7 +32,7 @@ fn every_size_up_to_the_maximum_comes_back_with_boundaries_kept() {
         packets_per_second = 0
         "#,
     );
-    let s = client("127.0.0.1:0");
+    let s = udp_client("127.0.0.1:0", REPLY);
     let mut buf = vec![0u8; 65_536];
     let mut sizes: Vec<usize> = (1..=64).collect();
     sizes.extend([512, 1024, 1472, 1500, 4096, 8192, 8999, 9000]);
@@ -58,7 +54,7 @@ fn oversize_datagram_is_dropped_not_truncated() {
         max_datagram_size = 1000
         "#,
     );
-    let s = client("127.0.0.1:0");
+    let s = udp_client("127.0.0.1:0", REPLY);
     let mut buf = vec![0u8; 65_536];
     s.send_to(&random_bytes(1001, 1), daemon.udp).unwrap();
     s.send_to(b"after", daemon.udp).unwrap();
@@ -79,7 +75,9 @@ fn oversize_datagram_is_dropped_not_truncated() {
 /// senders and with oversize and denied datagrams mixed in: every other datagram comes
 /// back unchanged to its own sender, in order, and every count is exact.
 fn a_queued_burst_from_many_senders_is_answered_each_to_its_own() {
-    let denied_port = support::free_port();
+    // The denied sender: a socket of the test's, bound before echod starts.
+    let denied = udp_client("127.0.0.1:0", REPLY);
+    let denied_port = denied.local_addr().unwrap().port();
     let daemon = Daemon::start(&format!(
         r#"
         [udp]
@@ -89,8 +87,7 @@ fn a_queued_burst_from_many_senders_is_answered_each_to_its_own() {
         packets_per_second = 0
         "#
     ));
-    let senders: Vec<UdpSocket> = (0..20).map(|_| client("127.0.0.1:0")).collect();
-    let denied = client(&format!("127.0.0.1:{denied_port}"));
+    let senders: Vec<UdpSocket> = (0..20).map(|_| udp_client("127.0.0.1:0", REPLY)).collect();
     let size = |k: usize| [1, 64, 1000, 1001, 200, 3000, 512][k % 7];
     let datagram = |k: usize| random_bytes(size(k), k as u64);
     let rounds = 5;
@@ -157,20 +154,21 @@ fn a_queued_burst_from_many_senders_is_answered_each_to_its_own() {
 }
 
 fn denied_source_port_gets_no_reply() {
-    let denied = support::free_port();
+    let denied = udp_client("127.0.0.1:0", REPLY);
+    let port = denied.local_addr().unwrap().port();
     let daemon = Daemon::start(&format!(
         r#"
         [udp]
-        deny_source_ports = [0, 7, 19, {denied}]
+        deny_source_ports = [0, 7, 19, {port}]
         "#
     ));
-    only_the_denied_source_is_dropped(&daemon, &client(&format!("127.0.0.1:{denied}")));
+    only_the_denied_source_is_dropped(&daemon, &denied);
 }
 
 /// A datagram from `denied`, then one from another source: the other is answered, the
 /// first is dropped and counted as `denied_port`, and nothing went back to it.
 fn only_the_denied_source_is_dropped(daemon: &Daemon, denied: &UdpSocket) {
-    let other = client("127.0.0.1:0");
+    let other = udp_client("127.0.0.1:0", REPLY);
     denied.send_to(b"loop?", daemon.udp).unwrap();
     other.send_to(b"hello", daemon.udp).unwrap();
     let mut buf = [0u8; 64];
@@ -204,8 +202,8 @@ fn rate_limit_caps_one_source_while_another_is_served() {
         burst = 5
         "#,
     );
-    let flooder = client("127.0.0.1:0");
-    let other = client("127.0.0.2:0");
+    let flooder = udp_client("127.0.0.1:0", REPLY);
+    let other = udp_client("127.0.0.2:0", REPLY);
     for i in 0..50u8 {
         flooder.send_to(&[i], daemon.udp).unwrap();
     }
@@ -231,7 +229,7 @@ fn rate_limit_caps_one_source_while_another_is_served() {
 
 /// README: "by default 0, 7 (echo), 9 (discard) … 11211 (memcached), the services …".
 fn readme_lists_exactly_the_default_denied_ports() {
-    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let readme = support::readme();
     let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
     let list = readme
         .split_once("`udp.deny_source_ports` — by default ")
@@ -254,5 +252,5 @@ fn readme_lists_exactly_the_default_denied_ports() {
 /// echo–chargen loop — is dropped and counted, while other sources are answered.
 fn a_client_on_the_chargen_port_gets_no_reply_by_default() {
     let daemon = Daemon::start("");
-    only_the_denied_source_is_dropped(&daemon, &client("127.0.0.1:19"));
+    only_the_denied_source_is_dropped(&daemon, &udp_client("127.0.0.1:19", REPLY));
 }

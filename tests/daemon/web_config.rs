@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use tls::{HttpsClient, Pki, users_yaml};
 
-use crate::support::{ChildGuard, Daemon, Options, echod_bin, http_get, metric_value};
+use crate::support::{
+    ChildGuard, Daemon, Options, echod_bin, http_get, metric_value, poll, wait_until,
+};
 
 crate::support::tests![
     tls_and_basic_auth_guard_metrics_and_leave_health_open,
@@ -37,11 +39,12 @@ fn web_config_toml(web: &Path) -> String {
 
 /// echod with `web` as its web config, ready: `client` got 200 from `/readyz`.
 fn start(web: &Path, client: &HttpsClient) -> Daemon {
-    let daemon = Daemon::start_with(Options {
+    let mut daemon = Daemon::start_with(Options {
         toml: &web_config_toml(web),
         no_wait: true,
         ..Options::default()
     });
+    daemon.wait_listening();
     client.wait_ready(daemon.http);
     daemon
 }
@@ -123,7 +126,7 @@ fn required_client_certificates_refuse_a_client_without_one() {
     assert!(daemon.log().contains("TLS handshake failed"));
 
     // The local probe must present a certificate too, and says so.
-    let config = daemon.config_path().display().to_string();
+    let config = daemon.served_config().display().to_string();
     let (code, out) = probe(&["--config", &config]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--client-cert"), "{out}");
@@ -158,16 +161,8 @@ fn run_briefly(args: &[&str], env: &[(&str, String)]) -> (Option<i32>, String) {
         cmd.env(k, v);
     }
     let mut child = ChildGuard(cmd.spawn().expect("run echod"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = poll(Duration::from_secs(10), || child.0.try_wait().unwrap())
+        .and_then(|status| status.code());
     drop(child);
     (code, std::fs::read_to_string(log.path()).unwrap())
 }
@@ -259,7 +254,7 @@ fn bad_web_config_files_exit_78_naming_the_key_the_file_and_the_fault() {
         }
     }
     // A file that does not exist, named by the environment.
-    let missing = pki.dir().join("nowhere.yml").display().to_string();
+    let missing = pki.ca.with_file_name("nowhere.yml").display().to_string();
     let (code, stderr) = run_briefly(
         &["check-config"],
         &[("ECHOD_METRICS__WEB_CONFIG_FILE", missing.clone())],
@@ -299,15 +294,16 @@ fn scraped(client: &HttpsClient, daemon: &Daemon, password: &str, family: &str) 
 /// Sends SIGHUP and waits until `family` (scraped as `password`) reaches `want`.
 fn reload_until(daemon: &Daemon, client: &HttpsClient, password: &str, family: &str, want: f64) {
     daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while scraped(client, daemon, password, family) != Some(want) {
-        assert!(
-            Instant::now() < deadline,
-            "{family} never reached {want} for password {password:?}; log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            format!(
+                "{family} never reached {want} for password {password:?}; log:\n{}",
+                daemon.log()
+            )
+        },
+        || scraped(client, daemon, password, family) == Some(want),
+    );
 }
 
 fn reload_swaps_the_password_and_a_bad_file_keeps_the_old_one() {
@@ -352,15 +348,11 @@ fn reload_swaps_the_password_and_a_bad_file_keeps_the_old_one() {
     // Basic auth alone (TLS off) after a good reload: plain HTTP again, password kept.
     pki.write("web.yml", &users_yaml(&[(USER, "plain")]));
     daemon.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !http_get(daemon.http, "/readyz").is_ok_and(|(status, _)| status == 200) {
-        assert!(
-            Instant::now() < deadline,
-            "TLS still on; log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || format!("TLS still on; log:\n{}", daemon.log()),
+        || http_get(daemon.http, "/readyz").is_ok_and(|(status, _)| status == 200),
+    );
     assert_eq!(http_get(daemon.http, "/metrics").unwrap().0, 401);
 }
 /// `echod probe ARGS`: its exit code and everything it printed.
@@ -387,7 +379,7 @@ fn probe_checks_readiness_over_tls() {
     let web = pki.web_config("web.yml", "", &[(USER, "s3cret")]);
     let client = HttpsClient::new(&pki.ca);
     let daemon = start(&web, &client);
-    let config = daemon.config_path().display().to_string();
+    let config = daemon.served_config().display().to_string();
     let url = format!("https://{}/readyz", daemon.http);
 
     // Without targets: the local config says TLS, and its certificate is trusted.

@@ -16,8 +16,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    Need, assert_passes, free_port, http_get, metric_value, paced_roundtrip, random_bytes,
-    repo_path, tcp_roundtrip, wait_http_ok,
+    Need, assert_passes, http_get, metric_value, paced_roundtrip, random_bytes, repo_path,
+    tcp_roundtrip, wait_http_status, wait_until,
 };
 
 crate::support::tests![
@@ -149,15 +149,18 @@ fn image() -> &'static str {
 /// A running container this test created; removed (by name) when dropped.
 struct PodmanContainer {
     name: String,
-    /// The host side of the published TCP and UDP echo port (127.0.0.1).
-    echo: SocketAddr,
+    /// The host side of the published TCP echo port (127.0.0.1).
+    tcp: SocketAddr,
+    /// The host side of the published UDP echo port (127.0.0.1).
+    udp: SocketAddr,
     /// The host side of the published metrics port (127.0.0.1).
     http: SocketAddr,
 }
 
 impl PodmanContainer {
-    /// Runs the image detached, with the ports published on 127.0.0.1 only, a
-    /// read-only root filesystem and every capability dropped.
+    /// Runs the image detached, with the ports published on 127.0.0.1 only (on host
+    /// ports podman picks, read back with `podman port`), a read-only root filesystem
+    /// and every capability dropped.
     fn start() -> PodmanContainer {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let image = image();
@@ -166,12 +169,10 @@ impl PodmanContainer {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let echo: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let publish = [
-            format!("--publish=127.0.0.1:{}:{ECHO_PORT}/tcp", echo.port()),
-            format!("--publish=127.0.0.1:{}:{ECHO_PORT}/udp", echo.port()),
-            format!("--publish=127.0.0.1:{}:{METRICS_PORT}/tcp", http.port()),
+            format!("--publish=127.0.0.1::{ECHO_PORT}/tcp"),
+            format!("--publish=127.0.0.1::{ECHO_PORT}/udp"),
+            format!("--publish=127.0.0.1::{METRICS_PORT}/tcp"),
         ];
         let out = run(podman()
             .args(["run", "--detach", "--name", &name])
@@ -179,19 +180,36 @@ impl PodmanContainer {
             .args(["--security-opt", "no-new-privileges"])
             .args(&publish)
             .arg(image));
-        let container = PodmanContainer { name, echo, http };
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut container = PodmanContainer {
+            name,
+            tcp: unknown,
+            udp: unknown,
+            http: unknown,
+        };
         assert!(
             out.status.success(),
             "podman run failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        container.tcp = container.host_port(&format!("{ECHO_PORT}/tcp"));
+        container.udp = container.host_port(&format!("{ECHO_PORT}/udp"));
+        container.http = container.host_port(&format!("{METRICS_PORT}/tcp"));
         container.wait_ready();
         container
     }
 
+    /// The host address podman published the container's `port` ("7007/tcp") on.
+    fn host_port(&self, port: &str) -> SocketAddr {
+        let out = podman_ok(&["port", &self.name, port]);
+        out.lines()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("podman port {port}: {out:?}"))
+    }
+
     /// Waits until `/readyz` answers 200 through the published port.
     fn wait_ready(&self) {
-        if !wait_http_ok(self.http, "/readyz", Duration::from_secs(30)) {
+        if !wait_http_status(self.http, "/readyz", 200, Duration::from_secs(30)) {
             panic!("container did not become ready; logs:\n{}", self.logs());
         }
     }
@@ -278,7 +296,7 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
     assert_eq!(c.inspect("{{.HostConfig.ReadonlyRootfs}}"), "true");
 
     let data = random_bytes(1 << 20, 7);
-    assert!(tcp_roundtrip(c.echo, &data, 7) == data, "TCP echo differs");
+    assert!(tcp_roundtrip(c.tcp, &data, 7) == data, "TCP echo differs");
 
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(500)))
@@ -288,10 +306,10 @@ fn container_echoes_tcp_and_udp_and_serves_metrics_read_only_without_capabilitie
         let datagram = random_bytes(1 + (i as usize * 97) % 1400, i);
         // UDP may drop a datagram on a loaded machine: retry each a few times.
         for _ in 0..5 {
-            udp.send_to(&datagram, c.echo).unwrap();
+            udp.send_to(&datagram, c.udp).unwrap();
             let mut buf = [0u8; 2048];
             if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                assert_eq!(from, c.echo);
+                assert_eq!(from, c.udp);
                 assert_eq!(&buf[..n], &datagram[..], "UDP echo differs");
                 answered += 1;
                 break;
@@ -396,16 +414,16 @@ fn podman_stop_during_traffic_lets_every_client_finish_and_exits_zero() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let sent = Arc::clone(&sent);
-            let addr = c.echo;
+            let addr = c.tcp;
             std::thread::spawn(move || streaming_client(addr, 100 + i as u64, CHUNKS, sent))
         })
         .collect();
     // Stop once every client is mid-stream.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sent.load(Ordering::SeqCst) < CLIENTS * 5 {
-        assert!(Instant::now() < deadline, "clients did not start streaming");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || "clients did not start streaming",
+        || sent.load(Ordering::SeqCst) >= CLIENTS * 5,
+    );
     let stop_started = Instant::now();
     let stop = podman()
         .args(["stop", "--time", "30", &c.name])

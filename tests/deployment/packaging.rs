@@ -423,7 +423,7 @@ fn measured_exposure() -> String {
 
 fn readme_hardening_figure_is_the_measured_one() {
     let measured = measured_exposure();
-    let readme = read("README.md")
+    let readme = crate::support::readme()
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");

@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::support::{
     Blackbox, Daemon, LOCAL, Need, Options, Prometheus, admitted, assert_passes,
     daemon_with_drain_timeout, daemon_with_limits, dashboard, dashboard_queries, expect_metrics,
-    families, get, metric_value, promtool, random_bytes, refused, repo_path, tcp_roundtrip,
-    udp_echo,
+    families, http_get, metric_value, promtool, random_bytes, readme, refused, refusing, repo_path,
+    tcp_roundtrip, udp_echo, wait_until,
 };
 use tls::{HttpsClient, Pki};
 
@@ -226,21 +226,18 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
             .replace("$__rate_interval", "1m")
             .replace("\"$job\"", "\".+\"")
             .replace("\"$instance\"", "\".+\"");
-        let deadline = std::time::Instant::now() + PROMETHEUS_WAIT;
-        while prometheus.query(&promql).is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "dashboard panel {title}: `{promql}` found no data"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_until(
+            PROMETHEUS_WAIT,
+            || format!("dashboard panel {title}: `{promql}` found no data"),
+            || !prometheus.query(&promql).is_empty(),
+        );
     }
 
     // The probes really reached `probed`.
     probed.wait_metric_at_least("echod_tcp_connections_accepted_total", &[], 1.0);
 
     // The alert rules load and evaluate against real series without errors.
-    let (status, body) = get(prometheus.service.addr, "/api/v1/rules").unwrap();
+    let (status, body) = http_get(prometheus.service.addr, "/api/v1/rules").unwrap();
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     let rules: Vec<_> = json["data"]["groups"]
@@ -270,8 +267,8 @@ fn blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining() {
     let (ok, body) = success("echod_http_ready", &readyz);
     assert_eq!(ok, 1.0, "readyz probe failed:\n{body}");
     assert_eq!(metric_value(&body, "probe_http_status_code", &[]), 200.0);
-    let closed = format!("127.0.0.1:{}", crate::support::free_port());
-    assert_eq!(success("echod_tcp_echo", &closed).0, 0.0);
+    let closed = refusing();
+    assert_eq!(success("echod_tcp_echo", &closed.addr.to_string()).0, 0.0);
 
     // Draining: readiness probe fails (503) while the open connection is still served.
     let held = admitted(LOCAL, daemon.tcp);
@@ -325,8 +322,7 @@ fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
             "no alert for {what} (an expression with {needles:?})"
         );
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme = readme();
     for alert in &alerts {
         let name = alert["alert"].as_str().unwrap();
         assert!(
@@ -551,7 +547,7 @@ fn dashboard_annotation_queries_are_valid_promql() {
 
 /// echod serving its endpoint with the web config `web`, ready over TLS.
 fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
-    let daemon = Daemon::start_with(Options {
+    let mut daemon = Daemon::start_with(Options {
         toml: &format!(
             "[metrics]\nweb_config_file = {:?}\n",
             web.display().to_string()
@@ -559,6 +555,7 @@ fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
         no_wait: true,
         ..Options::default()
     });
+    daemon.wait_listening();
     ready.wait_ready(daemon.http);
     daemon
 }
@@ -578,7 +575,7 @@ fn https_job(name: &str, target: SocketAddr, ca: &Path, password: &str, extra_tl
 
 /// The `lastError` Prometheus reports for the target of `job`.
 fn last_scrape_error(prometheus: &Prometheus, job: &str) -> String {
-    let (_, body) = get(prometheus.service.addr, "/api/v1/targets").expect("targets");
+    let (_, body) = http_get(prometheus.service.addr, "/api/v1/targets").expect("targets");
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     json["data"]["activeTargets"]
         .as_array()
@@ -592,8 +589,8 @@ fn last_scrape_error(prometheus: &Prometheus, job: &str) -> String {
 
 /// A real Prometheus scrapes echod over TLS with basic auth (`up` 1, echod's series
 /// there); the same job with a wrong password is down with a 401. Against an endpoint
-/// requiring client certificates, the job presenting one is up and the job without
-/// one is down (the handshake fails).
+/// requiring client certificates, the job presenting one is up and the jobs without
+/// one, or with one from a CA echod does not trust, are down (the handshake fails).
 fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
     let pki = Pki::new();
     let users = [("prometheus", "s3cret")];
@@ -614,12 +611,24 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
         pki.client_cert.display(),
         pki.client_key.display()
     );
+    let stranger_cert = format!(
+        "cert_file: {}\nkey_file: {}",
+        pki.stranger_cert.display(),
+        pki.stranger_key.display()
+    );
     let config = [
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n".to_string(),
         https_job("echod", open.http, &pki.ca, "s3cret", ""),
         https_job("echod_wrong_password", open.http, &pki.ca, "wrong", ""),
         https_job("echod_mtls", mtls.http, &pki.ca, "s3cret", &client_cert),
         https_job("echod_no_client_cert", mtls.http, &pki.ca, "s3cret", ""),
+        https_job(
+            "echod_stranger_cert",
+            mtls.http,
+            &pki.ca,
+            "s3cret",
+            &stranger_cert,
+        ),
     ]
     .concat();
     let prometheus = Prometheus::start(&config, &[]);
@@ -632,17 +641,20 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
         (r#"up{job="echod_mtls"}"#, 1.0),
         (r#"echod_ready{job="echod_mtls"}"#, 1.0),
         (r#"up{job="echod_no_client_cert"}"#, 0.0),
+        (r#"up{job="echod_stranger_cert"}"#, 0.0),
     ] {
         prometheus.wait_value(query, want, PROMETHEUS_WAIT);
     }
     // Down for the right reasons: a 401, and a refused handshake.
     let wrong = last_scrape_error(&prometheus, "echod_wrong_password");
     assert!(wrong.contains("401"), "{wrong}");
-    let no_cert = last_scrape_error(&prometheus, "echod_no_client_cert");
-    assert!(
-        no_cert.contains("tls") || no_cert.contains("certificate"),
-        "{no_cert}"
-    );
+    for job in ["echod_no_client_cert", "echod_stranger_cert"] {
+        let error = last_scrape_error(&prometheus, job);
+        assert!(
+            error.contains("tls") || error.contains("certificate"),
+            "{job}: {error}"
+        );
+    }
     assert!(
         prometheus
             .query(r#"echod_ready{job="echod_wrong_password"}"#)

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs `cmd` with `input` on its stdin and returns its output.
 pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> Output {
@@ -98,18 +98,6 @@ pub fn shipped_config(rel: &str) -> echod::config::Config {
     .unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-/// Waits until `GET path` on `addr` answers 200; false when `limit` passes first.
-pub fn wait_http_ok(addr: SocketAddr, path: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if http_get(addr, path).is_ok_and(|(status, _)| status == 200) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 /// Runs `promtool` with `args`, feeding `stdin`.
 pub fn promtool(args: &[&str], stdin: &[u8]) -> Output {
     output_with_input(Command::new("promtool").args(args), stdin)
@@ -127,14 +115,6 @@ pub fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// A GET over HTTP/1.0, so Go servers answer with a plain body (never chunked).
-pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    http_exchange(
-        addr,
-        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
-    )
-}
-
 /// A tool run as a child process with its output in a log file; killed by PID on drop.
 pub struct Service {
     name: &'static str,
@@ -145,24 +125,46 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `program` with `args`, logging to `dir/<name>.log`.
+    /// Starts `program` with `args`, listening on 127.0.0.1 on a port the kernel picks
+    /// (port 0), logging to `dir/<name>.log`; waits (30 s at most) until it listens.
     pub fn spawn(name: &'static str, program: &str, args: &[String], dir: &Path) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("create log");
         let child = Command::new(program)
             .args(args)
-            .arg(format!("--web.listen-address={addr}"))
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log fd"))
             .stderr(out)
             .spawn()
             .unwrap_or_else(|e| panic!("start {program}: {e}"));
-        Self {
+        let mut service = Self {
             name,
             child: ChildGuard(child),
             log,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let pid = service.child.0.id();
+        let listening = poll(Duration::from_secs(30), || {
+            service.assert_running();
+            match listening_tcp(pid).as_slice() {
+                [one] => Some(*one),
+                _ => None,
+            }
+        });
+        service.addr = listening.unwrap_or_else(|| {
+            panic!(
+                "{name} did not listen on one TCP port within 30 s; log:\n{}",
+                service.log()
+            )
+        });
+        service
+    }
+
+    /// Panics with the log when the tool has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.0.try_wait() {
+            panic!("{} exited ({status}); log:\n{}", self.name, self.log());
         }
     }
 
@@ -173,21 +175,18 @@ impl Service {
 
     /// Waits until `path` answers 200 (`limit` at most).
     pub fn wait_http_ok(&mut self, path: &str, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if get(self.addr, path).is_ok_and(|(status, _)| status == 200) {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.0.try_wait() {
-                panic!("{} exited ({status}); log:\n{}", self.name, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let addr = self.addr;
+        let ok = poll(limit, || {
+            self.assert_running();
+            wait_http_status(addr, path, 200, Duration::ZERO).then_some(())
+        });
+        if ok.is_none() {
+            panic!(
+                "{} did not answer {path} within {limit:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
         }
-        panic!(
-            "{} did not answer {path} within {limit:?}; log:\n{}",
-            self.name,
-            self.log()
-        );
     }
 }
 
@@ -221,7 +220,7 @@ impl Prometheus {
     /// Runs an instant PromQL query; returns the JSON `data.result` array.
     pub fn query(&self, promql: &str) -> Vec<serde_json::Value> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let (status, body) = get(self.service.addr, &path).expect("query Prometheus");
+        let (status, body) = http_get(self.service.addr, &path).expect("query Prometheus");
         assert_eq!(status, 200, "query {promql} failed: {body}");
         let json: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
         json["data"]["result"]
@@ -241,18 +240,17 @@ impl Prometheus {
 
     /// Polls `promql` until it yields exactly `want` (`limit` at most).
     pub fn wait_value(&self, promql: &str, want: f64, limit: Duration) {
-        let deadline = Instant::now() + limit;
         let mut last = None;
-        while Instant::now() < deadline {
+        let reached = poll(limit, || {
             last = self.query_value(promql);
-            if last == Some(want) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
+            (last == Some(want)).then_some(())
+        });
+        if reached.is_some() {
+            return;
         }
         panic!(
             "Prometheus: `{promql}` = {last:?} after {limit:?}, want {want}; targets:\n{}\nlog:\n{}",
-            get(self.service.addr, "/api/v1/targets")
+            http_get(self.service.addr, "/api/v1/targets")
                 .map(|(_, b)| b)
                 .unwrap_or_default(),
             self.service.log()
@@ -290,7 +288,7 @@ impl Blackbox {
             url_encode(module),
             url_encode(target)
         );
-        let (status, body) = get(self.service.addr, &path).expect("probe");
+        let (status, body) = http_get(self.service.addr, &path).expect("probe");
         assert_eq!(status, 200, "probe {module} {target}: {body}");
         body
     }

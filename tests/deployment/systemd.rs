@@ -11,8 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Chatter, IPV6_LOOPBACK, Need, http_get, metric_value, output_with_input, random_bytes,
-    refused_after_accept, repo_path, tcp_roundtrip, udp_echo,
+    self, Chatter, IPV6_LOOPBACK, Need, metric_at, output_with_input, random_bytes, readme,
+    refused_after_accept, repo_path, tcp_roundtrip, udp_echo, wait_for,
 };
 
 crate::support::tests![
@@ -60,23 +60,31 @@ impl Nspawn {
         let pid = container.nspawn.id();
         // nspawn's first child is a short-lived helper; the container's PID 1 is the
         // child that has exec'd systemd.
-        container.leader = wait_for(Duration::from_secs(30), "the container's PID 1", || {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .ok()?
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-                .find(|p| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .is_ok_and(|comm| comm.trim() == "systemd")
-                })
-        });
-        wait_for(Duration::from_secs(60), "systemd's private socket", || {
-            container
-                .run(&["test", "-S", "/run/systemd/private"])
-                .status
-                .success()
-                .then_some(())
-        });
+        container.leader = wait_for(
+            Duration::from_secs(30),
+            || "the container's PID 1",
+            || {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .ok()?
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                    .find(|p| {
+                        std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .is_ok_and(|comm| comm.trim() == "systemd")
+                    })
+            },
+        );
+        wait_for(
+            Duration::from_secs(60),
+            || "systemd's private socket",
+            || {
+                container
+                    .run(&["test", "-S", "/run/systemd/private"])
+                    .status
+                    .success()
+                    .then_some(())
+            },
+        );
         let state = container.run(&["systemctl", "is-system-running", "--wait"]);
         let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
         assert!(
@@ -193,39 +201,27 @@ impl Drop for Nspawn {
     }
 }
 
-/// Polls `f` until it returns `Some`, panicking with `what` after `limit`.
-pub(crate) fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits (10 s at most) until echod.service is active. Started by its socket, echod
 /// answers the first client before systemd has processed its READY=1, so the service can
 /// still be "activating" at that moment.
 fn wait_service_active(c: &Nspawn) {
     wait_for(
         Duration::from_secs(10),
-        "echod.service to be active",
+        || "echod.service to be active",
         || (c.sh("systemctl is-active echod.service").1.trim() == "active").then_some(()),
     );
 }
 
-pub(crate) fn metric(family: &str) -> Option<f64> {
-    let (status, body) = http_get(METRICS.parse().unwrap(), "/metrics").ok()?;
-    (status == 200).then(|| metric_value(&body, family, &[]))
+/// The packaged service's metrics endpoint.
+pub(crate) fn metrics_addr() -> SocketAddr {
+    METRICS.parse().unwrap()
 }
 
 pub(crate) fn wait_metric(family: &str, want: f64) {
     wait_for(
         Duration::from_secs(20),
-        &format!("{family} = {want}"),
-        || (metric(family)? == want).then_some(()),
+        || format!("{family} = {want}"),
+        || (metric_at(metrics_addr(), family, &[])? == want).then_some(()),
     );
 }
 
@@ -367,8 +363,8 @@ fn packaged_service_under_real_systemd() {
         !journal.contains(" WARN ") && !journal.contains(" ERROR "),
         "{journal}"
     );
-    assert!(metric("process_start_time_seconds").is_some_and(|t| t > 1e9));
-    assert!(metric("process_open_fds").is_some_and(|n| n > 0.0));
+    assert!(metric_at(metrics_addr(), "process_start_time_seconds", &[]).is_some_and(|t| t > 1e9));
+    assert!(metric_at(metrics_addr(), "process_open_fds", &[]).is_some_and(|n| n > 0.0));
     readme_exposure_is_the_installed_services(&c);
 
     // Reload while a client keeps echoing; a lowered per-source limit takes effect.
@@ -481,13 +477,17 @@ fn packaged_service_under_real_systemd() {
     assert_eq!(before["NRestarts"], "0");
     let frozen_at = Instant::now();
     c.ok(&format!("kill -STOP {}", before["MainPID"]));
-    wait_for(Duration::from_secs(30), "a watchdog restart", || {
-        let now = c.show("echod", "MainPID,NRestarts,ActiveState");
-        (now["NRestarts"] == "1"
-            && now["ActiveState"] == "active"
-            && now["MainPID"] != before["MainPID"])
-            .then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        || "a watchdog restart",
+        || {
+            let now = c.show("echod", "MainPID,NRestarts,ActiveState");
+            (now["NRestarts"] == "1"
+                && now["ActiveState"] == "active"
+                && now["MainPID"] != before["MainPID"])
+                .then_some(())
+        },
+    );
     let watchdog_took = frozen_at.elapsed();
     assert!(
         c.ok("journalctl -u echod --no-pager")
@@ -564,9 +564,18 @@ fn broken_reload_fails_and_the_old_config_serves(c: &Nspawn, chatter: &Chatter) 
         "the previous config (per-source limit 2) no longer applies"
     );
     drop(second);
-    assert_eq!(metric("echod_config_reloads_total"), Some(1.0));
-    assert_eq!(metric("echod_config_reload_failures_total"), Some(0.0));
-    assert_eq!(metric("echod_config_last_reload_successful"), Some(1.0));
+    assert_eq!(
+        metric_at(metrics_addr(), "echod_config_reloads_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_at(metrics_addr(), "echod_config_reload_failures_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_at(metrics_addr(), "echod_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
     let journal = c.ok("journalctl -u echod --no-pager");
     assert!(
         journal.contains("invalid config file /etc/echod/echod.toml")
@@ -586,11 +595,7 @@ fn readme_exposure_is_the_installed_services(c: &Nspawn) {
         .find_map(|l| l.split_once("Overall exposure level for echod.service:"))
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no overall exposure:\n{report}"));
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .unwrap()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let readme = readme().split_whitespace().collect::<Vec<_>>().join(" ");
     let claim = "`systemd-analyze security echod` rates the installed service ";
     let stated = readme
         .split_once(claim)

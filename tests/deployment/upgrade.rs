@@ -7,17 +7,15 @@
 //! runs wait in the kernel's accept queue and are echoed once it is back.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-
-use crate::support::{Chatter, StalledClient, random_bytes};
-use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metric, rootfs, wait_for, wait_metric};
+use crate::support::{Chatter, StalledClient, metric_at, random_bytes, try_connect_from, wait_for};
+use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metrics_addr, rootfs, wait_metric};
 
 crate::support::tests![
     restart_watchdog_and_crash_refuse_no_connection needs NEEDS,
@@ -40,14 +38,6 @@ fn assert_ports_free() {
         TcpStream::connect(crate::systemd::METRICS).is_err(),
         "port 9107 is already in use"
     );
-}
-
-/// A TCP connection to `addr` from the loopback address `from`.
-fn connect_from(from: Ipv4Addr, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&addr.into(), timeout)?;
-    Ok(socket.into())
 }
 
 /// How one connection attempt of a [`ConnectLoop`] went.
@@ -75,7 +65,7 @@ struct Attempt {
 /// One attempt: connect, send a nonce, read it back, half-close, expect a clean EOF.
 fn attempt(n: u64) -> Outcome {
     let from = Ipv4Addr::new(127, 0, 1, 1 + (n % 200) as u8);
-    let mut s = match connect_from(from, echo_addr(), Duration::from_secs(10)) {
+    let mut s = match try_connect_from(from, echo_addr(), None, Duration::from_secs(10)) {
         Ok(s) => s,
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
         Err(e) => return Outcome::Failed(format!("connect: {e}")),
@@ -239,15 +229,19 @@ fn all_echoed(attempts: &[Attempt], outages: &[(Instant, Instant)]) -> (usize, u
 
 /// Waits until echod.service is active again under a PID other than `old`, and answers.
 fn wait_restarted(c: &Nspawn, old: &str, restarts: u32) -> String {
-    wait_for(Duration::from_secs(60), "echod to be back", || {
-        let now = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
-        (now["ActiveState"] == "active"
-            && now["SubState"] == "running"
-            && now["MainPID"] != old
-            && now["MainPID"] != "0"
-            && now["NRestarts"] == restarts.to_string())
-        .then(|| now["MainPID"].clone())
-    })
+    wait_for(
+        Duration::from_secs(60),
+        || "echod to be back",
+        || {
+            let now = c.show("echod", "MainPID,NRestarts,ActiveState,SubState");
+            (now["ActiveState"] == "active"
+                && now["SubState"] == "running"
+                && now["MainPID"] != old
+                && now["MainPID"] != "0"
+                && now["NRestarts"] == restarts.to_string())
+            .then(|| now["MainPID"].clone())
+        },
+    )
 }
 
 fn restart_watchdog_and_crash_refuse_no_connection() {
@@ -262,9 +256,11 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
           printf '[Service]\\nWatchdogSec=2s\\n' > /etc/systemd/system/echod.service.d/watchdog.conf && \
           systemctl daemon-reload && systemctl restart echod");
     assert_eq!(c.prop("echod", "FileDescriptorStoreMax"), "64");
-    wait_for(Duration::from_secs(10), "5 sockets in the store", || {
-        (c.prop("echod", "NFileDescriptorStore") == "5").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        || "5 sockets in the store",
+        || (c.prop("echod", "NFileDescriptorStore") == "5").then_some(()),
+    );
     // A reload that drops listeners takes them out of the store; one that adds them
     // back puts them in again.
     let packaged = c.ok("cat /etc/echod/echod.toml");
@@ -275,14 +271,16 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         &packaged.replace(both, r#"listen = ["0.0.0.0:7"]"#),
     );
     c.ok("systemctl reload echod");
-    wait_for(Duration::from_secs(10), "3 sockets in the store", || {
-        (c.prop("echod", "NFileDescriptorStore") == "3").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        || "3 sockets in the store",
+        || (c.prop("echod", "NFileDescriptorStore") == "3").then_some(()),
+    );
     c.write_file("/etc/echod/echod.toml", &packaged);
     c.ok("systemctl reload echod");
     wait_for(
         Duration::from_secs(10),
-        "5 sockets in the store again",
+        || "5 sockets in the store again",
         || (c.prop("echod", "NFileDescriptorStore") == "5").then_some(()),
     );
     let pid = c.prop("echod", "MainPID");
@@ -426,7 +424,7 @@ impl PingPong {
             .map(|i| {
                 let stop = Arc::clone(&stop);
                 let from = Ipv4Addr::new(127, 0, 2, 1 + (i % 200) as u8);
-                let s = connect_from(from, echo_addr(), Duration::from_secs(10))
+                let s = try_connect_from(from, echo_addr(), None, Duration::from_secs(10))
                     .unwrap_or_else(|e| panic!("client {i}: connect: {e}"));
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 std::thread::spawn(move || ping_pong(i as u64, s, &stop))
@@ -563,9 +561,11 @@ fn package_upgrade_hands_over_every_connection() {
             })
             .then_some(())
     };
-    wait_for(Duration::from_secs(20), "the new version to serve", || {
-        build_info(&new_version)
-    });
+    wait_for(
+        Duration::from_secs(20),
+        || "the new version to serve",
+        || build_info(&new_version),
+    );
     let serving_new = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
 
@@ -599,7 +599,7 @@ fn package_upgrade_hands_over_every_connection() {
     // READY=1.
     let paused_us = journal_number(&journal, "upgrade complete", "paused_us");
     // The held connections (the connect loop may add one of its own).
-    let active = metric("echod_tcp_connections_active").unwrap_or_default();
+    let active = metric_at(metrics_addr(), "echod_tcp_connections_active", &[]).unwrap_or_default();
     assert!(
         active >= (CLIENTS + 1) as f64,
         "{active} connections active"
@@ -662,7 +662,7 @@ fn package_upgrade_hands_over_every_connection() {
     let chatter = Chatter::start(echo_addr());
     wait_for(
         Duration::from_secs(10),
-        "echod started by its socket",
+        || "echod started by its socket",
         || (c.prop("echod", "SubState") == "running").then_some(()),
     );
     let activated_pid = c.prop("echod", "MainPID");
@@ -670,7 +670,7 @@ fn package_upgrade_hands_over_every_connection() {
     let old_version = env!("CARGO_PKG_VERSION");
     wait_for(
         Duration::from_secs(20),
-        "the first version to serve again",
+        || "the first version to serve again",
         || build_info(old_version),
     );
     chatter.still_echoing();

@@ -6,11 +6,11 @@
 //! `e2e.rs`, of the `daemon` and `deployment` crates, so it holds only what each of them
 //! uses; the rest lives in `e2e.rs` or in a crate's own `support.rs`.
 
+use std::fmt::Display;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -18,20 +18,106 @@ pub fn echod_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_echod"))
 }
 
-/// A port free for both TCP and UDP on 127.0.0.1 (and ::1 when asked). Ports come from
-/// a per-process range below the ephemeral range, so clients' ephemeral ports and
-/// parallel tests do not collide with them.
-pub fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+/// Calls `check` until it yields a value and returns it, or `None` once `limit` has
+/// passed. The test's one way to wait for an event it can only observe by looking: the
+/// first checks come within milliseconds, later ones back off to 50 ms apart.
+pub fn poll<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
     loop {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (base - 20_000 + offset) % 12_000;
-        let tcp = TcpListener::bind(("127.0.0.1", port));
-        let udp = UdpSocket::bind(("127.0.0.1", port));
-        if tcp.is_ok() && udp.is_ok() {
-            return port;
+        if let Some(value) = check() {
+            return Some(value);
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// [`poll`], panicking with `what` (evaluated only then) when `limit` passes first.
+pub fn wait_for<T, D: Display>(
+    limit: Duration,
+    what: impl FnOnce() -> D,
+    check: impl FnMut() -> Option<T>,
+) -> T {
+    poll(limit, check).unwrap_or_else(|| panic!("waited {limit:?} in vain: {}", what()))
+}
+
+/// Waits until `check` holds, panicking with `what` when `limit` passes first.
+pub fn wait_until<D: Display>(
+    limit: Duration,
+    what: impl FnOnce() -> D,
+    mut check: impl FnMut() -> bool,
+) {
+    wait_for(limit, what, || check().then_some(()))
+}
+
+/// The addresses echod serves, as its status line names them: `TCP 127.0.0.1:40123
+/// UDP 127.0.0.1:51234 HTTP 127.0.0.1:39999; 0 connections` (in the `echod ready: …`
+/// log line of either log format and in sd_notify's `STATUS=`). A listener configured
+/// on port 0 shows the port the kernel picked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listening {
+    pub tcp: Vec<SocketAddr>,
+    pub udp: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+}
+
+impl Listening {
+    /// Reads the addresses from a status line (anything before `TCP ` is skipped).
+    pub fn parse(status: &str) -> Option<Listening> {
+        let start = status.find("TCP ")?;
+        let listed = status[start..].split(';').next()?;
+        let words: Vec<&str> = listed.split_whitespace().collect();
+        let [_, tcp, _, udp, _, http] = words.as_slice() else {
+            return None;
+        };
+        let list = |text: &str| -> Option<Vec<SocketAddr>> {
+            if text == "off" {
+                return Some(Vec::new());
+            }
+            text.split(',').map(|a| a.parse().ok()).collect()
+        };
+        Some(Listening {
+            tcp: list(tcp)?,
+            udp: list(udp)?,
+            http: list(http)?,
+        })
+    }
+
+    /// The addresses of the first `echod ready: …` line in a log.
+    pub fn from_log(log: &str) -> Option<Listening> {
+        log.lines()
+            .find_map(|line| line.split_once("echod ready: ").map(|(_, rest)| rest))
+            .and_then(Listening::parse)
+    }
+}
+
+/// A loopback TCP address nothing accepts connections on: a socket the test holds bound
+/// but never listening, so a connect to it is refused, and no other process can take
+/// the port for as long as the test holds it.
+pub struct Refusing {
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+/// A fresh [`Refusing`] address on 127.0.0.1 (port 0: the kernel picks it).
+pub fn refusing() -> Refusing {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind 127.0.0.1:0");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("an IP address");
+    Refusing {
+        _socket: socket,
+        addr,
     }
 }
 
@@ -59,15 +145,21 @@ pub(crate) fn merge(base: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// The address each listener of a test daemon is configured with (port 0: the kernel
+/// picks one); it labels the listener's metrics (`listener="127.0.0.1:0"`).
+pub const CONFIGURED: &str = "127.0.0.1:0";
+
 /// A running daemon started by a test; killed (by PID) when dropped.
 pub struct Daemon {
     pub(crate) child: ChildGuard,
-    /// The TCP echo address (127.0.0.1).
+    /// The first TCP echo address.
     pub tcp: SocketAddr,
-    /// The UDP echo address (127.0.0.1).
+    /// The first UDP echo address.
     pub udp: SocketAddr,
-    /// The HTTP endpoint.
+    /// The first HTTP endpoint.
     pub http: SocketAddr,
+    /// Every address it serves.
+    pub listening: Listening,
     /// Holds the config file and the log.
     dir: tempfile::TempDir,
 }
@@ -75,11 +167,14 @@ pub struct Daemon {
 /// Options for [`Daemon::start_with`].
 #[derive(Default)]
 pub struct Options<'a> {
-    /// TOML merged over the test's base config (own ports, short drain).
+    /// TOML merged over the test's base config (port 0 on 127.0.0.1 for every
+    /// listener, short drain).
     pub toml: &'a str,
     /// Extra environment variables.
     pub env: Vec<(&'a str, String)>,
-    /// Do not wait for readiness (for tests of start-up failures).
+    /// Do not wait for readiness (for tests of start-up failures, or that wait in their
+    /// own way and then call [`Daemon::wait_listening`]); the addresses stay unknown
+    /// (port 0) until then.
     pub no_wait: bool,
     /// RLIMIT_NOFILE for the daemon (fd-exhaustion tests).
     pub max_open_files: Option<u64>,
@@ -88,7 +183,8 @@ pub struct Options<'a> {
 }
 
 impl Daemon {
-    /// Starts echod with `extra` TOML merged over a base config on fresh ports.
+    /// Starts echod with `extra` TOML merged over a base config on ports the kernel
+    /// picks, and waits until it is ready.
     pub fn start(extra: &str) -> Daemon {
         Self::start_with(Options {
             toml: extra,
@@ -98,18 +194,14 @@ impl Daemon {
 
     /// Starts echod with full options.
     pub fn start_with(opts: Options<'_>) -> Daemon {
-        let port = free_port();
-        let http_port = free_port();
-        let tcp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
         let mut config: toml::Table = format!(
             r#"
             [tcp]
-            listen = ["{tcp}"]
+            listen = ["{CONFIGURED}"]
             [udp]
-            listen = ["{tcp}"]
+            listen = ["{CONFIGURED}"]
             [metrics]
-            listen = ["{http}"]
+            listen = ["{CONFIGURED}"]
             [shutdown]
             drain_timeout = "10s"
             [log]
@@ -153,11 +245,13 @@ impl Daemon {
                 });
             }
         }
+        let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut daemon = Daemon {
             child: ChildGuard(spawn_retrying_busy(&mut cmd)),
-            tcp,
-            udp: tcp,
-            http,
+            tcp: unknown,
+            udp: unknown,
+            http: unknown,
+            listening: Listening::default(),
             dir,
         };
         if !opts.no_wait {
@@ -171,21 +265,51 @@ impl Daemon {
         self.dir.path().join("echod.toml")
     }
 
-    /// Waits until `/readyz` answers 200 (10 s at most); fails at once if echod exits.
+    /// Waits for the `echod ready: …` log line (10 s at most; fails at once if echod
+    /// exits) and takes the addresses it names.
+    pub fn wait_listening(&mut self) {
+        let log = self.dir.path().join("echod.log");
+        let child = &mut self.child.0;
+        let mut exited = None;
+        let listening = poll(Duration::from_secs(10), || {
+            let found = Listening::from_log(&std::fs::read_to_string(&log).unwrap_or_default());
+            exited = child.try_wait().ok().flatten();
+            found.or_else(|| exited.map(|_| Listening::default()))
+        });
+        let listening = match (listening, exited) {
+            (Some(listening), _) if listening != Listening::default() => listening,
+            (_, Some(status)) => panic!("{}", self.startup_failure(&format!("exited ({status})"))),
+            _ => panic!(
+                "{}",
+                self.startup_failure("no `echod ready` line within 10 s")
+            ),
+        };
+        let unknown = self.tcp;
+        let first = |list: &[SocketAddr]| list.first().copied().unwrap_or(unknown);
+        self.tcp = first(&listening.tcp);
+        self.udp = first(&listening.udp);
+        self.http = first(&listening.http);
+        self.listening = listening;
+    }
+
+    /// Waits until echod is ready: its ready line is logged and, when it serves HTTP,
+    /// `/readyz` answers 200.
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !http_get(self.http, "/readyz").is_ok_and(|(status, _)| status == 200) {
-            let exited = self.child.0.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() > deadline {
-                let config = std::fs::read_to_string(self.config_path()).unwrap_or_default();
-                panic!(
-                    "echod did not become ready ({}); config:\n{config}\nlog:\n{}",
-                    exited.map_or("still running".to_string(), |s| s.to_string()),
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        self.wait_listening();
+        if !self.listening.http.is_empty()
+            && !wait_http_status(self.http, "/readyz", 200, Duration::from_secs(10))
+        {
+            panic!("{}", self.startup_failure("/readyz never answered 200"));
         }
+    }
+
+    /// Why start-up failed, with the config and the log.
+    fn startup_failure(&self, what: &str) -> String {
+        let config = std::fs::read_to_string(self.config_path()).unwrap_or_default();
+        format!(
+            "echod did not become ready ({what}); config:\n{config}\nlog:\n{}",
+            self.log()
+        )
     }
 
     /// Everything the daemon logged so far.
@@ -203,25 +327,36 @@ impl Daemon {
     /// Waits (10 s at most) until a counter reaches at least `want`; returns its value
     /// then. Counts are flushed per burst, so they may lag the client's view briefly.
     pub fn wait_metric_at_least(&self, family: &str, labels: &[(&str, &str)], want: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let value = self.metric(family, labels);
-            if value >= want {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{family}{labels:?} never reached {want} (at {value})"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let last = std::cell::Cell::new(f64::NAN);
+        wait_for(
+            Duration::from_secs(10),
+            || {
+                format!(
+                    "{family}{labels:?} never reached {want} (at {})",
+                    last.get()
+                )
+            },
+            || {
+                last.set(self.metric(family, labels));
+                (last.get() >= want).then_some(last.get())
+            },
+        )
     }
 
     /// The value of one series, e.g. `echod_tcp_connections_accepted_total{listener="…"}`;
     /// sums every series of the family whose labels include the given ones.
     pub fn metric(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
-        metric_value(&self.scrape(), family, labels)
+        metric_at(self.http, family, labels)
+            .unwrap_or_else(|| metric_value(&self.scrape(), family, labels))
     }
+}
+
+/// The sum of the samples of `family` whose labels include every pair in `labels`, as
+/// the HTTP endpoint at `addr` exposes them now; `None` when it does not answer 200 or
+/// has no such series.
+pub fn metric_at(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (status, body) = http_get(addr, "/metrics").ok()?;
+    (status == 200).then(|| metric_sample(&body, family, labels))?
 }
 
 /// Sums the samples of `family` whose labels include every pair in `labels`; panics
@@ -263,24 +398,36 @@ pub fn metric_sample(exposition: &str, family: &str, labels: &[(&str, &str)]) ->
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-/// A minimal HTTP/1.1 GET (tests avoid depending on an HTTP client crate).
+/// `GET path`: the status and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, "GET", path)
+    http_response(addr, "GET", path).map(|r| (r.status, r.body))
 }
 
-/// A minimal HTTP/1.1 request with `Connection: close`.
-pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_exchange(
-        addr,
-        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    )
+/// Waits until `GET path` answers `want`; false when `limit` passes first.
+pub fn wait_http_status(addr: SocketAddr, path: &str, want: u16, limit: Duration) -> bool {
+    poll(limit, || {
+        http_get(addr, path)
+            .is_ok_and(|(status, _)| status == want)
+            .then_some(())
+    })
+    .is_some()
 }
 
-/// Sends a raw HTTP request and reads the status and body until the server closes.
-pub fn http_exchange(addr: SocketAddr, request: &str) -> std::io::Result<(u16, String)> {
-    let response = http_raw(addr, request)?;
-    let (status, _, body) = split_response(&response)?;
-    Ok((status, body.to_string()))
+/// `METHOD path` over plain HTTP/1.1 with `Connection: close` (tests avoid depending on
+/// an HTTP client crate).
+pub fn http_response(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<HttpResponse> {
+    HttpResponse::parse(&http_raw(addr, &request_head(method, path, addr, &[]))?)
+}
+
+/// The head of an HTTP/1.1 request with `Connection: close` and `headers`.
+pub fn request_head(method: &str, path: &str, host: SocketAddr, headers: &[String]) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head
 }
 
 /// Sends a raw HTTP request and returns everything the server sent until it closed.
@@ -293,16 +440,66 @@ pub fn http_raw(addr: SocketAddr, request: &str) -> std::io::Result<String> {
     Ok(response)
 }
 
-/// A response's status code, its header lines and its body.
-pub fn split_response(response: &str) -> std::io::Result<(u16, &str, &str)> {
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
-    let headers = head.split_once("\r\n").map_or("", |(_, h)| h);
-    Ok((status, headers, body))
+/// An HTTP response read to its end.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Name (lower case) and value of each header, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked when it was sent chunked.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// Parses a whole response: status line, headers, body.
+    pub fn parse(response: &str) -> std::io::Result<HttpResponse> {
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
+        let mut response = HttpResponse {
+            status,
+            headers: head
+                .split("\r\n")
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect(),
+            body: body.to_string(),
+        };
+        let chunked = response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked && !body.is_empty() {
+            response.body = dechunk(body)
+                .ok_or_else(|| std::io::Error::other(format!("bad chunked body: {body:?}")))?;
+        }
+        Ok(response)
+    }
+
+    /// The value of the first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The payload of a chunked body, or `None` when it is not well formed.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Random bytes from a seeded generator, so a failure can be replayed.
@@ -313,17 +510,13 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// Spawns `cmd`, retrying briefly while its executable is "busy": a binary a test has
-/// just written (an upgrade's copy) can be held open for writing for a moment by a
+/// Spawns `cmd`, retrying for a second while its executable is "busy": a binary a test
+/// has just written (an upgrade's copy) can be held open for writing for a moment by a
 /// child another test thread forked meanwhile (the fd lives until that child execs).
 fn spawn_retrying_busy(cmd: &mut Command) -> Child {
-    for _ in 0..100 {
-        match cmd.spawn() {
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            result => return result.expect("start echod"),
-        }
-    }
-    cmd.spawn().expect("start echod")
+    let spawned = poll(Duration::from_secs(1), || match cmd.spawn() {
+        Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => None,
+        result => Some(result),
+    });
+    spawned.unwrap_or_else(|| cmd.spawn()).expect("start echod")
 }

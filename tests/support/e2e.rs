@@ -48,22 +48,72 @@ impl Daemon {
 
     /// Waits for the daemon to exit (panics after `limit`).
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                panic!("echod did not exit within {limit:?}; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = poll(limit, || self.try_exit());
+        status
+            .unwrap_or_else(|| panic!("echod did not exit within {limit:?}; log:\n{}", self.log()))
     }
 }
 
 /// A path inside the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The repository's README.md.
+pub fn readme() -> String {
+    std::fs::read_to_string(repo_path("README.md")).expect("README.md")
+}
+
+/// The TCP addresses process `pid` listens on, from the sockets among its descriptors
+/// (`/proc/PID/fd`) that `/proc/net/tcp` and `tcp6` show listening: how a test learns the
+/// port a tool it started bound on port 0.
+pub fn listening_tcp(pid: u32) -> Vec<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    Some(
+                        target
+                            .strip_prefix("socket:[")?
+                            .strip_suffix(']')?
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st (0A: LISTEN), inode
+            if fields.len() > 9 && fields[3] == "0A" && inodes.iter().any(|i| i == fields[9]) {
+                found.extend(proc_net_address(fields[1]));
+            }
+        }
+    }
+    found
+}
+
+/// A `/proc/net/tcp` address (`0100007F:1F90`: the address as 32-bit words printed in
+/// host byte order, a colon, the port in hex).
+fn proc_net_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip: std::net::IpAddr = match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+        16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Sends `data` over TCP in random-sized writes while reading the echo concurrently,
@@ -135,29 +185,51 @@ pub fn udp_echo(target: SocketAddr, payload: &[u8], wait: Duration) -> Option<Ve
 /// The usual client source address.
 pub const LOCAL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 
-/// A TCP connection to `addr` from the local address `from` (127.0.0.x).
+/// A TCP connection from `from` (127.0.0.x) to `to` within `timeout`, with an optional
+/// small receive buffer (set before connect so the window is small from the start).
+pub fn try_connect_from(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    rcvbuf: Option<usize>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&SocketAddr::from((from, 0)).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// A TCP connection to `addr` from the local address `from` (127.0.0.x), reading with a
+/// 10 s timeout.
 pub fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    socket
-        .bind(&SocketAddr::from((from, 0)).into())
-        .expect("bind client to a loopback address");
-    socket
-        .connect_timeout(&addr.into(), Duration::from_secs(5))
-        .expect("connect");
-    let stream: TcpStream = socket.into();
+    let stream = try_connect_from(from, addr, None, Duration::from_secs(5)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
 }
 
+/// Writes `data` on `stream` and reads as many bytes back, waiting `within` at most for
+/// each read; true when they are `data`, false when the connection failed or closed, or
+/// the echo was late.
+pub fn echoes_on(stream: &mut TcpStream, data: &[u8], within: Duration) -> bool {
+    let mut back = vec![0u8; data.len()];
+    stream.set_read_timeout(Some(within)).is_ok()
+        && stream.write_all(data).is_ok()
+        && stream.read_exact(&mut back).is_ok()
+        && back == data
+}
+
 /// A connection the daemon admitted: one byte is echoed on it.
 pub fn admitted(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
     let mut s = connect_from(from, addr);
-    s.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).expect("admitted connection echoes");
-    assert_eq!(&b, b"x");
+    assert!(
+        echoes_on(&mut s, b"x", Duration::from_secs(10)),
+        "admitted connection echoes"
+    );
     s
 }
 
@@ -212,27 +284,32 @@ pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
 /// returns that scrape. Counters are flushed at the end of a burst or batch, so they
 /// may lag the client by a moment; after `limit` the mismatches are reported.
 pub fn expect_metrics(daemon: &Daemon, expected: &[Expected<'_>], limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    loop {
-        let scrape = daemon.scrape();
-        let wrong: Vec<String> = expected
-            .iter()
-            .filter_map(|(family, labels, want)| {
-                let got = metric_value(&scrape, family, labels);
-                (got != *want).then(|| format!("{family}{labels:?}: got {got}, want {want}"))
-            })
-            .collect();
-        if wrong.is_empty() {
-            return scrape;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "metrics did not reach their expected values within {limit:?}:\n  {}\nscrape:\n{scrape}",
+    let last = std::cell::RefCell::new((Vec::new(), String::new()));
+    wait_for(
+        limit,
+        || {
+            let (wrong, scrape) = last.take();
+            format!(
+                "metrics did not reach their expected values:\n  {}\nscrape:\n{scrape}",
                 wrong.join("\n  ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            )
+        },
+        || {
+            let scrape = daemon.scrape();
+            let wrong: Vec<String> = expected
+                .iter()
+                .filter_map(|(family, labels, want)| {
+                    let got = metric_value(&scrape, family, labels);
+                    (got != *want).then(|| format!("{family}{labels:?}: got {got}, want {want}"))
+                })
+                .collect();
+            if wrong.is_empty() {
+                return Some(scrape);
+            }
+            *last.borrow_mut() = (wrong, scrape);
+            None
+        },
+    )
 }
 
 /// Metric families in an exposition, from their `# TYPE` lines: name → type.
@@ -315,14 +392,11 @@ impl Chatter {
     /// Waits until a few more rounds came back, proving the connection still echoes now.
     pub fn still_echoing(&self) {
         let start = self.rounds.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.rounds.load(Ordering::Relaxed) < start + 3 {
-            assert!(
-                Instant::now() < deadline && !self.thread.is_finished(),
-                "the held connection stopped echoing after {start} rounds"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = || format!("the held connection stopped echoing after {start} rounds");
+        wait_until(Duration::from_secs(10), what, || {
+            assert!(!self.thread.is_finished(), "{}", what());
+            self.rounds.load(Ordering::Relaxed) >= start + 3
+        });
     }
 
     /// Stops and returns the byte-exact rounds.

@@ -6,8 +6,6 @@
 //! Included (by `#[path]`) by the test modules that use it, in the `daemon` and
 //! `deployment` crates.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+
+use crate::support::{HttpResponse, request_head, wait_for};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -105,11 +105,6 @@ impl Pki {
         let path = self.dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
-    }
-
-    /// The directory the files are in.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// A web config file serving `cert`/`key` with `extra_tls` lines in
@@ -206,40 +201,34 @@ impl HttpsClient {
         let conn = rustls::ClientConnection::new(Arc::clone(&self.config), name)
             .map_err(std::io::Error::other)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some((user, password)) = auth {
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            request.push_str(&format!("Authorization: Basic {token}\r\n"));
-        }
-        request.push_str("\r\n");
-        tls.write_all(request.as_bytes())?;
+        let headers: Vec<String> = auth
+            .map(|(user, password)| {
+                let token =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                format!("Authorization: Basic {token}")
+            })
+            .into_iter()
+            .collect();
+        tls.write_all(request_head("GET", path, addr, &headers).as_bytes())?;
         let mut resp = Vec::new();
         tls.read_to_end(&mut resp)?;
-        let resp = String::from_utf8_lossy(&resp).into_owned();
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad response: {resp:?}")))?;
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        let response = HttpResponse::parse(&String::from_utf8_lossy(&resp))?;
+        Ok((response.status, response.body))
     }
 
     /// Waits (10 s at most) until `GET /readyz` answers 200.
     pub fn wait_ready(&self, addr: SocketAddr) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.get(addr, "/readyz", None) {
-                Ok((200, _)) => return,
-                other if std::time::Instant::now() > deadline => {
-                    panic!("{addr}: /readyz over TLS never answered 200: {other:?}")
+        let last = std::cell::RefCell::new(None);
+        wait_for(
+            Duration::from_secs(10),
+            || format!("{addr}: /readyz over TLS never answered 200: {last:?}"),
+            || match self.get(addr, "/readyz", None) {
+                Ok((200, _)) => Some(()),
+                other => {
+                    last.replace(Some(other));
+                    None
                 }
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+            },
+        );
     }
 }

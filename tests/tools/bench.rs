@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::{
-    Daemon, Run, corrupting_echo_server, corrupting_udp_echo_server, free_port, run_echod,
-    stalling_echo_server,
+    Daemon, Run, corrupting_echo_server, corrupting_udp_echo_server, refusing, run_echod,
+    stalling_echo_server, wait_until,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -30,20 +30,15 @@ fn num(v: &Value, key: &str) -> f64 {
 /// Waits until the daemon has closed every connection it accepted, so its byte
 /// counters (flushed per burst and at close) are final.
 fn wait_all_closed(daemon: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let accepted = daemon.metric("echod_tcp_connections_accepted_total", &[]);
-        let closed = daemon.metric("echod_tcp_connections_closed_total", &[]);
-        if accepted == closed {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "daemon still has {} open connections",
-            accepted - closed
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let open = || {
+        daemon.metric("echod_tcp_connections_accepted_total", &[])
+            - daemon.metric("echod_tcp_connections_closed_total", &[])
+    };
+    wait_until(
+        Duration::from_secs(20),
+        || format!("daemon still has {} open connections", open()),
+        || open() == 0.0,
+    );
 }
 
 fn assert_tcp_run_matches_daemon(daemon: &Daemon, report: &Value, connections: f64) {
@@ -239,7 +234,8 @@ fn plot_writes_a_percentile_svg() {
 
 #[test]
 fn nothing_listening_is_a_clear_failure() {
-    let target = format!("127.0.0.1:{}", free_port());
+    let closed = refusing();
+    let target = closed.addr.to_string();
     let (run, _) = bench(&[&target, "-d", "1s"]);
     assert_eq!(run.code(), 1);
     assert!(

@@ -6,10 +6,11 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{
-    ChildGuard, Daemon, corrupting_echo_server, echod_bin, free_port, random_bytes, run_echod,
+    ChildGuard, Daemon, corrupting_echo_server, echod_bin, random_bytes, refusing, run_echod,
+    wait_for, wait_until,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -65,8 +66,8 @@ fn verify_catches_a_corrupting_server() {
 
 #[test]
 fn refused_connection_is_one_clear_line() {
-    let port = free_port();
-    let run = run_echod(&["client", &format!("127.0.0.1:{port}")], b"x", LIMIT);
+    let closed = refusing();
+    let run = run_echod(&["client", &closed.addr.to_string()], b"x", LIMIT);
     assert_ne!(run.code(), 0);
     assert_eq!(run.stderr.trim_end().lines().count(), 1, "{}", run.stderr);
     assert!(
@@ -147,20 +148,21 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    let wait_for = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !screen.lock().unwrap().contains(what) {
-            assert!(
-                Instant::now() < deadline,
-                "{what:?} never appeared; screen: {:?}",
-                screen.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    let wait_screen = |what: &str| {
+        wait_until(
+            Duration::from_secs(20),
+            || {
+                format!(
+                    "{what:?} never appeared; screen: {:?}",
+                    screen.lock().unwrap()
+                )
+            },
+            || screen.lock().unwrap().contains(what),
+        )
     };
-    wait_for("> ");
+    wait_screen("> ");
     master.write_all(b"hello from a terminal\n").unwrap();
-    wait_for("hello from a terminal");
+    wait_screen("hello from a terminal");
     // The line went through the server, not just the terminal.
     let line = "hello from a terminal\n".len() as f64;
     assert_eq!(
@@ -169,14 +171,11 @@ fn interactive_mode_echoes_a_typed_line_and_quits_on_q() {
     );
     master.write_all(b"q\n").unwrap();
     let child = &mut guard.0;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "client did not quit on q");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_for(
+        Duration::from_secs(20),
+        || "client did not quit on q",
+        || child.try_wait().unwrap(),
+    );
     assert!(status.success(), "{status:?}");
     // Once the connection has closed, its counts are final.
     daemon.wait_metric_at_least("echod_tcp_connections_closed_total", &[], 1.0);

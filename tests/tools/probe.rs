@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use crate::support::{Daemon, Run, free_port, run_echod, tcp_server};
+use crate::support::{Daemon, Run, refusing, run_echod, tcp_server};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -52,13 +52,19 @@ fn healthy_daemon_passes_tcp_udp_and_http_probes() {
 
 #[test]
 fn without_targets_it_probes_the_configured_daemon() {
-    let daemon = Daemon::start(
-        r#"
-        [log]
-        level = "warn"
-        "#,
-    );
-    let config = daemon.config_path();
+    let daemon = Daemon::start("");
+    // The daemon's own file names port 0; the probe reads one naming the ports it got.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tcp]\nlisten = [\"{}\"]\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n\
+             [log]\nlevel = \"warn\"\n",
+            daemon.tcp, daemon.udp, daemon.http
+        ),
+    )
+    .unwrap();
     let run = probe(&["--config", config.to_str().unwrap()]);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
     let out = run.stdout_text();
@@ -115,10 +121,10 @@ fn a_server_answering_something_else_is_unhealthy() {
 
 #[test]
 fn refused_connection_is_unhealthy() {
-    let port = free_port();
-    let run = probe(&["--tcp", &format!("127.0.0.1:{port}")]);
+    let closed = refusing();
+    let run = probe(&["--tcp", &closed.addr.to_string()]);
     assert_unhealthy(&run, "refused");
-    let run = probe(&["--http", &format!("http://127.0.0.1:{port}/readyz")]);
+    let run = probe(&["--http", &format!("http://{}/readyz", closed.addr)]);
     assert_unhealthy(&run, "refused");
 }
 
@@ -189,7 +195,8 @@ fn http_503_is_unhealthy() {
 #[test]
 fn one_failing_target_among_healthy_ones_fails_the_probe() {
     let daemon = Daemon::start("");
-    let dead = format!("127.0.0.1:{}", free_port());
+    let closed = refusing();
+    let dead = closed.addr.to_string();
     let run = probe(&["--tcp", &daemon.tcp.to_string(), "--tcp", &dead]);
     assert_unhealthy(&run, &dead);
 }

@@ -69,16 +69,11 @@ pub fn run_echod(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "echod {args:?} did not finish within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_for(
+        limit,
+        || format!("echod {args:?} did not finish"),
+        || child.try_wait().unwrap(),
+    );
     let elapsed = started.elapsed();
     writer.join().unwrap();
     Run {
