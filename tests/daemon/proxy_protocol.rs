@@ -134,20 +134,9 @@ fn start_trusting(trusted: &str, extra: &str) -> Daemon {
     ))
 }
 
-/// The HAProxy configuration README's "Behind a load balancer" section shows.
-fn readme_haproxy_snippet() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
-        .split("## Behind a load balancer")
-        .nth(1)
-        .expect("README has a `## Behind a load balancer` section");
-    let block = section
-        .split("```haproxy\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the section has a ```haproxy block");
-    block.to_string()
+/// The HAProxy configuration docs/deploying.md shows (`runnable:haproxy`).
+fn documented_haproxy_snippet() -> String {
+    crate::docs::runnable("haproxy")
 }
 
 /// A real HAProxy started by the test, stopped (by PID) when dropped.
@@ -159,10 +148,10 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    /// Runs README's snippet with its addresses swapped for loopback ones and `send` as
+    /// Runs the documented snippet with its addresses swapped for loopback ones and `send` as
     /// the server's PROXY option (`send-proxy` or `send-proxy-v2`).
     fn start(echod: SocketAddr, send: &str) -> Haproxy {
-        let snippet = readme_haproxy_snippet();
+        let snippet = documented_haproxy_snippet();
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let config = snippet
@@ -171,7 +160,7 @@ impl Haproxy {
             .replace("send-proxy-v2", send);
         assert!(
             config.contains(&format!("bind {addr}")) && config.contains(&echod.to_string()),
-            "README's snippet no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
+            "runnable:haproxy no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
         );
         // Checks often, so several of them (v2 LOCAL or v1 UNKNOWN headers) land during a test.
         let config = config.replace("check-send-proxy", "check-send-proxy inter 200ms");

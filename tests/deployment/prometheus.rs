@@ -325,13 +325,13 @@ fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
             "no alert for {what} (an expression with {needles:?})"
         );
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
     for alert in &alerts {
         let name = alert["alert"].as_str().unwrap();
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README does not list {name}"
+            reference.contains(&format!("`{name}`")),
+            "docs/metrics.md does not list {name}"
         );
     }
     // Each alert has a unit test where it fires and one where it stays quiet.
