@@ -12,6 +12,7 @@ mod support;
 
 mod caps;
 mod config;
+mod docs;
 mod hostile_config;
 mod hostile_drain;
 mod hostile_http;
@@ -39,6 +40,7 @@ fn main() -> std::process::ExitCode {
     support::run(&[
         soak::TESTS,
         tcp_echo::TESTS,
+        docs::TESTS,
         udp_echo::TESTS,
         limits::TESTS,
         metrics::TESTS,

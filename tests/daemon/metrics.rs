@@ -1,6 +1,6 @@
 //! The HTTP endpoint and the metrics as an operator sees them: status codes of every
 //! route, exact counts after known traffic, readiness during a drain, limits published
-//! as gauges — and the README and Grafana dashboard naming only metrics that exist.
+//! as gauges — and the metrics reference (docs/metrics.md) and Grafana dashboard naming only metrics that exist.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use crate::support::{
     self, CONFIGURED, Daemon, Expected, LOCAL, admitted, daemon_with_drain_timeout,
     daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, http_get,
-    http_response, is_exported, random_bytes, readme, refused, repo_path, tcp_roundtrip,
-    udp_client, wait_for, wait_until,
+    http_response, is_exported, random_bytes, refused, repo_path, tcp_roundtrip, udp_client,
+    wait_for, wait_until,
 };
 
 crate::support::tests![
@@ -22,7 +22,7 @@ crate::support::tests![
     readiness_fails_at_sigterm_while_liveness_holds_until_exit,
     limit_gauges_follow_the_config_across_reloads,
     grafana_dashboard_queries_only_metrics_echod_exports,
-    readme_lists_every_exported_family_and_endpoint,
+    metrics_reference_lists_every_exported_family_and_endpoint,
     every_documented_reason_kind_and_cap_exists_at_zero_from_the_start,
     source_addresses_never_become_labels,
     probes_and_scrapes_keep_answering_while_echo_ports_are_flooded,
@@ -551,17 +551,12 @@ fn grafana_dashboard_queries_only_metrics_echod_exports() {
     );
 }
 
-/// README's `## Metrics and health` section.
-fn readme_metrics_section() -> String {
-    let section = format!("\n{}", readme());
-    let section = section
-        .split("\n## Metrics and health\n")
-        .nth(1)
-        .expect("README has a `## Metrics and health` section");
-    section.split("\n## ").next().unwrap_or(section).to_string()
+/// docs/metrics.md, the metrics reference (its table generated from the registry).
+fn documented_metrics_section() -> String {
+    std::fs::read_to_string(repo_path("docs/metrics.md")).expect("docs/metrics.md")
 }
 
-/// One row of README's metric table.
+/// One row of docs/metrics.md's metric table.
 #[derive(Debug)]
 struct DocumentedMetric {
     name: String,
@@ -572,11 +567,11 @@ struct DocumentedMetric {
     values: BTreeSet<String>,
 }
 
-/// The labels whose values are a fixed set the README lists.
+/// The labels whose values are a fixed set the reference lists.
 const ENUM_LABELS: [&str; 3] = ["reason", "kind", "cap"];
 
-fn readme_metric_table() -> Vec<DocumentedMetric> {
-    let rows: Vec<DocumentedMetric> = readme_metrics_section()
+fn documented_metric_table() -> Vec<DocumentedMetric> {
+    let rows: Vec<DocumentedMetric> = documented_metrics_section()
         .lines()
         .filter(|l| l.starts_with("| `echod_"))
         .map(|row| {
@@ -602,7 +597,7 @@ fn readme_metric_table() -> Vec<DocumentedMetric> {
             }
         })
         .collect();
-    assert!(rows.len() >= 20, "README metric table: {rows:#?}");
+    assert!(rows.len() >= 20, "docs/metrics.md metric table: {rows:#?}");
     rows
 }
 
@@ -640,34 +635,35 @@ fn exposed_labels(scrape: &str, family: &str, label: &str) -> (BTreeSet<String>,
     (names, values)
 }
 
-fn readme_lists_every_exported_family_and_endpoint() {
-    let section = readme_metrics_section();
+fn metrics_reference_lists_every_exported_family_and_endpoint() {
+    let section = documented_metrics_section();
     for endpoint in ["/metrics", "/healthz", "/readyz", "9107"] {
         assert!(
             section.contains(endpoint),
-            "README section lacks {endpoint}"
+            "docs/metrics.md lacks {endpoint}"
         );
     }
     let (scrape, exported) = live_scrape();
-    let table = readme_metric_table();
-    // Exported → README: every echod family has its row.
+    let table = documented_metric_table();
+    // Exported → reference: every echod family has its row.
     let missing: Vec<_> = exported
         .keys()
         .filter(|f| f.starts_with("echod_") && !table.iter().any(|m| &m.name == *f))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "README `## Metrics and health` lacks: {missing:?}"
-    );
-    // README → exported: every row exists, with the type and the label names it says.
+    assert!(missing.is_empty(), "docs/metrics.md lacks: {missing:?}");
+    // Reference → exported: every row exists, with the type and the label names it says.
     for row in &table {
         assert_eq!(
             exported.get(&row.name),
             Some(&row.kind),
-            "README row {row:?}: type in the scrape"
+            "docs/metrics.md row {row:?}: type in the scrape"
         );
         let (labels, _) = exposed_labels(&scrape, &row.name, "");
-        assert_eq!(labels, row.labels, "README row {}: label names", row.name);
+        assert_eq!(
+            labels, row.labels,
+            "docs/metrics.md row {}: label names",
+            row.name
+        );
     }
 }
 
@@ -676,13 +672,13 @@ fn every_documented_reason_kind_and_cap_exists_at_zero_from_the_start() {
     let scrape = daemon.scrape();
     let (tcp, udp) = (CONFIGURED.to_string(), CONFIGURED.to_string());
     let mut checked = 0;
-    for row in readme_metric_table() {
+    for row in documented_metric_table() {
         let Some(label) = ENUM_LABELS.iter().find(|l| row.labels.contains(**l)) else {
             continue;
         };
         assert!(
             !row.values.is_empty(),
-            "README names no {label} for {row:?}"
+            "docs/metrics.md names no {label} for {row:?}"
         );
         let listener = if row.name.starts_with("echod_udp_") {
             &udp

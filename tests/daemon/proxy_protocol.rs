@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    ChildGuard, Daemon, connect_from, echoes_on, is_served, readme, spawn_activated,
-    try_connect_from, wait_for_log, wait_until,
+    ChildGuard, Daemon, connect_from, echoes_on, is_served, spawn_activated, try_connect_from,
+    wait_for_log, wait_until,
 };
 
 crate::support::tests![
@@ -116,19 +116,9 @@ fn start_trusting(trusted: &str, extra: &str) -> Daemon {
     ))
 }
 
-/// The HAProxy configuration README's "Behind a load balancer" section shows.
-fn readme_haproxy_snippet() -> String {
-    let readme = readme();
-    let section = readme
-        .split("## Behind a load balancer")
-        .nth(1)
-        .expect("README has a `## Behind a load balancer` section");
-    let block = section
-        .split("```haproxy\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the section has a ```haproxy block");
-    block.to_string()
+/// The HAProxy configuration docs/deploying.md shows (`runnable:haproxy`).
+fn documented_haproxy_snippet() -> String {
+    crate::docs::runnable("haproxy")
 }
 
 /// A real HAProxy started by the test, stopped (by PID) when dropped.
@@ -140,11 +130,11 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    /// Runs README's snippet with its addresses swapped for loopback ones and `send` as
-    /// the server's PROXY option (`send-proxy` or `send-proxy-v2`). HAProxy listens on a
-    /// socket the test bound on port 0 and hands it as descriptor 3 (`bind fd@3`).
+    /// Runs the documented snippet with its addresses swapped for loopback ones and `send`
+    /// as the server's PROXY option (`send-proxy` or `send-proxy-v2`). HAProxy listens on
+    /// a socket the test bound on port 0 and hands it as descriptor 3 (`bind fd@3`).
     fn start(echod: SocketAddr, send: &str) -> Haproxy {
-        let snippet = readme_haproxy_snippet();
+        let snippet = documented_haproxy_snippet();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let config = snippet
@@ -153,7 +143,7 @@ impl Haproxy {
             .replace("send-proxy-v2", send);
         assert!(
             config.contains("bind fd@3") && config.contains(&echod.to_string()),
-            "README's snippet no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
+            "runnable:haproxy no longer has `bind :7` and `10.0.0.5:7`:\n{snippet}"
         );
         // Checks often, so several of them (v2 LOCAL or v1 UNKNOWN headers) land during a test.
         let config = config.replace("check-send-proxy", "check-send-proxy inter 200ms");

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use crate::support::{Daemon, IPV6_LOOPBACK, poll, random_bytes, readme, tcp_roundtrip};
+use crate::support::{Daemon, IPV6_LOOPBACK, poll, random_bytes, tcp_roundtrip};
 
 use crate::support::Need;
 
@@ -15,7 +15,7 @@ crate::support::tests![
     ipv6_listener_echoes needs &[IPV6_LOOPBACK],
     ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses needs &[crate::support::IPV6_LOOPBACK],
     every_documented_tcp_nc_example_ends_at_end_of_input,
-    readme_smoke_commands_print_hello_and_return_at_once needs &[Need::Tool("nc")],
+    documented_smoke_commands_print_hello_and_return_at_once needs &[Need::Tool("nc")],
     man_page_examples_run_against_a_real_echod needs &[Need::Tool("nc")],
 ];
 
@@ -98,14 +98,10 @@ fn on_loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, addr.port())
 }
 
-/// README: "An IPv6 address listens for IPv6 only … for both, list both".
+/// An IPv6 address listens for IPv6 only, and both families need both addresses: the
+/// second daemon runs docs/configuration.md's `runnable:dual-stack` block as written.
 fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
-    let readme = readme().split_whitespace().collect::<Vec<_>>().join(" ");
-    assert!(
-        readme.contains("An IPv6 address listens for IPv6 only")
-            && readme.contains(r#"`listen = ["0.0.0.0:7", "[::]:7"]`"#),
-        "README no longer documents IPv6-only listeners"
-    );
+    let documented = crate::docs::runnable("dual-stack");
     let udp_echoes = |addr: std::net::SocketAddr| {
         let bind = if addr.is_ipv4() {
             "127.0.0.1:0"
@@ -142,8 +138,13 @@ fn ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses() {
     assert!(!udp_echoes(v4(udp)), "{udp} alone answered IPv4 UDP");
     drop(only_v6);
 
-    let both = "[\"0.0.0.0:0\", \"[::]:0\"]";
-    let daemon = Daemon::start(&format!("[tcp]\nlisten = {both}\n[udp]\nlisten = {both}\n"));
+    let both = documented.replace(":7\"", ":0\"");
+    assert_eq!(
+        both.matches(":0\"").count(),
+        4,
+        "runnable:dual-stack lists 0.0.0.0:7 and [::]:7 for TCP and UDP:\n{documented}"
+    );
+    let daemon = Daemon::start(&both);
     let listening = &daemon.listening;
     assert_eq!(
         (listening.tcp.len(), listening.udp.len()),
@@ -250,21 +251,25 @@ fn every_documented_tcp_nc_example_ends_at_end_of_input() {
     assert!(checked >= 4, "only {checked} nc examples found");
 }
 
-/// The README's smoke tests, run as written against a real echod (its address swapped
+/// The smoke tests of the README (`runnable:smoke`) and of the service guide
+/// (`runnable:service-smoke`), run as written against a real echod (its address swapped
 /// for the test daemon's): each prints `hello` and returns at once.
-fn readme_smoke_commands_print_hello_and_return_at_once() {
+fn documented_smoke_commands_print_hello_and_return_at_once() {
     let daemon = Daemon::start("");
-    let readme = readme();
-    let commands = nc_commands(&readme);
-    assert!(commands.len() >= 4, "README smoke tests: {commands:?}");
-    run_nc_examples(&commands, &daemon);
+    for block in ["smoke", "service-smoke"] {
+        let commands = nc_commands(&crate::docs::runnable(block));
+        assert!(commands.len() >= 2, "runnable:{block}: {commands:?}");
+        run_nc_examples(&commands, &daemon);
+    }
+    let deploying = std::fs::read_to_string(crate::support::repo_path("docs/deploying.md"))
+        .expect("docs/deploying.md");
 
     // Kubernetes: the in-cluster check runs the image's own `echod probe` against the
     // Service (`echod:7`), here against the test daemon.
-    let probe = readme
+    let probe = deploying
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("probe --tcp echod:7"))
-        .expect("README's kubectl run … probe example");
+        .expect("docs/deploying.md's kubectl run … probe example");
     let command = format!("probe --tcp echod:7{probe}");
     let args = on_test_daemon(command.split('#').next().unwrap(), "echod:7", &daemon);
     let out = std::process::Command::new(crate::support::echod_bin())

@@ -3,7 +3,7 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use crate::support::{self, Daemon, Need, random_bytes, udp_client, wait_stopped};
+use crate::support::{Daemon, Need, random_bytes, repo_path, udp_client, wait_stopped};
 
 crate::support::tests![
     every_size_up_to_the_maximum_comes_back_with_boundaries_kept,
@@ -11,7 +11,7 @@ crate::support::tests![
     a_queued_burst_from_many_senders_is_answered_each_to_its_own,
     denied_source_port_gets_no_reply,
     rate_limit_caps_one_source_while_another_is_served,
-    readme_lists_exactly_the_default_denied_ports,
+    configuration_reference_lists_exactly_the_default_denied_ports,
     a_client_on_the_chargen_port_gets_no_reply_by_default needs &[ROOT_PORT_19],
 ];
 
@@ -227,24 +227,32 @@ fn rate_limit_caps_one_source_while_another_is_served() {
     );
 }
 
-/// README: "by default 0, 7 (echo), 9 (discard) … 11211 (memcached), the services …".
-fn readme_lists_exactly_the_default_denied_ports() {
-    let readme = support::readme();
-    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
-    let list = readme
-        .split_once("`udp.deny_source_ports` — by default ")
-        .and_then(|(_, rest)| rest.split_once(", the services that answer anything"))
-        .expect("README's list of default denied ports")
-        .0;
-    let documented: Vec<u16> = list
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|n| !n.is_empty())
-        .map(|n| n.parse().expect("a port number"))
+/// The configuration reference's row for `udp.deny_source_ports` (generated from
+/// config/echod.toml) gives exactly the built-in default list.
+fn configuration_reference_lists_exactly_the_default_denied_ports() {
+    let reference = std::fs::read_to_string(repo_path("docs/configuration.md")).unwrap();
+    let row = reference
+        .lines()
+        .find(|l| l.starts_with("| `udp.deny_source_ports` |"))
+        .expect("docs/configuration.md has a udp.deny_source_ports row");
+    let default = row.split('|').nth(2).expect("a default cell").trim();
+    let parsed: toml::Table = format!("v = {}", default.trim_matches('`'))
+        .parse()
+        .unwrap_or_else(|e| panic!("{row}: {e}"));
+    let documented: Vec<u16> = parsed["v"]
+        .as_array()
+        .expect("a list of ports")
+        .iter()
+        .map(|p| {
+            p.as_integer()
+                .and_then(|p| u16::try_from(p).ok())
+                .expect("a port")
+        })
         .collect();
     assert_eq!(
         documented,
         echod::config::DEFAULT_DENY_SOURCE_PORTS,
-        "{list}"
+        "{row}"
     );
 }
 

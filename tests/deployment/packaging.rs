@@ -1,7 +1,8 @@
 //! What the Debian package ships, checked on the host without booting anything: the
 //! units pass `systemd-analyze verify` and score ≤ 2.0 in `systemd-analyze security`,
 //! the packaged config is valid and agrees with the unit's timeouts and limits, and the
-//! man page is the one the CLI generates.
+//! man page and docs/configuration.md's key tables are the ones generated from the CLI
+//! and config/echod.toml.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,11 +11,12 @@ use crate::support::{Need, repo_path};
 
 crate::support::tests![
     man_page_is_generated_from_the_cli,
+    configuration_reference_is_generated_from_config_echod_toml,
     units_pass_systemd_analyze_verify needs &[Need::Tool("systemd-analyze")],
     service_hardening_exposure_is_at_most_2 needs &[Need::Tool("systemd-analyze")],
     packaged_config_is_valid_and_fits_the_unit,
     every_package_asset_exists,
-    readme_hardening_figure_is_the_measured_one needs &[Need::Tool("systemd-analyze")],
+    documented_hardening_figure_is_the_measured_one needs &[Need::Tool("systemd-analyze")],
     reload_validates_the_config_before_signalling,
     man_page_documents_every_key_the_environment_and_renders_cleanly needs &[Need::Tool("groff"), Need::Tool("man")],
 ];
@@ -212,10 +214,24 @@ fn optional_key(comment: &str) -> Option<(&str, &str)> {
     is_key.then_some((key, value))
 }
 
-/// The `.SS`/`.TP` entries for a documented TOML file: each key with its default (or,
-/// commented out, as unset by default) and the comment lines above it.
-fn configuration_entries(documented: &str) -> String {
-    let mut out = String::new();
+/// One entry of a documented TOML file (config/echod.toml): a section, or a key with
+/// its default (`None`: unset by default, with an example) and the comment above it.
+#[derive(Debug, PartialEq)]
+enum Documented {
+    Section(String),
+    Key {
+        key: String,
+        default: Option<String>,
+        example: Option<String>,
+        comment: String,
+    },
+}
+
+/// The sections and keys of a documented TOML file, each key with its default (or,
+/// commented out, as unset by default) and the comment lines above it: the one source
+/// of the man page's CONFIGURATION and of docs/configuration.md's key tables.
+fn documented_keys(documented: &str) -> Vec<Documented> {
+    let mut out = Vec::new();
     let mut section = String::new();
     let mut comment: Vec<String> = Vec::new();
     // Consecutive commented-out keys share the comment above the first.
@@ -235,37 +251,138 @@ fn configuration_entries(documented: &str) -> String {
             section = name.to_string();
             in_header = false;
             comment.clear();
-            out.push_str(&format!(".SS \"[{}]\"\n", roff(name)));
+            out.push(Documented::Section(name.to_string()));
         } else if let Some((key, example)) = optional {
             if comment.is_empty() {
                 comment = shared.clone();
             }
             assert!(!comment.is_empty(), "{section}.{key} has no comment");
             shared = comment.clone();
-            out.push_str(&format!(
-                ".TP\n\\fB{}\\fR (unset by default; e.g. {})\n{}\n",
-                roff(&format!("{section}.{key}")),
-                roff(example),
-                roff(&comment.join(" "))
-            ));
+            out.push(Documented::Key {
+                key: format!("{section}.{key}"),
+                default: None,
+                example: Some(example.to_string()),
+                comment: comment.join(" "),
+            });
             comment.clear();
         } else if let Some(text) = line.strip_prefix('#') {
             comment.push(text.trim().to_string());
         } else if let Some((key, value)) = line.split_once(" = ") {
             assert!(!in_header, "key {key} outside a section");
             assert!(!comment.is_empty(), "{section}.{key} has no comment");
-            out.push_str(&format!(
-                ".TP\n\\fB{}\\fR = {}\n{}\n",
-                roff(&format!("{section}.{key}")),
-                roff(value),
-                roff(&comment.join(" "))
-            ));
+            out.push(Documented::Key {
+                key: format!("{section}.{key}"),
+                default: Some(value.to_string()),
+                example: None,
+                comment: comment.join(" "),
+            });
             comment.clear();
         } else if line.is_empty() {
             comment.clear();
         }
     }
     out
+}
+
+/// The `.SS`/`.TP` entries of the man page's CONFIGURATION for a documented TOML file.
+fn configuration_entries(documented: &str) -> String {
+    let mut out = String::new();
+    for item in documented_keys(documented) {
+        match item {
+            Documented::Section(name) => out.push_str(&format!(".SS \"[{}]\"\n", roff(&name))),
+            Documented::Key {
+                key,
+                default: Some(value),
+                comment,
+                ..
+            } => out.push_str(&format!(
+                ".TP\n\\fB{}\\fR = {}\n{}\n",
+                roff(&key),
+                roff(&value),
+                roff(&comment)
+            )),
+            Documented::Key {
+                key,
+                example,
+                comment,
+                ..
+            } => out.push_str(&format!(
+                ".TP\n\\fB{}\\fR (unset by default; e.g. {})\n{}\n",
+                roff(&key),
+                roff(example.as_deref().unwrap_or_default()),
+                roff(&comment)
+            )),
+        }
+    }
+    out
+}
+
+/// Escapes text for a Markdown table cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
+}
+
+/// docs/configuration.md's key tables for a documented TOML file: one table per section.
+fn configuration_tables(documented: &str) -> String {
+    let mut out = String::new();
+    for item in documented_keys(documented) {
+        match item {
+            Documented::Section(name) => out.push_str(&format!(
+                "\n### `[{name}]`\n\n| key | default | meaning |\n|---|---|---|\n"
+            )),
+            Documented::Key {
+                key,
+                default,
+                example,
+                comment,
+            } => {
+                let default = match (default, example) {
+                    (Some(value), _) => format!("`{}`", cell(&value)),
+                    (None, example) => {
+                        format!(
+                            "unset (e.g. `{}`)",
+                            cell(example.as_deref().unwrap_or_default())
+                        )
+                    }
+                };
+                out.push_str(&format!("| `{key}` | {default} | {} |\n", cell(&comment)));
+            }
+        }
+    }
+    out
+}
+
+/// The generated region of a documentation file: between `<!-- BEGIN GENERATED` (a
+/// line naming the command that regenerates it) and `<!-- END GENERATED -->`.
+fn generated_region(text: &str) -> Option<(usize, usize)> {
+    let begin = text.find("<!-- BEGIN GENERATED")?;
+    let start = begin + text[begin..].find('\n')? + 1;
+    let end = start + text[start..].find("<!-- END GENERATED -->")?;
+    Some((start, end))
+}
+
+/// docs/configuration.md's key tables are config/echod.toml's keys, defaults and
+/// comments, as the man page's CONFIGURATION is: one source, two renderings.
+fn configuration_reference_is_generated_from_config_echod_toml() {
+    let path = repo_path("docs/configuration.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let (start, end) =
+        generated_region(&committed).expect("docs/configuration.md has a generated region");
+    let fresh = configuration_tables(&read("config/echod.toml"));
+    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
+        let blessed = format!("{}{fresh}{}", &committed[..start], &committed[end..]);
+        std::fs::write(&path, blessed).unwrap();
+    } else {
+        assert!(
+            committed[start..end] == fresh,
+            "docs/configuration.md is stale: regenerate it with \
+             `ECHOD_BLESS=1 cargo test --test deployment is_generated`"
+        );
+    }
+    assert!(
+        fresh.contains("| `metrics.web_config_file` | unset"),
+        "{fresh}"
+    );
 }
 
 fn man_page_is_generated_from_the_cli() {
@@ -277,7 +394,7 @@ fn man_page_is_generated_from_the_cli() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == fresh,
-        "packaging/echod.1 is stale: regenerate it with `ECHOD_BLESS=1 cargo test --test deployment man_page`"
+        "packaging/echod.1 is stale: regenerate it with `ECHOD_BLESS=1 cargo test --test deployment is_generated`"
     );
     for needle in [
         "check\\-config",
@@ -421,16 +538,16 @@ fn measured_exposure() -> String {
         .unwrap_or_else(|| panic!("no overall exposure:\n{stdout}"))
 }
 
-fn readme_hardening_figure_is_the_measured_one() {
+fn documented_hardening_figure_is_the_measured_one() {
     let measured = measured_exposure();
-    let readme = crate::support::readme()
+    let guide = read("docs/systemd.md")
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
     let claim = "rates the unit file alone ";
-    let stated = readme
+    let stated = guide
         .split_once(claim)
-        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .unwrap_or_else(|| panic!("docs/systemd.md no longer says `{claim}…`"))
         .1
         .split([',', ' ', ';', ')'])
         .next()
@@ -438,7 +555,7 @@ fn readme_hardening_figure_is_the_measured_one() {
         .trim_end_matches('.');
     assert_eq!(
         stated, measured,
-        "README states exposure {stated}, systemd-analyze security --offline=yes measures {measured}"
+        "docs/systemd.md states exposure {stated}, systemd-analyze security --offline=yes measures {measured}"
     );
 }
 

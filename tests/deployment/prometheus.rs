@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::support::{
     Blackbox, Daemon, LOCAL, Need, Options, Prometheus, admitted, assert_passes,
     daemon_with_drain_timeout, daemon_with_limits, dashboard, dashboard_queries, expect_metrics,
-    families, http_get, metric_value, promtool, random_bytes, readme, refused, refusing, repo_path,
+    families, http_get, metric_value, promtool, random_bytes, refused, refusing, repo_path,
     tcp_roundtrip, udp_echo, wait_until,
 };
 use tls::{HttpsClient, Pki};
@@ -322,12 +322,13 @@ fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
             "no alert for {what} (an expression with {needles:?})"
         );
     }
-    let readme = readme();
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
     for alert in &alerts {
         let name = alert["alert"].as_str().unwrap();
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README does not list {name}"
+            reference.contains(&format!("`{name}`")),
+            "docs/metrics.md does not list {name}"
         );
     }
     // Each alert has a unit test where it fires and one where it stays quiet.

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    self, Chatter, IPV6_LOOPBACK, Need, metric_at, output_with_input, random_bytes, readme,
+    self, Chatter, IPV6_LOOPBACK, Need, metric_at, output_with_input, random_bytes,
     refused_after_accept, repo_path, tcp_roundtrip, udp_echo, wait_for,
 };
 
@@ -365,7 +365,7 @@ fn packaged_service_under_real_systemd() {
     );
     assert!(metric_at(metrics_addr(), "process_start_time_seconds", &[]).is_some_and(|t| t > 1e9));
     assert!(metric_at(metrics_addr(), "process_open_fds", &[]).is_some_and(|n| n > 0.0));
-    readme_exposure_is_the_installed_services(&c);
+    documented_exposure_is_the_installed_services(&c);
 
     // Reload while a client keeps echoing; a lowered per-source limit takes effect.
     let packaged = c.ok("cat /etc/echod/echod.toml");
@@ -586,26 +586,30 @@ fn broken_reload_fails_and_the_old_config_serves(c: &Nspawn, chatter: &Chatter) 
     assert!(!journal.contains("[udp.rate_limit]"), "{journal}");
 }
 
-/// The README's hardening figure for the installed service is what
+/// The service guide's hardening figure for the installed service is what
 /// `systemd-analyze security echod` says about it under systemd.
-fn readme_exposure_is_the_installed_services(c: &Nspawn) {
+fn documented_exposure_is_the_installed_services(c: &Nspawn) {
     let report = c.ok("systemd-analyze security echod --no-pager");
     let measured = report
         .lines()
         .find_map(|l| l.split_once("Overall exposure level for echod.service:"))
         .and_then(|(_, rest)| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no overall exposure:\n{report}"));
-    let readme = readme().split_whitespace().collect::<Vec<_>>().join(" ");
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/systemd.md"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let claim = "`systemd-analyze security echod` rates the installed service ";
-    let stated = readme
+    let stated = guide
         .split_once(claim)
-        .unwrap_or_else(|| panic!("README no longer says `{claim}…`"))
+        .unwrap_or_else(|| panic!("docs/systemd.md no longer says `{claim}…`"))
         .1
         .split([' ', ',', ';'])
         .next()
         .unwrap();
     assert_eq!(
         stated, measured,
-        "README states exposure {stated}; systemd-analyze security echod measures {measured}"
+        "docs/systemd.md states exposure {stated}; systemd-analyze security echod measures {measured}"
     );
 }

@@ -59,11 +59,6 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The repository's README.md.
-pub fn readme() -> String {
-    std::fs::read_to_string(repo_path("README.md")).expect("README.md")
-}
-
 /// The TCP addresses process `pid` listens on, from the sockets among its descriptors
 /// (`/proc/PID/fd`) that `/proc/net/tcp` and `tcp6` show listening: how a test learns the
 /// port a tool it started bound on port 0.
