@@ -48,6 +48,7 @@ fn kind_token(kind: ListenerKind) -> &'static str {
         ListenerKind::Tcp => "tcp",
         ListenerKind::Udp => "udp",
         ListenerKind::Http => "http",
+        ListenerKind::Tls => "tls",
     }
 }
 
@@ -72,6 +73,7 @@ pub(crate) fn parse(name: &str) -> Option<(ListenerKind, SocketAddr)> {
         "tcp" => ListenerKind::Tcp,
         "udp" => ListenerKind::Udp,
         "http" => ListenerKind::Http,
+        "tls" => ListenerKind::Tls,
         _ => return None,
     };
     let addr = addr.replace('-', ":").parse().ok()?;

@@ -138,6 +138,7 @@ fn kind_token(kind: ListenerKind) -> &'static str {
         ListenerKind::Tcp => "tcp",
         ListenerKind::Udp => "udp",
         ListenerKind::Http => "http",
+        ListenerKind::Tls => "tls",
     }
 }
 
@@ -226,6 +227,7 @@ fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     Some("tcp") => ListenerKind::Tcp,
                     Some("udp") => ListenerKind::Udp,
                     Some("http") => ListenerKind::Http,
+                    Some("tls") => ListenerKind::Tls,
                     _ => return Err(invalid(format!("unknown listener kind in {line:?}"))),
                 };
                 let fd = fd_of(words.next(), line)?;
@@ -388,7 +390,7 @@ impl Handover {
         };
         for l in d.listeners {
             let want = match l.kind {
-                ListenerKind::Tcp | ListenerKind::Http => Type::STREAM,
+                ListenerKind::Tcp | ListenerKind::Http | ListenerKind::Tls => Type::STREAM,
                 ListenerKind::Udp => Type::DGRAM,
             };
             if let Some(fd) = adopt_socket(l.fd, want)? {

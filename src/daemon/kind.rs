@@ -12,6 +12,7 @@ pub(crate) enum ListenerKind {
     Tcp,
     Udp,
     Http,
+    Tls,
 }
 
 impl ListenerKind {
@@ -20,6 +21,7 @@ impl ListenerKind {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
             Self::Http => "HTTP",
+            Self::Tls => "TLS",
         }
     }
 
@@ -28,6 +30,7 @@ impl ListenerKind {
             Self::Tcp => &config.tcp.listen,
             Self::Udp => &config.udp.listen,
             Self::Http => &config.metrics.listen,
+            Self::Tls => &config.tls.listen,
         }
     }
 }

@@ -13,7 +13,8 @@
 //! and basic auth to `http`; `accept` is the accept-error policy both stream
 //! listeners share; `fdstore` keeps the listeners in systemd's descriptor store across
 //! restarts, and `upgrade` with `handover` passes listeners and connections to a new
-//! binary in place. `kind` is the one vocabulary of socket kinds they all share.
+//! binary in place; `tls` is TLS echo, a TCP listener whose connections handshake
+//! first. `kind` is the one vocabulary of socket kinds they all share.
 
 mod accept;
 mod alarms;
@@ -32,6 +33,7 @@ mod server;
 mod shutdown;
 mod systemd;
 mod tcp;
+mod tls;
 mod udp;
 mod upgrade;
 mod web_config;

@@ -14,12 +14,13 @@ use super::Listener;
 use super::session::serve;
 use crate::config::TcpConfig;
 use crate::daemon::accept::close_at_once;
-use crate::daemon::limits::ConnectionLimiter;
+use crate::daemon::limits::{ConnectionLimiter, Permit};
 use crate::daemon::logging::RateLimitedLog;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::proxy;
 use crate::daemon::reasons::RejectReason;
 use crate::daemon::shutdown::Shutdown;
+use crate::daemon::tls::Endpoint;
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
@@ -42,6 +43,7 @@ impl Listener {
                 shutdown: self.shutdown.clone(),
                 connections: self.connections.clone(),
                 label: self.label.clone(),
+                tls: self.tls.clone(),
             };
             self.connections.spawn(proxied.run());
             return;
@@ -65,7 +67,9 @@ impl Listener {
                 return;
             }
         };
-        let connection = serve(
+        spawn_served(
+            &self.connections,
+            self.tls.as_ref(),
             stream,
             peer,
             config,
@@ -73,7 +77,6 @@ impl Listener {
             Arc::clone(&self.metrics),
             permit,
         );
-        self.connections.spawn(connection);
     }
 }
 
@@ -90,6 +93,8 @@ struct Proxied {
     connections: TaskTracker,
     /// The listener, for logs.
     label: String,
+    /// Set for a TLS listener (the PROXY header comes before the ClientHello).
+    tls: Option<Endpoint>,
 }
 
 impl Proxied {
@@ -105,6 +110,7 @@ impl Proxied {
             shutdown,
             connections,
             label,
+            tls,
         } = self;
         let timeout = config.proxy_protocol.header_timeout;
         let read = tokio::time::timeout(timeout, proxy::read_header(&mut stream, proxy));
@@ -128,9 +134,16 @@ impl Proxied {
             }
         };
         match limiter.try_acquire(client.ip()) {
-            Ok(permit) => {
-                connections.spawn(serve(stream, client, config, shutdown, metrics, permit));
-            }
+            Ok(permit) => spawn_served(
+                &connections,
+                tls.as_ref(),
+                stream,
+                client,
+                config,
+                shutdown,
+                metrics,
+                permit,
+            ),
             Err(reason) => {
                 metrics.rejected(reason);
                 if let Some(suppressed) = REJECT_LOG.allow() {
@@ -138,6 +151,29 @@ impl Proxied {
                         suppressed, "connection rejected");
                 }
             }
+        }
+    }
+}
+
+/// Spawns the task that serves an admitted connection: plain echo, or — on a TLS
+/// listener — a handshake and echo inside TLS.
+#[allow(clippy::too_many_arguments)]
+fn spawn_served(
+    connections: &TaskTracker,
+    tls: Option<&Endpoint>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<TcpConfig>,
+    shutdown: Shutdown,
+    metrics: Arc<TcpListenerMetrics>,
+    permit: Permit,
+) {
+    match tls {
+        Some(tls) => {
+            connections.spawn(tls.serve(stream, peer, config, shutdown, metrics, permit));
+        }
+        None => {
+            connections.spawn(serve(stream, peer, config, shutdown, metrics, permit));
         }
     }
 }
