@@ -24,6 +24,7 @@ mod shutdown;
 mod soak;
 mod socket_activation;
 mod tcp_echo;
+mod tls_echo;
 mod udp_echo;
 mod upgrade;
 mod web_config;
@@ -53,5 +54,6 @@ fn main() -> std::process::ExitCode {
         hostile_config::TESTS,
         web_config::TESTS,
         upgrade::TESTS,
+        tls_echo::TESTS,
     ])
 }
