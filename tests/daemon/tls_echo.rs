@@ -35,6 +35,12 @@ crate::support::tests![
     a_bad_or_mismatched_pair_exits_78_naming_the_key,
     reload_serves_a_new_pair_to_new_handshakes_and_a_bad_pair_keeps_the_old,
     an_upgrade_ends_tls_connections_with_close_notify_and_hands_the_listener_over,
+    the_two_commands_of_docs_tls_md_work_as_written needs &[
+        Need::Tool("openssl"),
+        Need::Tool("unshare"),
+        Need::Tool("ip"),
+        Need::Host("root, for a network namespace of the test's own", || unsafe { libc::geteuid() } == 0),
+    ],
 ];
 
 /// Sizes echoed by every real peer: around one TLS record (16 KiB) and beyond.
@@ -821,4 +827,63 @@ fn an_upgrade_ends_tls_connections_with_close_notify_and_hands_the_listener_over
         log.contains("TLS connection ended for the upgrade with close_notify"),
         "{log}"
     );
+}
+
+/// The two commands of docs/tls.md's "Try it", as written, then its s_client line: in a
+/// network namespace of the test's own, so the fixed ports they use (7443, and the
+/// default 7007 and 9107) cannot meet anything else on the host.
+fn the_two_commands_of_docs_tls_md_work_as_written() {
+    let doc = std::fs::read_to_string(crate::support::repo_path("docs/tls.md")).unwrap();
+    let block = doc
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```sh block in docs/tls.md");
+    let commands: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(commands.len(), 2, "{block}");
+    let client = doc
+        .lines()
+        .find(|l| l.trim_start().starts_with("openssl s_client"))
+        .expect("the s_client line")
+        .trim();
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = echod_bin().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    // The daemon runs in the background of the namespace's shell, which waits for its
+    // listener, sends a line through s_client, and stops it by PID.
+    let script = format!(
+        "set -e\nip link set lo up\n{cert}\n{daemon} 2>daemon.log &\npid=$!\n\
+         i=0; until grep -q 'proto=\"TLS\"' daemon.log; do i=$((i+1)); [ $i -lt 200 ] || exit 9; sleep 0.05; done\n\
+         printf 'hello over tls\\n' | timeout 3 {client} > echoed.txt 2>client.log || true\n\
+         kill $pid; wait $pid || true\n",
+        cert = commands[0],
+        daemon = commands[1],
+        client = client,
+    );
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\n{}\ndaemon:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        read("daemon.log")
+    );
+    assert_eq!(
+        read("echoed.txt"),
+        "hello over tls\n",
+        "client:\n{}",
+        read("client.log")
+    );
+    assert!(read("daemon.log").contains("echod ready"));
 }
