@@ -13,11 +13,13 @@ use std::path::Path;
 mod cidr;
 mod schema;
 mod sources;
+mod tls;
 mod validate;
 pub mod web;
 pub use cidr::{Cidr, CidrError};
 pub use schema::*;
 pub use sources::{ConfigError, ConfigSource};
+pub use tls::TlsMaterial;
 pub use validate::{MAX_LOG_FILTER_LEN, parse_log_filter};
 pub use web::{WebConfig, WebConfigError};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cidr, WebConfig};
+use super::{Cidr, TlsMaterial, WebConfig};
 
 /// The documented defaults file, kept in the repository as `config/echod.toml`; a test
 /// proves it matches [`Config::default`] so the documentation cannot drift.
@@ -37,6 +37,8 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// UDP echo sockets and their anti-reflection rules.
     pub udp: UdpConfig,
+    /// TLS echo listeners (off by default); their connections obey the `[tcp]` limits.
+    pub tls: TlsConfig,
     /// The HTTP endpoint for Prometheus and health probes.
     pub metrics: MetricsConfig,
     /// How a stop drains open connections.
@@ -186,6 +188,44 @@ impl Default for UdpConfig {
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
             deny_own_ports: true,
             rate_limit: RateLimitConfig::default(),
+        }
+    }
+}
+
+/// TLS echo settings: raw echo inside TLS 1.2 or 1.3, under the `[tcp]` limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses to listen on for TLS echo; empty (the default) disables it.
+    pub listen: Vec<SocketAddr>,
+    /// The server certificate, PEM, leaf first (a chain may follow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of that certificate, PEM (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificates, PEM: set, every client must present a certificate they signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// A connection whose handshake (PROXY header included) is not done by then is
+    /// closed and counted as `timeout`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// The files above, read and checked by [`ConfigSource::load`](super::ConfigSource)
+    /// when `listen` is not empty (never read from TOML); re-read on every reload.
+    #[serde(skip)]
+    pub loaded: Option<Arc<TlsMaterial>>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            handshake_timeout: Duration::from_secs(10),
+            loaded: None,
         }
     }
 }

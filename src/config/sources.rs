@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Config, WebConfig};
+use super::{Config, TlsMaterial, WebConfig};
 
 /// Where the configuration comes from; kept so a reload reads the same sources again.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +80,15 @@ impl ConfigSource {
                 message: format!("web config file {}: {e}", path.display()),
             })?;
             config.metrics.web_config = Some(Arc::new(web));
+        }
+        if !config.tls.listen.is_empty() {
+            let material =
+                TlsMaterial::load(&config.tls).map_err(|(key, message)| ConfigError::Value {
+                    origin: self.origin_of(key, env),
+                    key: key.to_string(),
+                    message,
+                })?;
+            config.tls.loaded = Some(Arc::new(material));
         }
         Ok(config)
     }
@@ -296,8 +305,9 @@ fn plain(message: &str) -> String {
 }
 
 /// Keys whose environment values are comma-separated lists.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
     "tcp.listen",
+    "tls.listen",
     "tcp.proxy_protocol.trusted_sources",
     "udp.listen",
     "metrics.listen",

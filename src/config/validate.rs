@@ -118,6 +118,12 @@ impl Config {
             "must be at least 1".into()
         })?;
         no_duplicates("metrics.listen", &self.metrics.listen)?;
+        no_duplicates("tls.listen", &self.tls.listen)?;
+        check(
+            !self.tls.handshake_timeout.is_zero(),
+            "tls.handshake_timeout",
+            || "must be longer than 0s".into(),
+        )?;
         check(
             !self.shutdown.drain_timeout.is_zero(),
             "shutdown.drain_timeout",

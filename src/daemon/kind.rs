@@ -12,6 +12,7 @@ pub(crate) enum ListenerKind {
     Tcp,
     Udp,
     Http,
+    Tls,
 }
 
 impl ListenerKind {
@@ -20,6 +21,7 @@ impl ListenerKind {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
             Self::Http => "HTTP",
+            Self::Tls => "TLS",
         }
     }
 
@@ -30,12 +32,13 @@ impl ListenerKind {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
             Self::Http => "http",
+            Self::Tls => "tls",
         }
     }
 
     /// The kind a [`ListenerKind::token`] names.
     pub(crate) fn from_token(token: &str) -> Option<Self> {
-        [Self::Tcp, Self::Udp, Self::Http]
+        [Self::Tcp, Self::Udp, Self::Http, Self::Tls]
             .into_iter()
             .find(|kind| kind.token() == token)
     }
@@ -45,6 +48,7 @@ impl ListenerKind {
             Self::Tcp => &config.tcp.listen,
             Self::Udp => &config.udp.listen,
             Self::Http => &config.metrics.listen,
+            Self::Tls => &config.tls.listen,
         }
     }
 }

@@ -36,6 +36,7 @@ pub(crate) enum BoundSocket {
     Tcp(std::net::TcpListener),
     Udp(std::net::UdpSocket),
     Http(std::net::TcpListener),
+    Tls(std::net::TcpListener),
 }
 
 impl BoundSocket {
@@ -44,19 +45,20 @@ impl BoundSocket {
             Self::Tcp(_) => ListenerKind::Tcp,
             Self::Udp(_) => ListenerKind::Udp,
             Self::Http(_) => ListenerKind::Http,
+            Self::Tls(_) => ListenerKind::Tls,
         }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
-            Self::Tcp(l) | Self::Http(l) => l.local_addr(),
+            Self::Tcp(l) | Self::Http(l) | Self::Tls(l) => l.local_addr(),
             Self::Udp(s) => s.local_addr(),
         }
     }
 
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Self::Tcp(l) | Self::Http(l) => l.as_fd(),
+            Self::Tcp(l) | Self::Http(l) | Self::Tls(l) => l.as_fd(),
             Self::Udp(s) => s.as_fd(),
         }
     }
@@ -65,6 +67,7 @@ impl BoundSocket {
         let bound = match kind {
             ListenerKind::Tcp => super::tcp::bind(addr, config.tcp.backlog).map(Self::Tcp),
             ListenerKind::Http => super::tcp::bind(addr, HTTP_BACKLOG).map(Self::Http),
+            ListenerKind::Tls => super::tcp::bind(addr, config.tcp.backlog).map(Self::Tls),
             ListenerKind::Udp => super::udp::bind(addr).map(Self::Udp),
         };
         bound.map_err(|source| BindError {
@@ -193,6 +196,7 @@ impl Sockets {
             let socket = match l.kind {
                 ListenerKind::Tcp => BoundSocket::Tcp(std::net::TcpListener::from(l.fd)),
                 ListenerKind::Http => BoundSocket::Http(std::net::TcpListener::from(l.fd)),
+                ListenerKind::Tls => BoundSocket::Tls(std::net::TcpListener::from(l.fd)),
                 ListenerKind::Udp => BoundSocket::Udp(std::net::UdpSocket::from(l.fd)),
             };
             self = self.provided(socket, Some(l.addr), l.origin);
@@ -208,9 +212,15 @@ type Key = (ListenerKind, SocketAddr);
 /// HTTP socket too).
 fn wanted(activated: &BTreeSet<Key>, config: &Config) -> BTreeSet<Key> {
     let mut wanted = activated.clone();
-    for kind in [ListenerKind::Tcp, ListenerKind::Udp, ListenerKind::Http] {
+    for kind in [
+        ListenerKind::Tcp,
+        ListenerKind::Udp,
+        ListenerKind::Http,
+        ListenerKind::Tls,
+    ] {
         let activated_kind = match kind {
-            ListenerKind::Http => activated.iter().any(|(k, _)| *k == kind),
+            // systemd cannot pass a TLS socket (it is plain TCP to it).
+            ListenerKind::Http | ListenerKind::Tls => activated.iter().any(|(k, _)| *k == kind),
             _ => !activated.is_empty(),
         };
         if !activated_kind {

@@ -13,7 +13,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::reasons::{AcceptErrorKind, ConnectionCap, DropReason, RejectReason};
+use super::reasons::{
+    AcceptErrorKind, ConnectionCap, DropReason, HandshakeResult, RejectReason, TlsEnd,
+};
 use crate::config::Config;
 
 /// The version baked in at build time.
@@ -54,6 +56,12 @@ pub struct Metrics {
     tcp_max_connections: IntGauge,
     tcp_max_connections_per_ip: IntGauge,
     udp_rate_limit_max_sources: IntGauge,
+    tls_handshakes: IntCounterVec,
+    tls_active: IntGaugeVec,
+    tls_closed: IntCounterVec,
+    /// The TLS echo certificate's notAfter, in seconds since the Unix epoch (absent
+    /// while TLS echo is off).
+    tls_certificate_expiry: IntGauge,
 }
 
 /// Registers a metric and hands it back. Names and labels are static, so a failure is
@@ -257,6 +265,33 @@ impl Metrics {
                 "echod_udp_rate_limit_max_sources",
                 "Configured udp.rate_limit.max_sources: size bound of the UDP rate-limit table.",
             ),
+            tls_handshakes: counter_vec(
+                &r,
+                "echod_tls_handshakes_total",
+                "TLS echo handshakes, by result.",
+                &["listener", "result"],
+            ),
+            tls_active: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "echod_tls_connections_active",
+                        "Open TLS echo connections past their handshake.",
+                    ),
+                    l,
+                ),
+            ),
+            tls_closed: counter_vec(
+                &r,
+                "echod_tls_connections_closed_total",
+                "TLS echo connections that ended after their handshake, by reason.",
+                &["listener", "reason"],
+            ),
+            tls_certificate_expiry: IntGauge::new(
+                "echod_tls_certificate_expiry_seconds",
+                "notAfter of the TLS echo certificate in use, in seconds since the Unix epoch.",
+            )
+            .expect("valid metric definition"),
             registry: r,
         };
         m.config_last_reload_success.set(1);
@@ -304,6 +339,34 @@ impl Metrics {
             tx_bytes: self.tcp_tx_bytes.with_label_values(&[listener]),
             duration: self.tcp_duration.with_label_values(&[listener]),
             accept_errors,
+        }
+    }
+
+    /// Children for one TLS listener, created at zero so every series exists at once.
+    pub fn tls_listener(&self, listener: &str) -> TlsListenerMetrics {
+        TlsListenerMetrics {
+            handshakes: HandshakeResult::ALL.map(|r| {
+                self.tls_handshakes
+                    .with_label_values(&[listener, r.label()])
+            }),
+            active: self.tls_active.with_label_values(&[listener]),
+            closed: TlsEnd::ALL.map(|e| self.tls_closed.with_label_values(&[listener, e.label()])),
+        }
+    }
+
+    /// Publishes the expiry of the TLS echo certificate in use; `None` (TLS off)
+    /// removes the series, so an alert on it cannot fire for a certificate not served.
+    pub fn set_tls_certificate_expiry(&self, not_after: Option<i64>) {
+        let gauge = &self.tls_certificate_expiry;
+        match not_after {
+            Some(at) => {
+                gauge.set(at);
+                // Registered on first use; a second registration is refused, harmlessly.
+                let _ = self.registry.register(Box::new(gauge.clone()));
+            }
+            None => {
+                let _ = self.registry.unregister(Box::new(gauge.clone()));
+            }
         }
     }
 
@@ -364,6 +427,28 @@ impl TcpListenerMetrics {
     /// Counts an accept error.
     pub fn accept_error(&self, kind: AcceptErrorKind) {
         self.accept_errors[kind as usize].inc();
+    }
+}
+
+/// One TLS listener's own series (its connections also count in the TCP series under
+/// the same `listener` label: accepted, rejected, active, bytes, durations).
+#[derive(Clone)]
+pub struct TlsListenerMetrics {
+    handshakes: [IntCounter; HandshakeResult::ALL.len()],
+    /// Open connections past their handshake.
+    pub active: IntGauge,
+    closed: [IntCounter; TlsEnd::ALL.len()],
+}
+
+impl TlsListenerMetrics {
+    /// Counts a handshake by its result.
+    pub fn handshake(&self, result: HandshakeResult) {
+        self.handshakes[result as usize].inc();
+    }
+
+    /// Counts an established connection's end.
+    pub fn closed(&self, end: TlsEnd) {
+        self.closed[end as usize].inc();
     }
 }
 

@@ -14,8 +14,9 @@
 //! Around that core: `proxy` reads PROXY headers for `tcp`; `web_config` adds TLS
 //! and basic auth to `http`; `accept` is the accept-error policy both stream
 //! listeners share; `upgrade` passes listeners and connections to a new binary in place
-//! (its wire format, the exec, the handoff connections give themselves to). `kind` is
-//! the one vocabulary of socket kinds and origins they all share.
+//! (its wire format, the exec, the handoff connections give themselves to); `tls` is
+//! TLS echo, a TCP listener whose connections handshake first. `kind` is the one
+//! vocabulary of socket kinds and origins they all share.
 
 mod accept;
 mod alarms;
@@ -34,6 +35,7 @@ mod server;
 mod shutdown;
 mod systemd;
 mod tcp;
+mod tls;
 mod udp;
 mod upgrade;
 mod verdict;

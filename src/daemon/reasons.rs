@@ -94,6 +94,105 @@ impl ConnectionCap {
     }
 }
 
+/// How a TLS handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    /// Done: the connection echoes.
+    Ok,
+    /// Not done within `tls.handshake_timeout` (a stalled ClientHello, say).
+    Timeout,
+    /// Not TLS, or TLS broken: a malformed or oversized record, a bad message.
+    ProtocolError,
+    /// Nothing in common: only TLS 1.0/1.1 offered, no shared cipher suite or group.
+    Incompatible,
+    /// `tls.client_ca_file` is set and the client presented no certificate.
+    NoClientCertificate,
+    /// The client's certificate did not verify (another CA, expired, wrong usage).
+    BadCertificate,
+    /// The client sent an alert: typically it does not trust echod's certificate.
+    ClientAlert,
+    /// The client closed or reset the connection mid-handshake.
+    PeerClosed,
+    /// A stop cut it, or an upgrade began, before it was done.
+    Interrupted,
+}
+
+impl HandshakeResult {
+    /// Every result, in label order.
+    pub const ALL: [Self; 9] = [
+        Self::Ok,
+        Self::Timeout,
+        Self::ProtocolError,
+        Self::Incompatible,
+        Self::NoClientCertificate,
+        Self::BadCertificate,
+        Self::ClientAlert,
+        Self::PeerClosed,
+        Self::Interrupted,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Timeout => "timeout",
+            Self::ProtocolError => "protocol_error",
+            Self::Incompatible => "incompatible",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::BadCertificate => "bad_certificate",
+            Self::ClientAlert => "client_alert",
+            Self::PeerClosed => "peer_closed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// How an established TLS connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEnd {
+    /// The client sent close_notify; echod answered with its own after the last echo.
+    CloseNotify,
+    /// The client closed TCP without close_notify (a truncation, in TLS terms).
+    Truncated,
+    /// No traffic for `tcp.idle_timeout`.
+    IdleTimeout,
+    /// A per-connection cap (`tcp.max_connection_duration`, `tcp.max_bytes_per_connection`).
+    Capped,
+    /// The drain timeout expired.
+    DrainCut,
+    /// An in-place upgrade: TLS state cannot cross the exec, so the connection ended
+    /// with close_notify after its current echo.
+    Upgrade,
+    /// A socket or TLS error.
+    Error,
+}
+
+impl TlsEnd {
+    /// Every end, in label order.
+    pub const ALL: [Self; 7] = [
+        Self::CloseNotify,
+        Self::Truncated,
+        Self::IdleTimeout,
+        Self::Capped,
+        Self::DrainCut,
+        Self::Upgrade,
+        Self::Error,
+    ];
+
+    /// The metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::CloseNotify => "close_notify",
+            Self::Truncated => "truncated",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Capped => "capped",
+            Self::DrainCut => "drain_cut",
+            Self::Upgrade => "upgrade",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// Accept errors worth telling apart on a dashboard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcceptErrorKind {
@@ -174,6 +273,14 @@ mod tests {
         labels(DropReason::ALL.map(DropReason::label).to_vec());
         labels(AcceptErrorKind::ALL.map(AcceptErrorKind::label).to_vec());
         labels(ConnectionCap::ALL.map(ConnectionCap::label).to_vec());
+        labels(HandshakeResult::ALL.map(HandshakeResult::label).to_vec());
+        labels(TlsEnd::ALL.map(TlsEnd::label).to_vec());
+        for (i, r) in HandshakeResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, r) in TlsEnd::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
         for (i, c) in ConnectionCap::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
         }

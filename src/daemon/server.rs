@@ -29,8 +29,8 @@ use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
 use super::upgrade::handover::{self, HandedConnection, Handover};
 use super::web_config::WebEndpoint;
-use super::{tcp, udp};
-use crate::config::{Config, TcpConfig, UdpConfig};
+use super::{tcp, tls, udp};
+use crate::config::{Config, TcpConfig, TlsConfig, UdpConfig};
 
 /// What the caller (the signal handlers, or a test) tells a running server.
 #[derive(Debug)]
@@ -164,6 +164,7 @@ struct Handles {
     own_udp_ports: Arc<udp::OwnPorts>,
     tcp_config: watch::Sender<Arc<TcpConfig>>,
     udp_config: watch::Sender<Arc<UdpConfig>>,
+    tls_config: watch::Sender<Arc<TlsConfig>>,
     web: watch::Sender<Arc<WebEndpoint>>,
     connections: TaskTracker,
     /// The TCP and UDP echo listener tasks, which a handover waits for.
@@ -176,6 +177,7 @@ impl Handles {
     fn new(config: &Config) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.set_limits(config);
+        metrics.set_tls_certificate_expiry(config.tls.loaded.as_ref().map(|m| m.not_after));
         Self {
             health: Arc::new(Health::new(&metrics)),
             metrics,
@@ -186,6 +188,7 @@ impl Handles {
             own_udp_ports: Arc::default(),
             tcp_config: watch::Sender::new(Arc::new(config.tcp.clone())),
             udp_config: watch::Sender::new(Arc::new(config.udp.clone())),
+            tls_config: watch::Sender::new(Arc::new(config.tls.clone())),
             web: watch::Sender::new(Arc::new(WebEndpoint::new(
                 config.metrics.web_config.clone(),
             ))),
@@ -201,6 +204,9 @@ impl Handles {
         self.rate_limiter.update(&config.udp.rate_limit);
         self.tcp_config.send_replace(Arc::new(config.tcp.clone()));
         self.udp_config.send_replace(Arc::new(config.udp.clone()));
+        self.tls_config.send_replace(Arc::new(config.tls.clone()));
+        self.metrics
+            .set_tls_certificate_expiry(config.tls.loaded.as_ref().map(|m| m.not_after));
         // An unchanged web config keeps its endpoint (and its cache of verified passwords).
         let web = config.metrics.web_config.as_ref();
         self.web.send_if_modified(|current| {
@@ -223,27 +229,28 @@ impl Handles {
     ) -> io::Result<CancellationToken> {
         let stop = match bound {
             BoundSocket::Http(_) => self.http_stop.child_token(),
-            BoundSocket::Tcp(_) | BoundSocket::Udp(_) => self.shutdown.listener_token(),
+            BoundSocket::Tcp(_) | BoundSocket::Udp(_) | BoundSocket::Tls(_) => {
+                self.shutdown.listener_token()
+            }
         };
         // Sockets a caller bound itself may still block; tokio needs them non-blocking.
         match &bound {
-            BoundSocket::Tcp(l) | BoundSocket::Http(l) => l.set_nonblocking(true)?,
+            BoundSocket::Tcp(l) | BoundSocket::Http(l) | BoundSocket::Tls(l) => {
+                l.set_nonblocking(true)?;
+            }
             BoundSocket::Udp(s) => s.set_nonblocking(true)?,
         }
         match bound {
             BoundSocket::Tcp(l) => {
-                let listener = tcp::Listener {
-                    listener: tokio::net::TcpListener::from_std(l)?,
-                    metrics: Arc::new(self.metrics.tcp_listener(&label)),
-                    label,
-                    config: self.tcp_config.subscribe(),
-                    limiter: Arc::clone(&self.limiter),
-                    shutdown: self.shutdown.clone(),
-                    handoff: self.handoff.clone(),
-                    stop: stop.clone(),
-                    connections: self.connections.clone(),
-                    keep_backlog: backlog == Backlog::Kept,
+                let listener = self.echo_listener(l, label, &stop, backlog, None)?;
+                self.listener_tasks.spawn(listener.run());
+            }
+            BoundSocket::Tls(l) => {
+                let tls = tls::Endpoint {
+                    config: self.tls_config.subscribe(),
+                    metrics: Arc::new(self.metrics.tls_listener(&label)),
                 };
+                let listener = self.echo_listener(l, label, &stop, backlog, Some(tls))?;
                 self.listener_tasks.spawn(listener.run());
             }
             BoundSocket::Udp(s) => {
@@ -273,6 +280,30 @@ impl Handles {
 }
 
 impl Handles {
+    /// A TCP echo listener task's state; with `tls`, its connections handshake first.
+    fn echo_listener(
+        &self,
+        socket: std::net::TcpListener,
+        label: String,
+        stop: &CancellationToken,
+        backlog: Backlog,
+        tls: Option<tls::Endpoint>,
+    ) -> io::Result<tcp::Listener> {
+        Ok(tcp::Listener {
+            listener: tokio::net::TcpListener::from_std(socket)?,
+            metrics: Arc::new(self.metrics.tcp_listener(&label)),
+            label,
+            config: self.tcp_config.subscribe(),
+            limiter: Arc::clone(&self.limiter),
+            shutdown: self.shutdown.clone(),
+            handoff: self.handoff.clone(),
+            stop: stop.clone(),
+            connections: self.connections.clone(),
+            keep_backlog: backlog == Backlog::Kept,
+            tls,
+        })
+    }
+
     /// Goes on serving connections an earlier image of this process handed over, each
     /// under the series of the listener it came from.
     fn adopt(&self, connections: Vec<HandedConnection>) {

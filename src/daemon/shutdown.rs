@@ -26,6 +26,7 @@ pub(crate) struct Shutdown(Arc<Inner>);
 #[derive(Debug, Default)]
 struct Inner {
     drain: CancellationToken,
+    cut: CancellationToken,
     /// Cancelled by a cut and by a handover: what the echo loop waits on.
     interrupt: CancellationToken,
     /// Set before `interrupt` is cancelled when the process hands over to a new image.
@@ -56,6 +57,7 @@ impl Shutdown {
     /// Cuts the connections that are still open.
     pub(crate) fn cut(&self) {
         self.0.drain.cancel();
+        self.0.cut.cancel();
         self.0.interrupt.cancel();
         self.0.alarms.interrupt();
     }
@@ -63,6 +65,11 @@ impl Shutdown {
     /// True once draining has started.
     pub(crate) fn is_draining(&self) -> bool {
         self.0.drain.is_cancelled()
+    }
+
+    /// Completes when open connections must be closed.
+    pub(crate) async fn cutting(&self) {
+        self.0.cut.cancelled().await;
     }
 
     /// Completes when a connection must stop echoing: a cut, or a handover (then

@@ -30,6 +30,7 @@ mod shutdown;
 mod soak;
 mod socket_activation;
 mod tcp_echo;
+mod tls_echo;
 mod udp_echo;
 mod upgrade;
 mod upgrade_faults;
@@ -62,5 +63,6 @@ fn main() -> std::process::ExitCode {
         web_config::TESTS,
         upgrade::TESTS,
         upgrade_faults::TESTS,
+        tls_echo::TESTS,
     ])
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{Daemon, Options, echod_bin, wait_for_log};
+use crate::support::{CONFIGURED, Daemon, Options, echod_bin, wait_for_log};
 
 crate::support::tests![
     an_older_binary_that_cannot_take_over_is_refused_before_the_exec,
@@ -123,8 +123,7 @@ fn a_busy_port_in_the_edited_config_is_refused_before_the_exec() {
     let mut held = daemon.open_connection();
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     daemon.rewrite_config(&format!(
-        "[tcp]\nlisten = [\"{}\", \"{}\"]\n",
-        daemon.tcp,
+        "[tcp]\nlisten = [\"{CONFIGURED}\", \"{}\"]\n",
         busy.local_addr().unwrap()
     ));
     replace(&bin, &std::fs::read(echod_bin()).unwrap());
@@ -150,8 +149,7 @@ fn a_config_the_new_binary_cannot_apply_keeps_the_handed_over_listeners() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap();
     daemon.rewrite_config(&format!(
-        "[tcp]\nlisten = [\"{}\", \"{busy_addr}\"]\n",
-        daemon.tcp
+        "[tcp]\nlisten = [\"{CONFIGURED}\", \"{busy_addr}\"]\n"
     ));
     wrapped(&bin, "cat >/dev/null; echo 'echod-handover 1'; exit 0");
     daemon.signal(libc::SIGHUP);
@@ -308,8 +306,7 @@ fn echod_reload_exits_with_the_daemons_verdict() {
     assert!(ok.status.success(), "{ok:?}");
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     daemon.rewrite_config(&format!(
-        "[tcp]\nlisten = [\"{}\", \"{}\"]\n",
-        daemon.tcp,
+        "[tcp]\nlisten = [\"{CONFIGURED}\", \"{}\"]\n",
         busy.local_addr().unwrap()
     ));
     let refused = reload();
@@ -321,7 +318,7 @@ fn echod_reload_exits_with_the_daemons_verdict() {
         "{stderr}"
     );
     // Fixed, the next reload is in force again.
-    daemon.rewrite_config(&format!("[tcp]\nlisten = [\"{}\"]\n", daemon.tcp));
+    daemon.rewrite_config(&format!("[tcp]\nlisten = [\"{CONFIGURED}\"]\n"));
     assert!(reload().status.success());
     // Without a runtime directory there is nothing to wait for: a clear error.
     let bare = Command::new(echod_bin())

@@ -97,7 +97,7 @@ fn deploy_configs_and_alert_rules_pass_promtool_and_their_unit_tests() {
     let config = run(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("SUCCESS"), "{config}");
     let rules = run(&["check", "rules", "echod-alerts.yml"]);
-    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 12 rules found"), "{rules}");
     let tests = run(&["test", "rules", "rules.test.yml"]);
     assert!(tests.contains("SUCCESS"), "{tests}");
     let out = Command::new("prometheus-blackbox-exporter")
@@ -246,7 +246,7 @@ fn prometheus_scrapes_exact_counts_and_probe_results() {
         .iter()
         .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
         .collect();
-    assert_eq!(rules.len(), 11, "{body}");
+    assert_eq!(rules.len(), 12, "{body}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "rule unhealthy: {rule}");
     }

@@ -14,11 +14,12 @@ use super::Listener;
 use super::session::{Lifeline, accepted};
 use crate::config::TcpConfig;
 use crate::daemon::accept::close_at_once;
-use crate::daemon::limits::ConnectionLimiter;
+use crate::daemon::limits::{ConnectionLimiter, Permit};
 use crate::daemon::logging::RateLimitedLog;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::proxy;
 use crate::daemon::reasons::RejectReason;
+use crate::daemon::tls::Endpoint;
 
 static REJECT_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 
@@ -41,6 +42,7 @@ impl Listener {
                 lifeline: self.lifeline(),
                 connections: self.connections.clone(),
                 label: self.label.clone(),
+                tls: self.tls.clone(),
             };
             self.connections.spawn(proxied.run());
             return;
@@ -64,15 +66,49 @@ impl Listener {
                 return;
             }
         };
-        let connection = accepted(
+        let admitted = Admitted {
             stream,
             peer,
             config,
-            self.lifeline(),
-            Arc::clone(&self.metrics),
+            metrics: Arc::clone(&self.metrics),
             permit,
-        );
-        self.connections.spawn(connection);
+        };
+        admitted.spawn(&self.connections, self.tls.as_ref(), self.lifeline());
+    }
+}
+
+/// A connection that has its slot under the limits, ready for its echo task.
+struct Admitted {
+    stream: TcpStream,
+    /// The client (from a PROXY header when a proxy sent one).
+    peer: SocketAddr,
+    config: Arc<TcpConfig>,
+    metrics: Arc<TcpListenerMetrics>,
+    permit: Permit,
+}
+
+impl Admitted {
+    /// Spawns the task that serves it: plain echo, or — on a TLS listener — a
+    /// handshake and echo inside TLS.
+    fn spawn(self, connections: &TaskTracker, tls: Option<&Endpoint>, lifeline: Lifeline) {
+        let Self {
+            stream,
+            peer,
+            config,
+            metrics,
+            permit,
+        } = self;
+        match tls {
+            Some(tls) => connections.spawn(tls.serve(
+                stream,
+                peer,
+                config,
+                lifeline.shutdown,
+                metrics,
+                permit,
+            )),
+            None => connections.spawn(accepted(stream, peer, config, lifeline, metrics, permit)),
+        };
     }
 }
 
@@ -89,6 +125,8 @@ struct Proxied {
     connections: TaskTracker,
     /// The listener, for logs.
     label: String,
+    /// Set for a TLS listener (the PROXY header comes before the ClientHello).
+    tls: Option<Endpoint>,
 }
 
 impl Proxied {
@@ -104,6 +142,7 @@ impl Proxied {
             lifeline,
             connections,
             label,
+            tls,
         } = self;
         let timeout = config.proxy_protocol.header_timeout;
         let read = tokio::time::timeout(timeout, proxy::read_header(&mut stream, proxy));
@@ -131,7 +170,14 @@ impl Proxied {
         };
         match limiter.try_acquire(client.ip()) {
             Ok(permit) => {
-                connections.spawn(accepted(stream, client, config, lifeline, metrics, permit));
+                let admitted = Admitted {
+                    stream,
+                    peer: client,
+                    config,
+                    metrics,
+                    permit,
+                };
+                admitted.spawn(&connections, tls.as_ref(), lifeline);
             }
             Err(reason) => {
                 metrics.rejected(reason);

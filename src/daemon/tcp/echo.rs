@@ -11,6 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::session::{Connection, End, cap_reached, flush_bytes, interrupt};
+use crate::config::TcpConfig;
 use crate::daemon::alarms::Alarm;
 use crate::daemon::reasons::ConnectionCap;
 
@@ -19,21 +20,7 @@ impl Connection {
     /// autotuning for this socket: without them a client that sends but never reads
     /// makes echod's send queue grow to `tcp_wmem` max (4 MiB) in kernel memory.
     pub(super) fn apply_socket_options(&self) {
-        let _ = self.stream.set_nodelay(self.config.nodelay);
-        let sock = SockRef::from(&self.stream);
-        if self.config.send_buffer_size != 0 {
-            let _ = sock.set_send_buffer_size(self.config.send_buffer_size);
-        }
-        if self.config.receive_buffer_size != 0 {
-            let _ = sock.set_recv_buffer_size(self.config.receive_buffer_size);
-        }
-        if !self.config.keepalive.is_zero() {
-            let keepalive = TcpKeepalive::new()
-                .with_time(self.config.keepalive)
-                .with_interval(Duration::from_secs(10))
-                .with_retries(3);
-            let _ = sock.set_tcp_keepalive(&keepalive);
-        }
+        apply_socket_options(&self.stream, &self.config);
     }
 
     /// The echo loop: wait for data, echo what is readable, repeat.
@@ -175,6 +162,25 @@ impl Connection {
             self.hard_deadline,
         ));
         None
+    }
+}
+
+/// The `[tcp]` socket options of an accepted connection (TLS connections take them too).
+pub(crate) fn apply_socket_options(stream: &tokio::net::TcpStream, config: &TcpConfig) {
+    let _ = stream.set_nodelay(config.nodelay);
+    let sock = SockRef::from(stream);
+    if config.send_buffer_size != 0 {
+        let _ = sock.set_send_buffer_size(config.send_buffer_size);
+    }
+    if config.receive_buffer_size != 0 {
+        let _ = sock.set_recv_buffer_size(config.receive_buffer_size);
+    }
+    if !config.keepalive.is_zero() {
+        let keepalive = TcpKeepalive::new()
+            .with_time(config.keepalive)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = sock.set_tcp_keepalive(&keepalive);
     }
 }
 

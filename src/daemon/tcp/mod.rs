@@ -15,7 +15,8 @@ mod admission;
 mod echo;
 mod session;
 
-pub(crate) use session::{Lifeline, adopted};
+pub(crate) use echo::apply_socket_options;
+pub(crate) use session::{Lifeline, adopted, cap_reached};
 
 use std::io;
 use std::net::SocketAddr;
@@ -78,6 +79,8 @@ pub(crate) struct Listener {
     /// systemd keeps this socket open after echod stops (socket activation, descriptor
     /// store): connections queued at a stop are left for the next echod to accept.
     pub(crate) keep_backlog: bool,
+    /// Set for a TLS listener: admitted connections do a handshake, then echo inside.
+    pub(crate) tls: Option<super::tls::Endpoint>,
 }
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));

@@ -285,7 +285,7 @@ pub(super) fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCoun
 
 /// The cap a busy connection has reached, if any: checked after each echoed chunk,
 /// because a client that keeps sending never lets the timer run.
-pub(super) fn cap_reached(
+pub(crate) fn cap_reached(
     config: &TcpConfig,
     echoed: u64,
     hard: Option<Instant>,

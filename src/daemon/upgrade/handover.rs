@@ -194,7 +194,7 @@ impl Handover {
         };
         for l in d.listeners {
             let want = match l.kind {
-                ListenerKind::Tcp | ListenerKind::Http => Type::STREAM,
+                ListenerKind::Tcp | ListenerKind::Http | ListenerKind::Tls => Type::STREAM,
                 ListenerKind::Udp => Type::DGRAM,
             };
             if let Some(fd) = adopt_socket(l.fd, want)? {

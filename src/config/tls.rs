@@ -1,0 +1,208 @@
+//! The `[tls]` section's files — certificate chain, key and client CA — read and checked
+//! into a ready rustls server configuration, so a bad or mismatched pair is refused at
+//! start-up (exit 78, naming the key) and a reload that cannot read them keeps the old
+//! pair: loading is part of [`ConfigSource::load`](super::ConfigSource), like the
+//! metrics endpoint's web config.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use super::TlsConfig;
+
+/// A PEM file larger than this is not a certificate or a key.
+const MAX_FILE_SIZE: u64 = 1024 * 1024;
+
+/// The loaded certificate, key and client CA as rustls uses them.
+pub struct TlsMaterial {
+    /// The rustls configuration handshakes use: TLS 1.3 and 1.2 only.
+    pub server_config: Arc<ServerConfig>,
+    /// The leaf certificate's notAfter, in seconds since the Unix epoch.
+    pub not_after: i64,
+    /// True when clients must present a certificate signed by `client_ca_file`.
+    pub client_auth: bool,
+    /// Every byte read, so two loads compare equal exactly when their files did.
+    inputs: Vec<u8>,
+}
+
+impl PartialEq for TlsMaterial {
+    fn eq(&self, other: &Self) -> bool {
+        self.inputs == other.inputs
+    }
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("not_after", &self.not_after)
+            .field("client_auth", &self.client_auth)
+            .finish_non_exhaustive()
+    }
+}
+
+type Invalid = (&'static str, String);
+
+impl TlsMaterial {
+    /// Reads and checks the files `tls` names; the error is the key at fault and why.
+    pub fn load(tls: &TlsConfig) -> Result<Self, Invalid> {
+        let mut inputs = Vec::new();
+        let cert_path = required(tls.cert_file.as_deref(), "tls.cert_file")?;
+        let key_path = required(tls.key_file.as_deref(), "tls.key_file")?;
+        let cert_pem = read_limited("tls.cert_file", cert_path, &mut inputs)?;
+        let chain = certificates("tls.cert_file", cert_path, &cert_pem)?;
+        let not_after = not_after(&chain[0]).map_err(|e| {
+            (
+                "tls.cert_file",
+                format!("{}: unreadable certificate ({e})", cert_path.display()),
+            )
+        })?;
+        let key_pem = read_limited("tls.key_file", key_path, &mut inputs)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            (
+                "tls.key_file",
+                format!("{}: no PEM private key ({e})", key_path.display()),
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| ("tls", e.to_string()))?;
+        let builder = match tls.client_ca_file.as_deref() {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let pem = read_limited("tls.client_ca_file", path, &mut inputs)?;
+                let mut roots = RootCertStore::empty();
+                for cert in certificates("tls.client_ca_file", path, &pem)? {
+                    roots.add(cert).map_err(|e| {
+                        (
+                            "tls.client_ca_file",
+                            format!("{}: unusable CA certificate ({e})", path.display()),
+                        )
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                        .build()
+                        .map_err(|e| ("tls.client_ca_file", e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        // rustls checks that the key is the certificate's (a mismatched pair fails here).
+        let server_config = builder.with_single_cert(chain, key).map_err(|e| {
+            (
+                "tls.key_file",
+                format!(
+                    "{} cannot serve {}: {e}",
+                    key_path.display(),
+                    cert_path.display()
+                ),
+            )
+        })?;
+        Ok(Self {
+            server_config: Arc::new(server_config),
+            not_after,
+            client_auth: tls.client_ca_file.is_some(),
+            inputs,
+        })
+    }
+}
+
+fn required<'a>(path: Option<&'a Path>, key: &'static str) -> Result<&'a Path, Invalid> {
+    path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
+        (
+            key,
+            "missing: tls.listen is set, so tls.cert_file and tls.key_file are needed".into(),
+        )
+    })
+}
+
+/// The leaf certificate's notAfter as Unix seconds.
+fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+/// Every certificate in a PEM file; at least one.
+fn certificates(
+    key: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, Invalid> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| (key, format!("{}: not PEM ({e})", path.display())))?;
+    if certs.is_empty() {
+        return Err((key, format!("{}: no PEM certificate in it", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads at most [`MAX_FILE_SIZE`] bytes of `path` and appends them (after their
+/// length) to `inputs`.
+fn read_limited(key: &'static str, path: &Path, inputs: &mut Vec<u8>) -> Result<Vec<u8>, Invalid> {
+    let read_error = |e: std::io::Error| (key, format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err((
+            key,
+            format!("{}: larger than {MAX_FILE_SIZE} bytes", path.display()),
+        ));
+    }
+    inputs.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    inputs.extend_from_slice(&bytes);
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.cert.pem()).unwrap();
+        std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn config(cert: &Path, key: &Path) -> TlsConfig {
+        TlsConfig {
+            cert_file: Some(cert.to_path_buf()),
+            key_file: Some(key.to_path_buf()),
+            ..TlsConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_pair_loads_with_its_expiry_and_a_mismatched_pair_names_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = pair(dir.path(), "one");
+        let (_, k2) = pair(dir.path(), "two");
+        let loaded = TlsMaterial::load(&config(&c1, &k1)).unwrap();
+        // rcgen's default validity ends in 4096.
+        assert!(loaded.not_after > 4_000_000_000, "{}", loaded.not_after);
+        let (key, message) = TlsMaterial::load(&config(&c1, &k2)).unwrap_err();
+        assert_eq!(key, "tls.key_file");
+        assert!(message.contains("cannot serve"), "{message}");
+        let (key, message) = TlsMaterial::load(&config(&k1, &k1)).unwrap_err();
+        assert_eq!(key, "tls.cert_file");
+        assert!(message.contains("no PEM certificate"), "{message}");
+        let (key, _) = TlsMaterial::load(&config(&dir.path().join("absent.pem"), &k1)).unwrap_err();
+        assert_eq!(key, "tls.cert_file");
+        let (key, _) = TlsMaterial::load(&TlsConfig::default()).unwrap_err();
+        assert_eq!(key, "tls.cert_file");
+    }
+}
