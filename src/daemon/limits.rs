@@ -1,7 +1,8 @@
 //! Limits that protect the daemon and others from abusive peers.
 //!
-//! [`ConnectionLimiter`] bounds open TCP connections globally and per source address
-//! (xinetd's `instances` and `per_source`); [`RateLimiter`] bounds UDP replies per
+//! [`ConnectionLimiter`] bounds open connections globally and per source address
+//! (xinetd's `instances` and `per_source`) — the echo listeners' and, with its own
+//! limits, the HTTP endpoint's, so both count the same way; [`RateLimiter`] bounds UDP replies per
 //! source with token buckets in a table of bounded size, so a spoofed flood from
 //! millions of addresses costs bounded memory and constant time per datagram. Both take
 //! new limits live on reload.
@@ -25,7 +26,7 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Counts open TCP connections over every listener.
+/// Counts open connections over every listener of one kind (TCP echo, or HTTP).
 #[derive(Debug)]
 pub(crate) struct ConnectionLimiter {
     max: AtomicUsize,
@@ -49,9 +50,14 @@ pub(crate) struct Permit {
 impl ConnectionLimiter {
     /// A limiter with the configured limits.
     pub(crate) fn new(config: &TcpConfig) -> Arc<Self> {
+        Self::with_limits(config.max_connections, config.per_ip_limit())
+    }
+
+    /// A limiter with fixed limits (the HTTP endpoint's).
+    pub(crate) fn with_limits(max: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max: AtomicUsize::new(config.max_connections),
-            max_per_ip: AtomicUsize::new(config.per_ip_limit()),
+            max: AtomicUsize::new(max),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             active: AtomicUsize::new(0),
             per_ip: (0..PER_IP_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
@@ -77,6 +83,13 @@ impl ConnectionLimiter {
     /// Open connections right now.
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// True when `ip` holds its whole share of connections.
+    pub(crate) fn is_at_share(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        let held = self.per_ip(ip).get(&ip).copied().unwrap_or(0);
+        held >= self.max_per_ip.load(Ordering::Relaxed)
     }
 
     /// Admits a connection from `ip`, or says which limit refused it.
@@ -108,8 +121,9 @@ impl ConnectionLimiter {
 }
 
 impl ConnectionLimiter {
-    /// Counts a connection an earlier image of this process accepted and handed over:
-    /// it is already open, so no limit refuses it (like a reload lowering a limit).
+    /// Counts a connection an earlier image of this process accepted and handed over,
+    /// or one admitted in place of a connection being evicted: no limit refuses it
+    /// (like a reload lowering a limit), the count is over only until the victim closes.
     pub(crate) fn adopt(self: &Arc<Self>, ip: IpAddr) -> Permit {
         let ip = canonical_ip(ip);
         self.active.fetch_add(1, Ordering::AcqRel);

@@ -9,6 +9,7 @@ mod caps;
 mod config;
 mod hostile_config;
 mod hostile_drain;
+mod hostile_health;
 mod hostile_http;
 mod hostile_notify;
 mod hostile_tcp;
@@ -48,6 +49,7 @@ fn main() -> std::process::ExitCode {
         hostile_udp::TESTS,
         hostile_tcp::TESTS,
         hostile_http::TESTS,
+        hostile_health::TESTS,
         hostile_drain::TESTS,
         hostile_notify::TESTS,
         hostile_config::TESTS,
