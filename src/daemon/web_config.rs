@@ -199,7 +199,11 @@ impl BasicAuth {
                     .addresses
                     .get(&peer)
                     .is_some_and(|at| at.elapsed() < SUSPECT_FOR);
-            let bound = if suspect { MAX_QUEUED_SUSPECT } else { MAX_QUEUED };
+            let bound = if suspect {
+                MAX_QUEUED_SUSPECT
+            } else {
+                MAX_QUEUED
+            };
             let Some(ticket) = Ticket::take(&QUEUED, bound) else {
                 return Verdict::Busy;
             };
@@ -377,14 +381,20 @@ mod tests {
         let held: Vec<Ticket> = (0..MAX_QUEUED_SUSPECT)
             .map(|_| Ticket::take(&QUEUE, MAX_QUEUED).expect("room"))
             .collect();
-        assert!(Ticket::take(&QUEUE, MAX_QUEUED_SUSPECT).is_none(), "short queue full");
+        assert!(
+            Ticket::take(&QUEUE, MAX_QUEUED_SUSPECT).is_none(),
+            "short queue full"
+        );
         let more: Vec<Ticket> = (MAX_QUEUED_SUSPECT..MAX_QUEUED)
             .map(|_| Ticket::take(&QUEUE, MAX_QUEUED).expect("room for clean addresses"))
             .collect();
         assert!(Ticket::take(&QUEUE, MAX_QUEUED).is_none(), "queue full");
         drop(more);
         drop(held);
-        assert!(Ticket::take(&QUEUE, MAX_QUEUED_SUSPECT).is_some(), "places given back");
+        assert!(
+            Ticket::take(&QUEUE, MAX_QUEUED_SUSPECT).is_some(),
+            "places given back"
+        );
     }
 
     #[test]

@@ -8,9 +8,6 @@
 //! Every client is on loopback (127.0.0.x), every loop is bounded in time, and the
 //! daemon is the test's own child, killed by PID when the test ends.
 
-#[path = "../support/tls.rs"]
-mod tls;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::web_config::tls::{HttpsClient, Pki};
 use base64::Engine;
-use tls::{HttpsClient, Pki};
 
 use crate::support::{Daemon, Options, connect, slowloris};
 
@@ -53,7 +50,8 @@ fn request(
         head.push_str(&format!("Authorization: Basic {token}\r\n"));
     }
     head.push_str("\r\n");
-    s.set_write_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
     s.write_all(head.as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut response = Vec::new();
@@ -110,7 +108,11 @@ fn attackers(
     let started = Instant::now();
     (0..threads)
         .map(|i| {
-            let (stop, attack, from) = (Arc::clone(stop), Arc::clone(&attack), sources[i % sources.len()]);
+            let (stop, attack, from) = (
+                Arc::clone(stop),
+                Arc::clone(&attack),
+                sources[i % sources.len()],
+            );
             std::thread::spawn(move || {
                 let mut made = 0;
                 while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
@@ -151,14 +153,23 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         &format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
     );
     let daemon = Daemon::start_with(Options {
-        toml: &format!("[metrics]\nweb_config_file = {:?}\n", web.display().to_string()),
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
         ..Options::default()
     });
     let http = daemon.http;
     // Prometheus scrapes every 15 s, so its password was checked (and remembered)
     // before the flood began.
     assert_eq!(
-        request(SCRAPER, http, "/metrics", Some(("prometheus", "s3cret")), SCRAPED_WITHIN),
+        request(
+            SCRAPER,
+            http,
+            "/metrics",
+            Some(("prometheus", "s3cret")),
+            SCRAPED_WITHIN
+        ),
         Ok(200)
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -171,7 +182,13 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         Duration::from_secs(30),
         move |from, n| {
             let wrong = format!("wrong-{n}");
-            match request(from, http, "/metrics", Some(("prometheus", &wrong)), Duration::from_secs(5)) {
+            match request(
+                from,
+                http,
+                "/metrics",
+                Some(("prometheus", &wrong)),
+                Duration::from_secs(5),
+            ) {
                 Ok(_) => true,
                 Err(_) => {
                     counted.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +203,13 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
     });
     let (scraped, scrape_failures) = series(10, Duration::from_millis(100), || {
-        request(SCRAPER, http, "/metrics", Some(("prometheus", "s3cret")), SCRAPED_WITHIN)
+        request(
+            SCRAPER,
+            http,
+            "/metrics",
+            Some(("prometheus", "s3cret")),
+            SCRAPED_WITHIN,
+        )
     });
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -197,13 +220,21 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
          {scraped} of 10 within {SCRAPED_WITHIN:?} {scrape_failures:?}; in {took:?}",
         refused.load(Ordering::Relaxed)
     );
-    assert!(probed >= 38, "/healthz answered {probed} of 40: {probe_failures:#?}");
-    assert!(scraped >= 9, "scrapes answered {scraped} of 10: {scrape_failures:#?}");
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {probe_failures:#?}"
+    );
+    assert!(
+        scraped >= 9,
+        "scrapes answered {scraped} of 10: {scrape_failures:#?}"
+    );
 }
 
 /// A TLS record header and the start of a ClientHello, then nothing: the handshake
 /// stalls until the daemon gives up on it or evicts it.
-const STALLED_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+const STALLED_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
 
 /// 128 connections from 16 addresses each send the start of a ClientHello and stall; a
 /// connection the daemon closes is replaced at once. Probes over TLS must complete
@@ -213,7 +244,10 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
     let web = pki.web_config("web.yml", "", &[]);
     let client = HttpsClient::new(&pki.ca);
     let daemon = Daemon::start_with(Options {
-        toml: &format!("[metrics]\nweb_config_file = {:?}\n", web.display().to_string()),
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
         no_wait: true,
         ..Options::default()
     });
@@ -242,10 +276,9 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         let started = Instant::now();
         match client.get(http, "/healthz", None) {
-            Ok((status, _)) if started.elapsed() > ANSWERED_WITHIN => Err(format!(
-                "status {status} after {:?}",
-                started.elapsed()
-            )),
+            Ok((status, _)) if started.elapsed() > ANSWERED_WITHIN => {
+                Err(format!("status {status} after {:?}", started.elapsed()))
+            }
             Ok((status, _)) => Ok(status),
             Err(e) => Err(e.to_string()),
         }
@@ -256,7 +289,10 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
         "stalled TLS hellos from 16 addresses ({made} connections): /healthz {probed} of 40 \
          within {ANSWERED_WITHIN:?} {failures:?}"
     );
-    assert!(probed >= 38, "/healthz answered {probed} of 40: {failures:#?}");
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {failures:#?}"
+    );
 }
 
 /// 256 slowloris connections from 127.0.0.2, the address the probes come from too (a
@@ -281,5 +317,8 @@ fn probes_answer_through_slowloris_from_their_own_address() {
         "slowloris from the probe's address ({made} connections): /healthz {probed} of 40 \
          within {ANSWERED_WITHIN:?} {failures:?}"
     );
-    assert!(probed >= 38, "/healthz answered {probed} of 40: {failures:#?}");
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {failures:#?}"
+    );
 }

@@ -5,7 +5,7 @@
 //! the old file), and `echod probe` over TLS.
 
 #[path = "../support/tls.rs"]
-mod tls;
+pub(crate) mod tls;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -226,7 +226,10 @@ async fn serve_http<I>(
             if !is_open(req.uri().path()) {
                 // The web config in force now: a reload applies to the next request.
                 let web = Arc::clone(&state.web.borrow());
-                match web.authorize(req.headers().get(AUTHORIZATION), peer.ip()).await {
+                match web
+                    .authorize(req.headers().get(AUTHORIZATION), peer.ip())
+                    .await
+                {
                     Verdict::Granted => {}
                     Verdict::Denied => return Ok::<_, Infallible>(unauthorized()),
                     Verdict::Busy => return Ok(too_many_checks()),
@@ -255,4 +258,3 @@ async fn serve_http<I>(
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(WRITE_TIMEOUT, conn).await;
 }
-

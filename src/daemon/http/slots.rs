@@ -3,8 +3,9 @@
 //! adds what the endpoint needs on top — when a newcomer finds its address at its
 //! share, or the table full, it takes the place of a connection that is not being
 //! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
-//! keep-alive, a request waiting for a password check), the one that has made no
-//! progress for the longest. Progress is a read that brought bytes, or a request
+//! keep-alive, a request waiting for a password check): of the address holding the
+//! most places (its own, when it is at its share), the one that has made no progress
+//! for the longest. Progress is a read that brought bytes, or a request
 //! answered; so a probe mid-handshake, reading every millisecond, outlives the stalled
 //! connections around it however fast they reconnect, and an address's own
 //! connections (one NAT address for a kubelet and an attacker) make room for its probe.
@@ -98,11 +99,23 @@ impl Slots {
             Ok(permit) => permit,
             Err(reason) => {
                 let own = reason == RejectReason::PerIpLimit || self.limiter.is_at_share(ip);
+                let mut held: HashMap<IpAddr, usize> = HashMap::new();
+                for e in table.entries.values() {
+                    *held.entry(e.ip).or_insert(0) += 1;
+                }
+                // From the address holding the most (an attacker needs as many
+                // addresses as there are places to reach a lone probe), the stalest.
                 let victim = table
                     .entries
                     .iter()
                     .filter(|(_, e)| !e.busy && (!own || e.ip == ip))
-                    .min_by_key(|(id, e)| (e.progressed, **id))
+                    .min_by_key(|(id, e)| {
+                        (
+                            std::cmp::Reverse(held.get(&e.ip).copied()),
+                            e.progressed,
+                            **id,
+                        )
+                    })
                     .map(|(id, _)| *id)
                     .ok_or(if own { Refused::PerIp } else { Refused::Full })?;
                 if let Some(entry) = table.entries.remove(&victim) {
@@ -208,10 +221,7 @@ mod tests {
         held[1].handle().progressed();
         let newcomer = slots.admit(ip(1)).expect("room made in its own share");
         assert!(held[2].evicted.is_cancelled());
-        assert_eq!(
-            held.iter().filter(|s| s.evicted.is_cancelled()).count(),
-            1
-        );
+        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
         assert!(slots.admit(ip(2)).is_ok(), "another address is unaffected");
         // All of the address's connections being served: a newcomer is refused.
         for slot in held.iter().chain([&newcomer]) {
@@ -237,7 +247,13 @@ mod tests {
         }
         let newcomer = slots.admit(ip(1000)).expect("room made by eviction");
         assert!(held[5].evicted.is_cancelled());
-        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
+        // An address holding two places loses one first, though others are staler.
+        let second = slots.admit(ip(7)).expect("room made by eviction");
+        let third = slots.admit(ip(2000)).expect("room made by eviction");
+        assert!(held[6].evicted.is_cancelled(), "ip 7 held two");
+        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
+        drop((second, third));
+        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 3);
         // Every connection serving: a newcomer is refused at once.
         for slot in held.iter().chain([&newcomer]) {
             slot.handle().serving();
