@@ -9,6 +9,7 @@ mod caps;
 mod config;
 mod hostile_config;
 mod hostile_drain;
+mod hostile_durations;
 mod hostile_health;
 mod hostile_http;
 mod hostile_notify;
@@ -53,6 +54,7 @@ fn main() -> std::process::ExitCode {
         hostile_drain::TESTS,
         hostile_notify::TESTS,
         hostile_config::TESTS,
+        hostile_durations::TESTS,
         web_config::TESTS,
         upgrade::TESTS,
     ])
