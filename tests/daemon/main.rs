@@ -13,6 +13,7 @@ mod hostile_durations;
 mod hostile_health;
 mod hostile_http;
 mod hostile_notify;
+mod hostile_proxy;
 mod hostile_tcp;
 mod hostile_udp;
 mod in_process;
@@ -53,6 +54,7 @@ fn main() -> std::process::ExitCode {
         hostile_health::TESTS,
         hostile_drain::TESTS,
         hostile_notify::TESTS,
+        hostile_proxy::TESTS,
         hostile_config::TESTS,
         hostile_durations::TESTS,
         web_config::TESTS,

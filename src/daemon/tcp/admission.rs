@@ -1,6 +1,11 @@
 //! Who is served: a connection accepted by a listener takes its slot under the global
 //! and per-address limits, or — from a trusted proxy — first reads its PROXY header and
-//! takes the slot of the client the header names.
+//! takes the slot of the client the header names. While it waits for its header it
+//! holds a slot of the proxy's own address (so silent connections count against
+//! `tcp.max_connections` and, per proxy, `tcp.max_connections_per_ip`: behind a load
+//! balancer that sends the header with the client's first data, any client can open
+//! them). A refused connection is closed with [`close_at_once`], so what it sent with
+//! its header is discarded and it sees EOF, not a reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use super::Listener;
 use super::session::serve;
 use crate::config::TcpConfig;
 use crate::daemon::accept::close_at_once;
-use crate::daemon::limits::ConnectionLimiter;
+use crate::daemon::limits::{ConnectionLimiter, Permit};
 use crate::daemon::logging::RateLimitedLog;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::proxy;
@@ -30,22 +35,6 @@ impl Listener {
         // the socket: then the next echod would have served it, so this one does (the
         // drain waits for it like any other).
         let draining = self.shutdown.is_draining() && !self.keep_backlog;
-        if !draining && config.proxy_protocol.trusts(peer.ip()) {
-            // The client's address comes in the PROXY header: its per-IP slot is taken
-            // once the header is read, in the connection's own task.
-            let proxied = Proxied {
-                stream,
-                proxy: peer,
-                config,
-                limiter: Arc::clone(&self.limiter),
-                metrics: Arc::clone(&self.metrics),
-                shutdown: self.shutdown.clone(),
-                connections: self.connections.clone(),
-                label: self.label.clone(),
-            };
-            self.connections.spawn(proxied.run());
-            return;
-        }
         let permit = if draining {
             Err(RejectReason::Shutdown)
         } else {
@@ -65,6 +54,24 @@ impl Listener {
                 return;
             }
         };
+        if config.proxy_protocol.trusts(peer.ip()) {
+            // The client's address comes in the PROXY header: its per-IP slot is taken
+            // once the header is read, in the connection's own task; until then the
+            // proxy's slot (just taken) is held.
+            let proxied = Proxied {
+                stream,
+                proxy: peer,
+                waiting: permit,
+                config,
+                limiter: Arc::clone(&self.limiter),
+                metrics: Arc::clone(&self.metrics),
+                shutdown: self.shutdown.clone(),
+                connections: self.connections.clone(),
+                label: self.label.clone(),
+            };
+            self.connections.spawn(proxied.run());
+            return;
+        }
         let connection = serve(
             stream,
             peer,
@@ -82,6 +89,8 @@ struct Proxied {
     stream: TcpStream,
     /// The proxy's address (the socket's peer).
     proxy: SocketAddr,
+    /// The proxy's slot, held until the header names the client.
+    waiting: Permit,
     config: Arc<TcpConfig>,
     limiter: Arc<ConnectionLimiter>,
     metrics: Arc<TcpListenerMetrics>,
@@ -99,6 +108,7 @@ impl Proxied {
         let Self {
             mut stream,
             proxy,
+            waiting,
             config,
             limiter,
             metrics,
@@ -123,10 +133,12 @@ impl Proxied {
                     warn!(listener = %label, %proxy, %error, reason = RejectReason::ProxyProtocol.label(),
                         suppressed, "connection rejected");
                 }
-                // Dropping the stream closes it; unread bytes make that a reset.
+                close_at_once(stream);
                 return;
             }
         };
+        // The proxy's slot goes back as the client's is taken.
+        drop(waiting);
         match limiter.try_acquire(client.ip()) {
             Ok(permit) => {
                 connections.spawn(serve(stream, client, config, shutdown, metrics, permit));
@@ -137,6 +149,8 @@ impl Proxied {
                     warn!(listener = %label, peer = %client, %proxy, reason = reason.label(),
                         suppressed, "connection rejected");
                 }
+                // What it sent with its header is discarded, so it sees EOF.
+                close_at_once(stream);
             }
         }
     }
