@@ -7,6 +7,7 @@ mod support;
 
 mod caps;
 mod config;
+mod hostile_caps;
 mod hostile_config;
 mod hostile_drain;
 mod hostile_durations;
@@ -55,6 +56,7 @@ fn main() -> std::process::ExitCode {
         hostile_drain::TESTS,
         hostile_notify::TESTS,
         hostile_proxy::TESTS,
+        hostile_caps::TESTS,
         hostile_config::TESTS,
         hostile_durations::TESTS,
         web_config::TESTS,
