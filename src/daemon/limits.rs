@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -23,6 +23,25 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
+    }
+}
+
+/// What a [`RateLimiter`] keeps a bucket for: a source address, or a source address
+/// and port.
+pub(crate) trait RateKey: Copy + Eq + Hash + std::fmt::Debug {
+    /// The key in canonical form (a v4-mapped address as its IPv4 self).
+    fn canonical(self) -> Self;
+}
+
+impl RateKey for IpAddr {
+    fn canonical(self) -> Self {
+        canonical_ip(self)
+    }
+}
+
+impl RateKey for SocketAddr {
+    fn canonical(self) -> Self {
+        SocketAddr::new(canonical_ip(self.ip()), self.port())
     }
 }
 
@@ -173,19 +192,19 @@ const EVICTION_PROBES: usize = 4;
 /// forgets those that have refilled and sends the others to the back. The periodic
 /// [`RateLimiter::sweep`] forgets every refilled source once a second.
 #[derive(Debug)]
-struct RateTable {
+struct RateTable<K> {
     config: RateLimitConfig,
-    buckets: HashMap<IpAddr, Bucket>,
-    order: VecDeque<IpAddr>,
+    buckets: HashMap<K, Bucket>,
+    order: VecDeque<K>,
 }
 
 /// Per-source token buckets for UDP replies, shared by every UDP socket.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
-    table: Mutex<RateTable>,
+pub(crate) struct RateLimiter<K = IpAddr> {
+    table: Mutex<RateTable<K>>,
 }
 
-impl RateLimiter {
+impl<K: RateKey> RateLimiter<K> {
     /// A limiter with the configured rate.
     pub(crate) fn new(config: &RateLimitConfig) -> Arc<Self> {
         Arc::new(Self {
@@ -209,14 +228,14 @@ impl RateLimiter {
 
     /// Takes one token for `ip`; false means "do not reply". Constant time: a full
     /// table costs at most [`EVICTION_PROBES`] look-ups more, never a scan.
-    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn allow(&self, key: K, now: Instant) -> bool {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let rate = f64::from(t.config.packets_per_second);
         if rate == 0.0 {
             return true;
         }
         let burst = f64::from(t.config.burst);
-        let ip = canonical_ip(ip);
+        let ip = key.canonical();
         let is_new = !t.buckets.contains_key(&ip);
         if is_new {
             if t.buckets.len() >= t.config.max_sources {
@@ -252,7 +271,7 @@ impl RateLimiter {
     }
 }
 
-impl RateTable {
+impl<K: RateKey> RateTable<K> {
     /// Moves the clock hand over at most [`EVICTION_PROBES`] sources, forgetting the
     /// refilled ones; returns how many it examined.
     fn evict_some(&mut self, now: Instant) -> usize {

@@ -17,6 +17,7 @@ mod hostile_notify;
 mod hostile_proxy;
 mod hostile_tcp;
 mod hostile_udp;
+mod hostile_udp_loops;
 mod in_process;
 mod limits;
 mod metrics;
@@ -50,6 +51,7 @@ fn main() -> std::process::ExitCode {
         caps::TESTS,
         proxy_protocol::TESTS,
         hostile_udp::TESTS,
+        hostile_udp_loops::TESTS,
         hostile_tcp::TESTS,
         hostile_http::TESTS,
         hostile_health::TESTS,
