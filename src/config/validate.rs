@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use super::Config;
 
@@ -13,7 +14,25 @@ const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
 /// The most sockets one UDP address may have (`udp.sockets_per_address`).
 const MAX_UDP_SOCKETS_PER_ADDRESS: usize = 256;
 
+/// The longest a timeout or a deadline may be (365 days): a deadline is an instant
+/// plus this, which must not overflow, and anything longer is a typo for "no limit".
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The longest `tcp.keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
+pub(super) const MAX_KEEPALIVE: Duration = Duration::from_secs(32_767);
+
 pub(super) type Invalid = (&'static str, String);
+
+/// A duration no longer than `max`.
+fn at_most(key: &'static str, value: Duration, max: Duration) -> Result<(), Invalid> {
+    check(value <= max, key, || {
+        format!(
+            "must be at most {}s, got {}",
+            max.as_secs(),
+            humantime::format_duration(value)
+        )
+    })
+}
 
 fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
     if ok { Ok(()) } else { Err((key, message())) }
@@ -68,6 +87,16 @@ impl Config {
         check(!tcp.idle_timeout.is_zero(), "tcp.idle_timeout", || {
             "must be longer than 0s".into()
         })?;
+        at_most("tcp.idle_timeout", tcp.idle_timeout, MAX_DURATION)?;
+        if let Some(d) = tcp.max_connection_duration {
+            at_most("tcp.max_connection_duration", d, MAX_DURATION)?;
+        }
+        at_most("tcp.keepalive", tcp.keepalive, MAX_KEEPALIVE)?;
+        at_most(
+            "tcp.proxy_protocol.header_timeout",
+            tcp.proxy_protocol.header_timeout,
+            MAX_DURATION,
+        )?;
         check(
             tcp.max_connection_duration.is_none_or(|d| !d.is_zero()),
             "tcp.max_connection_duration",
@@ -128,6 +157,11 @@ impl Config {
             !self.shutdown.drain_timeout.is_zero(),
             "shutdown.drain_timeout",
             || "must be longer than 0s".into(),
+        )?;
+        at_most(
+            "shutdown.drain_timeout",
+            self.shutdown.drain_timeout,
+            MAX_DURATION,
         )?;
         if let Err(message) = parse_log_filter(&self.log.level) {
             return Err(("log.level", message));

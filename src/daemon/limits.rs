@@ -1,14 +1,15 @@
 //! Limits that protect the daemon and others from abusive peers.
 //!
-//! [`ConnectionLimiter`] bounds open TCP connections globally and per source address
-//! (xinetd's `instances` and `per_source`); [`RateLimiter`] bounds UDP replies per
+//! [`ConnectionLimiter`] bounds open connections globally and per source address
+//! (xinetd's `instances` and `per_source`) — the echo listeners' and, with its own
+//! limits, the HTTP endpoint's, so both count the same way; [`RateLimiter`] bounds UDP replies per
 //! source with token buckets in a table of bounded size, so a spoofed flood from
 //! millions of addresses costs bounded memory and constant time per datagram. Both take
 //! new limits live on reload.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -25,7 +26,26 @@ pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Counts open TCP connections over every listener.
+/// What a [`RateLimiter`] keeps a bucket for: a source address, or a source address
+/// and port.
+pub(crate) trait RateKey: Copy + Eq + Hash + std::fmt::Debug {
+    /// The key in canonical form (a v4-mapped address as its IPv4 self).
+    fn canonical(self) -> Self;
+}
+
+impl RateKey for IpAddr {
+    fn canonical(self) -> Self {
+        canonical_ip(self)
+    }
+}
+
+impl RateKey for SocketAddr {
+    fn canonical(self) -> Self {
+        SocketAddr::new(canonical_ip(self.ip()), self.port())
+    }
+}
+
+/// Counts open connections over every listener of one kind (TCP echo, or HTTP).
 #[derive(Debug)]
 pub(crate) struct ConnectionLimiter {
     max: AtomicUsize,
@@ -49,9 +69,14 @@ pub(crate) struct Permit {
 impl ConnectionLimiter {
     /// A limiter with the configured limits.
     pub(crate) fn new(config: &TcpConfig) -> Arc<Self> {
+        Self::with_limits(config.max_connections, config.per_ip_limit())
+    }
+
+    /// A limiter with fixed limits (the HTTP endpoint's).
+    pub(crate) fn with_limits(max: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
-            max: AtomicUsize::new(config.max_connections),
-            max_per_ip: AtomicUsize::new(config.per_ip_limit()),
+            max: AtomicUsize::new(max),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             active: AtomicUsize::new(0),
             per_ip: (0..PER_IP_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
@@ -77,6 +102,13 @@ impl ConnectionLimiter {
     /// Open connections right now.
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// True when `ip` holds its whole share of connections.
+    pub(crate) fn is_at_share(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        let held = self.per_ip(ip).get(&ip).copied().unwrap_or(0);
+        held >= self.max_per_ip.load(Ordering::Relaxed)
     }
 
     /// Admits a connection from `ip`, or says which limit refused it.
@@ -108,8 +140,9 @@ impl ConnectionLimiter {
 }
 
 impl ConnectionLimiter {
-    /// Counts a connection an earlier image of this process accepted and handed over:
-    /// it is already open, so no limit refuses it (like a reload lowering a limit).
+    /// Counts a connection an earlier image of this process accepted and handed over,
+    /// or one admitted in place of a connection being evicted: no limit refuses it
+    /// (like a reload lowering a limit), the count is over only until the victim closes.
     pub(crate) fn adopt(self: &Arc<Self>, ip: IpAddr) -> Permit {
         let ip = canonical_ip(ip);
         self.active.fetch_add(1, Ordering::AcqRel);
@@ -159,19 +192,19 @@ const EVICTION_PROBES: usize = 4;
 /// forgets those that have refilled and sends the others to the back. The periodic
 /// [`RateLimiter::sweep`] forgets every refilled source once a second.
 #[derive(Debug)]
-struct RateTable {
+struct RateTable<K> {
     config: RateLimitConfig,
-    buckets: HashMap<IpAddr, Bucket>,
-    order: VecDeque<IpAddr>,
+    buckets: HashMap<K, Bucket>,
+    order: VecDeque<K>,
 }
 
 /// Per-source token buckets for UDP replies, shared by every UDP socket.
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
-    table: Mutex<RateTable>,
+pub(crate) struct RateLimiter<K = IpAddr> {
+    table: Mutex<RateTable<K>>,
 }
 
-impl RateLimiter {
+impl<K: RateKey> RateLimiter<K> {
     /// A limiter with the configured rate.
     pub(crate) fn new(config: &RateLimitConfig) -> Arc<Self> {
         Arc::new(Self {
@@ -195,14 +228,14 @@ impl RateLimiter {
 
     /// Takes one token for `ip`; false means "do not reply". Constant time: a full
     /// table costs at most [`EVICTION_PROBES`] look-ups more, never a scan.
-    pub(crate) fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn allow(&self, key: K, now: Instant) -> bool {
         let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let rate = f64::from(t.config.packets_per_second);
         if rate == 0.0 {
             return true;
         }
         let burst = f64::from(t.config.burst);
-        let ip = canonical_ip(ip);
+        let ip = key.canonical();
         let is_new = !t.buckets.contains_key(&ip);
         if is_new {
             if t.buckets.len() >= t.config.max_sources {
@@ -238,7 +271,7 @@ impl RateLimiter {
     }
 }
 
-impl RateTable {
+impl<K: RateKey> RateTable<K> {
     /// Moves the clock hand over at most [`EVICTION_PROBES`] sources, forgetting the
     /// refilled ones; returns how many it examined.
     fn evict_some(&mut self, now: Instant) -> usize {

@@ -12,6 +12,15 @@
 //! echo loop) cannot starve the other tasks on its worker. `udp.sockets_per_address`
 //! serves an address with several sockets (SO_REUSEPORT, see `siblings`), so that UDP
 //! can use more than one core.
+//!
+//! An echo loop between echod and another echo server on a *different* port cannot be
+//! told from traffic, but servers talk from fixed ports, and clients from the
+//! ephemeral range (`net.ipv4.ip_local_port_range`, read once at start): a source
+//! port outside that range gets its own small bucket, per address and port
+//! ([`SERVER_PORT_BURST`] replies, then [`SERVER_PORT_RATE`] a second), on top of the
+//! per-address one. One spoofed datagram between two echo servers then costs at most
+//! about twice the burst, and clients on ephemeral ports are not affected. Turning the
+//! rate limit off (`packets_per_second = 0`) turns this bucket off too.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -30,11 +39,49 @@ use super::limits::{RateLimiter, canonical_ip};
 use super::logging::RateLimitedLog;
 use super::metrics::{UdpBatch, UdpListenerMetrics};
 use super::reasons::DropReason;
+use crate::config::RateLimitConfig;
 use crate::config::UdpConfig;
 
 /// Larger than any UDP payload, so the kernel never truncates what it hands us and an
 /// oversize datagram is recognised by its true length.
 const RECV_BUFFER: usize = 65_536;
+
+/// Replies a source port outside the ephemeral range may get at once (per address and
+/// port); a loop between two echo servers ends after about twice this.
+const SERVER_PORT_BURST: u32 = 32;
+/// Replies a second such a source gets after its burst.
+const SERVER_PORT_RATE: u32 = 8;
+/// Sources on such ports tracked at most.
+const SERVER_PORT_SOURCES: usize = 4096;
+/// Linux's default `net.ipv4.ip_local_port_range`, when it cannot be read.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32_768, 60_999);
+
+/// The buckets of sources on ports outside the ephemeral range, for every UDP socket.
+static SERVER_PORTS: std::sync::LazyLock<Arc<RateLimiter<SocketAddr>>> =
+    std::sync::LazyLock::new(|| {
+        RateLimiter::new(&RateLimitConfig {
+            packets_per_second: SERVER_PORT_RATE,
+            burst: SERVER_PORT_BURST,
+            max_sources: SERVER_PORT_SOURCES,
+        })
+    });
+
+/// The ephemeral port range, read once.
+static EPHEMERAL: std::sync::LazyLock<(u16, u16)> = std::sync::LazyLock::new(|| {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut it = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or(DEFAULT_EPHEMERAL)
+});
+
+/// True when `port` is outside the ephemeral range: where servers talk from.
+fn is_server_port(port: u16) -> bool {
+    let (low, high) = *EPHEMERAL;
+    port < low || port > high
+}
 
 /// Datagrams handled before counts are flushed even if the socket is still busy.
 const MAX_BATCH: usize = 256;
@@ -134,6 +181,9 @@ struct Rules {
     denied_ports: Box<[u64; 1024]>,
     /// The [`OwnPorts`] version these rules were built from.
     own_ports_version: u64,
+    /// Rate limiting is on (`udp.rate_limit.packets_per_second` > 0), and with it the
+    /// server-port bucket.
+    rate_limited: bool,
 }
 
 impl Rules {
@@ -152,6 +202,7 @@ impl Rules {
             max_datagram_size: config.max_datagram_size,
             denied_ports,
             own_ports_version,
+            rate_limited: config.rate_limit.packets_per_second > 0,
         }
     }
 
@@ -362,7 +413,11 @@ impl Shared {
             Err(DropReason::Oversize)
         } else if rules.denies(peer) {
             Err(DropReason::DeniedPort)
-        } else if !self.limiter.allow(peer.ip(), Instant::now()) {
+        } else if !self.limiter.allow(peer.ip(), Instant::now())
+            || (rules.rate_limited
+                && is_server_port(peer.port())
+                && !SERVER_PORTS.allow(peer, Instant::now()))
+        {
             Err(DropReason::RateLimited)
         } else {
             // A full send buffer drops the reply rather than blocking every other

@@ -62,7 +62,7 @@ fn assert_stops_on_sigterm(mut daemon: Daemon) {
     eprintln!("stopped {:?} after SIGTERM", started.elapsed());
 }
 
-fn sent(daemon: &Daemon) -> f64 {
+pub(crate) fn sent(daemon: &Daemon) -> f64 {
     daemon.metric("echod_udp_sent_datagrams_total", &[])
 }
 
@@ -91,7 +91,7 @@ fn a_datagram_from_echods_own_address_does_not_wedge_it_at_unlimited_rate() {
 /// Sums `echod_udp_sent_datagrams_total` over `daemons` until it has not changed for
 /// 500 ms (5 s at most): the loop, if any, has died. Returns the total and how long the
 /// echoes went on.
-fn echoes_once_settled(daemons: &[&Daemon]) -> (f64, Duration) {
+pub(crate) fn echoes_once_settled(daemons: &[&Daemon]) -> (f64, Duration) {
     let started = Instant::now();
     let total = || daemons.iter().map(|d| sent(d)).sum::<f64>();
     let mut last = total();

@@ -13,12 +13,17 @@ mod support;
 mod caps;
 mod config;
 mod docs;
+mod hostile_caps;
 mod hostile_config;
 mod hostile_drain;
+mod hostile_durations;
+mod hostile_health;
 mod hostile_http;
 mod hostile_notify;
+mod hostile_proxy;
 mod hostile_tcp;
 mod hostile_udp;
+mod hostile_udp_loops;
 mod in_process;
 mod limits;
 mod metrics;
@@ -55,11 +60,16 @@ fn main() -> std::process::ExitCode {
         caps::TESTS,
         proxy_protocol::TESTS,
         hostile_udp::TESTS,
+        hostile_udp_loops::TESTS,
         hostile_tcp::TESTS,
         hostile_http::TESTS,
+        hostile_health::TESTS,
         hostile_drain::TESTS,
         hostile_notify::TESTS,
+        hostile_proxy::TESTS,
+        hostile_caps::TESTS,
         hostile_config::TESTS,
+        hostile_durations::TESTS,
         web_config::TESTS,
         upgrade::TESTS,
         upgrade_faults::TESTS,

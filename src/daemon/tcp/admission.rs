@@ -30,23 +30,6 @@ impl Listener {
         // the socket: then the next echod would have served it, so this one does (the
         // drain waits for it like any other).
         let draining = self.shutdown.is_draining() && !self.keep_backlog;
-        if !draining && config.proxy_protocol.trusts(peer.ip()) {
-            // The client's address comes in the PROXY header: its per-IP slot is taken
-            // once the header is read, in the connection's own task.
-            let proxied = Proxied {
-                stream,
-                proxy: peer,
-                config,
-                limiter: Arc::clone(&self.limiter),
-                metrics: Arc::clone(&self.metrics),
-                lifeline: self.lifeline(),
-                connections: self.connections.clone(),
-                label: self.label.clone(),
-                tls: self.tls.clone(),
-            };
-            self.connections.spawn(proxied.run());
-            return;
-        }
         let permit = if draining {
             Err(RejectReason::Shutdown)
         } else {
@@ -66,6 +49,25 @@ impl Listener {
                 return;
             }
         };
+        if config.proxy_protocol.trusts(peer.ip()) {
+            // The client's address comes in the PROXY header: its per-IP slot is taken
+            // once the header is read, in the connection's own task; until then the
+            // proxy's slot (just taken) is held.
+            let proxied = Proxied {
+                stream,
+                proxy: peer,
+                waiting: permit,
+                config,
+                limiter: Arc::clone(&self.limiter),
+                metrics: Arc::clone(&self.metrics),
+                lifeline: self.lifeline(),
+                connections: self.connections.clone(),
+                label: self.label.clone(),
+                tls: self.tls.clone(),
+            };
+            self.connections.spawn(proxied.run());
+            return;
+        }
         let admitted = Admitted {
             stream,
             peer,
@@ -117,6 +119,8 @@ struct Proxied {
     stream: TcpStream,
     /// The proxy's address (the socket's peer).
     proxy: SocketAddr,
+    /// The proxy's slot, held until the header names the client.
+    waiting: Permit,
     config: Arc<TcpConfig>,
     limiter: Arc<ConnectionLimiter>,
     metrics: Arc<TcpListenerMetrics>,
@@ -136,6 +140,7 @@ impl Proxied {
         let Self {
             mut stream,
             proxy,
+            waiting,
             config,
             limiter,
             metrics,
@@ -164,10 +169,12 @@ impl Proxied {
                     warn!(listener = %label, %proxy, %error, reason = RejectReason::ProxyProtocol.label(),
                         suppressed, "connection rejected");
                 }
-                // Dropping the stream closes it; unread bytes make that a reset.
+                close_at_once(stream);
                 return;
             }
         };
+        // The proxy's slot goes back as the client's is taken.
+        drop(waiting);
         match limiter.try_acquire(client.ip()) {
             Ok(permit) => {
                 let admitted = Admitted {
@@ -185,6 +192,8 @@ impl Proxied {
                     warn!(listener = %label, peer = %client, %proxy, reason = reason.label(),
                         suppressed, "connection rejected");
                 }
+                // What it sent with its header is discarded, so it sees EOF.
+                close_at_once(stream);
             }
         }
     }

@@ -20,6 +20,7 @@ pub(crate) use session::{Lifeline, adopted, cap_reached};
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,6 +177,67 @@ impl Listener {
             let mut stream = stream;
             close_gently(&mut stream).await;
         });
+    }
+}
+
+/// How long a capped connection's client may take to read the echo echod already
+/// sent without taking any of it (the bytes in flight not shrinking): then the
+/// connection is reset and counted as cut.
+const CAP_STALL: Duration = Duration::from_secs(5);
+/// How long a capped connection may take in all to drain its echo, however slowly it
+/// reads.
+const CAP_DRAIN: Duration = Duration::from_secs(30);
+/// How often a capped connection looks at what the client has not acknowledged yet.
+const CAP_POLL: Duration = Duration::from_millis(20);
+
+/// Bytes sent on `stream` that the client has not acknowledged yet (`SIOCOUTQ`), and
+/// the FIN once the write side is shut; 0 when the client has everything.
+fn unacknowledged(stream: &TcpStream) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: the descriptor is open for the borrow of `stream`, and SIOCOUTQ writes
+    // one c_int to the pointer, which points at `queued`.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Closes a capped connection so that its client gets every byte already echoed, then
+/// EOF: the write side is shut (the FIN follows the echo), and what the client keeps
+/// sending is read and thrown away until it closes too, or until it has acknowledged
+/// everything echod sent (closing with its input unread cannot cost it echo any more).
+/// A client that stops taking the echo for [`CAP_STALL`], or has not taken it all
+/// within [`CAP_DRAIN`], is reset; returns the bytes it never acknowledged then (0
+/// when everything was delivered).
+pub(super) async fn close_capped(stream: &mut TcpStream) -> usize {
+    let _ = stream.shutdown().await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let started = tokio::time::Instant::now();
+    let mut left = unacknowledged(stream);
+    let mut moved = started;
+    loop {
+        if left == 0 {
+            return 0;
+        }
+        let now = tokio::time::Instant::now();
+        if now - moved >= CAP_STALL || now - started >= CAP_DRAIN {
+            let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+            return left;
+        }
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return 0,
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep(CAP_POLL) => {}
+        }
+        let now_left = unacknowledged(stream);
+        if now_left < left {
+            moved = tokio::time::Instant::now();
+        }
+        left = now_left;
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::close_gently;
+use super::close_capped;
 use crate::config::TcpConfig;
 use crate::daemon::limits::Permit;
 use crate::daemon::metrics::TcpListenerMetrics;
@@ -177,6 +177,18 @@ impl Connection {
     /// Records how the connection ended, gives its slot back and closes it (cleanly
     /// when the client finished or a cap was reached).
     async fn finish(&mut self, end: End) {
+        if let End::Capped(cap) = end {
+            // The slot goes back now; the echo in flight is delivered before the last
+            // bytes are counted, so what never arrived is not counted as sent (as far
+            // as this connection's last, unflushed echo goes).
+            self.permit = None;
+            self.metrics.capped(cap);
+            let unsent = close_capped(&mut self.stream).await;
+            if unsent > 0 {
+                debug!(peer = %self.peer, unsent, "capped connection reset: the client stopped reading");
+            }
+            self.unflushed.echoed = self.unflushed.echoed.saturating_sub(unsent as u64);
+        }
         self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
         self.permit = None;
         match end {
@@ -184,10 +196,7 @@ impl Connection {
                 let _ = self.stream.shutdown().await;
             }
             End::Idle => self.metrics.idle_timeouts.inc(),
-            End::Capped(cap) => {
-                self.metrics.capped(cap);
-                close_gently(&mut self.stream).await;
-            }
+            End::Capped(_) => {}
             End::HandedOver(pending) => {
                 // Still open, served by the next image: not closed, no duration yet.
                 self.hand_over(pending);

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode};
 
-use super::{Health, State, route};
+use super::route;
+use crate::daemon::http::{Health, State};
 use crate::daemon::metrics::Metrics;
 use crate::daemon::web_config::WebEndpoint;
 

@@ -1,0 +1,266 @@
+//! The HTTP connection table: the counts come from the same per-address
+//! [`ConnectionLimiter`] the echo listeners use (64 in all, 8 per address); this table
+//! adds what the endpoint needs on top — when a newcomer finds its address at its
+//! share, or the table full, it takes the place of a connection that is not being
+//! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
+//! keep-alive, a request waiting for a password check): of the address holding the
+//! most places (its own, when it is at its share), the one that has made no progress
+//! for the longest. Progress is a read that brought bytes, or a request
+//! answered; so a probe mid-handshake, reading every millisecond, outlives the stalled
+//! connections around it however fast they reconnect, and an address's own
+//! connections (one NAT address for a kubelet and an attacker) make room for its probe.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::limits::{ConnectionLimiter, Permit};
+use crate::daemon::reasons::RejectReason;
+
+/// Why a connection was closed right after accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Its source address holds its share, every one of them serving a request.
+    PerIp,
+    /// The table is full and every connection in it is serving a request.
+    Full,
+}
+
+impl Refused {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::PerIp => "per_ip_limit",
+            Self::Full => "global_limit",
+        }
+    }
+}
+
+/// The connections that could be evicted, with what eviction needs to know.
+pub(super) struct Slots {
+    limiter: Arc<ConnectionLimiter>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    /// A logical clock: each mark of progress takes the next tick (only the order
+    /// matters to eviction).
+    clock: u64,
+    /// Every open connection not evicted yet.
+    entries: HashMap<u64, Entry>,
+}
+
+struct Entry {
+    ip: IpAddr,
+    /// The tick of its last read that brought bytes (or its accept, or its last
+    /// answer).
+    progressed: u64,
+    /// Serving a request now: never evicted.
+    busy: bool,
+    evicted: CancellationToken,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub(super) struct Slot {
+    handle: SlotHandle,
+    _permit: Permit,
+    /// Cancelled when a newcomer takes its place.
+    pub(super) evicted: CancellationToken,
+}
+
+/// What the connection's socket and request handler tell the table.
+#[derive(Clone)]
+pub(super) struct SlotHandle {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Slots {
+    pub(super) fn new(max: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limiter: ConnectionLimiter::with_limits(max, max_per_ip),
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a connection from `ip`, evicting the stalest connection not being served
+    /// (of the same address when that address holds its share) if there is no room.
+    pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        let ip = crate::daemon::limits::canonical_ip(ip);
+        let mut table = self.lock();
+        let permit = match self.limiter.try_acquire(ip) {
+            Ok(permit) => permit,
+            Err(reason) => {
+                let own = reason == RejectReason::PerIpLimit || self.limiter.is_at_share(ip);
+                let mut held: HashMap<IpAddr, usize> = HashMap::new();
+                for e in table.entries.values() {
+                    *held.entry(e.ip).or_insert(0) += 1;
+                }
+                // From the address holding the most (an attacker needs as many
+                // addresses as there are places to reach a lone probe), the stalest.
+                let victim = table
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| !e.busy && (!own || e.ip == ip))
+                    .min_by_key(|(id, e)| {
+                        (
+                            std::cmp::Reverse(held.get(&e.ip).copied()),
+                            e.progressed,
+                            **id,
+                        )
+                    })
+                    .map(|(id, _)| *id)
+                    .ok_or(if own { Refused::PerIp } else { Refused::Full })?;
+                if let Some(entry) = table.entries.remove(&victim) {
+                    // It closes at its next poll and gives its place back then.
+                    entry.evicted.cancel();
+                }
+                self.limiter.adopt(ip)
+            }
+        };
+        let id = table.next_id;
+        table.next_id += 1;
+        let progressed = table.tick();
+        let evicted = CancellationToken::new();
+        table.entries.insert(
+            id,
+            Entry {
+                ip,
+                progressed,
+                busy: false,
+                evicted: evicted.clone(),
+            },
+        );
+        Ok(Slot {
+            handle: SlotHandle {
+                slots: Arc::clone(self),
+                id,
+            },
+            _permit: permit,
+            evicted,
+        })
+    }
+}
+
+impl Table {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+}
+
+impl Slot {
+    pub(super) fn handle(&self) -> SlotHandle {
+        self.handle.clone()
+    }
+}
+
+impl SlotHandle {
+    fn update(&self, f: impl FnOnce(&mut Entry, u64)) {
+        let mut table = self.slots.lock();
+        let now = table.tick();
+        if let Some(entry) = table.entries.get_mut(&self.id) {
+            f(entry, now);
+        }
+    }
+
+    /// A read brought bytes.
+    pub(super) fn progressed(&self) {
+        self.update(|e, now| e.progressed = now);
+    }
+
+    /// A request is being served (after its password check, if it needs one): the
+    /// connection is doing real work and is not evicted until it is answered.
+    pub(super) fn serving(&self) {
+        self.update(|e, _| e.busy = true);
+    }
+
+    /// The request was answered: progress, and evictable again until the next one.
+    pub(super) fn answered(&self) {
+        self.update(|e, now| {
+            e.busy = false;
+            e.progressed = now;
+        });
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.handle.slots.lock().entries.remove(&self.handle.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{Refused, Slots};
+
+    const MAX: usize = 64;
+    const PER_IP: usize = 8;
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    #[test]
+    fn an_address_at_its_share_evicts_its_own_stalest_connection() {
+        let slots = Slots::new(MAX, PER_IP);
+        let held: Vec<_> = (0..PER_IP)
+            .map(|_| slots.admit(ip(1)).expect("within the share"))
+            .collect();
+        // The oldest is being served, the second made progress just now: the third goes.
+        held[0].handle().serving();
+        held[1].handle().progressed();
+        let newcomer = slots.admit(ip(1)).expect("room made in its own share");
+        assert!(held[2].evicted.is_cancelled());
+        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
+        assert!(slots.admit(ip(2)).is_ok(), "another address is unaffected");
+        // All of the address's connections being served: a newcomer is refused.
+        for slot in held.iter().chain([&newcomer]) {
+            slot.handle().serving();
+        }
+        assert_eq!(slots.admit(ip(1)).err(), Some(Refused::PerIp));
+        drop(held);
+        drop(newcomer);
+        assert!(slots.lock().entries.is_empty());
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_connection_stalled_longest_not_the_oldest() {
+        let slots = Slots::new(MAX, PER_IP);
+        let held: Vec<_> = (0..MAX)
+            .map(|i| slots.admit(ip(1 + i as u32)).expect("room"))
+            .collect();
+        // Everyone but #5 makes progress (a probe's handshake; stalled ones do not).
+        for (i, slot) in held.iter().enumerate() {
+            if i != 5 {
+                slot.handle().progressed();
+            }
+        }
+        let newcomer = slots.admit(ip(1000)).expect("room made by eviction");
+        assert!(held[5].evicted.is_cancelled());
+        // An address holding two places loses one first, though others are staler.
+        let second = slots.admit(ip(7)).expect("room made by eviction");
+        let third = slots.admit(ip(2000)).expect("room made by eviction");
+        assert!(held[6].evicted.is_cancelled(), "ip 7 held two");
+        assert!(!second.evicted.is_cancelled() && !third.evicted.is_cancelled());
+        drop((second, third));
+        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 3);
+        // Every connection serving: a newcomer is refused at once.
+        for slot in held.iter().chain([&newcomer]) {
+            slot.handle().serving();
+        }
+        assert_eq!(slots.admit(ip(1001)).err(), Some(Refused::Full));
+        drop(held);
+        drop(newcomer);
+        assert!(slots.lock().entries.is_empty());
+    }
+}

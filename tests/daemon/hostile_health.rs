@@ -1,0 +1,325 @@
+//! The health endpoint under the attacks of round 3: a wrong-password flood from eight
+//! addresses (every connection waiting for the one bcrypt at a time), stalled TLS
+//! ClientHellos that reconnect as soon as they are evicted, and slowloris from the
+//! probe's own address (one NAT address for attacker and kubelet alike). Probes must be
+//! answered (≥ 95 % within 1 s) and scrapes with the right password (≥ 90 %) through
+//! each of them.
+//!
+//! Every client is on loopback (127.0.0.x), every loop is bounded in time, and the
+//! daemon is the test's own child, killed by PID when the test ends.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::web_config::tls::{HttpsClient, Pki};
+use base64::Engine;
+
+use crate::support::{Daemon, Options, slowloris, try_connect_from};
+
+crate::support::tests![
+    probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses,
+    probes_answer_through_stalled_tls_hellos_that_reconnect,
+    probes_answer_through_slowloris_from_their_own_address,
+];
+
+/// A probe counts as answered when its 200 arrives within this time.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(1);
+/// A scrape counts as answered when its 200 arrives within this time.
+const SCRAPED_WITHIN: Duration = Duration::from_secs(2);
+const PROBER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const SCRAPER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+/// One plain-HTTP request from `from`, `Connection: close`; the status, when the whole
+/// response arrived within `limit`.
+fn request(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<u16, String> {
+    let deadline = Instant::now() + limit;
+    let mut s = try_connect_from(from, addr, None, limit).map_err(|e| format!("connect: {e}"))?;
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n");
+    if let Some((user, password)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        head.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    s.write_all(head.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no complete response within {limit:?}"));
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+}
+
+/// Runs `count` checks, one every `every`; how many returned `Ok(200)`, and the others.
+fn series(
+    count: usize,
+    every: Duration,
+    mut check: impl FnMut() -> Result<u16, String>,
+) -> (usize, Vec<String>) {
+    let mut failures = Vec::new();
+    let mut ok = 0;
+    for i in 0..count {
+        match check() {
+            Ok(200) => ok += 1,
+            Ok(code) => failures.push(format!("{i}: status {code}")),
+            Err(e) => failures.push(format!("{i}: {e}")),
+        }
+        std::thread::sleep(every);
+    }
+    (ok, failures)
+}
+
+/// `threads` attacker threads, taking `sources` in turn, each running `attack` with its
+/// source and its index until `stop` or `limit`; returns the connections they made.
+fn attackers(
+    sources: &[Ipv4Addr],
+    threads: usize,
+    stop: &Arc<AtomicBool>,
+    limit: Duration,
+    attack: impl Fn(Ipv4Addr, usize) -> bool + Send + Sync + 'static,
+) -> Vec<JoinHandle<usize>> {
+    let attack = Arc::new(attack);
+    let started = Instant::now();
+    (0..threads)
+        .map(|i| {
+            let (stop, attack, from) = (
+                Arc::clone(stop),
+                Arc::clone(&attack),
+                sources[i % sources.len()],
+            );
+            std::thread::spawn(move || {
+                let mut made = 0;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+                    if attack(from, i * 1_000_000 + made) {
+                        made += 1;
+                    } else {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                made
+            })
+        })
+        .collect()
+}
+
+fn join(attack: Vec<JoinHandle<usize>>) -> usize {
+    attack
+        .into_iter()
+        .map(|t| t.join().expect("attack thread"))
+        .sum()
+}
+
+fn sources(first: u8, n: u8) -> Vec<Ipv4Addr> {
+    (first..first + n)
+        .map(|last| Ipv4Addr::new(127, 0, 0, last))
+        .collect()
+}
+
+/// 64 connections from 8 addresses, each sending `GET /metrics` with a new wrong
+/// password as soon as the last one was answered, against bcrypt cost 10 (tens of ms a
+/// check, one check at a time): `/healthz` must not wait behind them, nor must the
+/// scraper with the right password.
+fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
+    let pki = Pki::new();
+    let hash = bcrypt::hash("s3cret", 10).expect("bcrypt");
+    let web = pki.write(
+        "web.yml",
+        &format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
+    );
+    let daemon = Daemon::start_with(Options {
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
+        ..Options::default()
+    });
+    let http = daemon.http;
+    // Prometheus scrapes every 15 s, so its password was checked (and remembered)
+    // before the flood began.
+    assert_eq!(
+        request(
+            SCRAPER,
+            http,
+            "/metrics",
+            Some(("prometheus", "s3cret")),
+            SCRAPED_WITHIN
+        ),
+        Ok(200)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&refused);
+    let attack = attackers(
+        &sources(10, 8),
+        64,
+        &stop,
+        Duration::from_secs(30),
+        move |from, n| {
+            let wrong = format!("wrong-{n}");
+            match request(
+                from,
+                http,
+                "/metrics",
+                Some(("prometheus", &wrong)),
+                Duration::from_secs(5),
+            ) {
+                Ok(_) => true,
+                Err(_) => {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            }
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let (probed, probe_failures) = series(40, Duration::from_millis(100), || {
+        request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
+    });
+    let (scraped, scrape_failures) = series(10, Duration::from_millis(100), || {
+        request(
+            SCRAPER,
+            http,
+            "/metrics",
+            Some(("prometheus", "s3cret")),
+            SCRAPED_WITHIN,
+        )
+    });
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let made = join(attack);
+    eprintln!(
+        "wrong-password flood from 8 addresses ({made} requests answered, {} not): \
+         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {probe_failures:?}; scrapes \
+         {scraped} of 10 within {SCRAPED_WITHIN:?} {scrape_failures:?}; in {took:?}",
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {probe_failures:#?}"
+    );
+    assert!(
+        scraped >= 9,
+        "scrapes answered {scraped} of 10: {scrape_failures:#?}"
+    );
+}
+
+/// A TLS record header and the start of a ClientHello, then nothing: the handshake
+/// stalls until the daemon gives up on it or evicts it.
+const STALLED_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
+
+/// 128 connections from 16 addresses each send the start of a ClientHello and stall; a
+/// connection the daemon closes is replaced at once. Probes over TLS must complete
+/// their handshakes between them.
+fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
+    let pki = Pki::new();
+    let web = pki.web_config("web.yml", "", &[]);
+    let client = HttpsClient::new(&pki.ca);
+    let mut daemon = Daemon::start_with(Options {
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
+        no_wait: true,
+        ..Options::default()
+    });
+    daemon.wait_listening();
+    client.wait_ready(daemon.http);
+    let http = daemon.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = attackers(
+        &sources(30, 16),
+        128,
+        &stop,
+        Duration::from_secs(30),
+        move |from, _| {
+            let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500)) else {
+                return false;
+            };
+            if s.write_all(STALLED_HELLO).is_err() {
+                return true;
+            }
+            // Held until the daemon closes it (or 3 s), then replaced at once.
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let _ = s.read(&mut [0u8; 64]);
+            true
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (probed, failures) = series(40, Duration::from_millis(100), || {
+        let started = Instant::now();
+        match client.get(http, "/healthz", None) {
+            Ok((status, _)) if started.elapsed() > ANSWERED_WITHIN => {
+                Err(format!("status {status} after {:?}", started.elapsed()))
+            }
+            Ok((status, _)) => Ok(status),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let made = join(attack);
+    eprintln!(
+        "stalled TLS hellos from 16 addresses ({made} connections): /healthz {probed} of 40 \
+         within {ANSWERED_WITHIN:?} {failures:?}"
+    );
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {failures:#?}"
+    );
+}
+
+/// 256 slowloris connections from 127.0.0.2, the address the probes come from too (a
+/// NAT, kube-proxy's SNAT, a container HEALTHCHECK).
+fn probes_answer_through_slowloris_from_their_own_address() {
+    let daemon = Daemon::start("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = slowloris(
+        daemon.http,
+        vec![PROBER],
+        256,
+        Arc::clone(&stop),
+        Duration::from_secs(30),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (probed, failures) = series(40, Duration::from_millis(100), || {
+        request(PROBER, daemon.http, "/healthz", None, ANSWERED_WITHIN)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let made = attack.join().expect("attack thread");
+    eprintln!(
+        "slowloris from the probe's address ({made} connections): /healthz {probed} of 40 \
+         within {ANSWERED_WITHIN:?} {failures:?}"
+    );
+    assert!(
+        probed >= 38,
+        "/healthz answered {probed} of 40: {failures:#?}"
+    );
+}
