@@ -5,6 +5,8 @@
 //! children per listener ([`TcpListenerMetrics`], [`UdpListenerMetrics`]) so the hot
 //! path never hashes label values, and byte counts are added once per burst, not per read.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::core::Collector;
@@ -62,6 +64,39 @@ pub struct Metrics {
     /// The TLS echo certificate's notAfter, in seconds since the Unix epoch (absent
     /// while TLS echo is off).
     tls_certificate_expiry: IntGauge,
+    /// Upgrades in place, by result (counted by the image that decided it).
+    upgrades: IntCounterVec,
+    /// The last upgrade's pause: from the old image's stop of accepting to the new one's
+    /// readiness.
+    last_upgrade_pause: Gauge,
+    start_time: Gauge,
+    /// What earlier images of this process had counted, added to every series of the
+    /// same name and labels when the exposition is written: an upgrade in place does not
+    /// reset a counter (see [`Metrics::carry`]).
+    carried: RwLock<HashMap<String, f64>>,
+}
+
+/// How an upgrade in place ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpgradeResult {
+    /// The new image serves.
+    Ok,
+    /// The new binary said it could not take over; nothing stopped.
+    Refused,
+    /// The exec failed; the old image took everything back.
+    Failed,
+}
+
+impl UpgradeResult {
+    const ALL: [Self; 3] = [Self::Ok, Self::Refused, Self::Failed];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// Registers a metric and hands it back. Names and labels are static, so a failure is
@@ -109,6 +144,7 @@ impl Metrics {
                 "Start time of the process since the Unix epoch, in seconds.",
             ),
         );
+        let start_time = start.clone();
         start.set(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -292,10 +328,74 @@ impl Metrics {
                 "notAfter of the TLS echo certificate in use, in seconds since the Unix epoch.",
             )
             .expect("valid metric definition"),
+            upgrades: counter_vec(
+                &r,
+                "echod_upgrades_total",
+                "Upgrades in place to a new binary, by result.",
+                &["result"],
+            ),
+            last_upgrade_pause: register(
+                &r,
+                Gauge::new(
+                    "echod_last_upgrade_pause_seconds",
+                    "How long the last upgrade in place kept new connections waiting, in seconds.",
+                ),
+            ),
+            start_time,
+            carried: RwLock::default(),
             registry: r,
         };
         m.config_last_reload_success.set(1);
+        for result in UpgradeResult::ALL {
+            m.upgrades.with_label_values(&[result.label()]);
+        }
         m
+    }
+
+    /// Counts an upgrade's outcome; for `Ok`, with the pause clients saw.
+    pub(crate) fn upgraded(&self, result: UpgradeResult, pause: Option<std::time::Duration>) {
+        self.upgrades.with_label_values(&[result.label()]).inc();
+        if let Some(pause) = pause {
+            self.last_upgrade_pause.set(pause.as_secs_f64());
+        }
+    }
+
+    /// What this image hands the next at an upgrade so that no series restarts: every
+    /// echod counter and histogram sample (`name{labels} value`, as exposed, earlier
+    /// images' counts included), and the start time.
+    pub(crate) fn carried_samples(&self) -> (Vec<(String, f64)>, f64) {
+        let text = String::from_utf8_lossy(&self.encode()).into_owned();
+        let mut samples = Vec::new();
+        let mut carry = false;
+        for line in text.lines() {
+            if let Some(kind) = line.strip_prefix("# TYPE ") {
+                let mut words = kind.split(' ');
+                let (name, kind) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                carry = name.starts_with("echod_") && matches!(kind, "counter" | "histogram");
+                continue;
+            }
+            if !carry || line.starts_with('#') {
+                continue;
+            }
+            if let Some((key, value)) = line.rsplit_once(' ')
+                && let Ok(value) = value.parse::<f64>()
+                && value != 0.0
+            {
+                samples.push((key.to_string(), value));
+            }
+        }
+        (samples, self.start_time.get())
+    }
+
+    /// Takes over what an earlier image counted ([`Metrics::carried_samples`]): each
+    /// sample is added to the series of the same name and labels from now on, and the
+    /// start time is the first image's.
+    pub(crate) fn carry(&self, samples: Vec<(String, f64)>, started: f64) {
+        self.start_time.set(started);
+        let mut carried = self.carried.write().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in samples {
+            *carried.entry(key).or_insert(0.0) += value;
+        }
     }
 
     /// Publishes the configured limits, so alerts and dashboards can compare usage
@@ -311,11 +411,31 @@ impl Metrics {
             .set(as_gauge(config.udp.rate_limit.max_sources));
     }
 
-    /// The text exposition of every family.
+    /// The text exposition of every family, with what earlier images counted added.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
+        let carried = self.carried.read().unwrap_or_else(|e| e.into_inner());
+        if carried.is_empty() {
+            return out;
+        }
+        let text = String::from_utf8_lossy(&out);
+        let mut sum = String::with_capacity(text.len());
+        for line in text.lines() {
+            let added = line.rsplit_once(' ').and_then(|(key, value)| {
+                Some((key, value.parse::<f64>().ok()?, carried.get(key)?))
+            });
+            match added {
+                Some((key, value, earlier)) => {
+                    sum.push_str(key);
+                    sum.push(' ');
+                    sum.push_str(&(value + earlier).to_string());
+                }
+                None => sum.push_str(line),
+            }
+            sum.push('\n');
+        }
+        sum.into_bytes()
     }
 
     /// Children for one TCP listener, created at zero so every series exists at once.

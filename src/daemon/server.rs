@@ -23,7 +23,7 @@ use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
 use super::logging::LogHandle;
-use super::metrics::{Metrics, VERSION};
+use super::metrics::{Metrics, UpgradeResult, VERSION};
 use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
@@ -109,9 +109,16 @@ pub(crate) async fn serve_hosted(
     } else {
         Start::Fresh
     };
+    if let Some(started) = handover.started {
+        server.handles.metrics.carry(handover.samples, started);
+    }
     server.start(handover.connections, start)?;
     if let Some(stopped) = handover.stopped {
         let paused = handover::monotonic_micros().saturating_sub(stopped);
+        server
+            .handles
+            .metrics
+            .upgraded(UpgradeResult::Ok, Some(Duration::from_micros(paused)));
         info!(
             paused_us = paused,
             "upgrade complete: the new binary serves, {:.1} ms after the old one stopped accepting",
@@ -325,7 +332,11 @@ impl Handles {
             self.connections.spawn(tcp::adopted(
                 stream,
                 c.peer,
-                c.pending,
+                tcp::Past {
+                    pending: c.pending,
+                    accepted: c.accepted,
+                    echoed: c.echoed,
+                },
                 Arc::clone(&config),
                 tcp::Lifeline {
                     shutdown: self.shutdown.clone(),
@@ -516,6 +527,7 @@ impl Server {
             (Ok(()), Ok(upgrade)) => upgrade,
             (Ok(()), Err(_)) => unreachable!("the check's task has ended"),
             (Err(why), _) => {
+                self.handles.metrics.upgraded(UpgradeResult::Refused, None);
                 error!(error = %why, "new binary refused, the running one keeps serving");
                 self.conclude(Err(format!(
                     "new binary refused, the running one keeps serving: {why}"
@@ -548,10 +560,15 @@ impl Server {
                 "connections that did not reach a point to hand over in time are closed"
             );
         }
+        // Every connection has added its counts by now: the next image goes on from
+        // these.
+        let (samples, first_started) = handles.metrics.carried_samples();
         let handover = Handover {
             stopped: Some(stopped),
             listeners,
             connections: handles.handoff.take(),
+            samples,
+            started: Some(first_started),
         };
         info!(
             listeners = handover.listeners.len(),
@@ -564,6 +581,7 @@ impl Server {
         let error = self.host.exec(&upgrade, &handover);
         error!(%binary, error = %error, "cannot execute the new binary; the running one takes everything back");
         self.resume(handover);
+        self.handles.metrics.upgraded(UpgradeResult::Failed, None);
         self.conclude(Err(format!("upgrade to {binary} failed: {error}")));
         None
     }

@@ -39,6 +39,7 @@ mod tls_echo;
 mod udp_echo;
 mod upgrade;
 mod upgrade_faults;
+mod upgrade_series;
 mod web_config;
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +74,7 @@ fn main() -> std::process::ExitCode {
         web_config::TESTS,
         upgrade::TESTS,
         upgrade_faults::TESTS,
+        upgrade_series::TESTS,
         tls_echo::TESTS,
     ])
 }

@@ -19,7 +19,7 @@ use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::reasons::ConnectionCap;
 use crate::daemon::shutdown::Shutdown;
 use crate::daemon::upgrade::handoff::Handoff;
-use crate::daemon::upgrade::handover::HandedConnection;
+use crate::daemon::upgrade::handover::{HandedConnection, monotonic_micros};
 
 /// The two lines from the server to a connection: the stop broadcast, and where the
 /// connection gives itself at an in-place upgrade.
@@ -43,19 +43,43 @@ pub(crate) fn accepted(
     Connection::new(stream, peer, config, lifeline, metrics, permit).run()
 }
 
+/// What a handed-over connection brings from its earlier image besides its socket.
+#[derive(Debug)]
+pub(crate) struct Past {
+    /// Bytes it had read and not yet echoed: written back first.
+    pub(crate) pending: Vec<u8>,
+    /// When it was accepted (`CLOCK_MONOTONIC` microseconds; 0: unknown, now).
+    pub(crate) accepted: u64,
+    /// Bytes echoed on it so far.
+    pub(crate) echoed: u64,
+}
+
 /// The task that goes on serving a connection an earlier image of this process handed
-/// over: `pending` (bytes it had read and not yet echoed) is written back first. Not
-/// counted as accepted again.
+/// over, its caps counted from its first accept. Not counted as accepted again.
 pub(crate) fn adopted(
     stream: TcpStream,
     peer: SocketAddr,
-    pending: Vec<u8>,
+    past: Past,
     config: Arc<TcpConfig>,
     lifeline: Lifeline,
     metrics: Arc<TcpListenerMetrics>,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
-    Connection::new(stream, peer, config, lifeline, metrics, permit).run_adopted(pending)
+    let mut connection = Connection::new(stream, peer, config, lifeline, metrics, permit);
+    let age = monotonic_micros().saturating_sub(past.accepted);
+    if past.accepted > 0
+        && let Some(started) = connection
+            .started
+            .checked_sub(std::time::Duration::from_micros(age))
+    {
+        connection.started = started;
+        connection.hard_deadline = connection
+            .config
+            .max_connection_duration
+            .and_then(|d| started.checked_add(d));
+    }
+    connection.echoed_total = past.echoed;
+    connection.run_adopted(past.pending)
 }
 
 /// How a connection ended.
@@ -183,7 +207,8 @@ impl Connection {
             // as this connection's last, unflushed echo goes).
             self.permit = None;
             self.metrics.capped(cap);
-            let unsent = close_capped(&mut self.stream).await;
+            // Boxed: its state would otherwise enlarge every idle connection's task.
+            let unsent = Box::pin(close_capped(&mut self.stream)).await;
             if unsent > 0 {
                 debug!(peer = %self.peer, unsent, "capped connection reset: the client stopped reading");
             }
@@ -226,6 +251,10 @@ impl Connection {
                 label: self.metrics.label.clone(),
                 peer: self.peer,
                 pending,
+                accepted: monotonic_micros().saturating_sub(
+                    u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                ),
+                echoed: self.echoed_total,
             }),
             Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),
         }

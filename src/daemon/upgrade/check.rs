@@ -90,7 +90,7 @@ pub fn answer(config: &Config, description: &[u8]) -> Result<String, String> {
         .map(|l| (l.kind, l.addr, l.origin))
         .collect();
     listeners::dry_run(config, &present).map_err(|e| e.to_string())?;
-    Ok(format!("{}\n", wire::HEADER))
+    Ok(wire::READS.to_string())
 }
 
 #[cfg(test)]
@@ -158,7 +158,7 @@ mod tests {
         let described = format!("echod-handover 1\nlistener tcp 3 {addr}\nend\n");
         assert_eq!(
             answer(&config, described.as_bytes()),
-            Ok(format!("{}\n", wire::HEADER))
+            Ok(wire::READS.to_string())
         );
         assert!(answer(&config, b"echod-handover 9\nend\n").is_err());
     }

@@ -46,6 +46,10 @@ pub(crate) struct HandedConnection {
     pub(crate) peer: SocketAddr,
     /// Bytes read from the client and not yet echoed: written back first.
     pub(crate) pending: Vec<u8>,
+    /// When it was accepted ([`monotonic_micros`]; 0 when the old image did not say)
+    /// and the bytes echoed on it so far: its caps go on from there.
+    pub(crate) accepted: u64,
+    pub(crate) echoed: u64,
 }
 
 /// Everything handed over.
@@ -55,6 +59,10 @@ pub(crate) struct Handover {
     pub(crate) stopped: Option<u64>,
     pub(crate) listeners: Vec<HandedListener>,
     pub(crate) connections: Vec<HandedConnection>,
+    /// What the metrics had counted (`name{labels}`, value), and the first image's start
+    /// time, for the next image to go on from.
+    pub(crate) samples: Vec<(String, f64)>,
+    pub(crate) started: Option<f64>,
 }
 
 /// `CLOCK_MONOTONIC` in microseconds: one clock for the whole system, so it means the
@@ -89,7 +97,6 @@ pub(crate) fn describe_listeners(
     listeners: &[(ListenerKind, SocketAddr, SocketOrigin, RawFd)],
 ) -> Vec<u8> {
     wire::encode(&Description {
-        stopped: None,
         listeners: listeners
             .iter()
             .map(|&(kind, addr, origin, fd)| ListenerEntry {
@@ -99,7 +106,7 @@ pub(crate) fn describe_listeners(
                 origin,
             })
             .collect(),
-        connections: Vec::new(),
+        ..Description::default()
     })
 }
 
@@ -121,6 +128,8 @@ impl Handover {
     fn describe(&self) -> Description {
         Description {
             stopped: self.stopped,
+            started: self.started,
+            samples: self.samples.clone(),
             listeners: self
                 .listeners
                 .iter()
@@ -139,6 +148,8 @@ impl Handover {
                     label: c.label.clone(),
                     peer: c.peer,
                     pending: c.pending.clone(),
+                    accepted: c.accepted,
+                    echoed: c.echoed,
                 })
                 .collect(),
         }
@@ -190,6 +201,8 @@ impl Handover {
     fn adopt(d: Description) -> Result<Handover, HandoverError> {
         let mut handover = Handover {
             stopped: d.stopped,
+            started: d.started,
+            samples: d.samples,
             ..Handover::default()
         };
         for l in d.listeners {
@@ -213,6 +226,8 @@ impl Handover {
                     label: c.label,
                     peer: c.peer,
                     pending: c.pending,
+                    accepted: c.accepted,
+                    echoed: c.echoed,
                 });
             }
         }
@@ -350,7 +365,7 @@ mod tests {
                     origin: SocketOrigin::Bound,
                 },
             ],
-            connections: Vec::new(),
+            ..Handover::default()
         };
         let memfd = handover.write().unwrap();
         // Hand the descriptors over as an exec would: forget our ownership.

@@ -27,7 +27,16 @@ use std::os::fd::RawFd;
 use super::handover::{HandoverError, invalid};
 use crate::daemon::kind::{ListenerKind, SocketOrigin};
 
-pub(super) const HEADER: &str = "echod-handover 1";
+/// The version this image writes; every version it reads is in [`READS`].
+pub(super) const HEADER: &str = "echod-handover 2";
+
+/// Version 1 (the first release with upgrades in place) has no `started`/`sample`
+/// lines and four words after `connection`; it is still read, so that release can
+/// upgrade to this one.
+const HEADER_V1: &str = "echod-handover 1";
+
+/// The versions this image reads, one a line: its answer to `upgrade-check`.
+pub(super) const READS: &str = "echod-handover 1\nechod-handover 2\n";
 
 /// A listener line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +54,20 @@ pub(super) struct ConnectionEntry {
     pub(super) label: String,
     pub(super) peer: SocketAddr,
     pub(super) pending: Vec<u8>,
+    /// When it was accepted (`CLOCK_MONOTONIC`, microseconds) and the bytes echoed on it
+    /// so far: its caps go on from there (version 2; zero from version 1).
+    pub(super) accepted: u64,
+    pub(super) echoed: u64,
 }
 
 /// The description: what crosses `execve` besides the descriptors themselves.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Description {
     pub(super) stopped: Option<u64>,
+    /// The first image's start time (seconds since the Unix epoch).
+    pub(super) started: Option<f64>,
+    /// Counter and histogram samples (`name{labels}`, value) the next image adds to.
+    pub(super) samples: Vec<(String, f64)>,
     pub(super) listeners: Vec<ListenerEntry>,
     pub(super) connections: Vec<ConnectionEntry>,
 }
@@ -59,6 +76,12 @@ pub(super) fn encode(d: &Description) -> Vec<u8> {
     let mut text = format!("{HEADER}\n");
     if let Some(at) = d.stopped {
         text.push_str(&format!("stopped {at}\n"));
+    }
+    if let Some(at) = d.started {
+        text.push_str(&format!("started {at}\n"));
+    }
+    for (key, value) in &d.samples {
+        text.push_str(&format!("sample {} {value}\n", key.replace('\n', " ")));
     }
     for l in &d.listeners {
         text.push_str(&format!("listener {} {} {}", l.kind.token(), l.fd, l.addr));
@@ -71,11 +94,13 @@ pub(super) fn encode(d: &Description) -> Vec<u8> {
     }
     for c in &d.connections {
         text.push_str(&format!(
-            "connection {} {} {} {}\n",
+            "connection {} {} {} {} {} {}\n",
             c.fd,
             c.label,
             c.peer,
-            c.pending.len()
+            c.pending.len(),
+            c.accepted,
+            c.echoed
         ));
     }
     text.push_str("end\n");
@@ -109,11 +134,15 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
         rest = &rest[end + 1..];
         Ok(line)
     };
-    if next_line()? != HEADER {
-        return Err(invalid(format!(
-            "not a description of version 1 ({HEADER:?})"
-        )));
-    }
+    let version = match next_line()? {
+        HEADER => 2,
+        HEADER_V1 => 1,
+        other => {
+            return Err(invalid(format!(
+                "{other:?} is not a description this binary reads ({HEADER:?} or {HEADER_V1:?})"
+            )));
+        }
+    };
     let mut lengths = Vec::new();
     loop {
         let line = next_line()?;
@@ -128,6 +157,23 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                         .filter(|_| words.next().is_none())
                         .ok_or_else(|| invalid(format!("bad time in {line:?}")))?,
                 );
+            }
+            Some("started") if version >= 2 => {
+                d.started = Some(
+                    words
+                        .next()
+                        .and_then(|t| t.parse().ok())
+                        .filter(|_| words.next().is_none())
+                        .ok_or_else(|| invalid(format!("bad start time in {line:?}")))?,
+                );
+            }
+            Some("sample") if version >= 2 => {
+                let (key, value) = line["sample ".len()..]
+                    .rsplit_once(' ')
+                    .and_then(|(k, v)| Some((k, v.parse::<f64>().ok()?)))
+                    .filter(|(k, v)| !k.is_empty() && v.is_finite())
+                    .ok_or_else(|| invalid(format!("bad sample in {line:?}")))?;
+                d.samples.push((key.to_string(), value));
             }
             Some("listener") => {
                 let kind = words
@@ -169,6 +215,15 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     .next()
                     .and_then(|n| n.parse().ok())
                     .ok_or_else(|| invalid(format!("no pending byte count in {line:?}")))?;
+                let (accepted, echoed) = if version >= 2 {
+                    let mut number = || words.next().and_then(|n| n.parse::<u64>().ok());
+                    let accepted = number();
+                    accepted.zip(number()).ok_or_else(|| {
+                        invalid(format!("no accept time or echoed count in {line:?}"))
+                    })?
+                } else {
+                    (0, 0)
+                };
                 if words.next().is_some() {
                     return Err(invalid(format!("trailing words in {line:?}")));
                 }
@@ -178,6 +233,8 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     label,
                     peer,
                     pending: Vec::new(),
+                    accepted,
+                    echoed,
                 });
             }
             _ => return Err(invalid(format!("unknown line {line:?}"))),
@@ -205,6 +262,17 @@ mod tests {
     fn sample() -> Description {
         Description {
             stopped: Some(123_456_789),
+            started: Some(1_765_000_000.25),
+            samples: vec![
+                (
+                    "echod_tcp_connections_accepted_total{listener=\"0.0.0.0:7\"}".into(),
+                    12.0,
+                ),
+                (
+                    "echod_tcp_connection_duration_seconds_sum{listener=\"[::]:7\"}".into(),
+                    0.5,
+                ),
+            ],
             listeners: vec![
                 ListenerEntry {
                     kind: ListenerKind::Tcp,
@@ -231,6 +299,8 @@ mod tests {
                     label: "0.0.0.0:7".into(),
                     peer: "192.0.2.1:40000".parse().unwrap(),
                     pending: Vec::new(),
+                    accepted: 55,
+                    echoed: 1 << 40,
                 },
                 ConnectionEntry {
                     fd: 10,
@@ -238,12 +308,16 @@ mod tests {
                     peer: "[2001:db8::1]:40001".parse().unwrap(),
                     // Pending bytes are binary and may contain the line syntax.
                     pending: b"\nend\nconnection 11 x y 0\n\0\xff".to_vec(),
+                    accepted: 0,
+                    echoed: 0,
                 },
                 ConnectionEntry {
                     fd: 12,
                     label: "0.0.0.0:7".into(),
                     peer: "192.0.2.3:40002".parse().unwrap(),
                     pending: vec![7; 3],
+                    accepted: 1,
+                    echoed: 2,
                 },
             ],
         }
@@ -256,8 +330,11 @@ mod tests {
         let text = String::from_utf8_lossy(&bytes);
         assert!(
             text.starts_with(
-                "echod-handover 1\nstopped 123456789\nlistener tcp 3 0.0.0.0:7 stored\nlistener udp 4 [::]:7 activated\n\
-                 listener http 5 127.0.0.1:9107\nconnection 9 0.0.0.0:7 192.0.2.1:40000 0\n"
+                "echod-handover 2\nstopped 123456789\nstarted 1765000000.25\n\
+                 sample echod_tcp_connections_accepted_total{listener=\"0.0.0.0:7\"} 12\n\
+                 sample echod_tcp_connection_duration_seconds_sum{listener=\"[::]:7\"} 0.5\n\
+                 listener tcp 3 0.0.0.0:7 stored\nlistener udp 4 [::]:7 activated\n\
+                 listener http 5 127.0.0.1:9107\nconnection 9 0.0.0.0:7 192.0.2.1:40000 0 55 1099511627776\n"
             ),
             "{text}"
         );
@@ -268,12 +345,35 @@ mod tests {
         );
     }
 
+    /// What the first release with upgrades in place writes (version 1, frozen here):
+    /// this version reads it, so that release can upgrade to this one.
+    #[test]
+    fn a_version_1_description_is_still_read() {
+        let v1 = b"echod-handover 1\nstopped 9\nlistener tcp 3 0.0.0.0:7 stored\n\
+                   connection 9 0.0.0.0:7 192.0.2.1:40000 2\nend\nhi";
+        let d = decode(v1).unwrap();
+        assert_eq!(d.stopped, Some(9));
+        assert_eq!(d.listeners.len(), 1);
+        assert_eq!(d.connections[0].pending, b"hi");
+        assert_eq!((d.connections[0].accepted, d.connections[0].echoed), (0, 0));
+        assert!(d.samples.is_empty() && d.started.is_none());
+        // Lines of version 2 are not version 1's.
+        assert!(decode(b"echod-handover 1\nstarted 1\nend\n").is_err());
+        assert!(decode(b"echod-handover 1\nconnection 9 a 192.0.2.1:1 0 5 6\nend\n").is_err());
+    }
+
     #[test]
     fn broken_descriptions_are_refused() {
         let good = encode(&sample());
         let text = |s: &str| decode(s.as_bytes()).unwrap_err().to_string();
         assert!(text("").contains("without \"end\""));
-        assert!(text("echod-handover 2\nend\n").contains("version 1"));
+        assert!(text("echod-handover 3\nend\n").contains("is not a description this binary reads"));
+        assert!(text("echod-handover 2\nsample x\nend\n").contains("bad sample"));
+        assert!(text("echod-handover 2\nsample x NaN\nend\n").contains("bad sample"));
+        assert!(
+            text("echod-handover 2\nconnection 4 0.0.0.0:7 192.0.2.1:1 0\nend\n")
+                .contains("no accept time")
+        );
         assert!(text("echod-handover 1\n").contains("without \"end\""));
         assert!(text("echod-handover 1\nlistener sctp 3 0.0.0.0:7\nend\n").contains("kind"));
         assert!(text("echod-handover 1\nlistener tcp x 0.0.0.0:7\nend\n").contains("descriptor"));

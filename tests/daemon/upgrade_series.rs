@@ -1,0 +1,122 @@
+//! An upgrade in place is invisible to Prometheus and to the caps: every counter and
+//! histogram goes on from where the old image left it (an `increase()` across the
+//! upgrade is right, and no dashboard shows a reset without a restart), the start time
+//! stays the first image's, the upgrade itself is counted with its pause, and a
+//! handed-over connection's duration and byte caps count from its first accept.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::{CONFIGURED, Daemon, Options, echod_bin};
+
+crate::support::tests![
+    counters_and_the_start_time_go_on_across_an_upgrade,
+    caps_count_from_the_first_accept_across_an_upgrade,
+];
+
+fn upgradable(dir: &Path, toml: &str) -> (Daemon, PathBuf) {
+    let bin = dir.join("echod");
+    std::fs::copy(echod_bin(), &bin).unwrap();
+    let daemon = Daemon::start_with(Options {
+        binary: Some(bin.clone()),
+        toml,
+        ..Options::default()
+    });
+    (daemon, bin)
+}
+
+/// Renames a fresh copy of echod over `bin` and sends SIGHUP; returns once the new
+/// image serves.
+fn upgrade(daemon: &Daemon, bin: &Path) {
+    let new = bin.with_extension("new");
+    std::fs::copy(echod_bin(), &new).unwrap();
+    let done = daemon.log().matches("upgrade complete").count();
+    std::fs::rename(&new, bin).unwrap();
+    daemon.signal(libc::SIGHUP);
+    crate::support::wait_until(
+        Duration::from_secs(15),
+        || format!("upgrade {} did not complete:\n{}", done + 1, daemon.log()),
+        || daemon.log().matches("upgrade complete").count() > done,
+    );
+}
+
+fn counters_and_the_start_time_go_on_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, bin) = upgradable(dir.path(), "");
+    let data = crate::support::random_bytes(10_000, 5);
+    for seed in 0..3 {
+        assert_eq!(crate::support::tcp_roundtrip(daemon.tcp, &data, seed), data);
+    }
+    let listener = [("listener", CONFIGURED)];
+    daemon.wait_metric("echod_tcp_connections_closed_total", &listener, 3.0);
+    let accepted = daemon.metric("echod_tcp_connections_accepted_total", &listener);
+    let sent = daemon.metric("echod_tcp_sent_bytes_total", &listener);
+    let durations = daemon.metric("echod_tcp_connection_duration_seconds_count", &listener);
+    let started = daemon.metric("echod_start_time_seconds", &[]);
+    assert_eq!((accepted, sent, durations), (3.0, 30_000.0, 3.0));
+
+    upgrade(&daemon, &bin);
+    // Not reset: the same counts, then more on top.
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_accepted_total", &listener),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("echod_tcp_sent_bytes_total", &listener),
+        30_000.0
+    );
+    assert_eq!(
+        daemon.metric("echod_tcp_connection_duration_seconds_count", &listener),
+        3.0
+    );
+    assert_eq!(daemon.metric("echod_start_time_seconds", &[]), started);
+    assert_eq!(
+        daemon.metric("echod_upgrades_total", &[("result", "ok")]),
+        1.0
+    );
+    let pause = daemon.metric("echod_last_upgrade_pause_seconds", &[]);
+    assert!(pause > 0.0 && pause < 5.0, "pause {pause} s");
+    assert_eq!(crate::support::tcp_roundtrip(daemon.tcp, &data, 9), data);
+    daemon.wait_metric("echod_tcp_connections_accepted_total", &listener, 4.0);
+    daemon.wait_metric("echod_tcp_sent_bytes_total", &listener, 40_000.0);
+
+    // A second upgrade adds to the first.
+    upgrade(&daemon, &bin);
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_accepted_total", &listener),
+        4.0
+    );
+    assert_eq!(
+        daemon.metric("echod_upgrades_total", &[("result", "ok")]),
+        2.0
+    );
+    assert_eq!(daemon.metric("echod_start_time_seconds", &[]), started);
+}
+
+/// A connection echoed 600 of its 1000-byte cap before the upgrade: after it, 600 more
+/// bytes reach the cap (it used to start again from zero, so a client could outlive
+/// its caps by upgrading often).
+fn caps_count_from_the_first_accept_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, bin) = upgradable(dir.path(), "[tcp]\nmax_bytes_per_connection = 1000\n");
+    let mut held = std::net::TcpStream::connect(daemon.tcp).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut back = [0u8; 600];
+    held.write_all(&[1u8; 600]).unwrap();
+    held.read_exact(&mut back).unwrap();
+    upgrade(&daemon, &bin);
+    held.write_all(&[2u8; 600]).unwrap();
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(back, [2u8; 600]);
+    // Capped once the echo is written: EOF, and counted.
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} more bytes after the cap", rest.len());
+    daemon.wait_metric(
+        "echod_tcp_connections_capped_total",
+        &[("listener", CONFIGURED), ("cap", "max_bytes")],
+        1.0,
+    );
+}
