@@ -64,7 +64,7 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
         .build()
         .map_err(ProcessError::Runtime)
         .and_then(|runtime| {
-            runtime.block_on(async {
+            let served = runtime.block_on(async {
                 // Signals first: a stop that arrives while binding must not be lost.
                 let signals = Signals::install().map_err(ProcessError::Signals)?;
                 // Signals an upgrade kept pending across its exec reach the handlers now
@@ -103,7 +103,11 @@ pub fn run(source: ConfigSource, config: Config) -> ExitCode {
                     log: Some(log),
                 };
                 Ok(serve_hosted(config, sockets, handover, requests, process).await?)
-            })
+            });
+            // Drained: nothing left to wait for. A blocking task still running (a new
+            // binary's check that hangs until its timeout) must not hold the exit up.
+            runtime.shutdown_background();
+            served
         });
     match result {
         Ok(_) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@
 //! messages (a `watch` of the new settings, a [`Shutdown`] broadcast); nothing below
 //! reaches back up for state.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
 use super::logging::LogHandle;
-use super::metrics::{Metrics, UpgradeResult, VERSION};
+use super::metrics::{Metrics, TcpListenerMetrics, UpgradeResult, VERSION};
 use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
@@ -315,6 +316,9 @@ impl Handles {
     /// under the series of the listener it came from.
     fn adopt(&self, connections: Vec<HandedConnection>) {
         let config = Arc::clone(&self.tcp_config.borrow());
+        // One set of series per listener, not per connection: resolving every label
+        // child anew cost most of the new image's pause at 10 000 connections.
+        let mut series: HashMap<String, Arc<TcpListenerMetrics>> = HashMap::new();
         for c in connections {
             let stream = std::net::TcpStream::from(c.fd);
             let stream = match stream
@@ -327,7 +331,11 @@ impl Handles {
                     continue;
                 }
             };
-            let metrics = Arc::new(self.metrics.tcp_listener(&c.label));
+            let metrics = Arc::clone(
+                series
+                    .entry(c.label.clone())
+                    .or_insert_with(|| Arc::new(self.metrics.tcp_listener(&c.label))),
+            );
             let permit = self.limiter.adopt(c.peer.ip());
             self.connections.spawn(tcp::adopted(
                 stream,
@@ -519,6 +527,7 @@ impl Server {
                         }
                     };
                     info!(reason, "stop requested while the new binary is checked: stopping instead");
+                    upgrade.abandon();
                     return Some(reason);
                 }
             }

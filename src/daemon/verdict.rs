@@ -112,6 +112,15 @@ fn wait_for(pid: i32, timeout: Duration) -> Result<(), String> {
     if pid <= 0 {
         return Err(format!("{pid} is not a process ID"));
     }
+    // A mistyped PID must not send SIGHUP to some other program.
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_err(|e| format!("no process {pid}: {e}"))?;
+    let name = name.trim();
+    if !name.starts_with("echod") {
+        return Err(format!(
+            "process {pid} is {name:?}, not echod: nothing was signalled"
+        ));
+    }
     let before = read(&path).map_or(0, |v| v.generation);
     // SAFETY: kill(2) with a checked positive PID and a valid signal number.
     if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
@@ -128,6 +137,11 @@ fn wait_for(pid: i32, timeout: Duration) -> Result<(), String> {
                 Some(why) => Err(format!("the daemon refused the reload: {why}")),
             };
         }
+        if exited(pid) {
+            return Err(format!(
+                "process {pid} exited before it gave a verdict (see its log)"
+            ));
+        }
         if Instant::now() >= deadline {
             return Err(format!(
                 "no verdict from process {pid} within {}",
@@ -135,6 +149,17 @@ fn wait_for(pid: i32, timeout: Duration) -> Result<(), String> {
             ));
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// True when process `pid` is gone, or a zombie waiting to be reaped.
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 

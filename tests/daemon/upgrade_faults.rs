@@ -20,6 +20,10 @@ crate::support::tests![
     a_sighup_storm_during_an_upgrade_starts_one_and_leaves_no_child,
     a_trusted_connection_without_its_header_does_not_hold_the_upgrade,
     echod_reload_exits_with_the_daemons_verdict,
+    a_binary_renamed_over_the_path_during_the_check_is_not_run,
+    a_check_that_hangs_is_killed_with_all_it_started,
+    a_stop_during_a_hanging_check_exits_at_once,
+    echod_reload_signals_only_echod_and_notices_its_exit,
     a_handover_variable_set_by_mistake_is_refused_unread,
 ];
 
@@ -352,4 +356,142 @@ fn a_handover_variable_set_by_mistake_is_refused_unread() {
         "{stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A second binary renamed over the path while the first is being checked (two package
+/// upgrades back to back) used to be exec'd unchecked: here it crashes at once. Only the
+/// file that passed the check is run; this one is refused and the old image serves on.
+fn a_binary_renamed_over_the_path_during_the_check_is_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let daemon = daemon_from(&bin, "", Vec::new());
+    let pid = daemon.pid();
+    let mut held = daemon.open_connection();
+    let crash = dir.path().join("crash");
+    std::fs::write(&crash, "#!/bin/sh\necho SWAPPED-RAN >&2\nexit 4\n").unwrap();
+    std::fs::set_permissions(&crash, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    wrapped(
+        &bin,
+        &format!(
+            "cp {crash} \"$0.swap\" && mv \"$0.swap\" \"$0\"",
+            crash = crash.display()
+        ),
+    );
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
+    let log = wait_for_log(&daemon, "changed after its check");
+    assert!(!log.contains("SWAPPED-RAN"), "{log}");
+    assert_eq!(daemon.pid(), pid);
+    assert!(echoes(&mut held, b"still served"));
+}
+
+/// The processes of a new binary's check, when it hangs past the check's 10 s: killed
+/// as a group at the timeout and reaped — no zombie, no orphan (each hang used to
+/// leave one of each).
+fn a_check_that_hangs_is_killed_with_all_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let daemon = daemon_from(&bin, "", Vec::new());
+    // A child of the check (a sleep with a mark no other process has) holds its output.
+    let mark = format!("{}.{}", 3000 + std::process::id() % 1000, 7);
+    wrapped(&bin, &format!("sleep {mark} & sleep {mark}"));
+    daemon.signal(libc::SIGHUP);
+    let log = wait_for_log(&daemon, "did not finish within");
+    assert!(log.contains("new binary refused"), "{log}");
+    let marked = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+            })
+            .count()
+    };
+    crate::support::wait_until(
+        Duration::from_secs(5),
+        || {
+            format!(
+                "{} processes of the check left, children {:?}",
+                marked(),
+                children(daemon.pid())
+            )
+        },
+        || marked() == 0 && children(daemon.pid()).is_empty(),
+    );
+}
+
+/// SIGTERM while a new binary's check hangs: echod drains and exits in its drain time,
+/// not after the check's 10 s, and kills the check with it.
+fn a_stop_during_a_hanging_check_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let mut daemon = daemon_from(&bin, "", Vec::new());
+    let mark = format!("{}.{}", 3000 + std::process::id() % 1000, 9);
+    wrapped(&bin, &format!("sleep {mark}"));
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(&daemon, "checking the new one");
+    let stopped = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        stopped.elapsed()
+    );
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+        })
+        .count();
+    assert_eq!(left, 0, "the check outlived echod");
+}
+
+/// `echod reload --pid` with a mistyped PID signals nothing that is not echod, and a
+/// daemon that exits while reload waits is reported at once, not after the timeout.
+fn echod_reload_signals_only_echod_and_notices_its_exit() {
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().to_string_lossy().into_owned();
+    let env_dir = dir.clone();
+    let reload = move |pid: u32, timeout: &str| {
+        Command::new(echod_bin())
+            .args(["reload", "--pid", &pid.to_string(), "--timeout", timeout])
+            .env("RUNTIME_DIRECTORY", &dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mut other = crate::support::ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+    let out = reload(other.0.id(), "2s");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not echod"));
+    assert!(
+        other.0.try_wait().unwrap().is_none(),
+        "the sleep was signalled"
+    );
+
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(bin_dir.path());
+    let mut daemon = daemon_from(&bin, "", vec![("RUNTIME_DIRECTORY", env_dir)]);
+    slow_checking(&bin, "3");
+    let pid = daemon.pid();
+    let waiting = std::thread::spawn(move || {
+        let started = Instant::now();
+        (reload(pid, "60s"), started.elapsed())
+    });
+    wait_for_log(&daemon, "checking the new one");
+    daemon.signal(libc::SIGTERM);
+    // Reaped, as systemd reaps its main process.
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success());
+    let (out, took) = waiting.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exited before it gave a verdict"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(10), "reload waited {took:?}");
 }

@@ -8,8 +8,10 @@
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use super::wire;
@@ -25,8 +27,12 @@ pub(crate) fn ask(
     binary: &Path,
     config_args: &[OsString],
     description: &[u8],
+    running: &AtomicI32,
 ) -> Result<(), String> {
+    // In a process group of its own, so a timeout kills whatever it started too, and
+    // its pipes close and its waiter reaps it (no zombie, no orphan).
     let mut child = Command::new(binary)
+        .process_group(0)
         .arg("upgrade-check")
         .args(config_args)
         .stdin(Stdio::piped())
@@ -39,15 +45,19 @@ pub(crate) fn ask(
         let _ = stdin.write_all(description);
     }
     let pid = child.id();
+    running.store(pid as i32, Ordering::SeqCst);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let output = match rx.recv_timeout(CHECK_TIMEOUT) {
+    let output = rx.recv_timeout(CHECK_TIMEOUT);
+    running.store(0, Ordering::SeqCst);
+    let output = match output {
         Ok(output) => output.map_err(|e| format!("{}: {e}", binary.display()))?,
         Err(_) => {
-            // SAFETY: kill(2) on our own child, not yet reaped (its waiter still waits).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            // SAFETY: kill(2) of the process group our own child leads; the child is not
+            // yet reaped (its waiter still waits), so the group ID is still ours.
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
             return Err(format!(
                 "{} upgrade-check did not finish within {CHECK_TIMEOUT:?}",
                 binary.display()
@@ -110,24 +120,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let args = ["--config".into(), "/x.toml".into()];
         let bin = script(dir.path(), "echo \"$@\" >&2\necho broken >&2\nexit 3");
-        let err = ask(&bin, &args, b"").unwrap_err();
+        let err = ask(&bin, &args, b"", &AtomicI32::new(0)).unwrap_err();
         assert!(
             err.contains("upgrade-check failed") && err.ends_with(": broken"),
             "{err}"
         );
-        let err = ask(&dir.path().join("missing"), &[], b"").unwrap_err();
+        let err = ask(&dir.path().join("missing"), &[], b"", &AtomicI32::new(0)).unwrap_err();
         assert!(err.contains("cannot run"), "{err}");
         // An older echod has no such command (clap says so, exit 2).
         let bin = script(
             dir.path(),
             "echo \"error: unrecognized subcommand 'upgrade-check'\" >&2\nexit 2",
         );
-        let err = ask(&bin, &args, b"").unwrap_err();
+        let err = ask(&bin, &args, b"", &AtomicI32::new(0)).unwrap_err();
         assert!(err.contains("cannot take over in place"), "{err}");
         // One that succeeds without naming the version is not trusted either.
         let bin = script(dir.path(), "cat >/dev/null");
         assert!(
-            ask(&bin, &args, b"")
+            ask(&bin, &args, b"", &AtomicI32::new(0))
                 .unwrap_err()
                 .contains("cannot take over")
         );
@@ -139,7 +149,10 @@ mod tests {
                 wire::HEADER
             ),
         );
-        assert_eq!(ask(&bin, &args, b"echod-handover 1\nend\n"), Ok(()));
+        assert_eq!(
+            ask(&bin, &args, b"echod-handover 1\nend\n", &AtomicI32::new(0)),
+            Ok(())
+        );
     }
 
     #[test]

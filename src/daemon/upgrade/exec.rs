@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::handover::{self, Handover};
+use super::{FileId, file_id};
 
 /// Variables an exec must not pass on: systemd's `LISTEN_*` describe descriptors of the
 /// first start (the PID stays, so the new image would believe them), and the handover
@@ -76,16 +77,23 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
+/// The image to become: the binary's path, the file the check ran, the command line.
+pub(crate) struct Image<'a> {
+    pub(crate) binary: &'a Path,
+    pub(crate) argv: &'a [OsString],
+    pub(crate) checked: FileId,
+}
+
 pub(crate) fn exec(
-    binary: &Path,
-    argv: &[OsString],
+    image: Image<'_>,
     handover: &Handover,
     stop: &AtomicBool,
     reload: &AtomicBool,
 ) -> io::Result<Infallible> {
     let description = handover.write()?;
-    let path = cstring(binary.as_os_str().as_bytes())?;
-    let args = argv
+    let path = cstring(image.binary.as_os_str().as_bytes())?;
+    let args = image
+        .argv
         .iter()
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<Vec<_>>>()?;
@@ -144,6 +152,13 @@ pub(crate) fn exec(
                 io::ErrorKind::Interrupted,
                 "a stop was requested during the upgrade; stopping instead",
             ));
+        } else if file_id(image.binary).ok() != Some(image.checked) {
+            // Another file was renamed over the path after the check (a second
+            // package upgrade, say): it was not checked, so it is not run.
+            result = Err(io::Error::other(format!(
+                "{} changed after its check; reload again to check the new file",
+                image.binary.display()
+            )));
         } else {
             // SAFETY: `path`, every argument and every environment entry are
             // NUL-terminated strings that outlive the call, and both pointer arrays end

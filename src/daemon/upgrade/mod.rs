@@ -20,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32};
 
 use tokio::sync::oneshot;
 
@@ -85,6 +85,20 @@ pub struct Upgrade {
     config_args: Vec<OsString>,
     /// Dropped with the upgrade: tells whoever asked for it that the server is done.
     finished: Option<oneshot::Sender<()>>,
+    /// The file the check ran (device, inode): only that file is exec'd, never one
+    /// renamed over the path meanwhile.
+    checked: std::sync::Mutex<Option<FileId>>,
+    /// The check's process (group) while it runs, 0 otherwise.
+    running_check: AtomicI32,
+}
+
+/// A file's identity: device and inode.
+pub(crate) type FileId = (u64, u64);
+
+/// The identity of the file at `path` now.
+fn file_id(path: &Path) -> io::Result<FileId> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl Upgrade {
@@ -96,13 +110,37 @@ impl Upgrade {
             argv,
             config_args,
             finished: None,
+            checked: std::sync::Mutex::default(),
+            running_check: AtomicI32::new(0),
         }
     }
 
     /// Asks the new binary whether it can take over the listeners `description` lists
     /// (blocking: it runs the binary); `Err` says why not.
     pub(crate) fn check(&self, description: &[u8]) -> Result<(), String> {
-        check::ask(&self.binary, &self.config_args, description)
+        let before = file_id(&self.binary)
+            .map_err(|e| format!("cannot read {}: {e}", self.binary.display()))?;
+        check::ask(
+            &self.binary,
+            &self.config_args,
+            description,
+            &self.running_check,
+        )?;
+        *self.checked.lock().unwrap_or_else(|e| e.into_inner()) = Some(before);
+        Ok(())
+    }
+
+    /// Ends the new binary's check, if it still runs, with everything it started: the
+    /// upgrade was abandoned (a stop came first).
+    pub(crate) fn abandon(&self) {
+        let pid = self
+            .running_check
+            .swap(0, std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) of the process group our own check leads; its waiter has
+            // not reaped it (it would have cleared `running_check` first).
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
     }
 
     /// The upgrade, and a receiver that completes when the server has dropped it (after
@@ -124,9 +162,16 @@ impl Upgrade {
     /// once no signal can come between the check and the exec; `reload` (a SIGHUP
     /// arrived during the upgrade) becomes a SIGHUP the new image receives.
     pub(crate) fn exec(&self, handover: &Handover, signals: &SignalsMeanwhile) -> io::Error {
+        let checked = *self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(checked) = checked else {
+            return io::Error::other("the new binary was not checked");
+        };
         let Err(e) = exec::exec(
-            &self.binary,
-            &self.argv,
+            exec::Image {
+                binary: &self.binary,
+                argv: &self.argv,
+                checked,
+            },
             handover,
             &signals.stop,
             &signals.reload,
