@@ -169,6 +169,7 @@ async fn forward_signals(
                         binary.to_path_buf(),
                         image.argv.clone(),
                         ConfigArgs::flags_for(&source),
+                        source.clone(),
                     ))
                 }
                 None => {

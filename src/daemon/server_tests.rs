@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use std::sync::Arc;
 
 use super::{Control, Process, Sockets, Summary, Upgrade, one_line, serve, serve_hosted};
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::daemon::host::Host;
 use crate::daemon::host::recording::{Event, Recording};
 use crate::daemon::upgrade::handover::Handover;
@@ -64,6 +64,7 @@ async fn a_failed_exec_takes_everything_back() {
             willing_binary(dir.path()),
             vec!["echod".into()],
             Vec::new(),
+            ConfigSource::default(),
         )))
         .await
         .unwrap();
@@ -247,6 +248,7 @@ async fn an_exec_that_fails_is_rolled_back_and_reported() {
             binary.clone(),
             vec!["echod".into()],
             Vec::new(),
+            ConfigSource::default(),
         )))
         .await
         .unwrap();
@@ -339,6 +341,7 @@ async fn a_binary_that_cannot_take_over_is_refused_before_anything_stops() {
             older,
             vec!["echod".into()],
             Vec::new(),
+            ConfigSource::default(),
         )))
         .await
         .unwrap();

@@ -21,6 +21,7 @@ crate::support::tests![
     a_trusted_connection_without_its_header_does_not_hold_the_upgrade,
     echod_reload_exits_with_the_daemons_verdict,
     a_binary_renamed_over_the_path_during_the_check_is_not_run,
+    a_config_broken_after_the_check_refuses_the_exec,
     a_check_that_hangs_is_killed_with_all_it_started,
     a_stop_during_a_hanging_check_exits_at_once,
     echod_reload_signals_only_echod_and_notices_its_exit,
@@ -494,4 +495,30 @@ fn echod_reload_signals_only_echod_and_notices_its_exit() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(took < Duration::from_secs(10), "reload waited {took:?}");
+}
+
+/// A config saved broken after the new binary checked it (here: by the check itself,
+/// once it has answered) used to be read by the new image, which exited 78 with every
+/// connection. The old image loads it once more just before the exec and refuses.
+fn a_config_broken_after_the_check_refuses_the_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = own_copy(dir.path());
+    let daemon = daemon_from(&bin, "", Vec::new());
+    let pid = daemon.pid();
+    let mut held = daemon.open_connection();
+    let real = bin.with_file_name("echod-real");
+    wrapped(
+        &bin,
+        &format!(
+            "out=$({real} \"$@\"); rc=$?; echo 'junk = 1' >> {config}; printf '%s\\n' \"$out\"; exit $rc",
+            real = real.display(),
+            config = daemon.config_path().display()
+        ),
+    );
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
+    let log = wait_for_log(&daemon, "no longer loads");
+    assert!(log.contains("junk"), "{log}");
+    assert_eq!(daemon.pid(), pid);
+    assert!(echoes(&mut held, b"still served"));
 }

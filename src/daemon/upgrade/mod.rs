@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32};
 
 use tokio::sync::oneshot;
 
+use crate::config::ConfigSource;
+
 pub(crate) mod check;
 mod exec;
 pub(crate) mod handoff;
@@ -83,6 +85,8 @@ pub struct Upgrade {
     argv: Vec<OsString>,
     /// The flags that load the running configuration, for the new binary's check.
     config_args: Vec<OsString>,
+    /// Where that configuration comes from, loaded once more right before the exec.
+    source: ConfigSource,
     /// Dropped with the upgrade: tells whoever asked for it that the server is done.
     finished: Option<oneshot::Sender<()>>,
     /// The file the check ran (device, inode): only that file is exec'd, never one
@@ -104,11 +108,17 @@ fn file_id(path: &Path) -> io::Result<FileId> {
 impl Upgrade {
     /// Becoming `binary`, started with `argv` (this process's own command line), once
     /// it has checked the configuration `config_args` load.
-    pub(crate) fn new(binary: PathBuf, argv: Vec<OsString>, config_args: Vec<OsString>) -> Self {
+    pub(crate) fn new(
+        binary: PathBuf,
+        argv: Vec<OsString>,
+        config_args: Vec<OsString>,
+        source: ConfigSource,
+    ) -> Self {
         Self {
             binary,
             argv,
             config_args,
+            source,
             finished: None,
             checked: std::sync::Mutex::default(),
             running_check: AtomicI32::new(0),
@@ -166,6 +176,15 @@ impl Upgrade {
         let Some(checked) = checked else {
             return io::Error::other("the new binary was not checked");
         };
+        // The new image loads the configuration again: an edit saved since the check
+        // that no longer loads would make it exit. Loaded here, a moment before the
+        // exec, such an edit refuses the upgrade instead (the window left is this
+        // load and the exec, a few milliseconds; see docs/systemd.md).
+        if let Err(e) = self.source.load() {
+            return io::Error::other(format!(
+                "the configuration changed during the upgrade and no longer loads: {e}"
+            ));
+        }
         let Err(e) = exec::exec(
             exec::Image {
                 binary: &self.binary,
