@@ -153,6 +153,15 @@ fn hosted(host: &Arc<Recording>, configure: impl FnOnce(&mut Config)) -> Hosted 
     }
 }
 
+/// A hosted server that is ready, and one connection it has echoed on.
+async fn ready_with_a_connection(host: &Arc<Recording>) -> (Hosted, TcpStream) {
+    let run = hosted(host, |_| {});
+    recorded(host, 1, |e| matches!(e, Event::Ready(_))).await;
+    let mut held = TcpStream::connect(run.echo).await.unwrap();
+    echoes(&mut held, b"before").await;
+    (run, held)
+}
+
 /// Waits until `host` has recorded an event that `wanted` accepts, `count` of them (for
 /// at most a minute, of paused time where the clock is paused).
 async fn recorded(host: &Recording, count: usize, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
@@ -237,10 +246,7 @@ async fn the_manager_hears_ready_reloading_ready_and_stopping_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exec_that_fails_is_rolled_back_and_reported() {
     let host = Arc::new(Recording::default());
-    let run = hosted(&host, |_| {});
-    recorded(&host, 1, |e| matches!(e, Event::Ready(_))).await;
-    let mut held = TcpStream::connect(run.echo).await.unwrap();
-    echoes(&mut held, b"before").await;
+    let (run, mut held) = ready_with_a_connection(&host).await;
     let dir = tempfile::tempdir().unwrap();
     let binary = willing_binary(dir.path());
     run.control
@@ -324,10 +330,7 @@ async fn an_idle_connection_is_closed_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_that_cannot_take_over_is_refused_before_anything_stops() {
     let host = Arc::new(Recording::default());
-    let run = hosted(&host, |_| {});
-    recorded(&host, 1, |e| matches!(e, Event::Ready(_))).await;
-    let mut held = TcpStream::connect(run.echo).await.unwrap();
-    echoes(&mut held, b"before").await;
+    let (run, mut held) = ready_with_a_connection(&host).await;
     let dir = tempfile::tempdir().unwrap();
     let older = dir.path().join("echod");
     std::fs::write(
@@ -353,6 +356,7 @@ async fn a_binary_that_cannot_take_over_is_refused_before_anything_stops() {
     };
     assert!(why.contains("cannot take over in place"), "{why}");
     echoes(&mut held, b"after").await;
+    drop(held);
     run.control.send(Control::Stop("test")).await.unwrap();
     run.server.await.unwrap().unwrap();
 }
