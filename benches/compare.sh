@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Compares echod with the naive tokio echo (examples/naive_echo.rs, TCP and UDP on one
-# port) and socat where it applies, in one run on this machine, using `echod bench`
-# (which verifies every echoed byte).
+# Compares echod with the floor (a minimal single-threaded C epoll echo,
+# ../shared/bench/epoll-c/epoll_echo.c, built with `cc -O2`), the naive tokio echo
+# (examples/naive_echo.rs, TCP and UDP on one port) and socat where it applies, in one run
+# on this machine, with two load generators that verify every echoed byte: echod's own
+# `echod bench`, and echoload (../shared/bench/echoload, independent of echod's code,
+# built into target/echoload: ../shared is read-only). Every server runs under both.
 #
 # Servers are pinned to CPU 0 and the load generator to CPU 1 (to CPUs 2… when there are
 # three or more), so they do not compete; a second echod pinned to CPUs 0,1 measures
@@ -9,8 +12,10 @@
 # Every scenario runs REPEATS times, interleaving the servers (the order rotates each
 # repeat), and the table reports medians and ratios against the naive baseline, with the
 # server's CPU time per message and per GB from /proc/PID/stat (utime+stime, and its
-# reaped children's for socat's forks). Only loopback addresses are used; every process
-# started here is stopped by PID on exit.
+# reaped children's for socat's forks): over the whole `echod bench` run (connecting and
+# closing included), and over echoload's measured window only (echoload reads it, with
+# --server-pid). Ratios are against the floor (and the naive loop, and socat). Only
+# loopback addresses are used; every process started here is stopped by PID on exit.
 #
 # A failed run fails the script: a bench that exits non-zero (mismatched echoes,
 # connection errors, nothing echoed), a server that dies, or a holder that cannot open
@@ -28,13 +33,15 @@
 #   SCENARIOS="*"              names or globs (space or comma separated) of the scenarios
 #                              to run: rt64-c1 rt64-c50 rt64-c500 win64k-c1 win64k-c8
 #                              bulk-c1 bulk-c8 udp64-c1 udp64-c16 idle
-#   BASE_PORT=17100            ten consecutive loopback ports from here
+#   BASE_PORT=17100            eleven consecutive loopback ports from here
 #   BASE_BIN=…                 also run this other echod build (say, the commit before a
 #                              change) as server "echod-base" in every TCP and UDP scenario,
 #                              interleaved with the others, to measure a change in one run
 #   URING=1                    also run examples/uring_echo (one thread, io_uring) as server
 #                              "uring" in the TCP scenarios: what another I/O model buys
 #   ECHOD_BIN=… EXAMPLES_DIR=… use these builds instead of `cargo build --release`
+#   ECHOLOAD_BIN=… FLOOR_BIN=… use these builds of echoload and epoll_echo instead of
+#                              building them from ../shared into target/
 #   COMPARE_SELFTEST_CORRUPT=1 (tests only) serve the baseline with examples/corrupt_echo,
 #                              which flips bytes, to prove that the script fails
 set -euo pipefail
@@ -56,6 +63,7 @@ SOCAT_UDP_PORT=$((BASE_PORT + 6))
 BASE_ECHOD_PORT=$((BASE_PORT + 7))
 BASE_METRICS_PORT=$((BASE_PORT + 8))
 URING_PORT=$((BASE_PORT + 9))
+FLOOR_PORT=$((BASE_PORT + 10)) # TCP and UDP
 COMMAND="${BASE_BIN:+BASE_BIN=… }$(if [ "${URING:-0}" = 1 ]; then echo 'URING=1 '; fi)REPEATS=$REPEATS DURATION=$DURATION IDLE=$IDLE CURVE=\"$CURVE\" SCENARIOS=\"$SCENARIOS\" benches/compare.sh"
 
 cd "$(dirname "$0")/.."
@@ -76,6 +84,19 @@ else
     BIN=$TARGET_DIR/release/echod
     EXAMPLES=$TARGET_DIR/release/examples
 fi
+if [ -z "${ECHOLOAD_BIN:-}" ]; then
+    [ -f ../shared/bench/echoload/Cargo.toml ] || fail "no ../shared/bench/echoload (set ECHOLOAD_BIN)"
+    cargo build --release --locked --quiet --manifest-path ../shared/bench/echoload/Cargo.toml \
+        --target-dir target/echoload
+    ECHOLOAD_BIN=target/echoload/release/echoload
+fi
+if [ -z "${FLOOR_BIN:-}" ]; then
+    [ -f ../shared/bench/epoll-c/epoll_echo.c ] || fail "no ../shared/bench/epoll-c (set FLOOR_BIN)"
+    mkdir -p target
+    cc -O2 -o target/epoll_echo ../shared/bench/epoll-c/epoll_echo.c
+    FLOOR_BIN=target/epoll_echo
+fi
+ECHOLOAD=$ECHOLOAD_BIN FLOOR=$FLOOR_BIN
 NAIVE=$EXAMPLES/naive_echo
 HOLD=$EXAMPLES/hold_connections
 URING_ECHO=$EXAMPLES/uring_echo
@@ -84,7 +105,7 @@ if [ "${COMPARE_SELFTEST_CORRUPT:-0}" = 1 ]; then
     NAIVE=$EXAMPLES/corrupt_echo
 fi
 [ "${URING:-0}" = 1 ] || URING_ECHO=
-for exe in "$BIN" "$NAIVE" "$HOLD" ${BASE_BIN:+"$BASE_BIN"} ${URING_ECHO:+"$URING_ECHO"}; do [ -x "$exe" ] || fail "no executable $exe"; done
+for exe in "$BIN" "$NAIVE" "$HOLD" "$ECHOLOAD" "$FLOOR" ${BASE_BIN:+"$BASE_BIN"} ${URING_ECHO:+"$URING_ECHO"}; do [ -x "$exe" ] || fail "no executable $exe"; done
 command -v socat >/dev/null || fail "socat is required"
 
 # Scenario selection: SCENARIOS holds names or globs.
@@ -135,6 +156,8 @@ start_server() { # NAME
         ADDR[$1]=127.0.0.1:$BASE_ECHOD_PORT ;;
     uring) "${SERVER_CPU[@]}" "$URING_ECHO" "$URING_PORT" >>"$OUT/uring.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$URING_PORT ;;
+    floor) "${SERVER_CPU[@]}" "$FLOOR" "$FLOOR_PORT" "$FLOOR_PORT" >>"$OUT/floor.log" 2>&1 &
+        ADDR[$1]=127.0.0.1:$FLOOR_PORT ;;
     naive) "${SERVER_CPU[@]}" "$NAIVE" "$NAIVE_PORT" >>"$OUT/naive.log" 2>&1 &
         ADDR[$1]=127.0.0.1:$NAIVE_PORT ;;
     socat) "${SERVER_CPU[@]}" socat "TCP-LISTEN:$SOCAT_PORT,bind=127.0.0.1,fork,reuseaddr,backlog=1024" \
@@ -162,7 +185,7 @@ slab_kib() { awk '/^Slab:/ { print $2 }' /proc/meminfo; } # the kernel's object 
 workers() { grep -lx echod-worker /proc/"$1"/task/*/comm 2>/dev/null | wc -l; }
 field() { grep -o "\"$1\":[0-9.e+-]*" <<<"$2" | head -1 | cut -d: -f2; }
 
-printf 'scenario\tserver\trepeat\tmessages\tmsgs_per_s\tmb_per_s\tp50_us\tp99_us\tcpu_us_per_msg\tcpu_s_per_gb\tkernel_pct\tlost\n' \
+printf 'scenario\tserver\trepeat\tmessages\tmsgs_per_s\tmb_per_s\tp50_us\tp99_us\tcpu_us_per_msg\tcpu_s_per_gb\tkernel_pct\tlost\tgenerator\n' \
     >"$OUT/results.tsv"
 
 # run SCENARIO SERVER REPEAT BENCH_ARGS...: one verified bench run; any failure is fatal.
@@ -198,33 +221,81 @@ run() {
     row=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$CLK_TCK" -v m="$msgs" -v b="$bytes" 'BEGIN {
         cpu = (u + s) / hz
         printf "%.3f\t%.4f\t%.1f", cpu * 1e6 / m, (b > 0 ? cpu / (b / 1e9) : 0), (u + s > 0 ? 100 * s / (u + s) : 0) }')
-    printf '%s\t%s\t%s\t%s\t%.0f\t%.3f\t%.1f\t%.1f\t%s\t%s\n' "$scenario" "$server" "$repeat" "$msgs" \
+    printf '%s\t%s\t%s\t%s\t%.0f\t%.3f\t%.1f\t%.1f\t%s\t%s\tbench\n' "$scenario" "$server" "$repeat" "$msgs" \
         "$rate" "$mbs" "$p50" "$p99" "$row" "${lost:-0}" >>"$OUT/results.tsv"
-    printf '  %-10s %-10s #%s %10.0f msg/s %9.1f MB/s  p99 %9.1f µs  cpu %8s µs/msg %8s s/GB  lost %s\n' \
+    printf '  %-10s %-10s bench    #%s %10.0f msg/s %9.1f MB/s  p99 %9.1f µs  cpu %8s µs/msg %8s s/GB  lost %s\n' \
         "$scenario" "$server" "$repeat" "$rate" "$mbs" "$p99" "$(cut -f1 <<<"$row")" "$(cut -f2 <<<"$row")" "${lost:-0}"
 }
 
-# name|servers|bench arguments. socat forks two processes per connection, so it is left
-# out at 500 connections; its UDP echo serves one peer, so it is left out at 16 sockets.
+# kv KEY LINE: the value of KEY=… in echoload's RESULT line.
+kv() { tr ' ' '\n' <<<"$2" | awk -F= -v k="$1" '$1 == k { print $2; exit }'; }
+
+# run_echoload SCENARIO SERVER REPEAT ECHOLOAD_ARGS...: one verified echoload run (it exits
+# non-zero on any mismatched byte or I/O error); the server's CPU is echoload's own reading
+# over its measured window (--server-pid), so connecting and closing are left out.
+run_echoload() {
+    local scenario=$1 server=$2 repeat=$3 mode=$4; shift 4
+    local name=$server pid addr secs=${DURATION%s}
+    [ "$server" = socat ] && [ "$mode" = udp ] && { name=socat-udp; start_server socat-udp; }
+    pid=${PID[$name]} addr=${ADDR[$name]}
+    local what="$scenario/$server #$repeat (echoload $mode --addr $addr --secs $secs $*)"
+    alive "$pid" || fail "$server (PID $pid) was gone before run $what"
+    local rc=0 file=$OUT/runs/$scenario.$server.$repeat.echoload
+    "${LOAD_CPU[@]}" "$ECHOLOAD" "$mode" --addr "$addr" --secs "$secs" --server-pid "$pid" "$@" \
+        >"$file.out" 2>"$file.err" || rc=$?
+    sleep 0.3
+    alive "$pid" || fail "$server (PID $pid) died during run $what"
+    [ "$name" = socat-udp ] && stop_server socat-udp
+    local res
+    res=$(grep '^RESULT' "$file.out" | tail -n 1)
+    echo "$scenario $server $repeat echoload $res" >>"$OUT/raw.jsonl"
+    [ "$rc" = 0 ] || fail "run $what exited $rc (1: mismatch, 2: I/O errors): $res $(tail -n 3 "$file.err")"
+    [ -n "$res" ] || fail "run $what printed no RESULT line"
+    local el cpu rate bytes p50 p99 lost SIZE=64 prev=
+    for a in "$@"; do [ "$prev" = --size ] && SIZE=$a; prev=$a; done
+    el=$(kv secs "$res") cpu=$(kv server_cpu "$res") p50=$(kv p50_us "$res") p99=$(kv p99_us "$res")
+    lost=$(kv lost "$res")
+    case $mode in
+    pingpong) rate=$(kv rps "$res") bytes=$(awk -v r="$rate" -v e="$el" -v s="$SIZE" 'BEGIN { print r * e * s }') ;;
+    udp) rate=$(kv pps "$res") bytes=$(awk -v r="$rate" -v e="$el" -v s="$SIZE" 'BEGIN { print r * e * s }') ;;
+    bulk) bytes=$(kv echoed_bytes "$res") rate=$(awk -v b="$bytes" -v e="$el" 'BEGIN { print b / 65536 / e }') ;;
+    esac
+    [ -n "$rate" ] && [ -n "$cpu" ] || fail "run $what: no rate or server_cpu in $res"
+    awk -v r="$rate" 'BEGIN { exit !(r > 0) }' || fail "run $what: nothing echoed: $res"
+    local row
+    # messages, msg/s, MB/s, p50, p99, CPU µs per message, CPU s per GB (kernel share unknown)
+    row=$(awk -v r="$rate" -v e="$el" -v b="$bytes" -v c="$cpu" -v p50="${p50:-0}" -v p99="${p99:-0}" 'BEGIN {
+        printf "%.0f\t%.0f\t%.3f\t%.1f\t%.1f\t%.3f\t%.4f\t–", r * e, r, b / e / 1e6, p50, p99, c * 1e6 / r, (b > 0 ? c * e / (b / 1e9) : 0) }')
+    printf '%s\t%s\t%s\t%s\t%s\techoload\n' "$scenario" "$server" "$repeat" "$row" "${lost:-0}" >>"$OUT/results.tsv"
+    printf '  %-10s %-10s echoload #%s %10.0f msg/s %9.1f MB/s  p99 %9.1f µs  cpu %8s µs/msg %8s s/GB  lost %s\n' \
+        "$scenario" "$server" "$repeat" "$rate" "$(cut -f3 <<<"$row")" "$(cut -f5 <<<"$row")" \
+        "$(cut -f6 <<<"$row")" "$(cut -f7 <<<"$row")" "${lost:-0}"
+}
+
+# name|servers|`echod bench` arguments|echoload arguments. socat forks two processes per
+# connection, so it is left out at 500 connections; its UDP echo serves one peer, so it is
+# left out at 16 sockets. The windowed scenarios differ between the two generators:
+# `echod bench` keeps four 16 KiB messages in flight, echoload 64 KiB of a stream written
+# in 64 KiB chunks. "Unbounded" for echoload is a 1 GiB window: the socket buffers bound it.
 ALL_SCENARIOS=(
-    "rt64-c1|echod naive socat|-s 64 -C 1"
-    "rt64-c50|echod naive socat echod-2cpu|-s 64 -C 50"
-    "rt64-c500|echod naive echod-2cpu|-s 64 -C 500"
-    "win64k-c1|echod naive socat|-s 16384 -p 4 -C 1"
-    "win64k-c8|echod naive socat echod-2cpu|-s 16384 -p 4 -C 8"
-    "bulk-c1|echod naive socat|-m bulk -C 1"
-    "bulk-c8|echod naive socat echod-2cpu|-m bulk -C 8"
-    "udp64-c1|echod naive socat|-m udp -s 64 -C 1"
-    "udp64-c16|echod naive echod-2cpu|-m udp -s 64 -C 16"
+    "rt64-c1|echod floor naive socat|-s 64 -C 1|pingpong --size 64 --conns 1"
+    "rt64-c50|echod floor naive socat echod-2cpu|-s 64 -C 50|pingpong --size 64 --conns 50"
+    "rt64-c500|echod floor naive echod-2cpu|-s 64 -C 500|pingpong --size 64 --conns 500"
+    "win64k-c1|echod floor naive socat|-s 16384 -p 4 -C 1|bulk --window 65536 --conns 1"
+    "win64k-c8|echod floor naive socat echod-2cpu|-s 16384 -p 4 -C 8|bulk --window 65536 --conns 8"
+    "bulk-c1|echod floor naive socat|-m bulk -C 1|bulk --window 1073741824 --conns 1"
+    "bulk-c8|echod floor naive socat echod-2cpu|-m bulk -C 8|bulk --window 1073741824 --conns 8"
+    "udp64-c1|echod floor naive socat|-m udp -s 64 -C 1|udp --size 64 --sockets 1"
+    "udp64-c16|echod floor naive echod-2cpu|-m udp -s 64 -C 16|udp --size 64 --sockets 16"
 )
 RUN_SCENARIOS=() NEEDED=" "
 for entry in "${ALL_SCENARIOS[@]}"; do
-    IFS='|' read -r scenario servers _ <<<"$entry"
+    IFS='|' read -r scenario servers _ _ <<<"$entry"
     selected "$scenario" || continue
     [ "$TWO_CPUS" = 1 ] || servers=${servers/ echod-2cpu/}
     [ -z "${BASE_BIN:-}" ] || servers=${servers/echod /echod echod-base }
     [ "${URING:-0}" != 1 ] || [[ $scenario == udp* ]] || servers=${servers/naive/naive uring}
-    RUN_SCENARIOS+=("$scenario|$servers|${entry##*|}")
+    RUN_SCENARIOS+=("$scenario|$servers|$(cut -d'|' -f3- <<<"$entry")")
     for s in $servers; do [[ $NEEDED == *" $s "* ]] || NEEDED+="$s "; done
 done
 
@@ -240,12 +311,21 @@ if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
     done
     for repeat in $(seq "$REPEATS"); do
         for entry in "${RUN_SCENARIOS[@]}"; do
-            IFS='|' read -r scenario servers args <<<"$entry"
+            IFS='|' read -r scenario servers args eargs <<<"$entry"
             read -ra order <<<"$servers"
             read -ra args <<<"$args"
+            read -ra eargs <<<"$eargs"
             n=${#order[@]}
             for i in $(seq 0 $((n - 1))); do # rotate the order each repeat
-                run "$scenario" "${order[$(((i + repeat - 1) % n))]}" "$repeat" "${args[@]}"
+                server=${order[$(((i + repeat - 1) % n))]}
+                # the generators alternate too, so neither always follows the same server
+                if [ $(((i + repeat) % 2)) = 0 ]; then
+                    run "$scenario" "$server" "$repeat" "${args[@]}"
+                    run_echoload "$scenario" "$server" "$repeat" "${eargs[@]}"
+                else
+                    run_echoload "$scenario" "$server" "$repeat" "${eargs[@]}"
+                    run "$scenario" "$server" "$repeat" "${args[@]}"
+                fi
             done
         done
     done
@@ -287,22 +367,49 @@ idle_curve() { # SERVER REPEAT
     wait "$holder_pid" || fail "idle connections to $1 #$2: holder exited $?"
     stop_server "$1"
 }
+# echoload's reading at IDLE connections, a fresh server each time: its own holder (each
+# connection echoes one byte too), to cross-check the curve's figure.
+printf 'server\trepeat\tconnections\tbytes_per_conn\n' >"$OUT/idle-echoload.tsv"
+idle_echoload() { # SERVER REPEAT
+    start_server "$1"
+    sleep 0.5
+    local rc=0 res file=$OUT/runs/idle.$1.$2.echoload
+    "${LOAD_CPU[@]}" "$ECHOLOAD" idle --addr "${ADDR[$1]}" --conns "$IDLE" --pid "${PID[$1]}" --sources 4 \
+        >"$file.out" 2>"$file.err" || rc=$?
+    res=$(grep '^RESULT' "$file.out" | tail -n 1)
+    [ "$rc" = 0 ] && [ -n "$res" ] || fail "echoload idle against $1 #$2 exited $rc: $res $(tail -n 3 "$file.err")"
+    [ "$(kv conns "$res")" = "$IDLE" ] || fail "echoload idle against $1 #$2 held fewer than $IDLE: $res"
+    printf '%s\t%s\t%s\t%.0f\n' "$1" "$2" "$IDLE" "$(awk -v k="$(kv kib_per_conn "$res")" 'BEGIN { print k * 1024 }')" \
+        >>"$OUT/idle-echoload.tsv"
+    printf '  %-6s #%s echoload idle: %s\n' "$1" "$2" "$res"
+    stop_server "$1"
+}
+IDLE_SERVERS=(echod floor naive)
 if selected idle; then
     echo "== memory per idle connection at ${POINTS[*]} connections (a fresh server each repeat)"
     for repeat in $(seq "$REPEATS"); do
-        if [ $((repeat % 2)) = 1 ]; then order=(echod naive); else order=(naive echod); fi
-        for s in "${order[@]}"; do idle_curve "$s" "$repeat"; done
+        n=${#IDLE_SERVERS[@]}
+        for i in $(seq 0 $((n - 1))); do
+            s=${IDLE_SERVERS[$(((i + repeat - 1) % n))]}
+            idle_curve "$s" "$repeat"
+            idle_echoload "$s" "$repeat"
+        done
     done
 fi
 
 # Medians per scenario and server, with ratios against the naive baseline.
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-col() { awk -F'\t' -v s="$1" -v v="$2" -v c="$3" 'NR > 1 && $1 == s && $2 == v { print $c }' "$OUT/results.tsv" | median; }
-sum() { awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { n += $12 } END { print n + 0 }' "$OUT/results.tsv"; }
-spread() { # SCENARIO SERVER: (max − min) ÷ median of msg/s over the repeats, in %
-    awk -F'\t' -v s="$1" -v v="$2" 'NR > 1 && $1 == s && $2 == v { print $5 }' "$OUT/results.tsv" |
-        sort -g | awk -v m="$(col "$1" "$2" 5)" '{ v[NR] = $1 } END { if (NR > 1 && m > 0) printf "%.0f %%", 100 * (v[NR] - v[1]) / m; else print "–" }'
+col() { # SCENARIO SERVER COLUMN [GENERATOR]: the median over the repeats
+    awk -F'\t' -v s="$1" -v v="$2" -v c="$3" -v g="${4:-bench}" 'NR > 1 && $1 == s && $2 == v && $13 == g { print $c }' "$OUT/results.tsv" | median
 }
+sum() { awk -F'\t' -v s="$1" -v v="$2" -v g="${3:-bench}" 'NR > 1 && $1 == s && $2 == v && $13 == g { n += $12 } END { print n + 0 }' "$OUT/results.tsv"; }
+spread() { # SCENARIO SERVER [GENERATOR]: (max − min) ÷ median of msg/s over the repeats, in %
+    awk -F'\t' -v s="$1" -v v="$2" -v g="${3:-bench}" 'NR > 1 && $1 == s && $2 == v && $13 == g { print $5 }' "$OUT/results.tsv" |
+        sort -g | awk -v m="$(col "$1" "$2" 5 "${3:-bench}")" '{ v[NR] = $1 } END { if (NR > 1 && m > 0) printf "%.0f %%", 100 * (v[NR] - v[1]) / m; else print "–" }'
+}
+# The figure a scenario is judged by, as a results.tsv column: CPU per GB for streams,
+# CPU per message otherwise.
+key_col() { case $1 in win* | bulk*) echo 10 ;; *) echo 9 ;; esac; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f×", a / b; else print "–" }'; }
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="$GIT (with local changes)"
@@ -317,19 +424,54 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
     fi
     echo
     if [ ${#RUN_SCENARIOS[@]} -gt 0 ]; then
-        echo "| scenario | server | msg/s | MB/s | p50 µs | p99 µs | CPU µs/msg | CPU s/GB | kernel % | msg/s ÷ naive | CPU/msg ÷ naive | msg/s spread |"
-        echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "echod against the floor, the naive loop and socat: the server's CPU per round trip or datagram"
+        echo "(rt, udp) or per GB echoed (win, bulk), and p99 latency at 500 connections; medians of"
+        echo "$REPEATS; < 1 means echod spends less. Each under both load generators."
+        echo
+        echo "| scenario | figure | generator | echod | ÷ floor | ÷ naive | ÷ socat |"
+        echo "|---|---|---|---:|---:|---:|---:|"
         for entry in "${RUN_SCENARIOS[@]}"; do
             IFS='|' read -r scenario servers _ <<<"$entry"
-            base=$(col "$scenario" naive 5) base_cpu=$(col "$scenario" naive 9)
-            for server in echod echod-base naive uring socat; do
-                [[ " $servers " == *" $server "* ]] || continue
-                rate=$(col "$scenario" "$server" 5) cpu=$(col "$scenario" "$server" 9)
-                printf '| %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %.0f | %s | %s | %s |\n' \
-                    "$scenario" "$server" "$rate" "$(col "$scenario" "$server" 6)" \
-                    "$(col "$scenario" "$server" 7)" "$(col "$scenario" "$server" 8)" "$cpu" \
-                    "$(col "$scenario" "$server" 10)" "$(col "$scenario" "$server" 11)" \
-                    "$(ratio "$rate" "$base")" "$(ratio "$cpu" "$base_cpu")" "$(spread "$scenario" "$server")"
+            k=$(key_col "$scenario")
+            figure=$([ "$k" = 10 ] && echo "CPU s/GB" || echo "CPU µs/msg")
+            for gen in echoload bench; do
+                e=$(col "$scenario" echod "$k" "$gen")
+                printf '| %s | %s | %s | %.3f | %s | %s | %s |\n' "$scenario" "$figure" "$gen" "$e" \
+                    "$(ratio "$e" "$(col "$scenario" floor "$k" "$gen")")" \
+                    "$(ratio "$e" "$(col "$scenario" naive "$k" "$gen")")" \
+                    "$(ratio "$e" "$(col "$scenario" socat "$k" "$gen")")"
+            done
+            if [ "$scenario" = rt64-c500 ]; then
+                for gen in echoload bench; do
+                    e=$(col "$scenario" echod 8 "$gen")
+                    printf '| %s | p99 µs | %s | %.0f | %s | %s | %s |\n' "$scenario" "$gen" "$e" \
+                        "$(ratio "$e" "$(col "$scenario" floor 8 "$gen")")" \
+                        "$(ratio "$e" "$(col "$scenario" naive 8 "$gen")")" "–"
+                done
+            fi
+        done
+        echo
+        echo "Every run, medians (generator \`echoload\`: CPU over its measured window; \`bench\`: over the"
+        echo "whole \`echod bench\` run; kernel % from /proc/PID/stat, bench runs only):"
+        echo
+        echo "| scenario | server | generator | msg/s | MB/s | p50 µs | p99 µs | CPU µs/msg | CPU s/GB | kernel % | CPU ÷ floor | msg/s spread |"
+        echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for entry in "${RUN_SCENARIOS[@]}"; do
+            IFS='|' read -r scenario servers _ <<<"$entry"
+            k=$(key_col "$scenario")
+            for gen in echoload bench; do
+                floor_cpu=$(col "$scenario" floor "$k" "$gen")
+                for server in echod echod-base floor naive uring socat; do
+                    [[ " $servers " == *" $server "* ]] || continue
+                    kern=$(col "$scenario" "$server" 11 "$gen")
+                    printf '| %s | %s | %s | %.0f | %.1f | %.0f | %.0f | %.2f | %.2f | %s | %s | %s |\n' \
+                        "$scenario" "$server" "$gen" "$(col "$scenario" "$server" 5 "$gen")" \
+                        "$(col "$scenario" "$server" 6 "$gen")" "$(col "$scenario" "$server" 7 "$gen")" \
+                        "$(col "$scenario" "$server" 8 "$gen")" "$(col "$scenario" "$server" 9 "$gen")" \
+                        "$(col "$scenario" "$server" 10 "$gen")" "${kern:-–}" \
+                        "$(ratio "$(col "$scenario" "$server" "$k" "$gen")" "$floor_cpu")" \
+                        "$(spread "$scenario" "$server" "$gen")"
+                done
             done
         done
         echo
@@ -337,7 +479,9 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
         for entry in "${RUN_SCENARIOS[@]}"; do
             IFS='|' read -r scenario servers _ <<<"$entry"
             [[ $scenario == udp* ]] || continue
-            for server in $servers; do lost+=("$scenario $server $(sum "$scenario" "$server")"); done
+            for server in $servers; do
+                lost+=("$scenario $server $(sum "$scenario" "$server") (echoload: $(sum "$scenario" "$server" echoload))")
+            done
         done
         if [ ${#lost[@]} -gt 0 ]; then
             printf 'UDP datagrams lost (no echo within 5 s; counted, not a failure), total over the repeats: %s.\n' \
@@ -367,13 +511,20 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
     if selected idle; then
         echo "Server RSS per idle connection (median of $REPEATS; (RSS with N connections − RSS before) ÷ N):"
         echo
-        echo "| idle connections | echod | naive | echod ÷ naive |"
-        echo "|---:|---:|---:|---:|"
+        echo "| idle connections | echod | floor | naive | echod ÷ naive |"
+        echo "|---:|---:|---:|---:|---:|"
         for n in "${POINTS[@]}"; do
             e=$(awk -F'\t' -v s=echod -v n="$n" 'NR > 1 && $1 == s && $3 == n { print $7 }' "$OUT/rss.tsv" | median)
+            f=$(awk -F'\t' -v s=floor -v n="$n" 'NR > 1 && $1 == s && $3 == n { print $7 }' "$OUT/rss.tsv" | median)
             v=$(awk -F'\t' -v s=naive -v n="$n" 'NR > 1 && $1 == s && $3 == n { print $7 }' "$OUT/rss.tsv" | median)
-            printf '| %s%s | %.0f B | %.0f B | %s |\n' "$n" "$([ "$n" = "$IDLE" ] && echo ' (headline)')" \
-                "$e" "$v" "$(ratio "$e" "$v")"
+            printf '| %s%s | %.0f B | %.0f B | %.0f B | %s |\n' "$n" "$([ "$n" = "$IDLE" ] && echo ' (headline)')" \
+                "$e" "$f" "$v" "$(ratio "$e" "$v")"
+        done
+        echo
+        echo "echoload's reading at $IDLE idle connections (its own holder, a fresh server each repeat, median):"
+        for server in "${IDLE_SERVERS[@]}"; do
+            printf '%s %.0f B' "$server" "$(awk -F'\t' -v s="$server" 'NR > 1 && $1 == s { print $4 }' "$OUT/idle-echoload.tsv" | median)"
+            [ "$server" = "${IDLE_SERVERS[-1]}" ] && echo . || printf ', '
         done
         echo
         if [ ${#POINTS[@]} -ge 2 ]; then
@@ -382,7 +533,7 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
             echo "and what that slope means for 1 000 000 idle connections (process memory only: the kernel's"
             echo "socket memory is not in RSS, and one process here may not open more than $(ulimit -Hn) files):"
             echo
-            for server in echod naive; do
+            for server in "${IDLE_SERVERS[@]}"; do
                 awk -F'\t' -v s="$server" -v lo="$lo" -v hi="$hi" 'NR > 1 && $1 == s && $3 == lo { a[$2] = $6 }
                     NR > 1 && $1 == s && $3 == hi { b[$2] = $6 }
                     END { for (r in b) if (r in a) print (b[r] - a[r]) * 1024 / (hi - lo) }' "$OUT/rss.tsv" |

@@ -1,5 +1,7 @@
 //! `benches/compare.sh` in a tiny mode: it must finish with a table naming every
-//! server (with `BASE_BIN`, the earlier build too), and a run against a server that
+//! server (the C epoll floor, and with `BASE_BIN` the earlier build too) under both load
+//! generators (`echod bench` and echoload, built from `../shared`), with ratios against
+//! the floor, and a run against a server that
 //! corrupts echoes must make it fail. `benches/syscalls.sh` counts system calls per
 //! round trip, which do not move with the machine's load, so a test can hold echod to
 //! the naive loop's count.
@@ -10,18 +12,26 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU16, Ordering};
 
 crate::support::tests![
-    the_tiny_comparison_prints_a_table_of_both_servers needs &[crate::support::Need::Tool("socat")],
-    a_corrupting_server_fails_the_script_and_names_the_run needs &[crate::support::Need::Tool("socat")],
+    the_tiny_comparison_prints_a_table_of_both_servers needs &[
+        crate::support::Need::Tool("socat"),
+        crate::support::Need::Tool("cc"),
+        crate::support::Need::Host("../shared/bench beside the repository", shared_bench_exists),
+    ],
+    a_corrupting_server_fails_the_script_and_names_the_run needs &[
+        crate::support::Need::Tool("socat"),
+        crate::support::Need::Tool("cc"),
+        crate::support::Need::Host("../shared/bench beside the repository", shared_bench_exists),
+    ],
     echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop needs &[crate::support::Need::Tool("perf")],
 ];
 
-/// The script uses ten consecutive ports from BASE_PORT, TCP and UDP.
+/// The script uses eleven consecutive ports from BASE_PORT, TCP and UDP.
 fn free_base_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 24_000 + (std::process::id() % 400) as u16 * 20;
     loop {
-        let base = start + NEXT.fetch_add(10, Ordering::Relaxed) % 8_000;
-        let free = (base..base + 10).all(|p| {
+        let base = start + NEXT.fetch_add(11, Ordering::Relaxed) % 8_000;
+        let free = (base..base + 11).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
         });
         if free {
@@ -64,6 +74,36 @@ fn examples_dir() -> PathBuf {
     dir
 }
 
+/// The load generator and the floor, read-only beside the repository.
+fn shared_bench() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench")
+}
+
+fn shared_bench_exists() -> bool {
+    shared_bench().join("echoload/Cargo.toml").exists()
+        && shared_bench().join("epoll-c/epoll_echo.c").exists()
+}
+
+/// Builds echoload into target/echoload the way compare.sh does (the first build takes
+/// minutes, outside the script's time limit; the script's own build is then a no-op).
+fn build_echoload() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "--manifest-path",
+        ])
+        .arg(shared_bench().join("echoload/Cargo.toml"))
+        .args(["--target-dir", "target/echoload"])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "echoload build");
+}
+
 /// Runs the script (at most 150 s) with `env` on top of the tiny settings.
 fn compare(env: &[(&str, &str)], out: &Path) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/compare.sh");
@@ -86,6 +126,7 @@ fn compare(env: &[(&str, &str)], out: &Path) -> Output {
 }
 
 fn the_tiny_comparison_prints_a_table_of_both_servers() {
+    build_echoload();
     let out = tempfile::tempdir().unwrap();
     // BASE_BIN (an earlier build beside the current one) is given the same binary here.
     let echod = crate::support::echod_bin();
@@ -108,22 +149,50 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
         "exit {:?}\n{stdout}\n{stderr}",
         run.status
     );
-    for row in [
-        "| rt64-c1 | echod |",
-        "| rt64-c1 | echod-base |",
-        "| rt64-c1 | naive |",
-        "| rt64-c1 | socat |",
-        "| udp64-c1 | echod |",
-        "| udp64-c1 | echod-base |",
-        "| udp64-c1 | naive |",
+    let mut rows = vec![
         "| 200 (headline) |",
         "Kernel memory per idle TCP socket",
-    ] {
+        "echoload's reading at 200 idle connections",
+    ];
+    let servers = ["echod", "echod-base", "floor", "naive", "socat"];
+    let each: Vec<String> = ["rt64-c1", "udp64-c1"]
+        .iter()
+        .flat_map(|s| servers.iter().map(move |v| (s, v)))
+        .flat_map(|(s, v)| ["bench", "echoload"].map(|g| format!("| {s} | {v} | {g} |")))
+        .collect();
+    rows.extend(each.iter().map(String::as_str));
+    for row in rows {
         assert!(stdout.contains(row), "no row {row:?} in\n{stdout}");
+    }
+    // The ratios against the floor, under both generators: a number, and the floor is 1.
+    for row in [
+        "| rt64-c1 | CPU µs/msg | echoload |",
+        "| rt64-c1 | CPU µs/msg | bench |",
+        "| udp64-c1 | CPU µs/msg | echoload |",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in\n{stdout}"));
+        let floor_ratio = line.split('|').nth(5).unwrap_or("").trim();
+        assert!(
+            floor_ratio.ends_with('×') && floor_ratio.trim_end_matches('×').parse::<f64>().is_ok(),
+            "no ratio against the floor in {line:?}"
+        );
+    }
+    for generator in ["bench", "echoload"] {
+        let floor_row = format!("| rt64-c1 | floor | {generator} |");
+        let line = stdout.lines().find(|l| l.starts_with(&floor_row)).unwrap();
+        assert!(
+            line.contains("| 1.00× |"),
+            "the floor against itself: {line:?}"
+        );
     }
     if uring {
         assert!(
-            stdout.contains("| rt64-c1 | uring |") && !stdout.contains("| udp64-c1 | uring |"),
+            stdout.contains("| rt64-c1 | uring | bench |")
+                && stdout.contains("| rt64-c1 | uring | echoload |")
+                && !stdout.contains("| udp64-c1 | uring |"),
             "URING=1: a uring row for TCP only in\n{stdout}"
         );
     } else {
@@ -131,10 +200,11 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
     }
     assert!(stdout.contains("CPU µs/msg") && stdout.contains("CPU s/GB"));
     let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
-    assert!(table.contains("| rt64-c1 | echod |"), "{table}");
+    assert!(table.contains("| rt64-c1 | echod | echoload |"), "{table}");
 }
 
 fn a_corrupting_server_fails_the_script_and_names_the_run() {
+    build_echoload();
     let out = tempfile::tempdir().unwrap();
     let run = compare(
         &[("SCENARIOS", "rt64-c1"), ("COMPARE_SELFTEST_CORRUPT", "1")],
