@@ -33,6 +33,7 @@ crate::support::tests![
     tls_1_0_and_1_1_offers_are_refused needs &[Need::Tool("openssl")],
     client_certificates_must_come_from_the_client_ca needs &[Need::Tool("openssl")],
     a_bad_or_mismatched_pair_exits_78_naming_the_key,
+    a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload,
     reload_serves_a_new_pair_to_new_handshakes_and_a_bad_pair_keeps_the_old,
     an_upgrade_ends_tls_connections_with_close_notify_and_hands_the_listener_over,
     the_two_commands_of_docs_tls_md_work_as_written needs &[
@@ -725,6 +726,98 @@ fn a_bad_or_mismatched_pair_exits_78_naming_the_key() {
     assert!(
         stderr.contains("ECHOD_TLS__KEY_FILE") && stderr.contains("`tls.key_file`"),
         "{stderr}"
+    );
+}
+
+/// A CERTIFICATE block of the chain whose base64 decodes to something that is not a
+/// certificate (after a valid leaf, or as the leaf): every handshake would fail, so
+/// `check-config` and a start refuse it (exit 78, `tls.cert_file`) and a reload to it
+/// fails and keeps the pair in use.
+fn a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload() {
+    use base64::Engine;
+    let pki = Pki::new();
+    let leaf = std::fs::read_to_string(&pki.cert).unwrap();
+    let random = base64::engine::general_purpose::STANDARD.encode(random_bytes(300, 77));
+    let block =
+        |b64: &str| format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n");
+    let bad_files = [
+        ("aaaa-after-leaf.pem", format!("{leaf}{}", block("AAAA"))),
+        ("random-after-leaf.pem", format!("{leaf}{}", block(&random))),
+        ("random-leaf.pem", block(&random)),
+    ];
+    let section = |cert: &Path| {
+        format!(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            pki.key.display().to_string()
+        )
+    };
+    for (name, text) in &bad_files {
+        let path = pki.write(name, text);
+        let (code, stderr) = check_config(&section(&path));
+        assert_eq!(code, Some(78), "{name}: {stderr}");
+        assert!(
+            stderr.contains("`tls.cert_file`") && stderr.contains(name),
+            "{name}: {stderr}"
+        );
+    }
+    // At start: exit 78 before serving.
+    let bad = pki.write("bad-start.pem", &bad_files[0].1);
+    let out = Command::new(echod_bin())
+        .env("ECHOD_TLS__LISTEN", "127.0.0.1:0")
+        .env("ECHOD_TLS__CERT_FILE", &bad)
+        .env("ECHOD_TLS__KEY_FILE", &pki.key)
+        .env("ECHOD_TCP__LISTEN", "")
+        .env("ECHOD_UDP__LISTEN", "")
+        .env("ECHOD_METRICS__LISTEN", "")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(ChildGuard)
+        .unwrap();
+    let mut child = out;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "echod started with a bad chain");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = stderr_of(child);
+    assert_eq!(status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("`tls.cert_file`"), "{stderr}");
+
+    // At reload: a failed reload, and the good pair goes on serving.
+    let live = pki.write("live.pem", &leaf);
+    let daemon = Daemon::start(&section(&live));
+    let d = TlsDaemon {
+        addr: bound_tls_address(&daemon, 1),
+        daemon,
+        label: "127.0.0.1:0".into(),
+    };
+    let config = client_config(&pki.ca, None);
+    for (n, (_, text)) in bad_files.iter().enumerate() {
+        std::fs::write(&live, text).unwrap();
+        d.daemon.signal(libc::SIGHUP);
+        d.daemon
+            .wait_metric_at_least("echod_config_reload_failures_total", &[], (n + 1) as f64);
+        assert_eq!(
+            d.daemon.metric("echod_config_reloads_total", &[]),
+            0.0,
+            "{}",
+            d.daemon.log()
+        );
+        let mut tls = connect(d.addr, &config).expect("the old pair still serves");
+        assert_eq!(roundtrip(&mut tls, b"old pair").unwrap(), b"old pair");
+    }
+    assert_eq!(d.handshakes("client_alert"), 0.0);
+    let log = d.daemon.log();
+    assert!(
+        log.contains("reload failed") && log.contains("tls.cert_file"),
+        "{log}"
     );
 }
 
