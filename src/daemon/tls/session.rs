@@ -192,8 +192,8 @@ impl Session {
     /// A cut or an error just closes.
     async fn close(&mut self, mut stream: TlsStream<TcpStream>, end: TlsEnd) {
         match end {
-            TlsEnd::DrainCut | TlsEnd::Error | TlsEnd::Truncated => {}
-            TlsEnd::CloseNotify => {
+            TlsEnd::DrainCut | TlsEnd::Error => {}
+            TlsEnd::CloseNotify | TlsEnd::Truncated => {
                 let _ = tokio::time::timeout(CLOSE_LINGER, stream.shutdown()).await;
             }
             TlsEnd::IdleTimeout | TlsEnd::Capped | TlsEnd::Upgrade => {
