@@ -26,6 +26,7 @@ crate::support::tests![
     ncat_gets_every_byte_back needs &[Need::Tool("ncat")],
     the_documented_ncat_command_succeeds_every_time needs &[Need::Tool("ncat")],
     close_notify_comes_after_the_last_echo,
+    the_ready_line_names_the_tls_listeners,
     tls_connections_obey_the_tcp_limits_and_caps,
     clients_that_keep_their_socket_after_close_notify_stay_within_max_connections,
     a_proxy_header_comes_before_the_client_hello,
@@ -443,6 +444,25 @@ fn the_documented_ncat_command_succeeds_every_time() {
     );
     // Visible all the same: each ended without the client's close_notify.
     d.wait_closed("truncated", 30.0);
+}
+
+/// The `echod ready: …` line (and so STATUS=, the same line) lists the TLS listeners
+/// after the others, with the port picked for port 0; without TLS it has no TLS part.
+fn the_ready_line_names_the_tls_listeners() {
+    let pki = Pki::new();
+    let d = start(&pki, "", "");
+    let listening = crate::support::Listening::from_log(&d.daemon.log()).expect("a ready line");
+    assert_eq!(listening.tls, vec![d.addr], "{}", d.daemon.log());
+    assert_eq!(listening.tcp, d.daemon.listening.tcp);
+    let plain = Daemon::start("");
+    let line = plain
+        .log()
+        .lines()
+        .find(|l| l.contains("echod ready: "))
+        .expect("a ready line")
+        .to_string();
+    assert!(!line.contains("TLS"), "{line}");
+    assert!(plain.listening.tls.is_empty());
 }
 
 /// rustls reads 0 only after a close_notify (a bare close is an error): the client
