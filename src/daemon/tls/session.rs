@@ -33,7 +33,7 @@ use crate::daemon::tcp::cap_reached;
 /// How long an echo under way at a handover may take to finish, and how long the
 /// close (close_notify, then reading what the client still sends) may take: the
 /// longest a connection is held open after its end, counted against the limits.
-pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(1);
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read and thrown away after echod's close_notify, at most: closing with unread
 /// input would reset the connection and could lose the close_notify.
 const CLOSE_DISCARD: usize = 64 * 1024;
