@@ -82,12 +82,19 @@ impl ConfigSource {
             config.metrics.web_config = Some(Arc::new(web));
         }
         if !config.tls.listen.is_empty() {
-            let material =
-                TlsMaterial::load(&config.tls).map_err(|(key, message)| ConfigError::Value {
-                    origin: self.origin_of(key, env),
+            let material = TlsMaterial::load(&config.tls).map_err(|(key, message)| {
+                // A file no layer names is asked for by tls.listen: where that was set.
+                let unset = match key {
+                    "tls.cert_file" => config.tls.cert_file.is_none(),
+                    "tls.key_file" => config.tls.key_file.is_none(),
+                    _ => false,
+                };
+                ConfigError::Value {
+                    origin: self.origin_of(if unset { "tls.listen" } else { key }, env),
                     key: key.to_string(),
                     message,
-                })?;
+                }
+            })?;
             config.tls.loaded = Some(Arc::new(material));
         }
         Ok(config)

@@ -283,3 +283,27 @@ fn parser_errors_speak_of_values_not_rust_types() {
         }
     }
 }
+
+#[test]
+fn a_missing_tls_file_is_reported_where_tls_listen_was_set() {
+    let listen_from_env = env(&[("ECHOD_TLS__LISTEN", "127.0.0.1:0")]);
+    let (_file, with_file_source) = with_file("[tcp]\nmax_connections = 5\n");
+    for source in [ConfigSource::default(), with_file_source] {
+        match source.load_with_env(&listen_from_env) {
+            Err(ConfigError::Value { key, origin, .. }) => {
+                assert_eq!(key, "tls.cert_file");
+                assert_eq!(origin, "environment variable ECHOD_TLS__LISTEN");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Named in the file, it is the file's.
+    let (_file, source) = with_file("[tls]\nlisten = [\"127.0.0.1:0\"]\n");
+    match source.load_with_env(&HashMap::new()) {
+        Err(ConfigError::Value { key, origin, .. }) => {
+            assert_eq!(key, "tls.cert_file");
+            assert_eq!(origin, source.file.as_ref().unwrap().display().to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+}

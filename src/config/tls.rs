@@ -56,12 +56,8 @@ impl TlsMaterial {
         let key_path = required(tls.key_file.as_deref(), "tls.key_file")?;
         let cert_pem = read_limited("tls.cert_file", cert_path, &mut inputs)?;
         let chain = certificates("tls.cert_file", cert_path, &cert_pem)?;
-        let not_after = not_after(&chain[0]).map_err(|e| {
-            (
-                "tls.cert_file",
-                format!("{}: unreadable certificate ({e})", cert_path.display()),
-            )
-        })?;
+        let not_after = parse_chain(&chain)
+            .map_err(|e| ("tls.cert_file", format!("{}: {e}", cert_path.display())))?;
         let key_pem = read_limited("tls.key_file", key_path, &mut inputs)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             (
@@ -122,10 +118,28 @@ fn required<'a>(path: Option<&'a Path>, key: &'static str) -> Result<&'a Path, I
     })
 }
 
-/// The leaf certificate's notAfter as Unix seconds.
-fn not_after(leaf: &CertificateDer<'_>) -> Result<i64, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
-    Ok(cert.validity().not_after.timestamp())
+/// Parses every certificate of the chain as X.509 — a PEM block whose base64 decodes
+/// to anything else would be sent to every client, and every handshake would fail —
+/// and returns the leaf's notAfter as Unix seconds.
+fn parse_chain(chain: &[CertificateDer<'_>]) -> Result<i64, String> {
+    let mut not_after = None;
+    for (i, der) in chain.iter().enumerate() {
+        let which = if i == 0 {
+            "the leaf (certificate 1)".to_string()
+        } else {
+            format!("certificate {} of the chain", i + 1)
+        };
+        let (rest, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("{which} is not an X.509 certificate ({e})"))?;
+        if !rest.is_empty() {
+            return Err(format!(
+                "{which} has {} bytes after the certificate",
+                rest.len()
+            ));
+        }
+        not_after.get_or_insert(cert.validity().not_after.timestamp());
+    }
+    not_after.ok_or_else(|| "no PEM certificate in it".to_string())
 }
 
 /// Every certificate in a PEM file; at least one.
@@ -204,5 +218,23 @@ mod tests {
         assert_eq!(key, "tls.cert_file");
         let (key, _) = TlsMaterial::load(&TlsConfig::default()).unwrap_err();
         assert_eq!(key, "tls.cert_file");
+    }
+
+    #[test]
+    fn every_block_of_the_chain_must_be_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = pair(dir.path(), "one");
+        let leaf = std::fs::read_to_string(&c).unwrap();
+        let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        for (text, which) in [
+            (format!("{leaf}{junk}"), "certificate 2 of the chain"),
+            (format!("{junk}{leaf}"), "the leaf"),
+        ] {
+            std::fs::write(&c, text).unwrap();
+            let (key, message) = TlsMaterial::load(&config(&c, &k)).unwrap_err();
+            assert_eq!(key, "tls.cert_file");
+            assert!(message.contains(which), "{message}");
+            assert!(message.contains("one.pem"), "{message}");
+        }
     }
 }

@@ -152,7 +152,8 @@ impl HandshakeResult {
 pub enum TlsEnd {
     /// The client sent close_notify; echod answered with its own after the last echo.
     CloseNotify,
-    /// The client closed TCP without close_notify (a truncation, in TLS terms).
+    /// The client closed TCP without close_notify (a truncation, in TLS terms; ncat
+    /// ends its input so); echod still answered with close_notify after the last echo.
     Truncated,
     /// No traffic for `tcp.idle_timeout`.
     IdleTimeout,

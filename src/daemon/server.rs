@@ -628,8 +628,15 @@ impl Server {
                 addrs.join(",")
             }
         };
+        // TLS only when on, so the line of a plain echod keeps its format.
+        let tls = list(ListenerKind::Tls);
+        let tls = if tls == "off" {
+            String::new()
+        } else {
+            format!(" TLS {tls}")
+        };
         let mut line = format!(
-            "TCP {} UDP {} HTTP {}; {}",
+            "TCP {} UDP {} HTTP {}{tls}; {}",
             list(ListenerKind::Tcp),
             list(ListenerKind::Udp),
             list(ListenerKind::Http),

@@ -254,12 +254,16 @@ fn readme_is_a_first_screen_and_short_sections() {
 }
 
 /// docs/metrics.md's table as the registry renders it: every `echod_*` family with its
-/// type, label names, the fixed values of its `reason`/`kind`/`cap` label and its help.
+/// type, label names, the fixed values of its `reason`/`kind`/`cap`/`result` label and
+/// its help.
 fn metrics_table() -> String {
     let metrics = echod::daemon::metrics::Metrics::new();
     // Children of one listener of each kind, so every labelled series exists.
     let _tcp = metrics.tcp_listener("127.0.0.1:7007");
     let _udp = metrics.udp_listener("127.0.0.1:7007");
+    // The TLS families have series only while TLS serves: a listener and a certificate.
+    let _tls = metrics.tls_listener("127.0.0.1:7443");
+    metrics.set_tls_certificate_expiry(Some(0));
     let text = String::from_utf8(metrics.encode()).expect("the exposition is UTF-8");
     let mut help = BTreeMap::new();
     let mut kind = BTreeMap::new();
@@ -301,7 +305,7 @@ fn metrics_table() -> String {
         let names = &labels[name];
         let values: Vec<String> = names
             .iter()
-            .filter(|(label, _)| ["reason", "kind", "cap"].contains(&label.as_str()))
+            .filter(|(label, _)| ["reason", "kind", "cap", "result"].contains(&label.as_str()))
             .flat_map(|(_, values)| values.iter().map(|v| format!("`{v}`")))
             .collect();
         out.push_str(&format!(
@@ -337,4 +341,33 @@ fn metrics_reference_is_generated_from_the_registry() {
         );
     }
     assert!(fresh.lines().count() >= 28, "{fresh}");
+    // Every family a guide names is in the reference, the TLS ones included (they have
+    // series only while a TLS listener or its certificate is in use).
+    let mut lacking = BTreeSet::new();
+    for file in doc_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (at, _) in text.match_indices("`echod_") {
+            let name: String = text[at + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // `echod_tcp_*` and the like name a group, not a family.
+            if name.ends_with('_') {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            if !fresh.contains(&format!("| `{name}` |"))
+                && !fresh.contains(&format!("| `{family}` |"))
+            {
+                lacking.insert(format!("{}: {name}", file.display()));
+            }
+        }
+    }
+    assert!(
+        lacking.is_empty(),
+        "families the docs name and the metrics reference lacks: {lacking:#?}"
+    );
 }

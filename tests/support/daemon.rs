@@ -56,13 +56,16 @@ pub fn wait_until<D: Display>(
 
 /// The addresses echod serves, as its status line names them: `TCP 127.0.0.1:40123
 /// UDP 127.0.0.1:51234 HTTP 127.0.0.1:39999; 0 connections` (in the `echod ready: …`
-/// log line of either log format and in sd_notify's `STATUS=`). A listener configured
-/// on port 0 shows the port the kernel picked.
+/// log line of either log format and in sd_notify's `STATUS=`), with ` TLS <addrs>`
+/// after the HTTP ones when TLS echo is on. A listener configured on port 0 shows the
+/// port the kernel picked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Listening {
     pub tcp: Vec<SocketAddr>,
     pub udp: Vec<SocketAddr>,
     pub http: Vec<SocketAddr>,
+    /// Empty when TLS echo is off (the line has no `TLS` part then).
+    pub tls: Vec<SocketAddr>,
 }
 
 impl Listening {
@@ -71,8 +74,10 @@ impl Listening {
         let start = status.find("TCP ")?;
         let listed = status[start..].split(';').next()?;
         let words: Vec<&str> = listed.split_whitespace().collect();
-        let [_, tcp, _, udp, _, http] = words.as_slice() else {
-            return None;
+        let (tcp, udp, http, tls) = match words.as_slice() {
+            ["TCP", tcp, "UDP", udp, "HTTP", http] => (tcp, udp, http, &"off"),
+            ["TCP", tcp, "UDP", udp, "HTTP", http, "TLS", tls] => (tcp, udp, http, tls),
+            _ => return None,
         };
         let list = |text: &str| -> Option<Vec<SocketAddr>> {
             if text == "off" {
@@ -84,6 +89,7 @@ impl Listening {
             tcp: list(tcp)?,
             udp: list(udp)?,
             http: list(http)?,
+            tls: list(tls)?,
         })
     }
 

@@ -1,7 +1,14 @@
 //! One TLS connection's life: handshake, the echo loop inside TLS (at most one buffer
 //! read before all of it is written back, so a client that does not read holds one
 //! buffer), its deadlines and caps, and a clean end — close_notify answered with
-//! echod's own after the last echo.
+//! echod's own after the last echo, and a client's bare TCP half-close too.
+//!
+//! A connection counts as open (its slot under `tcp.max_connections`, the active
+//! gauges) until echod has closed its socket, and echod keeps a socket after the
+//! connection's end only while the client may still be sending — when echod ended it
+//! (at most [`CLOSE_LINGER`]). After a client's close_notify or TCP half-close, echod
+//! writes its close_notify and FIN and closes at once: a client that keeps its socket
+//! open holds no slot, and one that reconnects at once finds its slot free.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +31,8 @@ use crate::daemon::shutdown::Shutdown;
 use crate::daemon::tcp::cap_reached;
 
 /// How long an echo under way at a handover may take to finish, and how long the
-/// close (close_notify, then reading what the client still sends) may take.
+/// close (close_notify, then reading what the client still sends) may take: the
+/// longest a connection is held open after its end, counted against the limits.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read and thrown away after echod's close_notify, at most: closing with unread
 /// input would reset the connection and could lose the close_notify.
@@ -39,7 +47,7 @@ pub(super) struct Session {
     pub(super) shutdown: Shutdown,
     pub(super) metrics: Arc<TcpListenerMetrics>,
     pub(super) tls_metrics: Arc<TlsListenerMetrics>,
-    /// The slot under the limits, given back before the close reaches the client.
+    /// The slot under the limits, given back once echod has closed the socket.
     pub(super) permit: Option<Permit>,
     pub(super) started: Instant,
 }
@@ -54,9 +62,7 @@ impl Session {
                 self.tls_metrics.handshake(HandshakeResult::Ok);
                 self.tls_metrics.active.inc();
                 let (end, echoed) = self.echo(&mut stream).await;
-                self.permit = None;
-                self.close(&mut stream, end).await;
-                self.tls_metrics.active.dec();
+                self.close(stream, end).await;
                 self.tls_metrics.closed(end);
                 if end == TlsEnd::Upgrade
                     && let Some(suppressed) = UPGRADE_LOG.allow()
@@ -70,12 +76,11 @@ impl Session {
                 }
             }
             Err((result, error)) => {
-                self.permit = None;
+                self.release(false);
                 self.tls_metrics.handshake(result);
                 log_failure(&self.metrics.label, self.peer, result, &error);
             }
         }
-        self.metrics.active.dec();
         self.metrics.closed.inc();
         self.metrics
             .duration
@@ -98,6 +103,8 @@ impl Session {
                     // close_notify: everything before it was echoed already.
                     Ok(0) => return (TlsEnd::CloseNotify, echoed),
                     Ok(n) => n,
+                    // A TCP FIN without close_notify (ncat's end of input): everything
+                    // before it was echoed; echod still ends with close_notify.
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                         return (TlsEnd::Truncated, echoed);
                     }
@@ -160,26 +167,54 @@ impl Session {
         }
     }
 
-    /// A clean end sends close_notify and then FIN, and reads what the client still
-    /// sends (briefly) so the close is not a reset; a cut or an error just closes.
-    async fn close(&self, stream: &mut TlsStream<TcpStream>, end: TlsEnd) {
-        if matches!(end, TlsEnd::DrainCut | TlsEnd::Error | TlsEnd::Truncated) {
+    /// No longer an open connection: the gauges go down, then the slot goes back (in
+    /// that order, so neither exceeds the limit). `past_handshake`: it counts in
+    /// `echod_tls_connections_active` too.
+    fn release(&mut self, past_handshake: bool) {
+        if self.permit.take().is_none() {
             return;
         }
-        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            if stream.shutdown().await.is_err() {
-                return;
+        if past_handshake {
+            self.tls_metrics.active.dec();
+        }
+        self.metrics.active.dec();
+    }
+
+    /// Ends the connection and releases it; the socket is closed before the slot goes
+    /// back. A clean end sends close_notify, then FIN. When the client has finished
+    /// sending (its close_notify, or a bare TCP half-close) nothing more is read: the
+    /// close is written (waiting at most [`CLOSE_LINGER`] for room, the client still
+    /// reading the last echo) and the socket closed at once — a client that keeps its
+    /// socket open holds nothing of echod's. When echod ends the connection (a cap,
+    /// the idle timeout, an upgrade) the client may still be sending: echod reads and
+    /// discards it up to the client's FIN (at most [`CLOSE_LINGER`] and
+    /// [`CLOSE_DISCARD`] bytes), so the close is not a reset that loses the last echo.
+    /// A cut or an error just closes.
+    async fn close(&mut self, mut stream: TlsStream<TcpStream>, end: TlsEnd) {
+        match end {
+            TlsEnd::DrainCut | TlsEnd::Error => {}
+            TlsEnd::CloseNotify | TlsEnd::Truncated => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, stream.shutdown()).await;
             }
-            let (tcp, _) = stream.get_mut();
-            let mut scratch = vec![0u8; 4096];
-            let mut discarded = 0;
-            while discarded < CLOSE_DISCARD {
-                match tcp.read(&mut scratch).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => discarded += n,
-                }
+            TlsEnd::IdleTimeout | TlsEnd::Capped | TlsEnd::Upgrade => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                    if stream.shutdown().await.is_err() {
+                        return;
+                    }
+                    let (tcp, _) = stream.get_mut();
+                    let mut scratch = vec![0u8; 4096];
+                    let mut discarded = 0;
+                    while discarded < CLOSE_DISCARD {
+                        match tcp.read(&mut scratch).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => discarded += n,
+                        }
+                    }
+                })
+                .await;
             }
-        })
-        .await;
+        }
+        drop(stream);
+        self.release(true);
     }
 }
