@@ -399,3 +399,9 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
     fi
     echo "Every run above echoed every byte intact (a failed run stops the script)."
 } | tee "$OUT/table.md"
+
+# Echo over TLS (TLS=1): echod's TLS listener against socat and ncat TLS echoes, and its
+# TLS/plain cost; tls_comparison in benches/lib.sh.
+if [ "${TLS:-0}" = 1 ]; then
+    tls_comparison
+fi
