@@ -3,15 +3,12 @@
 //! itself — probe paths it serves, ports it listens on, a grace period longer than its
 //! drain, the image's user. No cluster can run here, so this is validation only.
 
-#[path = "../support/tls.rs"]
-#[allow(dead_code)]
-mod tls;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 
 use serde_json::Value;
 
+use crate::prometheus::tls;
 use crate::support::{Need, assert_passes, repo_path, single_port, yaml_documents, yaml_file};
 
 crate::support::tests![

@@ -5,7 +5,7 @@
 //! Prometheus) and `/readyz`.
 
 #[path = "../support/tls.rs"]
-mod tls;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;
