@@ -33,7 +33,7 @@
 #   SCENARIOS="*"              names or globs (space or comma separated) of the scenarios
 #                              to run: rt64-c1 rt64-c50 rt64-c500 win64k-c1 win64k-c8
 #                              bulk-c1 bulk-c8 udp64-c1 udp64-c16 idle
-#   BASE_PORT=17100            eleven consecutive loopback ports from here
+#   BASE_PORT=17100            eleven consecutive loopback ports from here (sixteen with TLS=1)
 #   BASE_BIN=…                 also run this other echod build (say, the commit before a
 #                              change) as server "echod-base" in every TCP and UDP scenario,
 #                              interleaved with the others, to measure a change in one run
@@ -550,3 +550,9 @@ git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock 2>/dev/null || GIT="
     fi
     echo "Every run above echoed every byte intact (a failed run stops the script)."
 } | tee "$OUT/table.md"
+
+# Echo over TLS (TLS=1): echod's TLS listener against socat and ncat TLS echoes, and its
+# TLS/plain cost; tls_comparison in benches/lib.sh.
+if [ "${TLS:-0}" = 1 ]; then
+    tls_comparison
+fi

@@ -7,19 +7,29 @@
 //! `--verify` the echo is compared with the input as it arrives, so a corrupting path
 //! is caught without keeping a copy of the whole stream.
 //!
-//! Plain threads and blocking sockets: one stream, one reader, one writer.
+//! `tls://HOST:PORT` does the same inside TLS (`--ca`, `--cert`/`--key`, `--insecure`):
+//! the handshake completes before any input is read, and the end of input sends
+//! close_notify before the half-close, so the client still exits once the server's own
+//! close_notify has followed the last echo.
+//!
+//! Plain threads and blocking sockets: one stream, one reader, one writer. Over TLS the
+//! two share the session under a lock that is never held across a socket call, so a
+//! blocked send cannot stop the reader from draining the echo.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use rustls::ClientConnection;
+
 use super::net::{self, MAX_DATAGRAM, ResolveError, UDP_ATTEMPTS, UdpFailure};
+use super::tls::{self, TlsArgs, TlsSetupError};
 
 /// Bytes read from stdin (and sent) at a time.
 const CHUNK: usize = 64 * 1024;
@@ -29,7 +39,7 @@ const VERIFY_QUEUE: usize = 64;
 /// `echod client` flags.
 #[derive(Debug, Args, Clone)]
 pub struct ClientArgs {
-    /// Echo server, HOST:PORT.
+    /// Echo server, HOST:PORT, or tls://HOST:PORT for echo over TLS.
     #[arg(default_value = "127.0.0.1:7007")]
     pub(crate) addr: String,
     /// Use UDP (one datagram per line) instead of TCP.
@@ -41,6 +51,9 @@ pub struct ClientArgs {
     /// Time allowed to connect, and for an outstanding echo to make progress.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
+    /// How a tls:// server is verified, and the client certificate.
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 /// Why the client stopped early; each renders as the one line the user sees.
@@ -81,6 +94,20 @@ pub(crate) enum ClientError {
         /// Offset of the first differing byte in the stream.
         offset: u64,
     },
+    /// The TLS client cannot be set up (no --ca, an unreadable file…).
+    #[error(transparent)]
+    TlsSetup(#[from] TlsSetupError),
+    /// The TLS handshake failed (an unknown CA, a refused client certificate…).
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Handshake {
+        /// The server.
+        addr: SocketAddr,
+        /// What rustls (or the server's alert) said.
+        reason: String,
+    },
+    /// `--udp` with a tls:// target.
+    #[error("tls:// targets are TCP; --udp does not apply")]
+    UdpTls,
     /// Any other socket or terminal error.
     #[error("{context}: {source}")]
     Io {
@@ -99,8 +126,8 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ClientError {
 pub fn run(args: &ClientArgs) -> ExitCode {
     let interactive = io::stdin().is_terminal();
     let result = match (args.udp, interactive) {
-        (false, true) => connect_tcp(args).and_then(|s| interactive_tcp(s, args)),
-        (false, false) => connect_tcp(args).and_then(|s| pipe_tcp(s, args)),
+        (false, true) => connect_tcp(args).and_then(|(s, tls)| interactive_tcp(s, tls, args)),
+        (false, false) => connect_tcp(args).and_then(|(s, tls)| pipe_tcp(s, tls, args)),
         (true, true) => connect_udp(args).and_then(|s| interactive_udp(&s, args)),
         (true, false) => connect_udp(args).and_then(|s| pipe_udp(&s, args)),
     };
@@ -113,13 +140,51 @@ pub fn run(args: &ClientArgs) -> ExitCode {
     }
 }
 
-fn connect_tcp(args: &ClientArgs) -> Result<TcpStream, ClientError> {
+/// Connects to the server; for a tls:// target also completes the handshake (within
+/// `--timeout`), so a wrong CA or a refused certificate fails here, before any input.
+fn connect_tcp(args: &ClientArgs) -> Result<(TcpStream, Option<ClientConnection>), ClientError> {
+    let (tls, target) = tls::split_target(&args.addr);
+    let tls = if tls {
+        let config = args.tls.client_config("a tls:// target")?;
+        Some(
+            ClientConnection::new(config, args.tls.server_name(target)?).map_err(|e| {
+                ClientError::Io {
+                    context: "cannot start TLS",
+                    source: io::Error::other(e),
+                }
+            })?,
+        )
+    } else {
+        None
+    };
     let mut last = None;
-    for addr in net::resolve(&args.addr)? {
+    for addr in net::resolve(target)? {
         match TcpStream::connect_timeout(&addr, args.timeout) {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 let _ = stream.set_nodelay(true);
-                return Ok(stream);
+                let Some(mut conn) = tls else {
+                    return Ok((stream, None));
+                };
+                handshake(&mut stream, &mut conn, args.timeout).map_err(
+                    |e| match tls::tls_failure(&e) {
+                        Some(reason) => ClientError::Handshake { addr, reason },
+                        None if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                        {
+                            ClientError::Handshake {
+                                addr,
+                                reason: format!("no answer within {:?}", args.timeout),
+                            }
+                        }
+                        None => ClientError::Handshake {
+                            addr,
+                            reason: e.to_string(),
+                        },
+                    },
+                )?;
+                return Ok((stream, Some(conn)));
             }
             Err(source) => last = Some(ClientError::Connect { addr, source }),
         }
@@ -127,7 +192,26 @@ fn connect_tcp(args: &ClientArgs) -> Result<TcpStream, ClientError> {
     Err(last.expect("resolve returns at least one address"))
 }
 
+/// Runs the TLS handshake on `stream` with `timeout` per socket call, then clears the
+/// timeouts for the caller to set its own.
+fn handshake(
+    stream: &mut TcpStream,
+    conn: &mut ClientConnection,
+    timeout: Duration,
+) -> io::Result<()> {
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    while conn.is_handshaking() {
+        conn.complete_io(stream)?;
+    }
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)
+}
+
 fn connect_udp(args: &ClientArgs) -> Result<(UdpSocket, SocketAddr), ClientError> {
+    if tls::split_target(&args.addr).0 {
+        return Err(ClientError::UdpTls);
+    }
     let addr = net::resolve(&args.addr)?[0];
     let socket =
         net::connected_udp(addr).map_err(|source| ClientError::Connect { addr, source })?;
@@ -180,9 +264,124 @@ struct Progress {
     input_done: AtomicBool,
 }
 
+/// The sending side of a connection: bytes out, then the end of them.
+trait Outbound: Write + Send + 'static {
+    /// Says the input is over: a half-close (after close_notify over TLS).
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+impl Outbound for TcpStream {
+    fn finish(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// The TLS session shared by the sending and the receiving side.
+type Session = Arc<Mutex<ClientConnection>>;
+
+fn lock(session: &Session) -> io::Result<std::sync::MutexGuard<'_, ClientConnection>> {
+    session
+        .lock()
+        .map_err(|_| io::Error::other("the other side of the TLS session panicked"))
+}
+
+/// Encrypts under the lock, sends without it.
+struct TlsWriter {
+    socket: TcpStream,
+    session: Session,
+    out: Vec<u8>,
+}
+
+impl TlsWriter {
+    /// Takes what the session has to send (this write's records, and any the reader's
+    /// processing queued) and sends it.
+    fn flush_records(&mut self) -> io::Result<()> {
+        self.out.clear();
+        {
+            let mut conn = lock(&self.session)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut self.out)?;
+            }
+        }
+        self.socket.write_all(&self.out)
+    }
+}
+
+impl Write for TlsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = lock(&self.session)?.writer().write(buf)?;
+        self.flush_records()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_records()
+    }
+}
+
+impl Outbound for TlsWriter {
+    fn finish(&mut self) -> io::Result<()> {
+        lock(&self.session)?.send_close_notify();
+        self.flush_records()?;
+        self.socket.shutdown(Shutdown::Write)
+    }
+}
+
+/// Reads records from the socket without the lock, decrypts under it.
+struct TlsReader {
+    socket: TcpStream,
+    session: Session,
+    /// Received bytes the session has not taken yet.
+    pending: Vec<u8>,
+    raw: Vec<u8>,
+    eof: bool,
+}
+
+impl Read for TlsReader {
+    /// Plaintext; `Ok(0)` once the server's close_notify came, `UnexpectedEof` when
+    /// the connection ended without one; socket timeouts pass through.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut conn = lock(&self.session)?;
+                loop {
+                    match conn.reader().read(buf) {
+                        Ok(n) => return Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                    if self.pending.is_empty() {
+                        if !self.eof {
+                            break;
+                        }
+                        // The transport ended: the session says whether cleanly.
+                        conn.read_tls(&mut io::empty())?;
+                        conn.process_new_packets().map_err(io::Error::other)?;
+                        return match conn.reader().read(buf) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                Err(io::ErrorKind::UnexpectedEof.into())
+                            }
+                            other => other,
+                        };
+                    }
+                    let taken = conn.read_tls(&mut &self.pending[..])?;
+                    self.pending.drain(..taken);
+                    conn.process_new_packets().map_err(io::Error::other)?;
+                }
+            }
+            let n = self.socket.read(&mut self.raw)?;
+            if n == 0 {
+                self.eof = true;
+            } else {
+                self.pending.extend_from_slice(&self.raw[..n]);
+            }
+        }
+    }
+}
+
 /// Streams stdin to the socket, then half-closes it.
 fn send_stdin(
-    mut socket: TcpStream,
+    mut socket: impl Outbound,
     progress: &Progress,
     verify: Option<SyncSender<Vec<u8>>>,
 ) -> Result<(), ClientError> {
@@ -205,13 +404,50 @@ fn send_stdin(
         socket.write_all(&buf[..n]).map_err(io_err("cannot send"))?;
     }
     progress.input_done.store(true, Ordering::Release);
-    socket
-        .shutdown(Shutdown::Write)
-        .map_err(io_err("cannot half-close"))
+    socket.finish().map_err(io_err("cannot half-close"))
 }
 
-fn pipe_tcp(socket: TcpStream, args: &ClientArgs) -> Result<(), ClientError> {
+fn pipe_tcp(
+    socket: TcpStream,
+    tls: Option<ClientConnection>,
+    args: &ClientArgs,
+) -> Result<(), ClientError> {
     let addr = socket.peer_addr().map_err(io_err("not connected"))?;
+    // Short read timeouts let the loop notice a stalled echo; waiting for input that
+    // has not been typed yet is never a timeout.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(io_err("cannot set a timeout"))?;
+    let writer = socket.try_clone().map_err(io_err("cannot clone socket"))?;
+    match tls {
+        None => pipe(addr, socket, writer, args),
+        Some(conn) => {
+            let session = Arc::new(Mutex::new(conn));
+            let reader = TlsReader {
+                socket,
+                session: Arc::clone(&session),
+                pending: Vec::new(),
+                raw: vec![0u8; CHUNK],
+                eof: false,
+            };
+            let writer = TlsWriter {
+                socket: writer,
+                session,
+                out: Vec::with_capacity(CHUNK + 1024),
+            };
+            pipe(addr, reader, writer, args)
+        }
+    }
+}
+
+/// Streams stdin out through `writer` (on its own thread) and the echo from `reader`
+/// to stdout, until everything sent came back.
+fn pipe(
+    addr: SocketAddr,
+    mut reader: impl Read,
+    writer: impl Outbound,
+    args: &ClientArgs,
+) -> Result<(), ClientError> {
     let progress = Arc::new(Progress::default());
     let (queue, pending) = if args.verify {
         let (tx, rx) = sync_channel(VERIFY_QUEUE);
@@ -226,16 +462,9 @@ fn pipe_tcp(socket: TcpStream, args: &ClientArgs) -> Result<(), ClientError> {
         pos: 0,
         offset: 0,
     });
-    let writer_socket = socket.try_clone().map_err(io_err("cannot clone socket"))?;
     let writer_progress = Arc::clone(&progress);
-    let writer = std::thread::spawn(move || send_stdin(writer_socket, &writer_progress, queue));
+    let writer = std::thread::spawn(move || send_stdin(writer, &writer_progress, queue));
 
-    let mut reader = socket;
-    // Short read timeouts let the loop notice a stalled echo; waiting for input that
-    // has not been typed yet is never a timeout.
-    reader
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(io_err("cannot set a timeout"))?;
     let mut stdout = io::stdout().lock();
     let mut buf = vec![0u8; CHUNK];
     let mut echoed: u64 = 0;
@@ -373,12 +602,33 @@ fn print_echo(echo: &[u8]) -> Result<(), ClientError> {
         .map_err(io_err("cannot write stdout"))
 }
 
-fn interactive_tcp(mut socket: TcpStream, args: &ClientArgs) -> Result<(), ClientError> {
+fn interactive_tcp(
+    socket: TcpStream,
+    tls: Option<ClientConnection>,
+    args: &ClientArgs,
+) -> Result<(), ClientError> {
     let addr = socket.peer_addr().map_err(io_err("not connected"))?;
     socket
         .set_read_timeout(Some(args.timeout))
         .map_err(io_err("cannot set a timeout"))?;
-    greet(addr, "tcp");
+    match tls {
+        None => {
+            greet(addr, "tcp");
+            lines(socket, addr, args)
+        }
+        Some(conn) => {
+            greet(addr, "tls");
+            lines(rustls::StreamOwned::new(conn, socket), addr, args)
+        }
+    }
+}
+
+/// The prompt loop: each line out, its echo back.
+fn lines(
+    mut socket: impl Read + Write,
+    addr: SocketAddr,
+    args: &ClientArgs,
+) -> Result<(), ClientError> {
     let mut stdin = io::stdin().lock();
     let mut line = Vec::new();
     while prompt(&mut stdin, &mut line)?.is_some() {

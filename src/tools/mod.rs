@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 mod net;
 pub mod probe;
+mod tls;
 
 pub use bench::BenchArgs;
 pub use client::ClientArgs;

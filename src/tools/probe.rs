@@ -5,6 +5,8 @@
 //! HTTP probe demands a 2xx (`/readyz`). With no targets the local configuration says
 //! what to check, so a container HEALTHCHECK or a Kubernetes exec probe is one word.
 //!
+//! `--tcp tls://HOST:PORT` does the same inside TLS, verified by `--ca` (or not, with
+//! `--insecure`), presenting `--cert`/`--key` to a mutual-TLS server.
 //! HTTPS needs something to trust: `--ca-file` for a URL given on the command line;
 //! without targets, when the local web config turns TLS on, the probe trusts exactly
 //! the certificate echod serves (`tls_server_config.cert_file`), so it needs neither a
@@ -15,26 +17,23 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::ClientConfig;
 
 use super::net::{self, ResolveError, UDP_ATTEMPTS, UdpFailure};
+use super::tls::{self, TlsArgs, TlsSetupError, Trust};
 use crate::config::web::ClientAuth;
 use crate::config::{Config, ConfigSource, WebConfig};
 
 /// `echod probe` flags.
 #[derive(Debug, Args, Clone)]
 pub struct ProbeArgs {
-    /// TCP echo address (HOST:PORT) to send a nonce to and expect it back; repeatable.
+    /// TCP echo address (HOST:PORT, or tls://HOST:PORT for echo over TLS) to send a
+    /// nonce to and expect it back; repeatable.
     #[arg(long = "tcp", value_name = "ADDR")]
     pub(crate) tcp: Vec<String>,
     /// UDP echo address (HOST:PORT), probed with retries; repeatable.
@@ -43,16 +42,9 @@ pub struct ProbeArgs {
     /// HTTP(S) URL that must answer 2xx, e.g. http://127.0.0.1:9107/readyz; repeatable.
     #[arg(long = "http", value_name = "URL")]
     pub(crate) http: Vec<String>,
-    /// CA certificate(s), PEM, that https:// URLs given with --http are verified against.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) to present over https, for an endpoint whose web config
-    /// requires one; with --client-key.
-    #[arg(long, value_name = "FILE", requires = "client_key")]
-    pub(crate) client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "client_cert")]
-    pub(crate) client_key: Option<PathBuf>,
+    /// How tls:// and https:// targets are verified, and the client certificate.
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
     /// Time allowed for each check (e.g. 500ms, 2s).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) timeout: Duration,
@@ -63,6 +55,8 @@ pub struct ProbeArgs {
 pub(crate) enum Target {
     /// A TCP echo service.
     Tcp(String),
+    /// A TCP echo service inside TLS (`tls://HOST:PORT`, the address without the scheme).
+    Tls(String),
     /// A UDP echo service.
     Udp(String),
     /// An HTTP endpoint that must answer 2xx.
@@ -73,6 +67,7 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Tcp(a) => write!(f, "tcp {a}"),
+            Target::Tls(a) => write!(f, "tls {a}"),
             Target::Udp(a) => write!(f, "udp {a}"),
             Target::Http(u) => write!(f, "http {u}"),
         }
@@ -116,6 +111,9 @@ pub(crate) enum ProbeError {
     /// An https URL with nothing to verify the server by.
     #[error("https needs --ca-file (the CA that signed the endpoint's certificate)")]
     NoTrust,
+    /// A tls:// target or a TLS file cannot be set up.
+    #[error(transparent)]
+    Setup(#[from] TlsSetupError),
     /// The TLS handshake or session failed.
     #[error("TLS: {0}")]
     Tls(String),
@@ -142,8 +140,24 @@ impl ProbeError {
 /// Runs `echod probe` and maps the outcome to the exit code: 0 healthy, 1 unhealthy.
 pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
     let setup = targets(args, source).and_then(|(targets, local)| {
-        let tls = tls_client(args, local.as_deref()).map_err(|e| e.to_string())?;
-        Ok((targets, tls))
+        let https = https_client(args, local.as_deref()).map_err(|e| e.to_string())?;
+        let echo = if targets.iter().any(|t| matches!(t, Target::Tls(_))) {
+            Some(
+                args.tls
+                    .client_config("a tls:// target")
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        Ok((
+            targets,
+            Clients {
+                https,
+                echo,
+                tls: &args.tls,
+            },
+        ))
     });
     let (targets, tls) = match setup {
         Ok(t) => t,
@@ -155,7 +169,7 @@ pub fn run(args: &ProbeArgs, source: &ConfigSource) -> ExitCode {
     let mut passed = Vec::with_capacity(targets.len());
     for target in &targets {
         let started = Instant::now();
-        match check(target, args.timeout, tls.as_ref()) {
+        match check(target, args.timeout, &tls) {
             Ok(()) => passed.push(format!(
                 "{target} ({:.1} ms)",
                 started.elapsed().as_secs_f64() * 1e3
@@ -180,7 +194,10 @@ fn targets(
         .tcp
         .iter()
         .cloned()
-        .map(Target::Tcp)
+        .map(|addr| match tls::split_target(&addr) {
+            (true, addr) => Target::Tls(addr.to_string()),
+            (false, _) => Target::Tcp(addr),
+        })
         .chain(args.udp.iter().cloned().map(Target::Udp))
         .chain(args.http.iter().cloned().map(Target::Http))
         .collect();
@@ -231,138 +248,82 @@ pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// Runs one check within `timeout`; https targets use `tls`.
+/// The TLS clients of a run: for https URLs (if anything to trust) and for tls:// echo
+/// targets (if any), with the flags that name the server.
+pub(crate) struct Clients<'a> {
+    https: Option<Arc<ClientConfig>>,
+    echo: Option<Arc<ClientConfig>>,
+    tls: &'a TlsArgs,
+}
+
+/// Runs one check within `timeout`.
 pub(crate) fn check(
     target: &Target,
     timeout: Duration,
-    tls: Option<&Arc<ClientConfig>>,
+    tls: &Clients<'_>,
 ) -> Result<(), ProbeError> {
     let deadline = Deadline::new(timeout);
     match target {
-        Target::Tcp(addr) => check_tcp(addr, &deadline),
+        Target::Tcp(addr) => {
+            let stream = connect(addr, &deadline)?;
+            let socket = stream.try_clone().map_err(ProbeError::Io)?;
+            check_echo(stream, &socket, &deadline)
+        }
+        Target::Tls(addr) => {
+            let config = tls
+                .echo
+                .clone()
+                .ok_or(ProbeError::Setup(TlsSetupError::NoTrust("a tls:// target")))?;
+            let name = tls.tls.server_name(addr)?;
+            let stream = connect(addr, &deadline)?;
+            let socket = stream.try_clone().map_err(ProbeError::Io)?;
+            let conn = rustls::ClientConnection::new(config, name)
+                .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            check_echo(rustls::StreamOwned::new(conn, stream), &socket, &deadline)
+                .map_err(tls_error)
+        }
         Target::Udp(addr) => check_udp(addr, &deadline),
-        Target::Http(url) => check_http(url, &deadline, tls),
+        Target::Http(url) => check_http(url, &deadline, tls.https.as_ref()),
+    }
+}
+
+/// rustls reports handshake failures as I/O errors wrapping its own: say it is TLS.
+fn tls_error(e: ProbeError) -> ProbeError {
+    match e {
+        ProbeError::Io(e) => match tls::tls_failure(&e) {
+            Some(why) => ProbeError::Tls(why),
+            None => ProbeError::Io(e),
+        },
+        other => other,
     }
 }
 
 /// The TLS client for https targets: trusting `--ca-file`, or else the certificate of
 /// the local web config; presenting `--client-cert` when given. `None` when there is
 /// nothing to trust (an https target then fails, saying so).
-fn tls_client(
+fn https_client(
     args: &ProbeArgs,
     local: Option<&WebConfig>,
 ) -> Result<Option<Arc<ClientConfig>>, ProbeError> {
     let local_tls = local.and_then(|w| w.tls.as_ref());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProbeError::TlsSetup(e.to_string()))?;
-    let builder = if let Some(ca) = &args.ca_file {
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = read_pem_certs(ca, "--ca-file")?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| ProbeError::TlsSetup(format!("--ca-file {}: {e}", ca.display())))?;
-        }
-        builder.with_root_certificates(roots)
-    } else if let Some(served) = local_tls.and_then(|t| t.cert_chain.first()) {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                der: served.clone(),
-                algorithms: provider.signature_verification_algorithms,
-            }))
-    } else {
-        return Ok(None);
+    let trust = match (
+        args.tls.trust(),
+        local_tls.and_then(|t| t.cert_chain.first()),
+    ) {
+        (Some(trust), _) => trust,
+        (None, Some(served)) => Trust::Pinned(served.clone()),
+        (None, None) => return Ok(None),
     };
-    let config = match (&args.client_cert, &args.client_key) {
-        (Some(cert), Some(key)) => {
-            let chain = read_pem_certs(cert, "--client-cert")?;
-            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                ProbeError::TlsSetup(format!("--client-key {}: {e}", key.display()))
-            })?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| ProbeError::TlsSetup(format!("--client-cert/--client-key: {e}")))?
-        }
-        _ if local_tls.is_some_and(|t| t.client_auth == ClientAuth::RequireAndVerifyClientCert) => {
-            return Err(ProbeError::TlsSetup(
-                "the local endpoint requires client certificates (client_auth_type \
-                 RequireAndVerifyClientCert): give --client-cert and --client-key"
-                    .to_string(),
-            ));
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(Some(Arc::new(config)))
-}
-
-fn read_pem_certs(
-    path: &std::path::Path,
-    flag: &str,
-) -> Result<Vec<CertificateDer<'static>>, ProbeError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ProbeError::TlsSetup(format!("{flag} {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(ProbeError::TlsSetup(format!(
-            "{flag} {}: no PEM certificate in it",
-            path.display()
-        )));
+    if args.tls.identity().is_none()
+        && local_tls.is_some_and(|t| t.client_auth == ClientAuth::RequireAndVerifyClientCert)
+    {
+        return Err(ProbeError::TlsSetup(
+            "the local endpoint requires client certificates (client_auth_type \
+             RequireAndVerifyClientCert): give --client-cert and --client-key"
+                .to_string(),
+        ));
     }
-    Ok(certs)
-}
-
-/// Trusts one certificate, the one the local web config serves, whatever the name it
-/// is reached by; the handshake signature is still verified, so only the holder of its
-/// key passes.
-#[derive(Debug)]
-struct PinnedCertificate {
-    der: CertificateDer<'static>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.der.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the endpoint's certificate is not the one in tls_server_config.cert_file"
-                    .to_string(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    Ok(Some(tls::client_config(trust, args.tls.identity())?))
 }
 
 /// One time budget shared by the steps of a check (resolve, connect, send, receive).
@@ -439,14 +400,18 @@ fn expect_echo(sent: &[u8], got: &[u8]) -> Result<(), ProbeError> {
     }
 }
 
-fn check_tcp(addr: &str, deadline: &Deadline) -> Result<(), ProbeError> {
-    let mut stream = connect(addr, deadline)?;
+/// Sends a nonce on `stream` (plain or TLS over `socket`) and demands it back.
+fn check_echo(
+    mut stream: impl Read + Write,
+    socket: &TcpStream,
+    deadline: &Deadline,
+) -> Result<(), ProbeError> {
     let nonce = nonce();
     stream.write_all(&nonce).map_err(|e| deadline.io_error(e))?;
     let mut got = vec![0u8; nonce.len()];
     let mut filled = 0;
     while filled < got.len() {
-        stream
+        socket
             .set_read_timeout(Some(deadline.remaining()?))
             .map_err(ProbeError::Io)?;
         match stream.read(&mut got[filled..]) {
@@ -526,16 +491,6 @@ fn parse_url(url: &str) -> Result<Url, ProbeError> {
     })
 }
 
-/// The host of `host:port` as TLS names it (brackets off an IPv6 address).
-fn server_name(authority: &str) -> Result<ServerName<'static>, ProbeError> {
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    ServerName::try_from(host.to_string()).map_err(|e| ProbeError::Url(format!("{authority}: {e}")))
-}
-
 fn check_http(
     url: &str,
     deadline: &Deadline,
@@ -553,18 +508,10 @@ fn check_http(
     match tls {
         None => http_exchange(stream, &socket, &url, deadline),
         Some(config) => {
-            let conn = rustls::ClientConnection::new(config, server_name(&url.authority)?)
+            let conn = rustls::ClientConnection::new(config, tls::server_name(&url.authority)?)
                 .map_err(|e| ProbeError::Tls(e.to_string()))?;
             let tls = rustls::StreamOwned::new(conn, stream);
-            http_exchange(tls, &socket, &url, deadline).map_err(|e| match e {
-                // rustls reports handshake failures as I/O errors wrapping its own.
-                ProbeError::Io(e)
-                    if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) =>
-                {
-                    ProbeError::Tls(e.to_string())
-                }
-                other => other,
-            })
+            http_exchange(tls, &socket, &url, deadline).map_err(tls_error)
         }
     }
 }
@@ -666,14 +613,6 @@ mod tests {
         );
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http:///x").is_err());
-        assert_eq!(
-            server_name("[::1]:9107").unwrap(),
-            ServerName::IpAddress("::1".parse::<IpAddr>().unwrap().into())
-        );
-        assert_eq!(
-            server_name("localhost:443").unwrap(),
-            ServerName::try_from("localhost").unwrap()
-        );
     }
 
     #[test]

@@ -22,16 +22,22 @@ crate::support::tests![
         crate::support::Need::Tool("cc"),
         crate::support::Need::Host("../shared/bench beside the repository", shared_bench_exists),
     ],
+    the_tls_section_compares_echod_with_socat_and_ncat_over_tls needs &[
+        crate::support::Need::Tool("socat"),
+        crate::support::Need::Tool("ncat"),
+        crate::support::Need::Tool("openssl"),
+    ],
     echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop needs &[crate::support::Need::Tool("perf")],
 ];
 
-/// The script uses eleven consecutive ports from BASE_PORT, TCP and UDP.
+/// The script uses eleven consecutive ports from BASE_PORT, TCP and UDP, and five more
+/// with TLS=1.
 fn free_base_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let start = 24_000 + (std::process::id() % 400) as u16 * 20;
     loop {
-        let base = start + NEXT.fetch_add(11, Ordering::Relaxed) % 8_000;
-        let free = (base..base + 11).all(|p| {
+        let base = start + NEXT.fetch_add(20, Ordering::Relaxed) % 8_000;
+        let free = (base..base + 16).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
         });
         if free {
@@ -220,6 +226,81 @@ fn a_corrupting_server_fails_the_script_and_names_the_run() {
     assert!(
         !stdout.contains("| scenario |"),
         "a table after a failure:\n{stdout}"
+    );
+}
+
+/// TLS=1 (and no plain scenario): echod's TLS listener, socat's and ncat's TLS echoes
+/// and echod's plain port, in bulk and connect mode, each run verifying the certificate
+/// and every byte; a table with every row, figures and the TLS/plain ratios.
+fn the_tls_section_compares_echod_with_socat_and_ncat_over_tls() {
+    let out = tempfile::tempdir().unwrap();
+    let run = compare(&[("SCENARIOS", "none"), ("TLS", "1")], out.path());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        run.status
+    );
+    let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
+    for (scenario, servers) in [
+        (
+            "tls-bulk-c4",
+            &["echod-tls", "socat-tls", "echod-plain"][..],
+        ),
+        (
+            "tls-connect-c4",
+            &["echod-tls", "socat-tls", "ncat-tls", "echod-plain"][..],
+        ),
+    ] {
+        for &server in servers {
+            let row = format!("| {scenario} | {server} | ");
+            let line = table
+                .lines()
+                .find(|l| l.starts_with(&row))
+                .unwrap_or_else(|| panic!("no row {row:?} in\n{table}"));
+            // msg/s and CPU per message (and in bulk MB/s; 64 B per connection rounds
+            // to 0.0 MB/s) are measured, not blank or zero.
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let mut columns = vec![(3, "msg/s"), (7, "CPU µs/msg")];
+            if scenario == "tls-bulk-c4" {
+                columns.push((4, "MB/s"));
+            }
+            for (i, what) in columns {
+                let v: f64 = cells[i]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{what} of {row}: {line}"));
+                assert!(v > 0.0, "{what} of {row} is {v}: {line}");
+            }
+        }
+    }
+    for ratio in [
+        "bulk MB/s ",
+        "bulk CPU s/GB ",
+        "connections/s ",
+        "CPU per connection ",
+    ] {
+        let after = table
+            .split(ratio)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {ratio:?} ratio in\n{table}"));
+        assert!(
+            after
+                .split('×')
+                .next()
+                .is_some_and(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0)),
+            "{ratio:?} is not a ratio: {table}"
+        );
+    }
+    // Every run verified echoes over TLS: the JSON of an echod-tls run says so.
+    let runs = std::fs::read_to_string(out.path().join("raw.jsonl")).unwrap();
+    let tls_runs = runs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"tls://"))
+        .count();
+    assert_eq!(
+        tls_runs, 5,
+        "two TLS servers in bulk, three in connect:\n{runs}"
     );
 }
 

@@ -8,9 +8,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::support::{
-    Need, assert_passes, repo_path, shipped_config, single_port, yaml_documents, yaml_file,
-};
+use crate::prometheus::tls;
+use crate::support::{Need, assert_passes, repo_path, single_port, yaml_documents, yaml_file};
 
 crate::support::tests![
     every_manifest_passes_strict_schema_validation_and_yamllint needs VALIDATORS,
@@ -135,8 +134,23 @@ fn container_ports(container: &Value) -> BTreeMap<String, (u64, String)> {
         .collect()
 }
 
+/// deploy/kubernetes/echod.toml as echod loads it, with the Secret's two files standing
+/// in for `pki`'s (they exist only in the pod).
+fn kubernetes_config(pki: &tls::Pki) -> echod::config::Config {
+    echod::config::ConfigSource {
+        file: Some(repo_path("deploy/kubernetes/echod.toml")),
+        overrides: vec![
+            ("tls.cert_file".into(), pki.cert.display().to_string()),
+            ("tls.key_file".into(), pki.key.display().to_string()),
+        ],
+    }
+    .load_with_env(&Default::default())
+    .unwrap_or_else(|e| panic!("deploy/kubernetes/echod.toml: {e}"))
+}
+
 fn probes_ports_security_and_grace_period_agree_with_echod() {
-    let config = shipped_config("deploy/kubernetes/echod.toml");
+    let pki = tls::Pki::new();
+    let config = kubernetes_config(&pki);
     let deployment = yaml_file("deploy/kubernetes/deployment.yaml");
     let pod = &deployment["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
@@ -150,6 +164,8 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
     assert_eq!(ports["echo-tcp"], (tcp, "TCP".to_string()));
     assert_eq!(ports["echo-udp"], (udp, "UDP".to_string()));
     assert_eq!(ports["metrics"], (metrics, "TCP".to_string()));
+    let tls_port = u64::from(single_port(&config.tls.listen));
+    assert_eq!(ports["echo-tls"], (tls_port, "TCP".to_string()));
     // Probes reach pods on their pod IP: echod must listen on every interface.
     assert!(
         config
@@ -159,14 +175,131 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
             .all(|a| a.ip().is_unspecified())
     );
     assert!(config.tcp.listen.iter().all(|a| a.ip().is_unspecified()));
+    assert!(config.tls.listen.iter().all(|a| a.ip().is_unspecified()));
 
-    // Probes: readiness on /readyz (fails first on a stop), liveness and startup on
-    // /healthz, all on the metrics port.
-    for (probe, path) in [
-        ("readinessProbe", "/readyz"),
-        ("livenessProbe", "/healthz"),
-        ("startupProbe", "/healthz"),
-    ] {
+    // TLS: the certificate and key come from the Secret's volume, where echod.toml
+    // looks for them (the Secret's standard tls.crt/tls.key names).
+    let raw: toml::Table = std::fs::read_to_string(repo_path("deploy/kubernetes/echod.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let volumes = pod["volumes"].as_array().unwrap();
+    let secret = volumes
+        .iter()
+        .find(|v| v["secret"].is_object())
+        .expect("a Secret volume");
+    assert_eq!(secret["secret"]["secretName"], "echod-tls");
+    let tls_dir = mounts
+        .iter()
+        .find(|m| m["name"] == secret["name"])
+        .expect("the Secret is mounted")["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        raw["tls"]["cert_file"].as_str(),
+        Some(&*format!("{tls_dir}/tls.crt"))
+    );
+    assert_eq!(
+        raw["tls"]["key_file"].as_str(),
+        Some(&*format!("{tls_dir}/tls.key"))
+    );
+    // The Secret's files are group-readable only, by the pod's group.
+    assert_eq!(secret["secret"]["defaultMode"], 0o440);
+    assert_eq!(
+        pod["securityContext"]["fsGroup"],
+        pod["securityContext"]["runAsGroup"]
+    );
+
+    // Readiness: an exec probe (the image has no shell) of /readyz — it fails first
+    // on a stop — and of a nonce echoed over TLS on the TLS port, trusting the
+    // certificate echod serves.
+    let command: Vec<String> = container["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .expect("readinessProbe exec")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(command[..2], ["/echod".to_string(), "probe".to_string()]);
+    let flags = &command[2..];
+    let readyz = format!("--http=http://127.0.0.1:{metrics}/readyz");
+    let tls_target = format!("--tcp=tls://127.0.0.1:{tls_port}");
+    let ca = format!("--ca={tls_dir}/tls.crt");
+    for flag in [&readyz, &tls_target, &ca] {
+        assert!(
+            flags.contains(flag),
+            "readiness probe lacks {flag}: {command:?}"
+        );
+    }
+    let probe_timeout: humantime::Duration = flags
+        .iter()
+        .find_map(|f| f.strip_prefix("--timeout="))
+        .expect("--timeout")
+        .parse()
+        .unwrap();
+    let checks = 2;
+    assert!(
+        probe_timeout.as_secs() * checks
+            < container["readinessProbe"]["timeoutSeconds"]
+                .as_u64()
+                .unwrap(),
+        "the probe's checks end before Kubernetes gives up on it"
+    );
+    // …and that very command passes against echod serving TLS, with the ports and
+    // the certificate path moved to the test's.
+    let daemon = crate::support::Daemon::start(&format!(
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string()
+    ));
+    let tls_addr: std::net::SocketAddr = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a TLS listener in the log");
+    let local: Vec<String> = flags
+        .iter()
+        .map(|f| {
+            f.replace(&format!("127.0.0.1:{metrics}"), &daemon.http.to_string())
+                .replace(&format!("127.0.0.1:{tls_port}"), &tls_addr.to_string())
+                .replace(
+                    &format!("{tls_dir}/tls.crt"),
+                    &pki.cert.display().to_string(),
+                )
+        })
+        .collect();
+    let out = Command::new(crate::support::echod_bin())
+        .arg("probe")
+        .args(&local)
+        .env_remove("ECHOD_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{local:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        daemon.metric(
+            "echod_tls_handshakes_total",
+            &[("listener", "127.0.0.1:0"), ("result", "ok")]
+        ),
+        1.0,
+        "the probe's nonce went over TLS"
+    );
+    drop(daemon);
+
+    // Liveness and startup on /healthz, on the metrics port.
+    for (probe, path) in [("livenessProbe", "/healthz"), ("startupProbe", "/healthz")] {
         let get = &container[probe]["httpGet"];
         assert_eq!(get["path"], path, "{probe}");
         assert_eq!(get["port"], "metrics", "{probe}");
@@ -229,6 +362,18 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
     assert!(protocols.contains(&(7, "TCP".into())));
     assert!(protocols.contains(&(7, "UDP".into())));
     assert!(protocols.contains(&(metrics, "TCP".into())));
+    assert!(protocols.contains(&(tls_port, "TCP".into())));
+    // The image publishes the TLS port too.
+    let exposed = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPOSE "))
+        .expect("Dockerfile EXPOSE");
+    assert!(
+        exposed
+            .split_whitespace()
+            .any(|p| p == format!("{tls_port}/tcp")),
+        "EXPOSE {exposed} lacks the TLS port"
+    );
 
     // Selectors of the Service, PDB and PodMonitor match the pods; HPA targets the
     // Deployment; the PodMonitor scrapes the named metrics port.

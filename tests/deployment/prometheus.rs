@@ -1,10 +1,11 @@
 //! echod under the real Prometheus tools: `promtool` lints a live scrape and checks the
 //! deploy material, a real Prometheus server scrapes echod with the example config and
 //! answers PromQL with the exact counts of known traffic, and a real blackbox_exporter
-//! probes the echo port and `/readyz`.
+//! probes the echo port, the TLS echo port (`tcp` prober, `tls: true`, under a real
+//! Prometheus) and `/readyz`.
 
 #[path = "../support/tls.rs"]
-mod tls;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,6 +31,7 @@ crate::support::tests![
     dashboard_annotation_queries_are_valid_promql needs &[Need::Tool("prometheus")],
     prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down needs &[Need::Tool("prometheus")],
     blackbox_probes_readiness_and_metrics_over_https needs &[Need::Tool("prometheus-blackbox-exporter")],
+    blackbox_tls_echo_module_probes_the_tls_listener_under_prometheus needs &[Need::Tool("prometheus"), Need::Tool("prometheus-blackbox-exporter")],
 ];
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -725,5 +727,132 @@ fn blackbox_probes_readiness_and_metrics_over_https() {
         metric_value(&body, "probe_http_status_code", &[]),
         401.0,
         "{body}"
+    );
+}
+
+/// deploy/prometheus/blackbox.yml with its echod CA path replaced by `ca`, written into
+/// `pki`'s directory as `name`.
+fn blackbox_with_ca(pki: &Pki, name: &str, ca: &Path) -> std::path::PathBuf {
+    let shipped = std::fs::read_to_string(repo_path("deploy/prometheus/blackbox.yml")).unwrap();
+    let placeholder = "ca_file: /etc/prometheus/echod-ca.crt";
+    assert!(
+        shipped.contains(placeholder),
+        "blackbox.yml lost `{placeholder}`"
+    );
+    pki.write(
+        name,
+        &shipped.replace(placeholder, &format!("ca_file: {}", ca.display())),
+    )
+}
+
+/// The shipped `echod_tls_echo` module (blackbox's `tcp` prober with `tls: true` and a
+/// query_response) against echod's TLS listener, scraped by a real Prometheus: success,
+/// the certificate's expiry agreeing with echod's own gauge, and each probe one
+/// handshake in echod's counters. With another CA, or against the plain port, it fails.
+fn blackbox_tls_echo_module_probes_the_tls_listener_under_prometheus() {
+    let pki = Pki::new();
+    let daemon = Daemon::start(&format!(
+        "[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string()
+    ));
+    let tls_addr: SocketAddr = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("a TLS listener in the log");
+    let handshakes = |result: &str| {
+        daemon.metric(
+            "echod_tls_handshakes_total",
+            &[("listener", "127.0.0.1:0"), ("result", result)],
+        )
+    };
+    let blackbox = Blackbox::start(&blackbox_with_ca(&pki, "blackbox.yml", &pki.ca));
+
+    // Straight from the exporter first: the module really speaks TLS.
+    let body = blackbox.probe("echod_tls_echo", &tls_addr.to_string());
+    assert_eq!(metric_value(&body, "probe_success", &[]), 1.0, "{body}");
+    assert_eq!(
+        metric_value(&body, "probe_failed_due_to_regex", &[]),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(handshakes("ok"), 1.0, "the probe was one handshake");
+    let body = blackbox.probe("echod_tls_echo", &daemon.tcp.to_string());
+    assert_eq!(
+        metric_value(&body, "probe_success", &[]),
+        0.0,
+        "TLS to the plain port passed:\n{body}"
+    );
+
+    let prometheus = Prometheus::start(
+        &format!(
+            "global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: echod
+    static_configs:
+      - targets: [\"{http}\"]
+  - job_name: echod_tls_probe
+    metrics_path: /probe
+    params:
+      module: [echod_tls_echo]
+    static_configs:
+      - targets: [\"{tls_addr}\"]
+    relabel_configs:
+      - source_labels: [__param_module]
+        target_label: module
+      - source_labels: [__address__]
+        target_label: __param_target
+      - source_labels: [__param_target]
+        target_label: instance
+      - target_label: __address__
+        replacement: {blackbox}
+",
+            http = daemon.http,
+            blackbox = blackbox.service.addr
+        ),
+        &[],
+    );
+    prometheus.wait_value(
+        r#"probe_success{job="echod_tls_probe",module="echod_tls_echo"}"#,
+        1.0,
+        PROMETHEUS_WAIT,
+    );
+    prometheus.wait_value(
+        r#"probe_ssl_earliest_cert_expiry{module="echod_tls_echo"} - on() echod_tls_certificate_expiry_seconds{job="echod"}"#,
+        0.0,
+        PROMETHEUS_WAIT,
+    );
+    // Every probe Prometheus ran was a complete handshake and a clean close.
+    let ok = daemon.wait_metric_at_least(
+        "echod_tls_handshakes_total",
+        &[("listener", "127.0.0.1:0"), ("result", "ok")],
+        3.0,
+    );
+    assert_eq!(
+        handshakes("protocol_error") + handshakes("client_alert") + handshakes("timeout"),
+        0.0,
+        "{ok} probes ok, yet failures"
+    );
+    drop(prometheus);
+
+    // The same module trusting another CA fails the handshake, and echod hears why.
+    let wrong = Blackbox::start(&blackbox_with_ca(&pki, "wrong.yml", &pki.stranger_cert));
+    let body = wrong.probe("echod_tls_echo", &tls_addr.to_string());
+    assert_eq!(metric_value(&body, "probe_success", &[]), 0.0, "{body}");
+    daemon.wait_metric_at_least(
+        "echod_tls_handshakes_total",
+        &[("listener", "127.0.0.1:0"), ("result", "client_alert")],
+        1.0,
     );
 }

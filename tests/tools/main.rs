@@ -11,3 +11,4 @@ mod support;
 mod bench;
 mod client;
 mod probe;
+mod tls;

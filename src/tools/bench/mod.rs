@@ -1,7 +1,8 @@
 //! `echod bench`: a load generator that trusts nothing it is sent back.
 //!
 //! Modes: TCP ping-pong (N connections, message size, pipelining depth), TCP bulk
-//! streaming, UDP ping-pong. Every echoed byte is compared with what was sent
+//! streaming, TCP connect (a new connection per message), UDP ping-pong; the TCP modes
+//! run inside TLS against a tls:// target. Every echoed byte is compared with what was sent
 //! ([`pattern`]); latency goes into an HDR histogram; a run is always bounded by
 //! `--duration` (and optionally `--count`). With `--rate` the load is open-loop: each
 //! message has an intended send time and its latency is measured from that time, so a
@@ -31,6 +32,7 @@ use pattern::Pattern;
 use report::Report;
 
 use super::net::{self, MAX_DATAGRAM, ResolveError};
+use super::tls::{self, TlsArgs, TlsSetupError};
 
 /// Largest message or chunk size accepted.
 const MAX_SIZE: usize = 16 * 1024 * 1024;
@@ -47,6 +49,9 @@ pub enum Mode {
     PingPong,
     /// TCP: stream as fast as possible while reading the echo concurrently.
     Bulk,
+    /// TCP: a new connection (over TLS: a full handshake) per message, closed after
+    /// its echo — connections (handshakes) per second.
+    Connect,
     /// UDP: send a datagram, wait for its echo (lost ones are counted).
     Udp,
 }
@@ -57,6 +62,7 @@ impl Mode {
         match self {
             Mode::PingPong => "tcp ping-pong",
             Mode::Bulk => "tcp bulk",
+            Mode::Connect => "tcp connect",
             Mode::Udp => "udp ping-pong",
         }
     }
@@ -65,7 +71,8 @@ impl Mode {
 /// `echod bench` flags.
 #[derive(Debug, Args, Clone)]
 pub struct BenchArgs {
-    /// Echo server to load, HOST:PORT (only this address is ever contacted).
+    /// Echo server to load, HOST:PORT, or tls://HOST:PORT for echo over TLS (only this
+    /// address is ever contacted).
     #[arg(default_value = "127.0.0.1:7007")]
     pub(crate) addr: String,
     /// Load pattern.
@@ -99,6 +106,9 @@ pub struct BenchArgs {
     /// Draw the latency percentile plot into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub(crate) plot: Option<PathBuf>,
+    /// How a tls:// server is verified, and the client certificate.
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 /// Why a benchmark could not run at all.
@@ -118,6 +128,9 @@ pub(crate) enum BenchError {
         /// The first failure.
         reason: String,
     },
+    /// The TLS client cannot be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     /// The runtime or the plot file failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -299,8 +312,12 @@ fn validate(args: &BenchArgs) -> Result<usize, BenchError> {
     if !(1..=100_000).contains(&args.connections) {
         return usage("--connections must be between 1 and 100000");
     }
-    if args.pipeline == 0 || (args.mode == Mode::Udp && args.pipeline != 1) {
-        return usage("--pipeline must be at least 1 (UDP: exactly 1)");
+    if args.pipeline == 0 || (matches!(args.mode, Mode::Udp | Mode::Connect) && args.pipeline != 1)
+    {
+        return usage("--pipeline must be at least 1 (UDP and connect: exactly 1)");
+    }
+    if args.mode == Mode::Udp && tls::split_target(&args.addr).0 {
+        return usage("tls:// targets are TCP: -m udp does not apply");
     }
     if args.duration.is_zero() || args.duration > Duration::from_secs(24 * 3600) {
         return usage("--duration must be between 1ns and 24h");
@@ -345,26 +362,43 @@ pub fn run(args: &BenchArgs) -> ExitCode {
 /// Runs the benchmark and returns its report (also used by tests and scripts).
 pub(crate) fn execute(args: &BenchArgs) -> Result<Report, BenchError> {
     let size = validate(args)?;
-    let target = net::resolve(&args.addr)?[0];
+    let (tls, addr) = tls::split_target(&args.addr);
+    let target = net::resolve(addr)?[0];
+    let tls = if tls {
+        let config = args.tls.client_config("a tls:// target")?;
+        Some((
+            tokio_rustls::TlsConnector::from(config),
+            args.tls.server_name(addr)?,
+        ))
+    } else {
+        None
+    };
+    let dialer = tcp::Dialer {
+        target,
+        tls,
+        limit: args.timeout,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("echod-bench")
         .build()?;
-    let report = runtime.block_on(drive(args, target, size))?;
+    let report = runtime.block_on(drive(args, dialer, size))?;
     if let Some(path) = &args.plot {
         std::fs::write(path, plot::svg(&report))?;
     }
     Ok(report)
 }
 
-async fn drive(args: &BenchArgs, target: SocketAddr, size: usize) -> Result<Report, BenchError> {
+async fn drive(args: &BenchArgs, dialer: tcp::Dialer, size: usize) -> Result<Report, BenchError> {
+    let target = dialer.target;
     let latency = Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3)
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     // Connections are set up before the clock starts.
     let endpoints = match args.mode {
         Mode::PingPong | Mode::Bulk => {
-            Endpoints::Tcp(tcp::connect_all(target, args.connections, args.timeout).await?)
+            Endpoints::Tcp(tcp::connect_all(&dialer, args.connections).await?)
         }
+        Mode::Connect => Endpoints::Churn(dialer),
         Mode::Udp => Endpoints::Udp(udp::open_all(target, args.connections).await?),
     };
     let start = Instant::now();
@@ -392,6 +426,9 @@ async fn drive(args: &BenchArgs, target: SocketAddr, size: usize) -> Result<Repo
             )
             .await
         }
+        Endpoints::Churn(dialer) => {
+            tcp::churn_all(dialer, args.connections, Arc::clone(&plan)).await
+        }
         Endpoints::Udp(sockets) => udp::run_all(sockets, Arc::clone(&plan)).await,
     };
     let elapsed = start.elapsed();
@@ -411,9 +448,11 @@ async fn drive(args: &BenchArgs, target: SocketAddr, size: usize) -> Result<Repo
     ))
 }
 
-/// The sockets of a run, opened before the clock starts.
+/// The sockets of a run, opened before the clock starts (connect mode: how to open
+/// them as it goes).
 enum Endpoints {
-    Tcp(Vec<tokio::net::TcpStream>),
+    Tcp(Vec<tcp::Wire>),
+    Churn(tcp::Dialer),
     Udp(Vec<tokio::net::UdpSocket>),
 }
 

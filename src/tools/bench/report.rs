@@ -101,7 +101,10 @@ impl Report {
         };
         Report {
             mode: args.mode,
-            target: target.to_string(),
+            target: match crate::tools::tls::split_target(&args.addr) {
+                (true, _) => format!("{}{target}", crate::tools::tls::SCHEME),
+                (false, _) => target.to_string(),
+            },
             connections,
             size,
             pipeline: args.pipeline,

@@ -5,17 +5,24 @@
 //! message per stamp, checks every byte and records the latency. In closed loop the
 //! receiver hands a credit back per echo, which is what bounds the pipelining depth;
 //! bulk and open-loop runs have no credits and are bounded by the socket buffers.
+//!
+//! Over TLS (a tls:// target) every connection completes its handshake before the clock
+//! starts and ends with close_notify; the connect mode instead opens a connection —
+//! TCP handshake, TLS handshake — per message, which is how handshakes per second are
+//! measured.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::pattern::Pattern;
 use super::{BenchError, Plan, Samples, Tally};
@@ -23,23 +30,56 @@ use super::{BenchError, Plan, Samples, Tally};
 /// Connection attempts in flight at once while setting up.
 const CONNECT_CONCURRENCY: usize = 256;
 
+/// How connections are made: the address, and the TLS client for a tls:// target.
+#[derive(Clone)]
+pub(super) struct Dialer {
+    pub(super) target: SocketAddr,
+    pub(super) tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Time allowed for the TCP connect and for the TLS handshake.
+    pub(super) limit: Duration,
+}
+
+/// A connected stream, plain or inside TLS.
+pub(super) enum Wire {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Dialer {
+    /// One connection, handshake done.
+    async fn dial(&self) -> Result<Wire, String> {
+        let limit = self.limit;
+        let stream = match timeout(limit, TcpStream::connect(self.target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("timed out after {limit:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Wire::Plain(stream));
+        };
+        match timeout(limit, connector.connect(name.clone(), stream)).await {
+            Ok(Ok(tls)) => Ok(Wire::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(format!(
+                "TLS handshake failed: {}",
+                crate::tools::tls::tls_failure(&e).unwrap_or_else(|| e.to_string())
+            )),
+            Err(_) => Err(format!("TLS handshake timed out after {limit:?}")),
+        }
+    }
+}
+
 /// Opens every connection before the clock starts; fails if any cannot be made.
-pub(super) async fn connect_all(
-    target: SocketAddr,
-    count: usize,
-    limit: Duration,
-) -> Result<Vec<TcpStream>, BenchError> {
+pub(super) async fn connect_all(dialer: &Dialer, count: usize) -> Result<Vec<Wire>, BenchError> {
+    let target = dialer.target;
     let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
     for _ in 0..count {
         let gate = Arc::clone(&gate);
+        let dialer = dialer.clone();
         set.spawn(async move {
             let _permit = gate.acquire().await;
-            match timeout(limit, TcpStream::connect(target)).await {
-                Ok(Ok(s)) => Ok(s),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("timed out after {limit:?}")),
-            }
+            dialer.dial().await
         });
     }
     let mut streams = Vec::with_capacity(count);
@@ -61,28 +101,117 @@ pub(super) async fn connect_all(
 }
 
 /// Runs every connection to the end and adds up what they saw.
-pub(super) async fn run_all(
-    streams: Vec<TcpStream>,
-    plan: Arc<Plan>,
-    credits: Option<usize>,
-) -> Tally {
+pub(super) async fn run_all(streams: Vec<Wire>, plan: Arc<Plan>, credits: Option<usize>) -> Tally {
     let total = streams.len();
     let mut set = JoinSet::new();
     for (id, stream) in streams.into_iter().enumerate() {
-        set.spawn(connection(id, total, stream, Arc::clone(&plan), credits));
+        let plan = Arc::clone(&plan);
+        match stream {
+            Wire::Plain(s) => {
+                let (rd, wr) = s.into_split();
+                set.spawn(connection(id, total, rd, wr, plan, credits));
+            }
+            Wire::Tls(s) => {
+                let (rd, wr) = tokio::io::split(*s);
+                set.spawn(connection(id, total, rd, wr, plan, credits));
+            }
+        }
     }
     Tally::join(set).await
+}
+
+/// Connect mode: `connections` workers, each opening a fresh connection per message
+/// (TLS: a full handshake), echoing the message once and closing cleanly; the latency
+/// is the whole of it.
+pub(super) async fn churn_all(dialer: Dialer, connections: usize, plan: Arc<Plan>) -> Tally {
+    let mut set = JoinSet::new();
+    for id in 0..connections {
+        let plan = Arc::clone(&plan);
+        let dialer = dialer.clone();
+        set.spawn(async move { churn(id, connections, &dialer, &plan).await });
+    }
+    Tally::join(set).await
+}
+
+async fn churn(id: usize, total: usize, dialer: &Dialer, plan: &Plan) -> Tally {
+    let phase = Pattern::phase(id);
+    let mut samples = Samples::new(plan);
+    let mut tally = Tally::default();
+    let mut buf = vec![0u8; plan.size];
+    let mut seq: u64 = 0;
+    while let Some(stamp) = plan.next_send(id, total, seq).await {
+        let offset = seq * plan.size as u64;
+        let data = plan.pattern.window(phase, offset, plan.size);
+        let outcome = timeout(plan.timeout, async {
+            match dialer.dial().await? {
+                Wire::Plain(s) => echo_once(s, data, &mut buf).await,
+                Wire::Tls(s) => echo_once(*s, data, &mut buf).await,
+            }
+        })
+        .await;
+        let failed = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(why)) => Some(format!("connection {id}, message {seq}: {why}")),
+            Err(_) => Some(format!(
+                "connection {id}, message {seq}: not done within {:?}",
+                plan.timeout
+            )),
+        };
+        if let Some(why) = failed {
+            tally.errors += 1;
+            tally.problem(why);
+            break;
+        }
+        tally.bytes_sent += data.len() as u64;
+        if let Some(i) = plan.pattern.first_difference(phase, offset, &buf) {
+            tally.mismatches += 1;
+            tally.problem(format!(
+                "connection {id}: echo differs from what was sent at message {seq}, byte {i}"
+            ));
+        }
+        samples.record(stamp, buf.len());
+        tally.messages += 1;
+        tally.bytes_received += buf.len() as u64;
+        seq += 1;
+    }
+    tally
+}
+
+/// Sends `data`, reads its echo into `buf`, half-closes (TLS: close_notify first) and
+/// waits for the server's end, so every connection ends cleanly on both sides.
+async fn echo_once<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    data: &[u8],
+    buf: &mut [u8],
+) -> Result<(), String> {
+    stream
+        .write_all(data)
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    stream
+        .read_exact(buf)
+        .await
+        .map_err(|e| format!("receive failed: {e}"))?;
+    stream
+        .shutdown()
+        .await
+        .map_err(|e| format!("close failed: {e}"))?;
+    let mut rest = [0u8; 64];
+    match stream.read(&mut rest).await {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} bytes more than were sent")),
+        Err(e) => Err(format!("close failed: {e}")),
+    }
 }
 
 async fn connection(
     id: usize,
     total: usize,
-    stream: TcpStream,
+    rd: impl AsyncRead + Unpin,
+    wr: impl AsyncWrite + Unpin,
     plan: Arc<Plan>,
     credits: Option<usize>,
 ) -> Tally {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
     let (stamps, pending) = mpsc::unbounded_channel();
     let credits = credits.map(|c| Arc::new(Semaphore::new(c)));
     let sender = Sender {
@@ -118,7 +247,7 @@ impl Sender<'_> {
     /// Sends until the plan says stop; returns the bytes sent (and why it failed).
     async fn run(
         self,
-        mut wr: OwnedWriteHalf,
+        mut wr: impl AsyncWrite + Unpin,
         stamps: mpsc::UnboundedSender<Instant>,
     ) -> Result<u64, (u64, String)> {
         let plan = self.plan;
@@ -161,7 +290,7 @@ impl Sender<'_> {
 /// Reads one echo per stamp, verifying and timing each.
 async fn receive(
     id: usize,
-    rd: OwnedReadHalf,
+    rd: impl AsyncRead + Unpin,
     plan: &Plan,
     mut pending: mpsc::UnboundedReceiver<Instant>,
     credits: Option<Arc<Semaphore>>,

@@ -1,0 +1,354 @@
+//! The one place the tools build a TLS client: what to trust (a CA file, the one
+//! certificate a local endpoint serves, or — only when asked — anything), which client
+//! certificate to present, and the name to verify. `echod client`, `probe` and `bench`
+//! share the flags ([`TlsArgs`]) and the `tls://HOST:PORT` target form.
+//!
+//! There are no system roots: reading them needs another crate and echo servers under
+//! test mostly carry private certificates, so a `tls://` target needs `--ca` or
+//! `--insecure`, and says so.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+
+/// The scheme that marks a TLS echo target.
+pub(crate) const SCHEME: &str = "tls://";
+
+/// TLS flags shared by the tools.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct TlsArgs {
+    /// CA certificate(s), PEM, that tls:// targets (and the probe's https:// URLs) are
+    /// verified against.
+    #[arg(long = "ca", visible_alias = "ca-file", value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (PEM, chain allowed) to present, for a server that requires
+    /// one (mutual TLS); with --key.
+    #[arg(
+        long = "cert",
+        visible_alias = "client-cert",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    pub(crate) cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long = "key",
+        visible_alias = "client-key",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    pub(crate) key: Option<PathBuf>,
+    /// Do not verify the server's certificate (its handshake signature still is). Only
+    /// for trying a server whose CA you do not have.
+    #[arg(long, conflicts_with = "ca")]
+    pub(crate) insecure: bool,
+    /// The name to send (SNI) and verify the certificate for, when it is not the host
+    /// of the target (e.g. probing 127.0.0.1 that serves echo.example.com).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) server_name: Option<String>,
+}
+
+/// Why a TLS client cannot be set up; names the flag and the file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsSetupError {
+    /// A tls:// target with nothing to verify the server by.
+    #[error(
+        "{0} needs --ca FILE (the CA that signed the server's certificate; --ca-file in the \
+         probe) or --insecure; system roots are not used"
+    )]
+    NoTrust(&'static str),
+    /// A file that cannot be used, or a pair rustls refuses.
+    #[error("{0}")]
+    File(String),
+    /// A --server-name (or target host) that is not a DNS name or an IP address.
+    #[error("{0}")]
+    Name(String),
+}
+
+/// What the client trusts.
+pub(crate) enum Trust<'a> {
+    /// The certificates of a PEM file (`--ca`).
+    Roots(&'a Path),
+    /// Exactly this certificate, whatever the name: a local endpoint's own.
+    Pinned(CertificateDer<'static>),
+    /// Anything (`--insecure`).
+    Anything,
+}
+
+impl TlsArgs {
+    /// The trust these flags give, or `None` without `--ca` and `--insecure`.
+    pub(crate) fn trust(&self) -> Option<Trust<'_>> {
+        match (&self.ca, self.insecure) {
+            (Some(ca), _) => Some(Trust::Roots(ca)),
+            (None, true) => Some(Trust::Anything),
+            (None, false) => None,
+        }
+    }
+
+    /// The client certificate and key to present, if given.
+    pub(crate) fn identity(&self) -> Option<(&Path, &Path)> {
+        self.cert.as_deref().zip(self.key.as_deref())
+    }
+
+    /// The client config for `what` (a tls:// target, named in the error): the
+    /// flags' trust, required.
+    pub(crate) fn client_config(
+        &self,
+        what: &'static str,
+    ) -> Result<Arc<ClientConfig>, TlsSetupError> {
+        let trust = self.trust().ok_or(TlsSetupError::NoTrust(what))?;
+        client_config(trust, self.identity())
+    }
+
+    /// The name to verify for a target `host:port`.
+    pub(crate) fn server_name(
+        &self,
+        authority: &str,
+    ) -> Result<ServerName<'static>, TlsSetupError> {
+        match &self.server_name {
+            Some(name) => ServerName::try_from(name.clone())
+                .map_err(|e| TlsSetupError::Name(format!("--server-name {name:?}: {e}"))),
+            None => server_name(authority),
+        }
+    }
+}
+
+/// Splits `tls://HOST:PORT` into `(true, "HOST:PORT")`; anything else is plain.
+pub(crate) fn split_target(target: &str) -> (bool, &str) {
+    match target.strip_prefix(SCHEME) {
+        Some(rest) => (true, rest.trim_end_matches('/')),
+        None => (false, target),
+    }
+}
+
+/// A rustls client config: TLS 1.2 and 1.3, `trust` for the server, `identity`
+/// (certificate chain and key files) presented when given.
+pub(crate) fn client_config(
+    trust: Trust<'_>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError::File(e.to_string()))?;
+    let algorithms = provider.signature_verification_algorithms;
+    let builder = match trust {
+        Trust::Roots(ca) => {
+            let listed = read_pem_certs(ca, "--ca")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in &listed {
+                roots
+                    .add(cert.clone())
+                    .map_err(|e| TlsSetupError::File(format!("--ca {}: {e}", ca.display())))?;
+            }
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| TlsSetupError::File(format!("--ca {}: {e}", ca.display())))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Roots { webpki, listed }))
+        }
+        Trust::Pinned(der) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified {
+                pinned: Some(der),
+                algorithms,
+            })),
+        Trust::Anything => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified {
+                pinned: None,
+                algorithms,
+            })),
+    };
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain = read_pem_certs(cert, "--cert")?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| TlsSetupError::File(format!("--key {}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsSetupError::File(format!("--cert/--key: {e}")))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Every certificate in a PEM file; at least one.
+pub(crate) fn read_pem_certs(
+    path: &Path,
+    flag: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsSetupError::File(format!("{flag} {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::File(format!(
+            "{flag} {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The host of `host:port` as TLS names it (brackets off an IPv6 address).
+pub(crate) fn server_name(authority: &str) -> Result<ServerName<'static>, TlsSetupError> {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|e| TlsSetupError::Name(format!("{authority}: {e}")))
+}
+
+/// A rustls error carried inside an I/O error (how rustls's blocking stream and
+/// tokio-rustls report a failed handshake), as its own text; `None` for other errors.
+pub(crate) fn tls_failure(e: &io::Error) -> Option<String> {
+    e.get_ref()
+        .filter(|inner| inner.is::<rustls::Error>())
+        .map(|inner| inner.to_string())
+}
+
+/// `--ca`: the usual chain and name verification against the file's certificates, and
+/// also a server certificate that is itself in the file — a self-signed certificate
+/// given as its own CA, which `openssl req -x509` marks as a CA and chain verification
+/// would refuse as an end entity (`openssl s_client -CAfile` accepts it too).
+#[derive(Debug)]
+struct Roots {
+    webpki: Arc<WebPkiServerVerifier>,
+    listed: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for Roots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self
+            .listed
+            .iter()
+            .any(|c| c.as_ref() == end_entity.as_ref())
+        {
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// A verifier that skips the certificate chain — accepting exactly `pinned`, or
+/// anything without it — but still checks the handshake signature, so only the holder
+/// of the certificate's key passes.
+#[derive(Debug)]
+struct Unverified {
+    pinned: Option<CertificateDer<'static>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.pinned {
+            Some(der) if end_entity.as_ref() != der.as_ref() => Err(rustls::Error::General(
+                "the endpoint's certificate is not the one it is configured to serve".to_string(),
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+
+    #[test]
+    fn targets_and_names() {
+        assert_eq!(split_target("tls://[::1]:7443"), (true, "[::1]:7443"));
+        assert_eq!(split_target("127.0.0.1:7007"), (false, "127.0.0.1:7007"));
+        assert_eq!(
+            server_name("[::1]:9107").unwrap(),
+            ServerName::IpAddress("::1".parse::<IpAddr>().unwrap().into())
+        );
+        assert_eq!(
+            server_name("localhost:443").unwrap(),
+            ServerName::try_from("localhost").unwrap()
+        );
+        let args = TlsArgs {
+            server_name: Some("echo.example".into()),
+            ..TlsArgs::default()
+        };
+        assert_eq!(
+            args.server_name("127.0.0.1:7443").unwrap(),
+            ServerName::try_from("echo.example").unwrap()
+        );
+        let err = TlsArgs::default().client_config("tls://x:1").unwrap_err();
+        assert!(err.to_string().contains("--ca FILE"), "{err}");
+    }
+}
