@@ -1,4 +1,5 @@
-//! Address ranges in CIDR notation, for `tcp.proxy_protocol.trusted_sources`.
+//! Address ranges in CIDR notation, for `tcp.proxy_protocol.trusted_sources` and the
+//! allow/deny lists of who may connect (`tcp.allow`, `udp.deny`, `metrics.allow` …).
 //!
 //! A range is checked strictly: a prefix longer than the address, or host bits set
 //! (`10.0.0.1/8`), is refused rather than guessed at, because this list decides whose
@@ -80,6 +81,14 @@ impl Cidr {
         let (net_bits, _) = bits(self.network);
         ip_bits & mask(self.prefix) == net_bits
     }
+}
+
+/// Whether an allow/deny pair admits `ip`: a listed deny wins; an empty allow list
+/// admits everyone else, a non-empty one only the addresses it holds (xinetd's
+/// `only_from`/`no_access`, systemd's `IPAddressAllow=`/`IPAddressDeny=`).
+pub fn admits(allow: &[Cidr], deny: &[Cidr], ip: IpAddr) -> bool {
+    !deny.iter().any(|net| net.contains(ip))
+        && (allow.is_empty() || allow.iter().any(|net| net.contains(ip)))
 }
 
 impl FromStr for Cidr {
@@ -225,6 +234,21 @@ mod tests {
             let err = text.parse::<Cidr>().expect_err(text).to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn deny_wins_and_an_empty_allow_list_admits_everyone() {
+        let nets = |list: &[&str]| list.iter().map(|s| cidr(s)).collect::<Vec<_>>();
+        assert!(admits(&[], &[], ip("203.0.113.9")));
+        assert!(admits(&[], &nets(&["10.0.0.0/8"]), ip("11.0.0.1")));
+        assert!(!admits(&[], &nets(&["10.0.0.0/8"]), ip("10.0.0.1")));
+        let allow = nets(&["127.0.0.0/8", "fd00::/8"]);
+        assert!(admits(&allow, &[], ip("127.0.0.3")));
+        assert!(admits(&allow, &[], ip("::ffff:127.0.0.3")));
+        assert!(admits(&allow, &[], ip("fd00::1")));
+        assert!(!admits(&allow, &[], ip("10.0.0.1")));
+        assert!(!admits(&allow, &nets(&["127.0.0.3"]), ip("127.0.0.3")));
+        assert!(admits(&allow, &nets(&["127.0.0.3"]), ip("127.0.0.4")));
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod sources;
 mod tls;
 mod validate;
 pub mod web;
-pub use cidr::{Cidr, CidrError};
+pub use cidr::{Cidr, CidrError, admits};
 pub use schema::*;
 pub use sources::{ConfigError, ConfigSource};
 pub use tls::TlsMaterial;

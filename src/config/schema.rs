@@ -88,6 +88,14 @@ pub struct TcpConfig {
     /// end; unset (the default), no limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes_per_connection: Option<u64>,
+    /// Client addresses served (CIDRs or single addresses); empty (the default), every
+    /// address not denied. Checked on the client's address: the PROXY header's when
+    /// the connection comes from a trusted proxy. Covers the TLS listeners too.
+    pub allow: Vec<Cidr>,
+    /// Client addresses refused, even when `allow` lists them.
+    pub deny: Vec<Cidr>,
+    /// New connections per second from one client address (TLS included).
+    pub connection_rate: ConnectionRateConfig,
     /// Client addresses from a load balancer's PROXY protocol header.
     pub proxy_protocol: ProxyProtocolConfig,
 }
@@ -138,12 +146,56 @@ impl Default for TcpConfig {
             keepalive: Duration::from_secs(60),
             max_connection_duration: None,
             max_bytes_per_connection: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            connection_rate: ConnectionRateConfig::default(),
             proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
 
+/// A token bucket of new connections per client address, in a table of bounded size
+/// (xinetd's `cps`, per address).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionRateConfig {
+    /// Sustained new connections per second from one address; 0 (the default) turns
+    /// the limit off.
+    pub per_second: u32,
+    /// New connections one address may open at once above the sustained rate.
+    pub burst: u32,
+    /// Client addresses tracked at most; when full, and none has refilled, a new
+    /// address is refused.
+    pub max_sources: usize,
+}
+
+impl Default for ConnectionRateConfig {
+    fn default() -> Self {
+        Self {
+            per_second: 0,
+            burst: 20,
+            max_sources: 65_536,
+        }
+    }
+}
+
+impl ConnectionRateConfig {
+    /// The same bucket in the form the rate limiter takes.
+    pub fn as_rate_limit(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            packets_per_second: self.per_second,
+            burst: self.burst,
+            max_sources: self.max_sources,
+        }
+    }
+}
+
 impl TcpConfig {
+    /// True when the client at `ip` may connect (`tcp.allow`, `tcp.deny`).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        super::admits(&self.allow, &self.deny, ip)
+    }
+
     /// The per-source limit in force: the configured one, or the default that follows
     /// the global limit.
     pub fn per_ip_limit(&self) -> usize {
@@ -174,6 +226,11 @@ pub struct UdpConfig {
     /// one comes from echod itself or from another echo server on the same port, and
     /// answering it starts a loop.
     pub deny_own_ports: bool,
+    /// Source addresses answered (CIDRs or single addresses); empty (the default),
+    /// every address not denied.
+    pub allow: Vec<Cidr>,
+    /// Source addresses never answered, even when `allow` lists them.
+    pub deny: Vec<Cidr>,
     /// Per-source reply rate limit.
     pub rate_limit: RateLimitConfig,
 }
@@ -187,8 +244,17 @@ impl Default for UdpConfig {
             sockets_per_address: 1,
             deny_source_ports: DEFAULT_DENY_SOURCE_PORTS.to_vec(),
             deny_own_ports: true,
+            allow: Vec::new(),
+            deny: Vec::new(),
             rate_limit: RateLimitConfig::default(),
         }
+    }
+}
+
+impl UdpConfig {
+    /// True when datagrams from `ip` may be answered (`udp.allow`, `udp.deny`).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        super::admits(&self.allow, &self.deny, ip)
     }
 }
 
@@ -263,6 +329,11 @@ pub struct MetricsConfig {
     /// default), the endpoint is plain HTTP and open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub web_config_file: Option<PathBuf>,
+    /// Client addresses served (CIDRs or single addresses); empty (the default), every
+    /// address not denied.
+    pub allow: Vec<Cidr>,
+    /// Client addresses refused, even when `allow` lists them.
+    pub deny: Vec<Cidr>,
     /// That file, loaded and checked by [`ConfigSource::load`] (never read from TOML).
     #[serde(skip)]
     pub web_config: Option<Arc<WebConfig>>,
@@ -273,8 +344,17 @@ impl Default for MetricsConfig {
         Self {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 9107))],
             web_config_file: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
             web_config: None,
         }
+    }
+}
+
+impl MetricsConfig {
+    /// True when the client at `ip` may connect (`metrics.allow`, `metrics.deny`).
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        super::admits(&self.allow, &self.deny, ip)
     }
 }
 

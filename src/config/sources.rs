@@ -116,8 +116,15 @@ impl ConfigSource {
                 path: path.clone(),
                 message,
             };
-            toml::from_str::<Config>(&text)
-                .map_err(|e| file_error(plain(e.to_string().trim_end())))?;
+            toml::from_str::<Config>(&text).map_err(|e| {
+                let message = plain(e.to_string().trim_end());
+                // A value the schema refuses (a bad CIDR in a list, say) is named by its
+                // dotted key, not only by its line: `allow` is in three sections.
+                file_error(match e.span().and_then(|span| key_at(&text, span)) {
+                    Some(key) => format!("key `{key}`: {message}"),
+                    None => message,
+                })
+            })?;
             check_integers(&text).map_err(file_error)?;
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
             file_text = Some(text);
@@ -265,6 +272,30 @@ fn check_integer(
     result
 }
 
+/// The dotted key of the value (not a table) whose text holds `span`, if any.
+fn key_at(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    fn find(
+        name: &str,
+        value: &toml::Spanned<toml::de::DeValue<'_>>,
+        span: &std::ops::Range<usize>,
+    ) -> Option<String> {
+        match value.get_ref() {
+            toml::de::DeValue::Table(table) => table
+                .iter()
+                .find_map(|(key, value)| find(key.get_ref(), value, span))
+                .map(|key| format!("{name}.{key}")),
+            _ => {
+                let at = value.span();
+                (at.start <= span.start && span.end <= at.end).then(|| name.to_string())
+            }
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    doc.get_ref()
+        .iter()
+        .find_map(|(name, value)| find(name.get_ref(), value, &span))
+}
+
 /// True when the loader refuses the file's text on its own.
 fn file_alone_fails(text: &str) -> bool {
     config::Config::builder()
@@ -312,8 +343,14 @@ fn plain(message: &str) -> String {
 }
 
 /// Keys whose environment values are comma-separated lists.
-const LIST_KEYS: [&str; 6] = [
+const LIST_KEYS: [&str; 12] = [
     "tcp.listen",
+    "tcp.allow",
+    "tcp.deny",
+    "udp.allow",
+    "udp.deny",
+    "metrics.allow",
+    "metrics.deny",
     "tls.listen",
     "tcp.proxy_protocol.trusted_sources",
     "udp.listen",

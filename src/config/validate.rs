@@ -119,6 +119,17 @@ impl Config {
             "tcp.proxy_protocol.header_timeout",
             || "must be longer than 0s".into(),
         )?;
+        let rate = &tcp.connection_rate;
+        check(
+            rate.per_second == 0 || rate.burst >= 1,
+            "tcp.connection_rate.burst",
+            || "must be at least 1 when per_second is set".into(),
+        )?;
+        check(
+            rate.max_sources >= 1,
+            "tcp.connection_rate.max_sources",
+            || "must be at least 1".into(),
+        )?;
         let udp = &self.udp;
         no_duplicates("udp.listen", &udp.listen)?;
         check(

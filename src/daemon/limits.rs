@@ -4,8 +4,9 @@
 //! (xinetd's `instances` and `per_source`) — the echo listeners' and, with its own
 //! limits, the HTTP endpoint's, so both count the same way; [`RateLimiter`] bounds UDP replies per
 //! source with token buckets in a table of bounded size, so a spoofed flood from
-//! millions of addresses costs bounded memory and constant time per datagram. Both take
-//! new limits live on reload.
+//! millions of addresses costs bounded memory and constant time per datagram — and, in
+//! the connection limiter, new TCP connections per client address (`tcp.connection_rate`,
+//! xinetd's `cps` per address). Both take new limits live on reload.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -54,6 +55,9 @@ pub(crate) struct ConnectionLimiter {
     /// Open connections per source address, in shards by address: accepts and closes
     /// on different worker threads take different locks, not one for the process.
     per_ip: Box<[Mutex<HashMap<IpAddr, usize>>]>,
+    /// New connections per client address (`tcp.connection_rate`); off for the HTTP
+    /// endpoint.
+    rate: Arc<RateLimiter>,
 }
 
 /// Shards of the per-address table; a power of two.
@@ -69,7 +73,9 @@ pub(crate) struct Permit {
 impl ConnectionLimiter {
     /// A limiter with the configured limits.
     pub(crate) fn new(config: &TcpConfig) -> Arc<Self> {
-        Self::with_limits(config.max_connections, config.per_ip_limit())
+        let limiter = Self::with_limits(config.max_connections, config.per_ip_limit());
+        limiter.rate.update(&config.connection_rate.as_rate_limit());
+        limiter
     }
 
     /// A limiter with fixed limits (the HTTP endpoint's).
@@ -81,6 +87,11 @@ impl ConnectionLimiter {
             per_ip: (0..PER_IP_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            rate: RateLimiter::new(&RateLimitConfig {
+                packets_per_second: 0,
+                burst: 1,
+                max_sources: 1,
+            }),
         })
     }
 
@@ -97,6 +108,20 @@ impl ConnectionLimiter {
         self.max.store(config.max_connections, Ordering::Relaxed);
         self.max_per_ip
             .store(config.per_ip_limit(), Ordering::Relaxed);
+        self.rate.update(&config.connection_rate.as_rate_limit());
+    }
+
+    /// Whether a new connection from the client at `ip` may be considered at all: its
+    /// address is admitted by `tcp.allow`/`tcp.deny`, and it takes a token of its
+    /// address's `tcp.connection_rate` bucket (a refused connection takes none).
+    pub(crate) fn screen(&self, config: &TcpConfig, ip: IpAddr) -> Result<(), RejectReason> {
+        if !config.admits(ip) {
+            return Err(RejectReason::Denied);
+        }
+        if !self.rate.allow(ip, Instant::now()) {
+            return Err(RejectReason::ConnectionRate);
+        }
+        Ok(())
     }
 
     /// Open connections right now.
@@ -340,6 +365,38 @@ mod tests {
         drop(p1);
         assert_eq!(limiter.active(), 2);
         assert!(limiter.try_acquire(a).is_ok());
+    }
+
+    #[test]
+    fn screening_denies_then_rate_limits_per_address_and_reloads() {
+        let mut config = TcpConfig {
+            deny: vec!["10.0.0.3".parse().unwrap()],
+            ..TcpConfig::default()
+        };
+        config.connection_rate.per_second = 1;
+        config.connection_rate.burst = 2;
+        let limiter = ConnectionLimiter::new(&config);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            limiter.screen(&config, "10.0.0.3".parse().unwrap()),
+            Err(RejectReason::Denied)
+        );
+        assert_eq!(limiter.screen(&config, a), Ok(()));
+        assert_eq!(limiter.screen(&config, a), Ok(()));
+        assert_eq!(
+            limiter.screen(&config, a),
+            Err(RejectReason::ConnectionRate)
+        );
+        assert_eq!(
+            limiter.screen(&config, "10.0.0.2".parse().unwrap()),
+            Ok(()),
+            "a bucket per address"
+        );
+        config.connection_rate.per_second = 0;
+        limiter.update(&config);
+        assert_eq!(limiter.screen(&config, a), Ok(()), "off after a reload");
+        let http = ConnectionLimiter::with_limits(64, 8);
+        assert!((0..100).all(|_| http.screen(&TcpConfig::default(), a).is_ok()));
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub struct Metrics {
     udp_rate_limit_max_sources: IntGauge,
     tls_handshakes: IntCounterVec,
     tls_active: IntGaugeVec,
+    http_rejected: IntCounterVec,
     tls_closed: IntCounterVec,
     /// The TLS echo certificate's notAfter, in seconds since the Unix epoch (absent
     /// while TLS echo is off).
@@ -323,6 +324,12 @@ impl Metrics {
                 "TLS echo connections that ended after their handshake, by reason.",
                 &["listener", "reason"],
             ),
+            http_rejected: counter_vec(
+                &r,
+                "echod_http_connections_rejected_total",
+                "HTTP endpoint connections closed right after accept, by reason (denied: metrics.allow/metrics.deny).",
+                &["reason"],
+            ),
             tls_certificate_expiry: IntGauge::new(
                 "echod_tls_certificate_expiry_seconds",
                 "notAfter of the TLS echo certificate in use, in seconds since the Unix epoch.",
@@ -349,6 +356,7 @@ impl Metrics {
         for result in UpgradeResult::ALL {
             m.upgrades.with_label_values(&[result.label()]);
         }
+        m.http_rejected.with_label_values(&["denied"]);
         m
     }
 
@@ -396,6 +404,12 @@ impl Metrics {
         for (key, value) in samples {
             *carried.entry(key).or_insert(0.0) += value;
         }
+    }
+
+    /// An HTTP endpoint connection was closed at once: its client's address is not
+    /// admitted by `metrics.allow`/`metrics.deny`.
+    pub fn http_denied(&self) {
+        self.http_rejected.with_label_values(&["denied"]).inc();
     }
 
     /// Publishes the configured limits, so alerts and dashboards can compare usage
@@ -579,7 +593,7 @@ pub struct UdpListenerMetrics {
     tx: IntCounter,
     rx_bytes: IntCounter,
     tx_bytes: IntCounter,
-    dropped: [IntCounter; 4],
+    dropped: [IntCounter; DropReason::ALL.len()],
 }
 
 /// Counts gathered locally over a batch of datagrams and added to the shared counters
@@ -590,7 +604,7 @@ pub struct UdpBatch {
     tx: u64,
     rx_bytes: u64,
     tx_bytes: u64,
-    dropped: [u64; 4],
+    dropped: [u64; DropReason::ALL.len()],
 }
 
 impl UdpBatch {

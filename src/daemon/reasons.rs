@@ -16,15 +16,21 @@ pub enum RejectReason {
     /// A trusted source (`tcp.proxy_protocol.trusted_sources`) sent no valid PROXY
     /// protocol header in time.
     ProxyProtocol,
+    /// The client's address is in `tcp.deny`, or not in a non-empty `tcp.allow`.
+    Denied,
+    /// The client's address opened new connections faster than `tcp.connection_rate`.
+    ConnectionRate,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 6] = [
         Self::GlobalLimit,
         Self::PerIpLimit,
         Self::Shutdown,
         Self::ProxyProtocol,
+        Self::Denied,
+        Self::ConnectionRate,
     ];
 
     /// The metric label value.
@@ -34,6 +40,8 @@ impl RejectReason {
             Self::PerIpLimit => "per_ip_limit",
             Self::Shutdown => "shutdown",
             Self::ProxyProtocol => "proxy_protocol",
+            Self::Denied => "denied",
+            Self::ConnectionRate => "connection_rate",
         }
     }
 }
@@ -50,15 +58,18 @@ pub enum DropReason {
     RateLimited,
     /// The reply could not be sent.
     SendError,
+    /// The source address is in `udp.deny`, or not in a non-empty `udp.allow`.
+    Denied,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Oversize,
         Self::DeniedPort,
         Self::RateLimited,
         Self::SendError,
+        Self::Denied,
     ];
 
     /// The metric label value.
@@ -68,6 +79,7 @@ impl DropReason {
             Self::DeniedPort => "denied_port",
             Self::RateLimited => "rate_limited",
             Self::SendError => "send_error",
+            Self::Denied => "denied",
         }
     }
 }

@@ -31,7 +31,7 @@ use super::upgrade::handoff::Handoff;
 use super::upgrade::handover::{self, HandedConnection, Handover};
 use super::web_config::WebEndpoint;
 use super::{tcp, tls, udp};
-use crate::config::{Config, TcpConfig, TlsConfig, UdpConfig};
+use crate::config::{Config, MetricsConfig, TcpConfig, TlsConfig, UdpConfig};
 
 /// What the caller (the signal handlers, or a test) tells a running server.
 #[derive(Debug)]
@@ -174,6 +174,7 @@ struct Handles {
     udp_config: watch::Sender<Arc<UdpConfig>>,
     tls_config: watch::Sender<Arc<TlsConfig>>,
     web: watch::Sender<Arc<WebEndpoint>>,
+    metrics_config: watch::Sender<Arc<MetricsConfig>>,
     connections: TaskTracker,
     /// The TCP and UDP echo listener tasks, which a handover waits for.
     listener_tasks: TaskTracker,
@@ -200,6 +201,7 @@ impl Handles {
             web: watch::Sender::new(Arc::new(WebEndpoint::new(
                 config.metrics.web_config.clone(),
             ))),
+            metrics_config: watch::Sender::new(Arc::new(config.metrics.clone())),
             connections: TaskTracker::new(),
             listener_tasks: TaskTracker::new(),
             http_stop: CancellationToken::new(),
@@ -213,6 +215,8 @@ impl Handles {
         self.tcp_config.send_replace(Arc::new(config.tcp.clone()));
         self.udp_config.send_replace(Arc::new(config.udp.clone()));
         self.tls_config.send_replace(Arc::new(config.tls.clone()));
+        self.metrics_config
+            .send_replace(Arc::new(config.metrics.clone()));
         self.metrics
             .set_tls_certificate_expiry(config.tls.loaded.as_ref().map(|m| m.not_after));
         // An unchanged web config keeps its endpoint (and its cache of verified passwords).
@@ -278,6 +282,7 @@ impl Handles {
                     metrics: Arc::clone(&self.metrics),
                     health: Arc::clone(&self.health),
                     web: self.web.subscribe(),
+                    access: self.metrics_config.subscribe(),
                 });
                 let listener = tokio::net::TcpListener::from_std(l)?;
                 tokio::spawn(http::serve(listener, state, stop.clone()));

@@ -41,6 +41,7 @@ use super::metrics::{UdpBatch, UdpListenerMetrics};
 use super::reasons::DropReason;
 use crate::config::RateLimitConfig;
 use crate::config::UdpConfig;
+use crate::config::{Cidr, admits};
 
 /// Larger than any UDP payload, so the kernel never truncates what it hands us and an
 /// oversize datagram is recognised by its true length.
@@ -184,6 +185,9 @@ struct Rules {
     /// Rate limiting is on (`udp.rate_limit.packets_per_second` > 0), and with it the
     /// server-port bucket.
     rate_limited: bool,
+    /// `udp.allow` and `udp.deny`.
+    allow: Vec<Cidr>,
+    deny: Vec<Cidr>,
 }
 
 impl Rules {
@@ -203,6 +207,8 @@ impl Rules {
             denied_ports,
             own_ports_version,
             rate_limited: config.rate_limit.packets_per_second > 0,
+            allow: config.allow.clone(),
+            deny: config.deny.clone(),
         }
     }
 
@@ -413,6 +419,8 @@ impl Shared {
             Err(DropReason::Oversize)
         } else if rules.denies(peer) {
             Err(DropReason::DeniedPort)
+        } else if !admits(&rules.allow, &rules.deny, peer.ip()) {
+            Err(DropReason::Denied)
         } else if !self.limiter.allow(peer.ip(), Instant::now())
             || (rules.rate_limited
                 && is_server_port(peer.port())

@@ -10,6 +10,7 @@
 
 mod support;
 
+mod access;
 mod caps;
 mod config;
 mod docs;
@@ -59,6 +60,7 @@ fn main() -> std::process::ExitCode {
         in_process::TESTS,
         operator::TESTS,
         caps::TESTS,
+        access::TESTS,
         proxy_protocol::TESTS,
         hostile_udp::TESTS,
         hostile_udp_loops::TESTS,

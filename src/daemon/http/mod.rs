@@ -12,7 +12,8 @@
 //! progress for the longest among those not being served ([`slots`]), password checks
 //! are bounded work that holds no place a probe needs ([`super::web_config`]), and a
 //! connection that cannot be served is closed at once rather than left in the accept
-//! queue: a fast failure beats a hang.
+//! queue: a fast failure beats a hang. A client whose address `metrics.allow`/
+//! `metrics.deny` refuses is closed before it takes a slot, counted as `denied`.
 //!
 //! The module's parts: [`health`] (readiness state), [`slots`] (admission and
 //! eviction, on the per-address limiter the echo listeners use), [`io`] (the socket
@@ -51,11 +52,12 @@ pub(crate) use self::health::Health;
 use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
 use self::slots::{Slot, Slots};
-use super::accept::{Acceptor, Loan};
+use super::accept::{Acceptor, Loan, close_at_once};
 use super::logging::RateLimitedLog;
 use super::metrics::Metrics;
 use super::reasons::AcceptErrorKind;
 use super::web_config::{Verdict, WebEndpoint};
+use crate::config::MetricsConfig;
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
 static REFUSED_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
@@ -95,6 +97,8 @@ pub(crate) struct State {
     pub(crate) health: Arc<Health>,
     /// TLS and basic auth, replaced by a reload that changes the web config file.
     pub(crate) web: watch::Receiver<Arc<WebEndpoint>>,
+    /// `metrics.allow` and `metrics.deny`, replaced by every reload.
+    pub(crate) access: watch::Receiver<Arc<MetricsConfig>>,
 }
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
@@ -109,6 +113,15 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     };
     while let Some((stream, peer, loan)) = acceptor.next_borrowing(&listener, &stop, on_error).await
     {
+        if !state.access.borrow().admits(peer.ip()) {
+            state.metrics.http_denied();
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(%peer, reason = "denied", suppressed, "HTTP connection refused");
+            }
+            // What it sent is discarded first, so it sees EOF, not a reset.
+            close_at_once(stream);
+            continue;
+        }
         let slot = match slots.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refused) => {

@@ -20,6 +20,7 @@ fn state() -> State {
         health: Arc::new(Health::new(&metrics)),
         metrics,
         web,
+        access: tokio::sync::watch::channel(Arc::default()).1,
     }
 }
 

@@ -1,6 +1,7 @@
-//! Who is served: a connection accepted by a listener takes its slot under the global
-//! and per-address limits, or — from a trusted proxy — first reads its PROXY header and
-//! takes the slot of the client the header names.
+//! Who is served: a connection accepted by a listener is screened (the client's address
+//! against `tcp.allow`/`tcp.deny` and its `tcp.connection_rate`) and takes its slot under
+//! the global and per-address limits, or — from a trusted proxy — first reads its PROXY
+//! header, and the client the header names is screened and takes the slot.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +33,13 @@ impl Listener {
         let draining = self.shutdown.is_draining() && !self.keep_backlog;
         let permit = if draining {
             Err(RejectReason::Shutdown)
-        } else {
+        } else if config.proxy_protocol.trusts(peer.ip()) {
+            // The lists and the rate are about the client, named in the header.
             self.limiter.try_acquire(peer.ip())
+        } else {
+            self.limiter
+                .screen(&config, peer.ip())
+                .and_then(|()| self.limiter.try_acquire(peer.ip()))
         };
         let permit = match permit {
             Ok(permit) => permit,
@@ -175,7 +181,10 @@ impl Proxied {
         };
         // The proxy's slot goes back as the client's is taken.
         drop(waiting);
-        match limiter.try_acquire(client.ip()) {
+        let permit = limiter
+            .screen(&config, client.ip())
+            .and_then(|()| limiter.try_acquire(client.ip()));
+        match permit {
             Ok(permit) => {
                 let admitted = Admitted {
                     stream,
