@@ -203,8 +203,10 @@ fn a_stop_during_the_new_binarys_check_is_carried_out_at_once() {
 /// exec (then this image drains) or after (then it stays pending across the exec and the
 /// new image drains), the process stops. It used to be lost in 5 of 8 tries.
 fn a_stop_right_after_the_reload_is_never_lost() {
-    let dir = tempfile::tempdir().unwrap();
     for attempt in 0..8u64 {
+        // A directory each: the check the stop abandoned may still be running the
+        // previous attempt's file for a moment.
+        let dir = tempfile::tempdir().unwrap();
         let bin = own_copy(dir.path());
         let mut daemon = daemon_from(&bin, "", Vec::new());
         replace(&bin, &std::fs::read(echod_bin()).unwrap());
