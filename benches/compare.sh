@@ -199,9 +199,15 @@ run() {
     local u0 s0 u1 s1 rc=0 file=$OUT/runs/$scenario.$server.$repeat
     read -r u0 s0 < <(cpu_ticks "$pid")
     "${LOAD_CPU[@]}" "$BIN" bench "$addr" --json -d "$DURATION" "$@" >"$file.json" 2>"$file.err" || rc=$?
-    sleep 0.3 # let the server finish closing the connections
-    alive "$pid" || fail "$server (PID $pid) died during run $what"
-    read -r u1 s1 < <(cpu_ticks "$pid")
+    if [ "$name" = socat-udp ]; then
+        # socat's UDP server exits once a late reply meets the client's closed port
+        # (ICMP port unreachable): its CPU is read the moment the run ends.
+        alive "$pid" || fail "$server (PID $pid) died during run $what"
+    else
+        sleep 0.3 # let the server finish closing the connections
+        alive "$pid" || fail "$server (PID $pid) died during run $what"
+    fi
+    read -r u1 s1 < <(cpu_ticks "$pid") || fail "$server (PID $pid) ended before run $what was measured"
     [ "$name" = socat-udp ] && stop_server socat-udp
     local json
     json=$(cat "$file.json")
