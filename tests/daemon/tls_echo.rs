@@ -88,24 +88,20 @@ fn start_with(pki: &Pki, tls_extra: &str, extra: &str, binary: Option<&Path>) ->
 
 /// The address of the `nth` "listening proto=TLS" line of the log (port 0 resolved).
 pub fn bound_tls_address(daemon: &Daemon, nth: usize) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = daemon.log();
-        let found: Vec<SocketAddr> = log
-            .lines()
-            .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
-            .filter_map(|l| l.split("addr=").nth(1))
-            .filter_map(|a| a.split_whitespace().next()?.parse().ok())
-            .collect();
-        if found.len() >= nth {
-            return found[nth - 1];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no TLS listener in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::support::wait_for(
+        Duration::from_secs(10),
+        || format!("no TLS listener in the log:\n{}", daemon.log()),
+        || {
+            let found: Vec<SocketAddr> = daemon
+                .log()
+                .lines()
+                .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
+                .filter_map(|l| l.split("addr=").nth(1))
+                .filter_map(|a| a.split_whitespace().next()?.parse().ok())
+                .collect();
+            found.get(nth - 1).copied()
+        },
+    )
 }
 
 impl TlsDaemon {
@@ -345,17 +341,11 @@ fn socat_gets_every_byte_back_and_close_notify_is_answered() {
                 stderr_of(child)
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "socat did not end after close_notify"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = crate::support::wait_for(
+            Duration::from_secs(15),
+            || "socat did not end after close_notify",
+            || child.0.try_wait().unwrap(),
+        );
         let log = stderr_of(child);
         assert!(status.success(), "socat: {status}\n{log}");
         assert!(!log.contains(" E "), "socat reported an error:\n{log}");
@@ -865,14 +855,11 @@ fn a_bad_or_mismatched_pair_exits_78_naming_the_key() {
         .spawn()
         .map(ChildGuard)
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "echod did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = crate::support::wait_for(
+        Duration::from_secs(10),
+        || "echod did not exit",
+        || child.0.try_wait().unwrap(),
+    );
     let stderr = stderr_of(child);
     assert_eq!(status.code(), Some(78), "{stderr}");
     assert!(
@@ -930,14 +917,11 @@ fn a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload() {
         .map(ChildGuard)
         .unwrap();
     let mut child = out;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "echod started with a bad chain");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = crate::support::wait_for(
+        Duration::from_secs(10),
+        || "echod started with a bad chain",
+        || child.0.try_wait().unwrap(),
+    );
     let stderr = stderr_of(child);
     assert_eq!(status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("`tls.cert_file`"), "{stderr}");
@@ -1058,16 +1042,17 @@ fn an_upgrade_ends_tls_connections_with_close_notify_and_hands_the_listener_over
         .expect("close_notify at the upgrade");
     assert!(rest.is_empty());
     // The new image serves TLS on the same socket (the listener was handed over).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut fresh = loop {
-        if d.daemon.log().contains("upgrade complete")
-            && let Ok(t) = connect(d.addr, &config)
-        {
-            break t;
-        }
-        assert!(Instant::now() < deadline, "{}", d.daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut fresh = crate::support::wait_for(
+        Duration::from_secs(15),
+        || d.daemon.log(),
+        || {
+            d.daemon
+                .log()
+                .contains("upgrade complete")
+                .then(|| connect(d.addr, &config).ok())
+                .flatten()
+        },
+    );
     assert_eq!(roundtrip(&mut fresh, b"after").unwrap(), b"after");
     drop(plain);
     let log = d.daemon.log();

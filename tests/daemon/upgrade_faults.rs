@@ -242,15 +242,11 @@ fn a_sighup_storm_during_an_upgrade_starts_one_and_leaves_no_child() {
     wait_for_log(&daemon, "configuration reloaded");
     let log = daemon.log();
     assert_eq!(log.matches("executing the new binary").count(), 1, "{log}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !children(daemon.pid()).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "children left behind: {:?}",
-            children(daemon.pid())
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::support::wait_until(
+        Duration::from_secs(5),
+        || format!("children left behind: {:?}", children(daemon.pid())),
+        || children(daemon.pid()).is_empty(),
+    );
 }
 
 /// A trusted proxy's connection that has not sent its PROXY header used to hold the
