@@ -92,6 +92,18 @@ impl Config {
             at_most("tcp.max_connection_duration", d, MAX_DURATION)?;
         }
         at_most("tcp.keepalive", tcp.keepalive, MAX_KEEPALIVE)?;
+        // `TCP_KEEPIDLE` counts whole seconds: below one, the kernel's default (2 h)
+        // would be used without a word.
+        check(
+            tcp.keepalive.is_zero() || tcp.keepalive >= Duration::from_secs(1),
+            "tcp.keepalive",
+            || {
+                format!(
+                    "must be 0s (off) or at least 1s, got {}",
+                    humantime::format_duration(tcp.keepalive)
+                )
+            },
+        )?;
         at_most(
             "tcp.proxy_protocol.header_timeout",
             tcp.proxy_protocol.header_timeout,
@@ -163,6 +175,11 @@ impl Config {
             !self.tls.handshake_timeout.is_zero(),
             "tls.handshake_timeout",
             || "must be longer than 0s".into(),
+        )?;
+        at_most(
+            "tls.handshake_timeout",
+            self.tls.handshake_timeout,
+            MAX_DURATION,
         )?;
         check(
             !self.shutdown.drain_timeout.is_zero(),

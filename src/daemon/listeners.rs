@@ -26,8 +26,11 @@ use super::kind::{ListenerKind, SocketOrigin};
 use super::upgrade::handover::HandedListener;
 use crate::config::Config;
 
-/// The accept queue of the HTTP endpoint: probes and scrapes are few.
-const HTTP_BACKLOG: u32 = 128;
+/// The accept queue of the HTTP endpoint. Probes and scrapes are few, but an attacker
+/// that reconnects the moment it is evicted keeps the queue full: once it holds more
+/// connections than the queue and the endpoint's 64 places, a probe's SYN is dropped
+/// (and retried only after 1 s). 1024 waiting connections cost the kernel little.
+const HTTP_BACKLOG: u32 = 1024;
 
 /// A socket bound (or handed over) but not yet serving; the variant says its use, so a
 /// stream socket can never be started as UDP.

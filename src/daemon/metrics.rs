@@ -186,7 +186,10 @@ impl Metrics {
             tcp_active: register(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new("echod_tcp_connections_active", "Open TCP echo connections."),
+                    Opts::new(
+                        "echod_tcp_connections_active",
+                        "Open TCP echo connections, with those waiting for their PROXY header.",
+                    ),
                     l,
                 ),
             ),

@@ -1,9 +1,10 @@
 //! The health endpoint under the attacks of round 3: a wrong-password flood from eight
 //! addresses (every connection waiting for the one bcrypt at a time), stalled TLS
-//! ClientHellos that reconnect as soon as they are evicted, and slowloris from the
-//! probe's own address (one NAT address for attacker and kubelet alike). Probes must be
-//! answered (≥ 95 % within 1 s) and scrapes with the right password (≥ 90 %) through
-//! each of them.
+//! ClientHellos that reconnect as soon as they are evicted — from 16 other addresses,
+//! and from the probe's own address — and slowloris from the probe's own address (one
+//! NAT address for attacker and kubelet alike), every attacking connection replaced the
+//! moment the daemon closes it. Probes must be answered (≥ 95 % within 1 s) and scrapes
+//! with the right password (≥ 90 %) through each of them.
 //!
 //! Every client is on loopback (127.0.0.x), every loop is bounded in time, and the
 //! daemon is the test's own child, killed by PID when the test ends.
@@ -15,15 +16,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::tls_echo;
 use crate::web_config::tls::{HttpsClient, Pki};
 use base64::Engine;
+use rustls::pki_types::ServerName;
 
-use crate::support::{Daemon, Options, slowloris, try_connect_from};
+use crate::support::{Daemon, Options, try_connect_from};
 
 crate::support::tests![
     probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses,
     probes_answer_through_stalled_tls_hellos_that_reconnect,
     probes_answer_through_slowloris_from_their_own_address,
+    tls_probes_answer_through_stalled_hellos_from_their_own_address,
 ];
 
 /// A probe counts as answered when its 200 arrives within this time.
@@ -297,29 +301,171 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
 }
 
 /// 256 slowloris connections from 127.0.0.2, the address the probes come from too (a
-/// NAT, kube-proxy's SNAT, a container HEALTHCHECK).
+/// NAT, kube-proxy's SNAT, a container HEALTHCHECK): half send a partial request head
+/// and add a header line every second, half say nothing; each is replaced the moment
+/// the daemon closes it.
 fn probes_answer_through_slowloris_from_their_own_address() {
     let daemon = Daemon::start("");
+    let http = daemon.http;
     let stop = Arc::new(AtomicBool::new(false));
-    let attack = slowloris(
-        daemon.http,
-        vec![PROBER],
+    let held = Arc::clone(&stop);
+    let attack = attackers(
+        &[PROBER],
         256,
-        Arc::clone(&stop),
+        &stop,
         Duration::from_secs(30),
+        move |from, n| {
+            let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500)) else {
+                return false;
+            };
+            let talks = (n / 1_000_000).is_multiple_of(2);
+            if talks
+                && s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                    .is_err()
+            {
+                return true;
+            }
+            // Held until the daemon closes it (or 3 s, or the end), a line a second
+            // from the talking half; then replaced at once.
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            for line in 0..3 {
+                match s.read(&mut [0u8; 64]) {
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    _ => break,
+                }
+                if held.load(Ordering::Relaxed)
+                    || (talks && s.write_all(format!("X-{line}: y\r\n").as_bytes()).is_err())
+                {
+                    break;
+                }
+            }
+            true
+        },
     );
     std::thread::sleep(Duration::from_secs(1));
     let (probed, failures) = series(40, Duration::from_millis(100), || {
-        request(PROBER, daemon.http, "/healthz", None, ANSWERED_WITHIN)
+        request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
     });
     stop.store(true, Ordering::Relaxed);
-    let made = attack.join().expect("attack thread");
+    let made = join(attack);
     eprintln!(
-        "slowloris from the probe's address ({made} connections): /healthz {probed} of 40 \
-         within {ANSWERED_WITHIN:?} {failures:?}"
+        "slowloris from the probe's address, reconnecting at once ({made} connections): \
+         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}"
     );
     assert!(
         probed >= 38,
         "/healthz answered {probed} of 40: {failures:#?}"
+    );
+}
+
+/// One GET over TLS from `from` (server name `localhost`), `Connection: close`; the
+/// status, when the handshake and the whole response took at most `limit`.
+fn tls_request(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    config: &Arc<rustls::ClientConfig>,
+    limit: Duration,
+) -> Result<u16, String> {
+    let started = Instant::now();
+    let tcp = try_connect_from(from, addr, None, limit).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_read_timeout(Some(limit))
+        .and_then(|()| tcp.set_write_timeout(Some(limit)))
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::clone(config), name.to_owned())
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("handshake or send: {e}"))?;
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    if started.elapsed() > limit {
+        return Err(format!("answered after {:?}", started.elapsed()));
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+}
+
+/// 256 connections from 127.0.0.2 each send the start of a ClientHello and stall; a
+/// connection the daemon closes is replaced at once (thousands a second). Probes over
+/// TLS, `/healthz` and `/readyz` in turn, from that same address and from another one,
+/// must each be answered.
+fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
+    const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 77);
+    let pki = Pki::new();
+    let web = pki.web_config("web.yml", "", &[]);
+    let client = HttpsClient::new(&pki.ca);
+    let config = tls_echo::client_config(&pki.ca, None);
+    let mut daemon = Daemon::start_with(Options {
+        toml: &format!(
+            "[metrics]\nweb_config_file = {:?}\n",
+            web.display().to_string()
+        ),
+        no_wait: true,
+        ..Options::default()
+    });
+    daemon.wait_listening();
+    client.wait_ready(daemon.http);
+    let http = daemon.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let attack = attackers(
+        &[PROBER],
+        256,
+        &stop,
+        Duration::from_secs(30),
+        move |from, _| {
+            let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500)) else {
+                return false;
+            };
+            if s.write_all(STALLED_HELLO).is_err() {
+                return true;
+            }
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let _ = s.read(&mut [0u8; 64]);
+            true
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let mut own = (0, Vec::new());
+    let mut other = (0, Vec::new());
+    for i in 0..80 {
+        let (from, tally) = if i % 2 == 0 {
+            (PROBER, &mut own)
+        } else {
+            (ELSEWHERE, &mut other)
+        };
+        let path = if (i / 2) % 2 == 0 {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
+        match tls_request(from, http, path, &config, ANSWERED_WITHIN) {
+            Ok(200) => tally.0 += 1,
+            Ok(code) => tally.1.push(format!("{i} {path}: status {code}")),
+            Err(e) => tally.1.push(format!("{i} {path}: {e}")),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let made = join(attack);
+    eprintln!(
+        "stalled TLS hellos from the probe's address ({made} connections): from {PROBER} \
+         {} of 40, from {ELSEWHERE} {} of 40 within {ANSWERED_WITHIN:?}; {:?} {:?}",
+        own.0, other.0, own.1, other.1
+    );
+    assert!(
+        own.0 >= 38 && other.0 >= 38,
+        "answered from {PROBER} {} of 40: {:#?}, from {ELSEWHERE} {} of 40: {:#?}",
+        own.0,
+        own.1,
+        other.0,
+        other.1
     );
 }

@@ -46,6 +46,8 @@ fn closed(streams: &[TcpStream], n: usize) -> (usize, usize) {
 
 /// 40 silent connections from the proxy against `max_connections = 20` (the header
 /// timeout is 30 s, so only the limit can close them): 20 are closed at once, with EOF.
+/// The 20 held count in `echod_tcp_connections_active` (so the near-limit alert,
+/// active / max, sees the table full), and leave it when they close.
 fn silent_proxied_connections_count_against_max_connections() {
     let daemon = start("[tcp]\nmax_connections = 20\n");
     let silent: Vec<TcpStream> = (0..40).map(|_| connect_from(PROXY, daemon.tcp)).collect();
@@ -59,6 +61,20 @@ fn silent_proxied_connections_count_against_max_connections() {
             &[("reason", "global_limit")]
         ),
         20.0
+    );
+    let active = daemon.metric("echod_tcp_connections_active", &[]);
+    let max = daemon.metric("echod_tcp_max_connections", &[]);
+    eprintln!("while held: echod_tcp_connections_active {active} of {max}");
+    assert_eq!(
+        active, 20.0,
+        "connections waiting for a header are not counted"
+    );
+    assert_eq!(max, 20.0);
+    drop(silent);
+    crate::support::wait_until(
+        Duration::from_secs(5),
+        || "echod_tcp_connections_active never went back to 0",
+        || daemon.metric("echod_tcp_connections_active", &[]) == 0.0,
     );
 }
 

@@ -261,7 +261,8 @@ fn a_trusted_connection_without_its_header_does_not_hold_the_upgrade() {
         Vec::new(),
     );
     let silent = std::net::TcpStream::connect(daemon.tcp).unwrap();
-    daemon.wait_metric("echod_tcp_connections_active", &[], 0.0);
+    // Accepted and waiting for its header (counted as active: it holds a slot).
+    daemon.wait_metric("echod_tcp_connections_active", &[], 1.0);
     replace(&bin, &std::fs::read(echod_bin()).unwrap());
     let asked = Instant::now();
     daemon.signal(libc::SIGHUP);

@@ -1,8 +1,8 @@
 //! The socket as the HTTP endpoint uses it: a deadline on writes (hyper has header and
-//! keep-alive timeouts but none for writes), and every read that brings bytes recorded
-//! as progress in the connection's slot, so eviction can tell a client that is getting
-//! somewhere (a probe mid-handshake) from one that stalled (a slowloris, a stalled
-//! ClientHello).
+//! keep-alive timeouts but none for writes), and every read that brings bytes and every
+//! write recorded as progress in the connection's slot, so eviction can tell a client
+//! that is getting somewhere (a probe mid-handshake, answered with a server flight)
+//! from one that stalled (a slowloris, a stalled ClientHello).
 
 use std::io;
 use std::pin::Pin;
@@ -56,9 +56,12 @@ impl Socket {
         )))
     }
 
-    fn progressed<T>(&mut self, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn progressed(&mut self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if result.is_ready() {
             self.stall = None;
+        }
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            self.slot.wrote();
         }
         result
     }

@@ -9,7 +9,9 @@
 //! to send a request head, also between keep-alive requests; 5 s for a response to
 //! drain; 10 s in all), one source address may hold only a few of the connection slots,
 //! a newcomer that finds no room takes the place of the connection that has made no
-//! progress for the longest among those not being served ([`slots`]), password checks
+//! progress for the longest among those not being served, sparing for a short grace one
+//! that echod has answered (a probe mid-handshake) ([`slots`]); each newcomer makes its
+//! first read before the next accept; password checks
 //! are bounded work that holds no place a probe needs ([`super::web_config`]), and a
 //! connection that cannot be served is closed at once rather than left in the accept
 //! queue: a fast failure beats a hang. A client whose address `metrics.allow`/
@@ -140,6 +142,10 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
             Arc::clone(&state),
             stop.clone(),
         ));
+        // Let the newcomer make its first read (its request head, its ClientHello)
+        // before the next accept: a burst of attackers accepted ahead of that read
+        // would find it the stalest of its address and evict it.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     connections.close();
@@ -231,12 +237,17 @@ async fn serve_http<I>(
         let state = Arc::clone(&state);
         let handle = handle.clone();
         async move {
+            // The health paths never wait behind a password check (and are served
+            // from here on); a request that does is not "being served" while it
+            // waits, so it can be evicted.
+            let open = is_open(req.uri().path());
+            if open {
+                handle.serving();
+            }
             // One request at a time per turn: a client pipelining hundreds of costly
             // `/metrics` requests must not keep a worker from the probes in between.
             tokio::task::yield_now().await;
-            // The health paths never wait behind a password check; a request that
-            // does is not "being served" while it waits, so it can be evicted.
-            if !is_open(req.uri().path()) {
+            if !open {
                 // The web config in force now: a reload applies to the next request.
                 let web = Arc::clone(&state.web.borrow());
                 match web

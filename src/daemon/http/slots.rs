@@ -5,19 +5,33 @@
 //! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
 //! keep-alive, a request waiting for a password check): of the address holding the
 //! most places (its own, when it is at its share), the one that has made no progress
-//! for the longest. Progress is a read that brought bytes, or a request
-//! answered; so a probe mid-handshake, reading every millisecond, outlives the stalled
-//! connections around it however fast they reconnect, and an address's own
-//! connections (one NAT address for a kubelet and an attacker) make room for its probe.
+//! for the longest. Progress is a read that brought bytes, or a request answered.
+//!
+//! Staleness alone does not save a probe from an attacker on its own address that
+//! reconnects the moment it is evicted: thousands of stalled ClientHellos a second
+//! each read their few bytes *after* the probe's last read, so the probe, waiting a
+//! few milliseconds for its client's next flight, became the stalest in the share and
+//! was evicted (38–64 % of TLS probes answered). So a connection that got an answer
+//! from echod — a TLS server flight (its ClientHello was complete), a response — and
+//! has made progress within the last [`GRACE`] is *protected*: it is evicted only when
+//! no unprotected candidate is left. A stalled handshake or a slowloris head never
+//! gets an answer, so it is never protected; a probe is protected from its server
+//! flight until it is served.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::limits::{ConnectionLimiter, Permit};
 use crate::daemon::reasons::RejectReason;
+
+/// How long a connection that echod has answered stays protected from eviction after
+/// its last progress: a handshake or a request on loopback, or across a LAN, moves
+/// within milliseconds; a client that stops for longer is a candidate again.
+pub(super) const GRACE: Duration = Duration::from_millis(200);
 
 /// Why a connection was closed right after accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +72,11 @@ struct Entry {
     /// The tick of its last read that brought bytes (or its accept, or its last
     /// answer).
     progressed: u64,
+    /// When that was.
+    progressed_at: Instant,
+    /// echod has written to it (a TLS server flight, a response): it is getting
+    /// somewhere, so it is protected while its last progress is within [`GRACE`].
+    answered: bool,
     /// Serving a request now: never evicted.
     busy: bool,
     evicted: CancellationToken,
@@ -103,14 +122,17 @@ impl Slots {
                 for e in table.entries.values() {
                     *held.entry(e.ip).or_insert(0) += 1;
                 }
-                // From the address holding the most (an attacker needs as many
-                // addresses as there are places to reach a lone probe), the stalest.
+                // Unprotected ones first; of those, from the address holding the
+                // most (an attacker needs as many addresses as there are places to
+                // reach a lone probe), the stalest.
+                let now = Instant::now();
                 let victim = table
                     .entries
                     .iter()
                     .filter(|(_, e)| !e.busy && (!own || e.ip == ip))
                     .min_by_key(|(id, e)| {
                         (
+                            e.is_protected(now),
                             std::cmp::Reverse(held.get(&e.ip).copied()),
                             e.progressed,
                             **id,
@@ -134,6 +156,8 @@ impl Slots {
             Entry {
                 ip,
                 progressed,
+                progressed_at: Instant::now(),
+                answered: false,
                 busy: false,
                 evicted: evicted.clone(),
             },
@@ -156,6 +180,17 @@ impl Table {
     }
 }
 
+impl Entry {
+    fn is_protected(&self, now: Instant) -> bool {
+        self.answered && now.saturating_duration_since(self.progressed_at) < GRACE
+    }
+
+    fn progress(&mut self, tick: u64) {
+        self.progressed = tick;
+        self.progressed_at = Instant::now();
+    }
+}
+
 impl Slot {
     pub(super) fn handle(&self) -> SlotHandle {
         self.handle.clone()
@@ -173,7 +208,15 @@ impl SlotHandle {
 
     /// A read brought bytes.
     pub(super) fn progressed(&self) {
-        self.update(|e, now| e.progressed = now);
+        self.update(|e, now| e.progress(now));
+    }
+
+    /// echod wrote to it (a TLS server flight, a response): what it sent was complete.
+    pub(super) fn wrote(&self) {
+        self.update(|e, now| {
+            e.answered = true;
+            e.progress(now);
+        });
     }
 
     /// A request is being served (after its password check, if it needs one): the
@@ -186,7 +229,8 @@ impl SlotHandle {
     pub(super) fn answered(&self) {
         self.update(|e, now| {
             e.busy = false;
-            e.progressed = now;
+            e.answered = true;
+            e.progress(now);
         });
     }
 }
@@ -201,7 +245,9 @@ impl Drop for Slot {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use super::{Refused, Slots};
+    use std::time::Instant;
+
+    use super::{GRACE, Refused, Slots};
 
     const MAX: usize = 64;
     const PER_IP: usize = 8;
@@ -262,5 +308,35 @@ mod tests {
         drop(held);
         drop(newcomer);
         assert!(slots.lock().entries.is_empty());
+    }
+
+    #[test]
+    fn a_connection_echod_answered_outlives_stalled_newcomers_of_its_address_within_the_grace() {
+        let slots = Slots::new(MAX, PER_IP);
+        let probe = slots.admit(ip(1)).expect("room");
+        // Its ClientHello was read and the server flight written: protected.
+        probe.handle().progressed();
+        probe.handle().wrote();
+        // Stalled hellos from the same address, each replaced at once when evicted:
+        // every one of them read its bytes after the probe's last progress.
+        let mut stalled = Vec::new();
+        for _ in 0..200 {
+            let slot = slots.admit(ip(1)).expect("room made in its own share");
+            slot.handle().progressed();
+            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
+            stalled.push(slot);
+        }
+        assert!(!probe.evicted.is_cancelled(), "the probe was evicted");
+        assert_eq!(stalled.len(), PER_IP - 1);
+        // Once the grace has passed without progress, the probe is a candidate again
+        // (the stalest one).
+        {
+            let mut table = slots.lock();
+            let id = probe.handle().id;
+            let entry = table.entries.get_mut(&id).expect("still in the table");
+            entry.progressed_at = Instant::now().checked_sub(GRACE).expect("clock");
+        }
+        let _last = slots.admit(ip(1)).expect("room");
+        assert!(probe.evicted.is_cancelled(), "the grace never ends");
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
@@ -155,6 +156,10 @@ impl Proxied {
             label,
             tls,
         } = self;
+        // It holds a slot under `tcp.max_connections`, so it counts as active (the
+        // near-limit alert is active / max); on a TLS listener that gauge counts
+        // connections past their handshake only.
+        let awaiting = tls.is_none().then(|| Awaiting::new(&metrics.active));
         let timeout = config.proxy_protocol.header_timeout;
         let read = tokio::time::timeout(timeout, proxy::read_header(&mut stream, proxy));
         let header = tokio::select! {
@@ -181,6 +186,7 @@ impl Proxied {
         };
         // The proxy's slot goes back as the client's is taken.
         drop(waiting);
+        drop(awaiting);
         let permit = limiter
             .screen(&config, client.ip())
             .and_then(|()| limiter.try_acquire(client.ip()));
@@ -205,5 +211,22 @@ impl Proxied {
                 close_at_once(stream);
             }
         }
+    }
+}
+
+/// Counts a connection waiting for its PROXY header in the listener's active gauge
+/// until dropped.
+struct Awaiting(IntGauge);
+
+impl Awaiting {
+    fn new(active: &IntGauge) -> Self {
+        active.inc();
+        Self(active.clone())
+    }
+}
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
