@@ -459,8 +459,20 @@ fn limit_gauges_follow_the_config_across_reloads() {
 }
 
 /// A live scrape after some traffic, and its families (name → type).
+/// A daemon with every family the reference lists: TLS echo on too (its families exist
+/// only while a TLS listener serves), with a certificate made for the test.
+fn daemon_with_every_family() -> (Daemon, crate::web_config::tls::Pki) {
+    let pki = crate::web_config::tls::Pki::new();
+    let daemon = Daemon::start(&format!(
+        "[tls]\nlisten = [\"{CONFIGURED}\"]\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string()
+    ));
+    (daemon, pki)
+}
+
 fn live_scrape() -> (String, std::collections::BTreeMap<String, String>) {
-    let daemon = Daemon::start("");
+    let (daemon, _pki) = daemon_with_every_family();
     let data = random_bytes(1000, 1);
     assert!(tcp_roundtrip(daemon.tcp, &data, 1) == data);
     let scrape = daemon.scrape();
@@ -668,7 +680,7 @@ fn metrics_reference_lists_every_exported_family_and_endpoint() {
 }
 
 fn every_documented_reason_kind_and_cap_exists_at_zero_from_the_start() {
-    let daemon = Daemon::start("");
+    let (daemon, _pki) = daemon_with_every_family();
     let scrape = daemon.scrape();
     let (tcp, udp) = (CONFIGURED.to_string(), CONFIGURED.to_string());
     let mut checked = 0;
@@ -708,8 +720,9 @@ fn every_documented_reason_kind_and_cap_exists_at_zero_from_the_start() {
             row.name
         );
     }
-    // rejected 6 + capped 2 + accept errors 4 + UDP drops 5 + HTTP rejected 1.
-    assert_eq!(checked, 18, "documented reason/kind/cap values");
+    // rejected 6 + capped 2 + accept errors 4 + UDP drops 5 + HTTP rejected 1 + TLS
+    // closed 7.
+    assert_eq!(checked, 25, "documented reason/kind/cap values");
 }
 
 fn source_addresses_never_become_labels() {
@@ -836,6 +849,13 @@ fn kubernetes_probe_timeouts() -> Vec<(String, String, Duration)> {
         for key in body.map(|l| l.trim()) {
             if let Some(p) = key.strip_prefix("path:") {
                 path = Some(p.trim().to_string());
+            }
+            // An exec probe (`echod probe --http=URL …`) checks the URL's path.
+            if let Some(url) = key.strip_prefix("- --http=") {
+                path = url
+                    .trim()
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.find('/').map(|at| rest[at..].to_string()));
             }
             if let Some(t) = key.strip_prefix("timeoutSeconds:") {
                 timeout = Duration::from_secs(t.trim().parse().expect("timeoutSeconds"));
