@@ -16,14 +16,14 @@ crate::support::tests![
 ];
 
 /// A copy of echod in a directory of its own, which a test can replace.
-fn own_copy(dir: &Path) -> PathBuf {
+pub(crate) fn own_copy(dir: &Path) -> PathBuf {
     let bin = dir.join("echod");
     std::fs::copy(echod_bin(), &bin).unwrap();
     bin
 }
 
 /// Replaces `bin` the way a package manager does: a new file renamed over the old one.
-fn replace(bin: &Path, contents: &[u8]) {
+pub(crate) fn replace(bin: &Path, contents: &[u8]) {
     let new = bin.with_extension("new");
     std::fs::write(&new, contents).unwrap();
     std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

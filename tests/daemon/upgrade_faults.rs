@@ -5,11 +5,12 @@
 //! the truth about each outcome.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{CONFIGURED, Daemon, Options, echod_bin, wait_for_log};
+use crate::upgrade::{own_copy, replace};
 
 crate::support::tests![
     an_older_binary_that_cannot_take_over_is_refused_before_the_exec,
@@ -27,21 +28,6 @@ crate::support::tests![
     echod_reload_signals_only_echod_and_notices_its_exit,
     a_handover_variable_set_by_mistake_is_refused_unread,
 ];
-
-/// A copy of echod in `dir`, which a test replaces to upgrade it.
-fn own_copy(dir: &Path) -> PathBuf {
-    let bin = dir.join("echod");
-    std::fs::copy(echod_bin(), &bin).unwrap();
-    bin
-}
-
-/// Puts `contents` at `bin` the way a package manager does (rename over the old file).
-fn replace(bin: &Path, contents: &[u8]) {
-    let new = bin.with_extension("new");
-    std::fs::write(&new, contents).unwrap();
-    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::rename(&new, bin).unwrap();
-}
 
 /// A new "binary": a script that runs `before_check` when asked `upgrade-check`, and
 /// otherwise execs the real echod (a copy beside it).
