@@ -16,7 +16,12 @@
 //! has made progress within the last [`GRACE`] is *protected*: it is evicted only when
 //! no unprotected candidate is left. A stalled handshake or a slowloris head never
 //! gets an answer, so it is never protected; a probe is protected from its server
-//! flight until it is served.
+//! flight until it is served. Before that flight, a client that has sent nothing yet
+//! and is younger than [`GRACE`] is *fresh* (curl sends its ClientHello ~2 ms after
+//! connecting): it goes after every connection that sent bytes and stopped, and before
+//! the protected ones. So the order of eviction is: stalled (bytes then nothing, or
+//! older than the grace), fresh, protected; within each, from the address holding the
+//! most, the stalest.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -77,6 +82,8 @@ struct Entry {
     /// echod has written to it (a TLS server flight, a response): it is getting
     /// somewhere, so it is protected while its last progress is within [`GRACE`].
     answered: bool,
+    /// A read has brought bytes.
+    sent: bool,
     /// Serving a request now: never evicted.
     busy: bool,
     evicted: CancellationToken,
@@ -132,7 +139,7 @@ impl Slots {
                     .filter(|(_, e)| !e.busy && (!own || e.ip == ip))
                     .min_by_key(|(id, e)| {
                         (
-                            e.is_protected(now),
+                            e.rank(now),
                             std::cmp::Reverse(held.get(&e.ip).copied()),
                             e.progressed,
                             **id,
@@ -158,6 +165,7 @@ impl Slots {
                 progressed,
                 progressed_at: Instant::now(),
                 answered: false,
+                sent: false,
                 busy: false,
                 evicted: evicted.clone(),
             },
@@ -181,8 +189,15 @@ impl Table {
 }
 
 impl Entry {
-    fn is_protected(&self, now: Instant) -> bool {
-        self.answered && now.saturating_duration_since(self.progressed_at) < GRACE
+    /// Who goes first: 0 stalled, 1 fresh (nothing sent yet, younger than the grace),
+    /// 2 protected (answered, progressed within the grace).
+    fn rank(&self, now: Instant) -> u8 {
+        let recent = now.saturating_duration_since(self.progressed_at) < GRACE;
+        match (recent, self.answered, self.sent) {
+            (true, true, _) => 2,
+            (true, false, false) => 1,
+            _ => 0,
+        }
     }
 
     fn progress(&mut self, tick: u64) {
@@ -208,7 +223,10 @@ impl SlotHandle {
 
     /// A read brought bytes.
     pub(super) fn progressed(&self) {
-        self.update(|e, now| e.progress(now));
+        self.update(|e, now| {
+            e.sent = true;
+            e.progress(now);
+        });
     }
 
     /// echod wrote to it (a TLS server flight, a response): what it sent was complete.
@@ -262,6 +280,10 @@ mod tests {
         let held: Vec<_> = (0..PER_IP)
             .map(|_| slots.admit(ip(1)).expect("within the share"))
             .collect();
+        // Each sent a partial head (so none is fresh), in order.
+        for slot in &held {
+            slot.handle().progressed();
+        }
         // The oldest is being served, the second made progress just now: the third goes.
         held[0].handle().serving();
         held[1].handle().progressed();
@@ -285,7 +307,11 @@ mod tests {
         let held: Vec<_> = (0..MAX)
             .map(|i| slots.admit(ip(1 + i as u32)).expect("room"))
             .collect();
-        // Everyone but #5 makes progress (a probe's handshake; stalled ones do not).
+        // Each sent its first bytes (so none is fresh); then everyone but #5 makes
+        // progress again (a probe's handshake; stalled ones do not).
+        for slot in &held {
+            slot.handle().progressed();
+        }
         for (i, slot) in held.iter().enumerate() {
             if i != 5 {
                 slot.handle().progressed();
@@ -338,5 +364,35 @@ mod tests {
         }
         let _last = slots.admit(ip(1)).expect("room");
         assert!(probe.evicted.is_cancelled(), "the grace never ends");
+    }
+
+    #[test]
+    fn a_client_that_sent_nothing_yet_outlives_stalled_newcomers_within_the_grace() {
+        let slots = Slots::new(MAX, PER_IP);
+        // curl: connected, its ClientHello not sent yet.
+        let probe = slots.admit(ip(1)).expect("room");
+        let mut stalled = Vec::new();
+        for _ in 0..200 {
+            let slot = slots.admit(ip(1)).expect("room made in its own share");
+            slot.handle().progressed();
+            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
+            stalled.push(slot);
+        }
+        assert!(
+            !probe.evicted.is_cancelled(),
+            "the fresh connection was evicted"
+        );
+        // Fresh ones go before protected ones.
+        let answered = slots.admit(ip(2)).expect("room");
+        answered.handle().wrote();
+        let fresh = slots.admit(ip(2)).expect("room");
+        let others: Vec<_> = (2..PER_IP)
+            .map(|_| slots.admit(ip(2)).expect("room"))
+            .collect();
+        for slot in &others {
+            slot.handle().wrote();
+        }
+        let _newcomer = slots.admit(ip(2)).expect("room");
+        assert!(fresh.evicted.is_cancelled() && !answered.evicted.is_cancelled());
     }
 }
