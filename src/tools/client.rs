@@ -192,18 +192,14 @@ fn connect_tcp(args: &ClientArgs) -> Result<(TcpStream, Option<ClientConnection>
     Err(last.expect("resolve returns at least one address"))
 }
 
-/// Runs the TLS handshake on `stream` with `timeout` per socket call, then clears the
-/// timeouts for the caller to set its own.
+/// Runs the TLS handshake on `stream` within `timeout` in all, then clears the timeouts
+/// for the caller to set its own.
 fn handshake(
     stream: &mut TcpStream,
     conn: &mut ClientConnection,
     timeout: Duration,
 ) -> io::Result<()> {
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    while conn.is_handshaking() {
-        conn.complete_io(stream)?;
-    }
+    tls::handshake_by(conn, stream, std::time::Instant::now() + timeout)?;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)
 }

@@ -275,10 +275,12 @@ pub(crate) fn check(
                 .clone()
                 .ok_or(ProbeError::Setup(TlsSetupError::NoTrust("a tls:// target")))?;
             let name = tls.tls.server_name(addr)?;
-            let stream = connect(addr, &deadline)?;
+            let mut stream = connect(addr, &deadline)?;
             let socket = stream.try_clone().map_err(ProbeError::Io)?;
-            let conn = rustls::ClientConnection::new(config, name)
+            let mut conn = rustls::ClientConnection::new(config, name)
                 .map_err(|e| ProbeError::Tls(e.to_string()))?;
+            tls::handshake_by(&mut conn, &mut stream, deadline.at)
+                .map_err(|e| tls_error(deadline.io_error(e)))?;
             check_echo(rustls::StreamOwned::new(conn, stream), &socket, &deadline)
                 .map_err(tls_error)
         }

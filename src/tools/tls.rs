@@ -185,10 +185,22 @@ pub(crate) fn client_config(
 }
 
 /// Every certificate in a PEM file; at least one.
+/// The largest certificate file read (thousands of certificates fit).
+const MAX_PEM_FILE: u64 = 64 * 1024 * 1024;
+
 pub(crate) fn read_pem_certs(
     path: &Path,
     flag: &str,
 ) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    // A CA bundle is a small regular file: `/dev/zero` or a pipe would be read forever.
+    let meta = std::fs::metadata(path)
+        .map_err(|e| TlsSetupError::File(format!("{flag} {}: {e}", path.display())))?;
+    if !meta.is_file() || meta.len() > MAX_PEM_FILE {
+        return Err(TlsSetupError::File(format!(
+            "{flag} {}: not a regular file of at most {MAX_PEM_FILE} bytes",
+            path.display()
+        )));
+    }
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsSetupError::File(format!("{flag} {}: {e}", path.display())))?;
@@ -199,6 +211,47 @@ pub(crate) fn read_pem_certs(
         )));
     }
     Ok(certs)
+}
+
+/// Completes a client handshake on `stream` by `deadline`: each socket call may wait only
+/// for the time left, so a server that trickles its handshake a byte at a time cannot
+/// hold a tool past its `--timeout` (a timeout per call would restart on every byte).
+pub(crate) fn handshake_by(
+    conn: &mut rustls::ClientConnection,
+    stream: &mut std::net::TcpStream,
+    deadline: std::time::Instant,
+) -> io::Result<()> {
+    while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the TLS handshake did not finish in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        stream.set_write_timeout(Some(left))?;
+        // One socket call at a time (rustls's complete_io would loop on its own).
+        if conn.wants_write() {
+            conn.write_tls(stream)?;
+            continue;
+        }
+        if conn.read_tls(stream)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection during the TLS handshake",
+            ));
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // The alert that says why goes out before the error does.
+            let _ = conn.write_tls(stream);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+    }
+    while conn.wants_write() {
+        conn.write_tls(stream)?;
+    }
+    Ok(())
 }
 
 /// The host of `host:port` as TLS names it (brackets off an IPv6 address).

@@ -403,3 +403,46 @@ fn bench_refuses_an_unverifiable_server() {
     }
     assert_eq!(handshakes(&daemon, "ok"), 0.0);
 }
+
+/// A server that answers the ClientHello a byte every 200 ms cannot hold a tool past its
+/// `--timeout`: a timeout per socket read restarted on every byte (20 s seen for a 1 s
+/// timeout); the handshake now has the time left, in all.
+#[test]
+fn a_trickling_handshake_is_bounded_by_the_timeout() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(2) {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = s.read(&mut [0u8; 1024]);
+                // A handshake record's header and body, one byte at a time (at most 10 s).
+                let record = [0x16u8, 0x03, 0x03, 0x00, 0x40];
+                for b in record.iter().chain([0u8; 0x40].iter()).take(50) {
+                    if s.write_all(&[*b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+    });
+    let target = format!("tls://{addr}");
+    let ca = path(&pki.ca);
+    for args in [
+        vec!["probe", "--tcp", &target, "--ca", &ca, "--timeout", "1s"],
+        vec!["client", &target, "--ca", &ca, "--timeout", "1s"],
+    ] {
+        let started = std::time::Instant::now();
+        let run = echod(&args, b"x");
+        let took = started.elapsed();
+        assert_eq!(run.code(), 1, "{args:?}: {}", run.stderr);
+        assert!(
+            took < Duration::from_secs(4),
+            "{args:?} took {took:?}: {}",
+            run.stderr
+        );
+    }
+}
