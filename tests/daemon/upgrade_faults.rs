@@ -425,15 +425,22 @@ fn a_stop_during_a_hanging_check_exits_at_once() {
         "exit took {:?}",
         stopped.elapsed()
     );
-    let left = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
-        })
-        .count();
-    assert_eq!(left, 0, "the check outlived echod");
+    let left = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
+            })
+            .count()
+    };
+    // Killed with its group; a SIGKILL takes a moment to land.
+    crate::support::wait_until(
+        Duration::from_secs(5),
+        || format!("the check outlived echod: {} left", left()),
+        || left() == 0,
+    );
 }
 
 /// `echod reload --pid` with a mistyped PID signals nothing that is not echod, and a

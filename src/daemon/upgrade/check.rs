@@ -45,13 +45,20 @@ pub(crate) fn ask(
         let _ = stdin.write_all(description);
     }
     let pid = child.id();
-    running.store(pid as i32, Ordering::SeqCst);
+    // -1: the upgrade was abandoned before the check started; it is ended at once.
+    if running
+        .compare_exchange(0, pid as i32, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // SAFETY: kill(2) of the process group our own child leads, not yet reaped.
+        unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     let output = rx.recv_timeout(CHECK_TIMEOUT);
-    running.store(0, Ordering::SeqCst);
+    let _ = running.compare_exchange(pid as i32, 0, Ordering::SeqCst, Ordering::SeqCst);
     let output = match output {
         Ok(output) => output.map_err(|e| format!("{}: {e}", binary.display()))?,
         Err(_) => {

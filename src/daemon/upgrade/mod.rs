@@ -92,7 +92,8 @@ pub struct Upgrade {
     /// The file the check ran (device, inode): only that file is exec'd, never one
     /// renamed over the path meanwhile.
     checked: std::sync::Mutex<Option<FileId>>,
-    /// The check's process (group) while it runs, 0 otherwise.
+    /// The check's process (group) while it runs, 0 otherwise, -1 once abandoned (a
+    /// check that has not started yet then ends as it starts).
     running_check: AtomicI32,
 }
 
@@ -145,7 +146,7 @@ impl Upgrade {
     pub(crate) fn abandon(&self) {
         let pid = self
             .running_check
-            .swap(0, std::sync::atomic::Ordering::SeqCst);
+            .swap(-1, std::sync::atomic::Ordering::SeqCst);
         if pid > 0 {
             // SAFETY: kill(2) of the process group our own check leads; its waiter has
             // not reaped it (it would have cleared `running_check` first).
