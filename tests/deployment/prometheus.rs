@@ -142,7 +142,14 @@ fn example_config(echod_http: SocketAddr, probe_tcp: SocketAddr, blackbox: Socke
 fn prometheus_scrapes_exact_counts_and_probe_results() {
     // `counted` gets only this test's traffic; the blackbox TCP probe (a connection
     // every second) goes to `probed`, so it cannot disturb the exact counts.
-    let counted = daemon_with_limits(2, 2);
+    // TLS echo is on too (no TLS traffic): the dashboard's TLS panel has series to show.
+    let pki = Pki::new();
+    let counted = Daemon::start(&format!(
+        "[tcp]\nmax_connections = 2\nmax_connections_per_ip = 2\n\
+         [tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = {:?}\nkey_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string()
+    ));
     let probed = Daemon::start("");
     let blackbox = Blackbox::start(&repo_path("deploy/prometheus/blackbox.yml"));
     let rules = std::fs::read_to_string(repo_path("deploy/prometheus/echod-alerts.yml")).unwrap();
