@@ -80,6 +80,18 @@ fn echoes(stream: &mut std::net::TcpStream, data: &[u8]) -> bool {
     stream.read_exact(&mut back).is_ok() && back == data
 }
 
+/// Sends SIGHUP for an upgrade the daemon must refuse, saying `why` in its log: the
+/// refusal is counted, the process is the same, and `held` is still echoed. The log.
+fn refused_and_still_serving(daemon: &Daemon, held: &mut std::net::TcpStream, why: &str) -> String {
+    let pid = daemon.pid();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
+    let log = wait_for_log(daemon, why);
+    assert_eq!(daemon.pid(), pid);
+    assert!(echoes(held, b"still served"));
+    log
+}
+
 /// An older echod (or any binary that does not read this handover) passes
 /// `check-config` but cannot take over: it used to be exec'd and exit 1, with every
 /// connection and the ports. It is asked first, refused, and the running one serves on.
@@ -87,7 +99,6 @@ fn an_older_binary_that_cannot_take_over_is_refused_before_the_exec() {
     let dir = tempfile::tempdir().unwrap();
     let bin = own_copy(dir.path());
     let daemon = daemon_from(&bin, "", Vec::new());
-    let pid = daemon.pid();
     let mut held = daemon.open_connection();
     // What a release without `upgrade-check` answers: clap's error for an unknown
     // subcommand, exit 2; every other command works.
@@ -95,12 +106,8 @@ fn an_older_binary_that_cannot_take_over_is_refused_before_the_exec() {
         &bin,
         "echo \"error: unrecognized subcommand '$1'\" >&2; exit 2",
     );
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
-    let log = wait_for_log(&daemon, "cannot take over in place");
+    let log = refused_and_still_serving(&daemon, &mut held, "cannot take over in place");
     assert!(!log.contains("executing the new binary"), "{log}");
-    assert_eq!(daemon.pid(), pid);
-    assert!(echoes(&mut held, b"still served"));
 }
 
 /// A pending edit that adds a busy address passes `check-config` (it binds nothing),
@@ -118,12 +125,9 @@ fn a_busy_port_in_the_edited_config_is_refused_before_the_exec() {
         busy.local_addr().unwrap()
     ));
     replace(&bin, &std::fs::read(echod_bin()).unwrap());
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
-    let log = wait_for_log(&daemon, "new binary refused");
+    let log = refused_and_still_serving(&daemon, &mut held, "new binary refused");
     assert!(log.contains("already uses this port"), "{log}");
     assert!(!log.contains("executing the new binary"), "{log}");
-    assert!(echoes(&mut held, b"still served"));
     drop(busy);
 }
 
@@ -351,7 +355,6 @@ fn a_binary_renamed_over_the_path_during_the_check_is_not_run() {
     let dir = tempfile::tempdir().unwrap();
     let bin = own_copy(dir.path());
     let daemon = daemon_from(&bin, "", Vec::new());
-    let pid = daemon.pid();
     let mut held = daemon.open_connection();
     let crash = dir.path().join("crash");
     std::fs::write(&crash, "#!/bin/sh\necho SWAPPED-RAN >&2\nexit 4\n").unwrap();
@@ -363,12 +366,8 @@ fn a_binary_renamed_over_the_path_during_the_check_is_not_run() {
             crash = crash.display()
         ),
     );
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
-    let log = wait_for_log(&daemon, "changed after its check");
+    let log = refused_and_still_serving(&daemon, &mut held, "changed after its check");
     assert!(!log.contains("SWAPPED-RAN"), "{log}");
-    assert_eq!(daemon.pid(), pid);
-    assert!(echoes(&mut held, b"still served"));
 }
 
 /// The processes of a new binary's check, when it hangs past the check's 10 s: killed
@@ -496,7 +495,6 @@ fn a_config_broken_after_the_check_refuses_the_exec() {
     let dir = tempfile::tempdir().unwrap();
     let bin = own_copy(dir.path());
     let daemon = daemon_from(&bin, "", Vec::new());
-    let pid = daemon.pid();
     let mut held = daemon.open_connection();
     let real = bin.with_file_name("echod-real");
     wrapped(
@@ -507,10 +505,6 @@ fn a_config_broken_after_the_check_refuses_the_exec() {
             config = daemon.config_path().display()
         ),
     );
-    daemon.signal(libc::SIGHUP);
-    daemon.wait_metric("echod_config_reload_failures_total", &[], 1.0);
-    let log = wait_for_log(&daemon, "no longer loads");
+    let log = refused_and_still_serving(&daemon, &mut held, "no longer loads");
     assert!(log.contains("junk"), "{log}");
-    assert_eq!(daemon.pid(), pid);
-    assert!(echoes(&mut held, b"still served"));
 }
