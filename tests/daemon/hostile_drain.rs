@@ -91,9 +91,18 @@ fn round(n: usize) -> Vec<End> {
     ends
 }
 
+/// Rounds in which some queued client must have been shed unserved.
+const SHEDDING_ROUNDS: usize = 3;
+
+/// Rounds at most: whether the stop reaches the accept loop before it has drained the
+/// queue is a race between two runtime threads; on a loaded 2-core CI machine one round
+/// in several accepts all 400 first (seen once), locally almost none do.
+const MAX_ROUNDS: usize = 8;
+
 fn clients_queued_at_sigterm_see_eof_never_a_reset() {
     let mut all = Vec::new();
-    for n in 0..3 {
+    let mut shedding = 0;
+    for n in 0..MAX_ROUNDS {
         let ends = round(n);
         let count = |e: End| ends.iter().filter(|x| **x == e).count();
         eprintln!(
@@ -104,14 +113,19 @@ fn clients_queued_at_sigterm_see_eof_never_a_reset() {
             count(End::Hung)
         );
         // A round in which every client was accepted before the stop tests the drain,
-        // not the shedding of the queue: at least one must have been shed unserved.
-        assert!(
-            count(End::Eof) >= 1,
-            "round {n}: no queued client was shed (all {} echoed)",
-            ends.len()
-        );
+        // not the shedding of the queue; its clients still count for the reset check.
+        if count(End::Eof) >= 1 {
+            shedding += 1;
+        }
         all.extend(ends);
+        if shedding == SHEDDING_ROUNDS {
+            break;
+        }
     }
+    assert_eq!(
+        shedding, SHEDDING_ROUNDS,
+        "only {shedding} of {MAX_ROUNDS} rounds shed a queued client unserved"
+    );
     let bad: Vec<(usize, End)> = all
         .iter()
         .copied()
