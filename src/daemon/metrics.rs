@@ -330,7 +330,7 @@ impl Metrics {
             http_rejected: counter_vec(
                 &r,
                 "echod_http_connections_rejected_total",
-                "HTTP endpoint connections closed right after accept, by reason (denied: metrics.allow/metrics.deny).",
+                "HTTP endpoint connections closed before they were served, by reason (denied: metrics.allow/metrics.deny; per_ip_limit, global_limit: no place to take; silent: nothing sent within 2s of accept, or pushed out of the 256 waiting).",
                 &["reason"],
             ),
             tls_certificate_expiry: IntGauge::new(
@@ -359,7 +359,9 @@ impl Metrics {
         for result in UpgradeResult::ALL {
             m.upgrades.with_label_values(&[result.label()]);
         }
-        m.http_rejected.with_label_values(&["denied"]);
+        for reason in ["denied", "per_ip_limit", "global_limit", "silent"] {
+            m.http_rejected.with_label_values(&[reason]);
+        }
         m
     }
 
@@ -413,6 +415,12 @@ impl Metrics {
     /// admitted by `metrics.allow`/`metrics.deny`.
     pub fn http_denied(&self) {
         self.http_rejected.with_label_values(&["denied"]).inc();
+    }
+
+    /// An HTTP endpoint connection was closed before it was served, for `reason`
+    /// (`per_ip_limit`, `global_limit`, `silent`).
+    pub(crate) fn http_rejected(&self, reason: &str) {
+        self.http_rejected.with_label_values(&[reason]).inc();
     }
 
     /// Publishes the configured limits, so alerts and dashboards can compare usage

@@ -10,14 +10,17 @@
 //! drain; 10 s in all), one source address may hold only a few of the connection slots,
 //! a newcomer that finds no room takes the place of the connection that has made no
 //! progress for the longest among those not being served, sparing for a short grace one
-//! that echod has answered (a probe mid-handshake) ([`slots`]); each newcomer makes its
-//! first read before the next accept; password checks
+//! that echod has answered (a probe mid-handshake) ([`slots`]); a connection takes a
+//! place only once its first bytes have arrived, so the table never holds silent
+//! newcomers that eviction could not tell from a probe ([`admission`]); each newcomer
+//! makes its first read before the next accept; password checks
 //! are bounded work that holds no place a probe needs ([`super::web_config`]), and a
 //! connection that cannot be served is closed at once rather than left in the accept
 //! queue: a fast failure beats a hang. A client whose address `metrics.allow`/
 //! `metrics.deny` refuses is closed before it takes a slot, counted as `denied`.
 //!
-//! The module's parts: [`health`] (readiness state), [`slots`] (admission and
+//! The module's parts: [`admission`] (waiting for the first bytes), [`health`]
+//! (readiness state), [`slots`] (the slot table and
 //! eviction, on the per-address limiter the echo listeners use), [`io`] (the socket
 //! with a write deadline and progress marks), [`routes`] (what each path answers);
 //! this file accepts, sniffs TLS and runs hyper.
@@ -28,6 +31,7 @@
 //! carry no credentials, and what they learn (alive, ready) is no secret; with TLS on,
 //! they too must use TLS.
 
+mod admission;
 mod health;
 mod io;
 mod routes;
@@ -50,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
+use self::admission::{Arrived, Lobby, Ticket, Waited};
 pub(crate) use self::health::Health;
 use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
@@ -106,6 +111,11 @@ pub(crate) struct State {
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
     let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP);
+    let lobby = Arc::new(Lobby::default());
+    if let Err(e) = admission::defer_accept(&listener) {
+        // The lobby still defers admission; silent connections cost a descriptor each.
+        warn!(error = %e, "cannot set TCP_DEFER_ACCEPT on the HTTP listener");
+    }
     let connections = TaskTracker::new();
     let mut acceptor = Acceptor::new();
     let on_error = |kind: AcceptErrorKind, e: &stdio::Error| {
@@ -124,24 +134,31 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
             close_at_once(stream);
             continue;
         }
-        let slot = match slots.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refused) => {
-                if let Some(suppressed) = REFUSED_LOG.allow() {
-                    warn!(%peer, reason = refused.label(), suppressed,
-                        "HTTP connection refused");
+        match admission::arrived(&stream) {
+            Arrived::Bytes => {
+                if let Some(slot) = admit(&slots, peer, &state.metrics) {
+                    connections.spawn(serve_connection(
+                        stream,
+                        peer,
+                        (slot, loan),
+                        Arc::clone(&state),
+                        stop.clone(),
+                    ));
                 }
-                // Dropping the stream closes it: the client learns at once.
-                continue;
             }
-        };
-        connections.spawn(serve_connection(
-            stream,
-            peer,
-            (slot, loan),
-            Arc::clone(&state),
-            stop.clone(),
-        ));
+            // Its first bytes are awaited in the lobby, where it holds no slot.
+            Arrived::Nothing => {
+                let ticket = lobby.enter();
+                connections.spawn(wait_then_serve(
+                    stream,
+                    peer,
+                    (ticket, loan),
+                    (Arc::clone(&slots), Arc::clone(&state)),
+                    stop.clone(),
+                ));
+            }
+            Arrived::Gone => {}
+        }
         // Let the newcomer make its first read (its request head, its ClientHello)
         // before the next accept: a burst of attackers accepted ahead of that read
         // would find it the stalest of its address and evict it.
@@ -150,6 +167,50 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     drop(listener);
     connections.close();
     let _ = tokio::time::timeout(STOP_GRACE, connections.wait()).await;
+}
+
+/// A slot for a connection from `peer` whose first bytes have arrived, evicting one not
+/// being served if need be; `None` (counted) when every candidate is being served.
+fn admit(slots: &Arc<Slots>, peer: SocketAddr, metrics: &Metrics) -> Option<Slot> {
+    match slots.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(refused) => {
+            metrics.http_rejected(refused.label());
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(%peer, reason = refused.label(), suppressed, "HTTP connection refused");
+            }
+            // Dropping the stream closes it: the client learns at once.
+            None
+        }
+    }
+}
+
+/// A connection accepted before its first bytes: waits for them in the lobby (bounded
+/// in time, and pushed out by newcomers when the lobby is full), then is admitted and
+/// served like one that arrived with them.
+async fn wait_then_serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    (ticket, loan): (Ticket, Option<Loan>),
+    (slots, state): (Arc<Slots>, Arc<State>),
+    stop: CancellationToken,
+) {
+    match admission::wait_for_bytes(&stream, &ticket, &stop).await {
+        Waited::Bytes => {
+            drop(ticket);
+            if let Some(slot) = admit(&slots, peer, &state.metrics) {
+                serve_connection(stream, peer, (slot, loan), state, stop).await;
+            }
+        }
+        Waited::Silent => {
+            state.metrics.http_rejected(admission::SILENT);
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(%peer, reason = admission::SILENT, suppressed,
+                    "HTTP connection closed before it sent anything");
+            }
+        }
+        Waited::Gone | Waited::Stopped => {}
+    }
 }
 
 /// Serves one connection within its time bounds, holding its slot (and the spare
