@@ -26,6 +26,7 @@ crate::support::tests![
     probes_answer_through_stalled_tls_hellos_that_reconnect,
     probes_answer_through_slowloris_from_their_own_address,
     tls_probes_answer_through_stalled_hellos_from_their_own_address needs &[Need::Tool("curl")],
+    silent_connections_hold_no_place_and_are_counted,
 ];
 
 /// A probe counts as answered when its 200 arrives within this time.
@@ -489,4 +490,53 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
         }
     }
     assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// 64 connections from the probe's address that send nothing (eight times the address's
+/// share, as many as the table's places): they wait for their first bytes holding no
+/// place, so probes from that address are answered while all of them are open; the
+/// daemon closes each (EOF), and counts each as `silent` — no more, and no probe
+/// refused.
+fn silent_connections_hold_no_place_and_are_counted() {
+    const SILENT: usize = 64;
+    let daemon = Daemon::start("");
+    let http = daemon.http;
+    let silent: Vec<std::net::TcpStream> = (0..SILENT)
+        .map(|_| try_connect_from(PROBER, http, None, Duration::from_secs(1)).expect("connect"))
+        .collect();
+    let (probed, failures) = series(10, Duration::from_millis(100), || {
+        request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
+    });
+    let opened = Instant::now();
+    let closed = silent
+        .into_iter()
+        .filter_map(|mut s| {
+            let left = Duration::from_secs(10).saturating_sub(opened.elapsed());
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok()?;
+            matches!(s.read(&mut [0u8; 16]), Ok(0)).then_some(())
+        })
+        .count();
+    let rejected = |reason| {
+        daemon.metric(
+            "echod_http_connections_rejected_total",
+            &[("reason", reason)],
+        )
+    };
+    let counted = (
+        rejected("silent"),
+        rejected("per_ip_limit"),
+        rejected("global_limit"),
+    );
+    eprintln!(
+        "{SILENT} silent connections from the probe's address: /healthz {probed} of 10 \
+         {failures:?}; {closed} closed with EOF within 10 s; rejected (silent, per_ip_limit, \
+         global_limit) {counted:?}"
+    );
+    assert_eq!(probed, 10, "{failures:#?}");
+    assert_eq!(
+        closed, SILENT,
+        "silent connections the daemon did not close"
+    );
+    assert_eq!(counted, (SILENT as f64, 0.0, 0.0));
 }
