@@ -21,7 +21,8 @@
 //! connecting): it goes after every connection that sent bytes and stopped, and before
 //! the protected ones. So the order of eviction is: stalled (bytes then nothing, or
 //! older than the grace), fresh, protected; within each, from the address holding the
-//! most, the stalest.
+//! most, the stalest. Since admission waits for a connection's first bytes
+//! ([`super::admission`]), "fresh" lasts only from its admission to its first read.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
