@@ -14,20 +14,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
 
-/// The largest file read (the web config, a certificate, a key, a CA bundle): these
-/// are a few KiB; a larger one is a mistake (or `/dev/zero`), not a certificate.
-pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
+pub use super::pem::MAX_FILE_SIZE;
+use super::pem::{self, ReadError};
 
 /// Why a web configuration file cannot be used; shown after the file's name.
 #[derive(Debug, thiserror::Error)]
@@ -334,14 +331,11 @@ impl TlsFormat {
         let cert_path = dir.join(required(self.cert_file, "cert_file")?);
         let key_path = dir.join(required(self.key_file, "key_file")?);
         let cert_pem = read_limited("tls_server_config.cert_file", &cert_path, inputs)?;
-        let cert_chain = certificates("tls_server_config.cert_file", &cert_path, &cert_pem)?;
+        let cert_chain = pem::certificates(&cert_path, &cert_pem)
+            .map_err(|e| invalid("tls_server_config.cert_file", e))?;
         let key_pem = read_limited("tls_server_config.key_file", &key_path, inputs)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            invalid(
-                "tls_server_config.key_file",
-                format!("{}: no PEM private key ({e})", key_path.display()),
-            )
-        })?;
+        let key = pem::private_key(&key_path, &key_pem)
+            .map_err(|e| invalid("tls_server_config.key_file", e))?;
 
         let client_auth = match self.client_auth_type.as_deref().unwrap_or("") {
             "" | "NoClientCert" => ClientAuth::NoClientCert,
@@ -388,16 +382,9 @@ impl TlsFormat {
             }
             (_, Some(file)) => {
                 let path = dir.join(file);
-                let pem = read_limited("tls_server_config.client_ca_file", &path, inputs)?;
-                let mut roots = RootCertStore::empty();
-                for cert in certificates("tls_server_config.client_ca_file", &path, &pem)? {
-                    roots.add(cert).map_err(|e| {
-                        invalid(
-                            "tls_server_config.client_ca_file",
-                            format!("{}: unusable CA certificate ({e})", path.display()),
-                        )
-                    })?;
-                }
+                let ca_pem = read_limited("tls_server_config.client_ca_file", &path, inputs)?;
+                let roots = pem::client_roots(&path, &ca_pem)
+                    .map_err(|e| invalid("tls_server_config.client_ca_file", e))?;
                 Some(Arc::new(roots))
             }
         };
@@ -477,50 +464,23 @@ fn version(key: &str, value: Option<&str>) -> Result<Option<TlsVersion>, WebConf
     }
 }
 
-/// Every certificate in a PEM file; at least one.
-fn certificates(
-    key: &str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, WebConfigError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(key, format!("{}: not PEM ({e})", path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            key,
-            format!("{}: no PEM certificate in it", path.display()),
-        ));
-    }
-    Ok(certs)
-}
-
-/// Reads at most [`MAX_FILE_SIZE`] bytes of `path`, and appends them (after their
-/// length) to `inputs`.
+/// [`pem::read_limited`], its error naming `what`.
 fn read_limited(
     what: &'static str,
     path: &Path,
     inputs: &mut Vec<u8>,
 ) -> Result<Vec<u8>, WebConfigError> {
-    let read_error = |source| WebConfigError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(WebConfigError::TooLarge {
+    pem::read_limited(path, inputs).map_err(|e| match e {
+        ReadError::Io(source) => WebConfigError::Read {
             what,
             path: path.to_path_buf(),
-        });
-    }
-    inputs.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-    inputs.extend_from_slice(&bytes);
-    Ok(bytes)
+            source,
+        },
+        ReadError::TooLarge => WebConfigError::TooLarge {
+            what,
+            path: path.to_path_buf(),
+        },
+    })
 }
 
 #[cfg(test)]
