@@ -275,42 +275,21 @@ impl TlsFormat {
     /// Fields of exporter-toolkit's format that echod does not implement: a file that
     /// uses one is refused, never served with less than its author asked for.
     fn unsupported(&self) -> Result<(), WebConfigError> {
-        let fields = [
-            (
-                "cert",
-                self.cert.is_some(),
-                "inline PEM is not supported; use cert_file",
-            ),
-            (
-                "key",
-                self.key.is_some(),
-                "inline PEM is not supported; use key_file",
-            ),
-            (
-                "client_ca",
-                self.client_ca.is_some(),
-                "inline PEM is not supported; use client_ca_file",
-            ),
-            (
-                "client_allowed_sans",
-                self.client_allowed_sans.is_some(),
+        // Each field with why it is refused; its name is the field's own.
+        macro_rules! refused {
+            ($($field:ident => $why:expr),* $(,)?) => {
+                [$((stringify!($field), self.$field.is_some(), $why)),*]
+            };
+        }
+        let fields = refused![
+            cert => "inline PEM is not supported; use cert_file",
+            key => "inline PEM is not supported; use key_file",
+            client_ca => "inline PEM is not supported; use client_ca_file",
+            client_allowed_sans =>
                 "not supported: any certificate client_ca_file verifies is accepted",
-            ),
-            (
-                "cipher_suites",
-                self.cipher_suites.is_some(),
-                "not supported: rustls's default suites are used",
-            ),
-            (
-                "curve_preferences",
-                self.curve_preferences.is_some(),
-                "not supported: rustls's default key exchange groups are used",
-            ),
-            (
-                "prefer_server_cipher_suites",
-                self.prefer_server_cipher_suites.is_some(),
-                "not supported",
-            ),
+            cipher_suites => "not supported: rustls's default suites are used",
+            curve_preferences => "not supported: rustls's default key exchange groups are used",
+            prefer_server_cipher_suites => "not supported",
         ];
         match fields.into_iter().find(|(_, set, _)| *set) {
             Some((field, _, why)) => Err(invalid(format!("tls_server_config.{field}"), why)),
@@ -490,14 +469,16 @@ mod tests {
     /// A directory with a self-signed certificate and key for localhost.
     fn dir_with_cert() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join("server.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(
-            dir.path().join("server-key.pem"),
-            cert.signing_key.serialize_pem(),
-        )
-        .unwrap();
+        write_new_cert(dir.path());
         dir
+    }
+
+    /// Writes a new self-signed certificate and key for localhost as `server.pem` and
+    /// `server-key.pem` in `dir`.
+    fn write_new_cert(dir: &Path) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("server.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("server-key.pem"), cert.signing_key.serialize_pem()).unwrap();
     }
 
     fn load(dir: &tempfile::TempDir, yaml: &str) -> Result<WebConfig, WebConfigError> {
@@ -569,13 +550,7 @@ mod tests {
         let first = load(&dir, TLS).unwrap();
         assert_eq!(first, load(&dir, TLS).unwrap());
         // A renewed certificate (same file names) is a change.
-        let renewed = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join("server.pem"), renewed.cert.pem()).unwrap();
-        std::fs::write(
-            dir.path().join("server-key.pem"),
-            renewed.signing_key.serialize_pem(),
-        )
-        .unwrap();
+        write_new_cert(dir.path());
         assert_ne!(first, load(&dir, TLS).unwrap());
     }
 
