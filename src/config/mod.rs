@@ -11,6 +11,7 @@
 use std::path::Path;
 
 mod cidr;
+mod pem;
 mod schema;
 mod sources;
 mod tls;

@@ -5,19 +5,15 @@
 //! metrics endpoint's web config.
 
 use std::fmt;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 
 use super::TlsConfig;
-
-/// A PEM file larger than this is not a certificate or a key.
-const MAX_FILE_SIZE: u64 = 1024 * 1024;
+use super::pem::{self, MAX_FILE_SIZE, ReadError};
 
 /// The loaded certificate, key and client CA as rustls uses them.
 pub struct TlsMaterial {
@@ -55,16 +51,11 @@ impl TlsMaterial {
         let cert_path = required(tls.cert_file.as_deref(), "tls.cert_file")?;
         let key_path = required(tls.key_file.as_deref(), "tls.key_file")?;
         let cert_pem = read_limited("tls.cert_file", cert_path, &mut inputs)?;
-        let chain = certificates("tls.cert_file", cert_path, &cert_pem)?;
+        let chain = pem::certificates(cert_path, &cert_pem).map_err(|e| ("tls.cert_file", e))?;
         let not_after = parse_chain(&chain)
             .map_err(|e| ("tls.cert_file", format!("{}: {e}", cert_path.display())))?;
         let key_pem = read_limited("tls.key_file", key_path, &mut inputs)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            (
-                "tls.key_file",
-                format!("{}: no PEM private key ({e})", key_path.display()),
-            )
-        })?;
+        let key = pem::private_key(key_path, &key_pem).map_err(|e| ("tls.key_file", e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -72,16 +63,9 @@ impl TlsMaterial {
         let builder = match tls.client_ca_file.as_deref() {
             None => builder.with_no_client_auth(),
             Some(path) => {
-                let pem = read_limited("tls.client_ca_file", path, &mut inputs)?;
-                let mut roots = RootCertStore::empty();
-                for cert in certificates("tls.client_ca_file", path, &pem)? {
-                    roots.add(cert).map_err(|e| {
-                        (
-                            "tls.client_ca_file",
-                            format!("{}: unusable CA certificate ({e})", path.display()),
-                        )
-                    })?;
-                }
+                let ca_pem = read_limited("tls.client_ca_file", path, &mut inputs)?;
+                let roots =
+                    pem::client_roots(path, &ca_pem).map_err(|e| ("tls.client_ca_file", e))?;
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
@@ -142,39 +126,15 @@ fn parse_chain(chain: &[CertificateDer<'_>]) -> Result<i64, String> {
     not_after.ok_or_else(|| "no PEM certificate in it".to_string())
 }
 
-/// Every certificate in a PEM file; at least one.
-fn certificates(
-    key: &'static str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, Invalid> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| (key, format!("{}: not PEM ({e})", path.display())))?;
-    if certs.is_empty() {
-        return Err((key, format!("{}: no PEM certificate in it", path.display())));
-    }
-    Ok(certs)
-}
-
-/// Reads at most [`MAX_FILE_SIZE`] bytes of `path` and appends them (after their
-/// length) to `inputs`.
+/// [`pem::read_limited`], its error worded for `key`.
 fn read_limited(key: &'static str, path: &Path, inputs: &mut Vec<u8>) -> Result<Vec<u8>, Invalid> {
-    let read_error = |e: std::io::Error| (key, format!("cannot read {}: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err((
+    pem::read_limited(path, inputs).map_err(|e| match e {
+        ReadError::Io(e) => (key, format!("cannot read {}: {e}", path.display())),
+        ReadError::TooLarge => (
             key,
             format!("{}: larger than {MAX_FILE_SIZE} bytes", path.display()),
-        ));
-    }
-    inputs.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-    inputs.extend_from_slice(&bytes);
-    Ok(bytes)
+        ),
+    })
 }
 
 #[cfg(test)]

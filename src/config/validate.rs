@@ -38,6 +38,37 @@ fn check(ok: bool, key: &'static str, message: impl FnOnce() -> String) -> Resul
     if ok { Ok(()) } else { Err((key, message())) }
 }
 
+/// A timeout or deadline: longer than 0s and at most [`MAX_DURATION`].
+fn timeout(key: &'static str, value: Duration) -> Result<(), Invalid> {
+    longer_than_zero(key, value)?;
+    at_most(key, value, MAX_DURATION)
+}
+
+fn longer_than_zero(key: &'static str, value: Duration) -> Result<(), Invalid> {
+    check(!value.is_zero(), key, || "must be longer than 0s".into())
+}
+
+/// A count in `low..=high`.
+fn between<T>(key: &'static str, value: T, low: T, high: T) -> Result<(), Invalid>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    check(low <= value && value <= high, key, || {
+        format!("must be between {low} and {high}, got {value}")
+    })
+}
+
+/// A token bucket's burst: at least 1 whenever its rate (`rate_name`, 0 is off) is set.
+fn burst(key: &'static str, burst: u32, rate_name: &str, rate: u32) -> Result<(), Invalid> {
+    check(rate == 0 || burst >= 1, key, || {
+        format!("must be at least 1 when {rate_name} is set")
+    })
+}
+
+fn at_least_one(key: &'static str, value: usize) -> Result<(), Invalid> {
+    check(value >= 1, key, || "must be at least 1".into())
+}
+
 /// A socket buffer size: 0 (the kernel decides) or 4 KiB to [`MAX_SOCKET_BUFFER`].
 fn socket_buffer(key: &'static str, size: usize) -> Result<(), Invalid> {
     check(
@@ -66,12 +97,8 @@ impl Config {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
         let tcp = &self.tcp;
         no_duplicates("tcp.listen", &tcp.listen)?;
-        check((1..=65_535).contains(&tcp.backlog), "tcp.backlog", || {
-            format!("must be between 1 and 65535, got {}", tcp.backlog)
-        })?;
-        check(tcp.max_connections >= 1, "tcp.max_connections", || {
-            "must be at least 1".into()
-        })?;
+        between("tcp.backlog", tcp.backlog, 1, 65_535)?;
+        at_least_one("tcp.max_connections", tcp.max_connections)?;
         if let Some(per_ip) = tcp.max_connections_per_ip {
             check(
                 (1..=tcp.max_connections).contains(&per_ip),
@@ -84,10 +111,7 @@ impl Config {
                 },
             )?;
         }
-        check(!tcp.idle_timeout.is_zero(), "tcp.idle_timeout", || {
-            "must be longer than 0s".into()
-        })?;
-        at_most("tcp.idle_timeout", tcp.idle_timeout, MAX_DURATION)?;
+        timeout("tcp.idle_timeout", tcp.idle_timeout)?;
         if let Some(d) = tcp.max_connection_duration {
             at_most("tcp.max_connection_duration", d, MAX_DURATION)?;
         }
@@ -119,36 +143,24 @@ impl Config {
             "tcp.max_bytes_per_connection",
             || "must be at least 1 (leave it unset for no limit)".into(),
         )?;
-        check(
-            (512..=16 * 1024 * 1024).contains(&tcp.buffer_size),
-            "tcp.buffer_size",
-            || format!("must be between 512 and 16777216, got {}", tcp.buffer_size),
-        )?;
+        between("tcp.buffer_size", tcp.buffer_size, 512, 16 * 1024 * 1024)?;
         socket_buffer("tcp.send_buffer_size", tcp.send_buffer_size)?;
         socket_buffer("tcp.receive_buffer_size", tcp.receive_buffer_size)?;
-        check(
-            !tcp.proxy_protocol.header_timeout.is_zero(),
+        longer_than_zero(
             "tcp.proxy_protocol.header_timeout",
-            || "must be longer than 0s".into(),
+            tcp.proxy_protocol.header_timeout,
         )?;
         let rate = &tcp.connection_rate;
-        check(
-            rate.per_second == 0 || rate.burst >= 1,
+        burst(
             "tcp.connection_rate.burst",
-            || "must be at least 1 when per_second is set".into(),
+            rate.burst,
+            "per_second",
+            rate.per_second,
         )?;
-        check(
-            rate.max_sources >= 1,
-            "tcp.connection_rate.max_sources",
-            || "must be at least 1".into(),
-        )?;
+        at_least_one("tcp.connection_rate.max_sources", rate.max_sources)?;
         let udp = &self.udp;
         no_duplicates("udp.listen", &udp.listen)?;
-        check(
-            (1..=65_535).contains(&udp.max_datagram_size),
-            "udp.max_datagram_size",
-            || format!("must be between 1 and 65535, got {}", udp.max_datagram_size),
-        )?;
+        between("udp.max_datagram_size", udp.max_datagram_size, 1, 65_535)?;
         socket_buffer("udp.receive_buffer_size", udp.receive_buffer_size)?;
         check(
             udp.sockets_per_address <= MAX_UDP_SOCKETS_PER_ADDRESS,
@@ -161,36 +173,17 @@ impl Config {
             },
         )?;
         let rl = &udp.rate_limit;
-        check(
-            rl.packets_per_second == 0 || rl.burst >= 1,
+        burst(
             "udp.rate_limit.burst",
-            || "must be at least 1 when packets_per_second is set".into(),
+            rl.burst,
+            "packets_per_second",
+            rl.packets_per_second,
         )?;
-        check(rl.max_sources >= 1, "udp.rate_limit.max_sources", || {
-            "must be at least 1".into()
-        })?;
+        at_least_one("udp.rate_limit.max_sources", rl.max_sources)?;
         no_duplicates("metrics.listen", &self.metrics.listen)?;
         no_duplicates("tls.listen", &self.tls.listen)?;
-        check(
-            !self.tls.handshake_timeout.is_zero(),
-            "tls.handshake_timeout",
-            || "must be longer than 0s".into(),
-        )?;
-        at_most(
-            "tls.handshake_timeout",
-            self.tls.handshake_timeout,
-            MAX_DURATION,
-        )?;
-        check(
-            !self.shutdown.drain_timeout.is_zero(),
-            "shutdown.drain_timeout",
-            || "must be longer than 0s".into(),
-        )?;
-        at_most(
-            "shutdown.drain_timeout",
-            self.shutdown.drain_timeout,
-            MAX_DURATION,
-        )?;
+        timeout("tls.handshake_timeout", self.tls.handshake_timeout)?;
+        timeout("shutdown.drain_timeout", self.shutdown.drain_timeout)?;
         if let Err(message) = parse_log_filter(&self.log.level) {
             return Err(("log.level", message));
         }

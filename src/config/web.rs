@@ -14,20 +14,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 use serde::Deserialize;
 
-/// The largest file read (the web config, a certificate, a key, a CA bundle): these
-/// are a few KiB; a larger one is a mistake (or `/dev/zero`), not a certificate.
-pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
+pub use super::pem::MAX_FILE_SIZE;
+use super::pem::{self, ReadError};
 
 /// Why a web configuration file cannot be used; shown after the file's name.
 #[derive(Debug, thiserror::Error)]
@@ -278,42 +275,21 @@ impl TlsFormat {
     /// Fields of exporter-toolkit's format that echod does not implement: a file that
     /// uses one is refused, never served with less than its author asked for.
     fn unsupported(&self) -> Result<(), WebConfigError> {
-        let fields = [
-            (
-                "cert",
-                self.cert.is_some(),
-                "inline PEM is not supported; use cert_file",
-            ),
-            (
-                "key",
-                self.key.is_some(),
-                "inline PEM is not supported; use key_file",
-            ),
-            (
-                "client_ca",
-                self.client_ca.is_some(),
-                "inline PEM is not supported; use client_ca_file",
-            ),
-            (
-                "client_allowed_sans",
-                self.client_allowed_sans.is_some(),
+        // Each field with why it is refused; its name is the field's own.
+        macro_rules! refused {
+            ($($field:ident => $why:expr),* $(,)?) => {
+                [$((stringify!($field), self.$field.is_some(), $why)),*]
+            };
+        }
+        let fields = refused![
+            cert => "inline PEM is not supported; use cert_file",
+            key => "inline PEM is not supported; use key_file",
+            client_ca => "inline PEM is not supported; use client_ca_file",
+            client_allowed_sans =>
                 "not supported: any certificate client_ca_file verifies is accepted",
-            ),
-            (
-                "cipher_suites",
-                self.cipher_suites.is_some(),
-                "not supported: rustls's default suites are used",
-            ),
-            (
-                "curve_preferences",
-                self.curve_preferences.is_some(),
-                "not supported: rustls's default key exchange groups are used",
-            ),
-            (
-                "prefer_server_cipher_suites",
-                self.prefer_server_cipher_suites.is_some(),
-                "not supported",
-            ),
+            cipher_suites => "not supported: rustls's default suites are used",
+            curve_preferences => "not supported: rustls's default key exchange groups are used",
+            prefer_server_cipher_suites => "not supported",
         ];
         match fields.into_iter().find(|(_, set, _)| *set) {
             Some((field, _, why)) => Err(invalid(format!("tls_server_config.{field}"), why)),
@@ -334,14 +310,11 @@ impl TlsFormat {
         let cert_path = dir.join(required(self.cert_file, "cert_file")?);
         let key_path = dir.join(required(self.key_file, "key_file")?);
         let cert_pem = read_limited("tls_server_config.cert_file", &cert_path, inputs)?;
-        let cert_chain = certificates("tls_server_config.cert_file", &cert_path, &cert_pem)?;
+        let cert_chain = pem::certificates(&cert_path, &cert_pem)
+            .map_err(|e| invalid("tls_server_config.cert_file", e))?;
         let key_pem = read_limited("tls_server_config.key_file", &key_path, inputs)?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            invalid(
-                "tls_server_config.key_file",
-                format!("{}: no PEM private key ({e})", key_path.display()),
-            )
-        })?;
+        let key = pem::private_key(&key_path, &key_pem)
+            .map_err(|e| invalid("tls_server_config.key_file", e))?;
 
         let client_auth = match self.client_auth_type.as_deref().unwrap_or("") {
             "" | "NoClientCert" => ClientAuth::NoClientCert,
@@ -388,16 +361,9 @@ impl TlsFormat {
             }
             (_, Some(file)) => {
                 let path = dir.join(file);
-                let pem = read_limited("tls_server_config.client_ca_file", &path, inputs)?;
-                let mut roots = RootCertStore::empty();
-                for cert in certificates("tls_server_config.client_ca_file", &path, &pem)? {
-                    roots.add(cert).map_err(|e| {
-                        invalid(
-                            "tls_server_config.client_ca_file",
-                            format!("{}: unusable CA certificate ({e})", path.display()),
-                        )
-                    })?;
-                }
+                let ca_pem = read_limited("tls_server_config.client_ca_file", &path, inputs)?;
+                let roots = pem::client_roots(&path, &ca_pem)
+                    .map_err(|e| invalid("tls_server_config.client_ca_file", e))?;
                 Some(Arc::new(roots))
             }
         };
@@ -477,50 +443,23 @@ fn version(key: &str, value: Option<&str>) -> Result<Option<TlsVersion>, WebConf
     }
 }
 
-/// Every certificate in a PEM file; at least one.
-fn certificates(
-    key: &str,
-    path: &Path,
-    pem: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, WebConfigError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(key, format!("{}: not PEM ({e})", path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            key,
-            format!("{}: no PEM certificate in it", path.display()),
-        ));
-    }
-    Ok(certs)
-}
-
-/// Reads at most [`MAX_FILE_SIZE`] bytes of `path`, and appends them (after their
-/// length) to `inputs`.
+/// [`pem::read_limited`], its error naming `what`.
 fn read_limited(
     what: &'static str,
     path: &Path,
     inputs: &mut Vec<u8>,
 ) -> Result<Vec<u8>, WebConfigError> {
-    let read_error = |source| WebConfigError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_error)?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(WebConfigError::TooLarge {
+    pem::read_limited(path, inputs).map_err(|e| match e {
+        ReadError::Io(source) => WebConfigError::Read {
             what,
             path: path.to_path_buf(),
-        });
-    }
-    inputs.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-    inputs.extend_from_slice(&bytes);
-    Ok(bytes)
+            source,
+        },
+        ReadError::TooLarge => WebConfigError::TooLarge {
+            what,
+            path: path.to_path_buf(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -530,14 +469,16 @@ mod tests {
     /// A directory with a self-signed certificate and key for localhost.
     fn dir_with_cert() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join("server.pem"), cert.cert.pem()).unwrap();
-        std::fs::write(
-            dir.path().join("server-key.pem"),
-            cert.signing_key.serialize_pem(),
-        )
-        .unwrap();
+        write_new_cert(dir.path());
         dir
+    }
+
+    /// Writes a new self-signed certificate and key for localhost as `server.pem` and
+    /// `server-key.pem` in `dir`.
+    fn write_new_cert(dir: &Path) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("server.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("server-key.pem"), cert.signing_key.serialize_pem()).unwrap();
     }
 
     fn load(dir: &tempfile::TempDir, yaml: &str) -> Result<WebConfig, WebConfigError> {
@@ -609,13 +550,7 @@ mod tests {
         let first = load(&dir, TLS).unwrap();
         assert_eq!(first, load(&dir, TLS).unwrap());
         // A renewed certificate (same file names) is a change.
-        let renewed = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        std::fs::write(dir.path().join("server.pem"), renewed.cert.pem()).unwrap();
-        std::fs::write(
-            dir.path().join("server-key.pem"),
-            renewed.signing_key.serialize_pem(),
-        )
-        .unwrap();
+        write_new_cert(dir.path());
         assert_ne!(first, load(&dir, TLS).unwrap());
     }
 

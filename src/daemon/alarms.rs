@@ -191,6 +191,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::task::Wake;
 
+    /// Counts its wake-ups.
     struct Count(AtomicUsize);
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
@@ -198,11 +199,23 @@ mod tests {
         }
     }
 
+    impl Count {
+        /// A fresh count and a waker that adds to it.
+        fn waker() -> (Arc<Self>, Waker) {
+            let count = Arc::new(Self(AtomicUsize::new(0)));
+            let waker = Waker::from(Arc::clone(&count));
+            (count, waker)
+        }
+
+        fn get(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
     #[test]
     fn an_alarm_rings_at_the_first_sweep_after_its_deadline_and_not_before() {
         let alarms = Alarms::default();
-        let woken = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&woken));
+        let (woken, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
         let mut alarm = alarms.set(
             Instant::now() + Duration::from_millis(30),
@@ -210,15 +223,15 @@ mod tests {
         );
         assert!(alarm.poll(&mut cx).is_pending());
         alarms.sweep();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 0);
+        assert_eq!(woken.get(), 0);
         assert!(alarm.poll(&mut cx).is_pending());
         std::thread::sleep(Duration::from_millis(40));
         alarms.sweep();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert_eq!(woken.get(), 1);
         assert!(alarm.poll(&mut cx).is_ready());
         // Rung once: later sweeps leave it alone until it is reset.
         alarms.sweep();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
+        assert_eq!(woken.get(), 1);
         alarm.reset(Instant::now() + Duration::from_secs(60));
         assert!(alarm.poll(&mut cx).is_pending());
     }
@@ -226,8 +239,7 @@ mod tests {
     #[test]
     fn an_interrupt_wakes_every_alarm_and_dropped_ones_leave_the_table() {
         let alarms = Alarms::default();
-        let woken = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&woken));
+        let (woken, waker) = Count::waker();
         let mut cx = Context::from_waker(&waker);
         let far = Instant::now() + Duration::from_secs(600);
         let mut kept: Vec<_> = (0..100)
@@ -238,7 +250,7 @@ mod tests {
         }
         kept.truncate(40);
         alarms.interrupt();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 40);
+        assert_eq!(woken.get(), 40);
         assert!(kept.iter_mut().all(|a| a.poll(&mut cx).is_ready()));
         drop(kept);
         let left: usize = (0..SHARDS).map(|s| alarms.shard(s).len()).sum();

@@ -558,20 +558,25 @@ pub struct TcpListenerMetrics {
     accept_errors: [IntCounter; 4],
 }
 
+/// Methods that count one value of a closed set (see [`crate::daemon::reasons`]) in
+/// the array of series that has one counter per value, in label order.
+macro_rules! count_by {
+    ($($(#[doc = $doc:literal])* $method:ident($value:ident: $set:ty) in $array:ident;)*) => {$(
+        $(#[doc = $doc])*
+        pub fn $method(&self, $value: $set) {
+            self.$array[$value as usize].inc();
+        }
+    )*};
+}
+
 impl TcpListenerMetrics {
-    /// Counts a connection refused after accept.
-    pub fn rejected(&self, reason: RejectReason) {
-        self.rejected[reason as usize].inc();
-    }
-
-    /// Counts a connection closed by a per-connection cap.
-    pub fn capped(&self, cap: ConnectionCap) {
-        self.capped[cap as usize].inc();
-    }
-
-    /// Counts an accept error.
-    pub fn accept_error(&self, kind: AcceptErrorKind) {
-        self.accept_errors[kind as usize].inc();
+    count_by! {
+        /// Counts a connection refused after accept.
+        rejected(reason: RejectReason) in rejected;
+        /// Counts a connection closed by a per-connection cap.
+        capped(cap: ConnectionCap) in capped;
+        /// Counts an accept error.
+        accept_error(kind: AcceptErrorKind) in accept_errors;
     }
 }
 
@@ -586,14 +591,11 @@ pub struct TlsListenerMetrics {
 }
 
 impl TlsListenerMetrics {
-    /// Counts a handshake by its result.
-    pub fn handshake(&self, result: HandshakeResult) {
-        self.handshakes[result as usize].inc();
-    }
-
-    /// Counts an established connection's end.
-    pub fn closed(&self, end: TlsEnd) {
-        self.closed[end as usize].inc();
+    count_by! {
+        /// Counts a handshake by its result.
+        handshake(result: HandshakeResult) in handshakes;
+        /// Counts an established connection's end.
+        closed(end: TlsEnd) in closed;
     }
 }
 

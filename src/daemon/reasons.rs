@@ -276,35 +276,27 @@ mod tests {
 
     #[test]
     fn label_values_are_distinct_and_in_index_order() {
-        let labels = |v: Vec<&'static str>| {
-            let mut sorted = v.clone();
-            sorted.sort_unstable();
-            sorted.dedup();
-            assert_eq!(sorted.len(), v.len(), "duplicate label in {v:?}");
-        };
-        labels(RejectReason::ALL.map(RejectReason::label).to_vec());
-        labels(DropReason::ALL.map(DropReason::label).to_vec());
-        labels(AcceptErrorKind::ALL.map(AcceptErrorKind::label).to_vec());
-        labels(ConnectionCap::ALL.map(ConnectionCap::label).to_vec());
-        labels(HandshakeResult::ALL.map(HandshakeResult::label).to_vec());
-        labels(TlsEnd::ALL.map(TlsEnd::label).to_vec());
-        for (i, r) in HandshakeResult::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
+        // For each closed set: no label twice, and `ALL[i] as usize == i` (the metrics
+        // index their arrays of series by the value).
+        macro_rules! check {
+            ($($set:ident),*) => {$(
+                let labels = $set::ALL.map($set::label).to_vec();
+                let mut sorted = labels.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                assert_eq!(sorted.len(), labels.len(), "duplicate label in {labels:?}");
+                for (i, value) in $set::ALL.iter().enumerate() {
+                    assert_eq!(*value as usize, i, "{value:?}");
+                }
+            )*};
         }
-        for (i, r) in TlsEnd::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
-        }
-        for (i, c) in ConnectionCap::ALL.iter().enumerate() {
-            assert_eq!(*c as usize, i);
-        }
-        for (i, r) in RejectReason::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
-        }
-        for (i, r) in DropReason::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
-        }
-        for (i, k) in AcceptErrorKind::ALL.iter().enumerate() {
-            assert_eq!(*k as usize, i);
-        }
+        check!(
+            RejectReason,
+            DropReason,
+            AcceptErrorKind,
+            ConnectionCap,
+            HandshakeResult,
+            TlsEnd
+        );
     }
 }

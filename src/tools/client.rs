@@ -403,17 +403,23 @@ fn send_stdin(
     socket.finish().map_err(io_err("cannot half-close"))
 }
 
+/// The connected peer, once reads on `socket` are set to time out after `timeout`.
+fn peer_with_timeout(socket: &TcpStream, timeout: Duration) -> Result<SocketAddr, ClientError> {
+    let addr = socket.peer_addr().map_err(io_err("not connected"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(io_err("cannot set a timeout"))?;
+    Ok(addr)
+}
+
 fn pipe_tcp(
     socket: TcpStream,
     tls: Option<ClientConnection>,
     args: &ClientArgs,
 ) -> Result<(), ClientError> {
-    let addr = socket.peer_addr().map_err(io_err("not connected"))?;
     // Short read timeouts let the loop notice a stalled echo; waiting for input that
     // has not been typed yet is never a timeout.
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(io_err("cannot set a timeout"))?;
+    let addr = peer_with_timeout(&socket, Duration::from_millis(200))?;
     let writer = socket.try_clone().map_err(io_err("cannot clone socket"))?;
     match tls {
         None => pipe(addr, socket, writer, args),
@@ -603,10 +609,7 @@ fn interactive_tcp(
     tls: Option<ClientConnection>,
     args: &ClientArgs,
 ) -> Result<(), ClientError> {
-    let addr = socket.peer_addr().map_err(io_err("not connected"))?;
-    socket
-        .set_read_timeout(Some(args.timeout))
-        .map_err(io_err("cannot set a timeout"))?;
+    let addr = peer_with_timeout(&socket, args.timeout)?;
     match tls {
         None => {
             greet(addr, "tcp");

@@ -593,26 +593,25 @@ mod tests {
             authority: authority.into(),
             path: path.into(),
         };
-        assert_eq!(
-            parse_url("http://127.0.0.1:9107/readyz").unwrap(),
-            url(false, "127.0.0.1:9107", "/readyz")
-        );
-        assert_eq!(
-            parse_url("http://[::1]:9107").unwrap(),
-            url(false, "[::1]:9107", "/")
-        );
-        assert_eq!(
-            parse_url("http://localhost/x").unwrap(),
-            url(false, "localhost:80", "/x")
-        );
-        assert_eq!(
-            parse_url("https://localhost/x").unwrap(),
-            url(true, "localhost:443", "/x")
-        );
-        assert_eq!(
-            parse_url("https://[::1]:9107/readyz").unwrap(),
-            url(true, "[::1]:9107", "/readyz")
-        );
+        let cases = [
+            (
+                "http://127.0.0.1:9107/readyz",
+                false,
+                "127.0.0.1:9107",
+                "/readyz",
+            ),
+            ("http://[::1]:9107", false, "[::1]:9107", "/"),
+            ("http://localhost/x", false, "localhost:80", "/x"),
+            ("https://localhost/x", true, "localhost:443", "/x"),
+            ("https://[::1]:9107/readyz", true, "[::1]:9107", "/readyz"),
+        ];
+        for (input, tls, authority, path) in cases {
+            assert_eq!(
+                parse_url(input).unwrap(),
+                url(tls, authority, path),
+                "{input}"
+            );
+        }
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("http:///x").is_err());
     }

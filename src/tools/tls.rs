@@ -139,37 +139,31 @@ pub(crate) fn client_config(
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError::File(e.to_string()))?;
-    let algorithms = provider.signature_verification_algorithms;
-    let builder = match trust {
+    let accept = match trust {
         Trust::Roots(ca) => {
             let listed = read_pem_certs(ca, "--ca")?;
+            let ca_error = |e: &dyn std::fmt::Display| {
+                TlsSetupError::File(format!("--ca {}: {e}", ca.display()))
+            };
             let mut roots = rustls::RootCertStore::empty();
             for cert in &listed {
-                roots
-                    .add(cert.clone())
-                    .map_err(|e| TlsSetupError::File(format!("--ca {}: {e}", ca.display())))?;
+                roots.add(cert.clone()).map_err(|e| ca_error(&e))?;
             }
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
                     .build()
-                    .map_err(|e| TlsSetupError::File(format!("--ca {}: {e}", ca.display())))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Roots { webpki, listed }))
+                    .map_err(|e| ca_error(&e))?;
+            Accept::Roots { webpki, listed }
         }
-        Trust::Pinned(der) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified {
-                pinned: Some(der),
-                algorithms,
-            })),
-        Trust::Anything => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified {
-                pinned: None,
-                algorithms,
-            })),
+        Trust::Pinned(der) => Accept::Pinned(der),
+        Trust::Anything => Accept::Anything,
     };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier {
+            accept,
+            algorithms: provider.signature_verification_algorithms,
+        }));
     let config = match identity {
         Some((cert, key)) => {
             let chain = read_pem_certs(cert, "--cert")?;
@@ -273,17 +267,48 @@ pub(crate) fn tls_failure(e: &io::Error) -> Option<String> {
         .map(|inner| inner.to_string())
 }
 
-/// `--ca`: the usual chain and name verification against the file's certificates, and
-/// also a server certificate that is itself in the file — a self-signed certificate
-/// given as its own CA, which `openssl req -x509` marks as a CA and chain verification
-/// would refuse as an end entity (`openssl s_client -CAfile` accepts it too).
+/// What a [`Verifier`] accepts as the server's certificate.
 #[derive(Debug)]
-struct Roots {
-    webpki: Arc<WebPkiServerVerifier>,
-    listed: Vec<CertificateDer<'static>>,
+enum Accept {
+    /// `--ca`: the usual chain and name verification against the file's certificates,
+    /// and also a server certificate that is itself in the file — a self-signed
+    /// certificate given as its own CA, which `openssl req -x509` marks as a CA and chain
+    /// verification would refuse as an end entity (`openssl s_client -CAfile` accepts
+    /// it too).
+    Roots {
+        webpki: Arc<WebPkiServerVerifier>,
+        listed: Vec<CertificateDer<'static>>,
+    },
+    /// Exactly this certificate, whatever the chain and name.
+    Pinned(CertificateDer<'static>),
+    /// Any certificate (`--insecure`).
+    Anything,
 }
 
-impl ServerCertVerifier for Roots {
+/// The tools' certificate verifier: whichever certificate [`Accept`] lets through, the
+/// handshake signature is always checked, so only the holder of its key passes.
+#[derive(Debug)]
+struct Verifier {
+    accept: Accept,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// A `verify_tls1N_signature` method that checks the signature with the provider's
+/// algorithms (what `WebPkiServerVerifier` does too), for TLS 1.2 and 1.3 alike.
+macro_rules! verify_signature {
+    ($name:ident) => {
+        fn $name(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::$name(message, cert, dss, &self.algorithms)
+        }
+    };
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -292,83 +317,31 @@ impl ServerCertVerifier for Roots {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .listed
-            .iter()
-            .any(|c| c.as_ref() == end_entity.as_ref())
-        {
-            return Ok(ServerCertVerified::assertion());
-        }
-        self.webpki
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
-/// A verifier that skips the certificate chain — accepting exactly `pinned`, or
-/// anything without it — but still checks the handshake signature, so only the holder
-/// of the certificate's key passes.
-#[derive(Debug)]
-struct Unverified {
-    pinned: Option<CertificateDer<'static>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.pinned {
-            Some(der) if end_entity.as_ref() != der.as_ref() => Err(rustls::Error::General(
-                "the endpoint's certificate is not the one it is configured to serve".to_string(),
-            )),
-            _ => Ok(ServerCertVerified::assertion()),
+        match &self.accept {
+            Accept::Roots { listed, .. }
+                if listed.iter().any(|c| c.as_ref() == end_entity.as_ref()) =>
+            {
+                Ok(ServerCertVerified::assertion())
+            }
+            Accept::Roots { webpki, .. } => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            Accept::Pinned(der) if end_entity.as_ref() != der.as_ref() => {
+                Err(rustls::Error::General(
+                    "the endpoint's certificate is not the one it is configured to serve"
+                        .to_string(),
+                ))
+            }
+            Accept::Pinned(_) | Accept::Anything => Ok(ServerCertVerified::assertion()),
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
+    verify_signature!(verify_tls12_signature);
+    verify_signature!(verify_tls13_signature);
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()

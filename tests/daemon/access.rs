@@ -186,7 +186,6 @@ fn the_connection_rate_refuses_an_address_beyond_its_burst_and_refills() {
     let refilled = crate::support::poll(Duration::from_millis(1500), || {
         if refused_with_eof(ALLOWED, daemon.tcp) {
             refusals += 1.0;
-            std::thread::sleep(Duration::from_millis(100));
             None
         } else {
             Some(())

@@ -6,7 +6,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::{Daemon, Peer, connect_from, peer_state};
 
@@ -26,22 +26,20 @@ fn start(extra: &str) -> Daemon {
 /// Waits (3 s at most) until the daemon has closed `n` of `streams`; returns how many
 /// it closed, and how many of those with a reset.
 fn closed(streams: &[TcpStream], n: usize) -> (usize, usize) {
-    let deadline = Instant::now() + Duration::from_secs(3);
     let mut fate: Vec<Option<Peer>> = vec![None; streams.len()];
-    loop {
+    let mut closed = 0;
+    crate::support::poll(Duration::from_secs(3), || {
         for (s, fate) in streams.iter().zip(&mut fate) {
             let now = peer_state(s);
             if fate.is_none() && now != Peer::Open {
                 *fate = Some(now);
             }
         }
-        let closed = fate.iter().filter(|f| f.is_some()).count();
-        if closed >= n || Instant::now() > deadline {
-            let reset = fate.iter().filter(|f| **f == Some(Peer::Reset)).count();
-            return (closed, reset);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        closed = fate.iter().filter(|f| f.is_some()).count();
+        (closed >= n).then_some(())
+    });
+    let reset = fate.iter().filter(|f| **f == Some(Peer::Reset)).count();
+    (closed, reset)
 }
 
 /// 40 silent connections from the proxy against `max_connections = 20` (the header

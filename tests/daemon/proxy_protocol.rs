@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     ChildGuard, Daemon, connect_from, echoes_on, is_served, spawn_activated, try_connect_from,
-    wait_for_log, wait_until,
+    wait_for_log, wait_read_by_peer, wait_until,
 };
 
 crate::support::tests![
@@ -349,7 +349,7 @@ fn valid_headers_are_consumed_and_name_the_client() {
     a.extend_from_slice(&7u16.to_be_bytes());
     let mut s = connect_from(TRUSTED, daemon.tcp);
     s.write_all(&v2_header(1, 0x21, &a)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    wait_read_by_peer(&s);
     assert!(
         echoes_on(&mut s, b"v2 data", ECHO_WAIT),
         "echo of {:?}",
@@ -364,7 +364,7 @@ fn valid_headers_are_consumed_and_name_the_client() {
     with_tlv[14..16].copy_from_slice(&18u16.to_be_bytes());
     let mut s = connect_from(TRUSTED, daemon.tcp);
     s.write_all(&with_tlv[..20]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    wait_read_by_peer(&s);
     s.write_all(&with_tlv[20..]).unwrap();
     assert!(echoes_on(&mut s, b"tlv", ECHO_WAIT), "echo of {:?}", b"tlv");
     drop(s);

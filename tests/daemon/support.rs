@@ -401,10 +401,11 @@ pub fn slow_reader(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
                 stalled = None;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if stalled.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(200) {
+                let since = stalled.get_or_insert_with(Instant::now).elapsed();
+                if since > Duration::from_millis(200) {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                wait_writable(&s, Duration::from_millis(200).saturating_sub(since));
             }
             Err(_) => break,
         }
@@ -436,7 +437,7 @@ pub fn write_until_stalled(
                 if since.elapsed() > stall {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                wait_writable(s, stall.saturating_sub(since.elapsed()));
             }
             Err(e) => return Err(e),
         }
@@ -511,6 +512,44 @@ pub fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
         || format!("no {needle:?} in the log:\n{}", daemon.log()),
         || Some(daemon.log()).filter(|log| log.contains(needle)),
     )
+}
+
+/// Waits (10 s at most) until echod has read every byte written on `s`: nothing left in
+/// the client's send queue nor in the server socket's receive queue (`/proc/net/tcp`).
+/// What a test writes next then reaches echod as a read of its own.
+pub fn wait_read_by_peer(s: &TcpStream) {
+    let (client, server) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    wait_until(
+        Duration::from_secs(10),
+        || format!("echod at {server} never read all that {client} sent"),
+        || {
+            tcp_queues(client, server).is_some_and(|(send, _)| send == 0)
+                && tcp_queues(server, client).is_some_and(|(_, receive)| receive == 0)
+        },
+    );
+}
+
+/// The send and receive queues, in bytes, of the TCP socket from `local` to `remote`.
+fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let tables = ["/proc/net/tcp", "/proc/net/tcp6"].map(std::fs::read_to_string);
+    let text = tables.into_iter().flatten().collect::<String>();
+    let row = text.lines().find_map(|line| {
+        // sl, local_address, rem_address, st, tx_queue:rx_queue, …
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let ends = (
+            proc_net_address(fields.get(1)?)?,
+            proc_net_address(fields.get(2)?)?,
+        );
+        if ends != (local, remote) {
+            return None;
+        }
+        fields.get(4).map(|queues| queues.to_string())
+    })?;
+    let (send, receive) = row.split_once(':')?;
+    Some((
+        u64::from_str_radix(send, 16).ok()?,
+        u64::from_str_radix(receive, 16).ok()?,
+    ))
 }
 
 /// True when the connection echoes "ping"; false when the daemon closed it (EOF or

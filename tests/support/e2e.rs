@@ -19,6 +19,7 @@ pub use harness::*;
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -93,9 +94,24 @@ pub fn listening_tcp(pid: u32) -> Vec<SocketAddr> {
     found
 }
 
+/// Waits until the kernel would take more bytes on `s` (poll(2) says it is writable),
+/// for `limit` at most; false when it still would not. For a client that writes without
+/// reading, this is the moment echod read something.
+pub fn wait_writable(s: &TcpStream, limit: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // Rounded up, so a caller that waits out its `limit` is past it on return.
+    let millis = i32::try_from(limit.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: one pollfd, valid for the length of the call.
+    unsafe { libc::poll(&mut fd, 1, millis) > 0 }
+}
+
 /// A `/proc/net/tcp` address (`0100007F:1F90`: the address as 32-bit words printed in
 /// host byte order, a colon, the port in hex).
-fn proc_net_address(text: &str) -> Option<SocketAddr> {
+pub fn proc_net_address(text: &str) -> Option<SocketAddr> {
     let (ip, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let words: Vec<u32> = (0..ip.len() / 8)
@@ -449,7 +465,7 @@ impl StalledClient {
                         if last.elapsed() >= quiet {
                             break;
                         }
-                        std::thread::sleep(Duration::from_millis(5));
+                        wait_writable(&self.stream, quiet.saturating_sub(last.elapsed()));
                     }
                     Err(e) => panic!("the stalled connection failed: {e}"),
                 }

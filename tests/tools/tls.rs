@@ -5,9 +5,8 @@
 //! the daemon counted — and every one of them refuses a tls:// target it has nothing
 //! to verify by, unless `--insecure` is asked for.
 
-#[path = "../support/tls.rs"]
-#[allow(dead_code)]
-mod kit;
+#[path = "../support/pki.rs"]
+mod pki;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::support::{Daemon, Options, Run, random_bytes, run_echod, wait_until};
-use kit::Pki;
+use pki::Pki;
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The TLS listener's series label (the configured address).

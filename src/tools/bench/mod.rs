@@ -233,6 +233,12 @@ impl Tally {
         self.first_problem.get_or_insert(what);
     }
 
+    /// Counts a failed connection (or socket), `why` kept if it is the first problem.
+    fn error(&mut self, why: String) {
+        self.errors += 1;
+        self.problem(why);
+    }
+
     fn add(&mut self, other: &Tally) {
         self.messages += other.messages;
         self.bytes_sent += other.bytes_sent;
@@ -253,8 +259,7 @@ impl Tally {
             match joined {
                 Ok(t) => tally.add(&t),
                 Err(e) => {
-                    tally.errors += 1;
-                    tally.problem(format!("worker failed: {e}"));
+                    tally.error(format!("worker failed: {e}"));
                 }
             }
         }

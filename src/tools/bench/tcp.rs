@@ -158,8 +158,7 @@ async fn churn(id: usize, total: usize, dialer: &Dialer, plan: &Plan) -> Tally {
             )),
         };
         if let Some(why) = failed {
-            tally.errors += 1;
-            tally.problem(why);
+            tally.error(why);
             break;
         }
         tally.bytes_sent += data.len() as u64;
@@ -228,8 +227,7 @@ async fn connection(
         Ok(bytes) => tally.bytes_sent = bytes,
         Err((bytes, why)) => {
             tally.bytes_sent = bytes;
-            tally.errors += 1;
-            tally.problem(why);
+            tally.error(why);
         }
     }
     tally
@@ -314,8 +312,7 @@ async fn receive(
             )),
         };
         if let Some(why) = failed {
-            tally.errors += 1;
-            tally.problem(why);
+            tally.error(why);
             // Stop the sender too: nothing more on this connection can be trusted.
             pending.close();
             if let Some(c) = &credits {

@@ -68,8 +68,7 @@ async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> T
         message[..HEADER].copy_from_slice(&seq.to_le_bytes());
         message[HEADER..].copy_from_slice(plan.pattern.window(phase, offset, size - HEADER));
         if let Err(e) = socket.send(&message).await {
-            tally.errors += 1;
-            tally.problem(format!("socket {id}: send failed: {}", describe(&e)));
+            tally.error(format!("socket {id}: send failed: {}", describe(&e)));
             break;
         }
         tally.bytes_sent += size as u64;
@@ -86,8 +85,7 @@ async fn exchange(id: usize, total: usize, socket: &UdpSocket, plan: &Plan) -> T
                     break;
                 }
                 Ok(Err(e)) => {
-                    tally.errors += 1;
-                    tally.problem(format!("socket {id}: receive failed: {}", describe(&e)));
+                    tally.error(format!("socket {id}: receive failed: {}", describe(&e)));
                     return tally;
                 }
                 Ok(Ok(n)) => n,
