@@ -1,20 +1,23 @@
 //! The documentation as a user reads it, held to the code: the metrics reference is
-//! generated from the registry, every code block marked runnable is run by a test
-//! (this module knows which), every relative link resolves, and the README stays a
-//! first screen plus short sections.
+//! generated from the registry, every fenced block of the README and the guides is either
+//! run by a test (this module knows which) or says why not, every relative link resolves,
+//! and the README stays a first screen plus short sections.
 //!
-//! A block is marked runnable by its info string: ```` ```sh runnable:smoke ````
-//! (GitHub shows the first word as the language and ignores the rest). Tests take a
-//! block by name with [`runnable`] and check behaviour through it, never a sentence.
+//! A block is marked by its info string: ```` ```sh runnable:smoke ```` (a test takes it by
+//! name with [`runnable`] and checks behaviour through it, never a sentence) or
+//! ```` ```sh norun:cluster ```` (a reason of [`NORUN`]). GitHub shows the first word as the
+//! language and ignores the rest. `console` transcripts are run command by command and
+//! their output compared with what the block shows ([`run_transcript`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 use crate::support::repo_path;
 
 crate::support::tests![
     metrics_reference_is_generated_from_the_registry,
-    every_runnable_block_is_run_by_a_test,
+    every_block_is_runnable_or_says_why_not,
+    documented_tool_transcripts_print_what_the_docs_show,
+    documented_config_blocks_pass_check_config,
     every_relative_link_in_the_docs_resolves,
     readme_is_a_first_screen_and_short_sections,
 ];
@@ -34,122 +37,390 @@ const RUN_BY: &[(&str, &str)] = &[
         "tcp_echo::ipv6_wildcard_listens_for_ipv6_only_and_both_families_need_both_addresses",
     ),
     ("haproxy", "proxy_protocol (Haproxy::start)"),
+    (
+        "tls-try",
+        "tls_echo::the_two_commands_of_docs_tls_md_work_as_written",
+    ),
+    (
+        "client",
+        "docs::documented_tool_transcripts_print_what_the_docs_show",
+    ),
+    (
+        "probe",
+        "docs::documented_tool_transcripts_print_what_the_docs_show",
+    ),
+    (
+        "bench",
+        "docs::documented_tool_transcripts_print_what_the_docs_show",
+    ),
+    (
+        "bench-mismatch",
+        "docs::documented_tool_transcripts_print_what_the_docs_show",
+    ),
+    (
+        "bad-config",
+        "docs::documented_tool_transcripts_print_what_the_docs_show",
+    ),
+    (
+        "proxy-protocol",
+        "docs::documented_config_blocks_pass_check_config",
+    ),
+    (
+        "container",
+        "deployment container::documented_container_commands_run_as_written",
+    ),
 ];
 
-/// The files a user reads: README.md and every Markdown file under docs/.
-pub fn doc_files() -> Vec<PathBuf> {
-    let mut files = vec![repo_path("README.md")];
-    let mut guides: Vec<PathBuf> = std::fs::read_dir(repo_path("docs"))
-        .expect("docs/")
-        .map(|e| e.expect("docs/ entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "md"))
-        .collect();
-    guides.sort();
-    files.extend(guides);
-    files
-}
+#[path = "../support/doc_blocks.rs"]
+mod doc_blocks;
 
-/// A fenced code block marked `runnable:NAME`.
-#[derive(Debug)]
-pub struct Block {
-    pub file: PathBuf,
-    pub name: String,
-    pub text: String,
-}
+pub use doc_blocks::{all_blocks, blocks_in, doc_files, runnable, transcript};
 
-/// Every block marked runnable in `text`.
-fn blocks_in(file: &std::path::Path, text: &str) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    let mut open: Option<(String, String)> = None;
-    for line in text.lines() {
-        let fence = line.trim_start().strip_prefix("```");
-        match (&mut open, fence) {
-            (None, Some(info)) => {
-                let name = info
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("runnable:"))
-                    .unwrap_or_default();
-                open = Some((name.to_string(), String::new()));
+/// Why a block is not run, the only reasons a `norun:` block may give.
+const NORUN: &[(&str, &str)] = &[
+    (
+        "host-install",
+        "installs the package or changes units on the host (sudo dpkg, systemctl enable): \
+         tests/deployment/systemd.rs does it inside a booted systemd container instead",
+    ),
+    (
+        "installed-service",
+        "talks to the installed service (systemctl, journalctl, /etc/echod): exists only \
+         once the package is installed; tests/deployment/systemd.rs checks the unit",
+    ),
+    (
+        "cluster",
+        "targets a real Kubernetes cluster and image registry; tests/deployment/kubernetes.rs \
+         validates the manifests offline",
+    ),
+    (
+        "pulls-images",
+        "pulls Prometheus and Grafana images from a registry, which CI cannot reach; \
+         tests/deployment/compose.rs checks the compose wiring",
+    ),
+    (
+        "terminal",
+        "an interactive session at a terminal (the client's prompt)",
+    ),
+    (
+        "template",
+        "a file to fill in (hashes, host names, files of the reader's); the keys it shows \
+         are checked by the tests of that feature",
+    ),
+    ("diagram", "not commands: a picture"),
+    (
+        "build-and-test",
+        "cargo run/cargo test of the whole repository: what CI itself runs (.ci/run)",
+    ),
+];
+
+/// Every fenced block of the README and the guides is run by a test (`runnable:NAME`,
+/// listed in [`RUN_BY`]) or says why not (`norun:REASON`, a reason of [`NORUN`]): no
+/// block is silently untested.
+fn every_block_is_runnable_or_says_why_not() {
+    let blocks = all_blocks();
+    let mut seen = BTreeMap::new();
+    let mut unmarked = Vec::new();
+    for block in &blocks {
+        let at = format!("{}:{}", block.file.display(), block.line);
+        match (&block.runnable, &block.norun) {
+            (Some(name), None) => {
+                assert!(
+                    seen.insert(name.clone(), at.clone()).is_none(),
+                    "two blocks are called runnable:{name}"
+                );
+                assert!(
+                    RUN_BY.iter().any(|(n, _)| n == name),
+                    "{at}: runnable:{name} is run by no test (add it to docs::RUN_BY with the \
+                     test that runs it)"
+                );
+                assert!(
+                    !block.text.trim().is_empty(),
+                    "{at}: runnable:{name} is empty"
+                );
             }
-            (Some((name, body)), Some(_)) => {
-                if !name.is_empty() {
-                    blocks.push(Block {
-                        file: file.to_path_buf(),
-                        name: std::mem::take(name),
-                        text: std::mem::take(body),
-                    });
-                }
-                open = None;
-            }
-            (Some((_, body)), None) => {
-                body.push_str(line);
-                body.push('\n');
-            }
-            (None, None) => {}
+            (None, Some(reason)) => assert!(
+                NORUN.iter().any(|(r, _)| r == reason),
+                "{at}: norun:{reason} is not one of docs::NORUN's reasons"
+            ),
+            (Some(_), Some(_)) => panic!("{at}: both runnable: and norun:"),
+            (None, None) => unmarked.push(at),
         }
     }
-    blocks
-}
-
-/// Every runnable block of the README and the guides.
-pub fn runnable_blocks() -> Vec<Block> {
-    doc_files()
-        .into_iter()
-        .flat_map(|file| {
-            let text = std::fs::read_to_string(&file).expect("a doc file");
-            blocks_in(&file, &text)
-        })
-        .collect()
-}
-
-/// The one runnable block called `name`.
-pub fn runnable(name: &str) -> String {
-    let mut found: Vec<Block> = runnable_blocks()
-        .into_iter()
-        .filter(|b| b.name == name)
-        .collect();
-    assert_eq!(found.len(), 1, "runnable:{name} blocks: {found:?}");
-    found.remove(0).text
-}
-
-fn every_runnable_block_is_run_by_a_test() {
-    let blocks = runnable_blocks();
-    let mut seen = BTreeMap::new();
-    for block in &blocks {
-        assert!(
-            seen.insert(block.name.clone(), block.file.clone())
-                .is_none(),
-            "two blocks are called runnable:{}",
-            block.name
-        );
-        assert!(
-            RUN_BY.iter().any(|(name, _)| *name == block.name),
-            "{}: runnable:{} is run by no test (add it to docs::RUN_BY with the test that runs it)",
-            block.file.display(),
-            block.name
-        );
-        assert!(
-            !block.text.trim().is_empty(),
-            "runnable:{} is empty",
-            block.name
-        );
-    }
+    assert!(
+        unmarked.is_empty(),
+        "blocks neither runnable:NAME nor norun:REASON: {unmarked:#?}"
+    );
     for (name, test) in RUN_BY {
         assert!(
             seen.contains_key(*name),
             "{test} runs runnable:{name}, which no doc has any more"
         );
     }
-    // Unit check of the extraction: a plain block is not runnable, the body is exact.
+    assert!(seen.len() >= 10, "only {} runnable blocks", seen.len());
+    // Unit check of the extraction: the marks and the body are exact.
     let sample = blocks_in(
         std::path::Path::new("x.md"),
-        "```sh\nnot me\n```\ntext\n```sh runnable:a\necho 1\necho 2\n```\n",
+        "```sh norun:terminal\nnot me\n```\ntext\n```sh runnable:a\necho 1\necho 2\n```\n",
     );
-    assert_eq!(sample.len(), 1, "{sample:?}");
+    assert_eq!(sample.len(), 2, "{sample:?}");
     assert_eq!(
-        (sample[0].name.as_str(), sample[0].text.as_str()),
-        ("a", "echo 1\necho 2\n")
+        (sample[0].norun.as_deref(), sample[0].runnable.as_deref()),
+        (Some("terminal"), None)
     );
+    assert_eq!(
+        (
+            sample[1].runnable.as_deref(),
+            sample[1].text.as_str(),
+            sample[1].line
+        ),
+        (Some("a"), "echo 1\necho 2\n", 5)
+    );
+}
+
+/// A line of output with what changes from run to run made uniform: a number with a
+/// time unit (`345 µs`, `1.12 ms`, `5.00 s`) becomes `#U`, any other number with a
+/// fraction or of three digits or more `#`; small integers (`0 mismatches`, `exit 1`,
+/// `50 connections`, `line 2`) stay as they are, and so do the digits of a word (`p99`).
+fn shape(line: &str) -> String {
+    let chars: Vec<char> = line.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let after_word = i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        if !chars[i].is_ascii_digit() || after_word {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+            i += 1;
+        }
+        let token: String = chars[start..i].iter().collect();
+        let rest: String = chars[i..].iter().collect();
+        let unit = [" µs", " ms", " s"].into_iter().find(|u| {
+            rest.strip_prefix(u)
+                .is_some_and(|r| !r.starts_with(|c: char| c.is_alphanumeric()))
+        });
+        if let Some(unit) = unit {
+            out.push_str("#U");
+            i += unit.chars().count();
+        } else if token.contains('.') || token.len() >= 3 {
+            out.push('#');
+        } else {
+            out.push_str(&token);
+        }
+    }
+    out
+}
+
+/// Runs the `console` block `name` command by command in `dir` (a shell, the echod under
+/// test first on PATH, stderr merged into stdout, `$?` carried over) with each documented address swapped
+/// for the test's, and checks each command's output against the lines the block shows,
+/// line by line in [`shape`] (a line ending in `…` is a prefix).
+fn run_transcript(name: &str, dir: &std::path::Path, swaps: &[(&str, String)]) {
+    let bin_dir = crate::support::echod_bin()
+        .parent()
+        .expect("the binary's directory")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let steps = transcript(&runnable(name));
+    assert!(!steps.is_empty(), "runnable:{name} has no `$ ` command");
+    let mut status = 0;
+    for (command, expected) in steps {
+        let mut run = command.clone();
+        for (documented, actual) in swaps {
+            run = run.replace(documented, actual);
+        }
+        let out = std::process::Command::new("sh")
+            // `$?` is the previous command's status, as in one session.
+            .args(["-c", &format!("exec 2>&1; (exit {status}); {run}")])
+            .current_dir(dir)
+            .env("PATH", &path)
+            .env_remove("ECHOD_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("sh");
+        status = out.status.code().unwrap_or(128);
+        let mut actual = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut shown = expected.join("\n");
+        for (i, (documented, swapped)) in swaps.iter().enumerate() {
+            actual = actual.replace(swapped, &format!("@{i}@"));
+            shown = shown.replace(documented, &format!("@{i}@"));
+        }
+        let actual: Vec<&str> = actual.lines().collect();
+        let shown: Vec<&str> = shown.lines().collect();
+        let same = actual.len() == shown.len()
+            && actual
+                .iter()
+                .zip(&shown)
+                .all(|(a, s)| match s.strip_suffix('…') {
+                    Some(prefix) => shape(a).starts_with(&shape(prefix)),
+                    None => shape(a) == shape(s),
+                });
+        assert!(
+            same,
+            "runnable:{name}: `{run}` printed\n{}\nwhere the docs show\n{}",
+            actual.join("\n"),
+            shown.join("\n")
+        );
+    }
+}
+
+/// An echo server that flips one bit in every thousandth byte (stream offsets 999,
+/// 1999 …), for the bench example that shows a failure. Serves until dropped.
+struct BitFlipper {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BitFlipper {
+    fn start() -> BitFlipper {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local address");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let accept = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    let mut offset = 0u64;
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        for byte in &mut buf[..n] {
+                            if offset % 1000 == 999 {
+                                *byte ^= 1;
+                            }
+                            offset += 1;
+                        }
+                        if stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        BitFlipper {
+            addr,
+            stop,
+            accept: Some(accept),
+        }
+    }
+}
+
+impl Drop for BitFlipper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // One more connection wakes the accept loop, which then sees the flag.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// The tools guide's transcripts, run as written against a real echod (and, for the
+/// failing bench, a server that corrupts echoes): the client's byte-exact pipe and its
+/// refused connection, the probe of the daemon's own configuration and of a closed
+/// port, the bench's reports (text and JSON) and its exit status 1 on corrupted echoes.
+fn documented_tool_transcripts_print_what_the_docs_show() {
+    let daemon = crate::support::Daemon::start("");
+    let refused = crate::support::refusing();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(
+        dir.path().join("backup.tar"),
+        crate::support::random_bytes(1 << 20, 22),
+    )
+    .expect("write backup.tar");
+    let on_daemon = vec![
+        ("127.0.0.1:7007", daemon.tcp.to_string()),
+        ("127.0.0.1:9107", daemon.http.to_string()),
+        ("127.0.0.1:7099", refused.addr.to_string()),
+        (
+            "/etc/echod/echod.toml",
+            daemon.served_config().display().to_string(),
+        ),
+    ];
+    run_transcript("client", dir.path(), &on_daemon);
+    run_transcript("probe", dir.path(), &on_daemon);
+    run_transcript("bench", dir.path(), &on_daemon);
+    let plot = std::fs::read_to_string(dir.path().join("latency.svg")).unwrap_or_default();
+    assert!(
+        plot.contains("<svg"),
+        "bench --plot wrote no SVG: {plot:.200}"
+    );
+    let flipper = BitFlipper::start();
+    run_transcript(
+        "bench-mismatch",
+        dir.path(),
+        &[("127.0.0.1:7011", flipper.addr.to_string())],
+    );
+    // The configuration guide's example of a bad file: one message, file, line, key.
+    std::fs::write(dir.path().join("bad.toml"), "[tcp]\nbaklog = 5\n").expect("bad.toml");
+    run_transcript("bad-config", dir.path(), &[]);
+    // The samples' shapes, as the comparison sees them.
+    assert_eq!(
+        shape("p50 345 µs  p99 1.12 ms, 5.00 s: 0 mismatches (4814016 bytes) p99.9 line 2"),
+        "p50 #U  p99 #U, #U: 0 mismatches (# bytes) p99.9 line 2"
+    );
+}
+
+/// The configuration blocks the guides show are valid as written: `echod check-config`
+/// accepts each (exit 0) and its effective configuration carries every key the block
+/// sets, with the block's value.
+fn documented_config_blocks_pass_check_config() {
+    for name in ["dual-stack", "proxy-protocol"] {
+        let block = runnable(name);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("echod.toml");
+        std::fs::write(&file, &block).expect("write the block");
+        let out = std::process::Command::new(crate::support::echod_bin())
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .env_remove("ECHOD_CONFIG")
+            .output()
+            .expect("run echod check-config");
+        let output = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "runnable:{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let effective: toml::Table = output.parse().unwrap_or_else(|e| {
+            panic!("runnable:{name}: check-config printed no TOML ({e}): {output}")
+        });
+        let documented: toml::Table = block.parse().expect("the block is TOML");
+        let mut pending: Vec<(String, &toml::Value, &toml::Value)> = documented
+            .iter()
+            .map(|(k, v)| (k.clone(), v, &effective[k.as_str()]))
+            .collect();
+        while let Some((key, want, got)) = pending.pop() {
+            match want.as_table() {
+                Some(table) => pending.extend(table.iter().map(|(k, v)| {
+                    let got = got
+                        .get(k)
+                        .unwrap_or_else(|| panic!("runnable:{name}: {key}.{k} is not in effect"));
+                    (format!("{key}.{k}"), v, got)
+                })),
+                None => assert_eq!(got, want, "runnable:{name}: {key}"),
+            }
+        }
+    }
 }
 
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as `-`.

@@ -1067,11 +1067,7 @@ fn an_upgrade_ends_tls_connections_with_close_notify_and_hands_the_listener_over
 /// default 7007 and 9107) cannot meet anything else on the host.
 fn the_two_commands_of_docs_tls_md_work_as_written() {
     let doc = std::fs::read_to_string(crate::support::repo_path("docs/tls.md")).unwrap();
-    let block = doc
-        .split("```sh\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("a ```sh block in docs/tls.md");
+    let block = crate::docs::runnable("tls-try");
     let commands: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(commands.len(), 2, "{block}");
     let client = doc

@@ -28,7 +28,13 @@ crate::support::tests![
     environment_variables_override_the_image_config needs PODMAN,
     podman_stop_during_traffic_lets_every_client_finish_and_exits_zero needs PODMAN,
     every_image_reference_in_deploy_is_fully_qualified,
+    documented_container_commands_run_as_written needs PODMAN,
 ];
+
+// Only `runnable` is used here; the daemon tests use the rest.
+#[allow(dead_code)]
+#[path = "../support/doc_blocks.rs"]
+mod doc_blocks;
 
 /// Base images, podman storage and vendored crates persist here between runs
 /// (`$ECHOD_TEST_CACHE/podman`, as the other tests' caches, default /var/cache/echod-tests).
@@ -581,4 +587,100 @@ fn every_image_reference_in_deploy_is_fully_qualified() {
         "short image names (podman without unqualified-search registries cannot pull them):\n  {}",
         bad.join("\n  ")
     );
+}
+
+/// docs/deploying.md's container block (`runnable:container`) run as written, with
+/// podman for `docker` and these swaps: the build is the test's build of the same
+/// Dockerfile (local base images, since no registry is reachable), the container gets a
+/// name of this run, and each published host port (`7`, `9107`) is one podman picks on
+/// 127.0.0.1 — a test never takes a fixed port. `nc` must print `hello` back and `curl`
+/// the metrics.
+fn documented_container_commands_run_as_written() {
+    let block = doc_blocks::runnable("container").replace("\\\n", " ");
+    let lines: Vec<&str> = block
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let [build, run_line, nc, curl] = lines[..] else {
+        panic!("runnable:container is build, run, nc, curl: {lines:?}");
+    };
+    let build: Vec<&str> = build.split_whitespace().collect();
+    assert_eq!(
+        build,
+        [
+            "docker",
+            "build",
+            "-f",
+            "deploy/Dockerfile",
+            "-t",
+            "echod",
+            "."
+        ],
+        "the documented build is no longer the one image() makes"
+    );
+    let image = image();
+    let name = format!("{NAME_PREFIX}{}-docs", std::process::id());
+    let words: Vec<&str> = run_line.split_whitespace().collect();
+    assert_eq!(words[..2], ["docker", "run"], "{run_line}");
+    assert_eq!(words.last(), Some(&"echod"), "{run_line}");
+    let mut args: Vec<String> = Vec::new();
+    let mut published = Vec::new();
+    let mut rest = words[2..words.len() - 1].iter();
+    while let Some(&word) = rest.next() {
+        match word {
+            "--name" => {
+                rest.next();
+                args.extend(["--name".to_string(), name.clone()]);
+            }
+            "-p" => {
+                let spec = rest.next().expect("-p HOST:CONTAINER");
+                let (_, container) = spec.rsplit_once(':').expect("-p HOST:CONTAINER");
+                published.push((spec.to_string(), container.to_string()));
+                args.push(format!("--publish=127.0.0.1::{container}"));
+            }
+            other => args.push(other.to_string()),
+        }
+    }
+    assert_eq!(published.len(), 3, "{run_line}");
+    let out = run(podman().arg("run").args(&args).arg(image));
+    let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut c = PodmanContainer {
+        name,
+        tcp: unknown,
+        udp: unknown,
+        http: unknown,
+    };
+    assert!(
+        out.status.success(),
+        "podman run {args:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.tcp = c.host_port(&format!("{ECHO_PORT}/tcp"));
+    c.udp = c.host_port(&format!("{ECHO_PORT}/udp"));
+    c.http = c.host_port(&format!("{METRICS_PORT}/tcp"));
+    c.wait_ready();
+    // The documented host ports, for the ones podman picked.
+    let documented_port = |container: &str| -> String {
+        let (spec, _) = published
+            .iter()
+            .find(|(_, c)| c == container)
+            .unwrap_or_else(|| panic!("{container} is not published: {published:?}"));
+        let host = spec.rsplit_once(':').expect("HOST:CONTAINER").0;
+        host.rsplit(':').next().unwrap_or(host).to_string()
+    };
+    assert_eq!(documented_port("7007/tcp"), "7");
+    assert_eq!(documented_port("7007/udp"), "7");
+    let sh = |command: &str| -> String {
+        let out = run(Command::new("sh").args(["-c", command]));
+        assert!(out.status.success(), "`{command}` failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let nc = nc.replace("127.0.0.1 7", &format!("127.0.0.1 {}", c.tcp.port()));
+    assert_eq!(sh(&nc), "hello\n", "`{nc}`");
+    let curl = curl.replace(
+        &format!("127.0.0.1:{}", documented_port("9107")),
+        &c.http.to_string(),
+    );
+    assert!(sh(&curl).contains("echod_build_info{"), "`{curl}`");
 }

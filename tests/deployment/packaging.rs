@@ -2,7 +2,8 @@
 //! units pass `systemd-analyze verify` and score ≤ 2.0 in `systemd-analyze security`,
 //! the packaged config is valid and agrees with the unit's timeouts and limits, and the
 //! man page and docs/configuration.md's key tables are the ones generated from the CLI
-//! and config/echod.toml.
+//! and config/echod.toml, and the man page's ENVIRONMENT, SIGNALS and EXIT STATUS and
+//! docs/systemd.md's tables the ones generated from docs/operating.toml.
 
 use std::process::Command;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use crate::support::{Need, repo_path};
 crate::support::tests![
     man_page_is_generated_from_the_cli,
     configuration_reference_is_generated_from_config_echod_toml,
+    systemd_guide_signals_table_is_generated_from_docs_operating_toml,
     units_pass_systemd_analyze_verify needs &[Need::Tool("systemd-analyze")],
     service_hardening_exposure_is_at_most_2 needs &[Need::Tool("systemd-analyze")],
     packaged_config_is_valid_and_fits_the_unit,
@@ -79,59 +81,13 @@ fn render_man_page() -> String {
         ));
     }
     page.push_str(&configuration_section());
+    page.push_str(&operating_sections(&read("docs/operating.toml")));
     page.push_str(EXTRA_SECTIONS);
     page.push_str(concat!(".SH VERSION\nv", env!("CARGO_PKG_VERSION"), "\n"));
     page
 }
 
-const EXTRA_SECTIONS: &str = r#".SH ENVIRONMENT
-.TP
-\fBECHOD_CONFIG\fR
-The configuration file, as \fB\-\-config\fR (the flag wins).
-.TP
-\fBECHOD_\fR\fISECTION\fR\fB__\fR\fIKEY\fR
-Sets one configuration key, over the file: \fBECHOD_TCP__MAX_CONNECTIONS=500\fR, \fBECHOD_UDP__RATE_LIMIT__BURST=100\fR; lists are comma\-separated: \fBECHOD_TCP__LISTEN=0.0.0.0:7,[::]:7\fR. Variables without \fB__\fR (such as Kubernetes' \fBECHOD_SERVICE_HOST\fR) and empty ones are not configuration. They apply at start\-up and on every reload.
-.TP
-\fBRUST_LOG\fR
-A log filter such as \fBinfo,echod=debug\fR; wins over \fIlog.level\fR and \fB\-\-log\-level\fR, also across reloads.
-.TP
-\fBNOTIFY_SOCKET\fR
-Set by systemd (\fBType=notify\fR): echod reports \fBREADY=1\fR once every listener is bound, a \fBSTATUS=\fR line every 5 seconds, \fBRELOADING=1\fR on a reload and \fBSTOPPING=1\fR on a stop.
-.TP
-\fBWATCHDOG_USEC\fR, \fBWATCHDOG_PID\fR
-Set by systemd's \fBWatchdogSec=\fR: echod pings the watchdog at half the interval from the runtime that serves traffic, so a hung echod is killed and restarted.
-.TP
-\fBLISTEN_FDS\fR, \fBLISTEN_PID\fR, \fBLISTEN_FDNAMES\fR
-Socket activation (\fBechod.socket\fR): echod serves the TCP and UDP sockets systemd passes, instead of binding \fItcp.listen\fR and \fIudp.listen\fR. Sockets named \fBechod\-\fR\fIkind\fR\fB\-\fR\fIaddress\fR (such as \fBechod\-tcp\-0.0.0.0\-7\fR) come back from systemd's descriptor store instead and are used for the configured address they name.
-.TP
-\fBFDSTORE\fR
-With \fBNOTIFY_SOCKET\fR, a positive number says systemd keeps a file descriptor store for echod (\fBFileDescriptorStoreMax=\fR; systemd 254 and later set it, the packaged unit sets it for older ones): echod stores every listening socket it binds there (\fBFDSTORE=1\fR, a name with \fB:\fR written as \fB\-\fR), removes those a reload drops, and takes them back at its next start, so that connection attempts made during a restart, a watchdog kill or a crash wait in the accept queue instead of being refused.
-.TP
-\fBECHOD_HANDOVER\fR
-Set by echod itself for the new binary during an upgrade in place (a descriptor of the description of the listeners and connections handed over); never set it by hand.
-.TP
-\fBJOURNAL_STREAM\fR
-Set when the output goes to the journal: text log lines then carry no timestamp of their own.
-.SH SIGNALS
-.TP
-\fBSIGTERM\fR, \fBSIGINT\fR
-Graceful stop: \fB/readyz\fR answers 503, the listeners close and UDP stops; open TCP connections are served until their clients finish, for up to \fIshutdown.drain_timeout\fR, then the rest are cut. echod logs \fBshutdown complete drained=\fR\fIN\fR\fB cut=\fR\fIM\fR and exits 0. A second \fBSIGTERM\fR or \fBSIGINT\fR exits at once, with status 1.
-.TP
-\fBSIGHUP\fR
-Re\-read the configuration and apply it live (limits, timeouts, rate limits, log level, listeners). Open connections are untouched. A bad configuration is refused and the old one keeps serving; the error is logged, \fBsystemctl status echod\fR shows it and \fBechod_config_reload_failures_total\fR counts it. \fBsystemctl reload echod\fR runs \fBechod check\-config\fR first, so a bad file makes it fail without signalling echod.
-.IP
-When the binary echod was started from has been replaced (a package upgrade renames a new file over it), the reload is an upgrade in place: the new binary must pass \fBcheck\-config\fR on the running configuration (exit 0 within 10 seconds), then echod executes it in the same process (same PID), handing over its listening sockets and every open connection, each at a point where it holds no byte it has not echoed (or with the bytes a client that stopped reading has not taken back yet). Connection attempts wait in the accept queue meanwhile; nothing is refused or dropped. Counters restart; \fBechod_build_info\fR shows the new version. A new binary that fails its check, or that cannot be executed, is refused like a bad configuration and the running one keeps serving.
-.SH EXIT STATUS
-.TP
-\fB0\fR
-A clean stop (after the drain); \fBcheck\-config\fR: the configuration is valid; \fBprobe\fR: healthy.
-.TP
-\fB1\fR
-A start\-up failure other than the configuration, such as an address that cannot be bound; a second stop signal; \fBprobe\fR: unhealthy; \fBclient\fR, \fBbench\fR: an echo differed or a connection failed.
-.TP
-\fB78\fR
-\fBEX_CONFIG\fR: the configuration is invalid (missing file, TOML syntax, unknown key, wrong type, value out of range); nothing was bound. The packaged unit does not restart echod for it.
-.SH FILES
+const EXTRA_SECTIONS: &str = r#".SH FILES
 .TP
 \fI/etc/echod/echod.toml\fR
 The configuration of the packaged service (TCP and UDP echo on port 7, metrics on 127.0.0.1:9107).
@@ -177,17 +133,22 @@ The same binary carries the tools to check and load an echo server: \fBprobe\fR,
 fn roff(text: &str) -> String {
     let mut out = String::new();
     for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\e"),
-            '-' => out.push_str("\\-"),
-            c if c.is_ascii() => out.push(c),
-            c => out.push_str(&format!("\\[u{:04X}]", c as u32)),
-        }
+        roff_char(c, &mut out);
     }
     if out.starts_with('.') || out.starts_with('\'') {
         out.insert_str(0, "\\&");
     }
     out
+}
+
+/// One character escaped for roff (see [`roff`]), wherever in a line it stands.
+fn roff_char(c: char, out: &mut String) {
+    match c {
+        '\\' => out.push_str("\\e"),
+        '-' => out.push_str("\\-"),
+        c if c.is_ascii() => out.push(c),
+        c => out.push_str(&format!("\\[u{:04X}]", c as u32)),
+    }
 }
 
 /// CONFIGURATION, generated from config/echod.toml (which a test keeps equal to the
@@ -202,6 +163,164 @@ An IPv6 listen address serves IPv6 only: for IPv4 and IPv6 list both, as the pac
     );
     out.push_str(&configuration_entries(&read("config/echod.toml")));
     out
+}
+
+/// One entry of docs/operating.toml: a name (an environment variable, a signal, an exit
+/// status) and its paragraphs, in the Markdown subset both renderings share.
+struct Operating {
+    name: String,
+    paragraphs: Vec<String>,
+}
+
+/// The entries of one table of docs/operating.toml (`environment`, `signal`, `exit`).
+fn operating_entries(source: &str, table: &str) -> Vec<Operating> {
+    let parsed: toml::Table = source
+        .parse()
+        .unwrap_or_else(|e| panic!("docs/operating.toml: {e}"));
+    let text = |entry: &toml::Value, key: &str| -> String {
+        entry[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("docs/operating.toml: [[{table}]] {key} is not a string"))
+            .to_string()
+    };
+    parsed[table]
+        .as_array()
+        .unwrap_or_else(|| panic!("docs/operating.toml has no [[{table}]]"))
+        .iter()
+        .map(|entry| {
+            let more = entry.get("more").and_then(toml::Value::as_array);
+            let mut paragraphs = vec![text(entry, "text")];
+            paragraphs.extend(more.into_iter().flatten().map(|p| {
+                p.as_str()
+                    .unwrap_or_else(|| panic!("docs/operating.toml: [[{table}]] more"))
+                    .to_string()
+            }));
+            Operating {
+                name: text(entry, "name"),
+                paragraphs,
+            }
+        })
+        .collect()
+}
+
+/// docs/operating.toml's markup in roff: `code` bold, *word* italic, the rest escaped.
+fn markup_roff(text: &str) -> String {
+    let mut out = String::new();
+    let (mut code, mut italic) = (false, false);
+    for c in text.chars() {
+        match c {
+            '`' => {
+                code = !code;
+                out.push_str(if code { "\\fB" } else { "\\fR" });
+            }
+            '*' if !code => {
+                italic = !italic;
+                out.push_str(if italic { "\\fI" } else { "\\fR" });
+            }
+            c => roff_char(c, &mut out),
+        }
+    }
+    assert!(!code && !italic, "unbalanced markup in {text:?}");
+    if out.starts_with('.') || out.starts_with('\'') {
+        out.insert_str(0, "\\&");
+    }
+    out
+}
+
+/// The man page's ENVIRONMENT, SIGNALS and EXIT STATUS, from docs/operating.toml.
+fn operating_sections(source: &str) -> String {
+    let mut out = String::new();
+    for (heading, table) in [
+        ("ENVIRONMENT", "environment"),
+        ("SIGNALS", "signal"),
+        ("EXIT STATUS", "exit"),
+    ] {
+        out.push_str(&format!(".SH {heading}\n"));
+        for entry in operating_entries(source, table) {
+            out.push_str(&format!(".TP\n{}\n", markup_roff(&entry.name)));
+            for (i, paragraph) in entry.paragraphs.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(".IP\n");
+                }
+                out.push_str(&markup_roff(paragraph));
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// docs/systemd.md's tables of signals, exit statuses and environment variables, from
+/// docs/operating.toml.
+fn operating_tables(source: &str) -> String {
+    let mut out = String::new();
+    for (heading, table, column) in [
+        ("Signals", "signal", "signal"),
+        ("Exit status", "exit", "exit status"),
+        ("Environment", "environment", "variable"),
+    ] {
+        out.push_str(&format!(
+            "\n### {heading}\n\n| {column} | meaning |\n|---|---|\n"
+        ));
+        for entry in operating_entries(source, table) {
+            let meaning = entry
+                .paragraphs
+                .iter()
+                .map(|p| cell(p))
+                .collect::<Vec<_>>()
+                .join("<br><br>");
+            out.push_str(&format!("| {} | {meaning} |\n", cell(&entry.name)));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// Writes `fresh` into the generated region of `rel` under ECHOD_BLESS=1, else fails
+/// when the committed region differs from it.
+fn check_generated_region(rel: &str, fresh: &str) {
+    let path = repo_path(rel);
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let (start, end) =
+        generated_region(&committed).unwrap_or_else(|| panic!("{rel} has a generated region"));
+    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
+        let blessed = format!("{}{fresh}{}", &committed[..start], &committed[end..]);
+        std::fs::write(&path, blessed).unwrap();
+    } else {
+        assert!(
+            committed[start..end] == *fresh,
+            "{rel} is stale: regenerate it with \
+             `ECHOD_BLESS=1 cargo test --test deployment is_generated`"
+        );
+    }
+}
+
+/// docs/systemd.md's signal, exit status and environment tables are docs/operating.toml,
+/// as the man page's ENVIRONMENT, SIGNALS and EXIT STATUS are: one source, two renderings.
+fn systemd_guide_signals_table_is_generated_from_docs_operating_toml() {
+    let source = read("docs/operating.toml");
+    let fresh = operating_tables(&source);
+    check_generated_region("docs/systemd.md", &fresh);
+    // The renderings of the shared markup, on a sample.
+    let sample = "[[signal]]\nname = \"`SIGX`\"\ntext = \"a `b-c` *d* e\"\nmore = [\"f|g\"]\n\
+                  [[exit]]\nname = \"`0`\"\ntext = \".h\"\n[[environment]]\nname = \"`V`\"\ntext = \"i\"\n";
+    assert_eq!(
+        operating_sections(sample),
+        ".SH ENVIRONMENT\n.TP\n\\fBV\\fR\ni\n.SH SIGNALS\n.TP\n\\fBSIGX\\fR\na \\fBb\\-c\\fR \\fId\\fR e\n\
+         .IP\nf|g\n.SH EXIT STATUS\n.TP\n\\fB0\\fR\n\\&.h\n"
+    );
+    assert!(
+        operating_tables(sample).contains("| `SIGX` | a `b-c` *d* e<br><br>f\\|g |\n"),
+        "{}",
+        operating_tables(sample)
+    );
+    // Every variable, signal and status the man page test asks for is in the source.
+    for needle in ["`ECHOD_HANDOVER`", "`SIGHUP`", "`78`", "upgrade in place"] {
+        assert!(
+            source.contains(needle),
+            "docs/operating.toml lacks {needle}"
+        );
+    }
 }
 
 /// A commented-out `# key = value` line: a key that is unset by default.
@@ -364,21 +483,8 @@ fn generated_region(text: &str) -> Option<(usize, usize)> {
 /// docs/configuration.md's key tables are config/echod.toml's keys, defaults and
 /// comments, as the man page's CONFIGURATION is: one source, two renderings.
 fn configuration_reference_is_generated_from_config_echod_toml() {
-    let path = repo_path("docs/configuration.md");
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    let (start, end) =
-        generated_region(&committed).expect("docs/configuration.md has a generated region");
     let fresh = configuration_tables(&read("config/echod.toml"));
-    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
-        let blessed = format!("{}{fresh}{}", &committed[..start], &committed[end..]);
-        std::fs::write(&path, blessed).unwrap();
-    } else {
-        assert!(
-            committed[start..end] == fresh,
-            "docs/configuration.md is stale: regenerate it with \
-             `ECHOD_BLESS=1 cargo test --test deployment is_generated`"
-        );
-    }
+    check_generated_region("docs/configuration.md", &fresh);
     assert!(
         fresh.contains("| `metrics.web_config_file` | unset"),
         "{fresh}"

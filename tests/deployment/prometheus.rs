@@ -26,6 +26,7 @@ crate::support::tests![
     prometheus_scrapes_exact_counts_and_probe_results needs &[Need::Tool("prometheus"), Need::Tool("prometheus-blackbox-exporter")],
     blackbox_probes_pass_on_echo_and_readiness_and_fail_when_draining needs &[Need::Tool("prometheus-blackbox-exporter")],
     alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet needs &[Need::Tool("yamllint")],
+    alert_table_of_the_metrics_reference_is_generated_from_the_rules needs &[Need::Tool("yamllint")],
     example_prometheus_config_targets_the_packaged_service needs &[Need::Tool("yamllint")],
     dashboard_asks_for_its_data_source_colours_health_and_shows_probes_and_restarts,
     dashboard_annotation_queries_are_valid_promql needs &[Need::Tool("prometheus")],
@@ -304,6 +305,63 @@ fn alerts_and_tests() -> (Vec<serde_json::Value>, serde_json::Value) {
         alerts,
         crate::support::yaml_file("deploy/prometheus/rules.test.yml"),
     )
+}
+
+/// docs/metrics.md's alert table for the rules of deploy/prometheus/echod-alerts.yml:
+/// each alert's name, expression (on one line), `for`, severity and summary.
+fn alert_table(alerts: &[serde_json::Value]) -> String {
+    let cell = |text: &str| {
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace('|', "\\|")
+    };
+    let mut out =
+        String::from("| alert | fires when | for | severity | summary |\n|---|---|---|---|---|\n");
+    for alert in alerts {
+        let text = |value: &serde_json::Value| value.as_str().map(cell);
+        let name = text(&alert["alert"]).expect("every rule here is an alert");
+        out.push_str(&format!(
+            "| `{name}` | `{}` | {} | {} | {} |\n",
+            text(&alert["expr"]).unwrap_or_else(|| panic!("{name}: no expr")),
+            text(&alert["for"]).unwrap_or_else(|| "at once".to_string()),
+            text(&alert["labels"]["severity"]).unwrap_or_else(|| panic!("{name}: no severity")),
+            text(&alert["annotations"]["summary"]).unwrap_or_else(|| panic!("{name}: no summary")),
+        ));
+    }
+    out
+}
+
+/// The alert table in docs/metrics.md is the rules file's, regenerated with
+/// `ECHOD_BLESS=1 cargo test --test deployment is_generated`.
+fn alert_table_of_the_metrics_reference_is_generated_from_the_rules() {
+    let (alerts, _) = alerts_and_tests();
+    let fresh = alert_table(&alerts);
+    let path = repo_path("docs/metrics.md");
+    let committed = std::fs::read_to_string(&path).expect("docs/metrics.md");
+    let begin = committed
+        .find("<!-- BEGIN GENERATED from deploy/prometheus/echod-alerts.yml")
+        .expect("docs/metrics.md has a generated alert table");
+    let start = begin + committed[begin..].find('\n').expect("a marker line") + 1;
+    let end = start
+        + committed[start..]
+            .find("<!-- END GENERATED -->")
+            .expect("the generated alert table ends");
+    if std::env::var("ECHOD_BLESS").is_ok_and(|v| v == "1") {
+        let blessed = format!("{}{fresh}{}", &committed[..start], &committed[end..]);
+        std::fs::write(&path, blessed).expect("write docs/metrics.md");
+    } else {
+        assert!(
+            committed[start..end] == fresh,
+            "docs/metrics.md's alert table is stale: regenerate it with \
+             `ECHOD_BLESS=1 cargo test --test deployment is_generated`"
+        );
+    }
+    assert!(alerts.len() >= 12, "only {} alerts", alerts.len());
+    assert!(
+        fresh.contains("| `EchodDown` | `up{job=\"echod\"} == 0` | 1m | critical |"),
+        "{fresh}"
+    );
 }
 
 fn alerts_cover_what_the_deploy_sets_up_and_each_is_tested_firing_and_quiet() {
