@@ -25,11 +25,11 @@ const HELD: usize = 10_000;
 /// The bound on `echod_last_upgrade_pause_seconds`: the documented 50 ms for the release
 /// build (`cargo test --release`). The debug build runs the same system calls with
 /// unoptimised code around them (decoding the description, starting the runtime): its
-/// pause measured 40–70 ms here under the other engineers' builds (load 4–8), and it is
-/// bounded at 150 ms — still well below the 380 ms and more the earlier design took in
-/// release, and far below its debug figures.
+/// pause measured 66 ms here (load 2), and it is bounded at 200 ms for the other
+/// engineers' builds beside it — below the 261 ms the earlier design took in the debug
+/// build at that load (and the 380 ms and more it took in release).
 const BOUND: Duration = if cfg!(debug_assertions) {
-    Duration::from_millis(150)
+    Duration::from_millis(200)
 } else {
     Duration::from_millis(50)
 };
