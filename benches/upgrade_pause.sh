@@ -3,7 +3,10 @@
 # COUNT, a release echod holds COUNT idle connections (examples/hold_connections), its
 # binary is replaced and SIGHUP'd, and the script prints how long new connections waited
 # (the old image's "paused_ms" up to the exec, and the new image's "upgrade complete …
-# paused_us" up to its readiness). Loopback only; each run is bounded (60 s).
+# paused_us" until it accepts again: echod_last_upgrade_pause_seconds), and when the
+# held connections were served again ("connections_served_us", from the same start;
+# they hand themselves over before the pause begins). Loopback only; each run is
+# bounded (60 s).
 #
 #   benches/upgrade_pause.sh [COUNT ...]      (default: 200 1000 10000)
 #   REPEATS=3 benches/upgrade_pause.sh 10000   (medians of 3)
@@ -24,9 +27,9 @@ cleanup() {
 trap cleanup EXIT
 
 ulimit -n "$(ulimit -Hn)"
-printf '%-8s %-12s %-12s\n' connections exec_ms ready_ms
+printf '%-12s %-8s %-9s %-8s\n' connections exec_ms pause_ms held_ms
 for count in "${counts[@]}"; do
-    execs=(); readies=()
+    execs=(); readies=(); helds=()
     for _ in $(seq "$repeats"); do
         cp target/release/echod "$work/echod"
         cat >"$work/echod.toml" <<TOML
@@ -57,11 +60,13 @@ TOML
         execs+=("$(sed -n 's/.*executing the new binary.*paused_ms=\([0-9]*\).*/\1/p' "$work/log")")
         us=$(sed -n 's/.*upgrade complete.*paused_us=\([0-9]*\).*/\1/p' "$work/log")
         readies+=("$((us / 1000))")
+        us=$(sed -n 's/.*upgrade complete.*connections_served_us=\([0-9]*\).*/\1/p' "$work/log")
+        helds+=("$((us / 1000))")
         exec 7>&-
         kill "$holder" "$daemon" 2>/dev/null || true
         wait "$holder" "$daemon" 2>/dev/null || true
         rm -f "$work/hold.in" "$work/log"
     done
     median() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
-    printf '%-8s %-12s %-12s\n' "$count" "$(median "${execs[@]}")" "$(median "${readies[@]}")"
+    printf '%-12s %-8s %-9s %-8s\n' "$count" "$(median "${execs[@]}")" "$(median "${readies[@]}")" "$(median "${helds[@]}")"
 done

@@ -113,19 +113,7 @@ pub(crate) async fn serve_hosted(
     if let Some(started) = handover.started {
         server.handles.metrics.carry(handover.samples, started);
     }
-    server.start(handover.connections, start)?;
-    if let Some(stopped) = handover.stopped {
-        let paused = handover::monotonic_micros().saturating_sub(stopped);
-        server
-            .handles
-            .metrics
-            .upgraded(UpgradeResult::Ok, Some(Duration::from_micros(paused)));
-        info!(
-            paused_us = paused,
-            "upgrade complete: the new binary serves, {:.1} ms after the old one stopped accepting",
-            paused as f64 / 1000.0
-        );
-    }
+    server.start(handover.connections, start, handover.stopped)?;
     host::spawn_watchdog(&server.host);
     #[cfg(debug_assertions)]
     block_every_worker_if_a_test_asks();
@@ -325,6 +313,10 @@ impl Handles {
         // child anew cost most of the new image's pause at 10 000 connections.
         let mut series: HashMap<String, Arc<TcpListenerMetrics>> = HashMap::new();
         for c in connections {
+            if !handover::is_stream_socket(&c.fd) {
+                warn!(peer = %c.peer, "a handed-over descriptor is not a TCP connection: closed");
+                continue;
+            }
             let stream = std::net::TcpStream::from(c.fd);
             let stream = match stream
                 .set_nonblocking(true)
@@ -384,7 +376,16 @@ impl Server {
     /// bind, say) is not fatal: the old image would have refused it as a reload and kept
     /// serving, so the new one serves the listeners handed over, as they were, and
     /// reports a failed reload.
-    fn start(&mut self, connections: Vec<HandedConnection>, start: Start) -> Result<(), BindError> {
+    ///
+    /// The listeners accept before the handed-over connections are taken on: the pause
+    /// new clients see (since `stopped`, when the old image stopped accepting) ends
+    /// there, and does not grow with the connections held.
+    fn start(
+        &mut self,
+        connections: Vec<HandedConnection>,
+        start: Start,
+        stopped: Option<u64>,
+    ) -> Result<(), BindError> {
         let outcome = match (self.bind_all(), start) {
             (Ok(()), _) => Ok(()),
             (Err(e), Start::Fresh) => return Err(e),
@@ -397,14 +398,27 @@ impl Server {
                 ))
             }
         };
-        if !connections.is_empty() {
+        let paused = stopped.map(|at| handover::monotonic_micros().saturating_sub(at));
+        let held = connections.len();
+        let pending_bytes = connections.iter().map(|c| c.pending.len()).sum::<usize>();
+        if held > 0 {
             info!(
-                connections = connections.len(),
-                pending_bytes = connections.iter().map(|c| c.pending.len()).sum::<usize>(),
-                "serving the connections handed over"
+                connections = held,
+                pending_bytes, "serving the connections handed over"
             );
         }
         self.handles.adopt(connections);
+        if let (Some(stopped), Some(paused)) = (stopped, paused) {
+            self.handles
+                .metrics
+                .upgraded(UpgradeResult::Ok, Some(Duration::from_micros(paused)));
+            info!(
+                paused_us = paused,
+                connections_served_us = handover::monotonic_micros().saturating_sub(stopped),
+                "upgrade complete: the new binary serves, {:.1} ms after the old one stopped accepting",
+                paused as f64 / 1000.0
+            );
+        }
         self.handles.health.set_ready();
         match start {
             Start::Fresh => self.host.notify(Notice::Ready(&self.status_line())),
@@ -549,9 +563,33 @@ impl Server {
                 return None;
             }
         };
-        let started = Instant::now();
-        let stopped = handover::monotonic_micros();
         info!(binary = %upgrade.binary().display(), "handing over to the new binary");
+        // First the connections open now hand themselves over while the listeners go on
+        // accepting and echoing (restarted on the same sockets under a fresh broadcast,
+        // a gap of well under a millisecond, counted in the pause): that work grows
+        // with the connections held, and new clients do not wait for it.
+        let gap = Instant::now();
+        let (earlier, earlier_connections) = self.next_generation().await;
+        let gap = gap.elapsed();
+        earlier.begin_handover();
+        earlier_connections.close();
+        // A connection still reading its PROXY header finishes that first.
+        let wait = self.config.tcp.proxy_protocol.header_timeout + Duration::from_secs(2);
+        if tokio::time::timeout(wait, earlier_connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                left = self.handles.limiter.active(),
+                "connections that did not reach a point to hand over in time are closed"
+            );
+        }
+        drop(earlier);
+        // Then the pause: the listeners stop, the connections accepted meanwhile hand
+        // themselves over, and the exec. `stopped` counts the restart's gap in.
+        let started = Instant::now();
+        let stopped = handover::monotonic_micros()
+            .saturating_sub(u64::try_from(gap.as_micros()).unwrap_or(u64::MAX));
         let listeners = self.listeners.hand_over();
         let handles = &self.handles;
         handles.listener_tasks.close();
@@ -588,7 +626,7 @@ impl Server {
             listeners = handover.listeners.len(),
             connections = handover.connections.len(),
             pending_bytes = handover.pending_bytes(),
-            paused_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            paused_ms = u64::try_from((started.elapsed() + gap).as_millis()).unwrap_or(u64::MAX),
             "executing the new binary"
         );
         let binary = upgrade.binary().display().to_string();
@@ -598,6 +636,35 @@ impl Server {
         self.handles.metrics.upgraded(UpgradeResult::Failed, None);
         self.conclude(Err(format!("upgrade to {binary} failed: {error}")));
         None
+    }
+
+    /// Restarts every listener on its socket under a fresh broadcast and connection
+    /// tracker, and returns the previous ones, which the connections open until now
+    /// still hold: an upgrade hands those over while new ones are served.
+    async fn next_generation(&mut self) -> (Shutdown, TaskTracker) {
+        let listeners = self.listeners.hand_over();
+        self.handles.listener_tasks.close();
+        if tokio::time::timeout(LISTENERS_STOP, self.handles.listener_tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("a listener did not stop in time for the handover");
+        }
+        self.handles.listener_tasks.reopen();
+        let shutdown = std::mem::replace(&mut self.handles.shutdown, Shutdown::running());
+        let connections = std::mem::replace(&mut self.handles.connections, TaskTracker::new());
+        let sockets = Sockets::new().handed_over(listeners);
+        self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
+        let handles = &self.handles;
+        if let Err(e) = self
+            .listeners
+            .reconcile(&self.config, |bound, label, backlog| {
+                handles.start(bound, label, backlog)
+            })
+        {
+            error!(error = %e, "cannot serve every listener again");
+        }
+        (shutdown, connections)
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.

@@ -40,6 +40,7 @@ mod tls_echo;
 mod udp_echo;
 mod upgrade;
 mod upgrade_faults;
+mod upgrade_pause;
 mod upgrade_series;
 mod web_config;
 
@@ -76,6 +77,7 @@ fn main() -> std::process::ExitCode {
         web_config::TESTS,
         upgrade::TESTS,
         upgrade_faults::TESTS,
+        upgrade_pause::TESTS,
         upgrade_series::TESTS,
         tls_echo::TESTS,
     ])

@@ -6,7 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -19,7 +18,7 @@ use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::reasons::ConnectionCap;
 use crate::daemon::shutdown::Shutdown;
 use crate::daemon::upgrade::handoff::Handoff;
-use crate::daemon::upgrade::handover::{HandedConnection, monotonic_micros};
+use crate::daemon::upgrade::handover::{self, HandedConnection, monotonic_micros};
 
 /// The two lines from the server to a connection: the stop broadcast, and where the
 /// connection gives itself at an in-place upgrade.
@@ -243,11 +242,14 @@ impl Connection {
     }
 
     /// Gives a duplicate of the socket (closing the original then sends the client
-    /// nothing), the client and `pending` to the handover.
+    /// nothing), the client and `pending` to the handover. The duplicate is made
+    /// without `FD_CLOEXEC`, ready to cross the exec: that costs nothing here, where
+    /// every connection hands itself over while the listeners still serve, and spares
+    /// the exec one system call per connection while nothing is accepted.
     fn hand_over(&self, pending: Vec<u8>) {
-        match SockRef::from(&self.stream).try_clone() {
-            Ok(socket) => self.handoff.give(HandedConnection {
-                fd: socket.into(),
+        match handover::dup_for_exec(&self.stream) {
+            Ok(fd) => self.handoff.give(HandedConnection {
+                fd,
                 label: self.metrics.label.clone(),
                 peer: self.peer,
                 pending,

@@ -110,7 +110,9 @@ pub(crate) fn exec(
     env.push(cstring(
         format!("{}={}", handover::ENV, description.as_raw_fd()).as_bytes(),
     )?);
-    let mut fds = handover.raw_fds();
+    // The connections' descriptors are not close-on-exec already (see
+    // `HandedConnection::fd`): only the listeners and the description are cleared here.
+    let mut fds = handover.listener_fds();
     fds.push(description.as_raw_fd());
     let arg_ptrs: Vec<*const libc::c_char> = args
         .iter()
@@ -172,6 +174,7 @@ pub(crate) fn exec(
     for fd in cleared {
         let _ = handover::set_cloexec(fd, true);
     }
+    handover.keep_connections_from_children();
     match result {
         Err(e) => Err(e),
         Ok(()) => unreachable!("execve returned without an error"),

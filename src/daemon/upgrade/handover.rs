@@ -39,6 +39,9 @@ pub(crate) struct HandedListener {
 /// echoed, or with those bytes in `pending`.
 #[derive(Debug)]
 pub(crate) struct HandedConnection {
+    /// Without `FD_CLOEXEC` in the image that hands it over ([`dup_for_exec`]), so the
+    /// exec costs no system call per connection; close-on-exec again in the image that
+    /// serves it.
     pub(crate) fd: OwnedFd,
     /// The listener it was accepted on (its metrics label).
     pub(crate) label: String,
@@ -111,13 +114,20 @@ pub(crate) fn describe_listeners(
 }
 
 impl Handover {
-    /// Every descriptor that must cross `execve`.
-    pub(crate) fn raw_fds(&self) -> Vec<RawFd> {
-        self.listeners
-            .iter()
-            .map(|l| l.fd.as_raw_fd())
-            .chain(self.connections.iter().map(|c| c.fd.as_raw_fd()))
-            .collect()
+    /// The descriptors that are close-on-exec and must cross `execve`: the listeners'
+    /// (the connections' cross as they are, see [`HandedConnection::fd`]).
+    pub(crate) fn listener_fds(&self) -> Vec<RawFd> {
+        self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect()
+    }
+
+    /// Every connection's descriptor made close-on-exec again: the exec failed and
+    /// this image serves them on.
+    pub(crate) fn keep_connections_from_children(&self) {
+        for c in &self.connections {
+            if let Err(e) = set_cloexec(c.fd.as_raw_fd(), true) {
+                warn!(peer = %c.peer, error = %e, "cannot make a connection close-on-exec");
+            }
+        }
     }
 
     /// Bytes the connections carry that the next image writes first.
@@ -219,20 +229,109 @@ impl Handover {
                 });
             }
         }
-        for c in d.connections {
-            if let Some(fd) = adopt_socket(c.fd, Type::STREAM)? {
-                handover.connections.push(HandedConnection {
-                    fd,
-                    label: c.label,
-                    peer: c.peer,
-                    pending: c.pending,
-                    accepted: c.accepted,
-                    echoed: c.echoed,
-                });
+        // The connections, ten thousand or more, in two system calls while nothing is
+        // accepted: every descriptor is made close-on-exec at once, and one `poll`
+        // tells which are open. Whether each is a stream socket is asked later, when
+        // it is served ([`is_stream_socket`]), after the listeners accept again.
+        let fds: Vec<RawFd> = d.connections.iter().map(|c| c.fd).collect();
+        let open = open_descriptors(&fds)?;
+        for (c, open) in d.connections.into_iter().zip(open) {
+            if !open {
+                warn!(
+                    fd = c.fd,
+                    "a handed-over connection's descriptor is not open: skipped"
+                );
+                continue;
             }
+            // SAFETY: the description names this descriptor as ours alone (each at
+            // most once, checked by `decode`), and it is open (`poll` said so).
+            let fd = unsafe { OwnedFd::from_raw_fd(c.fd) };
+            handover.connections.push(HandedConnection {
+                fd,
+                label: c.label,
+                peer: c.peer,
+                pending: c.pending,
+                accepted: c.accepted,
+                echoed: c.echoed,
+            });
         }
         Ok(handover)
     }
+}
+
+/// Which of `fds` are open, each made close-on-exec (nothing this image inherited goes
+/// on to its children): `close_range` marks every descriptor above stdio in one call
+/// (one call per descriptor on kernels before 5.11), and one `poll` answers `POLLNVAL`
+/// for each that is not open.
+fn open_descriptors(fds: &[RawFd]) -> Result<Vec<bool>, HandoverError> {
+    if fds.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing: it sets FD_CLOEXEC on
+    // every open descriptor from 3 up.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `polled` is a valid array of its length; a zero timeout only asks.
+        let rc = unsafe {
+            libc::poll(
+                polled.as_mut_ptr(),
+                libc::nfds_t::try_from(polled.len()).unwrap_or(libc::nfds_t::MAX),
+                0,
+            )
+        };
+        if rc >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+    let open: Vec<bool> = polled
+        .iter()
+        .map(|p| p.revents & libc::POLLNVAL == 0)
+        .collect();
+    if !marked {
+        for (&fd, _) in fds.iter().zip(&open).filter(|(_, open)| **open) {
+            set_cloexec(fd, true)?;
+        }
+    }
+    Ok(open)
+}
+
+/// Whether `fd` is a stream socket: asked of each handed-over connection as it is
+/// served, after the listeners accept again.
+pub(crate) fn is_stream_socket(fd: &OwnedFd) -> bool {
+    socket2::SockRef::from(fd)
+        .r#type()
+        .is_ok_and(|ty| ty == Type::STREAM)
+}
+
+/// A duplicate of `socket` without `FD_CLOEXEC`, for an exec to hand over.
+pub(crate) fn dup_for_exec(socket: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD duplicates a descriptor the borrow keeps open; the new one is
+    // ours alone.
+    let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD, 3) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The largest description read: ten thousand connections each carrying a full

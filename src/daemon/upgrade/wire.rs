@@ -73,7 +73,12 @@ pub(super) struct Description {
 }
 
 pub(super) fn encode(d: &Description) -> Vec<u8> {
-    let mut text = format!("{HEADER}\n");
+    use std::fmt::Write as _;
+    // Written into one string (no allocation a line): the connections' lines are
+    // written while nothing is accepted.
+    let mut text = String::with_capacity(64 * (d.connections.len() + d.samples.len() + 4));
+    text.push_str(HEADER);
+    text.push('\n');
     if let Some(at) = d.stopped {
         text.push_str(&format!("stopped {at}\n"));
     }
@@ -93,15 +98,16 @@ pub(super) fn encode(d: &Description) -> Vec<u8> {
         text.push('\n');
     }
     for c in &d.connections {
-        text.push_str(&format!(
-            "connection {} {} {} {} {} {}\n",
+        let _ = writeln!(
+            text,
+            "connection {} {} {} {} {} {}",
             c.fd,
             c.label,
             c.peer,
             c.pending.len(),
             c.accepted,
             c.echoed
-        ));
+        );
     }
     text.push_str("end\n");
     let mut bytes = text.into_bytes();
