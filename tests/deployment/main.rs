@@ -19,6 +19,7 @@ mod packaging;
 mod prometheus;
 mod systemd;
 mod upgrade;
+mod upgrade_faults;
 
 fn main() -> std::process::ExitCode {
     // The slowest first (a boot of systemd, an image build), so the others fill in
@@ -26,6 +27,7 @@ fn main() -> std::process::ExitCode {
     support::run(&[
         systemd::TESTS,
         upgrade::TESTS,
+        upgrade_faults::TESTS,
         container::TESTS,
         prometheus::TESTS,
         kubernetes::TESTS,
