@@ -19,6 +19,7 @@ mod packaging;
 mod prometheus;
 mod systemd;
 mod upgrade;
+mod upgrade_compat;
 mod upgrade_faults;
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +29,7 @@ fn main() -> std::process::ExitCode {
         systemd::TESTS,
         upgrade::TESTS,
         upgrade_faults::TESTS,
+        upgrade_compat::TESTS,
         container::TESTS,
         prometheus::TESTS,
         kubernetes::TESTS,
