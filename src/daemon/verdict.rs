@@ -19,6 +19,8 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -94,9 +96,23 @@ pub(crate) fn record(outcome: Result<(), &str>) {
 
 /// `echod reload`: asks the daemon `pid` to reload (SIGHUP) and waits up to `timeout`
 /// for its verdict. Exit 0 when the reload (or upgrade) was applied, 1 otherwise.
+///
+/// A SIGTERM while it waits is systemd stopping the unit (it signals the reload's
+/// control process with the main one): the reload is moot and its job already
+/// cancelled, so it exits 0 at once — killed by the signal, it would leave the stopped
+/// unit `failed` with `Result=signal`.
 pub fn request(pid: i32, timeout: Duration) -> ExitCode {
-    match wait_for(pid, timeout) {
+    let stopping = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stopping))
+    {
+        eprintln!("echod reload: cannot handle SIGTERM: {e}");
+    }
+    match wait_for(pid, timeout, &stopping) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(why) if stopping.load(Ordering::SeqCst) => {
+            eprintln!("echod reload: stopped (SIGTERM) while {why}; the reload is abandoned");
+            ExitCode::SUCCESS
+        }
         Err(why) => {
             eprintln!("echod reload: {why}");
             ExitCode::FAILURE
@@ -104,7 +120,7 @@ pub fn request(pid: i32, timeout: Duration) -> ExitCode {
     }
 }
 
-fn wait_for(pid: i32, timeout: Duration) -> Result<(), String> {
+fn wait_for(pid: i32, timeout: Duration, stopping: &AtomicBool) -> Result<(), String> {
     let path = path().ok_or(
         "RUNTIME_DIRECTORY is not set: run it as the unit's ExecReload= (the unit sets \
          RuntimeDirectory=echod), or send SIGHUP yourself and read the log",
@@ -136,6 +152,9 @@ fn wait_for(pid: i32, timeout: Duration) -> Result<(), String> {
                 None => Ok(()),
                 Some(why) => Err(format!("the daemon refused the reload: {why}")),
             };
+        }
+        if stopping.load(Ordering::SeqCst) {
+            return Err(format!("waiting for the verdict of process {pid}"));
         }
         if exited(pid) {
             return Err(format!(

@@ -19,6 +19,8 @@ mod packaging;
 mod prometheus;
 mod systemd;
 mod upgrade;
+mod upgrade_compat;
+mod upgrade_faults;
 
 fn main() -> std::process::ExitCode {
     // The slowest first (a boot of systemd, an image build), so the others fill in
@@ -26,6 +28,8 @@ fn main() -> std::process::ExitCode {
     support::run(&[
         systemd::TESTS,
         upgrade::TESTS,
+        upgrade_faults::TESTS,
+        upgrade_compat::TESTS,
         container::TESTS,
         prometheus::TESTS,
         kubernetes::TESTS,

@@ -29,7 +29,7 @@ pub(crate) fn port_7() -> MutexGuard<'static, ()> {
 }
 
 /// The ports the packaged config serves must be free on the host.
-fn assert_ports_free() {
+pub(crate) fn assert_ports_free() {
     assert!(
         TcpStream::connect(crate::systemd::ECHO).is_err() && UdpSocket::bind("0.0.0.0:7").is_ok(),
         "port 7 is already in use on this machine"
@@ -42,7 +42,7 @@ fn assert_ports_free() {
 
 /// How one connection attempt of a [`ConnectLoop`] went.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// Connected, echoed byte for byte, closed cleanly by echod after our FIN.
     Echoed,
     /// The connection was refused (nothing listened).
@@ -56,7 +56,7 @@ enum Outcome {
 }
 
 #[derive(Debug, Clone)]
-struct Attempt {
+pub(crate) struct Attempt {
     started: Instant,
     took: Duration,
     outcome: Outcome,
@@ -185,7 +185,7 @@ impl ConnectLoop {
     }
 
     /// Stops, waits for every open attempt (60 s at most) and returns them all.
-    fn finish(mut self) -> Vec<Attempt> {
+    pub(crate) fn finish(mut self) -> Vec<Attempt> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -203,7 +203,10 @@ impl Drop for ConnectLoop {
 
 /// Every attempt echoed; returns how many there were and how many began in `outages`
 /// (each from its start to the moment echod was serving again), and the longest wait.
-fn all_echoed(attempts: &[Attempt], outages: &[(Instant, Instant)]) -> (usize, usize, Duration) {
+pub(crate) fn all_echoed(
+    attempts: &[Attempt],
+    outages: &[(Instant, Instant)],
+) -> (usize, usize, Duration) {
     let bad: Vec<&Attempt> = attempts
         .iter()
         .filter(|a| a.outcome != Outcome::Echoed)
@@ -228,7 +231,7 @@ fn all_echoed(attempts: &[Attempt], outages: &[(Instant, Instant)]) -> (usize, u
 }
 
 /// Waits until echod.service is active again under a PID other than `old`, and answers.
-fn wait_restarted(c: &Nspawn, old: &str, restarts: u32) -> String {
+pub(crate) fn wait_restarted(c: &Nspawn, old: &str, restarts: u32) -> String {
     wait_for(
         Duration::from_secs(60),
         || "echod to be back",
@@ -368,7 +371,7 @@ fn bumped(version: &str) -> String {
 /// with its version string patched (same length, so nothing else moves), packaged by
 /// cargo-deb with `--deb-version`. Returns the .deb (moved into `pkg_dir`) and the
 /// version the new binary reports.
-fn build_upgrade_deb(pkg_dir: &Path) -> (PathBuf, String) {
+pub(crate) fn build_upgrade_deb(pkg_dir: &Path) -> (PathBuf, String) {
     let old = env!("CARGO_PKG_VERSION");
     let new = bumped(old);
     let binary = std::fs::read(crate::support::echod_bin()).unwrap();
@@ -526,6 +529,19 @@ fn journal_number(journal: &str, line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {l:?}"))
 }
 
+/// `Some` when the packaged service's metrics say it runs `version` (`echod_build_info`).
+pub(crate) fn build_info(version: &str) -> Option<()> {
+    let body = crate::support::http_get(metrics_addr(), "/metrics")
+        .ok()
+        .filter(|(status, _)| *status == 200)?
+        .1;
+    body.lines()
+        .any(|l| {
+            l.starts_with("echod_build_info{") && l.contains(&format!("version=\"{version}\""))
+        })
+        .then_some(())
+}
+
 /// `dpkg -i` of a newer package while 200 clients ping-pong on open connections, one
 /// stopped reading with its buffers full, and another client connects every 10 ms: prerm
 /// stops nothing, postinst reloads, echod checks the new binary and becomes it in place
@@ -550,17 +566,6 @@ fn package_upgrade_hands_over_every_connection() {
     let dpkg_started = Instant::now();
     let dpkg = c.ok("dpkg -i /mnt/pkg/echod-upgrade.deb 2>&1");
     let dpkg_done = Instant::now();
-    let build_info = |version: &str| {
-        let body = crate::support::http_get(crate::systemd::METRICS.parse().unwrap(), "/metrics")
-            .ok()
-            .filter(|(status, _)| *status == 200)?
-            .1;
-        body.lines()
-            .any(|l| {
-                l.starts_with("echod_build_info{") && l.contains(&format!("version=\"{version}\""))
-            })
-            .then_some(())
-    };
     wait_for(
         Duration::from_secs(20),
         || "the new version to serve",
