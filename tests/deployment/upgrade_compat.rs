@@ -18,8 +18,9 @@ crate::support::tests![
     the_previous_release_hands_over_to_this_one_and_not_back needs NEEDS,
 ];
 
-/// The last commit of round 2: the release before the upgrade check and handover 2.
-const PREVIOUS: &str = "66171ccff332b8fb42efacbc31e25df51984d6c6";
+/// The last commit of round 2: the release before the upgrade check and handover 2. One
+/// source with the script that builds it.
+const PREVIOUS: &str = include_str!("previous-release.commit").trim_ascii();
 
 /// How many connections stay open across each upgrade.
 const HELD: usize = 20;
@@ -34,52 +35,33 @@ fn has_previous_commit() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// git and cargo to build the previous release, and the history that holds it (a
-/// shallow clone does not).
+/// git and cargo to build the previous release, and the history that holds it: a
+/// shallow clone does not, which no package on the machine can mend — so that one is
+/// optional, ignored (and said) even where end-to-end tests are required.
 const NEEDS: &[Need] = &[
     Need::Tool("git"),
     Need::Tool("cargo"),
-    Need::Host(
+    Need::Optional(
         "the previous release's commit in the git history (a full clone)",
         has_previous_commit,
     ),
 ];
 
-/// The previous release's binary, built once (a debug build: the release profile's LTO
-/// took over 10 minutes here) into a target directory of its own under `target/`.
+/// The previous release's binary, built once by `previous-release.sh` (which CI's setup
+/// runs before the tests) into a target directory of its own under `target/`.
 fn previous_build() -> PathBuf {
     let target = echod_bin()
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join(format!("compat-{}", &PREVIOUS[..12]));
-    let src = target.join("src");
-    if !src.join("Cargo.lock").exists() {
-        let tmp = target.join("src.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
-        let archive = Command::new("sh")
-            .arg("-c")
-            .arg(r#"git -C "$1" archive --format=tar "$2" | tar -x -C "$3""#)
-            .arg("sh")
-            .arg(repo_path(""))
-            .arg(PREVIOUS)
-            .arg(&tmp)
-            .status()
-            .expect("git archive");
-        assert!(archive.success(), "cannot extract {PREVIOUS}");
-        std::fs::rename(&tmp, &src).unwrap();
-    }
+        .to_path_buf();
     let started = Instant::now();
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "--locked", "--bin", "echod", "--target-dir"])
-        .arg(target.join("target"))
-        .current_dir(&src)
-        .env_remove("CARGO_TARGET_DIR")
-        .env("ECHOD_REVISION", &PREVIOUS[..12])
+    let out = Command::new("bash")
+        .arg(repo_path("tests/deployment/previous-release.sh"))
+        .arg(&target)
         .stdin(Stdio::null())
         .output()
-        .expect("cargo build");
+        .expect("bash");
     assert!(
         out.status.success(),
         "building {PREVIOUS} failed:\n{}",
@@ -90,7 +72,7 @@ fn previous_build() -> PathBuf {
         &PREVIOUS[..12],
         started.elapsed()
     );
-    target.join("target/debug/echod")
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 /// Puts `contents` at `bin` the way a package manager does: renamed over the old file.
