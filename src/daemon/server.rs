@@ -333,7 +333,7 @@ impl Handles {
                     .entry(c.label.clone())
                     .or_insert_with(|| Arc::new(self.metrics.tcp_listener(&c.label))),
             );
-            let permit = self.limiter.adopt(c.peer.ip());
+            let permit = c.slot.unwrap_or_else(|| self.limiter.adopt(c.peer.ip()));
             self.connections.spawn(tcp::adopted(
                 stream,
                 c.peer,
@@ -382,10 +382,17 @@ impl Server {
     /// there, and does not grow with the connections held.
     fn start(
         &mut self,
-        connections: Vec<HandedConnection>,
+        mut connections: Vec<HandedConnection>,
         start: Start,
         stopped: Option<u64>,
     ) -> Result<(), BindError> {
+        // Their slots first: the listeners accept before the connections are served,
+        // and would otherwise admit newcomers past the limits meanwhile.
+        for c in &mut connections {
+            if c.slot.is_none() {
+                c.slot = Some(self.handles.limiter.adopt(c.peer.ip()));
+            }
+        }
         let outcome = match (self.bind_all(), start) {
             (Ok(()), _) => Ok(()),
             (Err(e), Start::Fresh) => return Err(e),
@@ -580,7 +587,7 @@ impl Server {
             .is_err()
         {
             warn!(
-                left = self.handles.limiter.active(),
+                left = earlier_connections.len(),
                 "connections that did not reach a point to hand over in time are closed"
             );
         }

@@ -5,7 +5,10 @@
 //! handed-over connection's duration and byte caps count from its first accept.
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::support::{CONFIGURED, Daemon, Options, echod_bin};
@@ -13,6 +16,7 @@ use crate::support::{CONFIGURED, Daemon, Options, echod_bin};
 crate::support::tests![
     counters_and_the_start_time_go_on_across_an_upgrade,
     caps_count_from_the_first_accept_across_an_upgrade,
+    the_connection_limit_holds_while_connections_hand_over,
 ];
 
 fn upgradable(dir: &Path, toml: &str) -> (Daemon, PathBuf) {
@@ -119,4 +123,70 @@ fn caps_count_from_the_first_accept_across_an_upgrade() {
         &[("listener", CONFIGURED), ("cap", "max_bytes")],
         1.0,
     );
+}
+
+/// Connections at `tcp.max_connections` when the upgrade begins.
+const AT_LIMIT: usize = 300;
+
+/// The open connections hand themselves over while the listeners still accept (so new
+/// clients do not wait for them): each keeps its slot until the exec, or newcomers
+/// would be admitted past `tcp.max_connections` one by one as the held ones hand over.
+fn the_connection_limit_holds_while_connections_hand_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml =
+        format!("[tcp]\nmax_connections = {AT_LIMIT}\nmax_connections_per_ip = {AT_LIMIT}\n");
+    let (daemon, bin) = upgradable(dir.path(), &toml);
+    let mut held: Vec<TcpStream> = (0..AT_LIMIT)
+        .map(|_| TcpStream::connect(daemon.tcp).unwrap())
+        .collect();
+    daemon.wait_metric(
+        "echod_tcp_connections_active",
+        &[("listener", CONFIGURED)],
+        AT_LIMIT as f64,
+    );
+    // Newcomers, one at a time until the upgrade is complete: each is refused (closed
+    // at once) or, past the limit, echoed.
+    let done = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (done, addr) = (Arc::clone(&done), daemon.tcp);
+        std::thread::spawn(move || {
+            let (mut tried, mut echoed) = (0, 0);
+            while !done.load(Ordering::Relaxed) && tried < 100_000 {
+                tried += 1;
+                // Bounded: a full accept queue retries the SYN for seconds.
+                let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                else {
+                    continue;
+                };
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut byte = [0u8; 1];
+                if s.write_all(b"x").is_ok() && matches!(s.read(&mut byte), Ok(1)) {
+                    echoed += 1;
+                }
+            }
+            (tried, echoed)
+        })
+    };
+    let began = std::time::Instant::now();
+    upgrade(&daemon, &bin);
+    let upgraded = began.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let (tried, echoed) = prober.join().unwrap();
+    eprintln!("{tried} newcomers tried during the upgrade ({upgraded:?}), {echoed} echoed");
+    assert!(tried > 0);
+    assert_eq!(
+        echoed, 0,
+        "{echoed} of {tried} newcomers admitted past the limit"
+    );
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_active", &[("listener", CONFIGURED)]),
+        AT_LIMIT as f64
+    );
+    for (i, s) in held.iter_mut().enumerate() {
+        let data = [i as u8; 3];
+        s.write_all(&data).unwrap();
+        let mut back = [0u8; 3];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, data, "held connection {i}");
+    }
 }

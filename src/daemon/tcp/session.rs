@@ -214,7 +214,9 @@ impl Connection {
             self.unflushed.echoed = self.unflushed.echoed.saturating_sub(unsent as u64);
         }
         self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
-        self.permit = None;
+        // A connection handed over keeps its slot until the exec: the listeners go on
+        // accepting meanwhile, and must not count it gone.
+        let permit = self.permit.take();
         match end {
             End::Finished => {
                 let _ = self.stream.shutdown().await;
@@ -223,7 +225,7 @@ impl Connection {
             End::Capped(_) => {}
             End::HandedOver(pending) => {
                 // Still open, served by the next image: not closed, no duration yet.
-                self.hand_over(pending);
+                self.hand_over(pending, permit);
                 self.metrics.active.dec();
                 return;
             }
@@ -246,7 +248,7 @@ impl Connection {
     /// without `FD_CLOEXEC`, ready to cross the exec: that costs nothing here, where
     /// every connection hands itself over while the listeners still serve, and spares
     /// the exec one system call per connection while nothing is accepted.
-    fn hand_over(&self, pending: Vec<u8>) {
+    fn hand_over(&self, pending: Vec<u8>, slot: Option<Permit>) {
         match handover::dup_for_exec(&self.stream) {
             Ok(fd) => self.handoff.give(HandedConnection {
                 fd,
@@ -257,6 +259,7 @@ impl Connection {
                     u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
                 ),
                 echoed: self.echoed_total,
+                slot,
             }),
             Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),
         }

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use super::wire::{self, ConnectionEntry, Description, ListenerEntry};
 use crate::daemon::kind::{ListenerKind, SocketOrigin};
+use crate::daemon::limits::Permit;
 
 /// The environment variable naming the descriptor of the description.
 pub(crate) const ENV: &str = "ECHOD_HANDOVER";
@@ -53,6 +54,10 @@ pub(crate) struct HandedConnection {
     /// and the bytes echoed on it so far: its caps go on from there.
     pub(crate) accepted: u64,
     pub(crate) echoed: u64,
+    /// Its slot under the limits in the image that hands it over, held until the exec
+    /// (the listeners accept meanwhile) or, when the exec fails, kept as it is served
+    /// again; none once it has crossed an exec.
+    pub(crate) slot: Option<Permit>,
 }
 
 /// Everything handed over.
@@ -253,6 +258,7 @@ impl Handover {
                 pending: c.pending,
                 accepted: c.accepted,
                 echoed: c.echoed,
+                slot: None,
             });
         }
         Ok(handover)
