@@ -130,9 +130,11 @@ impl ConfigSource {
             file_text = Some(text);
         }
         builder = builder.add_source(environment_layer(env));
-        // `ECHOD_UDP__LISTEN=` means "no addresses": the list parser would read one
-        // empty address instead.
-        for key in LIST_KEYS {
+        // `ECHOD_UDP__LISTEN=` means "no addresses" (the list parser would read one
+        // empty address instead). Only for a listener: an empty variable elsewhere is
+        // not configuration, or `${UNSET}` in a compose file would quietly empty an
+        // access list or the reflection ports.
+        for key in LIST_KEYS.iter().filter(|key| key.ends_with(".listen")) {
             let var = format!("ECHOD_{}", key.to_uppercase().replace('.', "__"));
             if env.get(&var).is_some_and(|v| v.trim().is_empty()) {
                 builder = builder

@@ -131,9 +131,37 @@ fn layers_apply_defaults_then_file_then_environment_then_flags() {
     assert_eq!(config.log.level, "debug", "flags over everything");
     assert!(
         config.udp.listen.is_empty(),
-        "an empty list variable is an empty list"
+        "an empty listen variable turns the listener off"
     );
     assert_eq!(config.tcp.buffer_size, TcpConfig::default().buffer_size);
+}
+
+/// An empty variable is not configuration — `${UNSET}` in a compose file must not
+/// quietly drop a defence: only a `listen` list reads it as "none" (the listener's
+/// absence shows at once in the ready line and in every probe).
+#[test]
+fn an_empty_list_variable_keeps_the_defences_and_turns_off_only_a_listener() {
+    let (_file, source) = with_file(
+        "[tcp]\ndeny = [\"192.0.2.0/24\"]\n[udp]\nallow = [\"127.0.0.1\"]\n\
+         [tcp.proxy_protocol]\ntrusted_sources = [\"127.0.0.1\"]\n",
+    );
+    let config = source
+        .load_with_env(&env(&[
+            ("ECHOD_UDP__DENY_SOURCE_PORTS", ""),
+            ("ECHOD_TCP__DENY", " "),
+            ("ECHOD_UDP__ALLOW", ""),
+            ("ECHOD_TCP__PROXY_PROTOCOL__TRUSTED_SOURCES", ""),
+            ("ECHOD_METRICS__LISTEN", ""),
+        ]))
+        .expect("valid layers");
+    assert_eq!(
+        config.udp.deny_source_ports,
+        UdpConfig::default().deny_source_ports
+    );
+    assert_eq!(config.tcp.deny.len(), 1);
+    assert_eq!(config.udp.allow.len(), 1);
+    assert_eq!(config.tcp.proxy_protocol.trusted_sources.len(), 1);
+    assert!(config.metrics.listen.is_empty());
 }
 
 #[test]
