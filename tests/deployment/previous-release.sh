@@ -9,7 +9,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-target="${1:?usage: previous-release.sh TARGET_DIR}"
+target="$(mkdir -p "${1:?usage: previous-release.sh TARGET_DIR}" && cd "$1" && pwd)"
 commit="$(tr -d '[:space:]' < "$here/previous-release.commit")"
 dir="$target/compat-${commit:0:12}"
 if [ ! -e "$dir/src/Cargo.lock" ]; then
