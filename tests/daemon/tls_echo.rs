@@ -906,7 +906,11 @@ fn a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload() {
     let crl = "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n";
     let mixed = pki.write("cert-key-crl.pem", &format!("{leaf}{key}{crl}"));
     let (code, stderr) = check_config(&section(&mixed));
-    assert_eq!(code, Some(0), "a PRIVATE KEY and an X509 CRL block: {stderr}");
+    assert_eq!(
+        code,
+        Some(0),
+        "a PRIVATE KEY and an X509 CRL block: {stderr}"
+    );
     // At start: exit 78 before serving.
     let bad = pki.write("bad-start.pem", &bad_files[0].1);
     let out = Command::new(echod_bin())

@@ -74,8 +74,7 @@ fn render_man_page() -> String {
     page.push_str(".SH COMMANDS\n");
     // A hidden command (`upgrade-check`, which the running daemon calls on a new binary)
     // is left out of `--help` but named in the guides: listed last, marked internal.
-    let (internal, public): (Vec<_>, Vec<_>) =
-        cmd.get_subcommands().partition(|s| s.is_hide_set());
+    let (internal, public): (Vec<_>, Vec<_>) = cmd.get_subcommands().partition(|s| s.is_hide_set());
     for sub in public.into_iter().chain(internal) {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
         let about = if sub.is_hide_set() {
