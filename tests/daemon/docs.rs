@@ -352,7 +352,7 @@ fn documented_tool_transcripts_print_what_the_docs_show() {
         ("127.0.0.1:9107", daemon.http.to_string()),
         ("127.0.0.1:7099", refused.addr.to_string()),
         (
-            "/etc/echod/echod.toml",
+            "config/echod.toml",
             daemon.served_config().display().to_string(),
         ),
     ];

@@ -871,7 +871,7 @@ fn a_bad_or_mismatched_pair_exits_78_naming_the_key() {
 /// A CERTIFICATE block of the chain whose base64 decodes to something that is not a
 /// certificate (after a valid leaf, or as the leaf): every handshake would fail, so
 /// `check-config` and a start refuse it (exit 78, `tls.cert_file`) and a reload to it
-/// fails and keeps the pair in use.
+/// fails and keeps the pair in use. Blocks with other labels are skipped.
 fn a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload() {
     use base64::Engine;
     let pki = Pki::new();
@@ -900,6 +900,17 @@ fn a_chain_block_that_is_not_a_certificate_is_refused_at_start_and_at_reload() {
             "{name}: {stderr}"
         );
     }
+    // Blocks with other labels are skipped, as docs/tls.md says: a certificate and its
+    // key in one file, a CRL appended.
+    let key = std::fs::read_to_string(&pki.key).unwrap();
+    let crl = "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n";
+    let mixed = pki.write("cert-key-crl.pem", &format!("{leaf}{key}{crl}"));
+    let (code, stderr) = check_config(&section(&mixed));
+    assert_eq!(
+        code,
+        Some(0),
+        "a PRIVATE KEY and an X509 CRL block: {stderr}"
+    );
     // At start: exit 78 before serving.
     let bad = pki.write("bad-start.pem", &bad_files[0].1);
     let out = Command::new(echod_bin())

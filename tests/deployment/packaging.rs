@@ -72,8 +72,16 @@ fn render_man_page() -> String {
         .expect("man page is UTF-8")
         .replacen(".TH echod 1  ", ".TH echod 1 \"\" ", 1);
     page.push_str(".SH COMMANDS\n");
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    // A hidden command (`upgrade-check`, which the running daemon calls on a new binary)
+    // is left out of `--help` but named in the guides: listed last, marked internal.
+    let (internal, public): (Vec<_>, Vec<_>) = cmd.get_subcommands().partition(|s| s.is_hide_set());
+    for sub in public.into_iter().chain(internal) {
         let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        let about = if sub.is_hide_set() {
+            format!("Internal, not for operators. {about}")
+        } else {
+            about
+        };
         page.push_str(&format!(
             ".TP\n\\fB{}\\fR\n{}\n",
             sub.get_name().replace('-', "\\-"),
@@ -97,6 +105,9 @@ Every key with its default and a one\-line comment, as listed under \fBCONFIGURA
 .TP
 \fI/usr/lib/systemd/system/echod.service\fR, \fI/usr/lib/systemd/system/echod.socket\fR
 The service (enabled on install) and the optional socket activation unit.
+.TP
+\fI/run/echod/reload\-verdict\fR (\fI$RUNTIME_DIRECTORY/reload\-verdict\fR)
+The outcome of the last reload or upgrade, one line: a generation number, then \fBok\fR or \fBfailed\fR and the reason. echod writes it; \fBechod reload\fR waits for the next generation. Written only when \fBRUNTIME_DIRECTORY\fR is set.
 .SH EXAMPLES
 Check the packaged service from the same host, over TCP and UDP (\fB\-N\fR makes \fBnc\fR close its side at the end of input, so it returns as soon as the echo is back instead of waiting for the idle timeout):
 .PP
@@ -851,10 +862,13 @@ fn man_page_documents_every_key_the_environment_and_renders_cleanly() {
         assert!(signals.contains(needle), "SIGNALS lacks {needle}");
     }
     let exit = man_section(&page, "EXIT STATUS");
-    for code in ["\\fB0\\fR", "\\fB1\\fR", "\\fB78\\fR"] {
+    for code in ["\\fB0\\fR", "\\fB1\\fR", "\\fB2\\fR", "\\fB78\\fR"] {
         assert!(exit.contains(code), "EXIT STATUS lacks {code}");
     }
     assert!(man_section(&page, "FILES").contains("/usr/share/doc/echod/examples/echod.toml"));
+    assert!(man_section(&page, "FILES").contains("reload\\-verdict"));
+    assert!(man_section(&page, "COMMANDS").contains("upgrade\\-check"));
+    assert!(environment.contains("RUNTIME_DIRECTORY"));
     assert!(man_section(&page, "EXAMPLES").contains("nc \\-N 127.0.0.1 7"));
     assert!(man_section(&page, "SEE ALSO").contains("systemctl"));
     // Paths that exist only in the source tree mean nothing to someone reading the

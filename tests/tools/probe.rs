@@ -105,6 +105,29 @@ fn without_targets_wildcard_listeners_are_probed_on_loopback() {
     );
 }
 
+/// docs/tools.md: without targets and with TCP off, the probe checks the first UDP
+/// listener instead.
+#[test]
+fn without_targets_and_tcp_off_it_probes_the_first_udp_listener() {
+    let daemon = Daemon::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("udp-only.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tcp]\nlisten = []\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n",
+            daemon.udp, daemon.http
+        ),
+    )
+    .unwrap();
+    let run = probe(&["--config", config.to_str().unwrap()]);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let out = run.stdout_text();
+    assert!(out.contains(&format!("udp {}", daemon.udp)), "{out}");
+    assert!(!out.contains("tcp "), "{out}");
+    daemon.wait_metric_at_least("echod_udp_sent_datagrams_total", &[], 1.0);
+}
+
 #[test]
 fn a_server_answering_something_else_is_unhealthy() {
     let addr = tcp_server(|mut s| {
