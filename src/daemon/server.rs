@@ -341,6 +341,7 @@ impl Handles {
                     pending: c.pending,
                     accepted: c.accepted,
                     echoed: c.echoed,
+                    last_traffic: c.last_traffic,
                 },
                 Arc::clone(&config),
                 tcp::Lifeline {
@@ -592,6 +593,10 @@ impl Server {
             );
         }
         drop(earlier);
+        // Their lines of the description are written now, while the listeners accept:
+        // the pause writes only those of the connections accepted meanwhile.
+        let mut connections = self.handles.handoff.take();
+        let early = handover::Early::encode(&connections);
         // Then the pause: the listeners stop, the connections accepted meanwhile hand
         // themselves over, and the exec. `stopped` counts the restart's gap in.
         let started = Instant::now();
@@ -622,12 +627,14 @@ impl Server {
         // Every connection has added its counts by now: the next image goes on from
         // these.
         let (samples, first_started) = handles.metrics.carried_samples();
+        connections.extend(handles.handoff.take());
         let handover = Handover {
             stopped: Some(stopped),
             listeners,
-            connections: handles.handoff.take(),
+            connections,
             samples,
             started: Some(first_started),
+            early,
         };
         info!(
             listeners = handover.listeners.len(),

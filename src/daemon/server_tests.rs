@@ -40,7 +40,7 @@ fn willing_binary(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("echod");
     std::fs::write(
         &path,
-        "#!/bin/sh\ncat >/dev/null\necho 'echod-handover 2'\n",
+        "#!/bin/sh\ncat >/dev/null\necho 'echod-handover 3'\n",
     )
     .unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

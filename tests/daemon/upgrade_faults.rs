@@ -146,7 +146,7 @@ fn a_config_the_new_binary_cannot_apply_keeps_the_handed_over_listeners() {
     daemon.rewrite_config(&format!(
         "[tcp]\nlisten = [\"{CONFIGURED}\", \"{busy_addr}\"]\n"
     ));
-    wrapped(&bin, "cat >/dev/null; echo 'echod-handover 2'; exit 0");
+    wrapped(&bin, "cat >/dev/null; echo 'echod-handover 3'; exit 0");
     daemon.signal(libc::SIGHUP);
     let log = wait_for_log(&daemon, "the new binary serves the previous listeners");
     assert!(log.contains("cannot apply the configuration"), "{log}");

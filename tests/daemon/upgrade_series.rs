@@ -2,20 +2,22 @@
 //! histogram goes on from where the old image left it (an `increase()` across the
 //! upgrade is right, and no dashboard shows a reset without a restart), the start time
 //! stays the first image's, the upgrade itself is counted with its pause, and a
-//! handed-over connection's duration and byte caps count from its first accept.
+//! handed-over connection's duration and byte caps count from its first accept, and its
+//! idle timeout from its last traffic.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::{CONFIGURED, Daemon, Options, echod_bin};
 
 crate::support::tests![
     counters_and_the_start_time_go_on_across_an_upgrade,
     caps_count_from_the_first_accept_across_an_upgrade,
+    the_idle_timeout_counts_from_the_last_traffic_across_an_upgrade,
     the_connection_limit_holds_while_connections_hand_over,
 ];
 
@@ -121,6 +123,54 @@ fn caps_count_from_the_first_accept_across_an_upgrade() {
     daemon.wait_metric(
         "echod_tcp_connections_capped_total",
         &[("listener", CONFIGURED), ("cap", "max_bytes")],
+        1.0,
+    );
+}
+
+/// An idle connection upgraded part-way through its idle timeout is closed when the
+/// timeout since its last byte ends (plus the deadline tick, a tenth of the timeout),
+/// not a whole timeout after the upgrade: upgrades every second would otherwise keep
+/// an idle connection open for ever.
+fn the_idle_timeout_counts_from_the_last_traffic_across_an_upgrade() {
+    const IDLE: Duration = Duration::from_secs(5);
+    const TICK: Duration = Duration::from_millis(500);
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, bin) = upgradable(dir.path(), "[tcp]\nidle_timeout = \"5s\"\n");
+    let mut held = TcpStream::connect(daemon.tcp).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    held.write_all(b"x").unwrap();
+    let mut back = [0u8; 1];
+    held.read_exact(&mut back).unwrap();
+    let last_traffic = Instant::now();
+    // The scenario's own clock, not a wait for an event: the upgrade begins 1.5 s into
+    // the 5 s of silence (and its check of the new binary takes a moment more).
+    std::thread::sleep(Duration::from_millis(1500));
+    upgrade(&daemon, &bin);
+    let upgraded = last_traffic.elapsed();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    let closed = last_traffic.elapsed();
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the idle timeout",
+        rest.len()
+    );
+    // Not before its timeout, and at most a tick (and 0.5 s of scheduling) after it —
+    // or, if the upgrade itself outlasted the timeout, right after it.
+    assert!(
+        closed >= IDLE - Duration::from_millis(50),
+        "closed after {closed:?}, before the idle timeout"
+    );
+    let bound = (IDLE + TICK).max(upgraded) + Duration::from_millis(500);
+    assert!(
+        closed <= bound,
+        "closed {closed:?} after its last traffic (upgraded at {upgraded:?}): the idle \
+         timeout started again at the upgrade (bound {bound:?})"
+    );
+    daemon.wait_metric(
+        "echod_tcp_idle_timeouts_total",
+        &[("listener", CONFIGURED)],
         1.0,
     );
 }

@@ -23,7 +23,7 @@ impl Connection {
         apply_socket_options(&self.stream, &self.config);
     }
 
-    /// The echo loop: wait for data, echo what is readable, repeat.
+    /// The echo loop: wait for data, echo what is readable, repeat; idle since `since`.
     ///
     /// One alarm (see `alarms`) serves the whole connection for its deadlines and for a
     /// cut or handover, while it waits to read and while it waits to write: it is moved
@@ -31,7 +31,7 @@ impl Connection {
     /// Readiness is awaited through the stream's own per-direction waker slots
     /// (`poll_read_ready`), not a `readable()` future. All of this keeps an idle
     /// connection small.
-    pub(super) async fn echo(&mut self) -> End {
+    pub(super) async fn echo(&mut self, since: Instant) -> End {
         // Fields are used through `self` (the alarm borrows `self.shutdown` while
         // `self.stream` is used): borrowing them apart into locals would store a pointer
         // per field in every connection's state.
@@ -39,7 +39,7 @@ impl Connection {
         // Rings at the deadline, and at a cut or a handover; at every point it is
         // awaited no unechoed byte is held except the one burst being written, which a
         // handover takes along.
-        let mut last_traffic = Instant::now();
+        let mut last_traffic = since;
         let span = self
             .config
             .max_connection_duration
@@ -134,7 +134,7 @@ impl Connection {
                 // Everything read is echoed: a handover need not wait for the socket to
                 // run dry (a client that never pauses would hold it up).
                 if self.shutdown.is_handing_over() {
-                    return interrupt(&self.shutdown, &[]);
+                    return interrupt(&self.shutdown, &[], Instant::now());
                 }
             }
             self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
@@ -147,7 +147,7 @@ impl Connection {
     /// when traffic moved the deadline, and the alarm is moved with it.
     fn rung(&self, alarm: &mut Alarm<'_>, last_traffic: Instant, pending: &[u8]) -> Option<End> {
         if self.shutdown.is_interrupted() {
-            return Some(interrupt(&self.shutdown, pending));
+            return Some(interrupt(&self.shutdown, pending, last_traffic));
         }
         let now = Instant::now();
         if self.hard_deadline.is_some_and(|h| h <= now) {

@@ -51,6 +51,9 @@ pub(crate) struct Past {
     pub(crate) accepted: u64,
     /// Bytes echoed on it so far.
     pub(crate) echoed: u64,
+    /// When it last moved a byte (`CLOCK_MONOTONIC` microseconds; 0: unknown, now):
+    /// its idle timeout goes on from there.
+    pub(crate) last_traffic: u64,
 }
 
 /// The task that goes on serving a connection an earlier image of this process handed
@@ -78,7 +81,12 @@ pub(crate) fn adopted(
             .and_then(|d| started.checked_add(d));
     }
     connection.echoed_total = past.echoed;
-    connection.run_adopted(past.pending)
+    let since = monotonic_micros().saturating_sub(past.last_traffic);
+    let last_traffic = (past.last_traffic > 0)
+        .then(|| Instant::now().checked_sub(std::time::Duration::from_micros(since)))
+        .flatten()
+        .unwrap_or_else(Instant::now);
+    connection.run_adopted(past.pending, last_traffic)
 }
 
 /// How a connection ended.
@@ -95,8 +103,9 @@ pub(super) enum End {
     /// A per-connection cap was reached.
     Capped(ConnectionCap),
     /// To be handed over to the next image of the process (an in-place upgrade), with
-    /// the bytes read and not yet echoed.
-    HandedOver(Vec<u8>),
+    /// the bytes read and not yet echoed, and when it last moved a byte (its idle
+    /// timeout goes on from there).
+    HandedOver(Vec<u8>, Instant),
 }
 
 /// Bytes a connection moved since its counts were last added to its listener's series.
@@ -138,7 +147,7 @@ impl End {
             End::Cut => "drain_cut",
             End::Error => "error",
             End::Capped(cap) => cap.label(),
-            End::HandedOver(_) => "handed_over",
+            End::HandedOver(..) => "handed_over",
         }
     }
 }
@@ -177,21 +186,22 @@ impl Connection {
         async move {
             self.metrics.active.inc();
             self.apply_socket_options();
-            let end = self.echo().await;
+            let end = self.echo(Instant::now()).await;
             self.finish(end).await;
         }
     }
 
     /// [`Connection::run`] for a connection handed over with `pending` bytes to echo
-    /// first (a separate task type, so the common one stays as small as it is).
+    /// first and idle since `last_traffic` (a separate task type, so the common one
+    /// stays as small as it is).
     #[allow(clippy::manual_async_fn)]
-    fn run_adopted(mut self, pending: Vec<u8>) -> impl Future<Output = ()> {
+    fn run_adopted(mut self, pending: Vec<u8>, last_traffic: Instant) -> impl Future<Output = ()> {
         async move {
             self.metrics.active.inc();
             self.apply_socket_options();
-            let end = match self.write_pending(pending).await {
-                Some(end) => end,
-                None => self.echo().await,
+            let end = match self.write_pending(pending, last_traffic).await {
+                Err(end) => end,
+                Ok(last_traffic) => self.echo(last_traffic).await,
             };
             self.finish(end).await;
         }
@@ -223,9 +233,9 @@ impl Connection {
             }
             End::Idle => self.metrics.idle_timeouts.inc(),
             End::Capped(_) => {}
-            End::HandedOver(pending) => {
+            End::HandedOver(pending, last_traffic) => {
                 // Still open, served by the next image: not closed, no duration yet.
-                self.hand_over(pending, permit);
+                self.hand_over(pending, last_traffic, permit);
                 self.metrics.active.dec();
                 return;
             }
@@ -248,17 +258,20 @@ impl Connection {
     /// without `FD_CLOEXEC`, ready to cross the exec: that costs nothing here, where
     /// every connection hands itself over while the listeners still serve, and spares
     /// the exec one system call per connection while nothing is accepted.
-    fn hand_over(&self, pending: Vec<u8>, slot: Option<Permit>) {
+    fn hand_over(&self, pending: Vec<u8>, last_traffic: Instant, slot: Option<Permit>) {
+        let ago = |at: Instant| {
+            monotonic_micros()
+                .saturating_sub(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))
+        };
         match handover::dup_for_exec(&self.stream) {
             Ok(fd) => self.handoff.give(HandedConnection {
                 fd,
                 label: self.metrics.label.clone(),
                 peer: self.peer,
                 pending,
-                accepted: monotonic_micros().saturating_sub(
-                    u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                ),
+                accepted: ago(self.started),
                 echoed: self.echoed_total,
+                last_traffic: ago(last_traffic),
                 slot,
             }),
             Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),
@@ -266,8 +279,13 @@ impl Connection {
     }
 
     /// Writes back the bytes a handed-over connection had read and not yet echoed,
-    /// waiting for room as the echo loop does; `Some` when the connection ends meanwhile.
-    async fn write_pending(&mut self, pending: Vec<u8>) -> Option<End> {
+    /// waiting for room as the echo loop does, its idle timeout running from
+    /// `last_traffic`; returns when it last moved a byte, or how it ended meanwhile.
+    async fn write_pending(
+        &mut self,
+        pending: Vec<u8>,
+        last_traffic: Instant,
+    ) -> Result<Instant, End> {
         let Self {
             stream,
             config,
@@ -278,7 +296,7 @@ impl Connection {
         let interrupted = shutdown.interrupted();
         tokio::pin!(interrupted);
         let mut written = 0;
-        let mut last_progress = Instant::now();
+        let mut last_progress = last_traffic;
         while written < pending.len() {
             match stream.try_write(&pending[written..]) {
                 Ok(w) => {
@@ -290,28 +308,29 @@ impl Connection {
                     tokio::select! {
                         biased;
                         _ = &mut interrupted => {
-                            return Some(interrupt(shutdown, &pending[written..]));
+                            return Err(interrupt(shutdown, &pending[written..], last_progress));
                         }
                         ready = poll_fn(|cx| stream.poll_write_ready(cx)) => if ready.is_err() {
-                            return Some(End::Error);
+                            return Err(End::Error);
                         },
                         _ = tokio::time::sleep_until(last_progress + config.idle_timeout) => {
-                            return Some(End::Idle);
+                            return Err(End::Idle);
                         }
                     }
                 }
-                Err(_) => return Some(End::Error),
+                Err(_) => return Err(End::Error),
             }
         }
-        None
+        Ok(last_progress)
     }
 }
 
 /// How a connection ends when its echo loop is interrupted: cut, or — during a handover —
-/// handed over with the `pending` bytes it read and has not echoed.
-pub(super) fn interrupt(shutdown: &Shutdown, pending: &[u8]) -> End {
+/// handed over with the `pending` bytes it read and has not echoed, and when it last
+/// moved a byte.
+pub(super) fn interrupt(shutdown: &Shutdown, pending: &[u8], last_traffic: Instant) -> End {
     if shutdown.is_handing_over() {
-        End::HandedOver(pending.to_vec())
+        End::HandedOver(pending.to_vec(), last_traffic)
     } else {
         End::Cut
     }

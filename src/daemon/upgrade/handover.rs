@@ -54,6 +54,9 @@ pub(crate) struct HandedConnection {
     /// and the bytes echoed on it so far: its caps go on from there.
     pub(crate) accepted: u64,
     pub(crate) echoed: u64,
+    /// When it last moved a byte ([`monotonic_micros`]; 0 when the old image did not
+    /// say): its idle timeout goes on from there.
+    pub(crate) last_traffic: u64,
     /// Its slot under the limits in the image that hands it over, held until the exec
     /// (the listeners accept meanwhile) or, when the exec fails, kept as it is served
     /// again; none once it has crossed an exec.
@@ -71,6 +74,36 @@ pub(crate) struct Handover {
     /// time, for the next image to go on from.
     pub(crate) samples: Vec<(String, f64)>,
     pub(crate) started: Option<f64>,
+    /// The lines of the first of `connections` (those handed over before the pause),
+    /// encoded while the listeners still accepted.
+    pub(crate) early: Early,
+}
+
+/// The description's lines of the connections handed over before the pause, encoded
+/// then, so that the pause writes only those of the connections accepted meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct Early(wire::Encoded);
+
+impl Early {
+    /// The lines of `connections`, which must come first in the handover's.
+    pub(crate) fn encode(connections: &[HandedConnection]) -> Self {
+        Self(wire::encode_connections(
+            &connections.iter().map(entry).collect::<Vec<_>>(),
+        ))
+    }
+}
+
+/// A connection's line in the description.
+fn entry(c: &HandedConnection) -> ConnectionEntry {
+    ConnectionEntry {
+        fd: c.fd.as_raw_fd(),
+        label: c.label.clone(),
+        peer: c.peer,
+        pending: c.pending.clone(),
+        accepted: c.accepted,
+        echoed: c.echoed,
+        last_traffic: c.last_traffic,
+    }
 }
 
 /// `CLOCK_MONOTONIC` in microseconds: one clock for the whole system, so it means the
@@ -104,18 +137,21 @@ pub(super) fn invalid(what: impl Into<String>) -> HandoverError {
 pub(crate) fn describe_listeners(
     listeners: &[(ListenerKind, SocketAddr, SocketOrigin, RawFd)],
 ) -> Vec<u8> {
-    wire::encode(&Description {
-        listeners: listeners
-            .iter()
-            .map(|&(kind, addr, origin, fd)| ListenerEntry {
-                kind,
-                fd,
-                addr,
-                origin,
-            })
-            .collect(),
-        ..Description::default()
-    })
+    wire::encode(
+        &Description {
+            listeners: listeners
+                .iter()
+                .map(|&(kind, addr, origin, fd)| ListenerEntry {
+                    kind,
+                    fd,
+                    addr,
+                    origin,
+                })
+                .collect(),
+            ..Description::default()
+        },
+        &wire::Encoded::default(),
+    )
 }
 
 impl Handover {
@@ -155,17 +191,12 @@ impl Handover {
                     origin: l.origin,
                 })
                 .collect(),
+            // Those after the early ones, whose lines are encoded already.
             connections: self
                 .connections
                 .iter()
-                .map(|c| ConnectionEntry {
-                    fd: c.fd.as_raw_fd(),
-                    label: c.label.clone(),
-                    peer: c.peer,
-                    pending: c.pending.clone(),
-                    accepted: c.accepted,
-                    echoed: c.echoed,
-                })
+                .skip(self.early.0.count)
+                .map(entry)
                 .collect(),
         }
     }
@@ -181,7 +212,7 @@ impl Handover {
         }
         // SAFETY: `fd` was just created and is owned by nothing else.
         let mut file = unsafe { File::from_raw_fd(fd) };
-        file.write_all(&wire::encode(&self.describe()))?;
+        file.write_all(&wire::encode(&self.describe(), &self.early.0))?;
         Ok(file.into())
     }
 
@@ -258,6 +289,7 @@ impl Handover {
                 pending: c.pending,
                 accepted: c.accepted,
                 echoed: c.echoed,
+                last_traffic: c.last_traffic,
                 slot: None,
             });
         }

@@ -3,12 +3,14 @@
 //! descriptor in sight; [`super::handover`] pairs the entries with real descriptors.
 //!
 //! ```text
-//! echod-handover 1
+//! echod-handover 3
 //! stopped 123456789
+//! started 1765000000.25
+//! sample echod_tcp_connections_accepted_total{listener="0.0.0.0:7"} 12
 //! listener tcp 3 0.0.0.0:7 stored
 //! listener udp 4 [::]:7 activated
-//! connection 9 0.0.0.0:7 192.0.2.1:40000 0
-//! connection 10 0.0.0.0:7 192.0.2.2:40001 16384
+//! connection 9 0.0.0.0:7 192.0.2.1:40000 0 123000000 5 123400000
+//! connection 10 0.0.0.0:7 192.0.2.2:40001 16384 123100000 0 123450000
 //! end
 //! <16384 bytes>
 //! ```
@@ -18,7 +20,12 @@
 //! configured address, then `activated` (from socket activation: it serves whatever the
 //! config says) and `stored` (systemd's descriptor store holds it). A connection line:
 //! descriptor, the listener it came from (its metrics label), the client (from a PROXY
-//! header when one named it) and its pending byte count.
+//! header when one named it), its pending byte count, when it was accepted, the bytes
+//! echoed on it, and when it last moved a byte (both times on `stopped`'s clock).
+//!
+//! Every version writes the listeners before the connections, and the connections'
+//! lines of those handed over early may be encoded before the pause
+//! ([`encode_connections`]), so that only the rest is written while nothing is accepted.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -28,7 +35,10 @@ use super::handover::{HandoverError, invalid};
 use crate::daemon::kind::{ListenerKind, SocketOrigin};
 
 /// The version this image writes; every version it reads is in [`READS`].
-pub(super) const HEADER: &str = "echod-handover 2";
+pub(super) const HEADER: &str = "echod-handover 3";
+
+/// Version 2 has six words after `connection` (no last traffic); still read.
+const HEADER_V2: &str = "echod-handover 2";
 
 /// Version 1 (the first release with upgrades in place) has no `started`/`sample`
 /// lines and four words after `connection`; it is still read, so that release can
@@ -36,7 +46,7 @@ pub(super) const HEADER: &str = "echod-handover 2";
 const HEADER_V1: &str = "echod-handover 1";
 
 /// The versions this image reads, one a line: its answer to `upgrade-check`.
-pub(super) const READS: &str = "echod-handover 1\nechod-handover 2\n";
+pub(super) const READS: &str = "echod-handover 1\nechod-handover 2\nechod-handover 3\n";
 
 /// A listener line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +68,46 @@ pub(super) struct ConnectionEntry {
     /// so far: its caps go on from there (version 2; zero from version 1).
     pub(super) accepted: u64,
     pub(super) echoed: u64,
+    /// When it last moved a byte (`CLOCK_MONOTONIC`, microseconds): its idle timeout
+    /// goes on from there (version 3; zero, that is now, from earlier versions).
+    pub(super) last_traffic: u64,
+}
+
+/// Connection lines encoded ahead of the rest of a description (see [`encode`]), with
+/// their pending bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Encoded {
+    /// How many connections the lines describe.
+    pub(super) count: usize,
+    pub(super) lines: String,
+    pub(super) pending: Vec<u8>,
+}
+
+/// The lines (and pending bytes) of `connections`, for [`encode`] to put before the
+/// description's own connections.
+pub(super) fn encode_connections(connections: &[ConnectionEntry]) -> Encoded {
+    use std::fmt::Write as _;
+    let mut lines = String::with_capacity(64 * connections.len());
+    let mut pending = Vec::new();
+    for c in connections {
+        let _ = writeln!(
+            lines,
+            "connection {} {} {} {} {} {} {}",
+            c.fd,
+            c.label,
+            c.peer,
+            c.pending.len(),
+            c.accepted,
+            c.echoed,
+            c.last_traffic
+        );
+        pending.extend_from_slice(&c.pending);
+    }
+    Encoded {
+        count: connections.len(),
+        lines,
+        pending,
+    }
 }
 
 /// The description: what crosses `execve` besides the descriptors themselves.
@@ -72,11 +122,15 @@ pub(super) struct Description {
     pub(super) connections: Vec<ConnectionEntry>,
 }
 
-pub(super) fn encode(d: &Description) -> Vec<u8> {
-    use std::fmt::Write as _;
+/// The description `d`, its connections preceded by those `early` describes (encoded
+/// before the pause, while the listeners still accepted).
+pub(super) fn encode(d: &Description, early: &Encoded) -> Vec<u8> {
     // Written into one string (no allocation a line): the connections' lines are
     // written while nothing is accepted.
-    let mut text = String::with_capacity(64 * (d.connections.len() + d.samples.len() + 4));
+    let late = encode_connections(&d.connections);
+    let mut text = String::with_capacity(
+        64 * (d.samples.len() + d.listeners.len() + 4) + early.lines.len() + late.lines.len(),
+    );
     text.push_str(HEADER);
     text.push('\n');
     if let Some(at) = d.stopped {
@@ -97,23 +151,12 @@ pub(super) fn encode(d: &Description) -> Vec<u8> {
         }
         text.push('\n');
     }
-    for c in &d.connections {
-        let _ = writeln!(
-            text,
-            "connection {} {} {} {} {} {}",
-            c.fd,
-            c.label,
-            c.peer,
-            c.pending.len(),
-            c.accepted,
-            c.echoed
-        );
-    }
+    text.push_str(&early.lines);
+    text.push_str(&late.lines);
     text.push_str("end\n");
     let mut bytes = text.into_bytes();
-    for c in &d.connections {
-        bytes.extend_from_slice(&c.pending);
-    }
+    bytes.extend_from_slice(&early.pending);
+    bytes.extend_from_slice(&late.pending);
     bytes
 }
 
@@ -141,11 +184,13 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
         Ok(line)
     };
     let version = match next_line()? {
-        HEADER => 2,
+        HEADER => 3,
+        HEADER_V2 => 2,
         HEADER_V1 => 1,
         other => {
             return Err(invalid(format!(
-                "{other:?} is not a description this binary reads ({HEADER:?} or {HEADER_V1:?})"
+                "{other:?} is not a description this binary reads ({HEADER:?}, {HEADER_V2:?} \
+                 or {HEADER_V1:?})"
             )));
         }
     };
@@ -221,14 +266,19 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     .next()
                     .and_then(|n| n.parse().ok())
                     .ok_or_else(|| invalid(format!("no pending byte count in {line:?}")))?;
+                let mut number = || words.next().and_then(|n| n.parse::<u64>().ok());
                 let (accepted, echoed) = if version >= 2 {
-                    let mut number = || words.next().and_then(|n| n.parse::<u64>().ok());
                     let accepted = number();
                     accepted.zip(number()).ok_or_else(|| {
                         invalid(format!("no accept time or echoed count in {line:?}"))
                     })?
                 } else {
                     (0, 0)
+                };
+                let last_traffic = if version >= 3 {
+                    number().ok_or_else(|| invalid(format!("no last traffic time in {line:?}")))?
+                } else {
+                    0
                 };
                 if words.next().is_some() {
                     return Err(invalid(format!("trailing words in {line:?}")));
@@ -241,6 +291,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     pending: Vec::new(),
                     accepted,
                     echoed,
+                    last_traffic,
                 });
             }
             _ => return Err(invalid(format!("unknown line {line:?}"))),
@@ -307,6 +358,7 @@ mod tests {
                     pending: Vec::new(),
                     accepted: 55,
                     echoed: 1 << 40,
+                    last_traffic: 77,
                 },
                 ConnectionEntry {
                     fd: 10,
@@ -316,6 +368,7 @@ mod tests {
                     pending: b"\nend\nconnection 11 x y 0\n\0\xff".to_vec(),
                     accepted: 0,
                     echoed: 0,
+                    last_traffic: 0,
                 },
                 ConnectionEntry {
                     fd: 12,
@@ -324,6 +377,7 @@ mod tests {
                     pending: vec![7; 3],
                     accepted: 1,
                     echoed: 2,
+                    last_traffic: 3,
                 },
             ],
         }
@@ -332,23 +386,50 @@ mod tests {
     #[test]
     fn a_description_survives_its_round_trip() {
         let d = sample();
-        let bytes = encode(&d);
+        let bytes = encode(&d, &Encoded::default());
         let text = String::from_utf8_lossy(&bytes);
         assert!(
             text.starts_with(
-                "echod-handover 2\nstopped 123456789\nstarted 1765000000.25\n\
+                "echod-handover 3\nstopped 123456789\nstarted 1765000000.25\n\
                  sample echod_tcp_connections_accepted_total{listener=\"0.0.0.0:7\"} 12\n\
                  sample echod_tcp_connection_duration_seconds_sum{listener=\"[::]:7\"} 0.5\n\
                  listener tcp 3 0.0.0.0:7 stored\nlistener udp 4 [::]:7 activated\n\
-                 listener http 5 127.0.0.1:9107\nconnection 9 0.0.0.0:7 192.0.2.1:40000 0 55 1099511627776\n"
+                 listener http 5 127.0.0.1:9107\nconnection 9 0.0.0.0:7 192.0.2.1:40000 0 55 1099511627776 77\n"
             ),
             "{text}"
         );
         assert_eq!(decode(&bytes).unwrap(), d);
         assert_eq!(
-            decode(&encode(&Description::default())).unwrap(),
+            decode(&encode(&Description::default(), &Encoded::default())).unwrap(),
             Description::default()
         );
+        // The connections handed over early, encoded before the pause, and the rest:
+        // the same description, byte for byte.
+        for split in 0..=d.connections.len() {
+            let early = encode_connections(&d.connections[..split]);
+            let late = Description {
+                connections: d.connections[split..].to_vec(),
+                ..d.clone()
+            };
+            assert_eq!(encode(&late, &early), bytes, "split at {split}");
+        }
+    }
+
+    /// What this round's earlier binaries write (version 2, frozen here): no last
+    /// traffic time, so the idle timeout goes on from now.
+    #[test]
+    fn a_version_2_description_is_still_read() {
+        let v2 = b"echod-handover 2\nstopped 9\nstarted 1765000000.25\n\
+                   sample echod_tcp_connections_accepted_total{listener=\"0.0.0.0:7\"} 12\n\
+                   listener tcp 3 0.0.0.0:7 stored\n\
+                   connection 9 0.0.0.0:7 192.0.2.1:40000 2 55 6\nend\nhi";
+        let d = decode(v2).unwrap();
+        assert_eq!(d.connections[0].pending, b"hi");
+        let c = &d.connections[0];
+        assert_eq!((c.accepted, c.echoed, c.last_traffic), (55, 6, 0));
+        assert_eq!(d.samples.len(), 1);
+        // A version 3 line is not version 2's.
+        assert!(decode(b"echod-handover 2\nconnection 9 a 192.0.2.1:1 0 5 6 7\nend\n").is_err());
     }
 
     /// What the first release with upgrades in place writes (version 1, frozen here):
@@ -361,7 +442,14 @@ mod tests {
         assert_eq!(d.stopped, Some(9));
         assert_eq!(d.listeners.len(), 1);
         assert_eq!(d.connections[0].pending, b"hi");
-        assert_eq!((d.connections[0].accepted, d.connections[0].echoed), (0, 0));
+        assert_eq!(
+            (
+                d.connections[0].accepted,
+                d.connections[0].echoed,
+                d.connections[0].last_traffic
+            ),
+            (0, 0, 0)
+        );
         assert!(d.samples.is_empty() && d.started.is_none());
         // Lines of version 2 are not version 1's.
         assert!(decode(b"echod-handover 1\nstarted 1\nend\n").is_err());
@@ -370,10 +458,14 @@ mod tests {
 
     #[test]
     fn broken_descriptions_are_refused() {
-        let good = encode(&sample());
+        let good = encode(&sample(), &Encoded::default());
         let text = |s: &str| decode(s.as_bytes()).unwrap_err().to_string();
         assert!(text("").contains("without \"end\""));
-        assert!(text("echod-handover 3\nend\n").contains("is not a description this binary reads"));
+        assert!(text("echod-handover 4\nend\n").contains("is not a description this binary reads"));
+        assert!(
+            text("echod-handover 3\nconnection 4 0.0.0.0:7 192.0.2.1:1 0 5 6\nend\n")
+                .contains("no last traffic")
+        );
         assert!(text("echod-handover 2\nsample x\nend\n").contains("bad sample"));
         assert!(text("echod-handover 2\nsample x NaN\nend\n").contains("bad sample"));
         assert!(
