@@ -385,7 +385,7 @@ mod tests {
         let slots = Slots::new(MAX, PER_IP);
         // curl: connected, its ClientHello not sent yet.
         let probe = slots.admit(ip(1)).expect("room");
-        let stalled = stalled_newcomers(&slots, ip(1));
+        let _stalled = stalled_newcomers(&slots, ip(1));
         assert!(
             !probe.evicted.is_cancelled(),
             "the fresh connection was evicted"
