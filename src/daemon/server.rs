@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::host::{self, Detached, Host, Notice};
 use super::http::{self, Health};
+use super::http_guard::WebEndpoint;
 use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
@@ -29,7 +30,6 @@ use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
 use super::upgrade::handover::{self, HandedConnection, HandedListener, Handover};
-use super::web_config::WebEndpoint;
 use super::{tcp, tls, udp};
 use crate::config::{Config, MetricsConfig, TcpConfig, TlsConfig, UdpConfig};
 
