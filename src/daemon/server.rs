@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::host::{self, Detached, Host, Notice};
 use super::http::{self, Health};
+use super::http_guard::WebEndpoint;
 use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
@@ -28,8 +29,7 @@ use super::metrics::{Metrics, TcpListenerMetrics, UpgradeResult, VERSION};
 use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
-use super::upgrade::handover::{self, HandedConnection, Handover};
-use super::web_config::WebEndpoint;
+use super::upgrade::handover::{self, HandedConnection, HandedListener, Handover};
 use super::{tcp, tls, udp};
 use crate::config::{Config, MetricsConfig, TcpConfig, TlsConfig, UdpConfig};
 
@@ -660,6 +660,12 @@ impl Server {
         self.handles.listener_tasks.reopen();
         let shutdown = std::mem::replace(&mut self.handles.shutdown, Shutdown::running());
         let connections = std::mem::replace(&mut self.handles.connections, TaskTracker::new());
+        self.serve_again(listeners);
+        (shutdown, connections)
+    }
+
+    /// Serves `listeners` (the ones just stopped for a handover) as a new listener set.
+    fn serve_again(&mut self, listeners: Vec<HandedListener>) {
         let sockets = Sockets::new().handed_over(listeners);
         self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
         let handles = &self.handles;
@@ -671,7 +677,6 @@ impl Server {
         {
             error!(error = %e, "cannot serve every listener again");
         }
-        (shutdown, connections)
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.
@@ -679,17 +684,7 @@ impl Server {
         self.handles.shutdown = Shutdown::running();
         self.handles.connections.reopen();
         self.handles.listener_tasks.reopen();
-        let sockets = Sockets::new().handed_over(handover.listeners);
-        self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
-        let handles = &self.handles;
-        if let Err(e) = self
-            .listeners
-            .reconcile(&self.config, |bound, label, backlog| {
-                handles.start(bound, label, backlog)
-            })
-        {
-            error!(error = %e, "cannot serve every listener again");
-        }
+        self.serve_again(handover.listeners);
         self.handles.adopt(handover.connections);
     }
 

@@ -14,7 +14,7 @@
 //! place only once its first bytes have arrived, so the table never holds silent
 //! newcomers that eviction could not tell from a probe ([`admission`]); each newcomer
 //! makes its first read before the next accept; password checks
-//! are bounded work that holds no place a probe needs ([`super::web_config`]), and a
+//! are bounded work that holds no place a probe needs ([`super::http_guard`]), and a
 //! connection that cannot be served is closed at once rather than left in the accept
 //! queue: a fast failure beats a hang. A client whose address `metrics.allow`/
 //! `metrics.deny` refuses is closed before it takes a slot, counted as `denied`.
@@ -25,7 +25,7 @@
 //! with a write deadline and progress marks), [`routes`] (what each path answers);
 //! this file accepts, sniffs TLS and runs hyper.
 //!
-//! With a web configuration file ([`super::web_config`]) the endpoint speaks TLS (the
+//! With a web configuration file ([`super::http_guard`]) the endpoint speaks TLS (the
 //! handshake gets the same 2 s as a request head) and asks for basic auth on every
 //! path except `/healthz` and `/readyz`: probes from a kubelet or a load balancer
 //! carry no credentials, and what they learn (alive, ready) is no secret; with TLS on,
@@ -60,10 +60,10 @@ use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
 use self::slots::{Slot, Slots};
 use super::accept::{Acceptor, Loan, close_at_once};
+use super::http_guard::{Verdict, WebEndpoint};
 use super::logging::RateLimitedLog;
 use super::metrics::Metrics;
 use super::reasons::AcceptErrorKind;
-use super::web_config::{Verdict, WebEndpoint};
 use crate::config::MetricsConfig;
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));

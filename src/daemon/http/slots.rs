@@ -263,16 +263,47 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
-
+    use std::sync::Arc;
     use std::time::Instant;
 
-    use super::{GRACE, Refused, Slots};
+    use super::{GRACE, Refused, Slot, Slots};
 
     const MAX: usize = 64;
     const PER_IP: usize = 8;
 
     fn ip(n: u32) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    /// 200 connections from `from` that each read some bytes and stall, each replaced at
+    /// once when evicted: the ones still held.
+    fn stalled_newcomers(slots: &Arc<Slots>, from: IpAddr) -> Vec<Slot> {
+        let mut stalled = Vec::new();
+        for _ in 0..200 {
+            let slot = slots.admit(from).expect("room made in its own share");
+            slot.handle().progressed();
+            stalled.retain(|s: &Slot| !s.evicted.is_cancelled());
+            stalled.push(slot);
+        }
+        stalled
+    }
+
+    /// With every connection held being served, a newcomer from `from` is refused for
+    /// `why`; once all are dropped the table is empty.
+    fn refused_while_all_serve(
+        slots: &Arc<Slots>,
+        held: Vec<Slot>,
+        newcomer: Slot,
+        from: IpAddr,
+        why: Refused,
+    ) {
+        for slot in held.iter().chain([&newcomer]) {
+            slot.handle().serving();
+        }
+        assert_eq!(slots.admit(from).err(), Some(why));
+        drop(held);
+        drop(newcomer);
+        assert!(slots.lock().entries.is_empty());
     }
 
     #[test]
@@ -293,13 +324,7 @@ mod tests {
         assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
         assert!(slots.admit(ip(2)).is_ok(), "another address is unaffected");
         // All of the address's connections being served: a newcomer is refused.
-        for slot in held.iter().chain([&newcomer]) {
-            slot.handle().serving();
-        }
-        assert_eq!(slots.admit(ip(1)).err(), Some(Refused::PerIp));
-        drop(held);
-        drop(newcomer);
-        assert!(slots.lock().entries.is_empty());
+        refused_while_all_serve(&slots, held, newcomer, ip(1), Refused::PerIp);
     }
 
     #[test]
@@ -328,13 +353,7 @@ mod tests {
         drop((second, third));
         assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 3);
         // Every connection serving: a newcomer is refused at once.
-        for slot in held.iter().chain([&newcomer]) {
-            slot.handle().serving();
-        }
-        assert_eq!(slots.admit(ip(1001)).err(), Some(Refused::Full));
-        drop(held);
-        drop(newcomer);
-        assert!(slots.lock().entries.is_empty());
+        refused_while_all_serve(&slots, held, newcomer, ip(1001), Refused::Full);
     }
 
     #[test]
@@ -346,13 +365,7 @@ mod tests {
         probe.handle().wrote();
         // Stalled hellos from the same address, each replaced at once when evicted:
         // every one of them read its bytes after the probe's last progress.
-        let mut stalled = Vec::new();
-        for _ in 0..200 {
-            let slot = slots.admit(ip(1)).expect("room made in its own share");
-            slot.handle().progressed();
-            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
-            stalled.push(slot);
-        }
+        let stalled = stalled_newcomers(&slots, ip(1));
         assert!(!probe.evicted.is_cancelled(), "the probe was evicted");
         assert_eq!(stalled.len(), PER_IP - 1);
         // Once the grace has passed without progress, the probe is a candidate again
@@ -372,13 +385,7 @@ mod tests {
         let slots = Slots::new(MAX, PER_IP);
         // curl: connected, its ClientHello not sent yet.
         let probe = slots.admit(ip(1)).expect("room");
-        let mut stalled = Vec::new();
-        for _ in 0..200 {
-            let slot = slots.admit(ip(1)).expect("room made in its own share");
-            slot.handle().progressed();
-            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
-            stalled.push(slot);
-        }
+        let _stalled = stalled_newcomers(&slots, ip(1));
         assert!(
             !probe.evicted.is_cancelled(),
             "the fresh connection was evicted"
