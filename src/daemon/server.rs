@@ -148,6 +148,9 @@ enum Next {
 /// How long listener tasks get to stop when handing over (they stop at once).
 const LISTENERS_STOP: Duration = Duration::from_secs(2);
 
+/// How long an abandoned check gets to end (killed, it ends at once).
+const CHECK_ENDS: Duration = Duration::from_secs(2);
+
 /// Handles every listener and connection shares, and that a reload updates.
 struct Handles {
     metrics: Arc<Metrics>,
@@ -554,6 +557,10 @@ impl Server {
                     };
                     info!(reason, "stop requested while the new binary is checked: stopping instead");
                     upgrade.abandon();
+                    // A check still starting (between its fork and saying its PID)
+                    // ends itself on seeing the upgrade abandoned; the process must not
+                    // exit first, or that child outlives it (seen once in a CI run).
+                    let _ = tokio::time::timeout(CHECK_ENDS, &mut check).await;
                     return Some(reason);
                 }
             }
