@@ -27,6 +27,7 @@ crate::support::tests![
     probes_answer_through_slowloris_from_their_own_address,
     tls_probes_answer_through_stalled_hellos_from_their_own_address needs &[Need::Tool("curl")],
     silent_connections_hold_no_place_and_are_counted,
+    probes_answer_through_silent_connections_beyond_the_open_files_limit,
 ];
 
 /// A probe counts as answered when its 200 arrives within this time.
@@ -539,4 +540,67 @@ fn silent_connections_hold_no_place_and_are_counted() {
         "silent connections the daemon did not close"
     );
     assert_eq!(counted, (SILENT as f64, 0.0, 0.0));
+}
+
+/// The red team's descriptor attack: echod under `ulimit -n 256`, 384 connections from 32
+/// other addresses that send nothing, each replaced the moment the daemon closes it —
+/// more than the process has descriptors. Silent connections wait in the lobby, which
+/// is sized from the open-files limit and holds no borrowed spare, so a probe always
+/// finds a descriptor: every `/healthz` from 127.0.0.1 is answered within 1 s (before
+/// the lobby was sized, 0–24 of 40, echod at 256 of 256 descriptors).
+fn probes_answer_through_silent_connections_beyond_the_open_files_limit() {
+    const OPEN_FILES: u64 = 256;
+    const ATTACKERS: usize = 384;
+    let daemon = Daemon::start_with(Options {
+        max_open_files: Some(OPEN_FILES),
+        ..Options::default()
+    });
+    let http = daemon.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let attack = attackers(
+        &(1..=32)
+            .map(|n| Ipv4Addr::new(127, 0, 3, n))
+            .collect::<Vec<_>>(),
+        ATTACKERS,
+        &stop,
+        Duration::from_secs(30),
+        {
+            let closed = Arc::clone(&closed);
+            move |from, _| {
+                let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500))
+                else {
+                    return false;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                if matches!(s.read(&mut [0u8; 16]), Ok(0)) {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+        },
+    );
+    // Until the daemon has closed a first round of them (2 s each in the lobby).
+    let started = Instant::now();
+    while closed.load(Ordering::Relaxed) < ATTACKERS && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (probed, failures) = series(40, Duration::from_millis(100), || {
+        request(Ipv4Addr::LOCALHOST, http, "/healthz", None, ANSWERED_WITHIN)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let made = join(attack);
+    let silent = daemon.metric(
+        "echod_http_connections_rejected_total",
+        &[("reason", "silent")],
+    );
+    eprintln!(
+        "{ATTACKERS} silent connections from 32 addresses under RLIMIT_NOFILE={OPEN_FILES} \
+         ({made} made, {} closed by the daemon, {silent} counted silent): /healthz from \
+         127.0.0.1 {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}",
+        closed.load(Ordering::Relaxed)
+    );
+    assert!(silent > 0.0, "the attack never reached the lobby");
+    assert_eq!(probed, 40, "{failures:#?}");
 }

@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use self::admission::{Arrived, Lobby, Ticket, Waited};
+use self::admission::{Arrived, Budget, Lobby, Ticket, Waited};
 pub(crate) use self::health::Health;
 use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
@@ -110,8 +110,9 @@ pub(crate) struct State {
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP);
-    let lobby = Arc::new(Lobby::default());
+    let budget = Budget::of_process(MAX_CONNECTIONS);
+    let slots = Slots::new(budget.max_slots, MAX_CONNECTIONS_PER_IP);
+    let lobby = Lobby::new(budget.max_waiting);
     if let Err(e) = admission::defer_accept(&listener) {
         // The lobby still defers admission; silent connections cost a descriptor each.
         warn!(error = %e, "cannot set TCP_DEFER_ACCEPT on the HTTP listener");
@@ -145,6 +146,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
                         stop.clone(),
                     ));
                 }
+            }
+            // Spares borrowed while descriptors are exhausted are for a client with a
+            // request: a silent one would hold them for its whole wait.
+            Arrived::Nothing if loan.is_some() => {
+                state.metrics.http_rejected(admission::SILENT);
+                close_at_once(stream);
             }
             // Its first bytes are awaited in the lobby, where it holds no slot.
             Arrived::Nothing => {
