@@ -179,6 +179,8 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&refused);
+    let busy = Arc::new(AtomicUsize::new(0));
+    let answered_busy = Arc::clone(&busy);
     let attack = attackers(
         &sources(10, 8),
         64,
@@ -193,6 +195,10 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
                 Some(("prometheus", &wrong)),
                 Duration::from_secs(5),
             ) {
+                Ok(429) => {
+                    answered_busy.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
                 Ok(_) => true,
                 Err(_) => {
                     counted.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +238,16 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         scraped >= 9,
         "scrapes answered {scraped} of 10: {scrape_failures:#?}"
     );
+    // Every 429 the attackers read is counted (a few more may have been sent to a
+    // client that gave up before reading them).
+    let busy = busy.load(Ordering::Relaxed) as f64;
+    let counted = daemon.metric(
+        "echod_http_connections_rejected_total",
+        &[("reason", "auth_busy")],
+    );
+    eprintln!("429 answers: {busy} read by the attackers, {counted} counted auth_busy");
+    assert!(busy > 0.0, "the flood never met the password-check bound");
+    assert!(counted >= busy, "{counted} counted, {busy} 429s read");
 }
 
 /// A TLS record header and the start of a ClientHello, then nothing: the handshake
@@ -348,9 +364,19 @@ fn probes_answer_through_slowloris_from_their_own_address() {
     });
     stop.store(true, Ordering::Relaxed);
     let made = join(attack);
+    let evicted = daemon.metric(
+        "echod_http_connections_rejected_total",
+        &[("reason", "evicted")],
+    );
     eprintln!(
         "slowloris from the probe's address, reconnecting at once ({made} connections): \
-         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}"
+         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}; {evicted} counted \
+         evicted"
+    );
+    // The talking half is closed by eviction (the share is 8): counted, each once.
+    assert!(
+        evicted > 0.0 && evicted <= made as f64,
+        "{evicted} evictions counted for {made} connections"
     );
     assert!(
         probed >= 38,

@@ -98,6 +98,10 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The answer to plain HTTP sent to the TLS endpoint.
 const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
+/// The label a request answered 429 (the password checks at their bound) is counted
+/// under in `echod_http_connections_rejected_total`.
+const AUTH_BUSY: &str = "auth_busy";
+
 /// What the endpoint serves from.
 pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
@@ -120,6 +124,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     let connections = TaskTracker::new();
     let mut acceptor = Acceptor::new();
     let on_error = |kind: AcceptErrorKind, e: &stdio::Error| {
+        state.metrics.http_accept_error(kind);
         if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
             warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
         }
@@ -180,7 +185,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
 /// being served if need be; `None` (counted) when every candidate is being served.
 fn admit(slots: &Arc<Slots>, peer: SocketAddr, metrics: &Metrics) -> Option<Slot> {
     match slots.admit(peer.ip()) {
-        Ok(slot) => Some(slot),
+        Ok(slot) => {
+            if slot.evicted_one {
+                metrics.http_rejected(slots::EVICTED);
+            }
+            Some(slot)
+        }
         Err(refused) => {
             metrics.http_rejected(refused.label());
             if let Some(suppressed) = REFUSED_LOG.allow() {
@@ -324,7 +334,10 @@ async fn serve_http<I>(
                 {
                     Verdict::Granted => {}
                     Verdict::Denied => return Ok::<_, Infallible>(unauthorized()),
-                    Verdict::Busy => return Ok(too_many_checks()),
+                    Verdict::Busy => {
+                        state.metrics.http_rejected(AUTH_BUSY);
+                        return Ok(too_many_checks());
+                    }
                 }
             }
             handle.serving();

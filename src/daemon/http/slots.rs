@@ -39,6 +39,10 @@ use crate::daemon::reasons::RejectReason;
 /// within milliseconds; a client that stops for longer is a candidate again.
 pub(super) const GRACE: Duration = Duration::from_millis(200);
 
+/// The label a connection closed to make room for a newcomer is counted under in
+/// `echod_http_connections_rejected_total`.
+pub(super) const EVICTED: &str = "evicted";
+
 /// Why a connection was closed right after accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refused {
@@ -92,6 +96,8 @@ struct Entry {
 
 /// One admitted connection; dropping it frees its place.
 pub(super) struct Slot {
+    /// Its admission evicted another connection.
+    pub(super) evicted_one: bool,
     handle: SlotHandle,
     _permit: Permit,
     /// Cancelled when a newcomer takes its place.
@@ -122,6 +128,7 @@ impl Slots {
     pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let ip = crate::daemon::limits::canonical_ip(ip);
         let mut table = self.lock();
+        let mut evicted_one = false;
         let permit = match self.limiter.try_acquire(ip) {
             Ok(permit) => permit,
             Err(reason) => {
@@ -151,6 +158,7 @@ impl Slots {
                 if let Some(entry) = table.entries.remove(&victim) {
                     // It closes at its next poll and gives its place back then.
                     entry.evicted.cancel();
+                    evicted_one = true;
                 }
                 self.limiter.adopt(ip)
             }
@@ -172,6 +180,7 @@ impl Slots {
             },
         );
         Ok(Slot {
+            evicted_one,
             handle: SlotHandle {
                 slots: Arc::clone(self),
                 id,
