@@ -46,6 +46,17 @@ fn request(
     auth: Option<(&str, &str)>,
     limit: Duration,
 ) -> Result<u16, String> {
+    fetch(from, addr, path, auth, limit).map(|(status, _)| status)
+}
+
+/// [`request`], with the whole response.
+fn fetch(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<(u16, String), String> {
     let deadline = Instant::now() + limit;
     let mut s = try_connect_from(from, addr, None, limit).map_err(|e| format!("connect: {e}"))?;
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n");
@@ -73,11 +84,13 @@ fn request(
             Err(e) => return Err(format!("read: {e}")),
         }
     }
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    Ok((status, text))
 }
 
 /// Runs `count` checks, one every `every`; how many returned `Ok(200)`, and the others.
@@ -241,7 +254,16 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
     // Every 429 the attackers read is counted (a few more may have been sent to a
     // client that gave up before reading them).
     let busy = busy.load(Ordering::Relaxed) as f64;
-    let counted = daemon.metric(
+    let (_, exposition) = fetch(
+        SCRAPER,
+        http,
+        "/metrics",
+        Some(("prometheus", "s3cret")),
+        SCRAPED_WITHIN,
+    )
+    .expect("scrape");
+    let counted = crate::support::metric_value(
+        &exposition,
         "echod_http_connections_rejected_total",
         &[("reason", "auth_busy")],
     );

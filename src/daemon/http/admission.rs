@@ -58,7 +58,7 @@ pub(super) struct Budget {
 impl Budget {
     /// A quarter of `open_files` (the soft RLIMIT_NOFILE) at most, slots first (up to
     /// `max_slots`), the lobby from the rest (up to [`MAX_WAITING`]); never below
-    /// [`MIN_SLOTS`] and [`MIN_WAITING`]. From 2048 open files on, the full table and lobby.
+    /// [`MIN_SLOTS`] and [`MIN_WAITING`]. From 1280 open files on, the full table and lobby.
     pub(super) fn for_open_files(open_files: u64, max_slots: usize) -> Self {
         let share = usize::try_from(open_files / SHARE_OF_OPEN_FILES).unwrap_or(usize::MAX);
         let slots = (share / 2).clamp(MIN_SLOTS.min(max_slots), max_slots);
@@ -249,7 +249,8 @@ mod tests {
         // The red team's `ulimit -n 256`: 64 descriptors, not 64 + 256.
         assert_eq!(budget(256), (32, 32));
         assert_eq!(budget(1024), (64, 192));
-        assert_eq!(budget(2048), (64, MAX_WAITING));
+        assert_eq!(budget(1280), (64, MAX_WAITING));
+        assert_eq!(budget(1276), (64, 255));
         assert_eq!(budget(65_536), (64, MAX_WAITING));
         assert_eq!(budget(u64::MAX), (64, MAX_WAITING));
         // Floors under a tiny limit.

@@ -1,5 +1,6 @@
 //! The HTTP connection table: the counts come from the same per-address
-//! [`ConnectionLimiter`] the echo listeners use (64 in all, 8 per address); this table
+//! [`ConnectionLimiter`] the echo listeners use (64 in all — fewer under a low open-files
+//! limit, see [`super::admission::Budget`] — 8 per address); this table
 //! adds what the endpoint needs on top — when a newcomer finds its address at its
 //! share, or the table full, it takes the place of a connection that is not being
 //! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
