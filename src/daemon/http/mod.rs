@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use self::admission::{Arrived, Lobby, Ticket, Waited};
+use self::admission::{Arrived, Budget, Lobby, Ticket, Waited};
 pub(crate) use self::health::Health;
 use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
@@ -98,6 +98,10 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The answer to plain HTTP sent to the TLS endpoint.
 const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
+/// The label a request answered 429 (the password checks at their bound) is counted
+/// under in `echod_http_connections_rejected_total`.
+const AUTH_BUSY: &str = "auth_busy";
+
 /// What the endpoint serves from.
 pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
@@ -110,8 +114,9 @@ pub(crate) struct State {
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP);
-    let lobby = Arc::new(Lobby::default());
+    let budget = Budget::of_process(MAX_CONNECTIONS);
+    let slots = Slots::new(budget.max_slots, MAX_CONNECTIONS_PER_IP);
+    let lobby = Lobby::new(budget.max_waiting);
     if let Err(e) = admission::defer_accept(&listener) {
         // The lobby still defers admission; silent connections cost a descriptor each.
         warn!(error = %e, "cannot set TCP_DEFER_ACCEPT on the HTTP listener");
@@ -119,6 +124,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     let connections = TaskTracker::new();
     let mut acceptor = Acceptor::new();
     let on_error = |kind: AcceptErrorKind, e: &stdio::Error| {
+        state.metrics.http_accept_error(kind);
         if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
             warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
         }
@@ -145,6 +151,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
                         stop.clone(),
                     ));
                 }
+            }
+            // Spares borrowed while descriptors are exhausted are for a client with a
+            // request: a silent one would hold them for its whole wait.
+            Arrived::Nothing if loan.is_some() => {
+                state.metrics.http_rejected(admission::SILENT);
+                close_at_once(stream);
             }
             // Its first bytes are awaited in the lobby, where it holds no slot.
             Arrived::Nothing => {
@@ -173,7 +185,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
 /// being served if need be; `None` (counted) when every candidate is being served.
 fn admit(slots: &Arc<Slots>, peer: SocketAddr, metrics: &Metrics) -> Option<Slot> {
     match slots.admit(peer.ip()) {
-        Ok(slot) => Some(slot),
+        Ok(slot) => {
+            if slot.evicted_one {
+                metrics.http_rejected(slots::EVICTED);
+            }
+            Some(slot)
+        }
         Err(refused) => {
             metrics.http_rejected(refused.label());
             if let Some(suppressed) = REFUSED_LOG.allow() {
@@ -317,7 +334,10 @@ async fn serve_http<I>(
                 {
                     Verdict::Granted => {}
                     Verdict::Denied => return Ok::<_, Infallible>(unauthorized()),
-                    Verdict::Busy => return Ok(too_many_checks()),
+                    Verdict::Busy => {
+                        state.metrics.http_rejected(AUTH_BUSY);
+                        return Ok(too_many_checks());
+                    }
                 }
             }
             handle.serving();

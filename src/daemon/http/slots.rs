@@ -1,5 +1,6 @@
 //! The HTTP connection table: the counts come from the same per-address
-//! [`ConnectionLimiter`] the echo listeners use (64 in all, 8 per address); this table
+//! [`ConnectionLimiter`] the echo listeners use (64 in all — fewer under a low open-files
+//! limit, see [`super::admission::Budget`] — 8 per address); this table
 //! adds what the endpoint needs on top — when a newcomer finds its address at its
 //! share, or the table full, it takes the place of a connection that is not being
 //! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
@@ -38,6 +39,10 @@ use crate::daemon::reasons::RejectReason;
 /// its last progress: a handshake or a request on loopback, or across a LAN, moves
 /// within milliseconds; a client that stops for longer is a candidate again.
 pub(super) const GRACE: Duration = Duration::from_millis(200);
+
+/// The label a connection closed to make room for a newcomer is counted under in
+/// `echod_http_connections_rejected_total`.
+pub(super) const EVICTED: &str = "evicted";
 
 /// Why a connection was closed right after accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +97,8 @@ struct Entry {
 
 /// One admitted connection; dropping it frees its place.
 pub(super) struct Slot {
+    /// Its admission evicted another connection.
+    pub(super) evicted_one: bool,
     handle: SlotHandle,
     _permit: Permit,
     /// Cancelled when a newcomer takes its place.
@@ -122,6 +129,7 @@ impl Slots {
     pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let ip = crate::daemon::limits::canonical_ip(ip);
         let mut table = self.lock();
+        let mut evicted_one = false;
         let permit = match self.limiter.try_acquire(ip) {
             Ok(permit) => permit,
             Err(reason) => {
@@ -151,6 +159,7 @@ impl Slots {
                 if let Some(entry) = table.entries.remove(&victim) {
                     // It closes at its next poll and gives its place back then.
                     entry.evicted.cancel();
+                    evicted_one = true;
                 }
                 self.limiter.adopt(ip)
             }
@@ -172,6 +181,7 @@ impl Slots {
             },
         );
         Ok(Slot {
+            evicted_one,
             handle: SlotHandle {
                 slots: Arc::clone(self),
                 id,
