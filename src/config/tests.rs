@@ -145,15 +145,15 @@ fn an_empty_list_variable_keeps_the_defences_and_turns_off_only_a_listener() {
         "[tcp]\ndeny = [\"192.0.2.0/24\"]\n[udp]\nallow = [\"127.0.0.1\"]\n\
          [tcp.proxy_protocol]\ntrusted_sources = [\"127.0.0.1\"]\n",
     );
-    let config = source
-        .load_with_env(&env(&[
-            ("ECHOD_UDP__DENY_SOURCE_PORTS", ""),
-            ("ECHOD_TCP__DENY", " "),
-            ("ECHOD_UDP__ALLOW", ""),
-            ("ECHOD_TCP__PROXY_PROTOCOL__TRUSTED_SOURCES", ""),
-            ("ECHOD_METRICS__LISTEN", ""),
-        ]))
-        .expect("valid layers");
+    let empty = [
+        "ECHOD_UDP__DENY_SOURCE_PORTS",
+        "ECHOD_TCP__DENY",
+        "ECHOD_UDP__ALLOW",
+        "ECHOD_TCP__PROXY_PROTOCOL__TRUSTED_SOURCES",
+        "ECHOD_METRICS__LISTEN",
+    ]
+    .map(|name| (name, ""));
+    let config = source.load_with_env(&env(&empty)).expect("valid layers");
     assert_eq!(
         config.udp.deny_source_ports,
         UdpConfig::default().deny_source_ports

@@ -11,14 +11,13 @@
 //! host, so notify order, store traffic and an exec's rollback are checked in-process.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::info;
 
-use super::kind::ListenerKind;
+use super::kind::ListenerKey;
 use super::upgrade::handover::Handover;
 use super::upgrade::{SignalsMeanwhile, Upgrade};
 use super::{fdstore, systemd, verdict};
@@ -52,17 +51,12 @@ pub(crate) trait Host: Send + Sync + 'static {
     /// store): every socket echod binds is then [kept](Host::keep_socket).
     fn keeps_sockets(&self) -> bool;
 
-    /// Hands a listening socket of `kind`, configured as `addr`, to the manager's store.
-    fn keep_socket(
-        &self,
-        kind: ListenerKind,
-        addr: SocketAddr,
-        fd: BorrowedFd<'_>,
-    ) -> io::Result<()>;
+    /// Hands the listening socket `key` names to the manager's store.
+    fn keep_socket(&self, key: ListenerKey, fd: BorrowedFd<'_>) -> io::Result<()>;
 
-    /// Asks the manager to close what it keeps for `kind` at `addr` (a reload removed
-    /// the listener).
-    fn release_socket(&self, kind: ListenerKind, addr: SocketAddr);
+    /// Asks the manager to close what it keeps for `key` (a reload removed the
+    /// listener).
+    fn release_socket(&self, key: ListenerKey);
 
     /// Replaces the process image by the upgrade's binary, handing `handover` over.
     /// Returns only when that failed, with why: the caller still owns everything in
@@ -128,16 +122,11 @@ impl Host for SystemHost {
         fdstore::enabled()
     }
 
-    fn keep_socket(
-        &self,
-        kind: ListenerKind,
-        at: SocketAddr,
-        fd: BorrowedFd<'_>,
-    ) -> io::Result<()> {
+    fn keep_socket(&self, (kind, at): ListenerKey, fd: BorrowedFd<'_>) -> io::Result<()> {
         fdstore::store(&fdstore::name(kind, at), fd)
     }
 
-    fn release_socket(&self, kind: ListenerKind, addr: SocketAddr) {
+    fn release_socket(&self, (kind, addr): ListenerKey) {
         fdstore::remove(&fdstore::name(kind, addr));
     }
 
@@ -162,11 +151,11 @@ impl Host for Detached {
         false
     }
 
-    fn keep_socket(&self, _: ListenerKind, _: SocketAddr, _: BorrowedFd<'_>) -> io::Result<()> {
+    fn keep_socket(&self, _: ListenerKey, _: BorrowedFd<'_>) -> io::Result<()> {
         Ok(())
     }
 
-    fn release_socket(&self, _: ListenerKind, _: SocketAddr) {}
+    fn release_socket(&self, _: ListenerKey) {}
 
     fn exec(&self, _: &Upgrade, _: &Handover) -> io::Error {
         io::Error::new(
@@ -180,9 +169,11 @@ impl Host for Detached {
 pub(crate) mod recording {
     //! A host that writes down what the core asked of it, for unit tests.
 
+    use std::net::SocketAddr;
     use std::sync::Mutex;
 
     use super::*;
+    use crate::daemon::kind::ListenerKind;
 
     /// One thing the core asked of the host.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,17 +250,12 @@ pub(crate) mod recording {
             self.keeps_sockets
         }
 
-        fn keep_socket(
-            &self,
-            kind: ListenerKind,
-            addr: SocketAddr,
-            _: BorrowedFd<'_>,
-        ) -> io::Result<()> {
+        fn keep_socket(&self, (kind, addr): ListenerKey, _: BorrowedFd<'_>) -> io::Result<()> {
             self.push(Event::Keep(kind, addr));
             Ok(())
         }
 
-        fn release_socket(&self, kind: ListenerKind, addr: SocketAddr) {
+        fn release_socket(&self, (kind, addr): ListenerKey) {
             self.push(Event::Release(kind, addr));
         }
 

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 
 use crate::config::Config;
 
+/// A listener's identity: what it serves and its configured address (the listener
+/// set's key, and what the descriptor store names it by).
+pub(crate) type ListenerKey = (ListenerKind, SocketAddr);
+
 /// What a listening socket serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum ListenerKind {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::host::Host;
-use super::kind::{ListenerKind, SocketOrigin};
+use super::kind::{ListenerKey, ListenerKind, SocketOrigin};
 use super::upgrade::handover::HandedListener;
 use crate::config::Config;
 
@@ -208,12 +208,10 @@ impl Sockets {
     }
 }
 
-type Key = (ListenerKind, SocketAddr);
-
 /// The listeners `config` asks for beside the `activated` ones, which stand in for the
 /// config's addresses of their kind (HTTP follows the config unless systemd passed an
 /// HTTP socket too).
-fn wanted(activated: &BTreeSet<Key>, config: &Config) -> BTreeSet<Key> {
+fn wanted(activated: &BTreeSet<ListenerKey>, config: &Config) -> BTreeSet<ListenerKey> {
     let mut wanted = activated.clone();
     for kind in [
         ListenerKind::Tcp,
@@ -240,12 +238,12 @@ pub(crate) fn dry_run(
     config: &Config,
     present: &[(ListenerKind, SocketAddr, SocketOrigin)],
 ) -> Result<(), BindError> {
-    let activated: BTreeSet<Key> = present
+    let activated: BTreeSet<ListenerKey> = present
         .iter()
         .filter(|(_, _, origin)| *origin == SocketOrigin::Activated)
         .map(|&(kind, addr, _)| (kind, addr))
         .collect();
-    let held: BTreeSet<Key> = present
+    let held: BTreeSet<ListenerKey> = present
         .iter()
         .map(|&(kind, addr, _)| (kind, addr))
         .collect();
@@ -277,11 +275,11 @@ struct Spare {
 
 /// The sockets that are bound and running, keyed by kind and configured address.
 pub(crate) struct ListenerSet {
-    running: BTreeMap<Key, Running>,
+    running: BTreeMap<ListenerKey, Running>,
     /// Provided sockets not (yet) in use, by the address they stand for.
-    spare: BTreeMap<Key, Spare>,
+    spare: BTreeMap<ListenerKey, Spare>,
     /// Listeners that come from socket activation and stay whatever the config says.
-    activated: BTreeSet<Key>,
+    activated: BTreeSet<ListenerKey>,
     /// Keeps the sockets echod binds, when it can.
     host: Arc<dyn Host>,
 }
@@ -317,7 +315,7 @@ impl ListenerSet {
     /// The listeners `config` asks for. Socket-activated sockets stand in for the
     /// config's addresses of their kind; HTTP follows the config unless systemd passed
     /// an HTTP socket too.
-    fn wanted(&self, config: &Config) -> BTreeSet<Key> {
+    fn wanted(&self, config: &Config) -> BTreeSet<ListenerKey> {
         wanted(&self.activated, config)
     }
 
@@ -374,7 +372,7 @@ impl ListenerSet {
                 }
             }
         }
-        let removed: Vec<Key> = self
+        let removed: Vec<ListenerKey> = self
             .running
             .keys()
             .filter(|key| !wanted.contains(key))
@@ -384,7 +382,7 @@ impl ListenerSet {
             if let Some(running) = self.running.remove(&key) {
                 running.stop.cancel();
                 if running.origin == SocketOrigin::Stored {
-                    self.host.release_socket(key.0, key.1);
+                    self.host.release_socket(key);
                 }
                 info!(proto = key.0.proto(), addr = %running.local, "stopped listening");
             }
@@ -414,7 +412,7 @@ impl ListenerSet {
                 Err(e) => {
                     warn!(proto = key.0.proto(), addr = %key.1, error = %e, "cannot serve socket");
                     if origin == SocketOrigin::Stored {
-                        self.host.release_socket(key.0, key.1);
+                        self.host.release_socket(key);
                     }
                 }
             }
@@ -422,7 +420,7 @@ impl ListenerSet {
         for ((kind, addr), spare) in std::mem::take(&mut self.spare) {
             info!(proto = kind.proto(), %addr, "closing a provided socket the config does not list");
             if spare.origin == SocketOrigin::Stored {
-                self.host.release_socket(kind, addr);
+                self.host.release_socket((kind, addr));
             }
         }
         Ok(())
@@ -481,8 +479,8 @@ impl ListenerSet {
 
 impl ListenerSet {
     /// Hands a running socket to the host to keep; its origin from now on.
-    fn keep(&self, key: Key, fd: &OwnedFd) -> SocketOrigin {
-        match self.host.keep_socket(key.0, key.1, fd.as_fd()) {
+    fn keep(&self, key: ListenerKey, fd: &OwnedFd) -> SocketOrigin {
+        match self.host.keep_socket(key, fd.as_fd()) {
             Ok(()) => SocketOrigin::Stored,
             Err(e) => {
                 warn!(proto = key.0.proto(), addr = %key.1, error = %e,
@@ -531,7 +529,7 @@ mod tests {
         Ok(started)
     }
 
-    fn running(set: &ListenerSet) -> Vec<Key> {
+    fn running(set: &ListenerSet) -> Vec<ListenerKey> {
         set.running.keys().copied().collect()
     }
 

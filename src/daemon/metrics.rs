@@ -61,6 +61,7 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     tls_active: IntGaugeVec,
     http_rejected: IntCounterVec,
+    http_accept_errors: IntCounterVec,
     tls_closed: IntCounterVec,
     /// The TLS echo certificate's notAfter, in seconds since the Unix epoch (absent
     /// while TLS echo is off).
@@ -330,8 +331,14 @@ impl Metrics {
             http_rejected: counter_vec(
                 &r,
                 "echod_http_connections_rejected_total",
-                "HTTP endpoint connections closed before they were served, by reason (denied: metrics.allow/metrics.deny; per_ip_limit, global_limit: no place to take; silent: nothing sent within 2s of accept, or pushed out of the 256 waiting).",
+                "HTTP endpoint connections closed before they were served, or requests refused, by reason (denied: metrics.allow/metrics.deny; per_ip_limit, global_limit: no place to take; evicted: closed, not being served, to make room for a newcomer; silent: accepted without bytes and closed by echod before its first bytes came, within 2s or pushed out of the full lobby, or accepted on borrowed spare descriptors; auth_busy: a request answered 429, the password checks at their bound).",
                 &["reason"],
+            ),
+            http_accept_errors: counter_vec(
+                &r,
+                "echod_http_accept_errors_total",
+                "Errors from accept() on the HTTP endpoint's listener, by kind.",
+                &["kind"],
             ),
             tls_certificate_expiry: IntGauge::new(
                 "echod_tls_certificate_expiry_seconds",
@@ -359,8 +366,18 @@ impl Metrics {
         for result in UpgradeResult::ALL {
             m.upgrades.with_label_values(&[result.label()]);
         }
-        for reason in ["denied", "per_ip_limit", "global_limit", "silent"] {
+        for reason in [
+            "denied",
+            "per_ip_limit",
+            "global_limit",
+            "evicted",
+            "silent",
+            "auth_busy",
+        ] {
             m.http_rejected.with_label_values(&[reason]);
+        }
+        for kind in AcceptErrorKind::ALL {
+            m.http_accept_errors.with_label_values(&[kind.label()]);
         }
         m
     }
@@ -417,10 +434,18 @@ impl Metrics {
         self.http_rejected.with_label_values(&["denied"]).inc();
     }
 
-    /// An HTTP endpoint connection was closed before it was served, for `reason`
-    /// (`per_ip_limit`, `global_limit`, `silent`).
+    /// An HTTP endpoint connection was closed before it was served, or a request
+    /// refused, for `reason` (`per_ip_limit`, `global_limit`, `evicted`, `silent`,
+    /// `auth_busy`).
     pub(crate) fn http_rejected(&self, reason: &str) {
         self.http_rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// accept() on the HTTP endpoint's listener failed.
+    pub(crate) fn http_accept_error(&self, kind: AcceptErrorKind) {
+        self.http_accept_errors
+            .with_label_values(&[kind.label()])
+            .inc();
     }
 
     /// Publishes the configured limits, so alerts and dashboards can compare usage

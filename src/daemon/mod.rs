@@ -11,18 +11,20 @@
 //! `alarms` table in which every echo connection waits for its deadline; `systemd`,
 //! `fdstore` and `logging` are the edges to the service manager and the operator.
 //!
-//! Around that core: `proxy` reads PROXY headers for `tcp`; `web_config` adds TLS
-//! and basic auth to `http`; `accept` is the accept-error policy both stream
-//! listeners share; `upgrade` passes listeners and connections to a new binary in place
-//! (its wire format, the exec, the handoff connections give themselves to); `tls` is
-//! TLS echo, a TCP listener whose connections handshake first. `kind` is the one
-//! vocabulary of socket kinds and origins they all share.
+//! Around that core: `proxy` reads PROXY headers for `tcp`; `http_guard` puts the web
+//! configuration (`config::web`) to work as TLS and basic auth for `http`; `accept` is
+//! the accept-error policy both stream listeners share; `upgrade` passes listeners and
+//! connections to a new binary in place (its wire format, the exec, the handoff
+//! connections give themselves to); `tls` is TLS echo, a TCP listener whose connections
+//! handshake first. `kind` is the one vocabulary of socket kinds and origins they all
+//! share.
 
 mod accept;
 mod alarms;
 mod fdstore;
 mod host;
 mod http;
+mod http_guard;
 mod kind;
 mod limits;
 mod listeners;
@@ -39,7 +41,6 @@ mod tls;
 mod udp;
 mod upgrade;
 mod verdict;
-mod web_config;
 
 pub use listeners::{BindError, Sockets};
 pub use process::run;

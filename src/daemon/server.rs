@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::host::{self, Detached, Host, Notice};
 use super::http::{self, Health};
+use super::http_guard::WebEndpoint;
 use super::kind::ListenerKind;
 use super::limits::{ConnectionLimiter, RateLimiter};
 use super::listeners::{Backlog, BindError, BoundSocket, ListenerSet, Sockets};
@@ -28,8 +29,7 @@ use super::metrics::{Metrics, TcpListenerMetrics, UpgradeResult, VERSION};
 use super::shutdown::Shutdown;
 use super::upgrade::Upgrade;
 use super::upgrade::handoff::Handoff;
-use super::upgrade::handover::{self, HandedConnection, Handover};
-use super::web_config::WebEndpoint;
+use super::upgrade::handover::{self, HandedConnection, HandedListener, Handover};
 use super::{tcp, tls, udp};
 use crate::config::{Config, MetricsConfig, TcpConfig, TlsConfig, UdpConfig};
 
@@ -147,6 +147,9 @@ enum Next {
 
 /// How long listener tasks get to stop when handing over (they stop at once).
 const LISTENERS_STOP: Duration = Duration::from_secs(2);
+
+/// How long an abandoned check gets to end (killed, it ends at once).
+const CHECK_ENDS: Duration = Duration::from_secs(2);
 
 /// Handles every listener and connection shares, and that a reload updates.
 struct Handles {
@@ -555,6 +558,10 @@ impl Server {
                     };
                     info!(reason, "stop requested while the new binary is checked: stopping instead");
                     upgrade.abandon();
+                    // A check still starting (between its fork and saying its PID)
+                    // ends itself on seeing the upgrade abandoned; the process must not
+                    // exit first, or that child outlives it (seen once in a CI run).
+                    let _ = tokio::time::timeout(CHECK_ENDS, &mut check).await;
                     return Some(reason);
                 }
             }
@@ -667,6 +674,12 @@ impl Server {
         self.handles.listener_tasks.reopen();
         let shutdown = std::mem::replace(&mut self.handles.shutdown, Shutdown::running());
         let connections = std::mem::replace(&mut self.handles.connections, TaskTracker::new());
+        self.serve_again(listeners);
+        (shutdown, connections)
+    }
+
+    /// Serves `listeners` (the ones just stopped for a handover) as a new listener set.
+    fn serve_again(&mut self, listeners: Vec<HandedListener>) {
         let sockets = Sockets::new().handed_over(listeners);
         self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
         let handles = &self.handles;
@@ -678,7 +691,6 @@ impl Server {
         {
             error!(error = %e, "cannot serve every listener again");
         }
-        (shutdown, connections)
     }
 
     /// Takes back what a failed upgrade had prepared to hand over.
@@ -686,17 +698,7 @@ impl Server {
         self.handles.shutdown = Shutdown::running();
         self.handles.connections.reopen();
         self.handles.listener_tasks.reopen();
-        let sockets = Sockets::new().handed_over(handover.listeners);
-        self.listeners = ListenerSet::new(sockets, Arc::clone(&self.host));
-        let handles = &self.handles;
-        if let Err(e) = self
-            .listeners
-            .reconcile(&self.config, |bound, label, backlog| {
-                handles.start(bound, label, backlog)
-            })
-        {
-            error!(error = %e, "cannot serve every listener again");
-        }
+        self.serve_again(handover.listeners);
         self.handles.adopt(handover.connections);
     }
 

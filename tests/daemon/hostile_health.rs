@@ -27,6 +27,7 @@ crate::support::tests![
     probes_answer_through_slowloris_from_their_own_address,
     tls_probes_answer_through_stalled_hellos_from_their_own_address needs &[Need::Tool("curl")],
     silent_connections_hold_no_place_and_are_counted,
+    probes_answer_through_silent_connections_beyond_the_open_files_limit,
 ];
 
 /// A probe counts as answered when its 200 arrives within this time.
@@ -45,6 +46,17 @@ fn request(
     auth: Option<(&str, &str)>,
     limit: Duration,
 ) -> Result<u16, String> {
+    fetch(from, addr, path, auth, limit).map(|(status, _)| status)
+}
+
+/// [`request`], with the whole response.
+fn fetch(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<(u16, String), String> {
     let deadline = Instant::now() + limit;
     let mut s = try_connect_from(from, addr, None, limit).map_err(|e| format!("connect: {e}"))?;
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: echod\r\nConnection: close\r\n");
@@ -72,11 +84,13 @@ fn request(
             Err(e) => return Err(format!("read: {e}")),
         }
     }
-    let text = String::from_utf8_lossy(&response);
-    text.split_whitespace()
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {text:?}"))
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    Ok((status, text))
 }
 
 /// Runs `count` checks, one every `every`; how many returned `Ok(200)`, and the others.
@@ -178,6 +192,8 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&refused);
+    let busy = Arc::new(AtomicUsize::new(0));
+    let answered_busy = Arc::clone(&busy);
     let attack = attackers(
         &sources(10, 8),
         64,
@@ -192,6 +208,10 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
                 Some(("prometheus", &wrong)),
                 Duration::from_secs(5),
             ) {
+                Ok(429) => {
+                    answered_busy.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
                 Ok(_) => true,
                 Err(_) => {
                     counted.fetch_add(1, Ordering::Relaxed);
@@ -231,6 +251,25 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         scraped >= 9,
         "scrapes answered {scraped} of 10: {scrape_failures:#?}"
     );
+    // Every 429 the attackers read is counted (a few more may have been sent to a
+    // client that gave up before reading them).
+    let busy = busy.load(Ordering::Relaxed) as f64;
+    let (_, exposition) = fetch(
+        SCRAPER,
+        http,
+        "/metrics",
+        Some(("prometheus", "s3cret")),
+        SCRAPED_WITHIN,
+    )
+    .expect("scrape");
+    let counted = crate::support::metric_value(
+        &exposition,
+        "echod_http_connections_rejected_total",
+        &[("reason", "auth_busy")],
+    );
+    eprintln!("429 answers: {busy} read by the attackers, {counted} counted auth_busy");
+    assert!(busy > 0.0, "the flood never met the password-check bound");
+    assert!(counted >= busy, "{counted} counted, {busy} 429s read");
 }
 
 /// A TLS record header and the start of a ClientHello, then nothing: the handshake
@@ -347,9 +386,19 @@ fn probes_answer_through_slowloris_from_their_own_address() {
     });
     stop.store(true, Ordering::Relaxed);
     let made = join(attack);
+    let evicted = daemon.metric(
+        "echod_http_connections_rejected_total",
+        &[("reason", "evicted")],
+    );
     eprintln!(
         "slowloris from the probe's address, reconnecting at once ({made} connections): \
-         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}"
+         /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}; {evicted} counted \
+         evicted"
+    );
+    // The talking half is closed by eviction (the share is 8): counted, each once.
+    assert!(
+        evicted > 0.0 && evicted <= made as f64,
+        "{evicted} evictions counted for {made} connections"
     );
     assert!(
         probed >= 38,
@@ -539,4 +588,67 @@ fn silent_connections_hold_no_place_and_are_counted() {
         "silent connections the daemon did not close"
     );
     assert_eq!(counted, (SILENT as f64, 0.0, 0.0));
+}
+
+/// The red team's descriptor attack: echod under `ulimit -n 256`, 384 connections from 32
+/// other addresses that send nothing, each replaced the moment the daemon closes it —
+/// more than the process has descriptors. Silent connections wait in the lobby, which
+/// is sized from the open-files limit and holds no borrowed spare, so a probe always
+/// finds a descriptor: every `/healthz` from 127.0.0.1 is answered within 1 s (before
+/// the lobby was sized, 0–24 of 40, echod at 256 of 256 descriptors).
+fn probes_answer_through_silent_connections_beyond_the_open_files_limit() {
+    const OPEN_FILES: u64 = 256;
+    const ATTACKERS: usize = 384;
+    let daemon = Daemon::start_with(Options {
+        max_open_files: Some(OPEN_FILES),
+        ..Options::default()
+    });
+    let http = daemon.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let attack = attackers(
+        &(1..=32)
+            .map(|n| Ipv4Addr::new(127, 0, 3, n))
+            .collect::<Vec<_>>(),
+        ATTACKERS,
+        &stop,
+        Duration::from_secs(30),
+        {
+            let closed = Arc::clone(&closed);
+            move |from, _| {
+                let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500))
+                else {
+                    return false;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                if matches!(s.read(&mut [0u8; 16]), Ok(0)) {
+                    closed.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+        },
+    );
+    // Until the daemon has closed a first round of them (2 s each in the lobby).
+    let started = Instant::now();
+    while closed.load(Ordering::Relaxed) < ATTACKERS && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (probed, failures) = series(40, Duration::from_millis(100), || {
+        request(Ipv4Addr::LOCALHOST, http, "/healthz", None, ANSWERED_WITHIN)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let made = join(attack);
+    let silent = daemon.metric(
+        "echod_http_connections_rejected_total",
+        &[("reason", "silent")],
+    );
+    eprintln!(
+        "{ATTACKERS} silent connections from 32 addresses under RLIMIT_NOFILE={OPEN_FILES} \
+         ({made} made, {} closed by the daemon, {silent} counted silent): /healthz from \
+         127.0.0.1 {probed} of 40 within {ANSWERED_WITHIN:?} {failures:?}",
+        closed.load(Ordering::Relaxed)
+    );
+    assert!(silent > 0.0, "the attack never reached the lobby");
+    assert_eq!(probed, 40, "{failures:#?}");
 }

@@ -720,9 +720,9 @@ fn every_documented_reason_kind_and_cap_exists_at_zero_from_the_start() {
             row.name
         );
     }
-    // rejected 6 + capped 2 + accept errors 4 + UDP drops 5 + HTTP rejected 4 + TLS
-    // closed 7.
-    assert_eq!(checked, 28, "documented reason/kind/cap values");
+    // rejected 6 + capped 2 + accept errors 4 + UDP drops 5 + HTTP rejected 6 + HTTP
+    // accept errors 4 + TLS closed 7.
+    assert_eq!(checked, 34, "documented reason/kind/cap values");
 }
 
 fn source_addresses_never_become_labels() {

@@ -1228,8 +1228,10 @@ fn report_and_check(
 
 /// What echod logs (rate-limited) about this attack: refused connections on both ports
 /// and the broken configurations.
-const EXPECTED_COMPLAINTS: [&str; 3] = [
+const EXPECTED_COMPLAINTS: [&str; 4] = [
     "connection rejected",
     "HTTP connection refused",
+    // A slowloris connection that has not sent its first byte when its wait for one ends.
+    "HTTP connection closed before it sent anything",
     "reload failed; keeping the previous configuration",
 ];

@@ -17,6 +17,13 @@
 //! most [`MAX_WAITING`] connections holding no slot, for [`FIRST_BYTES_WITHIN`]; a
 //! connection that stays silent longer, or is pushed out as the oldest by a newcomer
 //! when the lobby is full, is closed and counted as `silent`.
+//!
+//! Each waiting connection holds a descriptor, so the lobby is sized from the
+//! open-files limit ([`Budget`]): under `ulimit -n 256` a lobby of 256 took every
+//! descriptor, accept failed with EMFILE, and the spares borrowed to accept a probe went
+//! to the next silent connection (0–24 of 40 probes answered). A connection accepted on
+//! borrowed spares that has sent nothing is closed at once, counted `silent`: spares are
+//! for clients with a request.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -30,8 +37,54 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 /// Connections that wait for their first bytes, at most (each holds a descriptor and no
-/// slot); a newcomer beyond pushes out the one that has waited longest.
+/// slot); a newcomer beyond pushes out the one that has waited longest. Fewer under a
+/// low open-files limit ([`Budget`]).
 pub(super) const MAX_WAITING: usize = 256;
+/// The fraction of the open-files limit the HTTP endpoint holds at most (slots and lobby
+/// together): the rest is for the echo listeners, the process's own files and a probe.
+const SHARE_OF_OPEN_FILES: u64 = 4;
+/// Slots and lobby places the endpoint keeps however low the limit.
+const MIN_SLOTS: usize = 16;
+const MIN_WAITING: usize = 8;
+
+/// How many descriptors the HTTP endpoint may hold: `max_slots` connections being
+/// served and `max_waiting` waiting for their first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Budget {
+    pub(super) max_slots: usize,
+    pub(super) max_waiting: usize,
+}
+
+impl Budget {
+    /// A quarter of `open_files` (the soft RLIMIT_NOFILE) at most, slots first (up to
+    /// `max_slots`), the lobby from the rest (up to [`MAX_WAITING`]); never below
+    /// [`MIN_SLOTS`] and [`MIN_WAITING`]. From 1280 open files on, the full table and lobby.
+    pub(super) fn for_open_files(open_files: u64, max_slots: usize) -> Self {
+        let share = usize::try_from(open_files / SHARE_OF_OPEN_FILES).unwrap_or(usize::MAX);
+        let slots = (share / 2).clamp(MIN_SLOTS.min(max_slots), max_slots);
+        let waiting = share.saturating_sub(slots).clamp(MIN_WAITING, MAX_WAITING);
+        Self {
+            max_slots: slots,
+            max_waiting: waiting,
+        }
+    }
+
+    /// The budget under the process's open-files limit now (the full one when it cannot
+    /// be read).
+    pub(super) fn of_process(max_slots: usize) -> Self {
+        let mut rlim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed in.
+        let open_files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) } == 0 {
+            rlim.rlim_cur
+        } else {
+            u64::MAX
+        };
+        Self::for_open_files(open_files, max_slots)
+    }
+}
 /// A connection sends its first bytes within this time or is closed: the time it would
 /// have had for its request head or TLS handshake.
 pub(super) const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(2);
@@ -87,8 +140,8 @@ pub(super) fn arrived(stream: &TcpStream) -> Arrived {
 }
 
 /// The connections waiting for their first bytes.
-#[derive(Default)]
 pub(super) struct Lobby {
+    capacity: usize,
     waiting: Mutex<Waiting>,
 }
 
@@ -108,6 +161,14 @@ pub(super) struct Ticket {
 }
 
 impl Lobby {
+    /// A lobby of `capacity` places (at least one).
+    pub(super) fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity: capacity.max(1),
+            waiting: Mutex::default(),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -116,7 +177,7 @@ impl Lobby {
     /// one that has waited longest is pushed out to make room.
     pub(super) fn enter(self: &Arc<Self>) -> Ticket {
         let mut waiting = self.lock();
-        while waiting.queue.len() >= MAX_WAITING {
+        while waiting.queue.len() >= self.capacity {
             match waiting.queue.pop_first() {
                 Some((_, oldest)) => oldest.cancel(),
                 None => break,
@@ -177,13 +238,29 @@ pub(super) async fn wait_for_bytes(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use super::{Budget, Lobby, MAX_WAITING};
 
-    use super::{Lobby, MAX_WAITING};
+    #[test]
+    fn the_endpoint_holds_a_quarter_of_the_open_files_limit_at_most() {
+        let budget = |n| {
+            let b = Budget::for_open_files(n, 64);
+            (b.max_slots, b.max_waiting)
+        };
+        // The red team's `ulimit -n 256`: 64 descriptors, not 64 + 256.
+        assert_eq!(budget(256), (32, 32));
+        assert_eq!(budget(1024), (64, 192));
+        assert_eq!(budget(1280), (64, MAX_WAITING));
+        assert_eq!(budget(1276), (64, 255));
+        assert_eq!(budget(65_536), (64, MAX_WAITING));
+        assert_eq!(budget(u64::MAX), (64, MAX_WAITING));
+        // Floors under a tiny limit.
+        assert_eq!(budget(64), (16, 8));
+        assert_eq!(budget(0), (16, 8));
+    }
 
     #[test]
     fn a_full_lobby_pushes_out_the_connection_that_waited_longest() {
-        let lobby = Arc::new(Lobby::default());
+        let lobby = Lobby::new(MAX_WAITING);
         let mut tickets: Vec<_> = (0..MAX_WAITING).map(|_| lobby.enter()).collect();
         assert!(tickets.iter().all(|t| !t.pushed_out.is_cancelled()));
         let newcomer = lobby.enter();

@@ -14,7 +14,7 @@
 //! place only once its first bytes have arrived, so the table never holds silent
 //! newcomers that eviction could not tell from a probe ([`admission`]); each newcomer
 //! makes its first read before the next accept; password checks
-//! are bounded work that holds no place a probe needs ([`super::web_config`]), and a
+//! are bounded work that holds no place a probe needs ([`super::http_guard`]), and a
 //! connection that cannot be served is closed at once rather than left in the accept
 //! queue: a fast failure beats a hang. A client whose address `metrics.allow`/
 //! `metrics.deny` refuses is closed before it takes a slot, counted as `denied`.
@@ -25,7 +25,7 @@
 //! with a write deadline and progress marks), [`routes`] (what each path answers);
 //! this file accepts, sniffs TLS and runs hyper.
 //!
-//! With a web configuration file ([`super::web_config`]) the endpoint speaks TLS (the
+//! With a web configuration file ([`super::http_guard`]) the endpoint speaks TLS (the
 //! handshake gets the same 2 s as a request head) and asks for basic auth on every
 //! path except `/healthz` and `/readyz`: probes from a kubelet or a load balancer
 //! carry no credentials, and what they learn (alive, ready) is no secret; with TLS on,
@@ -54,16 +54,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use self::admission::{Arrived, Lobby, Ticket, Waited};
+use self::admission::{Arrived, Budget, Lobby, Ticket, Waited};
 pub(crate) use self::health::Health;
 use self::io::Socket;
 use self::routes::{is_open, route, too_many_checks, unauthorized};
 use self::slots::{Slot, Slots};
 use super::accept::{Acceptor, Loan, close_at_once};
+use super::http_guard::{Verdict, WebEndpoint};
 use super::logging::RateLimitedLog;
 use super::metrics::Metrics;
 use super::reasons::AcceptErrorKind;
-use super::web_config::{Verdict, WebEndpoint};
 use crate::config::MetricsConfig;
 
 static ACCEPT_ERROR_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(5));
@@ -98,6 +98,10 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The answer to plain HTTP sent to the TLS endpoint.
 const PLAIN_HTTP_TO_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
+/// The label a request answered 429 (the password checks at their bound) is counted
+/// under in `echod_http_connections_rejected_total`.
+const AUTH_BUSY: &str = "auth_busy";
+
 /// What the endpoint serves from.
 pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
@@ -110,8 +114,9 @@ pub(crate) struct State {
 
 /// Serves HTTP on `listener` until `stop`; open requests get a short grace period.
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    let slots = Slots::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP);
-    let lobby = Arc::new(Lobby::default());
+    let budget = Budget::of_process(MAX_CONNECTIONS);
+    let slots = Slots::new(budget.max_slots, MAX_CONNECTIONS_PER_IP);
+    let lobby = Lobby::new(budget.max_waiting);
     if let Err(e) = admission::defer_accept(&listener) {
         // The lobby still defers admission; silent connections cost a descriptor each.
         warn!(error = %e, "cannot set TCP_DEFER_ACCEPT on the HTTP listener");
@@ -119,6 +124,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
     let connections = TaskTracker::new();
     let mut acceptor = Acceptor::new();
     let on_error = |kind: AcceptErrorKind, e: &stdio::Error| {
+        state.metrics.http_accept_error(kind);
         if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
             warn!(error = %e, kind = kind.label(), suppressed, "HTTP accept failed");
         }
@@ -145,6 +151,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
                         stop.clone(),
                     ));
                 }
+            }
+            // Spares borrowed while descriptors are exhausted are for a client with a
+            // request: a silent one would hold them for its whole wait.
+            Arrived::Nothing if loan.is_some() => {
+                state.metrics.http_rejected(admission::SILENT);
+                close_at_once(stream);
             }
             // Its first bytes are awaited in the lobby, where it holds no slot.
             Arrived::Nothing => {
@@ -173,7 +185,12 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<State>, stop: Cancel
 /// being served if need be; `None` (counted) when every candidate is being served.
 fn admit(slots: &Arc<Slots>, peer: SocketAddr, metrics: &Metrics) -> Option<Slot> {
     match slots.admit(peer.ip()) {
-        Ok(slot) => Some(slot),
+        Ok(slot) => {
+            if slot.evicted_one {
+                metrics.http_rejected(slots::EVICTED);
+            }
+            Some(slot)
+        }
         Err(refused) => {
             metrics.http_rejected(refused.label());
             if let Some(suppressed) = REFUSED_LOG.allow() {
@@ -317,7 +334,10 @@ async fn serve_http<I>(
                 {
                     Verdict::Granted => {}
                     Verdict::Denied => return Ok::<_, Infallible>(unauthorized()),
-                    Verdict::Busy => return Ok(too_many_checks()),
+                    Verdict::Busy => {
+                        state.metrics.http_rejected(AUTH_BUSY);
+                        return Ok(too_many_checks());
+                    }
                 }
             }
             handle.serving();

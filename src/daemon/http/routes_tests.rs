@@ -9,8 +9,8 @@ use hyper::{Method, Request, StatusCode};
 
 use super::route;
 use crate::daemon::http::{Health, State};
+use crate::daemon::http_guard::WebEndpoint;
 use crate::daemon::metrics::Metrics;
-use crate::daemon::web_config::WebEndpoint;
 
 fn state() -> State {
     let metrics = Arc::new(Metrics::new());

@@ -1,5 +1,6 @@
 //! The HTTP connection table: the counts come from the same per-address
-//! [`ConnectionLimiter`] the echo listeners use (64 in all, 8 per address); this table
+//! [`ConnectionLimiter`] the echo listeners use (64 in all — fewer under a low open-files
+//! limit, see [`super::admission::Budget`] — 8 per address); this table
 //! adds what the endpoint needs on top — when a newcomer finds its address at its
 //! share, or the table full, it takes the place of a connection that is not being
 //! served (no request in progress: a slowloris head, a stalled TLS handshake, an idle
@@ -38,6 +39,10 @@ use crate::daemon::reasons::RejectReason;
 /// its last progress: a handshake or a request on loopback, or across a LAN, moves
 /// within milliseconds; a client that stops for longer is a candidate again.
 pub(super) const GRACE: Duration = Duration::from_millis(200);
+
+/// The label a connection closed to make room for a newcomer is counted under in
+/// `echod_http_connections_rejected_total`.
+pub(super) const EVICTED: &str = "evicted";
 
 /// Why a connection was closed right after accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +97,8 @@ struct Entry {
 
 /// One admitted connection; dropping it frees its place.
 pub(super) struct Slot {
+    /// Its admission evicted another connection.
+    pub(super) evicted_one: bool,
     handle: SlotHandle,
     _permit: Permit,
     /// Cancelled when a newcomer takes its place.
@@ -122,6 +129,7 @@ impl Slots {
     pub(super) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let ip = crate::daemon::limits::canonical_ip(ip);
         let mut table = self.lock();
+        let mut evicted_one = false;
         let permit = match self.limiter.try_acquire(ip) {
             Ok(permit) => permit,
             Err(reason) => {
@@ -151,6 +159,7 @@ impl Slots {
                 if let Some(entry) = table.entries.remove(&victim) {
                     // It closes at its next poll and gives its place back then.
                     entry.evicted.cancel();
+                    evicted_one = true;
                 }
                 self.limiter.adopt(ip)
             }
@@ -172,6 +181,7 @@ impl Slots {
             },
         );
         Ok(Slot {
+            evicted_one,
             handle: SlotHandle {
                 slots: Arc::clone(self),
                 id,
@@ -263,16 +273,47 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
-
+    use std::sync::Arc;
     use std::time::Instant;
 
-    use super::{GRACE, Refused, Slots};
+    use super::{GRACE, Refused, Slot, Slots};
 
     const MAX: usize = 64;
     const PER_IP: usize = 8;
 
     fn ip(n: u32) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + n))
+    }
+
+    /// 200 connections from `from` that each read some bytes and stall, each replaced at
+    /// once when evicted: the ones still held.
+    fn stalled_newcomers(slots: &Arc<Slots>, from: IpAddr) -> Vec<Slot> {
+        let mut stalled = Vec::new();
+        for _ in 0..200 {
+            let slot = slots.admit(from).expect("room made in its own share");
+            slot.handle().progressed();
+            stalled.retain(|s: &Slot| !s.evicted.is_cancelled());
+            stalled.push(slot);
+        }
+        stalled
+    }
+
+    /// With every connection held being served, a newcomer from `from` is refused for
+    /// `why`; once all are dropped the table is empty.
+    fn refused_while_all_serve(
+        slots: &Arc<Slots>,
+        held: Vec<Slot>,
+        newcomer: Slot,
+        from: IpAddr,
+        why: Refused,
+    ) {
+        for slot in held.iter().chain([&newcomer]) {
+            slot.handle().serving();
+        }
+        assert_eq!(slots.admit(from).err(), Some(why));
+        drop(held);
+        drop(newcomer);
+        assert!(slots.lock().entries.is_empty());
     }
 
     #[test]
@@ -293,13 +334,7 @@ mod tests {
         assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
         assert!(slots.admit(ip(2)).is_ok(), "another address is unaffected");
         // All of the address's connections being served: a newcomer is refused.
-        for slot in held.iter().chain([&newcomer]) {
-            slot.handle().serving();
-        }
-        assert_eq!(slots.admit(ip(1)).err(), Some(Refused::PerIp));
-        drop(held);
-        drop(newcomer);
-        assert!(slots.lock().entries.is_empty());
+        refused_while_all_serve(&slots, held, newcomer, ip(1), Refused::PerIp);
     }
 
     #[test]
@@ -328,13 +363,7 @@ mod tests {
         drop((second, third));
         assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 3);
         // Every connection serving: a newcomer is refused at once.
-        for slot in held.iter().chain([&newcomer]) {
-            slot.handle().serving();
-        }
-        assert_eq!(slots.admit(ip(1001)).err(), Some(Refused::Full));
-        drop(held);
-        drop(newcomer);
-        assert!(slots.lock().entries.is_empty());
+        refused_while_all_serve(&slots, held, newcomer, ip(1001), Refused::Full);
     }
 
     #[test]
@@ -346,13 +375,7 @@ mod tests {
         probe.handle().wrote();
         // Stalled hellos from the same address, each replaced at once when evicted:
         // every one of them read its bytes after the probe's last progress.
-        let mut stalled = Vec::new();
-        for _ in 0..200 {
-            let slot = slots.admit(ip(1)).expect("room made in its own share");
-            slot.handle().progressed();
-            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
-            stalled.push(slot);
-        }
+        let stalled = stalled_newcomers(&slots, ip(1));
         assert!(!probe.evicted.is_cancelled(), "the probe was evicted");
         assert_eq!(stalled.len(), PER_IP - 1);
         // Once the grace has passed without progress, the probe is a candidate again
@@ -372,13 +395,7 @@ mod tests {
         let slots = Slots::new(MAX, PER_IP);
         // curl: connected, its ClientHello not sent yet.
         let probe = slots.admit(ip(1)).expect("room");
-        let mut stalled = Vec::new();
-        for _ in 0..200 {
-            let slot = slots.admit(ip(1)).expect("room made in its own share");
-            slot.handle().progressed();
-            stalled.retain(|s: &super::Slot| !s.evicted.is_cancelled());
-            stalled.push(slot);
-        }
+        let _stalled = stalled_newcomers(&slots, ip(1));
         assert!(
             !probe.evicted.is_cancelled(),
             "the fresh connection was evicted"

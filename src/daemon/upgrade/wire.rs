@@ -30,6 +30,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::str::{FromStr, Split};
 
 use super::handover::{HandoverError, invalid};
 use crate::daemon::kind::{ListenerKind, SocketOrigin};
@@ -160,6 +161,20 @@ pub(super) fn encode(d: &Description, early: &Encoded) -> Vec<u8> {
     bytes
 }
 
+/// The number that is the last word of `line` (`words` holds what follows its keyword);
+/// `what` names it in the error.
+fn lone_number<T: FromStr>(
+    mut words: Split<'_, char>,
+    line: &str,
+    what: &str,
+) -> Result<T, HandoverError> {
+    words
+        .next()
+        .and_then(|t| t.parse().ok())
+        .filter(|_| words.next().is_none())
+        .ok_or_else(|| invalid(format!("bad {what} in {line:?}")))
+}
+
 /// Parses a description; every descriptor at most once, and only above stdio.
 pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
     let mut d = Description::default();
@@ -200,23 +215,9 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
         let mut words = line.split(' ');
         match words.next() {
             Some("end") if words.next().is_none() => break,
-            Some("stopped") => {
-                d.stopped = Some(
-                    words
-                        .next()
-                        .and_then(|t| t.parse().ok())
-                        .filter(|_| words.next().is_none())
-                        .ok_or_else(|| invalid(format!("bad time in {line:?}")))?,
-                );
-            }
+            Some("stopped") => d.stopped = Some(lone_number(words, line, "time")?),
             Some("started") if version >= 2 => {
-                d.started = Some(
-                    words
-                        .next()
-                        .and_then(|t| t.parse().ok())
-                        .filter(|_| words.next().is_none())
-                        .ok_or_else(|| invalid(format!("bad start time in {line:?}")))?,
-                );
+                d.started = Some(lone_number(words, line, "start time")?);
             }
             Some("sample") if version >= 2 => {
                 let (key, value) = line["sample ".len()..]
@@ -459,39 +460,54 @@ mod tests {
     #[test]
     fn broken_descriptions_are_refused() {
         let good = encode(&sample(), &Encoded::default());
-        let text = |s: &str| decode(s.as_bytes()).unwrap_err().to_string();
-        assert!(text("").contains("without \"end\""));
-        assert!(text("echod-handover 4\nend\n").contains("is not a description this binary reads"));
-        assert!(
-            text("echod-handover 3\nconnection 4 0.0.0.0:7 192.0.2.1:1 0 5 6\nend\n")
-                .contains("no last traffic")
-        );
-        assert!(text("echod-handover 2\nsample x\nend\n").contains("bad sample"));
-        assert!(text("echod-handover 2\nsample x NaN\nend\n").contains("bad sample"));
-        assert!(
-            text("echod-handover 2\nconnection 4 0.0.0.0:7 192.0.2.1:1 0\nend\n")
-                .contains("no accept time")
-        );
-        assert!(text("echod-handover 1\n").contains("without \"end\""));
-        assert!(text("echod-handover 1\nlistener sctp 3 0.0.0.0:7\nend\n").contains("kind"));
-        assert!(text("echod-handover 1\nlistener tcp x 0.0.0.0:7\nend\n").contains("descriptor"));
-        assert!(text("echod-handover 1\nlistener tcp 1 0.0.0.0:7\nend\n").contains("stdio"));
-        assert!(text("echod-handover 1\nlistener tcp 3 nowhere\nend\n").contains("address"));
-        assert!(text("echod-handover 1\nlistener tcp 3 0.0.0.0:7 kept\nend\n").contains("flag"));
-        assert!(
-            text("echod-handover 1\nlistener tcp 3 0.0.0.0:7\nconnection 3 0.0.0.0:7 192.0.2.1:1 0\nend\n")
-                .contains("used twice")
-        );
-        assert!(
-            text("echod-handover 1\nconnection 4 0.0.0.0:7 192.0.2.1:1\nend\n")
-                .contains("pending byte count")
-        );
-        assert!(
-            text("echod-handover 1\nconnection 4 0.0.0.0:7 192.0.2.1:1 0 extra\nend\n")
-                .contains("trailing")
-        );
-        assert!(text("echod-handover 1\nsocket 4\nend\n").contains("unknown line"));
-        assert!(text("echod-handover 1\nstopped soon\nend\n").contains("bad time"));
+        // Each broken description, and a word its error must carry.
+        let broken = [
+            ("", "without \"end\""),
+            (
+                "echod-handover 4\nend\n",
+                "is not a description this binary reads",
+            ),
+            (
+                "echod-handover 3\nconnection 4 0.0.0.0:7 192.0.2.1:1 0 5 6\nend\n",
+                "no last traffic",
+            ),
+            ("echod-handover 2\nsample x\nend\n", "bad sample"),
+            ("echod-handover 2\nsample x NaN\nend\n", "bad sample"),
+            (
+                "echod-handover 2\nconnection 4 0.0.0.0:7 192.0.2.1:1 0\nend\n",
+                "no accept time",
+            ),
+            ("echod-handover 1\n", "without \"end\""),
+            ("echod-handover 1\nlistener sctp 3 0.0.0.0:7\nend\n", "kind"),
+            (
+                "echod-handover 1\nlistener tcp x 0.0.0.0:7\nend\n",
+                "descriptor",
+            ),
+            ("echod-handover 1\nlistener tcp 1 0.0.0.0:7\nend\n", "stdio"),
+            ("echod-handover 1\nlistener tcp 3 nowhere\nend\n", "address"),
+            (
+                "echod-handover 1\nlistener tcp 3 0.0.0.0:7 kept\nend\n",
+                "flag",
+            ),
+            (
+                "echod-handover 1\nlistener tcp 3 0.0.0.0:7\nconnection 3 0.0.0.0:7 192.0.2.1:1 0\nend\n",
+                "used twice",
+            ),
+            (
+                "echod-handover 1\nconnection 4 0.0.0.0:7 192.0.2.1:1\nend\n",
+                "pending byte count",
+            ),
+            (
+                "echod-handover 1\nconnection 4 0.0.0.0:7 192.0.2.1:1 0 extra\nend\n",
+                "trailing",
+            ),
+            ("echod-handover 1\nsocket 4\nend\n", "unknown line"),
+            ("echod-handover 1\nstopped soon\nend\n", "bad time"),
+        ];
+        for (description, why) in broken {
+            let error = decode(description.as_bytes()).unwrap_err().to_string();
+            assert!(error.contains(why), "{description:?}: {error}");
+        }
         // Pending bytes must be exactly what the lines announce.
         let mut short = good.clone();
         short.pop();

@@ -217,14 +217,21 @@ impl Plan {
 }
 
 /// What one connection did, merged into the report at the end.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub(crate) struct Tally {
+    /// Messages echoed (verified, including mismatched ones).
     messages: u64,
+    /// Bytes written to the server.
     bytes_sent: u64,
+    /// Bytes echoed back.
     bytes_received: u64,
+    /// Messages whose echo differed from what was sent.
     mismatches: u64,
+    /// UDP datagrams with no echo within the timeout.
     lost: u64,
+    /// Connections that failed or stalled.
     errors: u64,
+    /// The first mismatch or error, for the operator to start from.
     first_problem: Option<String>,
 }
 

@@ -63,7 +63,7 @@ pub(crate) fn svg(report: &Report) -> String {
         report.target,
         report.connections,
         report.size,
-        report.messages
+        report.tally.messages
     );
     for d in 0..=decades as usize {
         let x = sx(d as f64);

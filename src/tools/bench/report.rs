@@ -44,26 +44,16 @@ pub(crate) struct Report {
     pub(crate) rate: Option<f64>,
     /// Wall time from the first send to the last echo.
     pub(crate) elapsed_s: f64,
-    /// Messages echoed (verified, including mismatched ones).
-    pub(crate) messages: u64,
-    /// Bytes written to the server.
-    pub(crate) bytes_sent: u64,
-    /// Bytes echoed back.
-    pub(crate) bytes_received: u64,
+    /// What the connections counted: echoes, bytes and problems (its keys stand in the
+    /// JSON beside the others).
+    #[serde(flatten)]
+    pub(crate) tally: Tally,
     /// Echoes per second.
     pub(crate) messages_per_s: f64,
     /// Echoed megabytes (10^6) per second, one direction.
     pub(crate) mb_per_s: f64,
     /// Round-trip latency (open-loop: from the intended send time).
     pub(crate) latency_us: Latency,
-    /// Messages whose echo differed from what was sent.
-    pub(crate) mismatches: u64,
-    /// UDP datagrams with no echo within the timeout.
-    pub(crate) lost: u64,
-    /// Connections that failed or stalled.
-    pub(crate) errors: u64,
-    /// The first mismatch or error, for the operator to start from.
-    pub(crate) first_problem: Option<String>,
     #[serde(skip)]
     pub(super) histogram: Histogram<u64>,
 }
@@ -110,16 +100,10 @@ impl Report {
             pipeline: args.pipeline,
             rate: args.rate,
             elapsed_s: secs,
-            messages: tally.messages,
-            bytes_sent: tally.bytes_sent,
-            bytes_received: tally.bytes_received,
             messages_per_s: tally.messages as f64 / secs,
             mb_per_s: tally.bytes_received as f64 / secs / 1e6,
             latency_us,
-            mismatches: tally.mismatches,
-            lost: tally.lost,
-            errors: tally.errors,
-            first_problem: tally.first_problem,
+            tally,
             histogram,
         }
     }
@@ -131,17 +115,20 @@ impl Report {
 
     /// Ok when every echo came back intact; otherwise why the run failed.
     pub(crate) fn verdict(&self) -> Result<(), String> {
-        let first = self.first_problem.as_deref().unwrap_or("no detail");
-        if self.mismatches > 0 {
+        let first = self.tally.first_problem.as_deref().unwrap_or("no detail");
+        if self.tally.mismatches > 0 {
             return Err(format!(
                 "{} mismatched echoes; first: {first}",
-                self.mismatches
+                self.tally.mismatches
             ));
         }
-        if self.errors > 0 {
-            return Err(format!("{} connection errors; first: {first}", self.errors));
+        if self.tally.errors > 0 {
+            return Err(format!(
+                "{} connection errors; first: {first}",
+                self.tally.errors
+            ));
         }
-        if self.messages == 0 {
+        if self.tally.messages == 0 {
             return Err("no echo came back".into());
         }
         Ok(())
@@ -176,7 +163,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  throughput  {:.0} msg/s, {:.2} MB/s echoed ({} messages, {} bytes)",
-            self.messages_per_s, self.mb_per_s, self.messages, self.bytes_received
+            self.messages_per_s, self.mb_per_s, self.tally.messages, self.tally.bytes_received
         )?;
         let l = &self.latency_us;
         writeln!(
@@ -191,11 +178,11 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  verified    {} bytes: {} mismatches, {} errors{}",
-            self.bytes_received,
-            self.mismatches,
-            self.errors,
+            self.tally.bytes_received,
+            self.tally.mismatches,
+            self.tally.errors,
             if self.mode == Mode::Udp {
-                format!(", {} lost", self.lost)
+                format!(", {} lost", self.tally.lost)
             } else {
                 String::new()
             }
@@ -213,17 +200,17 @@ impl Report {
     /// `udp.rate_limit`, 1 000/s with bursts of 2 000 by default), so a run faster than
     /// that loses datagrams by design, not because the path is lossy.
     pub(crate) fn loss_hint(&self) -> Option<String> {
-        if self.mode != Mode::Udp || self.lost == 0 {
+        if self.mode != Mode::Udp || self.tally.lost == 0 {
             return None;
         }
-        let sent_per_s = (self.messages + self.lost) as f64 / self.elapsed_s.max(1e-9);
+        let sent_per_s = (self.tally.messages + self.tally.lost) as f64 / self.elapsed_s.max(1e-9);
         Some(format!(
             "{} of {} datagrams lost at {sent_per_s:.0}/s from one source address: a server \
              that rate-limits replies per source drops the excess (echod: udp.rate_limit, \
              counted in echod_udp_dropped_datagrams_total{{reason=\"rate_limited\"}}; \
              set packets_per_second = 0 on a benchmark server)",
-            self.lost,
-            self.messages + self.lost
+            self.tally.lost,
+            self.tally.messages + self.tally.lost
         ))
     }
 }

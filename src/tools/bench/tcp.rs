@@ -49,23 +49,45 @@ impl Dialer {
     /// One connection, handshake done.
     async fn dial(&self) -> Result<Wire, String> {
         let limit = self.limit;
-        let stream = match timeout(limit, TcpStream::connect(self.target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("timed out after {limit:?}")),
-        };
+        let stream = within(
+            limit,
+            TcpStream::connect(self.target),
+            |e| e.to_string(),
+            |limit| format!("timed out after {limit:?}"),
+        )
+        .await?;
         let _ = stream.set_nodelay(true);
         let Some((connector, name)) = &self.tls else {
             return Ok(Wire::Plain(stream));
         };
-        match timeout(limit, connector.connect(name.clone(), stream)).await {
-            Ok(Ok(tls)) => Ok(Wire::Tls(Box::new(tls))),
-            Ok(Err(e)) => Err(format!(
-                "TLS handshake failed: {}",
-                crate::tools::tls::tls_failure(&e).unwrap_or_else(|| e.to_string())
-            )),
-            Err(_) => Err(format!("TLS handshake timed out after {limit:?}")),
-        }
+        let tls = within(
+            limit,
+            connector.connect(name.clone(), stream),
+            |e| {
+                format!(
+                    "TLS handshake failed: {}",
+                    crate::tools::tls::tls_failure(&e).unwrap_or_else(|| e.to_string())
+                )
+            },
+            |limit| format!("TLS handshake timed out after {limit:?}"),
+        )
+        .await?;
+        Ok(Wire::Tls(Box::new(tls)))
+    }
+}
+
+/// `work`, given `limit` to finish: its error worded by `failed`, running out of time by
+/// `late` (which is told the limit).
+async fn within<T, E>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, E>>,
+    failed: impl FnOnce(E) -> String,
+    late: impl FnOnce(Duration) -> String,
+) -> Result<T, String> {
+    match timeout(limit, work).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(late(limit)),
     }
 }
 
@@ -142,22 +164,19 @@ async fn churn(id: usize, total: usize, dialer: &Dialer, plan: &Plan) -> Tally {
     while let Some(stamp) = plan.next_send(id, total, seq).await {
         let offset = seq * plan.size as u64;
         let data = plan.pattern.window(phase, offset, plan.size);
-        let outcome = timeout(plan.timeout, async {
-            match dialer.dial().await? {
-                Wire::Plain(s) => echo_once(s, data, &mut buf).await,
-                Wire::Tls(s) => echo_once(*s, data, &mut buf).await,
-            }
-        })
+        let outcome = within(
+            plan.timeout,
+            async {
+                match dialer.dial().await? {
+                    Wire::Plain(s) => echo_once(s, data, &mut buf).await,
+                    Wire::Tls(s) => echo_once(*s, data, &mut buf).await,
+                }
+            },
+            |why| format!("connection {id}, message {seq}: {why}"),
+            |limit| format!("connection {id}, message {seq}: not done within {limit:?}"),
+        )
         .await;
-        let failed = match outcome {
-            Ok(Ok(())) => None,
-            Ok(Err(why)) => Some(format!("connection {id}, message {seq}: {why}")),
-            Err(_) => Some(format!(
-                "connection {id}, message {seq}: not done within {:?}",
-                plan.timeout
-            )),
-        };
-        if let Some(why) = failed {
+        if let Err(why) = outcome {
             tally.error(why);
             break;
         }
@@ -266,15 +285,14 @@ impl Sender<'_> {
                 break;
             }
             let data = plan.pattern.window(phase, seq * size, plan.size);
-            let failed = match timeout(plan.timeout, wr.write_all(data)).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(format!("connection {}: send failed: {e}", self.id)),
-                Err(_) => Some(format!(
-                    "connection {}: send stalled for {:?}",
-                    self.id, plan.timeout
-                )),
-            };
-            if let Some(why) = failed {
+            let sent = within(
+                plan.timeout,
+                wr.write_all(data),
+                |e| format!("connection {}: send failed: {e}", self.id),
+                |limit| format!("connection {}: send stalled for {limit:?}", self.id),
+            )
+            .await;
+            if let Err(why) = sent {
                 return Err((seq * size, why));
             }
             seq += 1;
@@ -300,18 +318,19 @@ async fn receive(
     let mut tally = Tally::default();
     while let Some(stamp) = pending.recv().await {
         let offset = tally.bytes_received;
-        let failed = match timeout(plan.timeout, rd.read_exact(&mut buf)).await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Some(format!(
-                "connection {id}: server closed the connection after echoing {offset} bytes"
-            )),
-            Ok(Err(e)) => Some(format!("connection {id}: receive failed: {e}")),
-            Err(_) => Some(format!(
-                "connection {id}: no echo within {:?} after {offset} bytes",
-                plan.timeout
-            )),
-        };
-        if let Some(why) = failed {
+        let received = within(
+            plan.timeout,
+            rd.read_exact(&mut buf),
+            |e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => format!(
+                    "connection {id}: server closed the connection after echoing {offset} bytes"
+                ),
+                _ => format!("connection {id}: receive failed: {e}"),
+            },
+            |limit| format!("connection {id}: no echo within {limit:?} after {offset} bytes"),
+        )
+        .await;
+        if let Err(why) = received {
             tally.error(why);
             // Stop the sender too: nothing more on this connection can be trusted.
             pending.close();

@@ -1,5 +1,6 @@
-//! The HTTP endpoint's web configuration at work (`metrics.web_config_file`, loaded and
-//! checked by [`crate::config::web`]): the TLS acceptor, and basic auth.
+//! What guards the HTTP endpoint: its web configuration (`metrics.web_config_file`,
+//! loaded and checked by [`crate::config::web`]) at work as the TLS acceptor and basic
+//! auth.
 //!
 //! bcrypt is slow on purpose (tens of milliseconds at cost 10), and Prometheus sends
 //! the same credentials with every scrape: a successful verification is remembered,
