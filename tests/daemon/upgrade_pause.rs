@@ -9,13 +9,14 @@
 //! connections on the same machine (load 4–9), so either bound below fails on it.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+#[path = "../../examples/common/connect_from.rs"]
+mod connect;
 
 use crate::support::{Daemon, Options, echod_bin, raise_open_files_limit};
+use connect::connect_from;
 
 crate::support::tests![the_pause_stays_short_with_ten_thousand_connections_held];
 
@@ -33,34 +34,6 @@ const BOUND: Duration = if cfg!(debug_assertions) {
 } else {
     Duration::from_millis(50)
 };
-
-/// A connection from `source` (its port chosen at connect time) after one echoed byte.
-fn connect_from(source: Ipv4Addr, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `one` (a c_int, its size passed) on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    socket.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0)))?;
-    socket.connect_timeout(&SockAddr::from(target), Duration::from_secs(5))?;
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"x")?;
-    let mut echo = [0u8; 1];
-    stream.read_exact(&mut echo)?;
-    assert_eq!(&echo, b"x");
-    Ok(stream)
-}
 
 /// `count` connections to `target`, each echoed once; from 127.0.0.2 onwards, moving to
 /// the next source address when one has no port left (TIME_WAIT from earlier runs).

@@ -186,6 +186,13 @@ impl PodmanContainer {
             .args(["--security-opt", "no-new-privileges"])
             .args(&publish)
             .arg(image));
+        Self::started(name, &out, "podman run failed")
+    }
+
+    /// The container `podman run` (its output `out`; `what` names the run) started as
+    /// `name`, once its published ports are known and it is ready. Made before the run's
+    /// status is checked, so a failed run's container is removed all the same.
+    fn started(name: String, out: &Output, what: &str) -> PodmanContainer {
         let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut container = PodmanContainer {
             name,
@@ -195,7 +202,7 @@ impl PodmanContainer {
         };
         assert!(
             out.status.success(),
-            "podman run failed:\n{}",
+            "{what}:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         container.tcp = container.host_port(&format!("{ECHO_PORT}/tcp"));
@@ -644,22 +651,7 @@ fn documented_container_commands_run_as_written() {
     }
     assert_eq!(published.len(), 3, "{run_line}");
     let out = run(podman().arg("run").args(&args).arg(image));
-    let unknown = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut c = PodmanContainer {
-        name,
-        tcp: unknown,
-        udp: unknown,
-        http: unknown,
-    };
-    assert!(
-        out.status.success(),
-        "podman run {args:?}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.tcp = c.host_port(&format!("{ECHO_PORT}/tcp"));
-    c.udp = c.host_port(&format!("{ECHO_PORT}/udp"));
-    c.http = c.host_port(&format!("{METRICS_PORT}/tcp"));
-    c.wait_ready();
+    let c = PodmanContainer::started(name, &out, &format!("podman run {args:?}"));
     // The documented host ports, for the ones podman picked.
     let documented_port = |container: &str| -> String {
         let (spec, _) = published
