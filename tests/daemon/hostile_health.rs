@@ -629,11 +629,9 @@ fn probes_answer_through_silent_connections_beyond_the_open_files_limit() {
         },
     );
     // Until the daemon has closed a first round of them (2 s each in the lobby).
-    let started = Instant::now();
-    while closed.load(Ordering::Relaxed) < ATTACKERS && started.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::support::poll(Duration::from_secs(10), || {
+        (closed.load(Ordering::Relaxed) >= ATTACKERS).then_some(())
+    });
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         request(Ipv4Addr::LOCALHOST, http, "/healthz", None, ANSWERED_WITHIN)
     });
