@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::web_config::tls::{HttpsClient, Pki};
+use crate::web_config::tls::{HttpsClient, Pki, daemon_with_web_config, web_config_toml};
 use base64::Engine;
 
 use crate::support::{Daemon, Need, Options, try_connect_from};
@@ -170,10 +170,7 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         &format!("basic_auth_users:\n  prometheus: '{hash}'\n"),
     );
     let daemon = Daemon::start_with(Options {
-        toml: &format!(
-            "[metrics]\nweb_config_file = {:?}\n",
-            web.display().to_string()
-        ),
+        toml: &web_config_toml(&web),
         ..Options::default()
     });
     let http = daemon.http;
@@ -285,16 +282,7 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
     let pki = Pki::new();
     let web = pki.web_config("web.yml", "", &[]);
     let client = HttpsClient::new(&pki.ca);
-    let mut daemon = Daemon::start_with(Options {
-        toml: &format!(
-            "[metrics]\nweb_config_file = {:?}\n",
-            web.display().to_string()
-        ),
-        no_wait: true,
-        ..Options::default()
-    });
-    daemon.wait_listening();
-    client.wait_ready(daemon.http);
+    let daemon = daemon_with_web_config(&web, &client);
     let http = daemon.http;
     let stop = Arc::new(AtomicBool::new(false));
     let attack = attackers(
@@ -453,16 +441,7 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
     let pki = Pki::new();
     let web = pki.web_config("web.yml", "", &[]);
     let client = HttpsClient::new(&pki.ca);
-    let mut daemon = Daemon::start_with(Options {
-        toml: &format!(
-            "[metrics]\nweb_config_file = {:?}\n",
-            web.display().to_string()
-        ),
-        no_wait: true,
-        ..Options::default()
-    });
-    daemon.wait_listening();
-    client.wait_ready(daemon.http);
+    let daemon = daemon_with_web_config(&web, &client);
     let http = daemon.http;
     let mut failed = Vec::new();
     // (connections, how long each stays silent after connecting before its hello)

@@ -55,6 +55,24 @@ fn daemon_from(bin: &Path, toml: &str, env: Vec<(&'static str, String)>) -> Daem
     })
 }
 
+/// A `sleep` argument no other process has (this test process's and the test's own
+/// number in it), so the check's children can be found by their command line.
+fn sleep_mark(test: u32) -> String {
+    format!("{}.{test}", 3000 + std::process::id() % 1000)
+}
+
+/// How many processes have `mark` in their command line (zombies have none).
+fn processes_marked(mark: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(mark))
+        })
+        .count()
+}
+
 /// The PIDs of `pid`'s children (zombies included).
 fn children(pid: u32) -> Vec<u32> {
     let mut all = Vec::new();
@@ -378,21 +396,12 @@ fn a_check_that_hangs_is_killed_with_all_it_started() {
     let bin = own_copy(dir.path());
     let daemon = daemon_from(&bin, "", Vec::new());
     // A child of the check (a sleep with a mark no other process has) holds its output.
-    let mark = format!("{}.{}", 3000 + std::process::id() % 1000, 7);
+    let mark = sleep_mark(7);
     wrapped(&bin, &format!("sleep {mark} & sleep {mark}"));
     daemon.signal(libc::SIGHUP);
     let log = wait_for_log(&daemon, "did not finish within");
     assert!(log.contains("new binary refused"), "{log}");
-    let marked = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
-            })
-            .count()
-    };
+    let marked = || processes_marked(&mark);
     crate::support::wait_until(
         Duration::from_secs(5),
         || {
@@ -412,7 +421,7 @@ fn a_stop_during_a_hanging_check_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let bin = own_copy(dir.path());
     let mut daemon = daemon_from(&bin, "", Vec::new());
-    let mark = format!("{}.{}", 3000 + std::process::id() % 1000, 9);
+    let mark = sleep_mark(9);
     wrapped(&bin, &format!("sleep {mark}"));
     daemon.signal(libc::SIGHUP);
     wait_for_log(&daemon, "checking the new one");
@@ -424,16 +433,7 @@ fn a_stop_during_a_hanging_check_exits_at_once() {
         "exit took {:?}",
         stopped.elapsed()
     );
-    let left = || {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&mark))
-            })
-            .count()
-    };
+    let left = || processes_marked(&mark);
     // Killed with its group; a SIGKILL takes a moment to land.
     crate::support::wait_until(
         Duration::from_secs(5),

@@ -9,15 +9,12 @@ pub(crate) mod tls;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tls::{HttpsClient, Pki, users_yaml};
+use tls::{HttpsClient, Pki, daemon_with_web_config, users_yaml, web_config_toml};
 
-use crate::support::{
-    ChildGuard, Daemon, Options, echod_bin, http_get, metric_value, poll, wait_until,
-};
+use crate::support::{ChildGuard, Daemon, echod_bin, http_get, metric_value, poll, wait_until};
 
 crate::support::tests![
     tls_and_basic_auth_guard_metrics_and_leave_health_open,
@@ -30,30 +27,11 @@ crate::support::tests![
 
 const USER: &str = "prometheus";
 
-fn web_config_toml(web: &Path) -> String {
-    format!(
-        "[metrics]\nweb_config_file = {:?}\n",
-        web.display().to_string()
-    )
-}
-
-/// echod with `web` as its web config, ready: `client` got 200 from `/readyz`.
-fn start(web: &Path, client: &HttpsClient) -> Daemon {
-    let mut daemon = Daemon::start_with(Options {
-        toml: &web_config_toml(web),
-        no_wait: true,
-        ..Options::default()
-    });
-    daemon.wait_listening();
-    client.wait_ready(daemon.http);
-    daemon
-}
-
 fn tls_and_basic_auth_guard_metrics_and_leave_health_open() {
     let pki = Pki::new();
     let web = pki.web_config("web.yml", "", &[(USER, "s3cret"), ("grafana", "other")]);
     let client = HttpsClient::new(&pki.ca);
-    let daemon = start(&web, &client);
+    let daemon = daemon_with_web_config(&web, &client);
 
     let get = |path, auth| client.get(daemon.http, path, auth).expect("HTTPS GET");
     for (path, auth) in [
@@ -100,7 +78,7 @@ fn required_client_certificates_refuse_a_client_without_one() {
         &[],
     );
     let trusted = HttpsClient::with_client_cert(&pki.ca, &pki.client_cert, &pki.client_key);
-    let daemon = start(&web, &trusted);
+    let daemon = daemon_with_web_config(&web, &trusted);
     assert_eq!(
         trusted.get(daemon.http, "/metrics", None).unwrap().0,
         200,
@@ -310,7 +288,7 @@ fn reload_swaps_the_password_and_a_bad_file_keeps_the_old_one() {
     let pki = Pki::new();
     let web = pki.web_config("web.yml", "", &[(USER, "old")]);
     let client = HttpsClient::new(&pki.ca);
-    let daemon = start(&web, &client);
+    let daemon = daemon_with_web_config(&web, &client);
     assert_eq!(
         scraped(&client, &daemon, "old", "echod_config_reloads_total"),
         Some(0.0)
@@ -378,7 +356,7 @@ fn probe_checks_readiness_over_tls() {
     let ca = pki.ca.display().to_string();
     let web = pki.web_config("web.yml", "", &[(USER, "s3cret")]);
     let client = HttpsClient::new(&pki.ca);
-    let daemon = start(&web, &client);
+    let daemon = daemon_with_web_config(&web, &client);
     let config = daemon.served_config().display().to_string();
     let url = format!("https://{}/readyz", daemon.http);
 
@@ -410,7 +388,7 @@ fn a_stalled_tls_handshake_is_closed_within_its_timeout() {
     let pki = Pki::new();
     let web = pki.web_config("web.yml", "", &[]);
     let client = HttpsClient::new(&pki.ca);
-    let daemon = start(&web, &client);
+    let daemon = daemon_with_web_config(&web, &client);
     let stalled: Vec<(TcpStream, Instant)> = [&b"\x16\x03"[..], b""]
         .iter()
         .map(|bytes| {

@@ -253,19 +253,7 @@ fn probes_ports_security_and_grace_period_agree_with_echod() {
         pki.cert.display().to_string(),
         pki.key.display().to_string()
     ));
-    let tls_addr: std::net::SocketAddr = daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
-        .find_map(|l| {
-            l.split("addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("a TLS listener in the log");
+    let tls_addr: std::net::SocketAddr = daemon.listening.tls[0];
     let local: Vec<String> = flags
         .iter()
         .map(|f| {

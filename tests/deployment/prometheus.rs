@@ -13,12 +13,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::{
-    Blackbox, Daemon, LOCAL, Need, Options, Prometheus, admitted, assert_passes,
-    daemon_with_drain_timeout, daemon_with_limits, dashboard, dashboard_queries, expect_metrics,
-    families, http_get, metric_value, promtool, random_bytes, refused, refusing, repo_path,
-    tcp_roundtrip, udp_echo, wait_until,
+    Blackbox, Daemon, LOCAL, Need, Prometheus, admitted, assert_passes, daemon_with_drain_timeout,
+    daemon_with_limits, dashboard, dashboard_queries, expect_metrics, families, http_get,
+    metric_value, promtool, random_bytes, refused, refusing, repo_path, tcp_roundtrip, udp_echo,
+    wait_until,
 };
-use tls::{HttpsClient, Pki};
+use tls::{HttpsClient, Pki, daemon_with_web_config};
 
 crate::support::tests![
     promtool_accepts_a_live_scrape_after_traffic needs &[Need::Tool("promtool")],
@@ -613,21 +613,6 @@ fn dashboard_annotation_queries_are_valid_promql() {
     assert!(checked >= 2, "only {checked} annotation queries");
 }
 
-/// echod serving its endpoint with the web config `web`, ready over TLS.
-fn daemon_with_web_config(web: &Path, ready: &HttpsClient) -> Daemon {
-    let mut daemon = Daemon::start_with(Options {
-        toml: &format!(
-            "[metrics]\nweb_config_file = {:?}\n",
-            web.display().to_string()
-        ),
-        no_wait: true,
-        ..Options::default()
-    });
-    daemon.wait_listening();
-    ready.wait_ready(daemon.http);
-    daemon
-}
-
 /// A scrape job over https trusting `ca`, with basic auth and `extra_tls` lines.
 fn https_job(name: &str, target: SocketAddr, ca: &Path, password: &str, extra_tls: &str) -> String {
     let mut tls_config = format!("      ca_file: {}\n", ca.display());
@@ -821,19 +806,7 @@ fn blackbox_tls_echo_module_probes_the_tls_listener_under_prometheus() {
         pki.cert.display().to_string(),
         pki.key.display().to_string()
     ));
-    let tls_addr: SocketAddr = daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
-        .find_map(|l| {
-            l.split("addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("a TLS listener in the log");
+    let tls_addr: SocketAddr = daemon.listening.tls[0];
     let handshakes = |result: &str| {
         daemon.metric(
             "echod_tls_handshakes_total",

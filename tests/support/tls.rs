@@ -17,7 +17,7 @@ use base64::Engine;
 mod pki;
 pub use pki::Pki;
 
-use crate::support::{HttpResponse, request_head, wait_for};
+use crate::support::{Daemon, HttpResponse, Options, request_head, wait_for};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -153,4 +153,25 @@ impl HttpsClient {
             },
         );
     }
+}
+
+/// The `[metrics]` table that serves the endpoint with the web config `web`.
+pub fn web_config_toml(web: &Path) -> String {
+    format!(
+        "[metrics]\nweb_config_file = {:?}\n",
+        web.display().to_string()
+    )
+}
+
+/// echod serving its endpoint with the web config `web`, ready: `client` got 200 from
+/// `/readyz`.
+pub fn daemon_with_web_config(web: &Path, client: &HttpsClient) -> Daemon {
+    let mut daemon = Daemon::start_with(Options {
+        toml: &web_config_toml(web),
+        no_wait: true,
+        ..Options::default()
+    });
+    daemon.wait_listening();
+    client.wait_ready(daemon.http);
+    daemon
 }

@@ -13,7 +13,8 @@ use crate::support::{
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn bench(args: &[&str]) -> (Run, Value) {
+/// `echod bench --json ARGS`: its run and its report (null when it printed none).
+pub(crate) fn bench(args: &[&str]) -> (Run, Value) {
     let mut all = vec!["bench", "--json"];
     all.extend_from_slice(args);
     let run = run_echod(&all, b"", LIMIT);
@@ -21,7 +22,8 @@ fn bench(args: &[&str]) -> (Run, Value) {
     (run, json)
 }
 
-fn num(v: &Value, key: &str) -> f64 {
+/// A number of a bench report.
+pub(crate) fn num(v: &Value, key: &str) -> f64 {
     v[key]
         .as_f64()
         .unwrap_or_else(|| panic!("{key} missing in {v}"))

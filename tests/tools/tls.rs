@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::bench::{bench, num};
 use crate::support::{Daemon, Options, Run, random_bytes, run_echod, wait_until};
 use pki::Pki;
 
@@ -32,20 +33,8 @@ fn tls_daemon(pki: &Pki, tls_extra: &str) -> (Daemon, String) {
         toml: &toml,
         ..Options::default()
     });
-    // The listener is logged before the ready line the start waited for.
-    let addr: SocketAddr = daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("listening") && l.contains("proto=\"TLS\""))
-        .find_map(|l| {
-            l.split("addr=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no TLS listener in the log:\n{}", daemon.log()));
+    // The ready line the start waited for names the TLS address the kernel picked.
+    let addr: SocketAddr = daemon.listening.tls[0];
     (daemon, format!("tls://{addr}"))
 }
 
@@ -287,20 +276,6 @@ fn probe_presents_a_client_certificate_to_a_mutual_tls_server() {
     );
     assert_fails(&run, "tls ");
     assert_eq!(handshakes(&daemon, "ok"), 1.0);
-}
-
-fn bench(args: &[&str]) -> (Run, Value) {
-    let mut all = vec!["bench", "--json"];
-    all.extend_from_slice(args);
-    let run = run_echod(&all, b"", LIMIT);
-    let json = serde_json::from_slice(&run.stdout).unwrap_or(Value::Null);
-    (run, json)
-}
-
-fn num(v: &Value, key: &str) -> f64 {
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 /// Waits until every TLS connection the daemon took has closed, so its counters are
