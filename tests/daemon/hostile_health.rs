@@ -275,6 +275,24 @@ const STALLED_HELLO: &[u8] = &[
     0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
 ];
 
+/// One attacking connection from `from`: silent for `silent` first (like curl loading
+/// its CA file), then the start of a ClientHello, held until the daemon closes it (or
+/// 3 s) — and replaced at once by the caller. False when it could not connect.
+fn stalled_hello(from: Ipv4Addr, http: SocketAddr, silent: Option<Duration>) -> bool {
+    let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500)) else {
+        return false;
+    };
+    if let Some(silent) = silent {
+        std::thread::sleep(silent);
+    }
+    if s.write_all(STALLED_HELLO).is_err() {
+        return true;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.read(&mut [0u8; 64]);
+    true
+}
+
 /// 128 connections from 16 addresses each send the start of a ClientHello and stall; a
 /// connection the daemon closes is replaced at once. Probes over TLS must complete
 /// their handshakes between them.
@@ -290,18 +308,7 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
         128,
         &stop,
         Duration::from_secs(30),
-        move |from, _| {
-            let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500)) else {
-                return false;
-            };
-            if s.write_all(STALLED_HELLO).is_err() {
-                return true;
-            }
-            // Held until the daemon closes it (or 3 s), then replaced at once.
-            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-            let _ = s.read(&mut [0u8; 64]);
-            true
-        },
+        move |from, _| stalled_hello(from, http, None),
     );
     std::thread::sleep(Duration::from_secs(1));
     let (probed, failures) = series(40, Duration::from_millis(100), || {
@@ -458,22 +465,7 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
             connections,
             &stop,
             Duration::from_secs(30),
-            move |from, _| {
-                let Ok(mut s) = try_connect_from(from, http, None, Duration::from_millis(500))
-                else {
-                    return false;
-                };
-                if let Some(silent) = silent {
-                    // The attack itself: silent, like curl loading its CA file.
-                    std::thread::sleep(silent);
-                }
-                if s.write_all(STALLED_HELLO).is_err() {
-                    return true;
-                }
-                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-                let _ = s.read(&mut [0u8; 64]);
-                true
-            },
+            move |from, _| stalled_hello(from, http, silent),
         );
         std::thread::sleep(Duration::from_secs(1));
         let mut own = (0, Vec::new());

@@ -111,6 +111,18 @@ fn build_echoload() {
 }
 
 /// Runs the script (at most 150 s) with `env` on top of the tiny settings.
+/// The script's output, once it is known to have succeeded (else both streams, failing).
+fn succeeded(run: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
 fn compare(env: &[(&str, &str)], out: &Path) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/compare.sh");
     let base = free_base_port().to_string();
@@ -148,13 +160,7 @@ fn the_tiny_comparison_prints_a_table_of_both_servers() {
         ],
         out.path(),
     );
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "exit {:?}\n{stdout}\n{stderr}",
-        run.status
-    );
+    let stdout = succeeded(&run);
     let mut rows = vec![
         "| 200 (headline) |",
         "Kernel memory per idle TCP socket",
@@ -235,13 +241,7 @@ fn a_corrupting_server_fails_the_script_and_names_the_run() {
 fn the_tls_section_compares_echod_with_socat_and_ncat_over_tls() {
     let out = tempfile::tempdir().unwrap();
     let run = compare(&[("SCENARIOS", "none"), ("TLS", "1")], out.path());
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "exit {:?}\n{stdout}\n{stderr}",
-        run.status
-    );
+    succeeded(&run);
     let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
     for (scenario, servers) in [
         (
