@@ -340,12 +340,7 @@ impl Handles {
             self.connections.spawn(tcp::adopted(
                 stream,
                 c.peer,
-                tcp::Past {
-                    pending: c.pending,
-                    accepted: c.accepted,
-                    echoed: c.echoed,
-                    last_traffic: c.last_traffic,
-                },
+                c.past,
                 Arc::clone(&config),
                 tcp::Lifeline {
                     shutdown: self.shutdown.clone(),
@@ -411,7 +406,10 @@ impl Server {
         };
         let paused = stopped.map(|at| handover::monotonic_micros().saturating_sub(at));
         let held = connections.len();
-        let pending_bytes = connections.iter().map(|c| c.pending.len()).sum::<usize>();
+        let pending_bytes = connections
+            .iter()
+            .map(|c| c.past.pending.len())
+            .sum::<usize>();
         if held > 0 {
             info!(
                 connections = held,

@@ -16,7 +16,7 @@ mod echo;
 mod session;
 
 pub(crate) use echo::apply_socket_options;
-pub(crate) use session::{Lifeline, Past, adopted, cap_reached};
+pub(crate) use session::{Lifeline, adopted, cap_reached};
 
 use std::io;
 use std::net::SocketAddr;

@@ -18,7 +18,7 @@ use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::reasons::ConnectionCap;
 use crate::daemon::shutdown::Shutdown;
 use crate::daemon::upgrade::handoff::Handoff;
-use crate::daemon::upgrade::handover::{self, HandedConnection, monotonic_micros};
+use crate::daemon::upgrade::handover::{self, HandedConnection, Past, monotonic_micros};
 
 /// The two lines from the server to a connection: the stop broadcast, and where the
 /// connection gives itself at an in-place upgrade.
@@ -40,20 +40,6 @@ pub(crate) fn accepted(
 ) -> impl Future<Output = ()> + Send + 'static {
     metrics.accepted.inc();
     Connection::new(stream, peer, config, lifeline, metrics, permit).run()
-}
-
-/// What a handed-over connection brings from its earlier image besides its socket.
-#[derive(Debug)]
-pub(crate) struct Past {
-    /// Bytes it had read and not yet echoed: written back first.
-    pub(crate) pending: Vec<u8>,
-    /// When it was accepted (`CLOCK_MONOTONIC` microseconds; 0: unknown, now).
-    pub(crate) accepted: u64,
-    /// Bytes echoed on it so far.
-    pub(crate) echoed: u64,
-    /// When it last moved a byte (`CLOCK_MONOTONIC` microseconds; 0: unknown, now):
-    /// its idle timeout goes on from there.
-    pub(crate) last_traffic: u64,
 }
 
 /// The task that goes on serving a connection an earlier image of this process handed
@@ -268,10 +254,12 @@ impl Connection {
                 fd,
                 label: self.metrics.label.clone(),
                 peer: self.peer,
-                pending,
-                accepted: ago(self.started),
-                echoed: self.echoed_total,
-                last_traffic: ago(last_traffic),
+                past: Past {
+                    pending,
+                    accepted: ago(self.started),
+                    echoed: self.echoed_total,
+                    last_traffic: ago(last_traffic),
+                },
                 slot,
             }),
             Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),

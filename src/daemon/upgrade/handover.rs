@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use socket2::{Socket, Type};
 use tracing::warn;
 
+pub(crate) use super::wire::Past;
 use super::wire::{self, ConnectionEntry, Description, ListenerEntry};
 use crate::daemon::kind::{ListenerKind, SocketOrigin};
 use crate::daemon::limits::Permit;
@@ -48,15 +49,9 @@ pub(crate) struct HandedConnection {
     pub(crate) label: String,
     /// The client.
     pub(crate) peer: SocketAddr,
-    /// Bytes read from the client and not yet echoed: written back first.
-    pub(crate) pending: Vec<u8>,
-    /// When it was accepted ([`monotonic_micros`]; 0 when the old image did not say)
-    /// and the bytes echoed on it so far: its caps go on from there.
-    pub(crate) accepted: u64,
-    pub(crate) echoed: u64,
-    /// When it last moved a byte ([`monotonic_micros`]; 0 when the old image did not
-    /// say): its idle timeout goes on from there.
-    pub(crate) last_traffic: u64,
+    /// Its pending bytes, accept time, bytes echoed and last traffic: its caps and idle
+    /// timeout go on from there.
+    pub(crate) past: Past,
     /// Its slot under the limits in the image that hands it over, held until the exec
     /// (the listeners accept meanwhile) or, when the exec fails, kept as it is served
     /// again; none once it has crossed an exec.
@@ -99,10 +94,7 @@ fn entry(c: &HandedConnection) -> ConnectionEntry {
         fd: c.fd.as_raw_fd(),
         label: c.label.clone(),
         peer: c.peer,
-        pending: c.pending.clone(),
-        accepted: c.accepted,
-        echoed: c.echoed,
-        last_traffic: c.last_traffic,
+        past: c.past.clone(),
     }
 }
 
@@ -173,7 +165,7 @@ impl Handover {
 
     /// Bytes the connections carry that the next image writes first.
     pub(crate) fn pending_bytes(&self) -> usize {
-        self.connections.iter().map(|c| c.pending.len()).sum()
+        self.connections.iter().map(|c| c.past.pending.len()).sum()
     }
 
     fn describe(&self) -> Description {
@@ -286,10 +278,7 @@ impl Handover {
                 fd,
                 label: c.label,
                 peer: c.peer,
-                pending: c.pending,
-                accepted: c.accepted,
-                echoed: c.echoed,
-                last_traffic: c.last_traffic,
+                past: c.past,
                 slot: None,
             });
         }

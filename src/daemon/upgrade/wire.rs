@@ -58,20 +58,28 @@ pub(super) struct ListenerEntry {
     pub(super) origin: SocketOrigin,
 }
 
+/// What a connection brings from the image that hands it over besides its socket:
+/// described on its line, served from it by the next image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Past {
+    /// Bytes it had read and not yet echoed: written back first.
+    pub(crate) pending: Vec<u8>,
+    /// When it was accepted (`CLOCK_MONOTONIC`, microseconds) and the bytes echoed on it
+    /// so far: its caps go on from there (version 2; zero, that is now, from version 1).
+    pub(crate) accepted: u64,
+    pub(crate) echoed: u64,
+    /// When it last moved a byte (`CLOCK_MONOTONIC`, microseconds): its idle timeout
+    /// goes on from there (version 3; zero, that is now, from earlier versions).
+    pub(crate) last_traffic: u64,
+}
+
 /// A connection line and its pending bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ConnectionEntry {
     pub(super) fd: RawFd,
     pub(super) label: String,
     pub(super) peer: SocketAddr,
-    pub(super) pending: Vec<u8>,
-    /// When it was accepted (`CLOCK_MONOTONIC`, microseconds) and the bytes echoed on it
-    /// so far: its caps go on from there (version 2; zero from version 1).
-    pub(super) accepted: u64,
-    pub(super) echoed: u64,
-    /// When it last moved a byte (`CLOCK_MONOTONIC`, microseconds): its idle timeout
-    /// goes on from there (version 3; zero, that is now, from earlier versions).
-    pub(super) last_traffic: u64,
+    pub(super) past: Past,
 }
 
 /// Connection lines encoded ahead of the rest of a description (see [`encode`]), with
@@ -97,12 +105,12 @@ pub(super) fn encode_connections(connections: &[ConnectionEntry]) -> Encoded {
             c.fd,
             c.label,
             c.peer,
-            c.pending.len(),
-            c.accepted,
-            c.echoed,
-            c.last_traffic
+            c.past.pending.len(),
+            c.past.accepted,
+            c.past.echoed,
+            c.past.last_traffic
         );
-        pending.extend_from_slice(&c.pending);
+        pending.extend_from_slice(&c.past.pending);
     }
     Encoded {
         count: connections.len(),
@@ -289,10 +297,12 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
                     fd,
                     label,
                     peer,
-                    pending: Vec::new(),
-                    accepted,
-                    echoed,
-                    last_traffic,
+                    past: Past {
+                        pending: Vec::new(),
+                        accepted,
+                        echoed,
+                        last_traffic,
+                    },
                 });
             }
             _ => return Err(invalid(format!("unknown line {line:?}"))),
@@ -307,7 +317,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Description, HandoverError> {
     }
     for (c, len) in d.connections.iter_mut().zip(lengths) {
         let (mine, tail) = rest.split_at(len);
-        c.pending = mine.to_vec();
+        c.past.pending = mine.to_vec();
         rest = tail;
     }
     Ok(d)
@@ -356,29 +366,35 @@ mod tests {
                     fd: 9,
                     label: "0.0.0.0:7".into(),
                     peer: "192.0.2.1:40000".parse().unwrap(),
-                    pending: Vec::new(),
-                    accepted: 55,
-                    echoed: 1 << 40,
-                    last_traffic: 77,
+                    past: Past {
+                        pending: Vec::new(),
+                        accepted: 55,
+                        echoed: 1 << 40,
+                        last_traffic: 77,
+                    },
                 },
                 ConnectionEntry {
                     fd: 10,
                     label: "[::]:7".into(),
                     peer: "[2001:db8::1]:40001".parse().unwrap(),
                     // Pending bytes are binary and may contain the line syntax.
-                    pending: b"\nend\nconnection 11 x y 0\n\0\xff".to_vec(),
-                    accepted: 0,
-                    echoed: 0,
-                    last_traffic: 0,
+                    past: Past {
+                        pending: b"\nend\nconnection 11 x y 0\n\0\xff".to_vec(),
+                        accepted: 0,
+                        echoed: 0,
+                        last_traffic: 0,
+                    },
                 },
                 ConnectionEntry {
                     fd: 12,
                     label: "0.0.0.0:7".into(),
                     peer: "192.0.2.3:40002".parse().unwrap(),
-                    pending: vec![7; 3],
-                    accepted: 1,
-                    echoed: 2,
-                    last_traffic: 3,
+                    past: Past {
+                        pending: vec![7; 3],
+                        accepted: 1,
+                        echoed: 2,
+                        last_traffic: 3,
+                    },
                 },
             ],
         }
@@ -425,9 +441,12 @@ mod tests {
                    listener tcp 3 0.0.0.0:7 stored\n\
                    connection 9 0.0.0.0:7 192.0.2.1:40000 2 55 6\nend\nhi";
         let d = decode(v2).unwrap();
-        assert_eq!(d.connections[0].pending, b"hi");
+        assert_eq!(d.connections[0].past.pending, b"hi");
         let c = &d.connections[0];
-        assert_eq!((c.accepted, c.echoed, c.last_traffic), (55, 6, 0));
+        assert_eq!(
+            (c.past.accepted, c.past.echoed, c.past.last_traffic),
+            (55, 6, 0)
+        );
         assert_eq!(d.samples.len(), 1);
         // A version 3 line is not version 2's.
         assert!(decode(b"echod-handover 2\nconnection 9 a 192.0.2.1:1 0 5 6 7\nend\n").is_err());
@@ -442,12 +461,12 @@ mod tests {
         let d = decode(v1).unwrap();
         assert_eq!(d.stopped, Some(9));
         assert_eq!(d.listeners.len(), 1);
-        assert_eq!(d.connections[0].pending, b"hi");
+        assert_eq!(d.connections[0].past.pending, b"hi");
         assert_eq!(
             (
-                d.connections[0].accepted,
-                d.connections[0].echoed,
-                d.connections[0].last_traffic
+                d.connections[0].past.accepted,
+                d.connections[0].past.echoed,
+                d.connections[0].past.last_traffic
             ),
             (0, 0, 0)
         );
