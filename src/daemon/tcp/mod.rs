@@ -2,14 +2,14 @@
 //!
 //! The handler reads at most one buffer, writes all of it back, and only then reads
 //! again: a client that sends but never reads costs one buffer, not a growing queue.
-//! The buffer exists only while bytes are in flight, so an idle connection holds no
-//! buffer at all. When the client half-closes, everything it sent has already been
-//! echoed, so the handler just closes its side: nothing is dropped at close.
-
+//! Bytes are read into the worker thread's buffer, so a connection holds a buffer of
+//! its own only while its client is slow to take the echo. When the client half-closes,
+//! everything it sent has already been echoed, so the handler just closes its side:
+//! nothing is dropped at close.
 //!
 //! Three jobs, one module each: this one binds and accepts; [`admission`] decides who
-//! is served (limits, PROXY headers); [`session`] is one connection's life (accounting,
-//! caps, its end and handover); [`echo`] is the echo loop itself and its alarm.
+//! is served (limits, PROXY headers); [`session`] is one connection's life (deadlines,
+//! caps, counters, its end and handover); [`echo`] is the socket I/O of the echo loop.
 
 mod admission;
 mod echo;

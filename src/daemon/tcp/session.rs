@@ -1,8 +1,6 @@
 //! One connection's life around the echo loop: its counters, its caps, how it ended,
 //! and — at an in-place upgrade — handing its socket and unechoed bytes over.
 
-use std::future::poll_fn;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,7 +10,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::close_capped;
+use super::echo::{ByteCounts, Echo};
 use crate::config::TcpConfig;
+use crate::daemon::alarms::Alarm;
 use crate::daemon::limits::Permit;
 use crate::daemon::metrics::TcpListenerMetrics;
 use crate::daemon::reasons::ConnectionCap;
@@ -39,7 +39,10 @@ pub(crate) fn accepted(
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
     metrics.accepted.inc();
-    Connection::new(stream, peer, config, lifeline, metrics, permit).run()
+    served(
+        Session::new(peer, config, lifeline, metrics, permit),
+        Echo::new(stream),
+    )
 }
 
 /// The task that goes on serving a connection an earlier image of this process handed
@@ -53,26 +56,27 @@ pub(crate) fn adopted(
     metrics: Arc<TcpListenerMetrics>,
     permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
-    let mut connection = Connection::new(stream, peer, config, lifeline, metrics, permit);
+    let mut session = Session::new(peer, config, lifeline, metrics, permit);
     let age = monotonic_micros().saturating_sub(past.accepted);
     if past.accepted > 0
-        && let Some(started) = connection
+        && let Some(started) = session
             .started
             .checked_sub(std::time::Duration::from_micros(age))
     {
-        connection.started = started;
-        connection.hard_deadline = connection
+        session.started = started;
+        session.hard_deadline = session
             .config
             .max_connection_duration
             .and_then(|d| started.checked_add(d));
     }
-    connection.echoed_total = past.echoed;
+    let mut echo = Echo::new(stream);
+    echo.echoed = past.echoed;
     let since = monotonic_micros().saturating_sub(past.last_traffic);
     let last_traffic = (past.last_traffic > 0)
         .then(|| Instant::now().checked_sub(std::time::Duration::from_micros(since)))
         .flatten()
         .unwrap_or_else(Instant::now);
-    connection.run_adopted(past.pending, last_traffic)
+    served_adopted(session, echo, past.pending, last_traffic)
 }
 
 /// How a connection ended.
@@ -94,35 +98,24 @@ pub(super) enum End {
     HandedOver(Vec<u8>, Instant),
 }
 
-/// Bytes a connection moved since its counts were last added to its listener's series.
-#[derive(Debug, Default)]
-pub(super) struct ByteCounts {
-    pub(super) received: u64,
-    pub(super) echoed: u64,
-}
-
-/// One client connection and the settings it was accepted under.
-pub(super) struct Connection {
-    pub(super) stream: TcpStream,
-    pub(super) config: Arc<TcpConfig>,
-    pub(super) shutdown: Shutdown,
+/// One connection's life: the settings it was accepted under, its deadlines and caps,
+/// its lines to the server, its slot under the limits, and how it ends.
+pub(super) struct Session {
+    config: Arc<TcpConfig>,
+    shutdown: Shutdown,
     /// Where the connection gives itself at an in-place upgrade.
-    pub(super) handoff: Handoff,
-    pub(super) metrics: Arc<TcpListenerMetrics>,
-    /// Bytes received and echoed since the last flush to the shared counters.
-    pub(super) unflushed: ByteCounts,
-    /// Bytes echoed over the connection's life, for the access log.
-    pub(super) echoed_total: u64,
+    handoff: Handoff,
+    metrics: Arc<TcpListenerMetrics>,
     /// The client, for the access log (after a close the kernel no longer knows it).
-    pub(super) peer: SocketAddr,
+    peer: SocketAddr,
     /// When echod took the connection on, for its duration.
-    pub(super) started: Instant,
+    started: Instant,
     /// When `tcp.max_connection_duration` ends it, if set.
-    pub(super) hard_deadline: Option<Instant>,
+    hard_deadline: Option<Instant>,
     /// The connection's slot under the limits, given back as soon as the connection is
     /// over and before its close reaches the client: a client that saw its EOF and
     /// connects again at the limit is admitted, not refused by its own old connection.
-    pub(super) permit: Option<Permit>,
+    permit: Option<Permit>,
 }
 
 impl End {
@@ -138,9 +131,47 @@ impl End {
     }
 }
 
-impl Connection {
+/// Serves a connection to its end and records how it went. Written as a plain `fn`
+/// returning an `async move` block so the connection is stored in the task once: an
+/// `async fn` taking its arguments by value keeps a second copy of them (112 bytes more
+/// per idle connection, measured).
+#[allow(clippy::manual_async_fn)]
+fn served(mut session: Session, mut echo: Echo) -> impl Future<Output = ()> {
+    async move {
+        session.metrics.active.inc();
+        echo.apply_socket_options(&session.config);
+        let end = echo.serve(&session, Instant::now()).await;
+        session.finish(&mut echo, end).await;
+    }
+}
+
+/// [`served`] for a connection handed over with `pending` bytes to echo first and idle
+/// since `last_traffic` (a separate task type, so the common one stays as small as it is).
+#[allow(clippy::manual_async_fn)]
+fn served_adopted(
+    mut session: Session,
+    mut echo: Echo,
+    pending: Vec<u8>,
+    last_traffic: Instant,
+) -> impl Future<Output = ()> {
+    async move {
+        session.metrics.active.inc();
+        echo.apply_socket_options(&session.config);
+        let mut alarm = session.alarm(last_traffic);
+        let written = echo
+            .write_back(&session, &mut alarm, &pending, last_traffic)
+            .await;
+        drop(alarm);
+        let end = match written {
+            Err(end) => end,
+            Ok(last_traffic) => echo.serve(&session, last_traffic).await,
+        };
+        session.finish(&mut echo, end).await;
+    }
+}
+
+impl Session {
     fn new(
-        stream: TcpStream,
         peer: SocketAddr,
         config: Arc<TcpConfig>,
         Lifeline { shutdown, handoff }: Lifeline,
@@ -151,51 +182,87 @@ impl Connection {
         Self {
             hard_deadline: config.max_connection_duration.map(|d| started + d),
             started,
-            stream,
             config,
             shutdown,
             handoff,
             metrics,
-            unflushed: ByteCounts::default(),
-            echoed_total: 0,
             peer,
             permit: Some(permit),
         }
     }
 
-    /// Serves the connection to its end and records how it went. Written as a plain
-    /// `fn` returning an `async move` block so the connection is stored in the task
-    /// once: an `async fn` taking `mut self` keeps a second copy of it (112 bytes more
-    /// per idle connection, measured).
-    #[allow(clippy::manual_async_fn)]
-    fn run(mut self) -> impl Future<Output = ()> {
-        async move {
-            self.metrics.active.inc();
-            self.apply_socket_options();
-            let end = self.echo(Instant::now()).await;
-            self.finish(end).await;
-        }
+    /// Bytes read (and held, when the client does not read) per burst at most.
+    pub(super) fn buffer_size(&self) -> usize {
+        self.config.buffer_size
     }
 
-    /// [`Connection::run`] for a connection handed over with `pending` bytes to echo
-    /// first and idle since `last_traffic` (a separate task type, so the common one
-    /// stays as small as it is).
-    #[allow(clippy::manual_async_fn)]
-    fn run_adopted(mut self, pending: Vec<u8>, last_traffic: Instant) -> impl Future<Output = ()> {
-        async move {
-            self.metrics.active.inc();
-            self.apply_socket_options();
-            let end = match self.write_pending(pending, last_traffic).await {
-                Err(end) => end,
-                Ok(last_traffic) => self.echo(last_traffic).await,
-            };
-            self.finish(end).await;
+    /// The connection's alarm, ringing at its next deadline after `last_traffic`.
+    pub(super) fn alarm(&self, last_traffic: Instant) -> Alarm<'_> {
+        let idle = self.config.idle_timeout;
+        let span = self
+            .config
+            .max_connection_duration
+            .map_or(idle, |d| d.min(idle));
+        self.shutdown
+            .alarms()
+            .set(self.next_deadline(last_traffic), span)
+    }
+
+    /// How the connection ends now that its alarm rang: interrupted (with `pending`,
+    /// the bytes read and not yet echoed, for a handover), or past a deadline; `None`
+    /// when traffic moved the deadline, and the alarm is moved with it.
+    pub(super) fn rung(
+        &self,
+        alarm: &mut Alarm<'_>,
+        last_traffic: Instant,
+        pending: &[u8],
+    ) -> Option<End> {
+        if self.shutdown.is_interrupted() {
+            return Some(interrupt(&self.shutdown, pending, last_traffic));
         }
+        let now = Instant::now();
+        if self.hard_deadline.is_some_and(|h| h <= now) {
+            return Some(End::Capped(ConnectionCap::MaxDuration));
+        }
+        if last_traffic + self.config.idle_timeout <= now {
+            return Some(End::Idle);
+        }
+        alarm.reset(self.next_deadline(last_traffic));
+        None
+    }
+
+    /// How the connection ends after an echo brought its bytes to `echoed`: at a cap,
+    /// or handed over when a handover is under way; `None` to go on.
+    pub(super) fn after_echo(&self, echoed: u64) -> Option<End> {
+        if let Some(cap) = cap_reached(&self.config, echoed, self.hard_deadline) {
+            return Some(End::Capped(cap));
+        }
+        if self.shutdown.is_handing_over() {
+            return Some(interrupt(&self.shutdown, &[], Instant::now()));
+        }
+        None
+    }
+
+    /// Adds a connection's unflushed byte counts to its listener's counters; returns the
+    /// bytes echoed.
+    pub(super) fn flush(&self, unflushed: &mut ByteCounts) -> u64 {
+        let counts = std::mem::take(unflushed);
+        self.metrics.rx_bytes.inc_by(counts.received);
+        self.metrics.tx_bytes.inc_by(counts.echoed);
+        counts.echoed
+    }
+
+    /// When the connection's timer must fire next: at the idle deadline, or earlier at
+    /// the `tcp.max_connection_duration` deadline.
+    fn next_deadline(&self, last_traffic: Instant) -> Instant {
+        let idle_deadline = last_traffic + self.config.idle_timeout;
+        self.hard_deadline
+            .map_or(idle_deadline, |h| h.min(idle_deadline))
     }
 
     /// Records how the connection ended, gives its slot back and closes it (cleanly
     /// when the client finished or a cap was reached).
-    async fn finish(&mut self, end: End) {
+    async fn finish(&mut self, echo: &mut Echo, end: End) {
         if let End::Capped(cap) = end {
             // The slot goes back now; the echo in flight is delivered before the last
             // bytes are counted, so what never arrived is not counted as sent (as far
@@ -203,25 +270,25 @@ impl Connection {
             self.permit = None;
             self.metrics.capped(cap);
             // Boxed: its state would otherwise enlarge every idle connection's task.
-            let unsent = Box::pin(close_capped(&mut self.stream)).await;
+            let unsent = Box::pin(close_capped(&mut echo.stream)).await;
             if unsent > 0 {
                 debug!(peer = %self.peer, unsent, "capped connection reset: the client stopped reading");
             }
-            self.unflushed.echoed = self.unflushed.echoed.saturating_sub(unsent as u64);
+            echo.unflushed.echoed = echo.unflushed.echoed.saturating_sub(unsent as u64);
         }
-        self.echoed_total += flush_bytes(&self.metrics, &mut self.unflushed);
+        echo.echoed += self.flush(&mut echo.unflushed);
         // A connection handed over keeps its slot until the exec: the listeners go on
         // accepting meanwhile, and must not count it gone.
         let permit = self.permit.take();
         match end {
             End::Finished => {
-                let _ = self.stream.shutdown().await;
+                let _ = echo.stream.shutdown().await;
             }
             End::Idle => self.metrics.idle_timeouts.inc(),
             End::Capped(_) => {}
             End::HandedOver(pending, last_traffic) => {
                 // Still open, served by the next image: not closed, no duration yet.
-                self.hand_over(pending, last_traffic, permit);
+                self.hand_over(echo, pending, last_traffic, permit);
                 self.metrics.active.dec();
                 return;
             }
@@ -235,7 +302,7 @@ impl Connection {
         // check per connection unless asked for.
         if tracing::enabled!(tracing::Level::DEBUG) {
             debug!(peer = %self.peer, end = %end.label(), duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                echoed_bytes = self.echoed_total, "connection closed");
+                echoed_bytes = echo.echoed, "connection closed");
         }
     }
 
@@ -244,12 +311,18 @@ impl Connection {
     /// without `FD_CLOEXEC`, ready to cross the exec: that costs nothing here, where
     /// every connection hands itself over while the listeners still serve, and spares
     /// the exec one system call per connection while nothing is accepted.
-    fn hand_over(&self, pending: Vec<u8>, last_traffic: Instant, slot: Option<Permit>) {
+    fn hand_over(
+        &self,
+        echo: &Echo,
+        pending: Vec<u8>,
+        last_traffic: Instant,
+        slot: Option<Permit>,
+    ) {
         let ago = |at: Instant| {
             monotonic_micros()
                 .saturating_sub(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))
         };
-        match handover::dup_for_exec(&self.stream) {
+        match handover::dup_for_exec(&echo.stream) {
             Ok(fd) => self.handoff.give(HandedConnection {
                 fd,
                 label: self.metrics.label.clone(),
@@ -257,7 +330,7 @@ impl Connection {
                 past: Past {
                     pending,
                     accepted: ago(self.started),
-                    echoed: self.echoed_total,
+                    echoed: echo.echoed,
                     last_traffic: ago(last_traffic),
                 },
                 slot,
@@ -265,72 +338,17 @@ impl Connection {
             Err(e) => warn!(peer = %self.peer, error = %e, "cannot hand a connection over: closed"),
         }
     }
-
-    /// Writes back the bytes a handed-over connection had read and not yet echoed,
-    /// waiting for room as the echo loop does, its idle timeout running from
-    /// `last_traffic`; returns when it last moved a byte, or how it ended meanwhile.
-    async fn write_pending(
-        &mut self,
-        pending: Vec<u8>,
-        last_traffic: Instant,
-    ) -> Result<Instant, End> {
-        let Self {
-            stream,
-            config,
-            shutdown,
-            unflushed,
-            ..
-        } = self;
-        let interrupted = shutdown.interrupted();
-        tokio::pin!(interrupted);
-        let mut written = 0;
-        let mut last_progress = last_traffic;
-        while written < pending.len() {
-            match stream.try_write(&pending[written..]) {
-                Ok(w) => {
-                    written += w;
-                    unflushed.echoed += w as u64;
-                    last_progress = Instant::now();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::select! {
-                        biased;
-                        _ = &mut interrupted => {
-                            return Err(interrupt(shutdown, &pending[written..], last_progress));
-                        }
-                        ready = poll_fn(|cx| stream.poll_write_ready(cx)) => if ready.is_err() {
-                            return Err(End::Error);
-                        },
-                        _ = tokio::time::sleep_until(last_progress + config.idle_timeout) => {
-                            return Err(End::Idle);
-                        }
-                    }
-                }
-                Err(_) => return Err(End::Error),
-            }
-        }
-        Ok(last_progress)
-    }
 }
 
 /// How a connection ends when its echo loop is interrupted: cut, or — during a handover —
 /// handed over with the `pending` bytes it read and has not echoed, and when it last
 /// moved a byte.
-pub(super) fn interrupt(shutdown: &Shutdown, pending: &[u8], last_traffic: Instant) -> End {
+fn interrupt(shutdown: &Shutdown, pending: &[u8], last_traffic: Instant) -> End {
     if shutdown.is_handing_over() {
         End::HandedOver(pending.to_vec(), last_traffic)
     } else {
         End::Cut
     }
-}
-
-/// Adds a connection's unflushed byte counts to its listener's counters; returns the
-/// bytes echoed.
-pub(super) fn flush_bytes(metrics: &TcpListenerMetrics, unflushed: &mut ByteCounts) -> u64 {
-    let counts = std::mem::take(unflushed);
-    metrics.rx_bytes.inc_by(counts.received);
-    metrics.tx_bytes.inc_by(counts.echoed);
-    counts.echoed
 }
 
 /// The cap a busy connection has reached, if any: checked after each echoed chunk,
@@ -370,8 +388,7 @@ mod tests {
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let limiter = ConnectionLimiter::new(&TcpConfig::default());
-        let connection = Connection::new(
-            stream,
+        let session = Session::new(
             peer,
             Arc::new(TcpConfig::default()),
             Lifeline {
@@ -381,7 +398,7 @@ mod tests {
             Arc::new(Metrics::new().tcp_listener("test")),
             limiter.try_acquire(peer.ip()).unwrap(),
         );
-        let task = connection.run();
+        let task = served(session, Echo::new(stream));
         let size = std::mem::size_of_val(&task);
         println!("connection task state: {size} bytes");
         assert!(size <= 512, "connection task state grew to {size} bytes");
