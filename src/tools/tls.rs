@@ -29,23 +29,8 @@ pub(crate) struct TlsArgs {
     /// verified against.
     #[arg(long = "ca", visible_alias = "ca-file", value_name = "FILE")]
     pub(crate) ca: Option<PathBuf>,
-    /// Client certificate (PEM, chain allowed) to present, for a server that requires
-    /// one (mutual TLS); with --key.
-    #[arg(
-        long = "cert",
-        visible_alias = "client-cert",
-        value_name = "FILE",
-        requires = "key"
-    )]
-    pub(crate) cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(
-        long = "key",
-        visible_alias = "client-key",
-        value_name = "FILE",
-        requires = "cert"
-    )]
-    pub(crate) key: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) identity: ClientIdentity,
     /// Do not verify the server's certificate (its handshake signature still is). Only
     /// for trying a server whose CA you do not have.
     #[arg(long, conflicts_with = "ca")]
@@ -54,6 +39,20 @@ pub(crate) struct TlsArgs {
     /// of the target (e.g. probing 127.0.0.1 that serves echo.example.com).
     #[arg(long, value_name = "NAME")]
     pub(crate) server_name: Option<String>,
+}
+
+/// The certificate the client presents to a server that requires one (mutual TLS):
+/// `--cert` and `--key` go together, which the group's `requires_all` says once for both.
+#[derive(Debug, Args, Clone, Default)]
+#[group(requires_all = ["cert", "key"])]
+pub(crate) struct ClientIdentity {
+    /// Client certificate (PEM, chain allowed) to present, for a server that requires
+    /// one (mutual TLS); with --key.
+    #[arg(long = "cert", visible_alias = "client-cert", value_name = "FILE")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long = "key", visible_alias = "client-key", value_name = "FILE")]
+    pub(crate) key: Option<PathBuf>,
 }
 
 /// Why a TLS client cannot be set up; names the flag and the file.
@@ -95,7 +94,8 @@ impl TlsArgs {
 
     /// The client certificate and key to present, if given.
     pub(crate) fn identity(&self) -> Option<(&Path, &Path)> {
-        self.cert.as_deref().zip(self.key.as_deref())
+        let ClientIdentity { cert, key } = &self.identity;
+        cert.as_deref().zip(key.as_deref())
     }
 
     /// The client config for `what` (a tls:// target, named in the error): the
@@ -376,5 +376,36 @@ mod tests {
         );
         let err = TlsArgs::default().client_config("tls://x:1").unwrap_err();
         assert!(err.to_string().contains("--ca FILE"), "{err}");
+    }
+
+    /// `--cert` and `--key` (or their `--client-` names) are given both or neither; the
+    /// one missing is named.
+    #[test]
+    fn a_client_certificate_comes_with_its_key() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Tool {
+            #[command(flatten)]
+            tls: TlsArgs,
+        }
+        for (given, missing) in [("--cert", "--key"), ("--key", "--cert")] {
+            let err = Tool::try_parse_from(["tool", given, "x.pem"])
+                .err()
+                .unwrap_or_else(|| panic!("{given} alone was taken"));
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{err}"
+            );
+            assert!(err.to_string().contains(missing), "{err}");
+        }
+        let tool =
+            Tool::try_parse_from(["tool", "--client-cert", "c.pem", "--client-key", "k.pem"])
+                .unwrap();
+        assert_eq!(
+            tool.tls.identity(),
+            Some((Path::new("c.pem"), Path::new("k.pem")))
+        );
+        assert_eq!(Tool::try_parse_from(["tool"]).unwrap().tls.identity(), None);
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::web_config::tls::{HttpsClient, Pki, daemon_with_web_config, web_config_toml};
 use base64::Engine;
 
-use crate::support::{Daemon, Need, Options, try_connect_from};
+use crate::support::{Daemon, Need, Options, metric_sample, try_connect_from, wait_for};
 
 crate::support::tests![
     probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses,
@@ -152,6 +152,40 @@ fn join(attack: Vec<JoinHandle<usize>>) -> usize {
         .sum()
 }
 
+/// Waits (10 s at most) until the daemon has closed at least `at_least` HTTP
+/// connections to make room for newcomers, reading `/metrics` with `get` (from
+/// 127.0.0.1, which the attacks spare); returns the count. Asked for one eviction per
+/// attacking connection, this is the moment the attack is in place: the table (or the
+/// attackers' share of it) is full and they push back in as fast as they are evicted.
+fn wait_evicted(at_least: f64, get: impl Fn() -> std::io::Result<(u16, String)>) -> f64 {
+    let last = std::cell::Cell::new(None);
+    wait_for(
+        Duration::from_secs(10),
+        || {
+            format!(
+                "fewer than {at_least} connections evicted (last read: {:?})",
+                last.get()
+            )
+        },
+        || {
+            last.set(evicted(&get));
+            last.get().filter(|n| *n >= at_least)
+        },
+    )
+}
+
+/// The connections the daemon has evicted so far, from `/metrics` as `get` reads it;
+/// `None` when the scrape failed.
+fn evicted(get: impl Fn() -> std::io::Result<(u16, String)>) -> Option<f64> {
+    let (status, body) = get().ok()?;
+    (status == 200).then_some(())?;
+    metric_sample(
+        &body,
+        "echod_http_connections_rejected_total",
+        &[("reason", "evicted")],
+    )
+}
+
 fn sources(first: u8, n: u8) -> Vec<Ipv4Addr> {
     (first..first + n)
         .map(|last| Ipv4Addr::new(127, 0, 0, last))
@@ -191,9 +225,10 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
     let counted = Arc::clone(&refused);
     let busy = Arc::new(AtomicUsize::new(0));
     let answered_busy = Arc::clone(&busy);
+    const FLOODERS: usize = 64;
     let attack = attackers(
         &sources(10, 8),
-        64,
+        FLOODERS,
         &stop,
         Duration::from_secs(30),
         move |from, n| {
@@ -217,7 +252,13 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
             }
         },
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // In place once it has read a 429 per attacking connection: the password checks
+    // are at their bound, and each refused guess is sent again at once.
+    wait_for(
+        Duration::from_secs(10),
+        || "the flood never met the password-check bound",
+        || (busy.load(Ordering::Relaxed) >= FLOODERS).then_some(()),
+    );
     let started = Instant::now();
     let (probed, probe_failures) = series(40, Duration::from_millis(100), || {
         request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
@@ -303,14 +344,15 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
     let daemon = daemon_with_web_config(&web, &client);
     let http = daemon.http;
     let stop = Arc::new(AtomicBool::new(false));
+    const STALLED: usize = 128;
     let attack = attackers(
         &sources(30, 16),
-        128,
+        STALLED,
         &stop,
         Duration::from_secs(30),
         move |from, _| stalled_hello(from, http, None),
     );
-    std::thread::sleep(Duration::from_secs(1));
+    wait_evicted(STALLED as f64, || client.get(http, "/metrics", None));
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         let started = Instant::now();
         match client.get(http, "/healthz", None) {
@@ -342,9 +384,10 @@ fn probes_answer_through_slowloris_from_their_own_address() {
     let http = daemon.http;
     let stop = Arc::new(AtomicBool::new(false));
     let held = Arc::clone(&stop);
+    const LORIS: usize = 256;
     let attack = attackers(
         &[PROBER],
-        256,
+        LORIS,
         &stop,
         Duration::from_secs(30),
         move |from, n| {
@@ -375,7 +418,10 @@ fn probes_answer_through_slowloris_from_their_own_address() {
             true
         },
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // The talking half (the silent half waits in the lobby, never evicted).
+    wait_evicted((LORIS / 2) as f64, || {
+        crate::support::http_get(http, "/metrics")
+    });
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
     });
@@ -458,7 +504,9 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
         (16, Some(Duration::from_millis(2))),
         (16, Some(Duration::from_millis(10))),
     ];
+    let metrics = || client.get(http, "/metrics", None);
     for (connections, silent) in rounds {
+        let before = evicted(metrics).expect("a scrape between the rounds");
         let stop = Arc::new(AtomicBool::new(false));
         let attack = attackers(
             &[PROBER],
@@ -467,7 +515,7 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
             Duration::from_secs(30),
             move |from, _| stalled_hello(from, http, silent),
         );
-        std::thread::sleep(Duration::from_secs(1));
+        wait_evicted(before + connections as f64, metrics);
         let mut own = (0, Vec::new());
         let mut other = (0, Vec::new());
         for i in 0..80 {

@@ -159,7 +159,7 @@ fn probes_answer_while_many_addresses_fill_the_table() {
         Arc::clone(&stop),
         Duration::from_secs(30),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    attack.wait_in_place();
     let probes = 60;
     let (failures, latencies) = probe_series(daemon.http, probes, || {});
     stop.store(true, Ordering::Relaxed);

@@ -20,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -330,18 +330,51 @@ pub fn closed_by_peer(s: &TcpStream) -> bool {
     peer_state(s) != Peer::Open
 }
 
+/// A running [`slowloris`] attack.
+pub struct Slowloris {
+    thread: JoinHandle<usize>,
+    count: usize,
+    /// Its connections open after its last round.
+    open: Arc<AtomicUsize>,
+}
+
+impl Slowloris {
+    /// Waits (10 s at most) until every one of its connections is open at once: the
+    /// attack is in place.
+    pub fn wait_in_place(&self) {
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                format!(
+                    "slowloris: {} of {} connections open",
+                    self.open.load(Ordering::Relaxed),
+                    self.count
+                )
+            },
+            || self.open.load(Ordering::Relaxed) >= self.count,
+        );
+    }
+
+    /// Waits for the attack to end (after its `stop`); how many connections it made.
+    pub fn join(self) -> std::thread::Result<usize> {
+        self.thread.join()
+    }
+}
+
 /// Keeps `count` slowloris connections open from `sources` (taken in turn) until `stop`: half send a
 /// partial request head and add a header line every second, half connect and say
 /// nothing. A connection the daemon closes is replaced (at most 64 per 250 ms round),
-/// as a real attacker would. Returns how many connections it made.
+/// as a real attacker would. Joined, it says how many connections it made.
 pub fn slowloris(
     addr: SocketAddr,
     sources: Vec<Ipv4Addr>,
     count: usize,
     stop: Arc<AtomicBool>,
     limit: Duration,
-) -> JoinHandle<usize> {
-    std::thread::spawn(move || {
+) -> Slowloris {
+    let open = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&open);
+    let thread = std::thread::spawn(move || {
         let started = Instant::now();
         let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
         let mut made = 0usize;
@@ -377,10 +410,16 @@ pub fn slowloris(
                 }
             }
             round += 1;
+            counted.store(slots.iter().flatten().count(), Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(250));
         }
         made
-    })
+    });
+    Slowloris {
+        thread,
+        count,
+        open,
+    }
 }
 
 /// A client from `from` that pipelines `GET /metrics` and never reads: writes until the

@@ -218,27 +218,21 @@ fn through_tool_paced(
         let mut at = 0;
         while at < input.len() {
             let n = rng.usize(1..=40_000).min(input.len() - at).min(window);
-            let waited = Instant::now();
-            while at + n
-                > seen
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    .saturating_add(window)
+            let echoed = || {
+                let seen = seen.load(std::sync::atomic::Ordering::Relaxed);
+                (at + n <= seen.saturating_add(window)).then_some(())
+            };
+            if crate::support::poll(Duration::from_secs(30), echoed).is_none()
+                || stdin.write_all(&input[at..at + n]).is_err()
             {
-                if waited.elapsed() > Duration::from_secs(30) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if stdin.write_all(&input[at..at + n]).is_err() {
-                return;
+                return None;
             }
             let _ = stdin.flush();
             at += n;
         }
-        if !close_stdin {
-            // Kept open until the reader is done, so the tool does not end its session.
-            std::thread::sleep(Duration::from_secs(30));
-        }
+        // Handed back to the child, so the tool does not end its session before the
+        // test is done with it.
+        (!close_stdin).then_some(stdin)
     });
     let (tx, rx) = mpsc::channel();
     let want = data.len();
@@ -265,7 +259,11 @@ fn through_tool_paced(
                 data.len()
             )
         });
-    drop(writer);
+    // Everything came back, so everything was written: the writer is done. Otherwise
+    // it may still be waiting, and is left to end on its own.
+    if got.len() == want {
+        child.0.stdin = writer.join().expect("writer thread");
+    }
     (got, child)
 }
 

@@ -185,12 +185,11 @@ impl Drop for Nspawn {
         // ends the whole PID namespace) and nspawn if that takes too long.
         // SAFETY: kill(2) on processes this test started.
         unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let powered_off = crate::support::poll(Duration::from_secs(20), || {
+            self.nspawn.try_wait().ok().flatten()
+        });
+        if powered_off.is_some() {
+            return;
         }
         if self.leader > 0 {
             // SAFETY: as above.

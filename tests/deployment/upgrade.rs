@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::support::{Chatter, StalledClient, metric_at, random_bytes, try_connect_from, wait_for};
+use crate::support::{
+    Chatter, StalledClient, metric_at, random_bytes, try_connect_from, wait_for, wait_until,
+};
 use crate::systemd::{NEEDS, Nspawn, build_deb, echo_addr, metrics_addr, rootfs, wait_metric};
 
 crate::support::tests![
@@ -126,7 +128,8 @@ impl ConnectLoop {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     if paused.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(1));
+                        // Until unparked by `between_attempts` or `finish`.
+                        std::thread::park();
                         continue;
                     }
                     in_flight.fetch_add(1, Ordering::SeqCst);
@@ -157,14 +160,23 @@ impl ConnectLoop {
     }
 
     fn wait_idle(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.in_flight.load(Ordering::SeqCst) > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{} connection attempts still open after {limit:?}",
-                self.in_flight.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        wait_until(
+            limit,
+            || {
+                format!(
+                    "{} connection attempts still open after {limit:?}",
+                    self.in_flight.load(Ordering::SeqCst)
+                )
+            },
+            || self.in_flight.load(Ordering::SeqCst) == 0,
+        );
+    }
+
+    /// Resumes the loop after a pause.
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
         }
     }
 
@@ -175,7 +187,7 @@ impl ConnectLoop {
         self.paused.store(true, Ordering::SeqCst);
         self.wait_idle(Duration::from_secs(10));
         let result = f();
-        self.paused.store(false, Ordering::SeqCst);
+        self.resume();
         result
     }
 
@@ -184,9 +196,21 @@ impl ConnectLoop {
         self.attempts.lock().unwrap().len()
     }
 
+    /// Waits (30 s at most) until `more` attempts have ended past the ones so far: the
+    /// service has gone on answering (each is checked at [`ConnectLoop::finish`]).
+    pub(crate) fn wait_more(&self, more: usize) {
+        let want = self.count() + more;
+        wait_until(
+            Duration::from_secs(30),
+            || format!("{} of {want} connection attempts ended", self.count()),
+            || self.count() >= want,
+        );
+    }
+
     /// Stops, waits for every open attempt (60 s at most) and returns them all.
     pub(crate) fn finish(mut self) -> Vec<Attempt> {
         self.stop.store(true, Ordering::SeqCst);
+        self.resume();
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
@@ -198,6 +222,7 @@ impl ConnectLoop {
 impl Drop for ConnectLoop {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.resume();
     }
 }
 
@@ -288,7 +313,7 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
     );
     let pid = c.prop("echod", "MainPID");
     let connects = ConnectLoop::start();
-    std::thread::sleep(Duration::from_secs(1));
+    connects.wait_more(50);
 
     // systemctl restart: the old echod drains, the new one takes the stored sockets.
     let from = Instant::now();
@@ -299,7 +324,7 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         c.ok("journalctl -u echod --no-pager")
             .contains("using socket kept in systemd's descriptor store name=echod-tcp-0.0.0.0-7")
     );
-    std::thread::sleep(Duration::from_secs(1));
+    connects.wait_more(50);
 
     // The watchdog: echod frozen (SIGSTOP) is killed (SIGABRT) and restarted.
     let frozen = connects.between_attempts(|| {
@@ -314,7 +339,7 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         "no attempt finished after the watchdog restart"
     );
     assert_eq!(c.prop("echod", "NFileDescriptorStore"), "5");
-    std::thread::sleep(Duration::from_secs(1));
+    connects.wait_more(50);
 
     // A crash (SIGKILL), restarted by Restart=on-failure after RestartSec=1s; a datagram
     // sent meanwhile waits in the UDP socket and is echoed too.
@@ -333,7 +358,7 @@ fn restart_watchdog_and_crash_refuse_no_connection() {
         .recv(&mut buf)
         .expect("the datagram sent during the crash is echoed");
     assert_eq!(&buf[..n], b"sent while echod was down");
-    std::thread::sleep(Duration::from_secs(1));
+    connects.wait_more(50);
 
     let attempts = connects.finish();
     let (total, during, longest) = all_echoed(&attempts, &[restart, watchdog, crash]);
@@ -638,7 +663,7 @@ fn package_upgrade_hands_over_every_connection() {
     assert_eq!(c.prop("echod", "MainPID"), before["MainPID"]);
     assert!(build_info(&new_version).is_some());
     c.ok("mv /usr/bin/echod.good /usr/bin/echod");
-    std::thread::sleep(Duration::from_secs(1));
+    connects.wait_more(50);
 
     let results = clients.finish();
     let attempts = connects.finish();

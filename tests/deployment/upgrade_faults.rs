@@ -218,11 +218,7 @@ fn an_image_that_dies_after_the_exec_is_restarted_on_the_stored_sockets(c: &Nspa
           exec /usr/bin/echod.real \"$@\"\\n' > /usr/bin/echod.new && \
           chmod 755 /usr/bin/echod.new && mv /usr/bin/echod.new /usr/bin/echod");
     let connects = ConnectLoop::start();
-    wait_for(
-        Duration::from_secs(10),
-        || "the connect loop to make attempts",
-        || (connects.count() >= 20).then_some(()),
-    );
+    connects.wait_more(20);
     // An attempt echod had accepted dies with the process, like any open connection;
     // the promise is about attempts made while it is down.
     let (down, (reloaded, output)) = connects.between_attempts(|| {
@@ -238,7 +234,7 @@ fn an_image_that_dies_after_the_exec_is_restarted_on_the_stored_sockets(c: &Nspa
     let back = Instant::now();
     let outage = back - down;
     port_7_serves();
-    std::thread::sleep(Duration::from_millis(500));
+    connects.wait_more(20);
     let attempts = connects.finish();
     let (total, during, _) = all_echoed(&attempts, &[(down, back)]);
     assert!(

@@ -56,10 +56,18 @@ impl Socket {
         )))
     }
 
-    fn progressed(&mut self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if result.is_ready() {
-            self.stall = None;
+    /// What a write to the stream returned, as the deadline and the slot see it: a write
+    /// that would block arms the stall timer ([`Self::poll_stall`]), any other answer
+    /// disarms it, and bytes written are progress. Every kind of write ends here.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if result.is_pending() {
+            return self.poll_stall(cx);
         }
+        self.stall = None;
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
             self.slot.wrote();
         }
@@ -89,11 +97,8 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_write(cx, buf) {
-            Poll::Pending => this.poll_stall(cx),
-            ready => this.progressed(ready),
-        }
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.after_write(cx, result)
     }
 
     fn poll_write_vectored(
@@ -101,11 +106,8 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Pending => this.poll_stall(cx),
-            ready => this.progressed(ready),
-        }
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.after_write(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -26,16 +26,9 @@ use crate::daemon::limits::Permit;
 /// The environment variable naming the descriptor of the description.
 pub(crate) const ENV: &str = "ECHOD_HANDOVER";
 
-/// A listening socket handed over.
-#[derive(Debug)]
-pub(crate) struct HandedListener {
-    pub(crate) kind: ListenerKind,
-    /// The configured address it serves (its key in the listener set).
-    pub(crate) addr: SocketAddr,
-    pub(crate) fd: OwnedFd,
-    /// Where it came from (socket activation, systemd's descriptor store, a bind).
-    pub(crate) origin: SocketOrigin,
-}
+/// A listening socket handed over: its line in the description, with the descriptor
+/// itself.
+pub(crate) type HandedListener = ListenerEntry<OwnedFd>;
 
 /// An open TCP echo connection handed over, at a point where it held no byte it had not
 /// echoed, or with those bytes in `pending`.
@@ -176,12 +169,7 @@ impl Handover {
             listeners: self
                 .listeners
                 .iter()
-                .map(|l| ListenerEntry {
-                    kind: l.kind,
-                    fd: l.fd.as_raw_fd(),
-                    addr: l.addr,
-                    origin: l.origin,
-                })
+                .map(|l| l.with_fd(l.fd.as_raw_fd()))
                 .collect(),
             // Those after the early ones, whose lines are encoded already.
             connections: self
@@ -249,12 +237,7 @@ impl Handover {
                 ListenerKind::Udp => Type::DGRAM,
             };
             if let Some(fd) = adopt_socket(l.fd, want)? {
-                handover.listeners.push(HandedListener {
-                    kind: l.kind,
-                    addr: l.addr,
-                    fd,
-                    origin: l.origin,
-                });
+                handover.listeners.push(l.with_fd(fd));
             }
         }
         // The connections, ten thousand or more, in two system calls while nothing is

@@ -49,13 +49,28 @@ const HEADER_V1: &str = "echod-handover 1";
 /// The versions this image reads, one a line: its answer to `upgrade-check`.
 pub(super) const READS: &str = "echod-handover 1\nechod-handover 2\nechod-handover 3\n";
 
-/// A listener line.
+/// A listener line: on the wire its descriptor is a number (`Fd` is `RawFd`); handed
+/// over, the descriptor itself ([`super::handover::HandedListener`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct ListenerEntry {
-    pub(super) kind: ListenerKind,
-    pub(super) fd: RawFd,
-    pub(super) addr: SocketAddr,
-    pub(super) origin: SocketOrigin,
+pub(crate) struct ListenerEntry<Fd = RawFd> {
+    pub(crate) kind: ListenerKind,
+    pub(crate) fd: Fd,
+    /// The configured address it serves (its key in the listener set).
+    pub(crate) addr: SocketAddr,
+    /// Where it came from (socket activation, systemd's descriptor store, a bind).
+    pub(crate) origin: SocketOrigin,
+}
+
+impl<Fd> ListenerEntry<Fd> {
+    /// The same listener with its descriptor in another form.
+    pub(super) fn with_fd<T>(&self, fd: T) -> ListenerEntry<T> {
+        ListenerEntry {
+            kind: self.kind,
+            fd,
+            addr: self.addr,
+            origin: self.origin,
+        }
+    }
 }
 
 /// What a connection brings from the image that hands it over besides its socket:
