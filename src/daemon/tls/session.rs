@@ -37,6 +37,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Bytes read and thrown away after echod's close_notify, at most: closing with unread
 /// input would reset the connection and could lose the close_notify.
 const CLOSE_DISCARD: usize = 64 * 1024;
+/// The most plaintext one TLS record carries: a TLS connection's buffer (held for its
+/// life, unlike a plain connection's) is never larger, whatever `tcp.buffer_size` says.
+const TLS_RECORD: usize = 16 * 1024;
 
 static UPGRADE_LOG: RateLimitedLog = RateLimitedLog::new(Duration::from_secs(1));
 
@@ -90,7 +93,7 @@ impl Session {
     /// Echoes until the client closes, a deadline or cap ends the connection, or a cut
     /// or handover interrupts it; returns how it ended and the bytes echoed.
     async fn echo(&self, stream: &mut TlsStream<TcpStream>) -> (TlsEnd, u64) {
-        let mut buf = vec![0u8; self.tcp.buffer_size];
+        let mut buf = vec![0u8; self.tcp.buffer_size.min(TLS_RECORD)];
         let hard = self.tcp.max_connection_duration.map(|d| self.started + d);
         let mut echoed = 0u64;
         loop {
