@@ -22,12 +22,13 @@
 //! about twice the burst, and clients on ephemeral ports are not affected. Turning the
 //! rate limit off (`packets_per_second = 0`) turns this bucket off too.
 
+use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::UdpSocket;
@@ -330,6 +331,24 @@ fn siblings(socket: &UdpSocket, wanted: usize, label: &str) -> Vec<UdpSocket> {
     }
 }
 
+/// What wakes a UDP task besides a datagram.
+enum Control {
+    Stop,
+    Reload,
+}
+
+/// Waits for a stop or new settings; gives the settings' receiver back for the next wait.
+async fn next_control(
+    stop: CancellationToken,
+    mut watcher: watch::Receiver<Arc<UdpConfig>>,
+) -> (Control, watch::Receiver<Arc<UdpConfig>>) {
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => (Control::Stop, watcher),
+        Ok(()) = watcher.changed() => (Control::Reload, watcher),
+    }
+}
+
 /// What the tasks serving one configured UDP address share.
 struct Shared {
     label: String,
@@ -351,13 +370,23 @@ impl Shared {
         let mut buf = vec![0u8; RECV_BUFFER];
         let mut rules = Rules::new(&config.borrow_and_update(), &self.own_ports);
         let mut batch = UdpBatch::default();
+        // A stop or new settings (which apply at once, on every socket of the address)
+        // wake the task through one future, made again only after a reload: two made for
+        // every burst would each join and leave a locked wait list per datagram burst.
+        let mut control = Box::pin(next_control(self.stop.clone(), config.clone()));
         loop {
             let reloaded = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
-                // New settings apply at once, on every socket of the address.
-                Ok(()) = config.changed() => true,
-                r = socket.readable() => match r {
+                event = &mut control => match event {
+                    (Control::Stop, _) => break,
+                    (Control::Reload, watcher) => {
+                        control = Box::pin(next_control(self.stop.clone(), watcher));
+                        true
+                    }
+                },
+                // The socket's own waker slot, not a `readable()` future (which also
+                // joins a locked wait list each time it waits).
+                r = poll_fn(|cx| socket.poll_recv_ready(cx)) => match r {
                     Ok(()) => false,
                     Err(e) => {
                         warn!(listener = %self.label, error = %e, "UDP socket failed");
@@ -421,10 +450,8 @@ impl Shared {
             Err(DropReason::DeniedPort)
         } else if !admits(&rules.allow, &rules.deny, peer.ip()) {
             Err(DropReason::Denied)
-        } else if !self.limiter.allow(peer.ip(), Instant::now())
-            || (rules.rate_limited
-                && is_server_port(peer.port())
-                && !SERVER_PORTS.allow(peer, Instant::now()))
+        } else if !self.limiter.allows(peer.ip())
+            || (rules.rate_limited && is_server_port(peer.port()) && !SERVER_PORTS.allows(peer))
         {
             Err(DropReason::RateLimited)
         } else {
