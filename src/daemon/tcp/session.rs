@@ -277,22 +277,26 @@ impl Session {
             echo.unflushed.echoed = echo.unflushed.echoed.saturating_sub(unsent as u64);
         }
         echo.echoed += self.flush(&mut echo.unflushed);
-        // A connection handed over keeps its slot until the exec: the listeners go on
-        // accepting meanwhile, and must not count it gone.
-        let permit = self.permit.take();
+        let end = match end {
+            End::HandedOver(pending, last_traffic) => {
+                // Still open, served by the next image: not closed, no duration yet. It
+                // keeps its slot until the exec: the listeners go on accepting meanwhile,
+                // and must not count it gone.
+                let slot = self.permit.take();
+                self.hand_over(echo, pending, last_traffic, slot);
+                self.metrics.active.dec();
+                return;
+            }
+            end => end,
+        };
+        // The slot goes back before the close reaches the client (see `permit`).
+        self.permit = None;
         match end {
             End::Finished => {
                 let _ = echo.stream.shutdown().await;
             }
             End::Idle => self.metrics.idle_timeouts.inc(),
-            End::Capped(_) => {}
-            End::HandedOver(pending, last_traffic) => {
-                // Still open, served by the next image: not closed, no duration yet.
-                self.hand_over(echo, pending, last_traffic, permit);
-                self.metrics.active.dec();
-                return;
-            }
-            End::Cut | End::Error => {}
+            End::Capped(_) | End::Cut | End::Error | End::HandedOver(..) => {}
         }
         self.metrics.active.dec();
         self.metrics.closed.inc();
