@@ -26,6 +26,7 @@ crate::support::tests![
     every_documented_reason_kind_and_cap_exists_at_zero_from_the_start,
     source_addresses_never_become_labels,
     probes_and_scrapes_keep_answering_while_echo_ports_are_flooded,
+    byte_counters_move_while_a_slow_reader_streams,
 ];
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -866,4 +867,51 @@ fn kubernetes_probe_timeouts() -> Vec<(String, String, Duration)> {
     }
     assert!(probes.len() >= 3, "probes in deployment.yaml: {probes:?}");
     probes
+}
+
+/// The byte counters move while a connection streams to a client that reads slower than
+/// it sends (echod then waits for room after nearly every read, and its socket never runs
+/// dry): a scrape shows what was echoed so far. Before, such a connection's bytes were
+/// counted only once it ended (a red team watched 243 MB go by at 0).
+fn byte_counters_move_while_a_slow_reader_streams() {
+    let daemon = Daemon::start("");
+    let stream = std::net::TcpStream::connect(daemon.tcp).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = [7u8; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 256 << 20 {
+            match writer.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+    });
+    // About 13 MB/s: slower than the sender, so echod's writes keep finding the client's
+    // window full.
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 64 * 1024];
+        let mut got = 0usize;
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            got += n;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got
+    });
+    let want = f64::from(4u32 << 20);
+    let sent = daemon.wait_metric_at_least("echod_tcp_sent_bytes_total", &[], want);
+    let received = daemon.metric("echod_tcp_received_bytes_total", &[]);
+    assert_eq!(
+        daemon.metric("echod_tcp_connections_active", &[]),
+        1.0,
+        "the stream is still open"
+    );
+    stream.shutdown(std::net::Shutdown::Both).unwrap();
+    sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    println!(
+        "while streaming: echod_tcp_sent_bytes_total {sent}, received {received}; the client read {got} bytes"
+    );
+    assert!(received >= sent, "received {received} < sent {sent}");
 }

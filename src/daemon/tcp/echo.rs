@@ -219,6 +219,9 @@ impl Echo {
                 progressed = false;
                 last_traffic = Instant::now();
             }
+            // The counts go out before each wait: a stream to a slow reader may never
+            // let the socket run dry, where they would go out otherwise.
+            self.echoed += session.flush(&mut self.unflushed);
             tokio::select! {
                 biased;
                 ready = poll_fn(|cx| self.stream.poll_write_ready(cx)) => if ready.is_err() {
