@@ -8,8 +8,8 @@
 //! count it holds every connection until stdin closes.
 //!
 //! One source address has one ephemeral port range (and ports still in TIME_WAIT from
-//! an earlier run are not free for `bind`), so connections come from 127.0.0.1 until it
-//! has no port left, then from 127.0.0.2, 127.0.0.3 and so on (all of 127/8 is local).
+//! an earlier run are not free for `bind`), so connections come from 127.0.0.11 until it
+//! has no port left, then from 127.0.0.12, 127.0.0.13 and so on (all of 127/8 is local).
 //! Each `ready N` line ends with `sources K`: how many addresses were used so far.
 //!
 //! Run: `cargo run --release --example hold_connections -- 127.0.0.1:7007 10000`
@@ -25,7 +25,10 @@ use connect::connect_from;
 
 const USAGE: &str = "usage: hold_connections ADDR COUNT [COUNT ...]";
 
-/// Source addresses tried in turn: 127.0.0.1 up to 127.0.0.250.
+/// Source addresses tried in turn: 127.0.0.11 up to 127.0.0.250. The first ten are left
+/// to other clients: a held connection's port stays in TIME_WAIT for a minute after the
+/// holder exits, and compare.sh's echoload reading (sources 127.0.0.1–.4) comes right after.
+const FIRST_SOURCE: u8 = 11;
 const LAST_SOURCE: u8 = 250;
 
 /// Out of ports on this source address (connect with a deferred port, or bind).
@@ -47,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{USAGE} (counts ascending)").into());
     }
     let mut held = Vec::with_capacity(*counts.last().unwrap_or(&0));
-    let mut source = 1u8;
+    let mut source = FIRST_SOURCE;
     let mut stdin = std::io::stdin().lock();
     for (step, &count) in counts.iter().enumerate() {
         while held.len() < count {
@@ -60,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        println!("ready {} sources {source}", held.len());
+        println!("ready {} sources {}", held.len(), source - FIRST_SOURCE + 1);
         std::io::stdout().flush()?;
         if step + 1 < counts.len() {
             let mut line = String::new();
