@@ -139,7 +139,7 @@ impl Default for TcpConfig {
             max_connections: 10_000,
             max_connections_per_ip: None,
             idle_timeout: Duration::from_secs(300),
-            buffer_size: 64 * 1024,
+            buffer_size: 32 * 1024,
             send_buffer_size: 256 * 1024,
             receive_buffer_size: 256 * 1024,
             nodelay: true,

@@ -345,7 +345,8 @@ pub(crate) fn dup_for_exec(socket: &impl AsRawFd) -> io::Result<OwnedFd> {
 }
 
 /// The largest description read: ten thousand connections each carrying a full
-/// 64 KiB buffer take 640 MiB; anything past this is not a description.
+/// 64 KiB buffer take 640 MiB (the default is 32 KiB); anything past this is not a
+/// description.
 const MAX_DESCRIPTION: u64 = 1 << 30;
 
 /// Reads a description from the memory file an earlier image wrote, and from nothing
