@@ -28,6 +28,10 @@ crate::support::tests![
         crate::support::Need::Tool("openssl"),
     ],
     echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop needs &[crate::support::Need::Tool("perf")],
+    the_buffer_size_sweep_prints_a_figure_for_every_size_and_the_floor needs &[
+        crate::support::Need::Tool("cc"),
+        crate::support::Need::Host("../shared/bench beside the repository", shared_bench_exists),
+    ],
 ];
 
 /// The script uses eleven consecutive ports from BASE_PORT, TCP and UDP, and five more
@@ -344,4 +348,34 @@ fn echod_makes_no_more_system_calls_per_round_trip_than_the_naive_loop() {
         echod["syscalls/msg"] <= naive["syscalls/msg"] + 0.2,
         "echod {echod:?} against naive {naive:?}"
     );
+}
+
+/// `benches/buffer_sizes.sh` (what the `tcp.buffer_size` default rests on) in a tiny mode:
+/// a row per load, each with a figure for the floor and for every size asked for.
+fn the_buffer_size_sweep_prints_a_figure_for_every_size_and_the_floor() {
+    build_echoload();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/buffer_sizes.sh");
+    let run = Command::new("timeout")
+        .args(["--kill-after=10", "120", "bash"])
+        .arg(script)
+        .env("ECHOD_BIN", crate::support::echod_bin())
+        .env("PORT", free_base_port().to_string())
+        .env("REPEATS", "1")
+        .env("SECS", "1")
+        .env("SIZES", "16384 32768")
+        .output()
+        .expect("run benches/buffer_sizes.sh");
+    let out = succeeded(&run);
+    assert!(out.contains("| echoload | floor | 16384 | 32768 |"), "{out}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `bulk")).collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    for row in rows {
+        let figures: Vec<f64> = row
+            .split('|')
+            .skip(2)
+            .filter_map(|cell| cell.trim().parse().ok())
+            .collect();
+        assert_eq!(figures.len(), 3, "{row}");
+        assert!(figures.iter().all(|f| *f > 0.0), "{row}");
+    }
 }
