@@ -366,7 +366,10 @@ fn the_buffer_size_sweep_prints_a_figure_for_every_size_and_the_floor() {
         .output()
         .expect("run benches/buffer_sizes.sh");
     let out = succeeded(&run);
-    assert!(out.contains("| echoload | floor | 16384 | 32768 |"), "{out}");
+    assert!(
+        out.contains("| echoload | floor | 16384 | 32768 |"),
+        "{out}"
+    );
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `bulk")).collect();
     assert_eq!(rows.len(), 4, "{out}");
     for row in rows {
