@@ -17,8 +17,6 @@ SIZES=${SIZES:-16384 32768 65536}
 REPEATS=${REPEATS:-3}
 SECS=${SECS:-2}
 PORT=${PORT:-17600}
-SERVER_CPUS=${SERVER_CPUS:-0}
-LOAD_CPUS=${LOAD_CPUS:-1}
 
 cd "$(dirname "$0")/.."
 fail() { echo "buffer_sizes.sh: FAILED: $*" >&2; exit 1; }

@@ -2,6 +2,10 @@
 # Shared by the bench scripts (sourced after they define `fail`): the echod config they
 # run on and the wait for a server to listen. Loopback only.
 
+# Where the server and the load generator run (taskset CPU lists), unless set.
+SERVER_CPUS=${SERVER_CPUS:-0}
+LOAD_CPUS=${LOAD_CPUS:-1}
+
 # echod_config FILE PORT METRICS_PORT MAX_CONNECTIONS: TCP and UDP echo on PORT, no UDP
 # rate limit (a load generator is one source), metrics on METRICS_PORT, warnings only.
 echod_config() {

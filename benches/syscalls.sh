@@ -23,8 +23,6 @@ SERVER=${1:?usage: benches/syscalls.sh SERVER COUNT [BENCH ARGUMENTS...]}
 COUNT=${2:?usage: benches/syscalls.sh SERVER COUNT [BENCH ARGUMENTS...]}
 shift 2
 PORT=${PORT:-17500}
-SERVER_CPUS=${SERVER_CPUS:-0}
-LOAD_CPUS=${LOAD_CPUS:-1}
 
 cd "$(dirname "$0")/.."
 fail() { echo "syscalls.sh: FAILED: $*" >&2; exit 1; }
