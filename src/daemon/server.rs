@@ -362,8 +362,8 @@ struct Server {
     host: Arc<dyn Host>,
     log: Option<LogHandle>,
     last_reload_error: Option<String>,
-    /// Keys changed by a reload that only a restart applies (the log format: the
-    /// global logger is installed once).
+    /// Keys changed by a reload that only a restart applies (the log format, the
+    /// number of sockets of a UDP address already listening).
     restart_needed: Vec<&'static str>,
 }
 
@@ -510,13 +510,25 @@ impl Server {
         if let Some(log) = &self.log {
             log.set_level(&config.log.level);
         }
-        if config.log.format != self.config.log.format
-            && !self.restart_needed.contains(&"log.format")
-        {
-            warn!(
-                "log.format changed: the new format applies after a restart (systemctl restart echod)"
-            );
-            self.restart_needed.push("log.format");
+        // The global logger is installed once; a UDP address's sockets are bound once
+        // (an address a reload adds gets the new number).
+        let only_at_restart = [
+            (
+                "log.format",
+                config.log.format != self.config.log.format,
+                "the new format applies after a restart",
+            ),
+            (
+                "udp.sockets_per_address",
+                config.udp.sockets_per_address != self.config.udp.sockets_per_address,
+                "addresses already listening keep their sockets until a restart",
+            ),
+        ];
+        for (key, changed, what) in only_at_restart {
+            if changed && !self.restart_needed.contains(&key) {
+                warn!("{key} changed: {what} (systemctl restart echod)");
+                self.restart_needed.push(key);
+            }
         }
         self.handles.apply(&config);
         self.config = config;

@@ -17,6 +17,7 @@ crate::support::tests![
     at_info_a_connection_adds_no_log_line,
     reload_applies_a_new_accept_queue_length needs &[crate::support::Need::Tool("ss")],
     a_reload_changing_the_log_format_says_it_needs_a_restart,
+    a_reload_changing_udp_sockets_per_address_says_it_needs_a_restart,
     a_second_stop_signal_exits_at_once_and_says_so,
     check_config_into_a_closed_pipe_is_not_a_crash,
 ];
@@ -195,6 +196,18 @@ fn a_reload_changing_the_log_format_says_it_needs_a_restart() {
     wait_for_log(
         &daemon,
         "log.format changed: the new format applies after a restart",
+    );
+}
+
+/// The sockets of an address already listening are not re-bound by a reload (a red
+/// team saw 1 socket stay 1 through reloads to 4, 1, 0 and 3, with nothing said).
+fn a_reload_changing_udp_sockets_per_address_says_it_needs_a_restart() {
+    let daemon = Daemon::start("[udp]\nsockets_per_address = 1");
+    daemon.rewrite_config("[udp]\nsockets_per_address = 4");
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(
+        &daemon,
+        "udp.sockets_per_address changed: addresses already listening keep their sockets until a restart",
     );
 }
 
