@@ -190,11 +190,9 @@ fn reload_applies_a_new_accept_queue_length() {
 }
 
 fn a_reload_changing_the_log_format_says_it_needs_a_restart() {
-    let daemon = Daemon::start("");
-    daemon.rewrite_config("[log]\nformat = \"json\"");
-    daemon.signal(libc::SIGHUP);
-    wait_for_log(
-        &daemon,
+    reload_says(
+        "",
+        "[log]\nformat = \"json\"",
         "log.format changed: the new format applies after a restart",
     );
 }
@@ -202,13 +200,20 @@ fn a_reload_changing_the_log_format_says_it_needs_a_restart() {
 /// The sockets of an address already listening are not re-bound by a reload (a red
 /// team saw 1 socket stay 1 through reloads to 4, 1, 0 and 3, with nothing said).
 fn a_reload_changing_udp_sockets_per_address_says_it_needs_a_restart() {
-    let daemon = Daemon::start("[udp]\nsockets_per_address = 1");
-    daemon.rewrite_config("[udp]\nsockets_per_address = 4");
-    daemon.signal(libc::SIGHUP);
-    wait_for_log(
-        &daemon,
+    reload_says(
+        "[udp]\nsockets_per_address = 1",
+        "[udp]\nsockets_per_address = 4",
         "udp.sockets_per_address changed: addresses already listening keep their sockets until a restart",
     );
+}
+
+/// Starts echod on the config `before`, reloads it with `after` (SIGHUP) and waits for
+/// `line` in its log.
+fn reload_says(before: &str, after: &str, line: &str) {
+    let daemon = Daemon::start(before);
+    daemon.rewrite_config(after);
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(&daemon, line);
 }
 
 fn a_second_stop_signal_exits_at_once_and_says_so() {
