@@ -145,7 +145,9 @@ fn attackers(
         .collect()
 }
 
-fn join(attack: Vec<JoinHandle<usize>>) -> usize {
+/// Stops the attack (its threads watch `stop`) and returns what its threads made.
+fn end(stop: &AtomicBool, attack: Vec<JoinHandle<usize>>) -> usize {
+    stop.store(true, Ordering::Relaxed);
     attack
         .into_iter()
         .map(|t| t.join().expect("attack thread"))
@@ -273,8 +275,7 @@ fn probes_and_scrapes_answer_through_a_wrong_password_flood_from_8_addresses() {
         )
     });
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let made = join(attack);
+    let made = end(&stop, attack);
     eprintln!(
         "wrong-password flood from 8 addresses ({made} requests answered, {} not): \
          /healthz {probed} of 40 within {ANSWERED_WITHIN:?} {probe_failures:?}; scrapes \
@@ -363,8 +364,7 @@ fn probes_answer_through_stalled_tls_hellos_that_reconnect() {
             Err(e) => Err(e.to_string()),
         }
     });
-    stop.store(true, Ordering::Relaxed);
-    let made = join(attack);
+    let made = end(&stop, attack);
     eprintln!(
         "stalled TLS hellos from 16 addresses ({made} connections): /healthz {probed} of 40 \
          within {ANSWERED_WITHIN:?} {failures:?}"
@@ -425,8 +425,7 @@ fn probes_answer_through_slowloris_from_their_own_address() {
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         request(PROBER, http, "/healthz", None, ANSWERED_WITHIN)
     });
-    stop.store(true, Ordering::Relaxed);
-    let made = join(attack);
+    let made = end(&stop, attack);
     let evicted = daemon.metric(
         "echod_http_connections_rejected_total",
         &[("reason", "evicted")],
@@ -536,8 +535,7 @@ fn tls_probes_answer_through_stalled_hellos_from_their_own_address() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        stop.store(true, Ordering::Relaxed);
-        let made = join(attack);
+        let made = end(&stop, attack);
         eprintln!(
             "stalled TLS hellos, {connections} connections from the probe's address, silent \
              {silent:?} first ({made} made): from {PROBER} {} of 40, from {ELSEWHERE} {} of 40 within \
@@ -654,8 +652,7 @@ fn probes_answer_through_silent_connections_beyond_the_open_files_limit() {
     let (probed, failures) = series(40, Duration::from_millis(100), || {
         request(Ipv4Addr::LOCALHOST, http, "/healthz", None, ANSWERED_WITHIN)
     });
-    stop.store(true, Ordering::Relaxed);
-    let made = join(attack);
+    let made = end(&stop, attack);
     let silent = daemon.metric(
         "echod_http_connections_rejected_total",
         &[("reason", "silent")],

@@ -16,6 +16,16 @@ fn probe(args: &[&str]) -> Run {
     run_echod(&all, b"", LIMIT)
 }
 
+/// `echod probe --config FILE` without targets, FILE holding `toml`; it must pass.
+fn probe_with_config(toml: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, toml).unwrap();
+    let run = probe(&["--config", config.to_str().unwrap()]);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    run
+}
+
 fn assert_unhealthy(run: &Run, reason: &str) {
     assert_eq!(run.code(), 1, "expected unhealthy; stderr: {}", run.stderr);
     assert_eq!(
@@ -54,19 +64,11 @@ fn healthy_daemon_passes_tcp_udp_and_http_probes() {
 fn without_targets_it_probes_the_configured_daemon() {
     let daemon = Daemon::start("");
     // The daemon's own file names port 0; the probe reads one naming the ports it got.
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("echod.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tcp]\nlisten = [\"{}\"]\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n\
+    let run = probe_with_config(&format!(
+        "[tcp]\nlisten = [\"{}\"]\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n\
              [log]\nlevel = \"warn\"\n",
-            daemon.tcp, daemon.udp, daemon.http
-        ),
-    )
-    .unwrap();
-    let run = probe(&["--config", config.to_str().unwrap()]);
-    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+        daemon.tcp, daemon.udp, daemon.http
+    ));
     let out = run.stdout_text();
     assert!(
         out.contains(&format!("http://{}/readyz", daemon.http)),
@@ -81,19 +83,11 @@ fn without_targets_wildcard_listeners_are_probed_on_loopback() {
     // The daemon listens on loopback; the probe reads a config naming the same ports
     // as wildcards (as in a container) and must reach them on loopback.
     let daemon = Daemon::start("");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("wildcard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tcp]\nlisten = [\"0.0.0.0:{}\"]\n[metrics]\nlisten = [\"0.0.0.0:{}\"]\n",
-            daemon.tcp.port(),
-            daemon.http.port()
-        ),
-    )
-    .unwrap();
-    let run = probe(&["--config", config.to_str().unwrap()]);
-    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let run = probe_with_config(&format!(
+        "[tcp]\nlisten = [\"0.0.0.0:{}\"]\n[metrics]\nlisten = [\"0.0.0.0:{}\"]\n",
+        daemon.tcp.port(),
+        daemon.http.port()
+    ));
     let out = run.stdout_text();
     assert!(
         out.contains(&format!("tcp 127.0.0.1:{}", daemon.tcp.port())),
@@ -110,18 +104,10 @@ fn without_targets_wildcard_listeners_are_probed_on_loopback() {
 #[test]
 fn without_targets_and_tcp_off_it_probes_the_first_udp_listener() {
     let daemon = Daemon::start("");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("udp-only.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tcp]\nlisten = []\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n",
-            daemon.udp, daemon.http
-        ),
-    )
-    .unwrap();
-    let run = probe(&["--config", config.to_str().unwrap()]);
-    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let run = probe_with_config(&format!(
+        "[tcp]\nlisten = []\n[udp]\nlisten = [\"{}\"]\n[metrics]\nlisten = [\"{}\"]\n",
+        daemon.udp, daemon.http
+    ));
     let out = run.stdout_text();
     assert!(out.contains(&format!("udp {}", daemon.udp)), "{out}");
     assert!(!out.contains("tcp "), "{out}");
