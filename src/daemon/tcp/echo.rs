@@ -81,6 +81,12 @@ impl Echo {
         self.echoed + self.unflushed.echoed
     }
 
+    /// Adds the bytes moved since the last flush to the listener's series, and the echoed
+    /// ones to the connection's total.
+    pub(super) fn flush_counts(&mut self, session: &Session) {
+        self.echoed += session.flush(&mut self.unflushed);
+    }
+
     /// The echo loop: wait for data, echo what is readable, repeat; idle since `since`.
     ///
     /// One alarm (see `alarms`) serves the whole connection for its deadlines and for a
@@ -138,7 +144,7 @@ impl Echo {
                     return end;
                 }
             }
-            self.echoed += session.flush(&mut self.unflushed);
+            self.flush_counts(session);
             last_traffic = Instant::now();
         }
     }
@@ -221,7 +227,7 @@ impl Echo {
             }
             // The counts go out before each wait: a stream to a slow reader may never
             // let the socket run dry, where they would go out otherwise.
-            self.echoed += session.flush(&mut self.unflushed);
+            self.flush_counts(session);
             tokio::select! {
                 biased;
                 ready = poll_fn(|cx| self.stream.poll_write_ready(cx)) => if ready.is_err() {

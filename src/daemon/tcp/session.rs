@@ -276,7 +276,7 @@ impl Session {
             }
             echo.unflushed.echoed = echo.unflushed.echoed.saturating_sub(unsent as u64);
         }
-        echo.echoed += self.flush(&mut echo.unflushed);
+        echo.flush_counts(self);
         let end = match end {
             End::HandedOver(pending, last_traffic) => {
                 // Still open, served by the next image: not closed, no duration yet. It
