@@ -26,16 +26,7 @@ if [ -z "${ECHOD_BIN:-}" ]; then
     cargo build --release --quiet --bin echod
     ECHOD_BIN=${CARGO_TARGET_DIR:-target}/release/echod
 fi
-if [ -z "${ECHOLOAD_BIN:-}" ]; then
-    cargo build --release --locked --quiet --manifest-path ../shared/bench/echoload/Cargo.toml \
-        --target-dir target/echoload
-    ECHOLOAD_BIN=target/echoload/release/echoload
-fi
-if [ -z "${FLOOR_BIN:-}" ]; then
-    mkdir -p target
-    cc -O2 -o target/epoll_echo ../shared/bench/epoll-c/epoll_echo.c
-    FLOOR_BIN=target/epoll_echo
-fi
+build_shared_bench
 OUT=$(mktemp -d)
 SERVER=
 cleanup() { [ -z "$SERVER" ] || kill "$SERVER" 2>/dev/null || true; rm -rf "$OUT"; }

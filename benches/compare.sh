@@ -84,18 +84,7 @@ else
     BIN=$TARGET_DIR/release/echod
     EXAMPLES=$TARGET_DIR/release/examples
 fi
-if [ -z "${ECHOLOAD_BIN:-}" ]; then
-    [ -f ../shared/bench/echoload/Cargo.toml ] || fail "no ../shared/bench/echoload (set ECHOLOAD_BIN)"
-    cargo build --release --locked --quiet --manifest-path ../shared/bench/echoload/Cargo.toml \
-        --target-dir target/echoload
-    ECHOLOAD_BIN=target/echoload/release/echoload
-fi
-if [ -z "${FLOOR_BIN:-}" ]; then
-    [ -f ../shared/bench/epoll-c/epoll_echo.c ] || fail "no ../shared/bench/epoll-c (set FLOOR_BIN)"
-    mkdir -p target
-    cc -O2 -o target/epoll_echo ../shared/bench/epoll-c/epoll_echo.c
-    FLOOR_BIN=target/epoll_echo
-fi
+build_shared_bench
 ECHOLOAD=$ECHOLOAD_BIN FLOOR=$FLOOR_BIN
 NAIVE=$EXAMPLES/naive_echo
 HOLD=$EXAMPLES/hold_connections

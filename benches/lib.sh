@@ -25,6 +25,24 @@ level = "warn"
 TOML
 }
 
+# build_shared_bench: the independent load generator and the C epoll floor from
+# ../shared/bench (read-only), into target/; ECHOLOAD_BIN and FLOOR_BIN name them
+# (already set: those builds are used instead).
+build_shared_bench() {
+    if [ -z "${ECHOLOAD_BIN:-}" ]; then
+        [ -f ../shared/bench/echoload/Cargo.toml ] || fail "no ../shared/bench/echoload (set ECHOLOAD_BIN)"
+        cargo build --release --locked --quiet --manifest-path ../shared/bench/echoload/Cargo.toml \
+            --target-dir target/echoload
+        ECHOLOAD_BIN=target/echoload/release/echoload
+    fi
+    if [ -z "${FLOOR_BIN:-}" ]; then
+        [ -f ../shared/bench/epoll-c/epoll_echo.c ] || fail "no ../shared/bench/epoll-c (set FLOOR_BIN)"
+        mkdir -p target
+        cc -O2 -o target/epoll_echo ../shared/bench/epoll-c/epoll_echo.c
+        FLOOR_BIN=target/epoll_echo
+    fi
+}
+
 # wait_tcp PORT [PID]: until something accepts on PORT (the runs verify the echo); fails
 # after 10 s, or as soon as PID, the server expected there, has exited.
 wait_tcp() {
